@@ -1,0 +1,64 @@
+"""The `hybrid-gguf` command line: a thin skin over the Python API.
+
+Each subcommand lives in `hybrid_gguf/commands/<name>.py` and exposes
+`register(app)`. User-facing failures raise `HybridError`; `main` turns them
+into one red line and exit status 2 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+from rich.console import Console
+
+from .errors import HybridError
+
+app = typer.Typer(
+    name="hybrid-gguf",
+    help="Run MoE GGUF models with hot experts on the GPU and cold experts on the CPU.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+err_console = Console(stderr=True)
+
+_COMMAND_MODULES = ("run", "inspect", "profile", "plan", "bench")
+
+
+def _register_commands() -> None:
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"hybrid_gguf.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"hybrid_gguf.commands.{name}":
+                continue  # command not written yet
+            raise
+        module.register(app)
+
+
+_register_commands()
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except HybridError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}")
+        sys.exit(2)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        err_console.print("aborted")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:  # click usage errors and friends
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
