@@ -1,0 +1,191 @@
+"""ctypes access to the ggml backend API of the libraries llama-cpp-python already loaded.
+
+The wheel ships each library as several separate files (`libggml-base.so`, `.so.0`,
+`.so.0.x.y`). libllama links against the `.so.0` names, so opening `libggml-base.so`
+would map a second, independent copy whose buffer-type pointers llama.cpp does not
+recognise. We therefore only attach to copies that are already mapped (RTLD_NOLOAD).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from .errors import HybridError
+
+# enum ggml_backend_dev_type (ggml-backend.h)
+DEV_TYPE_CPU = 0
+DEV_TYPE_GPU = 1
+DEV_TYPE_IGPU = 2
+DEV_TYPE_ACCEL = 3
+DEV_TYPE_META = 4
+
+_RTLD_NOLOAD = getattr(os, "RTLD_NOLOAD", 4)
+
+
+@dataclass(frozen=True)
+class GgmlLibs:
+    base: ctypes.CDLL  # libggml-base: device/buffer-type accessors, CPU buffer type
+    ggml: ctypes.CDLL  # libggml: backend registry (dev_count, dev_get, dev_by_type, load_all)
+    llama: ctypes.CDLL
+    lib_dir: Path
+
+
+_libs: Optional[GgmlLibs] = None
+_lock = threading.Lock()
+
+
+def _lib_dir() -> Path:
+    import llama_cpp.llama_cpp as bindings  # loads libllama and, through it, ggml
+
+    return Path(bindings._base_path).resolve()
+
+
+def _mapped_files(lib_dir: Path) -> list[Path]:
+    """Shared objects from lib_dir mapped into this process (Linux /proc/self/maps)."""
+    found: list[Path] = []
+    try:
+        with open("/proc/self/maps") as fh:
+            for line in fh:
+                parts = line.split(None, 5)
+                if len(parts) < 6:
+                    continue
+                path = Path(parts[5].strip())
+                if path.parent == lib_dir and path not in found:
+                    found.append(path)
+    except OSError:
+        pass
+    return found
+
+
+def _attach(stem: str, lib_dir: Path, mapped: list[Path]) -> ctypes.CDLL:
+    """Attach to the already-mapped copy of lib<stem>; never load a new one."""
+    prefix = f"lib{stem}.so"
+    candidates = [p for p in mapped if p.name == prefix or p.name.startswith(prefix + ".")]
+    # Fallbacks when /proc is unavailable: the SONAME file first, then the plain name.
+    candidates += [lib_dir / f"lib{stem}.so.0", lib_dir / f"lib{stem}.so"]
+    errors = []
+    for path in candidates:
+        try:
+            return ctypes.CDLL(str(path), mode=_RTLD_NOLOAD | ctypes.RTLD_LOCAL)
+        except OSError as exc:
+            errors.append(f"{path.name}: {exc}")
+    raise HybridError(
+        f"lib{stem} from llama-cpp-python is not loaded in this process ({'; '.join(errors)})"
+    )
+
+
+def _declare(lib: ctypes.CDLL, name: str, argtypes: list, restype) -> None:
+    fn = getattr(lib, name)
+    fn.argtypes = argtypes
+    fn.restype = restype
+
+
+def _declare_all(base: ctypes.CDLL, ggml: ctypes.CDLL) -> None:
+    vp, cp, sz = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t
+    # registry (libggml)
+    _declare(ggml, "ggml_backend_dev_count", [], sz)
+    _declare(ggml, "ggml_backend_dev_get", [sz], vp)
+    _declare(ggml, "ggml_backend_dev_by_type", [ctypes.c_int], vp)
+    _declare(ggml, "ggml_backend_dev_by_name", [cp], vp)
+    _declare(ggml, "ggml_backend_reg_count", [], sz)
+    _declare(ggml, "ggml_backend_load_all", [], None)
+    # device / buffer type accessors (libggml-base)
+    _declare(base, "ggml_backend_dev_name", [vp], cp)
+    _declare(base, "ggml_backend_dev_description", [vp], cp)
+    _declare(base, "ggml_backend_dev_type", [vp], ctypes.c_int)
+    _declare(base, "ggml_backend_dev_memory", [vp, ctypes.POINTER(sz), ctypes.POINTER(sz)], None)
+    _declare(base, "ggml_backend_dev_buffer_type", [vp], vp)
+    _declare(base, "ggml_backend_dev_host_buffer_type", [vp], vp)
+    _declare(base, "ggml_backend_cpu_buffer_type", [], vp)
+    _declare(base, "ggml_backend_buft_name", [vp], cp)
+    _declare(base, "ggml_backend_buft_is_host", [vp], ctypes.c_bool)
+    _declare(base, "ggml_backend_buft_get_device", [vp], vp)
+
+
+def libs() -> GgmlLibs:
+    """The ggml libraries llama_cpp uses, with backends registered."""
+    global _libs
+    with _lock:
+        if _libs is None:
+            lib_dir = _lib_dir()
+            mapped = _mapped_files(lib_dir)
+            base = _attach("ggml-base", lib_dir, mapped)
+            ggml = _attach("ggml", lib_dir, mapped)
+            llama = _attach("llama", lib_dir, mapped)
+            _declare_all(base, ggml)
+            _ensure_backends(ggml)
+            _libs = GgmlLibs(base=base, ggml=ggml, llama=llama, lib_dir=lib_dir)
+        return _libs
+
+
+def _ensure_backends(ggml: ctypes.CDLL) -> None:
+    # llama_backend_init loads dynamic backends when none is registered and sets up
+    # ggml's fp16 tables; Llama() calls it too, calling it twice is harmless.
+    import llama_cpp
+
+    llama_cpp.llama_backend_init()
+    if ggml.ggml_backend_reg_count() == 0:
+        ggml.ggml_backend_load_all()
+
+
+def _decode(raw: Optional[bytes]) -> str:
+    return raw.decode("utf-8", "replace") if raw else ""
+
+
+def dev_count() -> int:
+    return int(libs().ggml.ggml_backend_dev_count())
+
+
+def dev_get(index: int) -> int:
+    dev = libs().ggml.ggml_backend_dev_get(index)
+    if not dev:
+        raise HybridError(f"no ggml device with index {index}")
+    return dev
+
+
+def dev_by_name(name: str) -> Optional[int]:
+    return libs().ggml.ggml_backend_dev_by_name(name.encode()) or None
+
+
+def dev_by_type(dev_type: int) -> Optional[int]:
+    return libs().ggml.ggml_backend_dev_by_type(dev_type) or None
+
+
+def dev_name(dev: int) -> str:
+    return _decode(libs().base.ggml_backend_dev_name(dev))
+
+
+def dev_description(dev: int) -> str:
+    return _decode(libs().base.ggml_backend_dev_description(dev))
+
+
+def dev_type(dev: int) -> int:
+    return int(libs().base.ggml_backend_dev_type(dev))
+
+
+def dev_memory(dev: int) -> tuple[int, int]:
+    """(free, total) bytes as the backend reports them."""
+    free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+    libs().base.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+    return int(free.value), int(total.value)
+
+
+def dev_buffer_type(dev: int) -> int:
+    buft = libs().base.ggml_backend_dev_buffer_type(dev)
+    if not buft:
+        raise HybridError(f"device {dev_name(dev)} has no buffer type")
+    return buft
+
+
+def cpu_buffer_type() -> int:
+    """The plain CPU buffer type; llama.cpp compares override pointers against this one."""
+    return libs().base.ggml_backend_cpu_buffer_type()
+
+
+def buft_name(buft: int) -> str:
+    return _decode(libs().base.ggml_backend_buft_name(buft))
