@@ -105,6 +105,9 @@ def _declare_all(base: ctypes.CDLL, ggml: ctypes.CDLL) -> None:
     _declare(base, "ggml_backend_buft_name", [vp], cp)
     _declare(base, "ggml_backend_buft_is_host", [vp], ctypes.c_bool)
     _declare(base, "ggml_backend_buft_get_device", [vp], vp)
+    _declare(base, "ggml_backend_dev_backend_reg", [vp], vp)
+    _declare(base, "ggml_backend_reg_get_proc_address", [vp, cp], vp)
+    _declare(base, "ggml_backend_reg_name", [vp], cp)
 
 
 def libs() -> GgmlLibs:
@@ -189,3 +192,31 @@ def cpu_buffer_type() -> int:
 
 def buft_name(buft: int) -> str:
     return _decode(libs().base.ggml_backend_buft_name(buft))
+
+
+# ggml_backend_buffer_type_t * (*)(ggml_backend_dev_t): NULL-terminated array
+_GET_EXTRA_BUFTS = ctypes.CFUNCTYPE(ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)
+
+
+def dev_host_buffer_type(dev: int) -> Optional[int]:
+    """Pinned host memory of a GPU device (e.g. CUDA_Host); None for devices without one."""
+    return libs().base.ggml_backend_dev_host_buffer_type(dev) or None
+
+
+def cpu_extra_buffer_types() -> list[int]:
+    """The CPU backend's extra weight buffer types (e.g. CPU_REPACK), as llama.cpp finds them."""
+    cpu = dev_by_type(DEV_TYPE_CPU)
+    if cpu is None:
+        return []
+    base = libs().base
+    reg = base.ggml_backend_dev_backend_reg(cpu)
+    addr = base.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_dev_get_extra_bufts") if reg else None
+    if not addr:
+        return []
+    array = _GET_EXTRA_BUFTS(addr)(cpu)
+    found = []
+    i = 0
+    while array and array[i]:
+        found.append(array[i])
+        i += 1
+    return found
