@@ -1,0 +1,1 @@
+"""Native (C) parts of hybrid-gguf, built on demand by `build.py`."""
