@@ -16,7 +16,12 @@ import threading
 from dataclasses import dataclass, field
 from typing import Iterator
 
-LOG_LEVEL_CONT = 5  # GGML_LOG_LEVEL_CONT: continues the previous line
+# enum ggml_log_level in ggml.h of this llama.cpp (llama_cpp/_logger.py's comment is older)
+LOG_LEVEL_DEBUG = 1
+LOG_LEVEL_INFO = 2
+LOG_LEVEL_WARN = 3
+LOG_LEVEL_ERROR = 4
+LOG_LEVEL_CONT = 5  # continues the previous line
 
 _BUFFER_RE = re.compile(
     r"^\s*\w+:\s+(?P<buffer>\S+)\s+(?P<kind>model|KV|compute|output|RS|LoRA)"
@@ -97,6 +102,9 @@ class LogCapture:
                 self.lines.append(self._partial)
                 self.levels.append(self._partial_level)
                 self._partial = ""
+
+    def errors(self) -> list[str]:
+        return [ln.strip() for ln, lvl in zip(self.lines, self.levels) if lvl == LOG_LEVEL_ERROR and ln.strip()]
 
     def buffers(self) -> BufferReport:
         return parse_buffer_sizes(self.lines)

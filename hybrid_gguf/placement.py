@@ -1,0 +1,320 @@
+"""Whole-tensor placement on stock llama.cpp through `tensor_buft_overrides`.
+
+A placement is an ordered list of (regex, target) rules. llama.cpp runs
+`std::regex_search(rule, tensor_name)` for every tensor and the first match wins;
+unmatched tensors follow `n_gpu_layers` (all layers on the GPU here). A target is a
+device name ("CPU", "CUDA0", or "GPU" for the first GPU) or a buffer-type name
+("CPU_REPACK", "CUDA_Host").
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, NamedTuple, Optional
+
+from .errors import HybridError
+
+# The routed-expert tensors as llama.cpp's --cpu-moe / --n-cpu-moe select them; no end
+# anchor, so gpt-oss's `ffn_*_exps.bias` move with their weights.
+EXPERT_TENSOR_RE = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
+
+# Input-layer tensors llama.cpp always keeps in host memory (LLM_TENSOR_LAYER_INPUT).
+_INPUT_TENSOR_RE = re.compile(r"^(token_embd|position_embd|token_types|per_layer_token_embd)\.")
+
+MIB = 1024 * 1024
+
+
+class PlacementRule(NamedTuple):
+    pattern: str
+    device: str
+
+
+@dataclass(frozen=True)
+class TensorPlacement:
+    rules: tuple[PlacementRule, ...] = ()
+    description: str = "all layers on the GPU"
+    # Layers llama.cpp offloads; -1 = all. Expert overrides only make sense with all.
+    n_gpu_layers: int = -1
+    # Set by n_cpu_moe()/cpu_moe() for reporting: layers whose experts stay on the CPU.
+    n_cpu_moe: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rules", tuple(PlacementRule(*r) for r in self.rules))
+        validate_rules(self.rules)
+
+    def target_for(self, tensor_name: str) -> Optional[str]:
+        """The rule target llama.cpp will apply to a tensor, or None (default placement)."""
+        for rule in self.rules:
+            if re.search(rule.pattern, tensor_name):
+                return rule.device
+        return None
+
+    def to_dict(self) -> dict:
+        return {
+            "description": self.description,
+            "n_gpu_layers": self.n_gpu_layers,
+            "n_cpu_moe": self.n_cpu_moe,
+            "rules": [{"pattern": r.pattern, "device": r.device} for r in self.rules],
+        }
+
+
+# --- constructors ---------------------------------------------------------------------
+
+
+def all_on_gpu() -> TensorPlacement:
+    return TensorPlacement((), "all layers on the GPU", n_cpu_moe=0)
+
+
+def cpu_moe() -> TensorPlacement:
+    """--cpu-moe: every routed expert tensor in host memory, everything else on the GPU."""
+    return TensorPlacement(
+        (PlacementRule(EXPERT_TENSOR_RE, "CPU"),), "all routed experts on the CPU", n_cpu_moe=None
+    )
+
+
+def n_cpu_moe(n: int) -> TensorPlacement:
+    """--n-cpu-moe N: experts of layers 0..n-1 on the CPU, in one alternation pattern
+    (llama.cpp rebuilds each regex per tensor, so one pattern beats n patterns)."""
+    if n < 0:
+        raise HybridError(f"n_cpu_moe must be >= 0, got {n}")
+    if n == 0:
+        return all_on_gpu()
+    layers = "|".join(str(i) for i in range(n))
+    pattern = rf"^blk\.({layers})\.ffn_(up|down|gate|gate_up)_(ch|)exps"
+    desc = f"experts of layers 0-{n - 1} on the CPU" if n > 1 else "experts of layer 0 on the CPU"
+    return TensorPlacement((PlacementRule(pattern, "CPU"),), desc, n_cpu_moe=n)
+
+
+# --- validation -------------------------------------------------------------------------
+
+# Python-only regex syntax that std::regex (ECMAScript) rejects or reads differently.
+_NON_ECMA = re.compile(r"(?<!\\)\(\?[^:=!]|\\[AZz]")
+
+
+def validate_rules(rules) -> None:
+    """Raise HybridError for patterns llama.cpp would fail on (it aborts the load)."""
+    for rule in rules:
+        pattern, device = rule
+        if not isinstance(pattern, str) or not pattern:
+            raise HybridError(f"placement pattern must be a non-empty string, got {pattern!r}")
+        if not pattern.isascii() or "\0" in pattern:
+            raise HybridError(f"placement pattern {pattern!r} must be printable ASCII")
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise HybridError(f"malformed placement pattern {pattern!r}: {exc}") from None
+        if _NON_ECMA.search(pattern):
+            raise HybridError(
+                f"placement pattern {pattern!r} uses Python-only regex syntax; "
+                "llama.cpp uses ECMAScript std::regex (only (?: (?= (?! groups)"
+            )
+        if not isinstance(device, str) or not device.strip():
+            raise HybridError(f"placement target for {pattern!r} must be a device name")
+
+
+# --- ctypes overrides -------------------------------------------------------------------
+
+
+class TensorBuftOverride(ctypes.Structure):
+    # struct llama_model_tensor_buft_override { const char * pattern; ggml_backend_buffer_type_t buft; }
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+def buffer_type_for(target: str) -> int:
+    """ggml buffer-type pointer for a rule target."""
+    from . import devices, ggml_lib
+
+    wanted = target.strip()
+    low = wanted.lower()
+    if low == "cpu":
+        # The one pointer llama.cpp treats as "host memory, best CPU buffer type".
+        return ggml_lib.cpu_buffer_type()
+    if low == "gpu":
+        dev = devices.resolve_device("gpu")
+        return ggml_lib.dev_buffer_type(ggml_lib.dev_get(dev.index))
+    candidates: dict[str, int] = {}
+    for dev in devices.list_devices():
+        handle = ggml_lib.dev_get(dev.index)
+        candidates[dev.name.lower()] = (
+            ggml_lib.cpu_buffer_type() if dev.type == "cpu" else ggml_lib.dev_buffer_type(handle)
+        )
+        host = ggml_lib.dev_host_buffer_type(handle)
+        if host:
+            candidates.setdefault(ggml_lib.buft_name(host).lower(), host)
+    for buft in ggml_lib.cpu_extra_buffer_types():
+        candidates.setdefault(ggml_lib.buft_name(buft).lower(), buft)
+    if low in candidates:
+        return candidates[low]
+    if low.startswith("cuda") and not devices.has_cuda():
+        raise HybridError(f"placement target {target!r} needs CUDA, but this llama.cpp has no CUDA device")
+    known = ", ".join(sorted({"CPU", "GPU", *(k.upper() for k in candidates)}))
+    raise HybridError(f"unknown placement target {target!r}; known: {known}")
+
+
+def build_overrides(placement: TensorPlacement):
+    """(NULL-terminated ctypes array, keepalive); (None, None) when there are no rules.
+
+    Keep `keepalive` referenced as long as the model params may be read.
+    """
+    import llama_cpp
+
+    validate_rules(placement.rules)
+    if not placement.rules:
+        return None, None
+    limit = int(llama_cpp.llama_max_tensor_buft_overrides())
+    if len(placement.rules) >= limit:
+        raise HybridError(f"too many placement rules ({len(placement.rules)}); llama.cpp allows {limit - 1}")
+    patterns = [rule.pattern.encode("ascii") for rule in placement.rules]
+    array = (TensorBuftOverride * (len(patterns) + 1))()
+    for i, (rule, pattern) in enumerate(zip(placement.rules, patterns)):
+        array[i].pattern = pattern
+        array[i].buft = buffer_type_for(rule.device)
+    array[len(patterns)].pattern = None  # terminator
+    array[len(patterns)].buft = None
+    return array, (array, patterns)
+
+
+def model_patch_for(placement: TensorPlacement) -> Callable[[Any], None]:
+    """A construct_llama model_patch that installs the overrides.
+
+    `Llama.__init__` overwrites `n_gpu_layers` after the patch runs, so also pass
+    `**llama_kwargs_for(placement)` (load_llama does both). The patch holds the
+    override array in `patch.keepalive`; keep the patch (or that) alive with the Llama.
+    """
+    array, keepalive = build_overrides(placement)
+
+    def patch(params) -> None:
+        params.tensor_buft_overrides = ctypes.addressof(array) if array is not None else None
+        params.n_gpu_layers = placement.n_gpu_layers
+
+    patch.keepalive = keepalive  # type: ignore[attr-defined]
+    return patch
+
+
+def llama_kwargs_for(placement: TensorPlacement) -> dict:
+    return {"n_gpu_layers": placement.n_gpu_layers}
+
+
+@dataclass
+class LoadedLlama:
+    llm: Any
+    placement: Optional[TensorPlacement]
+    buffers: Any  # llama_log.BufferReport
+    log: list = field(default_factory=list)
+
+
+def load_llama(model_path, placement: Optional[TensorPlacement] = None,
+               model_patch: Optional[Callable[[Any], None]] = None, **llama_kwargs) -> LoadedLlama:
+    """Construct a Llama with a placement and report where llama.cpp put the buffers.
+
+    `model_patch` (optional) runs after the placement patch, for other raw params.
+    llama.cpp's load failure (ValueError) becomes a HybridError carrying its last error line.
+    """
+    from .llama_hooks import construct_llama
+    from .llama_log import capture_llama_log
+
+    place_patch = model_patch_for(placement) if placement is not None else None
+
+    def patch(params) -> None:
+        if place_patch is not None:
+            place_patch(params)
+        if model_patch is not None:
+            model_patch(params)
+
+    kwargs = dict(llama_kwargs)
+    if placement is not None:
+        kwargs.update(llama_kwargs_for(placement))
+    with capture_llama_log() as cap:
+        try:
+            llm = construct_llama(str(model_path), model_patch=patch, **kwargs)
+        except ValueError as exc:
+            errors = cap.errors()
+            loading = [e for e in errors if "error loading model" in e]
+            detail = (loading or errors or [str(exc)])[-1]
+            raise HybridError(f"llama.cpp could not load {model_path}: {detail}") from None
+    # The array is only read during loading, but keep it as long as the Llama lives.
+    llm._hybrid_placement_keepalive = getattr(place_patch, "keepalive", None)
+    return LoadedLlama(llm=llm, placement=placement, buffers=cap.buffers(), log=cap.lines)
+
+
+# --- fitting --n-cpu-moe to a GPU budget ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FitResult:
+    placement: TensorPlacement
+    n_cpu_moe: int
+    predicted_gpu_bytes: int
+    gpu_budget_bytes: int
+    fits: bool
+    breakdown: dict  # weights / kv / compute / offload_scratch bytes
+
+
+def compute_buffer_estimate(inventory, n_ctx: int, n_ubatch: int = 512, flash_attn: bool = False,
+                            margin: float = 1.25, overhead: int = 64 * MIB) -> int:
+    """Rough GPU compute-buffer size for one ubatch: logits, attention scores, FFN and MoE
+    activations in f32, times a margin, plus fixed overhead. It over- rather than
+    under-estimates; llama.cpp's logged "compute buffer size" is the measured truth."""
+    n_vocab = _attr(inventory, "n_vocab", 32000)
+    n_embd = _attr(inventory, "n_embd", 4096)
+    n_head = _attr(inventory, "n_head", 32)
+    n_used = _attr(inventory, "n_expert_used", 8)
+    n_expert = _attr(inventory, "n_expert", 64)
+    n_ff = _attr(inventory, "n_ff_exp", None) or _attr(inventory, "expert_ff", None) or 4 * n_embd
+    per_token = n_vocab + 8 * n_embd + 3 * n_used * n_ff + 4 * n_expert
+    if not flash_attn:
+        per_token += 2 * n_head * n_ctx  # KQ scores and softmax
+    return int(4 * n_ubatch * per_token * margin) + overhead
+
+
+def predict_gpu_bytes(inventory, placement: TensorPlacement, n_ctx: int, compute_bytes: int) -> dict:
+    """GPU bytes a placement needs, by part. Every tensor the rules do not send to a
+    host target counts, except the input embeddings (always on the CPU)."""
+    names = {t.name for t in inventory.tensors}
+    weights = 0
+    scratch = 0
+    for t in inventory.tensors:
+        target = placement.target_for(t.name)
+        if target is not None and _is_host_target(target):
+            # Prompt processing streams a host expert tensor through a VRAM scratch copy.
+            scratch = max(scratch, int(t.n_bytes))
+            continue
+        if _INPUT_TENSOR_RE.match(t.name):
+            continue
+        weights += int(t.n_bytes)
+    if "output.weight" not in names:
+        # Tied output: llama.cpp duplicates token_embd as the (GPU) output matrix.
+        weights += sum(int(t.n_bytes) for t in inventory.tensors if t.name == "token_embd.weight")
+    kv = int(_attr(inventory, "kv_bytes_per_token", 0)) * n_ctx
+    return {"weights": weights, "kv": kv, "compute": compute_bytes, "offload_scratch": scratch}
+
+
+def fit_n_cpu_moe(inventory, gpu_budget_bytes: int, n_ctx: int, n_ubatch: int = 512,
+                  flash_attn: bool = False, compute_bytes: Optional[int] = None) -> FitResult:
+    """Smallest N whose predicted GPU bytes fit the budget (llama.cpp's --fit idea for
+    --n-cpu-moe). N = 0 when everything fits; N = n_layer with fits=False when even
+    all experts on the CPU do not fit."""
+    if compute_bytes is None:
+        compute_bytes = compute_buffer_estimate(inventory, n_ctx, n_ubatch, flash_attn)
+    n_layer = int(_attr(inventory, "n_layer", len(getattr(inventory, "layers", []))))
+    last = None
+    for n in range(n_layer + 1):
+        placement = n_cpu_moe(n)
+        parts = predict_gpu_bytes(inventory, placement, n_ctx, compute_bytes)
+        total = sum(parts.values())
+        last = FitResult(placement, n, total, int(gpu_budget_bytes), total <= gpu_budget_bytes, parts)
+        if last.fits:
+            return last
+    return last
+
+
+def _is_host_target(target: str) -> bool:
+    low = target.lower()
+    return low == "cpu" or low.startswith("cpu_") or low.endswith("_host")
+
+
+def _attr(obj, name: str, default):
+    value = getattr(obj, name, None)
+    return default if value is None else value
