@@ -122,8 +122,13 @@ class TensorBuftOverride(ctypes.Structure):
     _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
 
 
-def buffer_type_for(target: str) -> int:
-    """ggml buffer-type pointer for a rule target."""
+def buffer_type_for(target: str, allow_extra_bufts: bool = False) -> int:
+    """ggml buffer-type pointer for a rule target.
+
+    CPU extra buffer types (CPU_REPACK) are refused unless allow_extra_bufts: the repack
+    buffer aborts on a tensor type it cannot repack, and "CPU" already lets llama.cpp
+    choose them per tensor where they apply.
+    """
     from . import devices, ggml_lib
 
     wanted = target.strip()
@@ -143,8 +148,9 @@ def buffer_type_for(target: str) -> int:
         host = ggml_lib.dev_host_buffer_type(handle)
         if host:
             candidates.setdefault(ggml_lib.buft_name(host).lower(), host)
-    for buft in ggml_lib.cpu_extra_buffer_types():
-        candidates.setdefault(ggml_lib.buft_name(buft).lower(), buft)
+    if allow_extra_bufts:
+        for buft in ggml_lib.cpu_extra_buffer_types():
+            candidates.setdefault(ggml_lib.buft_name(buft).lower(), buft)
     if low in candidates:
         return candidates[low]
     if low.startswith("cuda") and not devices.has_cuda():
@@ -153,7 +159,7 @@ def buffer_type_for(target: str) -> int:
     raise HybridError(f"unknown placement target {target!r}; known: {known}")
 
 
-def build_overrides(placement: TensorPlacement):
+def build_overrides(placement: TensorPlacement, allow_extra_bufts: bool = False):
     """(NULL-terminated ctypes array, keepalive); (None, None) when there are no rules.
 
     Keep `keepalive` referenced as long as the model params may be read.
@@ -170,20 +176,20 @@ def build_overrides(placement: TensorPlacement):
     array = (TensorBuftOverride * (len(patterns) + 1))()
     for i, (rule, pattern) in enumerate(zip(placement.rules, patterns)):
         array[i].pattern = pattern
-        array[i].buft = buffer_type_for(rule.device)
+        array[i].buft = buffer_type_for(rule.device, allow_extra_bufts)
     array[len(patterns)].pattern = None  # terminator
     array[len(patterns)].buft = None
     return array, (array, patterns)
 
 
-def model_patch_for(placement: TensorPlacement) -> Callable[[Any], None]:
+def model_patch_for(placement: TensorPlacement, allow_extra_bufts: bool = False) -> Callable[[Any], None]:
     """A construct_llama model_patch that installs the overrides.
 
     `Llama.__init__` overwrites `n_gpu_layers` after the patch runs, so also pass
     `**llama_kwargs_for(placement)` (load_llama does both). The patch holds the
     override array in `patch.keepalive`; keep the patch (or that) alive with the Llama.
     """
-    array, keepalive = build_overrides(placement)
+    array, keepalive = build_overrides(placement, allow_extra_bufts)
 
     def patch(params) -> None:
         params.tensor_buft_overrides = ctypes.addressof(array) if array is not None else None
@@ -206,7 +212,8 @@ class LoadedLlama:
 
 
 def load_llama(model_path, placement: Optional[TensorPlacement] = None,
-               model_patch: Optional[Callable[[Any], None]] = None, **llama_kwargs) -> LoadedLlama:
+               model_patch: Optional[Callable[[Any], None]] = None,
+               allow_extra_bufts: bool = False, **llama_kwargs) -> LoadedLlama:
     """Construct a Llama with a placement and report where llama.cpp put the buffers.
 
     `model_patch` (optional) runs after the placement patch, for other raw params.
@@ -215,7 +222,7 @@ def load_llama(model_path, placement: Optional[TensorPlacement] = None,
     from .llama_hooks import construct_llama
     from .llama_log import capture_llama_log
 
-    place_patch = model_patch_for(placement) if placement is not None else None
+    place_patch = model_patch_for(placement, allow_extra_bufts) if placement is not None else None
 
     def patch(params) -> None:
         if place_patch is not None:
