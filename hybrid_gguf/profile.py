@@ -1,0 +1,363 @@
+"""Routing profiles: accumulated expert-selection counts for one model, and their store.
+
+A profile is one JSON file (human-inspectable; a 61 × 256 model is a few hundred KB):
+
+    {
+      "format": "hybrid-gguf-routing-profile", "version": 1,
+      "fingerprint": "...", "arch": "qwen3moe",
+      "n_layer": 48, "n_expert": 128, "n_expert_used": 8,
+      "created": "2026-...Z", "updated": "2026-...Z",
+      "sessions": 3, "labels": {"mixed": 2, "code": 1},
+      "decay": 1.0,                       # factor applied by the latest merge
+      "tokens_per_layer": {"prompt": [..n_layer..], "decode": [..]},
+      "counts": {"prompt": [[..n_expert..] x n_layer], "decode": [[..]]}
+    }
+
+Counts are floats once a merge applied a decay < 1 (old sessions weigh less).
+
+`ProfileStore(root)` keeps one file per model fingerprint, `<root>/<fp>.json`, guarded by
+an exclusive `fcntl.flock` on `<root>/<fp>.lock`; writes are atomic (temp file, fsync,
+os.replace), so a crashed writer leaves the previous profile intact.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator, Optional, Union
+
+import numpy as np
+
+from .errors import HybridError
+
+FORMAT_NAME = "hybrid-gguf-routing-profile"
+FORMAT_VERSION = 1
+# Test hook: seconds to sleep halfway through writing the temp file (crash tests).
+SLOW_WRITE_ENV = "HYBRID_GGUF_TEST_SLOW_WRITE"
+
+PathLike = Union[str, os.PathLike]
+
+
+class ProfileCorrupt(HybridError):
+    """A profile file that cannot be parsed or fails validation."""
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _number_list(a: np.ndarray) -> list:
+    """Nested lists, integers where the values are whole (keeps files small and exact)."""
+    if np.all(np.mod(a, 1) == 0) and np.all(np.abs(a) < 2**53):
+        return a.astype(np.int64).tolist()
+    return a.astype(np.float64).tolist()
+
+
+@dataclass
+class RoutingProfile:
+    fingerprint: str
+    arch: str
+    n_layer: int
+    n_expert: int
+    n_expert_used: int
+    counts_prompt: np.ndarray  # float64 [n_layer, n_expert]
+    counts_decode: np.ndarray
+    tokens_prompt: np.ndarray  # float64 [n_layer]
+    tokens_decode: np.ndarray
+    sessions: int = 0
+    labels: dict = field(default_factory=dict)  # workload label -> sessions merged
+    created: str = field(default_factory=_now)
+    updated: str = field(default_factory=_now)
+    decay: float = 1.0
+    version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        L, E = self.n_layer, self.n_expert
+        self.counts_prompt = np.asarray(self.counts_prompt, dtype=np.float64).reshape(L, E)
+        self.counts_decode = np.asarray(self.counts_decode, dtype=np.float64).reshape(L, E)
+        self.tokens_prompt = np.asarray(self.tokens_prompt, dtype=np.float64).reshape(L)
+        self.tokens_decode = np.asarray(self.tokens_decode, dtype=np.float64).reshape(L)
+
+    # -- views ----------------------------------------------------------------
+
+    @property
+    def counts(self) -> np.ndarray:
+        """Prompt + decode selections, [n_layer, n_expert]."""
+        return self.counts_prompt + self.counts_decode
+
+    @property
+    def tokens_per_layer(self) -> np.ndarray:
+        return self.tokens_prompt + self.tokens_decode
+
+    # -- construction ---------------------------------------------------------
+
+    @classmethod
+    def empty(cls, fingerprint: str, arch: str, n_layer: int, n_expert: int,
+              n_expert_used: int) -> "RoutingProfile":
+        z2, z1 = np.zeros((n_layer, n_expert)), np.zeros(n_layer)
+        return cls(fingerprint, arch, n_layer, n_expert, n_expert_used,
+                   z2, z2.copy(), z1, z1.copy())
+
+    @classmethod
+    def from_snapshot(cls, snapshot, fingerprint: str, arch: str,
+                      label: Optional[str] = None) -> "RoutingProfile":
+        """One session's profile from a `RoutingSnapshot`."""
+        L, E = snapshot.counts_prompt.shape
+        return cls(
+            fingerprint, arch, L, E, snapshot.n_expert_used,
+            snapshot.counts_prompt, snapshot.counts_decode,
+            snapshot.tokens_prompt, snapshot.tokens_decode,
+            sessions=1, labels={label: 1} if label else {},
+        )
+
+    # -- merging --------------------------------------------------------------
+
+    def check_compatible(self, other: "RoutingProfile") -> None:
+        if other.fingerprint != self.fingerprint:
+            raise HybridError(
+                f"routing profile is for another model (fingerprint {other.fingerprint[:16]}…, "
+                f"expected {self.fingerprint[:16]}…)"
+            )
+        mine = (self.n_layer, self.n_expert, self.n_expert_used)
+        theirs = (other.n_layer, other.n_expert, other.n_expert_used)
+        if mine != theirs:
+            raise HybridError(
+                f"routing profile shape {theirs} (layers, experts, used) does not match {mine}"
+            )
+
+    def merged(self, delta: "RoutingProfile", decay: float = 1.0) -> "RoutingProfile":
+        """self * decay + delta: decay < 1 makes the new session weigh more."""
+        if not 0.0 < decay <= 1.0:
+            raise HybridError(f"decay must be in (0, 1], got {decay}")
+        self.check_compatible(delta)
+        labels = dict(self.labels)
+        for k, v in delta.labels.items():
+            labels[k] = labels.get(k, 0) + v
+        return RoutingProfile(
+            self.fingerprint, self.arch or delta.arch, self.n_layer, self.n_expert,
+            self.n_expert_used,
+            self.counts_prompt * decay + delta.counts_prompt,
+            self.counts_decode * decay + delta.counts_decode,
+            self.tokens_prompt * decay + delta.tokens_prompt,
+            self.tokens_decode * decay + delta.tokens_decode,
+            sessions=self.sessions + delta.sessions, labels=labels,
+            created=self.created, updated=_now(), decay=decay,
+        )
+
+    # -- (de)serialisation ----------------------------------------------------
+
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT_NAME,
+            "version": self.version,
+            "fingerprint": self.fingerprint,
+            "arch": self.arch,
+            "n_layer": self.n_layer,
+            "n_expert": self.n_expert,
+            "n_expert_used": self.n_expert_used,
+            "created": self.created,
+            "updated": self.updated,
+            "sessions": self.sessions,
+            "labels": dict(self.labels),
+            "decay": self.decay,
+            "tokens_per_layer": {
+                "prompt": _number_list(self.tokens_prompt),
+                "decode": _number_list(self.tokens_decode),
+            },
+            "counts": {
+                "prompt": _number_list(self.counts_prompt),
+                "decode": _number_list(self.counts_decode),
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RoutingProfile":
+        """Parse and validate; any problem raises ProfileCorrupt."""
+        try:
+            if d.get("format") != FORMAT_NAME:
+                raise ValueError(f"not a routing profile (format {d.get('format')!r})")
+            if d.get("version") != FORMAT_VERSION:
+                raise ValueError(f"unsupported profile version {d.get('version')!r}")
+            L, E, K = int(d["n_layer"]), int(d["n_expert"]), int(d["n_expert_used"])
+            if L <= 0 or E <= 0 or not 0 < K <= E:
+                raise ValueError(f"bad shape {L}x{E} top-{K}")
+            arrays = [
+                np.asarray(d["counts"]["prompt"], dtype=np.float64),
+                np.asarray(d["counts"]["decode"], dtype=np.float64),
+                np.asarray(d["tokens_per_layer"]["prompt"], dtype=np.float64),
+                np.asarray(d["tokens_per_layer"]["decode"], dtype=np.float64),
+            ]
+            shapes = [(L, E), (L, E), (L,), (L,)]
+            for a, s in zip(arrays, shapes):
+                if a.shape != s:
+                    raise ValueError(f"array shape {a.shape}, expected {s}")
+                if not np.all(np.isfinite(a)) or np.any(a < 0):
+                    raise ValueError("negative or non-finite counts")
+            labels = d.get("labels", {})
+            if not isinstance(labels, dict):
+                raise ValueError("labels must be an object")
+            return cls(
+                str(d["fingerprint"]), str(d.get("arch", "")), L, E, K, *arrays,
+                sessions=int(d.get("sessions", 0)), labels=labels,
+                created=str(d.get("created", "")), updated=str(d.get("updated", "")),
+                decay=float(d.get("decay", 1.0)),
+            )
+        except ProfileCorrupt:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ProfileCorrupt(f"invalid routing profile: {exc}") from None
+
+    def save(self, path: PathLike) -> Path:
+        """Write atomically (temp file in the same directory, fsync, rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(path, _dumps(self.to_dict()).encode())
+        return path
+
+    @classmethod
+    def load(cls, path: PathLike, expected_fingerprint: Optional[str] = None) -> "RoutingProfile":
+        """Read a profile file; ProfileCorrupt if unreadable, HybridError on a mismatch."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            raise HybridError(f"routing profile {path} does not exist") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ProfileCorrupt(f"cannot read routing profile {path}: {exc}") from None
+        if not isinstance(data, dict):
+            raise ProfileCorrupt(f"routing profile {path} is not a JSON object")
+        prof = cls.from_dict(data)
+        if expected_fingerprint is not None and prof.fingerprint != expected_fingerprint:
+            raise HybridError(
+                f"routing profile {path} is for another model (fingerprint "
+                f"{prof.fingerprint[:16]}…, this model is {expected_fingerprint[:16]}…)"
+            )
+        return prof
+
+
+def _dumps(d: dict) -> str:
+    """JSON with one line per key, and one line per layer for the count matrices."""
+    compact = dict(separators=(",", ":"))
+    lines = []
+    for key, value in d.items():
+        if key == "counts":
+            phases = []
+            for phase, rows in value.items():
+                body = ",\n".join("   " + json.dumps(row, **compact) for row in rows)
+                phases.append(f"  {json.dumps(phase)}: [\n{body}\n  ]")
+            lines.append(f" {json.dumps(key)}: {{\n" + ",\n".join(phases) + "\n }")
+        else:
+            lines.append(f" {json.dumps(key)}: {json.dumps(value, **compact)}")
+    return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
+def _tmp_prefix(path: Path) -> str:
+    return f".{path.name}.tmp-"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f"{_tmp_prefix(path)}{os.getpid()}-{time.monotonic_ns()}")
+    try:
+        with open(tmp, "wb") as fh:
+            half = len(data) // 2
+            fh.write(data[:half])
+            slow = os.environ.get(SLOW_WRITE_ENV)
+            if slow:  # crash tests kill the writer here
+                fh.flush()
+                time.sleep(float(slow))
+            fh.write(data[half:])
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def default_store_root() -> Path:
+    env = os.environ.get("HYBRID_GGUF_CACHE")
+    base = Path(env).expanduser() if env else Path.home() / ".cache" / "hybrid-gguf"
+    return base / "profiles"
+
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+class ProfileStore:
+    """One routing profile per model fingerprint under `root`."""
+
+    def __init__(self, root: Optional[PathLike] = None) -> None:
+        self.root = Path(root) if root is not None else default_store_root()
+
+    def path_for(self, fingerprint: str) -> Path:
+        name = fingerprint if _SAFE_NAME.match(fingerprint) else (
+            "fp-" + hashlib.sha256(fingerprint.encode()).hexdigest()[:32])
+        return self.root / f"{name}.json"
+
+    @contextmanager
+    def _locked(self, fingerprint: str) -> Iterator[Path]:
+        path = self.path_for(fingerprint)
+        self.root.mkdir(parents=True, exist_ok=True)
+        lock_path = path.with_suffix(".lock")
+        with open(lock_path, "a+b") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # released by the kernel if we die
+            try:
+                yield path
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+    def _read(self, path: Path, fingerprint: str) -> Optional[RoutingProfile]:
+        """The stored profile, None if absent; a corrupt file is moved aside."""
+        if not path.exists():
+            return None
+        try:
+            return RoutingProfile.load(path, expected_fingerprint=fingerprint)
+        except ProfileCorrupt as exc:
+            aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+                                   f"-{os.getpid()}")
+            try:
+                os.replace(path, aside)
+            except OSError:
+                pass
+            warnings.warn(f"{exc}; moved it aside to {aside.name} and starting afresh",
+                          stacklevel=3)
+            return None
+
+    def load(self, fingerprint: str) -> Optional[RoutingProfile]:
+        """The stored profile for `fingerprint`, or None (absent, or corrupt and moved aside).
+
+        A file whose content names another fingerprint raises HybridError.
+        """
+        with self._locked(fingerprint) as path:
+            return self._read(path, fingerprint)
+
+    def merge_session(self, delta: RoutingProfile, decay: float = 1.0) -> RoutingProfile:
+        """stored * decay + delta, written back atomically under the lock; returns it."""
+        with self._locked(delta.fingerprint) as path:
+            # we hold the lock, so any temp file for this profile is a dead writer's
+            for stale in path.parent.glob(_tmp_prefix(path) + "*"):
+                stale.unlink(missing_ok=True)
+            current = self._read(path, delta.fingerprint)
+            if current is None:
+                current = RoutingProfile.empty(delta.fingerprint, delta.arch, delta.n_layer,
+                                               delta.n_expert, delta.n_expert_used)
+            merged = current.merged(delta, decay=decay)
+            merged.save(path)
+            return merged
