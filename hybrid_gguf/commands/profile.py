@@ -1,0 +1,288 @@
+"""`hybrid-gguf profile MODEL`: run a workload, record expert routing, store the profile.
+
+A model without experts prints "nothing to record" and exits 0 (it is not an error to
+ask; there is simply no routing).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import typer
+
+from ..errors import HybridError
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: Path
+    fingerprint: str
+    arch: str
+    n_layer: int
+    n_expert: int
+    n_expert_used: int
+
+
+def model_info(path: Path) -> ModelInfo:
+    from ..inventory import read_inventory
+
+    inv = read_inventory(path)
+    return ModelInfo(Path(path), inv.fingerprint, inv.arch, inv.n_layer,
+                     inv.n_expert or 0, inv.n_expert_used or 0)
+
+
+def build_llama(path: Path, recorder, n_ctx: int, n_threads: Optional[int] = None):
+    """The one place the profiled model is constructed (swap in the planned loader here)."""
+    from ..llama_hooks import construct_llama
+
+    kwargs = {"n_threads": n_threads} if n_threads else {}
+    try:
+        llm = construct_llama(str(path), context_patch=recorder.attach(), n_ctx=n_ctx,
+                              n_gpu_layers=0, verbose=False, **kwargs)
+    except ValueError as exc:
+        raise HybridError(f"llama.cpp failed to load {path}: {exc}") from None
+    llm._hybrid_gguf_recorder = recorder  # the C callback points at it: keep it alive
+    return llm
+
+
+def run_prompt(llm, text: str, n_predict: int) -> tuple[int, int]:
+    """Prefill `text`, then decode up to n_predict greedy tokens; (prompt, generated)."""
+    n_ctx = llm.n_ctx()
+    room = n_ctx - n_predict - 1
+    if room < 1:
+        raise HybridError(f"--ctx {n_ctx} leaves no room for a prompt with -n {n_predict}")
+    tokens = llm.tokenize(text.encode("utf-8"), add_bos=True)[:room]
+    llm.reset()
+    llm.eval(tokens)
+    eos = llm.token_eos()
+    generated = 0
+    for _ in range(n_predict):
+        tok = llm.sample(temp=0.0)
+        if tok == eos:
+            break
+        llm.eval([tok])
+        generated += 1
+    return len(tokens), generated
+
+
+def profile_model(info: ModelInfo, workload, n_predict: int, n_ctx: int,
+                  n_threads: Optional[int] = None,
+                  on_prompt: Optional[Callable[[int, int, int], None]] = None):
+    """Run the workload with a fresh recorder; returns the RoutingSnapshot."""
+    from ..recorder import RoutingRecorder
+
+    recorder = RoutingRecorder(info.n_layer, info.n_expert, info.n_expert_used)
+    llm = build_llama(info.path, recorder, n_ctx, n_threads)
+    try:
+        for prompt in workload.prompts:
+            n_in, n_out = run_prompt(llm, prompt.text, n_predict)
+            if on_prompt:
+                on_prompt(1, n_in, n_out)
+        return recorder.snapshot(trace=False)
+    finally:
+        llm.close()
+
+
+# -- output -------------------------------------------------------------------
+
+
+def profile_json(info: ModelInfo, snap, summary: dict, label: str, n_prompts: int,
+                 stored: Optional[Path], stored_sessions: Optional[int]) -> dict:
+    return {
+        "model": str(info.path),
+        "fingerprint": info.fingerprint,
+        "arch": info.arch,
+        "n_layer": info.n_layer,
+        "n_expert": info.n_expert,
+        "n_expert_used": info.n_expert_used,
+        "label": label,
+        "prompts": n_prompts,
+        "counts": snap.counts.tolist(),
+        "counts_prompt": snap.counts_prompt.tolist(),
+        "counts_decode": snap.counts_decode.tolist(),
+        "tokens_per_layer": snap.tokens_per_layer.tolist(),
+        "tokens_prompt": snap.tokens_prompt.tolist(),
+        "tokens_decode": snap.tokens_decode.tolist(),
+        "summaries": summary,
+        "store": str(stored) if stored else None,
+        "store_sessions": stored_sessions,
+    }
+
+
+def print_summary(console, info: ModelInfo, summary: dict, top_k: int = 4) -> None:
+    from rich.table import Table
+
+    slots = summary["slots"]
+    table = Table(title=f"routing: {info.path.name} ({info.n_layer} layers, "
+                        f"{info.n_expert} experts, top-{info.n_expert_used})")
+    table.add_column("layer", justify="right")
+    table.add_column("tokens", justify="right")
+    table.add_column("entropy", justify="right")
+    table.add_column("n50", justify="right")
+    table.add_column("n90", justify="right")
+    for s in slots:
+        table.add_column(f"hit@{s}", justify="right")
+    table.add_column("top experts (share)", no_wrap=True, overflow="ellipsis")
+
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.1f}%"
+
+    for row in summary["layers"]:
+        ent = "-" if row["entropy"] is None else f"{row['entropy']:.3f}"
+        tops = " ".join(f"{e}:{100 * s:.0f}%" for e, s in row["top"][:top_k])
+        table.add_row(str(row["layer"]), f"{row['tokens']:.0f}", ent, str(row["experts_50"]),
+                      str(row["experts_90"]), *[pct(row["static_hit"][str(s)]) for s in slots],
+                      tops)
+    console.print(table)
+    o = summary["overall"]
+    hits = ", ".join(f"{s} experts/layer {pct(o['static_hit'][str(s)])}" for s in slots)
+    console.print(f"best static hit rate: {hits}")
+
+
+def draw_heatmap(path: Path, counts: np.ndarray, title: str) -> None:
+    """Layer × expert share heatmap, and per-layer coverage curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = np.asarray(counts, dtype=np.float64)
+    total = counts.sum(axis=1, keepdims=True)
+    share = np.divide(counts, total, out=np.zeros_like(counts), where=total > 0)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 2]})
+    im = ax1.imshow(share, aspect="auto", interpolation="nearest", cmap="viridis")
+    ax1.set_xlabel("expert id")
+    ax1.set_ylabel("layer")
+    ax1.set_title("share of the layer's selections")
+    fig.colorbar(im, ax=ax1)
+    ranked = np.cumsum(np.sort(share, axis=1)[:, ::-1], axis=1)
+    x = np.arange(1, counts.shape[1] + 1)
+    for row in ranked[total[:, 0] > 0]:
+        ax2.plot(x, row, color="tab:blue", alpha=0.25, linewidth=0.8)
+    if (total > 0).any():
+        ax2.plot(x, ranked[total[:, 0] > 0].mean(axis=0), color="black", label="mean")
+    ax2.plot(x, x / counts.shape[1], color="gray", linestyle=":", label="uniform")
+    ax2.legend(loc="lower right")
+    ax2.set_xlabel("experts kept per layer (most used first)")
+    ax2.set_ylabel("fraction of selections covered")
+    ax2.set_ylim(0, 1.01)
+    ax2.set_title("coverage")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- command --------------------------------------------------------------------
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("profile")
+    def profile_cmd(
+        model: Path = typer.Argument(..., help="GGUF model file"),
+        prompts: Optional[Path] = typer.Option(
+            None, "--prompts", help="prompts file: one per line, or .jsonl"),
+        text: Optional[Path] = typer.Option(None, "--text", help="text file cut into prompts"),
+        chunk_chars: int = typer.Option(2000, "--chunk-chars", help="--text chunk size"),
+        n_predict: int = typer.Option(64, "-n", "--n-predict", help="tokens generated per prompt"),
+        ctx: int = typer.Option(2048, "--ctx", help="context size"),
+        threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads"),
+        as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
+        out: Optional[Path] = typer.Option(None, "--out", help="write this run's profile here"),
+        heatmap: Optional[Path] = typer.Option(None, "--heatmap", help="draw a PNG heatmap"),
+        store: Optional[Path] = typer.Option(None, "--store", help="profile store directory"),
+        no_store: bool = typer.Option(False, "--no-store", help="do not merge into the store"),
+        label: Optional[str] = typer.Option(None, "--label", help="workload label"),
+        decay: float = typer.Option(1.0, "--decay",
+                                    help="weight of the stored profile before adding this run"),
+        slots: Optional[str] = typer.Option(
+            None, "--slots", help="static set sizes for hit rates, e.g. 8,32"),
+    ) -> None:
+        """Record which experts a workload routes to, store it, and summarize per layer."""
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+        from rich.progress import TimeElapsedColumn
+
+        from .. import routing_stats
+        from ..profile import ProfileStore, RoutingProfile
+        from ..workload import select_workload
+
+        console = Console(stderr=as_json)
+        err = Console(stderr=True)
+        if not model.is_file():
+            raise HybridError(f"model file {model} does not exist")
+        if n_predict < 0 or ctx < 8:
+            raise HybridError("-n must be >= 0 and --ctx >= 8")
+        if not 0.0 < decay <= 1.0:
+            raise HybridError(f"--decay must be in (0, 1], got {decay}")
+        slot_list = None
+        if slots:
+            try:
+                slot_list = [int(s) for s in slots.split(",") if s.strip()]
+            except ValueError:
+                raise HybridError(f"--slots wants integers like 8,32, got {slots!r}") from None
+        workload = select_workload(prompts, text, chunk_chars)
+        info = model_info(model)
+        if info.n_expert <= 0 or info.n_expert_used <= 0:
+            msg = f"{model.name} has no experts ({info.arch or 'dense'} model): nothing to record"
+            if as_json:
+                print(json.dumps({"model": str(model), "n_expert": 0, "message": msg}))
+            else:
+                console.print(msg)
+            raise typer.Exit(0)
+        from ..recorder import recorder_status
+
+        ok, reason = recorder_status()
+        if not ok:
+            raise HybridError(reason)
+
+        run_label = label or workload.label
+        t0 = time.monotonic()
+        tokens = [0, 0]
+        with Progress(TextColumn("[bold]profiling"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("{task.fields[tok]}"), TimeElapsedColumn(),
+                      console=err, transient=as_json) as progress:
+            task = progress.add_task("prompts", total=len(workload.prompts), tok="")
+
+            def on_prompt(n: int, n_in: int, n_out: int) -> None:
+                tokens[0] += n_in
+                tokens[1] += n_out
+                progress.update(task, advance=n,
+                                tok=f"{tokens[0]} prompt + {tokens[1]} generated tokens")
+
+            snap = profile_model(info, workload, n_predict, ctx, threads, on_prompt)
+        elapsed = time.monotonic() - t0
+
+        session = RoutingProfile.from_snapshot(snap, info.fingerprint, info.arch, run_label)
+        stored_path, stored_sessions = None, None
+        if not no_store:
+            st = ProfileStore(store)
+            merged = st.merge_session(session, decay=decay)
+            stored_path, stored_sessions = st.path_for(info.fingerprint), merged.sessions
+        if out is not None:
+            session.save(out)
+        summary = routing_stats.summarize(snap.counts, snap.tokens_per_layer,
+                                          info.n_expert_used, slot_list)
+        if heatmap is not None:
+            draw_heatmap(heatmap, snap.counts, f"{model.name}: {run_label}, "
+                                               f"{tokens[0] + tokens[1]} tokens")
+        if as_json:
+            print(json.dumps(profile_json(info, snap, summary, run_label,
+                                          len(workload.prompts), stored_path,
+                                          stored_sessions)))
+            return
+        print_summary(console, info, summary)
+        console.print(f"{len(workload.prompts)} prompts, {tokens[0]} prompt + {tokens[1]} "
+                      f"generated tokens in {elapsed:.1f} s")
+        if stored_path:
+            console.print(f"merged into {stored_path} ({stored_sessions} sessions)")
+        if out is not None:
+            console.print(f"wrote {out}")
+        if heatmap is not None:
+            console.print(f"wrote {heatmap}")
