@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny synthetic models, built once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hybrid_gguf import synth
+
+# Architecture name (as tests say it) -> tiny preset.  "dense" is a non-MoE llama.
+TINY_PRESETS = {
+    "qwen3moe": "tiny",
+    "qwen2moe": "tiny-qwen2moe",
+    "llama": "tiny-mixtral",
+    "mixtral": "tiny-mixtral",
+    "gpt-oss": "tiny-gpt-oss",
+    "dense": "tiny-dense",
+}
+SYNTH_ARCHS = ("qwen3moe", "qwen2moe", "llama", "gpt-oss")
+
+
+def tiny_spec(arch: str = "qwen3moe", **overrides) -> synth.SynthSpec:
+    """The SynthSpec that tiny_model_factory(arch, **overrides) builds."""
+    return synth.preset(TINY_PRESETS[arch], **overrides)
+
+
+@pytest.fixture(scope="session")
+def synth_cache(tmp_path_factory) -> Path:
+    """Session-wide directory of synthetic models (kept for the whole run)."""
+    return tmp_path_factory.mktemp("synth")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(synth_cache):
+    """callable(arch="qwen3moe", **SynthSpec overrides) -> Path of a tiny GGUF.
+
+    arch: qwen3moe, qwen2moe, llama (alias mixtral), gpt-oss, or dense.  Identical
+    requests share one file; `factory.spec(arch, **overrides)` gives the spec.
+    """
+
+    def make(arch: str = "qwen3moe", **overrides) -> Path:
+        return synth.ensure_synthetic(tiny_spec(arch, **overrides), synth_cache)
+
+    make.spec = tiny_spec
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_factory) -> Path:
+    """The default tiny qwen3moe model (F32, 2 layers, 8 experts top-2)."""
+    return tiny_model_factory("qwen3moe")
