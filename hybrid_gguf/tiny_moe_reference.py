@@ -116,10 +116,11 @@ def attention(x: np.ndarray, w: Dict[str, np.ndarray], b: str, cfg: TinyMoeConfi
     group = nh // nkv  # query head h reads kv head h // group, as ggml broadcasts
     k = np.repeat(k, group, axis=1)
     v = np.repeat(v, group, axis=1)
-    scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(hd)
+    q, k, v = q.transpose(1, 0, 2), k.transpose(1, 0, 2), v.transpose(1, 0, 2)  # (H, T, hd)
+    scores = (q @ k.transpose(0, 2, 1)) / np.float32(np.sqrt(hd))
     causal = np.triu(np.ones((n_tok, n_tok), dtype=bool), k=1)
     scores = np.where(causal[None], -np.inf, scores)
-    out = np.einsum("hqk,khd->qhd", softmax(scores, axis=-1), v).reshape(n_tok, nh * hd)
+    out = (softmax(scores, axis=-1) @ v).transpose(1, 0, 2).reshape(n_tok, nh * hd)
     return out @ w[b + "attn_output.weight"].T
 
 
