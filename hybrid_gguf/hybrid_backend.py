@@ -1,0 +1,124 @@
+"""The per-expert channel into the hybrid-patched llama.cpp (patches/llama-cpp-hybrid.patch).
+
+The patch exports `llama_hybrid_*` functions from libllama. A plan is handed over as text
+right before a model load; the loader copies the listed experts into hot packs on the
+chosen buffer type. A stock build lacks the symbols: `capability()` says so and callers
+fall back to whole-tensor placement.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+from dataclasses import dataclass
+from typing import Iterator, Mapping, Optional, Sequence
+
+from .errors import HybridError
+
+STOCK_NOTICE = (
+    "this llama-cpp-python build lacks the hybrid-gguf patch, so experts are placed per whole "
+    "tensor (layer); run `python scripts/build_backend.py` for per-expert placement"
+)
+
+
+@dataclass(frozen=True)
+class Capability:
+    per_expert: bool
+    version: int
+    reason: str
+
+
+def _libllama() -> ctypes.CDLL:
+    import llama_cpp.llama_cpp as bindings
+
+    return bindings._lib
+
+
+def _fn(name: str, restype, argtypes) -> Optional[ctypes._CFuncPtr]:
+    lib = _libllama()
+    try:
+        fn = getattr(lib, name)
+    except AttributeError:
+        return None
+    fn.restype = restype
+    fn.argtypes = argtypes
+    return fn
+
+
+def capability() -> Capability:
+    fn = _fn("llama_hybrid_version", ctypes.c_int32, [])
+    if fn is None:
+        return Capability(per_expert=False, version=0, reason=STOCK_NOTICE)
+    return Capability(per_expert=True, version=int(fn()), reason="hybrid-gguf patch present")
+
+
+def plan_text(hot: Mapping[int, Sequence[int]], buffer_type: Optional[str] = None) -> str:
+    """Serialize {layer: [expert, ...]} as the patch's plan text (slot order = list order)."""
+    parts = [f"buft={buffer_type}"] if buffer_type else []
+    for layer in sorted(hot):
+        experts = list(hot[layer])
+        if experts:
+            parts.append(f"{int(layer)}:{','.join(str(int(e)) for e in experts)}")
+    return ";".join(parts)
+
+
+def validate_hot(hot: Mapping[int, Sequence[int]], n_layer: int, n_expert_of_layer) -> None:
+    """Clear errors before llama.cpp sees the plan (it would only fail the load)."""
+    for layer, experts in hot.items():
+        if not 0 <= int(layer) < n_layer:
+            raise HybridError(f"hot set names layer {layer}, but the model has layers 0..{n_layer - 1}")
+        n_exp = n_expert_of_layer(int(layer))
+        if n_exp == 0:
+            raise HybridError(f"hot set names layer {layer}, which has no routed experts")
+        seen = set()
+        for e in experts:
+            if not 0 <= int(e) < n_exp:
+                raise HybridError(f"hot set names expert {e} in layer {layer}, which has experts 0..{n_exp - 1}")
+            if int(e) in seen:
+                raise HybridError(f"hot set lists expert {e} twice in layer {layer}")
+            seen.add(int(e))
+
+
+@contextlib.contextmanager
+def pending_plan(text: str) -> Iterator[None]:
+    """Make `text` the plan of the model load inside the block, and clear it afterwards."""
+    fn = _fn("llama_hybrid_set_plan", ctypes.c_int32, [ctypes.c_char_p])
+    if fn is None:
+        raise HybridError(STOCK_NOTICE)
+    if fn(text.encode()) != 0:
+        raise HybridError(f"llama.cpp rejected the hybrid plan text: {text[:200]!r}")
+    try:
+        yield
+    finally:
+        fn(b"")  # a failed load must not leave the plan for the next one
+
+
+def pack_bytes(model_ptr) -> int:
+    fn = _fn("llama_hybrid_model_pack_bytes", ctypes.c_size_t, [ctypes.c_void_p])
+    return 0 if fn is None else int(fn(model_ptr))
+
+
+def n_hot(model_ptr, layer: int) -> int:
+    fn = _fn("llama_hybrid_model_n_hot", ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32])
+    return 0 if fn is None else int(fn(model_ptr, layer))
+
+
+def parse_hot_spec(spec: str) -> dict[int, list[int]]:
+    """Parse the CLI's --hot "layer:e,e;layer:e" (',' inside, ';' or ' ' between layers)."""
+    hot: dict[int, list[int]] = {}
+    for item in spec.replace(" ", ";").split(";"):
+        item = item.strip()
+        if not item:
+            continue
+        layer_txt, sep, experts_txt = item.partition(":")
+        try:
+            layer = int(layer_txt)
+            experts = [int(x) for x in experts_txt.split(",") if x.strip()]
+        except ValueError:
+            raise HybridError(f"--hot expects 'layer:expert,expert;layer:...', got {item!r}") from None
+        if not sep:
+            raise HybridError(f"--hot expects 'layer:expert,expert;layer:...', got {item!r}")
+        if layer in hot:
+            raise HybridError(f"--hot names layer {layer} twice")
+        hot[layer] = experts
+    return hot

@@ -1,0 +1,158 @@
+"""The per-expert split computes the same function as the unsplit model (CPU).
+
+Hot packs live in a CPU buffer here, so both chains run on the CPU; the GPU version of
+these checks is scripts/gpu_eval.sh on the GPU machine.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+
+from hybrid_gguf import hybrid_backend
+from hybrid_gguf.errors import HybridError
+from hybrid_gguf.greedy import greedy
+from hybrid_gguf.llama_hooks import construct_llama
+from hybrid_gguf.synth import preset, write_synthetic_moe
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+if not hybrid_backend.capability().per_expert:
+    if os.environ.get("HYBRID_GGUF_REQUIRE_PATCHED") == "1":
+        raise RuntimeError("HYBRID_GGUF_REQUIRE_PATCHED=1 but llama_cpp lacks the hybrid patch")
+    pytest.skip(hybrid_backend.STOCK_NOTICE, allow_module_level=True)
+
+PROMPT = [1] + [3 + b for b in b"def main(argv):\n    return"]
+N_GEN = 12
+
+ARCH_PRESETS = {
+    "qwen3moe": dict(name="tiny", n_layer=3, n_expert=8, n_expert_used=2),
+    "qwen2moe": dict(name="tiny-qwen2moe", n_layer=3, n_expert=8, n_expert_used=2),
+    "llama": dict(name="tiny-mixtral", n_layer=3, n_expert=8, n_expert_used=2),
+    "gpt-oss": dict(name="tiny-gpt-oss", n_layer=2, n_expert=8, n_expert_used=4),
+}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    out = {}
+    root = tmp_path_factory.mktemp("split-models")
+    for arch, kw in ARCH_PRESETS.items():
+        kw = dict(kw)
+        spec = preset(kw.pop("name"), zipf=0.8, seed=7, **kw)
+        out[arch] = (write_synthetic_moe(root / f"{arch}.gguf", spec), spec)
+    return out
+
+
+def load(path, hot=None, use_mmap=True):
+    kwargs = dict(n_ctx=128, n_batch=64, n_gpu_layers=0, seed=1, verbose=False, use_mmap=use_mmap)
+    if hot is None:
+        return construct_llama(str(path), **kwargs)
+    with hybrid_backend.pending_plan(hybrid_backend.plan_text(hot, "CPU")):
+        return construct_llama(str(path), **kwargs)
+
+
+def hot_sets(n_layer, n_expert):
+    rng = random.Random(3)
+    half = {l: sorted(rng.sample(range(n_expert), n_expert // 2)) for l in range(n_layer)}
+    return {
+        "none": {},
+        "one": {0: [n_expert - 1]},
+        "half": half,
+        "all_but_one": {l: [e for e in range(n_expert) if e != l % n_expert] for l in range(n_layer)},
+        "all": {l: list(range(n_expert))[::-1] for l in range(n_layer)},  # reversed slot order on purpose
+    }
+
+
+@pytest.mark.parametrize("arch", list(ARCH_PRESETS))
+def test_split_matches_unsplit(models, arch):
+    path, spec = models[arch]
+    ref_llm = load(path)
+    ref = greedy(ref_llm, PROMPT, N_GEN)
+    ref_llm.close()
+    for label, hot in hot_sets(spec.n_layer, spec.n_expert).items():
+        llm = load(path, hot)
+        expect_bytes = 0 if not hot else None
+        if expect_bytes == 0:
+            assert hybrid_backend.pack_bytes(llm._model.model) == 0
+        else:
+            assert hybrid_backend.pack_bytes(llm._model.model) > 0
+            for layer, experts in hot.items():
+                assert hybrid_backend.n_hot(llm._model.model, layer) == len(experts)
+        run = greedy(llm, PROMPT, N_GEN)
+        llm.close()
+        assert run.tokens == ref.tokens, f"{arch}/{label}: greedy tokens differ"
+        delta = float(np.max(np.abs(run.logits - ref.logits)))
+        assert delta <= 1e-3, f"{arch}/{label}: max |logit delta| {delta}"
+
+
+def test_pack_bytes_match_expert_bytes(models):
+    from hybrid_gguf.inventory import read_inventory
+
+    path, spec = models["gpt-oss"]  # biases are packed too
+    inv = read_inventory(path)
+    hot = {0: [1, 5], 1: [2]}
+    llm = load(path, hot)
+    got = hybrid_backend.pack_bytes(llm._model.model)
+    llm.close()
+    want = sum(inv.layers[l].per_expert_bytes * len(e) for l, e in hot.items())
+    # plus the three F32 lookup tables per layer and allocator alignment
+    assert want <= got <= want + len(hot) * (3 * 4 * spec.n_expert + 3 * 512) + 4096
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "gpt-oss"])
+def test_cold_chain_never_reads_hot_experts(models, arch, monkeypatch):
+    """NaN-poison the original copies of the hot experts: the output must not change."""
+    path, spec = models[arch]
+    ref_llm = load(path, use_mmap=False)
+    ref = greedy(ref_llm, PROMPT, N_GEN)
+    ref_llm.close()
+    hot = hot_sets(spec.n_layer, spec.n_expert)["half"]
+    monkeypatch.setenv("LLAMA_HYBRID_DEBUG_POISON_HOT", "1")
+    llm = load(path, hot, use_mmap=False)
+    run = greedy(llm, PROMPT, N_GEN)
+    llm.close()
+    assert np.isfinite(run.logits).all()
+    assert run.tokens == ref.tokens
+    assert float(np.max(np.abs(run.logits - ref.logits))) <= 1e-3
+
+
+def test_poison_is_visible_without_split(models, monkeypatch):
+    """Guard for the test above: the unsplit graph over the same poisoned weights gives NaN."""
+    path, spec = models["qwen3moe"]
+    hot = hot_sets(spec.n_layer, spec.n_expert)["half"]
+    monkeypatch.setenv("LLAMA_HYBRID_DEBUG_POISON_HOT", "1")
+    monkeypatch.setenv("LLAMA_HYBRID_DEBUG_NO_SPLIT", "1")
+    llm = load(path, hot, use_mmap=False)
+    logits = greedy(llm, PROMPT, 2).logits
+    llm.close()
+    assert not np.isfinite(logits).all()
+
+
+def test_bad_plans_are_clear_errors(models):
+    path, spec = models["qwen3moe"]
+    for hot, msg in [
+        ({spec.n_layer: [0]}, "layer"),
+        ({0: [spec.n_expert]}, "expert"),
+        ({0: [1, 1]}, "twice"),
+    ]:
+        with pytest.raises(HybridError, match=msg):
+            hybrid_backend.validate_hot(hot, spec.n_layer, lambda l: spec.n_expert)
+        # llama.cpp refuses them too, without crashing, and forgets the plan afterwards
+        with pytest.raises(ValueError):
+            load(path, hot)
+    llm = load(path)
+    assert hybrid_backend.pack_bytes(llm._model.model) == 0
+    llm.close()
+
+
+def test_parse_hot_spec():
+    assert hybrid_backend.parse_hot_spec("0:1,2;3:4") == {0: [1, 2], 3: [4]}
+    assert hybrid_backend.parse_hot_spec("0:1 1:2") == {0: [1], 1: [2]}
+    with pytest.raises(HybridError):
+        hybrid_backend.parse_hot_spec("0-1")
+    with pytest.raises(HybridError):
+        hybrid_backend.parse_hot_spec("0:1;0:2")
