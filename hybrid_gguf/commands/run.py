@@ -1,0 +1,123 @@
+"""`hybrid-gguf run [MODEL]`: generate or chat with experts placed by the learned plan."""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from ..errors import HybridError
+
+
+def _notice(console: Console, text: str) -> None:
+    console.print(f"[dim]{text}[/]")
+
+
+def run_command(
+    model: Optional[str] = typer.Argument(None, help="GGUF path or models.yaml alias (default: the bundled model)"),
+    prompt: Optional[str] = typer.Option(None, "-p", "--prompt", help="prompt; omit for interactive chat"),
+    n_predict: int = typer.Option(128, "-n", "--n-predict", help="tokens to generate"),
+    temp: float = typer.Option(0.0, "--temp", help="sampling temperature (0 = greedy)"),
+    seed: int = typer.Option(0, "--seed"),
+    ctx: int = typer.Option(4096, "--ctx", help="context length"),
+    gpu_budget: Optional[str] = typer.Option(None, "--gpu-budget", help="VRAM to use, e.g. 8GiB (default: free VRAM)"),
+    hot: Optional[str] = typer.Option(None, "--hot", help='per-expert placement by hand: "layer:e,e;layer:e"'),
+    plan: Optional[str] = typer.Option(None, "--plan", help="apply a plan YAML from `hybrid-gguf plan`"),
+    no_record: bool = typer.Option(False, "--no-record", help="do not record routing into the profile"),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of streaming text"),
+    verbose: bool = typer.Option(False, "--verbose", help="show llama.cpp's log"),
+) -> None:
+    """Generate text (or chat) with a MoE model, hot experts on the GPU."""
+    from .. import hybrid_backend
+    from ..model import HybridModel
+
+    console = Console(stderr=True)
+    if hot and plan:
+        raise HybridError("--hot and --plan both choose the placement; pass one")
+    hot_map = hybrid_backend.parse_hot_spec(hot) if hot else None
+    if prompt is None and (as_json or not sys.stdin.isatty()):
+        if not sys.stdin.isatty():
+            prompt = sys.stdin.read()
+        if not prompt:
+            raise HybridError("no prompt: pass -p/--prompt (interactive chat needs a terminal)")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hm = HybridModel(model, gpu_budget=gpu_budget, hot=hot_map, plan=plan, n_ctx=ctx, seed=seed,
+                         record=not no_record, n_threads=threads, verbose=verbose)
+    for w in caught:
+        _notice(console, f"warning: {w.message}")
+    try:
+        if not as_json:
+            _notice(console, f"{hm.resolved.name}: {hm.inventory.arch}, {hm.inventory.n_layer} layers, "
+                             f"{hm.inventory.n_expert} experts; placement: {hm.placement.description}")
+            for note in hm.placement.notices:
+                _notice(console, note)
+            if hm.recorder_notice:
+                _notice(console, hm.recorder_notice)
+        if prompt is None:
+            _chat(hm, console, n_predict, temp)
+            return
+        out = sys.stdout
+        if as_json:
+            res = hm.generate(prompt, max_tokens=n_predict, temperature=temp)
+        else:
+            out.write(prompt)
+            out.flush()
+
+            def on_text(piece: str) -> None:
+                out.write(piece)
+                out.flush()
+
+            res = hm.stream(prompt, max_tokens=n_predict, temperature=temp, on_text=on_text)
+            out.write("\n")
+        profile = hm.save_profile()
+        if as_json:
+            print(json.dumps({
+                "model": str(hm.path),
+                "text": res.text,
+                "tokens": res.tokens,
+                "prompt_tokens": res.prompt_tokens,
+                "gen_tokens": len(res.tokens),
+                "finish_reason": res.finish_reason,
+                "gen_tokens_per_s": res.gen_tokens_per_s,
+                "prompt_tokens_per_s": res.prompt_tokens_per_s,
+                "load_seconds": hm.load_seconds,
+                "placement": hm.placement.to_dict(),
+                "profile_sessions": None if profile is None else profile.sessions,
+            }, indent=2))
+        else:
+            _notice(console, f"prompt {res.prompt_tokens} tok at {res.prompt_tokens_per_s:.1f} tok/s, "
+                             f"generated {len(res.tokens)} tok at {res.gen_tokens_per_s:.1f} tok/s"
+                             + ("" if profile is None else f"; routing profile now {profile.sessions} sessions"))
+    finally:
+        hm.close(save_profile=False)
+
+
+def _chat(hm, console: Console, n_predict: int, temp: float) -> None:
+    """A plain transcript chat: works for models with or without a chat template."""
+    console.print("[bold]chat[/] (empty line or Ctrl-D to quit)")
+    history = ""
+    while True:
+        try:
+            user = console.input("[bold green]> [/]")
+        except EOFError:
+            break
+        if not user.strip():
+            break
+        history += f"User: {user}\nAssistant:"
+        res = hm.stream(history, max_tokens=n_predict, temperature=temp,
+                        on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+        sys.stdout.write("\n")
+        history += res.text + "\n"
+    profile = hm.save_profile()
+    if profile is not None:
+        _notice(console, f"routing profile now {profile.sessions} sessions")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("run")(run_command)

@@ -1,0 +1,343 @@
+"""HybridModel: a llama_cpp.Llama loaded with hybrid-gguf's placement and routing recorder."""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+
+from . import devices as devices_mod
+from . import hybrid_backend
+from .errors import HybridError
+from .inventory import Inventory, read_inventory
+from .models import ResolvedModel, resolve_model
+from .sizes import format_size, parse_size
+
+# VRAM left free for the CUDA context, cuBLAS workspaces and fragmentation.
+VRAM_RESERVE = 512 * 2**20
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    tokens: list[int]
+    prompt_tokens: int
+    prompt_ms: float
+    gen_ms: float
+    finish_reason: str
+
+    @property
+    def gen_tokens_per_s(self) -> float:
+        return len(self.tokens) / (self.gen_ms / 1e3) if self.gen_ms > 0 else 0.0
+
+    @property
+    def prompt_tokens_per_s(self) -> float:
+        return self.prompt_tokens / (self.prompt_ms / 1e3) if self.prompt_ms > 0 else 0.0
+
+
+@dataclass
+class PlacementSummary:
+    mode: str                      # cpu | gpu | whole-tensor | per-expert
+    description: str
+    n_gpu_layers: int
+    hot: dict = field(default_factory=dict)
+    gpu_budget_bytes: Optional[int] = None
+    notices: list = field(default_factory=list)
+    buffers: dict = field(default_factory=dict)   # llama.cpp's reported buffer sizes
+    hot_pack_bytes: int = 0
+    pack_device: Optional[str] = None
+
+    def to_dict(self) -> dict:
+        return {
+            "mode": self.mode,
+            "description": self.description,
+            "n_gpu_layers": self.n_gpu_layers,
+            "hot": {str(k): list(v) for k, v in self.hot.items()},
+            "hot_experts": sum(len(v) for v in self.hot.values()),
+            "gpu_budget_bytes": self.gpu_budget_bytes,
+            "hot_pack_bytes": self.hot_pack_bytes,
+            "pack_device": self.pack_device,
+            "buffers": self.buffers,
+            "notices": list(self.notices),
+        }
+
+
+def _perf(llm) -> tuple[float, int, float, int]:
+    import llama_cpp
+
+    p = llama_cpp.llama_perf_context(llm._ctx.ctx)
+    return float(p.t_p_eval_ms), int(p.n_p_eval), float(p.t_eval_ms), int(p.n_eval)
+
+
+def _budget_bytes(gpu_budget: Union[None, int, str]) -> Optional[int]:
+    if gpu_budget is None:
+        return None
+    return parse_size(gpu_budget)
+
+
+class HybridModel:
+    """Load a GGUF MoE model with experts placed per the plan, record routing, generate.
+
+    `hot` ({layer: [expert, ...]}) forces a per-expert placement; `plan` applies a Plan (or a
+    plan YAML path); otherwise the placement is fitted to `gpu_budget` (default: free VRAM).
+    Everything `llama_cpp.Llama` offers stays reachable through `.llm`.
+    """
+
+    def __init__(
+        self,
+        model: Optional[Union[str, Path]] = None,
+        *,
+        gpu_budget: Union[None, int, str] = None,
+        hot: Optional[Mapping[int, Sequence[int]]] = None,
+        plan: Any = None,
+        n_ctx: int = 4096,
+        n_batch: int = 512,
+        n_threads: Optional[int] = None,
+        seed: int = 0,
+        record: bool = True,
+        profile_store: Any = None,
+        label: Optional[str] = None,
+        pack_device: Optional[str] = None,
+        verbose: bool = False,
+        log: Callable[[str], None] = lambda msg: None,
+    ) -> None:
+        self.resolved: ResolvedModel = resolve_model(None if model is None else str(model))
+        self.path = self.resolved.path
+        self.inventory: Inventory = read_inventory(self.path)
+        self.label = label
+        self._log = log
+        self._profile_store = profile_store
+        self._closed = False
+        self.recorder = None
+        self.recorder_notice: Optional[str] = None
+
+        placement, hot_plan, summary = self._choose_placement(
+            _budget_bytes(gpu_budget), hot, plan, n_ctx, pack_device)
+        self.placement = summary
+
+        if record and self.inventory.n_expert > 0:
+            self.recorder = self._make_recorder()
+
+        from .placement import load_llama
+
+        kwargs: dict[str, Any] = dict(n_ctx=n_ctx, n_batch=n_batch, seed=seed, verbose=verbose,
+                                      n_gpu_layers=summary.n_gpu_layers)
+        if n_threads:
+            kwargs["n_threads"] = n_threads
+            kwargs["n_threads_batch"] = n_threads
+        if self.recorder is not None:
+            kwargs["context_patch"] = self.recorder.attach()
+        t0 = time.perf_counter()
+        if hot_plan:
+            with hybrid_backend.pending_plan(hybrid_backend.plan_text(hot_plan, summary.pack_device)):
+                loaded = load_llama(self.path, placement, **kwargs)
+        else:
+            loaded = load_llama(self.path, placement, **kwargs)
+        self.load_seconds = time.perf_counter() - t0
+        self.llm = loaded.llm
+        summary.buffers = _buffer_dict(loaded.buffers)
+        summary.hot_pack_bytes = hybrid_backend.pack_bytes(self.llm._model.model)
+        if hot_plan and summary.hot_pack_bytes == 0:
+            raise HybridError("llama.cpp loaded the model but built no hot packs")
+
+    # -- placement -----------------------------------------------------------------------
+
+    def _choose_placement(self, budget, hot, plan, n_ctx, pack_device):
+        from . import placement as pl
+
+        inv = self.inventory
+        notices: list[str] = []
+        gpus = devices_mod.gpu_devices()
+        if inv.n_expert == 0:
+            notices.append("model has no routed experts: running it as a dense model")
+        if budget is not None and gpus:
+            free = gpus[0].free_bytes
+            if budget > free - VRAM_RESERVE:
+                clamped = max(0, free - VRAM_RESERVE)
+                warnings.warn(f"GPU budget {format_size(budget)} exceeds free VRAM "
+                              f"({format_size(free)}); using {format_size(clamped)}")
+                notices.append(f"budget clamped to {format_size(clamped)} (free VRAM {format_size(free)})")
+                budget = clamped
+        if budget is not None and not gpus:
+            notices.append("no GPU found: --gpu-budget ignored, everything runs on the CPU")
+
+        if plan is not None:
+            return self._placement_from_plan(plan, notices, gpus)
+
+        if hot:
+            cap = hybrid_backend.capability()
+            if not cap.per_expert:
+                raise HybridError(hybrid_backend.STOCK_NOTICE)
+            hot = {int(k): [int(e) for e in v] for k, v in hot.items()}
+            hybrid_backend.validate_hot(hot, inv.n_layer, lambda l: inv.layers[l].n_expert)
+            device = pack_device or ("CUDA0" if gpus else "CPU")
+            if not gpus:
+                notices.append("no GPU: hot packs go to a CPU buffer (same results, no speed-up)")
+                return None, hot, _summary("per-expert", f"hot experts packed on {device}", 0, hot,
+                                           budget, notices, device)
+            placement = pl.cpu_moe()
+            return placement, hot, _summary("per-expert", f"hot experts packed on {device}, the rest on CPU",
+                                            placement.n_gpu_layers, hot, budget, notices, device)
+
+        if not gpus:
+            return None, None, _summary("cpu", "all weights on the CPU", 0, {}, None, notices, None)
+        if budget is None:
+            budget = max(0, gpus[0].free_bytes - VRAM_RESERVE)
+        fit = pl.fit_n_cpu_moe(inv, budget, n_ctx)
+        if not fit.fits:
+            notices.append("even with every expert on the CPU the rest does not fit the budget")
+        mode = "gpu" if fit.n_cpu_moe == 0 else "whole-tensor"
+        desc = ("everything on the GPU" if fit.n_cpu_moe == 0 else
+                f"experts of the first {fit.n_cpu_moe} of {inv.n_layer} layers on the CPU (--n-cpu-moe {fit.n_cpu_moe})")
+        if inv.n_expert > 0 and fit.n_cpu_moe > 0:
+            notices.append("no routing profile used: run `hybrid-gguf profile` to place experts per expert")
+        return fit.placement, None, _summary(mode, desc, fit.placement.n_gpu_layers, {}, budget, notices, None)
+
+    def _placement_from_plan(self, plan, notices, gpus):
+        from .placement import TensorPlacement  # noqa: F401  (plans carry TensorPlacement rules)
+        from . import plan as plan_mod
+
+        if isinstance(plan, (str, Path)):
+            plan = plan_mod.Plan.from_yaml(Path(plan).read_text(), source=str(plan))
+        plan.check_model(self.inventory)
+        hot = {int(k): list(v) for k, v in plan.hot.items() if v}
+        placement = plan.tensor_placement()
+        cap = hybrid_backend.capability()
+        if hot and not cap.per_expert:
+            notices.append(hybrid_backend.STOCK_NOTICE + "; using the plan's whole-tensor part only")
+            hot = {}
+        device = "CUDA0" if gpus else "CPU"
+        mode = "per-expert" if hot else ("gpu" if not placement.rules else "whole-tensor")
+        n_gpu_layers = placement.n_gpu_layers if gpus else 0
+        return placement, hot, _summary(mode, f"plan {getattr(plan, 'source', '')}".strip(), n_gpu_layers,
+                                        hot, plan.budget_bytes, notices + list(plan.notes), device)
+
+    # -- recording -----------------------------------------------------------------------
+
+    def _make_recorder(self):
+        from .recorder import RecorderUnavailable, RoutingRecorder
+
+        inv = self.inventory
+        try:
+            return RoutingRecorder(inv.n_layer, inv.n_expert, _max_used(inv))
+        except RecorderUnavailable as exc:
+            self.recorder_notice = f"routing recording off: {exc}"
+            return None
+
+    def routing_snapshot(self):
+        return None if self.recorder is None else self.recorder.snapshot(trace=False)
+
+    def save_profile(self) -> Optional[Any]:
+        """Merge what the recorder saw into the profile store; returns the merged profile."""
+        if self.recorder is None:
+            return None
+        from .profile import ProfileStore, RoutingProfile
+
+        snap = self.recorder.snapshot(trace=False)
+        if int(snap.counts.sum()) == 0:
+            return None
+        delta = RoutingProfile.from_snapshot(snap, self.inventory.fingerprint, self.inventory.arch,
+                                             label=self.label)
+        store = self._profile_store or ProfileStore()
+        merged = store.merge_session(delta)
+        self.recorder.reset()
+        return merged
+
+    # -- generation ----------------------------------------------------------------------
+
+    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=False)
+
+    def stream(self, prompt: Union[str, Sequence[int]], max_tokens: int = 128, temperature: float = 0.0,
+               top_k: int = 40, top_p: float = 0.95, on_text: Callable[[str], None] = lambda s: None
+               ) -> GenerationResult:
+        """Generate, calling on_text with each decoded piece; returns text, ids and timings."""
+        import llama_cpp
+
+        llm = self.llm
+        tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        if not tokens:
+            raise HybridError("empty prompt")
+        if len(tokens) + max_tokens > llm.n_ctx():
+            raise HybridError(f"prompt ({len(tokens)} tokens) + {max_tokens} new tokens exceed the "
+                              f"context of {llm.n_ctx()}; raise --ctx")
+        llm.reset()
+        llama_cpp.llama_perf_context_reset(llm._ctx.ctx)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        out: list[int] = []
+        pieces: list[str] = []
+        finish = "length"
+        greedy = temperature <= 0
+        for tok in llm.generate(tokens, temp=max(temperature, 0.0), top_k=1 if greedy else top_k,
+                                top_p=1.0 if greedy else top_p, min_p=0.0, repeat_penalty=1.0,
+                                reset=True):
+            if llama_cpp.llama_vocab_is_eog(llm._model.vocab, tok):
+                finish = "stop"
+                break
+            out.append(int(tok))
+            piece = decoder.decode(llm.detokenize([tok], prev_tokens=tokens + out[:-1]))
+            if piece:
+                pieces.append(piece)
+                on_text(piece)
+            if len(out) >= max_tokens:
+                break
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            pieces.append(tail)
+            on_text(tail)
+        p_ms, n_p, g_ms, n_g = _perf(llm)
+        return GenerationResult("".join(pieces), out, len(tokens), p_ms, g_ms, finish)
+
+    def generate(self, prompt: str, max_tokens: int = 128, temperature: float = 0.0, **kw) -> GenerationResult:
+        return self.stream(prompt, max_tokens=max_tokens, temperature=temperature, **kw)
+
+    def create_completion(self, *args, **kwargs):
+        return self.llm.create_completion(*args, **kwargs)
+
+    def create_chat_completion(self, *args, **kwargs):
+        return self.llm.create_chat_completion(*args, **kwargs)
+
+    # -- lifetime ------------------------------------------------------------------------
+
+    def close(self, save_profile: bool = True) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if save_profile:
+                self.save_profile()
+        finally:
+            self.llm.close()
+            if self.recorder is not None:
+                self.recorder.close()
+
+    def __enter__(self) -> "HybridModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _summary(mode, description, n_gpu_layers, hot, budget, notices, pack_device) -> PlacementSummary:
+    return PlacementSummary(mode, description, n_gpu_layers, dict(hot), budget, list(notices),
+                            pack_device=pack_device)
+
+
+def _buffer_dict(report) -> dict:
+    """llama.cpp's reported buffers as {"model CUDA0": bytes, "KV CPU": bytes, ...}."""
+    out = {}
+    for kind in ("model", "kv", "compute", "output"):
+        for name, size in getattr(report, kind, {}).items():
+            out[f"{kind} {name}"] = int(size)
+    return out
+
+
+def _max_used(inv: Inventory) -> int:
+    used = inv.n_expert_used
+    if isinstance(used, (list, tuple)):
+        return max(int(u) for u in used)
+    return int(used)

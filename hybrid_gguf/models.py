@@ -1,0 +1,82 @@
+"""Resolve a MODEL argument: a path, a bundled alias, or a public model listed in models.yaml."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from .errors import HybridError
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_ROOT = PACKAGE_DIR.parent
+
+
+def models_yaml_path() -> Path:
+    return Path(os.environ.get("HYBRID_GGUF_MODELS_YAML", REPO_ROOT / "models.yaml"))
+
+
+def load_models_yaml() -> dict:
+    path = models_yaml_path()
+    if not path.exists():
+        return {"default": None, "bundled": {}, "public": {}}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise HybridError(f"{path} is not valid YAML: {exc}") from None
+    data.setdefault("bundled", {})
+    data.setdefault("public", {})
+    return data
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    path: Path
+    name: str
+    source: str  # "path", "bundled" or "synthetic"
+
+
+def _bundled(name: str, entry: dict) -> ResolvedModel:
+    if "file" in entry:
+        path = REPO_ROOT / entry["file"]
+        if path.exists():
+            return ResolvedModel(path, name, "bundled")
+        if "fallback_synthetic" not in entry:
+            raise HybridError(f"bundled model {name!r} is missing its file {path}")
+    preset_name = entry.get("synthetic") or entry.get("fallback_synthetic")
+    from .synth import ensure_synthetic, preset
+
+    return ResolvedModel(ensure_synthetic(preset(preset_name)), name, "synthetic")
+
+
+def resolve_model(model: Optional[str]) -> ResolvedModel:
+    """A path to an existing GGUF file, or an alias from models.yaml (None: the default)."""
+    data = load_models_yaml()
+    if model is None:
+        model = data.get("default") or "synth-tiny"
+        if model in data["bundled"] and "file" in data["bundled"][model]:
+            if not (REPO_ROOT / data["bundled"][model]["file"]).exists():
+                model = "synth-small"  # the trained default is not built yet
+    candidate = Path(model).expanduser()
+    if candidate.exists() or os.sep in model or model.endswith(".gguf"):
+        if not candidate.exists():
+            raise HybridError(f"model file not found: {candidate}")
+        if candidate.is_dir():
+            raise HybridError(f"{candidate} is a directory; pass a .gguf file")
+        return ResolvedModel(candidate, candidate.name, "path")
+    if model in data["bundled"]:
+        return _bundled(model, data["bundled"][model])
+    if model in data["public"]:
+        entry = data["public"][model]
+        if entry.get("path") and Path(entry["path"]).expanduser().exists():
+            return ResolvedModel(Path(entry["path"]).expanduser(), model, "path")
+        raise HybridError(
+            f"{model} is a public model ({entry.get('repo')}, file {entry.get('file')}); "
+            "hybrid-gguf downloads nothing: fetch the file and pass its path, "
+            f"or set `path:` for it in {models_yaml_path()}"
+        )
+    known = ", ".join(sorted(list(data["bundled"]) + list(data["public"])))
+    raise HybridError(f"no model file or alias named {model!r} (aliases: {known})")
