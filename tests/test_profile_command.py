@@ -1,0 +1,112 @@
+"""`hybrid-gguf profile`: JSON output, the store, heatmap, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import typer
+from typer.testing import CliRunner
+
+import llama_cpp  # noqa: F401  (load libllama first)
+from hybrid_gguf.commands import profile as profile_cmd
+from hybrid_gguf.errors import HybridError
+from hybrid_gguf.inventory import read_inventory
+from hybrid_gguf.profile import ProfileStore, RoutingProfile
+from hybrid_gguf.recorder import recorder_status
+from hybrid_gguf.workload import builtin_workload, chunk_text, load_prompts_file
+
+ok, why = recorder_status()
+
+
+def make_app() -> typer.Typer:
+    app = typer.Typer()
+
+    @app.callback()
+    def _group() -> None:  # keep "profile" a subcommand even when it is the only one
+        pass
+
+    profile_cmd.register(app)
+    return app
+
+
+def invoke(*args):
+    # wide terminal: the per-layer table must not squeeze its columns away
+    return CliRunner().invoke(make_app(), ["profile", *map(str, args)],
+                              env={"COLUMNS": "200"})
+
+
+@pytest.mark.skipif(not ok, reason=why)
+def test_json_counts_store_and_files(tiny_model_factory, tmp_path):
+    path = tiny_model_factory("qwen3moe", n_layer=3)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hello there\n\nsecond prompt, a bit longer than the first\n")
+    store = tmp_path / "store"
+    res = invoke(path, "--prompts", prompts, "-n", 5, "--ctx", 128, "--json",
+                 "--store", store, "--out", tmp_path / "out.json",
+                 "--heatmap", tmp_path / "h.png", "--label", "unit")
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout.strip().splitlines()[-1])
+    counts = np.array(data["counts"])
+    tokens = np.array(data["tokens_per_layer"])
+    assert counts.shape == (3, 8) and data["n_expert_used"] == 2
+    np.testing.assert_array_equal(counts.sum(1), tokens * 2)
+    assert tokens[0] == tokens[1] > 10 and data["tokens_decode"] == [10, 10, 10]
+    assert len(data["summaries"]["layers"]) == 3 and data["label"] == "unit"
+    fp = read_inventory(path).fingerprint
+    stored = ProfileStore(store).load(fp)
+    np.testing.assert_array_equal(stored.counts, counts)
+    assert stored.labels == {"unit": 1} and data["store_sessions"] == 1
+    out = RoutingProfile.load(tmp_path / "out.json", expected_fingerprint=fp)
+    np.testing.assert_array_equal(out.counts, counts)
+    assert (tmp_path / "h.png").stat().st_size > 1000
+    # a second session merges into the store
+    res = invoke(path, "--prompts", prompts, "-n", 5, "--ctx", 128, "--json",
+                 "--store", store, "--label", "unit")
+    assert res.exit_code == 0, res.output
+    assert ProfileStore(store).load(fp).sessions == 2
+
+
+@pytest.mark.skipif(not ok, reason=why)
+def test_table_output(tiny_model_factory, tmp_path):
+    path = tiny_model_factory("qwen3moe")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "line one\nline two", "label": "x"}) + "\n")
+    res = invoke(path, "--prompts", prompts, "-n", 3, "--ctx", 64, "--no-store",
+                 "--slots", "2,4")
+    assert res.exit_code == 0, res.output
+    assert "entropy" in res.output and "hit@4" in res.output
+    assert not list(tmp_path.glob("**/*.lock"))
+
+
+def test_dense_model_has_nothing_to_record(tiny_model_factory):
+    res = invoke(tiny_model_factory("dense"), "--json", "--no-store")
+    assert res.exit_code == 0
+    assert "nothing to record" in json.loads(res.stdout)["message"]
+
+
+def test_missing_and_empty_prompts(tiny_model, tmp_path):
+    res = invoke(tiny_model, "--prompts", tmp_path / "nope.txt")
+    assert isinstance(res.exception, HybridError) and "does not exist" in str(res.exception)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n   \n")
+    res = invoke(tiny_model, "--prompts", empty)
+    assert isinstance(res.exception, HybridError) and "no prompts" in str(res.exception)
+    res = invoke(tiny_model, "--text", empty)
+    assert isinstance(res.exception, HybridError) and "empty" in str(res.exception)
+    res = invoke(tmp_path / "missing.gguf")
+    assert isinstance(res.exception, HybridError)
+
+
+def test_workload_parsing(tmp_path):
+    w = builtin_workload()
+    assert len(w.prompts) >= 20 and w.label == "mixed"
+    assert len({p.label for p in w.prompts}) >= 5
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": 3}\n')
+    with pytest.raises(HybridError, match="bad.jsonl:1"):
+        load_prompts_file(bad)
+    text = "para one.\n\n" + "word " * 300 + "\n\nlast"
+    chunks = chunk_text(text, 200)
+    assert "".join(chunks) == text and all(len(c) <= 200 for c in chunks)
