@@ -264,12 +264,12 @@ def compute_buffer_estimate(inventory, n_ctx: int, n_ubatch: int = 512, flash_at
     """Rough GPU compute-buffer size for one ubatch: logits, attention scores, FFN and MoE
     activations in f32, times a margin, plus fixed overhead. It over- rather than
     under-estimates; llama.cpp's logged "compute buffer size" is the measured truth."""
-    n_vocab = _attr(inventory, "n_vocab", 32000)
-    n_embd = _attr(inventory, "n_embd", 4096)
-    n_head = _attr(inventory, "n_head", 32)
-    n_used = _attr(inventory, "n_expert_used", 8)
-    n_expert = _attr(inventory, "n_expert", 64)
-    n_ff = _attr(inventory, "n_ff_exp", None) or _attr(inventory, "expert_ff", None) or 4 * n_embd
+    n_embd = _largest(_attr(inventory, "n_embd", 4096))
+    n_head = _largest(_attr(inventory, "n_head", 32))
+    n_used = _largest(_attr(inventory, "n_expert_used", 8))
+    n_expert = _largest(_attr(inventory, "n_expert", 64))
+    n_ff = _largest(_attr(inventory, "expert_ff_length", None)) or 4 * n_embd
+    n_vocab = _vocab_size(inventory)
     per_token = n_vocab + 8 * n_embd + 3 * n_used * n_ff + 4 * n_expert
     if not flash_attn:
         per_token += 2 * n_head * n_ctx  # KQ scores and softmax
@@ -320,6 +320,21 @@ def fit_n_cpu_moe(inventory, gpu_budget_bytes: int, n_ctx: int, n_ubatch: int = 
 def _is_host_target(target: str) -> bool:
     low = target.lower()
     return low == "cpu" or low.startswith("cpu_") or low.endswith("_host")
+
+
+def _largest(value):
+    """Per-layer hyper-parameters may be lists; size buffers for the largest."""
+    if isinstance(value, (list, tuple)):
+        return max((int(v) for v in value), default=0)
+    return value
+
+
+def _vocab_size(inventory) -> int:
+    # The embedding matrix is ne = {n_embd, n_vocab}.
+    for t in getattr(inventory, "tensors", []):
+        if t.name in ("token_embd.weight", "output.weight") and len(t.shape) >= 2:
+            return int(t.shape[1])
+    return 32000
 
 
 def _attr(obj, name: str, default):
