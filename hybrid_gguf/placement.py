@@ -232,7 +232,8 @@ def load_llama(model_path, placement: Optional[TensorPlacement] = None,
 
     kwargs = dict(llama_kwargs)
     if placement is not None:
-        kwargs.update(llama_kwargs_for(placement))
+        for key, value in llama_kwargs_for(placement).items():
+            kwargs.setdefault(key, value)  # an explicit caller argument wins
     with capture_llama_log() as cap:
         try:
             llm = construct_llama(str(model_path), model_patch=patch, **kwargs)
