@@ -29,15 +29,16 @@ import json
 import os
 import tempfile
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 
 from .errors import HybridError
 
-SYNTH_VERSION = 1
+SYNTH_VERSION = 2
 KEY_PREFIX = "hybrid_gguf.synth."
 KEY_POPULARITY = KEY_PREFIX + "popularity"
 KEY_ZIPF = KEY_PREFIX + "zipf"
@@ -206,8 +207,9 @@ def read_popularity(path: Union[str, os.PathLike]) -> Optional[np.ndarray]:
 class _Tensor:
     name: str
     ne: tuple  # ggml order (fastest first)
-    qtype: str  # F32 / F16 / Q8_0
-    make: Callable[[], Iterator[np.ndarray]]  # float32 chunks along the slowest dim
+    qtype: str  # F32 / F16 / Q8_0 (Q4_K only in zero-data files)
+    make: Callable[[int], np.ndarray]  # float32 data of chunk i along the slowest dim
+    n_chunks: int = 1
 
 
 def _rng(spec: SynthSpec, name: str) -> np.random.Generator:
@@ -236,10 +238,10 @@ def _plan(spec: SynthSpec, zero_data: bool = False) -> list:
     offsets = designed_logit_offsets(spec)
     big = spec.weight_type
     if big == "Q4_K" and not zero_data:
-        big = "F16"  # real Q4_K data comes from llama.cpp's quantizer afterwards
+        big = _q4k_source_type(spec)  # llama.cpp's quantizer makes the Q4_K data afterwards
     plan: list = []
 
-    def add(name, ne, make, qtype=None):
+    def add(name, ne, make, qtype=None, n_chunks=1):
         ne = tuple(int(x) for x in ne)
         if qtype is None:
             qtype = big if len(ne) >= 2 else "F32"
@@ -248,51 +250,47 @@ def _plan(spec: SynthSpec, zero_data: bool = False) -> list:
             qtype = "Q8_0"
         if qtype == "Q8_0" and ne[0] % 32:
             qtype = "F16"
-        plan.append(_Tensor(name, ne, qtype, make))
+        plan.append(_Tensor(name, ne, qtype, make, n_chunks))
 
     def const(ne, value):
-        def make():
-            yield np.full(tuple(reversed(ne)), value, dtype=np.float32)
-        return make
-
-    def normal(name, ne, std):
-        # 3-D tensors come out one expert (slowest-dim slice) at a time.
-        def make():
-            rng = _rng(spec, name)
-            shape = tuple(reversed(ne))
-            if len(shape) == 3:
-                for _ in range(shape[0]):
-                    yield rng.standard_normal(shape[1:], dtype=np.float32) * np.float32(std)
-            else:
-                yield rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
-        return make
+        return lambda _: np.full(tuple(reversed(ne)), value, dtype=np.float32)
 
     def w(name, ne, std, qtype=None):
-        add(name, ne, normal(name, ne, std), qtype)
+        # 3-D tensors are made one expert at a time, each from its own seed, so
+        # experts can be generated in parallel and never all sit in memory.
+        shape = tuple(reversed(ne))
+        if len(shape) == 3:
+            def make(e):
+                rng = _rng(spec, f"{name}#{e}")
+                return rng.standard_normal(shape[1:], dtype=np.float32) * np.float32(std)
+            add(name, ne, make, qtype, n_chunks=shape[0])
+        else:
+            add(name, ne, lambda _: _rng(spec, name).standard_normal(shape, dtype=np.float32)
+                * np.float32(std), qtype)
 
-    def embeddings():
+    def embeddings(_):
         rng = _rng(spec, "token_embd")
         noise = _orthogonal_noise(rng, (V, D), u)
         noise /= np.linalg.norm(noise, axis=1, keepdims=True)
         rows = _RHO * u[None, :] + np.sqrt(1 - _RHO**2) * noise
-        yield (rows * np.sqrt(D)).astype(np.float32)
+        return (rows * np.sqrt(D)).astype(np.float32)
 
-    def output():
+    def output(_):
         rng = _rng(spec, "output")
         W = rng.standard_normal((V, D), dtype=np.float32) / np.float32(np.sqrt(D))
         # Hidden states point along u, so -c*u gives a large negative logit.
         W[[UNK_ID, BOS_ID, EOS_ID]] = (_SPECIAL_LOGIT / (_RHO * np.sqrt(D))) * u
-        yield W.astype(np.float32)
+        return W.astype(np.float32)
 
     def router(layer):
-        def make():
+        def make(_):
             rng = _rng(spec, f"router.{layer}")
             noise = _orthogonal_noise(rng, (E, D), u)
             # logit = x.w with |x| ~ sqrt(D): noise part has std router_noise,
             # the u part gives exactly the designed offset.
             noise *= np.float32(spec.router_noise / (np.sqrt(D) * np.sqrt(1 - _RHO**2)))
             beta = offsets[layer] / (np.sqrt(D) * _RHO)
-            yield (beta[:, None] * u[None, :] + noise).astype(np.float32)
+            return (beta[:, None] * u[None, :] + noise).astype(np.float32)
         return make
 
     add("token_embd.weight", (D, V), embeddings)
@@ -427,13 +425,25 @@ def _add_metadata(writer, spec: SynthSpec, file_type: int) -> None:
     writer.add_uint32(KEY_VERSION, SYNTH_VERSION)
 
 
+# Above this many bytes an F16 source for Q4_K would not fit next to its output on a
+# small disk (qwen3-30b-a3b-like: 58 GiB), so the source is Q8_0 and llama.cpp requantizes.
+_F16_SOURCE_LIMIT = 8 * 2**30
+
+
+def _q4k_source_type(spec: SynthSpec) -> str:
+    expert_params = spec.n_layer * spec.n_expert * 3 * spec.n_embd * spec.n_ff_exp
+    return "F16" if 2 * expert_params <= _F16_SOURCE_LIMIT else "Q8_0"
+
+
 def _write_gguf(path: Path, spec: SynthSpec, zero_data: bool) -> None:
     """Write the (F32/F16/Q8_0) model to `path`, streaming one expert at a time."""
     import gguf
 
     plan = _plan(spec, zero_data)
     writer = gguf.GGUFWriter(path, arch=spec.arch)
-    wt = "F16" if spec.weight_type == "Q4_K" and not zero_data else spec.weight_type
+    wt = spec.weight_type
+    if wt == "Q4_K" and not zero_data:
+        wt = _q4k_source_type(spec)
     _add_metadata(writer, spec, _FILE_TYPE[wt])
     for t in plan:
         writer.add_tensor_info(t.name, tuple(reversed(t.ne)), np.dtype(np.float32),
@@ -450,14 +460,19 @@ def _write_gguf(path: Path, spec: SynthSpec, zero_data: bool) -> None:
         total = sum(_nbytes(t.ne, t.qtype) + pad(_nbytes(t.ne, t.qtype)) for t in plan)
         fout.truncate(fout.tell() + total)
     else:
-        for t in plan:
-            written = 0
-            for chunk in t.make():
-                data = _encode(chunk, t.qtype)
-                data.tofile(fout)
-                written += data.nbytes
-            assert written == _nbytes(t.ne, t.qtype), t.name
-            fout.write(b"\0" * pad(written))
+        # numpy releases the GIL in RNG and quantization, so threads scale; chunks are
+        # handed out in windows to bound memory, and written in order.
+        workers = min(16, os.cpu_count() or 1)
+        with ThreadPoolExecutor(workers) as pool:
+            for t in plan:
+                written = 0
+                encode = lambda i, t=t: _encode(t.make(i), t.qtype)  # noqa: E731
+                for lo in range(0, t.n_chunks, 2 * workers):
+                    for data in pool.map(encode, range(lo, min(t.n_chunks, lo + 2 * workers))):
+                        data.tofile(fout)
+                        written += data.nbytes
+                assert written == _nbytes(t.ne, t.qtype), t.name
+                fout.write(b"\0" * pad(written))
     writer.close()
 
 
@@ -474,6 +489,7 @@ def quantize_gguf(src: Union[str, os.PathLike], dst: Union[str, os.PathLike],
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype_id
     params.nthread = nthread
+    params.allow_requantize = True  # big synthetic sources are Q8_0, not F16
     rc = llama_cpp.llama_model_quantize(os.fsencode(src), os.fsencode(dst), params)
     if rc != 0:
         raise HybridError(f"llama.cpp failed to quantize {src} to {ftype} (code {rc})")
@@ -487,8 +503,9 @@ def write_synthetic_moe(path: Union[str, os.PathLike], spec: SynthSpec, *,
     Output is a pure function of `spec` (seed included).  zero_data=True keeps the
     exact header and tensor layout but leaves tensor data as zeros (a sparse file):
     useful to test header-only code at full size without generating weights.
-    Q4_K data is produced by llama.cpp's quantizer (Q4_K_M mix) from an F16 file;
-    with zero_data, Q4_K means every matrix is Q4_K (a "pure" layout).
+    Q4_K data is produced by llama.cpp's quantizer (Q4_K_M mix) from an F16 file
+    (Q8_0 above 8 GiB of F16, to save disk); with zero_data, Q4_K means every
+    matrix is Q4_K (a "pure" layout).
     """
     spec.validate()
     path = Path(path)
@@ -498,12 +515,12 @@ def write_synthetic_moe(path: Union[str, os.PathLike], spec: SynthSpec, *,
     tmp = Path(tmp_name)
     try:
         if spec.weight_type == "Q4_K" and not zero_data:
-            f32 = tmp.with_suffix(".f32.tmp")
+            source = tmp.with_suffix(".src.tmp")
             try:
-                _write_gguf(f32, spec, zero_data=False)
-                quantize_gguf(f32, tmp, "Q4_K_M")
+                _write_gguf(source, spec, zero_data=False)
+                quantize_gguf(source, tmp, "Q4_K_M")
             finally:
-                f32.unlink(missing_ok=True)
+                source.unlink(missing_ok=True)
         else:
             _write_gguf(tmp, spec, zero_data=zero_data)
         umask = os.umask(0)

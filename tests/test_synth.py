@@ -268,7 +268,11 @@ def test_llama_cpp_loads_quantized(tiny_model_factory, wtype):
 
 
 @needs_llama
-def test_q4_k_through_llama_cpp_quantizer(tmp_path):
+@pytest.mark.parametrize("source", ["F16", "Q8_0"])
+def test_q4_k_through_llama_cpp_quantizer(tmp_path, monkeypatch, source):
+    # Big models quantize from a Q8_0 source (disk); force that path on a tiny one.
+    if source == "Q8_0":
+        monkeypatch.setattr(synth, "_F16_SOURCE_LIMIT", 0)
     # Rows of 256 so the K-quant is really used (narrower rows fall back to Q5_0/Q8_0).
     spec = tiny_spec("qwen3moe", weight_type="Q4_K", n_embd=256, n_ff_exp=256, head_dim=64, zipf=1.3)
     path = synth.write_synthetic_moe(tmp_path / "q4.gguf", spec)
@@ -276,6 +280,7 @@ def test_q4_k_through_llama_cpp_quantizer(tmp_path):
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     assert types["blk.0.ffn_gate_exps.weight"] == "Q4_K"
     assert types["blk.0.ffn_up_exps.weight"] == "Q4_K"
+    assert types["blk.0.ffn_gate_inp.weight"] == "F32"
     assert reader.fields["general.file_type"].contents() == llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
     assert reader.fields[synth.KEY_ZIPF].contents() == pytest.approx(1.3)  # metadata survives
     assert np.array_equal(synth.read_popularity(path), synth.popularity(spec))
