@@ -36,6 +36,10 @@ _EXPS = re.compile(r"^ffn_(gate|up|down|gate_up)_exps$")
 _SHEXP = re.compile(r"^ffn_(gate_inp|gate|up|down)_shexp$")
 GGUF_MAGIC = b"GGUF"
 
+# ggml types newer than gguf-py 0.19 (id: name, block size, bytes per block), from
+# ggml-common.h of the llama.cpp that llama-cpp-python 0.3.36 vendors.
+_EXTRA_TYPES = {40: ("NVFP4", 64, 36), 41: ("Q1_0", 128, 18), 42: ("Q2_0", 64, 18)}
+
 
 @dataclass
 class TensorInfo:
@@ -328,12 +332,8 @@ def read_inventory(path: Union[str, os.PathLike]) -> Inventory:
     for fld in reader.tensor_fields:
         _, name_data, _, dims, raw_type, rel_offset = fld.parts
         name = bytes(name_data).decode("utf-8", errors="replace")
-        try:
-            qtype = gguf.GGMLQuantizationType(int(raw_type[0]))
-        except ValueError:
-            raise HybridError(f"{path}: tensor {name} has unknown ggml type {int(raw_type[0])}") from None
+        type_name, block, type_size = _type_info(int(raw_type[0]), path, name)
         ne = tuple(int(d) for d in dims)
-        block, type_size = gguf.GGML_QUANT_SIZES[qtype]
         n_elem = 1
         for d in ne:
             n_elem *= d
@@ -344,7 +344,7 @@ def read_inventory(path: Union[str, os.PathLike]) -> Inventory:
                 f"{path} is truncated: tensor {name} needs bytes up to {offset + n_bytes} "
                 f"but the file has {size}")
         layer, kind = classify(name)
-        t = TensorInfo(name, layer, kind, qtype.name, ne, n_bytes, offset)
+        t = TensorInfo(name, layer, kind, type_name, ne, n_bytes, offset)
         if t.is_expert and ne:
             t.n_expert = ne[-1]  # expert index is the slowest dimension
             t.per_expert_bytes = n_bytes // ne[-1] if ne[-1] else 0
@@ -452,6 +452,20 @@ def read_inventory(path: Union[str, os.PathLike]) -> Inventory:
         fingerprint=_fingerprint(reader),
         metadata=metadata,
     )
+
+
+def _type_info(raw: int, path: Path, tensor: str) -> tuple:
+    """(name, block size, bytes per block) of a ggml type id."""
+    gguf = _gguf()
+    try:
+        qtype = gguf.GGMLQuantizationType(raw)
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        return qtype.name, block, size
+    except (ValueError, KeyError):
+        pass
+    if raw in _EXTRA_TYPES:
+        return _EXTRA_TYPES[raw]
+    raise HybridError(f"{path}: tensor {tensor} has unknown ggml type {raw}")
 
 
 def _expert_width(tensors: list, layer: int) -> int:

@@ -188,14 +188,13 @@ def designed_logit_offsets(spec: SynthSpec) -> np.ndarray:
 
 def read_popularity(path: Union[str, os.PathLike]) -> Optional[np.ndarray]:
     """The (n_layer, n_expert) popularity table of a synthetic file, or None."""
-    from gguf import GGUFReader
+    from .inventory import read_inventory  # its header reader is fast on real vocabularies
 
-    reader = GGUFReader(path)
-    field = reader.fields.get(KEY_POPULARITY)
-    if field is None:
+    meta = read_inventory(path).metadata
+    if meta.get(KEY_POPULARITY) is None or meta.get(KEY_SPEC) is None:
         return None
-    spec = json.loads(reader.fields[KEY_SPEC].contents())
-    flat = np.asarray(field.contents(), dtype=np.int32)
+    spec = json.loads(meta[KEY_SPEC])
+    flat = np.asarray(meta[KEY_POPULARITY], dtype=np.int32)
     return flat.reshape(spec["n_layer"], spec["n_expert"])
 
 
