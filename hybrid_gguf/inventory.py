@@ -269,13 +269,17 @@ def _check_file(path: Path) -> int:
         raise HybridError(f"{path} is a directory, not a GGUF file")
     try:
         with open(path, "rb") as f:
-            magic = f.read(4)
+            head = f.read(8)
         size = path.stat().st_size
     except OSError as exc:
         raise HybridError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if magic != GGUF_MAGIC:
-        what = "an empty file" if size == 0 else f"magic {magic!r}, expected b'GGUF'"
+    if head[:4] != GGUF_MAGIC:
+        what = "an empty file" if size == 0 else f"magic {head[:4]!r}, expected b'GGUF'"
         raise HybridError(f"{path} is not a GGUF file ({what})")
+    if len(head) == 8:
+        version = int.from_bytes(head[4:], "little")
+        if version not in (2, 3) and int.from_bytes(head[4:], "big") not in (2, 3):
+            raise HybridError(f"{path} has GGUF version {version}; only versions 2 and 3 are supported")
     return size
 
 
@@ -311,7 +315,8 @@ def read_inventory(path: Union[str, os.PathLike]) -> Inventory:
     try:
         reader = _open_reader(path)
     except Exception as exc:  # gguf-py raises ValueError/IndexError/... on cut headers
-        raise HybridError(f"{path} is truncated or corrupt: cannot parse the GGUF header ({exc})") from None
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise HybridError(f"{path} is truncated or corrupt: cannot parse the GGUF header ({reason})") from None
 
     metadata: dict = {}
     for key, fld in reader.fields.items():
@@ -324,6 +329,9 @@ def read_inventory(path: Union[str, os.PathLike]) -> Inventory:
         except Exception:  # an undecodable value does not stop the inventory
             metadata[key] = None
     arch = str(metadata.get("general.architecture") or "unknown")
+    if int(metadata.get("split.count") or 1) > 1:
+        warnings.warn(f"{path.name} is shard {int(metadata.get('split.no') or 0) + 1} of "
+                      f"{metadata['split.count']}: only this shard's tensors are listed", stacklevel=2)
 
     def kv(name, default=None):
         return metadata.get(f"{arch}.{name}", default)

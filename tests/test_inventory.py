@@ -518,3 +518,22 @@ def test_read_popularity_of_a_non_synthetic_file(tmp_path):
     t.update(std_attn(0), **moe(0))
     path = write_layout(tmp_path / "n.gguf", "olmoe", dict(BASE_KV, block_count=1), t)
     assert synth.read_popularity(path) is None
+
+
+def test_unsupported_version(tmp_path):
+    p = tmp_path / "v1.gguf"
+    p.write_bytes(b"GGUF" + (1).to_bytes(4, "little") + bytes(64))
+    one_line_error(p, "GGUF version 1")
+
+
+def test_split_shard_warns(tmp_path):
+    w = gguf.GGUFWriter(tmp_path / "s.gguf", arch="qwen3moe")
+    w.add_uint16("split.no", 0)
+    w.add_uint16("split.count", 3)
+    w.add_tensor("token_embd.weight", np.zeros((8, 32), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.warns(UserWarning, match="shard 1 of 3"):
+        read_inventory(tmp_path / "s.gguf")
