@@ -11,6 +11,8 @@ so expert e gets a fixed logit offset `-zipf * ln(1 + rank_e)` (Zipf-like select
 frequencies) plus token-dependent noise of standard deviation `router_noise`.
 Attention and expert outputs are scaled down so they do not wash out the shared
 direction in deeper layers.  The per-layer ranking is stored in the file.
+The output rows of <unk>, <s> and </s> point against `u`, so sampling never picks
+them and test generations always run to their token limit.
 
 Metadata written (all under `hybrid_gguf.synth.`):
   popularity  int32 array, n_layer * n_expert, row-major: row l lists layer l's
