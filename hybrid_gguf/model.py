@@ -69,6 +69,7 @@ class PlacementSummary:
 def _perf(llm) -> tuple[float, int, float, int]:
     import llama_cpp
 
+    llama_cpp.llama_synchronize(llm._ctx.ctx)  # perf counters are updated on synchronize
     p = llama_cpp.llama_perf_context(llm._ctx.ctx)
     return float(p.t_p_eval_ms), int(p.n_p_eval), float(p.t_eval_ms), int(p.n_eval)
 

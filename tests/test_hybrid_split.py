@@ -47,12 +47,30 @@ def models(tmp_path_factory):
     return out
 
 
-def load(path, hot=None, use_mmap=True):
-    kwargs = dict(n_ctx=128, n_batch=64, n_gpu_layers=0, seed=1, verbose=False, use_mmap=use_mmap)
+# On the GPU machine: HYBRID_GGUF_TEST_PACK_DEVICE=CUDA0 puts the hot packs in VRAM, the
+# rest of the model on the GPU and the original experts on the CPU, for both sides.
+PACK_DEVICE = os.environ.get("HYBRID_GGUF_TEST_PACK_DEVICE", "CPU")
+ON_GPU = PACK_DEVICE != "CPU"
+
+
+def load_with_report(path, hot=None, use_mmap=True):
+    from hybrid_gguf.placement import cpu_moe, load_llama
+
+    kwargs = dict(n_ctx=128, n_batch=64, seed=1, verbose=False, use_mmap=use_mmap)
+    placement = cpu_moe() if ON_GPU else None
+    if not ON_GPU:
+        kwargs["n_gpu_layers"] = 0
     if hot is None:
-        return construct_llama(str(path), **kwargs)
-    with hybrid_backend.pending_plan(hybrid_backend.plan_text(hot, "CPU")):
-        return construct_llama(str(path), **kwargs)
+        return load_llama(path, placement, **kwargs)
+    with hybrid_backend.pending_plan(hybrid_backend.plan_text(hot, PACK_DEVICE)):
+        return load_llama(path, placement, **kwargs)
+
+
+def load(path, hot=None, use_mmap=True):
+    try:
+        return load_with_report(path, hot, use_mmap).llm
+    except HybridError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def hot_sets(n_layer, n_expert):
@@ -87,6 +105,21 @@ def test_split_matches_unsplit(models, arch):
         assert run.tokens == ref.tokens, f"{arch}/{label}: greedy tokens differ"
         delta = float(np.max(np.abs(run.logits - ref.logits)))
         assert delta <= 1e-3, f"{arch}/{label}: max |logit delta| {delta}"
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs HYBRID_GGUF_TEST_PACK_DEVICE=CUDA0 on a GPU machine")
+def test_gpu_packs_in_vram_and_nothing_else_moved(models):
+    path, spec = models["qwen3moe"]
+    ref = load_with_report(path)
+    ref_model = dict(ref.buffers.model)
+    ref.llm.close()
+    hot = hot_sets(spec.n_layer, spec.n_expert)["half"]
+    split = load_with_report(path, hot)
+    pack = hybrid_backend.pack_bytes(split.llm._model.model)
+    lines = [l for l in split.log if "hot-pack buffer size" in l]
+    split.llm.close()
+    assert split.buffers.model == ref_model  # the original weights stay where they were
+    assert pack > 0 and lines and PACK_DEVICE in lines[-1]
 
 
 def test_pack_bytes_match_expert_bytes(models):

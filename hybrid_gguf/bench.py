@@ -1,0 +1,275 @@
+"""A/B benchmark of expert placements at one VRAM budget, measured in one process.
+
+Placements: all routed experts on the CPU (`cpu-experts`), stock whole-layer placement at
+the budget (`whole-layer`, what --n-cpu-moe gives), per-expert hot packs at the same budget
+(`per-expert`, needs the patched backend), and everything on the GPU where it fits
+(`all-gpu`). The hot set comes from a routing profile recorded on one workload; the timed
+workload is a different one, so the plan cannot flatter itself.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from . import hybrid_backend
+from .errors import HybridError
+from .inventory import Inventory, read_inventory
+
+
+@dataclass
+class Config:
+    name: str
+    placement: object            # TensorPlacement or None
+    hot: dict = field(default_factory=dict)
+    gpu_expert_bytes: int = 0    # routed-expert bytes placed on the GPU
+
+
+@dataclass
+class Result:
+    name: str
+    n_prompt: int
+    n_gen: int
+    pp_ts: list                  # prompt tokens/s per rep
+    tg_ts: list                  # decode tokens/s per rep
+    hit_rate: Optional[float]    # share of decode expert selections served on the GPU
+    gpu_expert_bytes: int
+    vram_model_bytes: int        # llama.cpp's reported GPU model buffers (+ hot packs)
+    load_s: float
+    error: Optional[str] = None
+
+    def summary(self) -> dict:
+        d = asdict(self)
+        for key in ("pp_ts", "tg_ts"):
+            vals = [v for v in d[key] if v > 0]
+            d[key.replace("_ts", "_avg_ts")] = statistics.mean(vals) if vals else 0.0
+            d[key.replace("_ts", "_median_ts")] = statistics.median(vals) if vals else 0.0
+            d[key.replace("_ts", "_stddev_ts")] = statistics.pstdev(vals) if len(vals) > 1 else 0.0
+            d[key.replace("_ts", "_min_ts")] = min(vals) if vals else 0.0
+            d[key.replace("_ts", "_max_ts")] = max(vals) if vals else 0.0
+        return d
+
+
+def layer_expert_bytes(inv: Inventory) -> list[int]:
+    return [l.expert_bytes for l in inv.layers]
+
+
+def hot_from_counts(inv: Inventory, counts: np.ndarray, budget_bytes: int) -> dict[int, list[int]]:
+    """Hot experts chosen globally by expected selections per byte until the budget is spent."""
+    cands = []
+    for layer in inv.layers:
+        if not layer.is_moe or layer.per_expert_bytes <= 0:
+            continue
+        row = counts[layer.index]
+        total = row.sum()
+        for e in range(layer.n_expert):
+            share = row[e] / total if total > 0 else 0.0
+            cands.append((share / layer.per_expert_bytes, layer.index, e, layer.per_expert_bytes))
+    cands.sort(key=lambda c: (-c[0], c[1], c[2]))
+    hot: dict[int, list[int]] = {}
+    spent = 0
+    for score, layer, e, nbytes in cands:
+        if score <= 0:
+            break
+        if spent + nbytes > budget_bytes:
+            continue
+        hot.setdefault(layer, []).append(e)
+        spent += nbytes
+    return hot
+
+
+def whole_layer_gpu_layers(inv: Inventory, budget_bytes: int) -> int:
+    """How many layers' expert tensors fit whole in the budget (taken from the last layers,
+    as --n-cpu-moe keeps the first N on the CPU)."""
+    n, spent = 0, 0
+    for layer in reversed(inv.layers):
+        if not layer.is_moe:
+            continue
+        if spent + layer.expert_bytes > budget_bytes:
+            break
+        spent += layer.expert_bytes
+        n += 1
+    return n
+
+
+def hit_rate(counts_decode: np.ndarray, hot: dict[int, list[int]]) -> Optional[float]:
+    total = counts_decode.sum()
+    if total == 0:
+        return None
+    on_gpu = sum(counts_decode[l, list(es)].sum() for l, es in hot.items() if es)
+    return float(on_gpu / total)
+
+
+def build_configs(inv: Inventory, counts: Optional[np.ndarray], budget_bytes: int,
+                  include_all_gpu: bool, gpu_free_bytes: int) -> list[Config]:
+    from .placement import cpu_moe, n_cpu_moe
+
+    moe_layers = [l for l in inv.layers if l.is_moe]
+    configs = [Config("cpu-experts", cpu_moe())]
+    k = whole_layer_gpu_layers(inv, budget_bytes)
+    first_moe = moe_layers[0].index if moe_layers else 0
+    n_cpu = inv.n_layer - k
+    whole_hot = {l.index: list(range(l.n_expert)) for l in moe_layers if l.index >= n_cpu}
+    configs.append(Config(f"whole-layer", n_cpu_moe(n_cpu) if n_cpu > first_moe else None,
+                          whole_hot, sum(l.expert_bytes for l in moe_layers if l.index >= n_cpu)))
+    if counts is not None and hybrid_backend.capability().per_expert:
+        hot = hot_from_counts(inv, counts, budget_bytes)
+        spent = sum(inv.layers[l].per_expert_bytes * len(es) for l, es in hot.items())
+        configs.append(Config("per-expert", cpu_moe(), hot, spent))
+    if include_all_gpu and inv.total_bytes < gpu_free_bytes * 0.9:
+        configs.append(Config("all-gpu", None, {l.index: list(range(l.n_expert)) for l in moe_layers},
+                              inv.expert_bytes_total))
+    return configs
+
+
+def load_config(path: Path, inv: Inventory, cfg: Config, n_ctx: int, n_batch: int, recorder,
+                pack_device: str, n_threads: Optional[int]):
+    from .placement import load_llama
+
+    kwargs = dict(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_gpu_layers=-1, use_mmap=False,
+                  verbose=False, seed=0)
+    if n_threads:
+        kwargs.update(n_threads=n_threads, n_threads_batch=n_threads)
+    if recorder is not None:
+        kwargs["context_patch"] = recorder.attach()
+    if cfg.name == "per-expert":
+        with hybrid_backend.pending_plan(hybrid_backend.plan_text(cfg.hot, pack_device)):
+            return load_llama(path, cfg.placement, **kwargs)
+    return load_llama(path, cfg.placement, **kwargs)
+
+
+def measure_once(llm, prompt: Sequence[int], n_gen: int, recorder) -> tuple[float, float, Optional[np.ndarray]]:
+    import llama_cpp
+
+    from .greedy import last_logits
+
+    llm.reset()
+    llama_cpp.llama_perf_context_reset(llm._ctx.ctx)
+    llm.eval(list(prompt))
+    llama_cpp.llama_synchronize(llm._ctx.ctx)  # perf counters are updated on synchronize
+    perf = llama_cpp.llama_perf_context(llm._ctx.ctx)
+    pp_ts = perf.n_p_eval / (perf.t_p_eval_ms / 1e3) if perf.t_p_eval_ms > 0 else 0.0
+    if recorder is not None:
+        recorder.reset()
+    llama_cpp.llama_perf_context_reset(llm._ctx.ctx)
+    for _ in range(n_gen):
+        llm.eval([int(np.argmax(last_logits(llm)))])
+    llama_cpp.llama_synchronize(llm._ctx.ctx)
+    perf = llama_cpp.llama_perf_context(llm._ctx.ctx)
+    tg_ts = perf.n_eval / (perf.t_eval_ms / 1e3) if perf.t_eval_ms > 0 else 0.0
+    counts = recorder.snapshot(trace=False).counts_decode if recorder is not None else None
+    return pp_ts, tg_ts, counts
+
+
+def vram_model_bytes(loaded) -> int:
+    gpu = sum(v for k, v in loaded.buffers.model.items() if not k.startswith("CPU") and "Host" not in k)
+    return int(gpu + hybrid_backend.pack_bytes(loaded.llm._model.model))
+
+
+def run_bench(model_path: Path, *, budget_bytes: int, profile_prompts: Sequence[Sequence[int]],
+              eval_prompt: Sequence[int], n_prompt: int, n_gen: int, reps: int, n_ctx: int = 2048,
+              configs: Optional[Sequence[str]] = None, pack_device: str = "CUDA0",
+              n_threads: Optional[int] = None, counts: Optional[np.ndarray] = None,
+              log: Callable[[str], None] = print) -> dict:
+    """Profile (unless counts are given), then time each placement; returns a JSON-able dict."""
+    from .devices import gpu_devices
+    from .recorder import RoutingRecorder
+
+    inv = read_inventory(model_path)
+    if inv.n_expert == 0:
+        raise HybridError("bench needs a MoE model; this one has no routed experts")
+    gpus = gpu_devices()
+    gpu_free = gpus[0].free_bytes if gpus else 0
+
+    def new_recorder():
+        return RoutingRecorder(inv.n_layer, inv.n_expert, inv.n_expert_used)
+
+    prompt = list(eval_prompt)[:n_prompt]
+    if len(prompt) < n_prompt:
+        raise HybridError(f"evaluation prompt has {len(prompt)} tokens, fewer than --pp {n_prompt}")
+
+    if counts is None:
+        rec = new_recorder()
+        loaded = load_config(model_path, inv, Config("profile", _cpu_moe()), n_ctx, 512, rec,
+                             pack_device, n_threads)
+        for p in profile_prompts:
+            loaded.llm.reset()
+            loaded.llm.eval(list(p))
+        counts = rec.snapshot(trace=False).counts
+        loaded.llm.close()
+        rec.close()
+        log(f"profiled {int(counts.sum() / max(inv.n_expert_used, 1) / max(inv.n_layer, 1))} tokens")
+
+    all_cfgs = build_configs(inv, counts, budget_bytes, include_all_gpu=True, gpu_free_bytes=gpu_free)
+    if configs:
+        all_cfgs = [c for c in all_cfgs if c.name in configs]
+    results: list[Result] = []
+    for cfg in all_cfgs:
+        rec = new_recorder()
+        t0 = time.perf_counter()
+        try:
+            loaded = load_config(model_path, inv, cfg, n_ctx, max(512, n_prompt), rec, pack_device, n_threads)
+        except HybridError as exc:
+            results.append(Result(cfg.name, n_prompt, n_gen, [], [], None, cfg.gpu_expert_bytes, 0, 0.0, str(exc)))
+            rec.close()
+            continue
+        load_s = time.perf_counter() - t0
+        measure_once(loaded.llm, prompt[:32], 4, None)  # warm-up: graphs, CUDA kernels
+        pps, tgs, hits = [], [], []
+        for _ in range(reps):
+            pp, tg, cnt = measure_once(loaded.llm, prompt, n_gen, rec)
+            pps.append(pp)
+            tgs.append(tg)
+            if cnt is not None:
+                h = hit_rate(cnt, cfg.hot) if cfg.name != "cpu-experts" else 0.0
+                if h is not None:
+                    hits.append(h)
+        res = Result(cfg.name, n_prompt, n_gen, pps, tgs, statistics.mean(hits) if hits else None,
+                     cfg.gpu_expert_bytes, vram_model_bytes(loaded), load_s)
+        log(f"{cfg.name:12s} pp {statistics.median(pps):8.1f} t/s  tg {statistics.median(tgs):7.2f} t/s  "
+            f"hit {res.hit_rate if res.hit_rate is not None else float('nan'):.3f}  "
+            f"gpu experts {cfg.gpu_expert_bytes / 2**30:.2f} GiB")
+        results.append(res)
+        loaded.llm.close()
+        rec.close()
+
+    out = {
+        "model": str(model_path),
+        "arch": inv.arch,
+        "n_layer": inv.n_layer,
+        "n_expert": inv.n_expert,
+        "n_expert_used": inv.n_expert_used,
+        "expert_bytes_total": inv.expert_bytes_total,
+        "budget_bytes": budget_bytes,
+        "budget_share_of_experts": budget_bytes / inv.expert_bytes_total,
+        "results": [r.summary() for r in results],
+        "_counts": counts,
+    }
+    base = {r.name: r for r in results}
+    if "whole-layer" in base and "per-expert" in base and base["whole-layer"].tg_ts:
+        wl, pe = base["whole-layer"].summary(), base["per-expert"].summary()
+        out["per_expert_vs_whole_layer_tg"] = pe["tg_median_ts"] / wl["tg_median_ts"]
+        out["per_expert_vs_whole_layer_pp"] = pe["pp_median_ts"] / wl["pp_median_ts"]
+    return out
+
+
+def _cpu_moe():
+    from .placement import cpu_moe
+
+    return cpu_moe()
+
+
+def text_workload(texts: Sequence[str], llm_tokenize: Callable[[str], list[int]], n_tokens: int) -> list[list[int]]:
+    """Chunks of n_tokens tokens from texts (for profiling prompts)."""
+    out = []
+    for text in texts:
+        toks = llm_tokenize(text)
+        for i in range(0, len(toks) - n_tokens + 1, n_tokens):
+            out.append(toks[i:i + n_tokens])
+    return out

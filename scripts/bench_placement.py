@@ -1,0 +1,97 @@
+#!/usr/bin/env python3
+"""Time expert placements of one model at one or more VRAM budgets (see hybrid_gguf/bench.py).
+
+Profiles routing on Python stdlib sources of some packages and times on others, then prints
+prompt/decode tokens/s, hit rate and VRAM per placement, and the per-expert / whole-layer ratio.
+
+  python scripts/bench_placement.py MODEL --budget-share 0.10 0.25 0.50 --pp 512 --tg 128 --reps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import llama_cpp  # noqa: F401  (load libllama before numpy-heavy imports; see the notes)
+
+from hybrid_gguf.bench import run_bench
+from hybrid_gguf.inventory import read_inventory
+from hybrid_gguf.sizes import parse_size
+
+PROFILE_PACKAGES = ("email", "json", "http", "logging", "unittest")
+EVAL_PACKAGES = ("asyncio", "xml", "concurrent", "importlib")
+
+
+def package_text(names, limit_bytes: int) -> str:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    chunks, size = [], 0
+    for name in names:
+        for path in sorted((root / name).rglob("*.py")) if (root / name).is_dir() else [root / f"{name}.py"]:
+            try:
+                text = path.read_text(errors="replace")
+            except OSError:
+                continue
+            chunks.append(text)
+            size += len(text)
+            if size >= limit_bytes:
+                return "".join(chunks)
+    return "".join(chunks)
+
+
+def tokenizer_for(model: Path):
+    llm = llama_cpp.Llama(model_path=str(model), vocab_only=True, verbose=False)
+    return lambda text: llm.tokenize(text.encode(), add_bos=False, special=False)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", type=Path)
+    ap.add_argument("--budget-share", type=float, nargs="*", default=[0.25],
+                    help="budgets as shares of the routed-expert bytes")
+    ap.add_argument("--gpu-budget", nargs="*", default=[], help="budgets as sizes (expert bytes on the GPU)")
+    ap.add_argument("--pp", type=int, default=512)
+    ap.add_argument("--tg", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--profile-tokens", type=int, default=4096)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--configs", nargs="*", default=None)
+    ap.add_argument("--pack-device", default="CUDA0")
+    ap.add_argument("--json", type=Path, help="write the results here")
+    opts = ap.parse_args()
+
+    inv = read_inventory(opts.model)
+    tok = tokenizer_for(opts.model)
+    prof_tokens = tok(package_text(PROFILE_PACKAGES, opts.profile_tokens * 6))[: opts.profile_tokens]
+    profile_prompts = [prof_tokens[i:i + 512] for i in range(0, len(prof_tokens), 512)]
+    eval_prompt = tok(package_text(EVAL_PACKAGES, opts.pp * 8))
+    budgets = [int(s * inv.expert_bytes_total) for s in opts.budget_share]
+    budgets += [parse_size(b) for b in opts.gpu_budget]
+
+    runs = []
+    counts = None
+    for budget in budgets:
+        print(f"== budget {budget / 2**30:.2f} GiB of expert bytes "
+              f"({100 * budget / inv.expert_bytes_total:.0f}% of {inv.expert_bytes_total / 2**30:.2f} GiB)", flush=True)
+        t0 = time.perf_counter()
+        out = run_bench(opts.model, budget_bytes=budget, profile_prompts=profile_prompts,
+                        eval_prompt=eval_prompt, n_prompt=opts.pp, n_gen=opts.tg, reps=opts.reps,
+                        configs=opts.configs if counts is None else ["whole-layer", "per-expert"],
+                        pack_device=opts.pack_device, n_threads=opts.threads,
+                        counts=counts, log=lambda s: print(s, flush=True))
+        counts = out.pop("_counts")
+        out["wall_s"] = time.perf_counter() - t0
+        for key in ("per_expert_vs_whole_layer_tg", "per_expert_vs_whole_layer_pp"):
+            if key in out:
+                print(f"{key}: {out[key]:.3f}")
+        runs.append(out)
+    if opts.json:
+        opts.json.write_text(json.dumps(runs, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
