@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The GPU evaluation on the lent H200 machine, in one call:
+#   1. build the hybrid-patched llama-cpp-python for CUDA (sm_90) from the trimmed sdist
+#   2. per-expert split equivalence with the hot packs in VRAM (tests/test_hybrid_split.py)
+#   3. routing-recorder overhead (scripts/bench_recorder.py)
+#   4. placement A/B on a synthetic Qwen3-30B-A3B-shaped Q4_K model (scripts/bench_placement.py)
+# Results go to $OUT. Prepare the carried folder first on a machine with PyPI:
+#   python scripts/build_backend.py --trim-sdist .device/llama_cpp_python-0.3.36-trimmed.tar.gz
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 ... -d .device/whl gguf==0.19.0 diskcache
+# and call the device tool with carry=[".device"] and: bash scripts/gpu_eval.sh [steps]
+set -uo pipefail
+STEPS=${1:-build,split,recorder,bench}
+OUT=${OUT:-/tmp/hybrid-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HYBRID_GGUF_CACHE=/tmp/hgcache
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD
+log() { echo "[$(date +%T)] $*"; }
+has() { [[ ",$STEPS," == *",$1,"* ]]; }
+
+nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv | tee "$OUT/machine.txt"
+nproc >> "$OUT/machine.txt"; free -g >> "$OUT/machine.txt"
+
+if has build; then
+    log "build"
+    t0=$(date +%s)
+    if ls .device/wheel/llama_cpp_python-*.whl >/dev/null 2>&1; then
+        whl=$(ls .device/wheel/llama_cpp_python-*.whl)
+    else
+        python3 scripts/build_backend.py --cuda --cuda-arch 90 --no-build-isolation --wheel-only \
+            --sdist .device/llama_cpp_python-0.3.36-trimmed.tar.gz > "$OUT/build.log" 2>&1 \
+            || { tail -40 "$OUT/build.log"; exit 1; }
+        whl=$(ls /tmp/hgcache/wheels/hybrid-cuda-*/llama_cpp_python-*.whl)
+        # bring the wheel back in <16 MiB parts so a later machine can skip the build:
+        # cat wheel.part-* > .device/wheel/$(cat wheel.name)
+        has savewheel && { split -b 15M "$whl" "$OUT/wheel.part-"; basename "$whl" > "$OUT/wheel.name"; }
+    fi
+    python3 -m pip install -q --no-deps --no-compile --target /tmp/site "$whl" || exit 1
+    log "build done in $(( $(date +%s) - t0 )) s: $(du -h "$whl" | cut -f1)"
+fi
+
+python3 -c "import llama_cpp; from hybrid_gguf import hybrid_backend as h; print('llama_cpp', llama_cpp.__version__, h.capability())"
+
+if has split; then
+    log "split equivalence on CUDA"
+    HYBRID_GGUF_TEST_PACK_DEVICE=CUDA0 HYBRID_GGUF_REQUIRE_PATCHED=1 \
+        python3 -m pytest -q -p no:cacheprovider tests/test_hybrid_split.py 2>&1 | tee "$OUT/split_cuda.txt" | tail -15
+fi
+
+BIG=/tmp/models/q30b-like-q4k.gguf
+if has recorder || has bench; then
+    log "make the Qwen3-30B-A3B-shaped Q4_K model"
+    t0=$(date +%s)
+    python3 scripts/make_bench_model.py --preset qwen3-30b-a3b-like --weight-type Q4_K --out "$BIG" 2>&1 | tail -3
+    log "model made in $(( $(date +%s) - t0 )) s: $(du -h "$BIG" | cut -f1)"
+fi
+
+if has recorder; then
+    log "recorder overhead, everything on the GPU (48 layers)"
+    python3 scripts/bench_recorder.py --model "$BIG" --n-gpu-layers 99 --pp 512 --tg 64 --reps 3 \
+        --json "$OUT/recorder_gpu.json" 2>&1 | tail -12
+fi
+
+if has bench; then
+    log "placement A/B"
+    python3 scripts/bench_placement.py "$BIG" --budget-share ${BUDGETS:-0.25 0.10 0.50} --pp 512 --tg ${TG:-64} \
+        --reps ${REPS:-3} --threads 16 --json "$OUT/bench_q30b.json" 2>&1 | tee "$OUT/bench_q30b.txt"
+fi
+log "done"
