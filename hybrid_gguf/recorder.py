@@ -8,16 +8,20 @@ Usage::
     snap = rec.snapshot()      # counts by phase, tokens per layer, optional trace
 
 The recorder must outlive every context it is attached to (the C callback holds a
-raw pointer to it): keep a reference next to the `Llama`.
+raw pointer to it); the params struct of the context keeps a reference, and callers
+should also keep one next to the `Llama`.  Attach one recorder to one context only: it
+tells graphs apart by the layer index restarting.
+
+Phases: a graph (ubatch) is "prompt" when its first MoE layer routes more than one token,
+"decode" when it routes exactly one (so a one-token prompt chunk counts as decode).  The
+last layer is not used to decide: during prompt processing it only routes output rows.
 """
 
 from __future__ import annotations
 
 import ctypes
-import os
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np

@@ -17,7 +17,6 @@ trace + co-activation + top-k weight mass: two syncs per MoE layer).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime
 import json
 import os
@@ -137,7 +136,7 @@ def machine() -> dict:
                              timeout=20)
         if out.returncode == 0 and out.stdout.strip():
             info["gpu"] = out.stdout.strip().splitlines()
-    except (OSError, Exception):
+    except Exception:  # no nvidia-smi: a CPU machine
         pass
     return info
 
