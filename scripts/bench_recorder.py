@@ -232,7 +232,9 @@ def main(argv=None) -> int:
         snap = rec.snapshot(trace=False)
         sums_ok = bool(np.all(snap.counts.sum(1) == snap.tokens_per_layer * n_used))
         checks[mode] = {"selections": int(snap.counts.sum()), "sum_check": sums_ok,
-                        "anomalies": snap.stats["anomalies"]}
+                        "anomalies": snap.stats["anomalies"], "bad_ids": snap.stats["bad_ids"],
+                        # > 0 when ids were copied from GPU memory (ggml_backend_tensor_get)
+                        "device_reads": snap.stats["device_reads"]}
 
     report = {
         "command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])),
@@ -258,7 +260,8 @@ def main(argv=None) -> int:
               f"{s.get('decode_token_median_ratio', 0):>7.3f}")
     for mode, c in checks.items():
         print(f"{mode}: recorded {c['selections']} selections, "
-              f"sum check {'ok' if c['sum_check'] else 'FAILED'}")
+              f"sum check {'ok' if c['sum_check'] else 'FAILED'}, "
+              f"{c['device_reads']} device reads, {c['anomalies']} anomalies")
     if args.json_out == "-":
         print(json.dumps(report, indent=1))
     elif args.json_out:
