@@ -398,3 +398,27 @@ def test_build_is_cached_and_loads_one_libggml_base(tmp_path, monkeypatch):
     with open("/proc/self/maps") as fh:
         mapped = {ln.split()[-1] for ln in fh if "libggml-base" in ln}
     assert len(mapped) == 1, mapped
+
+
+def test_headers_from_sdist_tarball(tmp_path, monkeypatch):
+    import io
+    import tarfile
+
+    from hybrid_gguf.native import build
+
+    monkeypatch.setenv("HYBRID_GGUF_CACHE", str(tmp_path))
+    monkeypatch.delenv("HYBRID_GGUF_GGML_INCLUDE", raising=False)
+    monkeypatch.delenv("HYBRID_GGUF_SDIST", raising=False)
+    monkeypatch.setattr(build, "_wheel_include_dir", lambda: None)
+    (tmp_path / "sdist").mkdir()
+    with tarfile.open(tmp_path / "sdist" / "llama_cpp_python-9.9-trimmed.tar.gz", "w:gz") as tar:
+        for name in (*build.HEADERS, "other.h", "../../src/x.cpp"):
+            data = f"/* {name} */\n".encode()
+            info = tarfile.TarInfo(f"llama_cpp_python-9.9/vendor/llama.cpp/ggml/include/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    inc = build.find_include_dir("9.9", allow_download=False)
+    assert inc == tmp_path / "native" / "headers-9.9"
+    assert sorted(p.name for p in inc.iterdir()) == sorted([*build.HEADERS, "other.h"])
+    with pytest.raises(build.BuildError, match="headers not found"):
+        build.find_include_dir("1.0", allow_download=False)

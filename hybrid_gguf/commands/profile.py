@@ -1,5 +1,8 @@
 """`hybrid-gguf profile MODEL`: run a workload, record expert routing, store the profile.
 
+numpy and llama_cpp are imported lazily: the CLI imports every command module at start,
+and numpy before libllama made model loading crash on one machine (see the notes).
+
 A model without experts prints "nothing to record" and exits 0 (it is not an error to
 ask; there is simply no routing).
 """
@@ -12,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
 import typer
 
 from ..errors import HybridError
@@ -144,9 +146,10 @@ def print_summary(console, info: ModelInfo, summary: dict, top_k: int = 4) -> No
     console.print(f"best static hit rate: {hits}")
 
 
-def draw_heatmap(path: Path, counts: np.ndarray, title: str) -> None:
+def draw_heatmap(path: Path, counts, title: str) -> None:
     """Layer × expert share heatmap, and per-layer coverage curves."""
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

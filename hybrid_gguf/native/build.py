@@ -5,8 +5,9 @@ The shared object links against the `libggml-base.so.0` that llama_cpp ships in
 llama_cpp already mapped) and is cached under
 `<cache root>/native/<hash of source + headers + library path>/`.
 
-Headers come from the installed wheel (it ships `include/ggml*.h`), else from the cached
-sdist tarball, else from `pip download` of the matching sdist.
+Headers come from $HYBRID_GGUF_GGML_INCLUDE, else the installed wheel (it ships
+`include/ggml*.h`), else a cached sdist tarball (`<cache>/sdist/llama_cpp_python-<version>*.tar.gz`
+or $HYBRID_GGUF_SDIST), else `pip download` of the matching sdist.
 """
 
 from __future__ import annotations
@@ -112,6 +113,11 @@ def _extract_headers(tarball: Path, dest: Path) -> Optional[Path]:
 
 
 def find_include_dir(version: str, allow_download: bool = True) -> Path:
+    env = os.environ.get("HYBRID_GGUF_GGML_INCLUDE")
+    if env:
+        if not _has_headers(Path(env)):
+            raise BuildError(f"HYBRID_GGUF_GGML_INCLUDE={env} lacks {', '.join(HEADERS)}")
+        return Path(env)
     d = _wheel_include_dir()
     if d is not None:
         return d
@@ -121,8 +127,12 @@ def find_include_dir(version: str, allow_download: bool = True) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     sdist_dir = cache_root() / "sdist"
     tarball = sdist_dir / f"llama_cpp_python-{version}.tar.gz"
-    if tarball.is_file() and _extract_headers(tarball, dest):
-        return dest
+    candidates = [Path(os.environ["HYBRID_GGUF_SDIST"])] if os.environ.get("HYBRID_GGUF_SDIST") \
+        else []
+    candidates += sorted(sdist_dir.glob(f"llama_cpp_python-{version}*.tar.gz"))
+    for cand in candidates:  # the plain sdist or a trimmed copy of it
+        if cand.is_file() and _extract_headers(cand, dest):
+            return dest
     if allow_download:
         sdist_dir.mkdir(parents=True, exist_ok=True)
         cmd = [
