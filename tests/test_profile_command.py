@@ -33,7 +33,8 @@ def make_app() -> typer.Typer:
 
 def invoke(*args):
     # wide terminal: the per-layer table must not squeeze its columns away
-    return CliRunner().invoke(make_app(), ["profile", *map(str, args)],
+    # one thread: spin-waiting llama.cpp threads crawl on a shared 2-core box
+    return CliRunner().invoke(make_app(), ["profile", "--threads", "1", *map(str, args)],
                               env={"COLUMNS": "200"})
 
 

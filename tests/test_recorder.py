@@ -90,7 +90,7 @@ class PyObserver:
 
 def make_llama(path, patch=None, n_batch=512, n_ctx=512, **kw):
     return construct_llama(str(path), context_patch=patch, n_ctx=n_ctx, n_batch=n_batch,
-                           n_gpu_layers=0, n_threads=2, verbose=False, **kw)
+                           n_gpu_layers=0, n_threads=1, verbose=False, **kw)
 
 
 def greedy(llm, n_tokens: int, prompt: bytes = PROMPT):
