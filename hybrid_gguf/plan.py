@@ -1,0 +1,493 @@
+"""A placement plan: what lives where for one model, budget and context, and what that is
+predicted to buy. Stored as YAML that people can read and edit; every load re-validates it
+and points at the offending line.
+
+Two things are authoritative: `placement` (whole-tensor regex rules, first match wins, as
+llama.cpp applies them) and `hot` (layer -> expert ids copied into that layer's GPU hot
+pack, slot order = list order). Everything under `predicted` and `profile` is a record of
+how the plan was made.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+from .errors import HybridError
+from .placement import PlacementRule, TensorPlacement, validate_rules
+from .sizes import format_size
+
+PLAN_FORMAT = "hybrid-gguf-plan"
+PLAN_VERSION = 1
+BACKENDS = ("per-expert", "whole-tensor", "cpu")
+_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl")
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class DeviceBudget:
+    name: str  # llama.cpp device name ("CUDA0"), or "GPU" for the first GPU
+    budget_bytes: int
+    free_bytes: Optional[int] = None  # what the device reported free when planning
+
+    def to_dict(self) -> dict:
+        d = {"name": self.name, "budget_bytes": int(self.budget_bytes)}
+        if self.free_bytes is not None:
+            d["free_bytes"] = int(self.free_bytes)
+        return d
+
+
+@dataclass
+class Predicted:
+    hit_rate: float = 0.0
+    decode_tokens_per_s: float = 0.0
+    prefill_tokens_per_s: float = 0.0
+    gpu_bytes: int = 0
+    memory: dict = field(default_factory=dict)  # device -> {weights, hot_pack, kv, ...}
+    bandwidth: dict = field(default_factory=dict)  # the Bandwidth the speeds rest on
+
+    def to_dict(self) -> dict:
+        return {"hit_rate": round(float(self.hit_rate), 6),
+                "decode_tokens_per_s": round(float(self.decode_tokens_per_s), 3),
+                "prefill_tokens_per_s": round(float(self.prefill_tokens_per_s), 3),
+                "gpu_bytes": int(self.gpu_bytes), "memory": self.memory, "bandwidth": self.bandwidth}
+
+
+@dataclass
+class ProfileSource:
+    sessions: int = 0
+    tokens: int = 0  # routed tokens per layer (mean over MoE layers)
+    updated: str = ""
+    labels: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"sessions": int(self.sessions), "tokens": int(self.tokens),
+                "updated": self.updated, "labels": dict(self.labels)}
+
+
+@dataclass
+class Plan:
+    fingerprint: str
+    model_path: str
+    model_name: str
+    arch: str
+    n_layer: int
+    n_expert: int
+    budget_bytes: int
+    n_ctx: int
+    devices: list = field(default_factory=list)  # [DeviceBudget]
+    backend: str = "per-expert"
+    n_gpu_layers: int = -1
+    tensor_split: Optional[list] = None
+    rules: list = field(default_factory=list)  # [PlacementRule]
+    hot: dict = field(default_factory=dict)  # layer -> [expert ids]
+    hot_device: Optional[str] = None
+    memory: dict = field(default_factory=dict)  # n_ubatch, type_k, type_v, flash_attn, ...
+    predicted: Predicted = field(default_factory=Predicted)
+    profile: Optional[ProfileSource] = None
+    notes: list = field(default_factory=list)
+    created: str = field(default_factory=now_iso)
+
+    # -- what llama.cpp gets -------------------------------------------------------------
+
+    def placement(self) -> TensorPlacement:
+        desc = f"plan: {sum(len(v) for v in self.hot.values())} hot experts, {len(self.rules)} rules"
+        return TensorPlacement(tuple(self.rules), desc, n_gpu_layers=self.n_gpu_layers)
+
+    def hybrid_plan_text(self) -> str:
+        """The hot packs as the patched llama.cpp's plan text ("" when there are none)."""
+        from .hybrid_backend import plan_text
+
+        return plan_text(self.hot, self.hot_device) if any(self.hot.values()) else ""
+
+    def gpu_experts(self, inv) -> dict:
+        """{layer: expert ids in GPU memory}: hot packs plus layers whose expert tensors
+        the rules leave on (or send to) a GPU."""
+        from .memory_model import is_host
+
+        out = {int(l): list(v) for l, v in self.hot.items() if v}
+        if self.n_gpu_layers == 0:
+            return out
+        placement = self.placement()
+        for layer in inv.layers:
+            if not layer.is_moe:
+                continue
+            targets = [placement.target_for(n) for n in layer.expert_tensors]
+            if all(t is None or not is_host(t) for t in targets):
+                out[layer.index] = list(range(layer.n_expert))
+        return out
+
+    def whole_layers(self, inv) -> list:
+        return sorted(l for l, es in self.gpu_experts(inv).items()
+                      if len(es) == inv.layers[l].n_expert and l not in {int(k) for k, v in self.hot.items() if v})
+
+    def check_model(self, inv) -> None:
+        """Refuse a plan made for another model; check every layer/expert exists."""
+        if self.fingerprint != inv.fingerprint:
+            raise HybridError(
+                f"plan was made for another model (fingerprint {self.fingerprint[:16]}…, "
+                f"{self.model_name or self.model_path}); this model is {inv.fingerprint[:16]}… — "
+                "re-plan with `hybrid-gguf plan`")
+        for layer, experts in self.hot.items():
+            if not 0 <= layer < inv.n_layer:
+                raise HybridError(f"plan hot set names layer {layer}; the model has layers 0..{inv.n_layer - 1}")
+            info = inv.layers[layer]
+            if not info.is_moe and experts:
+                raise HybridError(f"plan hot set names layer {layer}, which has no routed experts")
+            for e in experts:
+                if not 0 <= e < info.n_expert:
+                    raise HybridError(f"plan hot set names expert {e} in layer {layer}, "
+                                      f"which has experts 0..{info.n_expert - 1}")
+
+    # -- YAML ----------------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        return _plain({
+            "format": PLAN_FORMAT,
+            "version": PLAN_VERSION,
+            "model": {"name": self.model_name, "path": self.model_path, "fingerprint": self.fingerprint,
+                      "arch": self.arch, "n_layer": int(self.n_layer), "n_expert": int(self.n_expert)},
+            "created": self.created,
+            "budget_bytes": int(self.budget_bytes),
+            "devices": [d.to_dict() for d in self.devices],
+            "n_ctx": int(self.n_ctx),
+            "memory": dict(self.memory),
+            "backend": self.backend,
+            "placement": {"n_gpu_layers": int(self.n_gpu_layers), "tensor_split": self.tensor_split,
+                          "rules": [{"pattern": r.pattern, "device": r.device} for r in self.rules]},
+            "hot_device": self.hot_device,
+            "hot": {int(l): [int(e) for e in v] for l, v in sorted(self.hot.items())},
+            "predicted": self.predicted.to_dict(),
+            "profile": self.profile.to_dict() if self.profile else None,
+            "notes": [str(n) for n in self.notes],
+        })
+
+    def to_json_dict(self) -> dict:
+        d = self.to_dict()
+        d["created"] = str(d["created"])
+        d["hot"] = {str(l): v for l, v in d["hot"].items()}
+        d["predicted_hit_rate"] = d["predicted"]["hit_rate"]
+        d["predicted_decode_tokens_per_s"] = d["predicted"]["decode_tokens_per_s"]
+        d["predicted_prefill_tokens_per_s"] = d["predicted"]["prefill_tokens_per_s"]
+        d["gpu_bytes"] = d["predicted"]["gpu_bytes"]
+        return d
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        d = self.to_dict()
+        d["devices"] = [_Flow(x) for x in d["devices"]]
+        d["placement"]["rules"] = [_Flow(x) for x in d["placement"]["rules"]]
+        bwd = d["predicted"].get("bandwidth") or {}
+        for key in ("decode_ms", "prefill_ms"):
+            if isinstance(bwd.get(key), dict):
+                bwd[key] = _Flow(bwd[key])
+        for dev, mem in (d["predicted"].get("memory") or {}).items():
+            if isinstance(mem, dict) and isinstance(mem.get("weights"), dict):
+                mem["weights"] = _Flow(mem["weights"])
+        body = yaml.dump(d, Dumper=_dumper(), sort_keys=False, width=100, allow_unicode=True)
+        lines = []
+        for line in body.splitlines():
+            m = re.match(r"^(\s*)(budget_bytes|gpu_bytes): (\d+)$", line)
+            if m:
+                line += f"  # {format_size(int(m.group(3)))}"
+            lines.append(line)
+        header = [
+            "# hybrid-gguf placement plan. Edit `hot` (layer: [expert ids], slot order) or the",
+            "# placement rules (regex -> device, first match wins) by hand; every load checks the",
+            "# model fingerprint and that each layer/expert exists. `predicted` is informational.",
+        ]
+        return "\n".join(header + lines) + "\n"
+
+    @classmethod
+    def from_yaml(cls, text: str, inventory=None, source: str = "<plan>") -> "Plan":
+        return _parse(text, source, inventory)
+
+    def save(self, path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(self.to_yaml())
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path, inventory=None) -> "Plan":
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            raise HybridError(f"plan file {path} does not exist") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise HybridError(f"cannot read plan file {path}: {exc}") from None
+        return _parse(text, str(path), inventory)
+
+
+class _Flow(dict):
+    """A mapping written on one line."""
+
+
+def _dumper():
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    def seq(dumper, data):
+        flow = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in data)
+        return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+    Dumper.add_representer(list, seq)
+    Dumper.add_representer(_Flow, lambda d, x: d.represent_mapping("tag:yaml.org,2002:map", dict(x),
+                                                                   flow_style=True))
+    Dumper.add_representer(dict, lambda d, x: d.represent_mapping("tag:yaml.org,2002:map", x,
+                                                                  flow_style=False))
+    return Dumper
+
+
+def _plain(x):
+    """Plain Python containers and numbers (numpy scalars would not serialize)."""
+    if isinstance(x, dict):
+        return {(_plain(k) if not isinstance(k, str) else k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if hasattr(x, "item") and not isinstance(x, (str, bytes)):
+        return x.item()
+    return x
+
+
+# --- parsing with line numbers ---------------------------------------------------------------
+
+
+class _N:
+    """A YAML node with its path, for errors that point at the line."""
+
+    def __init__(self, node, path: str, source: str) -> None:
+        self.node, self.path, self.source = node, path, source
+
+    @property
+    def line(self) -> int:
+        return self.node.start_mark.line + 1
+
+    def error(self, msg: str) -> HybridError:
+        return HybridError(f"{self.source}:{self.line}: {self.path}: {msg}")
+
+    def value(self) -> Any:
+        import yaml
+
+        return yaml.SafeLoader("").construct_document(self.node)
+
+    def mapping(self, allowed: Optional[tuple] = None, required: tuple = ()) -> dict:
+        import yaml
+
+        if not isinstance(self.node, yaml.MappingNode):
+            raise self.error("expected a mapping (key: value lines)")
+        out: dict = {}
+        for k, v in self.node.value:
+            key = _N(k, self.path, self.source).value()
+            child = _N(v, f"{self.path}.{key}" if self.path else str(key), self.source)
+            if key in out:
+                raise _N(k, child.path, self.source).error("listed twice")
+            if allowed is not None and key not in allowed:
+                raise _N(k, child.path, self.source).error(
+                    f"unknown key {key!r} (known: {', '.join(allowed)})")
+            out[key] = child
+        for key in required:
+            if key not in out:
+                raise self.error(f"missing key {key!r}")
+        return out
+
+    def seq(self) -> list:
+        import yaml
+
+        if isinstance(self.node, yaml.ScalarNode) and self.value() is None:
+            return []
+        if not isinstance(self.node, yaml.SequenceNode):
+            raise self.error("expected a list")
+        return [_N(v, f"{self.path}[{i}]", self.source) for i, v in enumerate(self.node.value)]
+
+    def int(self, minimum: Optional[int] = 0, allow_none: bool = False) -> Optional[int]:
+        v = self.value()
+        if v is None and allow_none:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise self.error(f"expected a whole number, got {v!r}")
+        if minimum is not None and v < minimum:
+            raise self.error(f"must be >= {minimum}, got {v}" if minimum else f"must not be negative, got {v}")
+        return v
+
+    def num(self, minimum: float = 0.0) -> float:
+        v = self.value()
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise self.error(f"expected a number, got {v!r}")
+        if v < minimum:
+            raise self.error(f"must not be negative, got {v}")
+        return float(v)
+
+    def str(self, allow_none: bool = False) -> Optional[str]:
+        v = self.value()
+        if v is None and allow_none:
+            return None
+        if not isinstance(v, str):
+            raise self.error(f"expected text, got {v!r}")
+        return v
+
+    def bool(self) -> bool:
+        v = self.value()
+        if not isinstance(v, bool):
+            raise self.error(f"expected true or false, got {v!r}")
+        return v
+
+
+_TOP = ("format", "version", "model", "created", "budget_bytes", "devices", "n_ctx", "memory", "backend",
+        "placement", "hot_device", "hot", "predicted", "profile", "notes")
+_MEMORY = ("n_ubatch", "type_k", "type_v", "flash_attn", "op_offload", "compute_bytes",
+           "compute_measured", "margin_bytes", "margin_fraction")
+
+
+def _parse(text: str, source: str, inv) -> Plan:
+    import yaml
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        raise HybridError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if root is None:
+        raise HybridError(f"{source}: the plan file is empty")
+    top = _N(root, "", source).mapping(_TOP, ("format", "model", "n_ctx", "budget_bytes", "hot"))
+    if top["format"].value() != PLAN_FORMAT:
+        raise top["format"].error(f"not a hybrid-gguf plan (expected format: {PLAN_FORMAT})")
+    if "version" in top and top["version"].value() != PLAN_VERSION:
+        raise top["version"].error(f"unsupported plan version {top['version'].value()!r}")
+
+    model = top["model"].mapping(("name", "path", "fingerprint", "arch", "n_layer", "n_expert"),
+                                 ("fingerprint",))
+    fingerprint = model["fingerprint"].str()
+    if inv is not None and fingerprint != inv.fingerprint:
+        raise model["fingerprint"].error(
+            f"plan was made for another model (fingerprint {fingerprint[:16]}…); this model is "
+            f"{inv.fingerprint[:16]}… — refusing to apply it; re-plan with `hybrid-gguf plan`")
+    n_layer = model["n_layer"].int(1) if "n_layer" in model else (inv.n_layer if inv else 0)
+    n_expert = model["n_expert"].int(0) if "n_expert" in model else (inv.n_expert if inv else 0)
+    if inv is not None:
+        n_layer, n_expert = inv.n_layer, inv.n_expert
+
+    devices = []
+    for d in top["devices"].seq() if "devices" in top else []:
+        m = d.mapping(("name", "budget_bytes", "free_bytes"), ("name", "budget_bytes"))
+        devices.append(DeviceBudget(m["name"].str(), m["budget_bytes"].int(0),
+                                    m["free_bytes"].int(0, allow_none=True) if "free_bytes" in m else None))
+    if len({d.name for d in devices}) != len(devices):
+        raise top["devices"].error("a device is listed twice")
+
+    memory = {}
+    if "memory" in top and top["memory"].value() is not None:
+        mem = top["memory"].mapping(_MEMORY)
+        for key, node in mem.items():
+            if key in ("n_ubatch",):
+                memory[key] = node.int(1)
+            elif key in ("compute_bytes", "margin_bytes"):
+                memory[key] = node.int(0, allow_none=True)
+            elif key == "margin_fraction":
+                memory[key] = node.num()
+            elif key in ("flash_attn", "op_offload", "compute_measured"):
+                memory[key] = node.bool()
+            else:
+                v = node.str().lower()
+                if v not in _CACHE_TYPES:
+                    raise node.error(f"unknown KV cache type {v!r} (known: {', '.join(_CACHE_TYPES)})")
+                memory[key] = v
+
+    backend = top["backend"].str() if "backend" in top else "per-expert"
+    if backend not in BACKENDS:
+        raise top["backend"].error(f"unknown backend {backend!r} (known: {', '.join(BACKENDS)})")
+
+    n_gpu_layers, tensor_split, rules = -1, None, []
+    if "placement" in top:
+        pl = top["placement"].mapping(("n_gpu_layers", "tensor_split", "rules"))
+        if "n_gpu_layers" in pl:
+            n_gpu_layers = pl["n_gpu_layers"].int(-1)
+        if "tensor_split" in pl and pl["tensor_split"].value() is not None:
+            tensor_split = [n.num() for n in pl["tensor_split"].seq()]
+            if devices and len(tensor_split) != len(devices):
+                raise pl["tensor_split"].error(f"has {len(tensor_split)} shares for {len(devices)} devices")
+        for r in pl["rules"].seq() if "rules" in pl else []:
+            m = r.mapping(("pattern", "device"), ("pattern", "device"))
+            rule = PlacementRule(m["pattern"].str(), m["device"].str())
+            try:
+                validate_rules([rule])
+            except HybridError as exc:
+                raise r.error(str(exc)) from None
+            rules.append(rule)
+
+    hot: dict = {}
+    hot_node = top["hot"]
+    if hot_node.value() is not None:
+        for key, node in hot_node.mapping().items():
+            if isinstance(key, bool) or not isinstance(key, int):
+                raise node.error(f"layer must be a whole number, got {key!r}")
+            if key < 0 or (n_layer and key >= n_layer):
+                raise node.error(f"layer {key} does not exist (the model has layers 0..{n_layer - 1})")
+            layer_experts = inv.layers[key].n_expert if inv is not None else n_expert
+            if inv is not None and not inv.layers[key].is_moe:
+                raise node.error(f"layer {key} has no routed experts")
+            seen: set = set()
+            ids = []
+            for item in node.seq():
+                e = item.int(None)
+                if e < 0:
+                    raise item.error(f"expert ids must not be negative, got {e}")
+                if layer_experts and e >= layer_experts:
+                    raise item.error(f"expert {e} does not exist (layer {key} has experts 0..{layer_experts - 1})")
+                if e in seen:
+                    raise item.error(f"expert {e} is listed twice in layer {key}")
+                seen.add(e)
+                ids.append(e)
+            hot[key] = ids
+
+    predicted = Predicted()
+    if "predicted" in top and top["predicted"].value() is not None:
+        pr = top["predicted"].mapping()
+        predicted = Predicted(
+            hit_rate=pr["hit_rate"].num() if "hit_rate" in pr else 0.0,
+            decode_tokens_per_s=pr["decode_tokens_per_s"].num() if "decode_tokens_per_s" in pr else 0.0,
+            prefill_tokens_per_s=pr["prefill_tokens_per_s"].num() if "prefill_tokens_per_s" in pr else 0.0,
+            gpu_bytes=pr["gpu_bytes"].int(0) if "gpu_bytes" in pr else 0,
+            memory=pr["memory"].value() or {} if "memory" in pr else {},
+            bandwidth=pr["bandwidth"].value() or {} if "bandwidth" in pr else {},
+        )
+        if predicted.hit_rate > 1.0:
+            raise pr["hit_rate"].error(f"a hit rate is at most 1, got {predicted.hit_rate}")
+
+    profile = None
+    if "profile" in top and top["profile"].value() is not None:
+        pm = top["profile"].mapping(("sessions", "tokens", "updated", "labels"))
+        profile = ProfileSource(
+            sessions=pm["sessions"].int(0) if "sessions" in pm else 0,
+            tokens=pm["tokens"].int(0) if "tokens" in pm else 0,
+            updated=pm["updated"].str(allow_none=True) or "" if "updated" in pm else "",
+            labels=pm["labels"].value() or {} if "labels" in pm else {},
+        )
+
+    notes = [n.str() for n in top["notes"].seq()] if "notes" in top else []
+    created = top["created"].value() if "created" in top else ""
+    return Plan(
+        fingerprint=fingerprint,
+        model_path=(model["path"].str(allow_none=True) or "") if "path" in model else "",
+        model_name=(model["name"].str(allow_none=True) or "") if "name" in model else "",
+        arch=(model["arch"].str(allow_none=True) or "") if "arch" in model else "",
+        n_layer=n_layer, n_expert=n_expert,
+        budget_bytes=top["budget_bytes"].int(0), n_ctx=top["n_ctx"].int(1),
+        devices=devices, backend=backend, n_gpu_layers=n_gpu_layers, tensor_split=tensor_split,
+        rules=rules, hot=hot,
+        hot_device=top["hot_device"].str(allow_none=True) if "hot_device" in top else None,
+        memory=memory, predicted=predicted, profile=profile, notes=notes, created=str(created or ""),
+    )

@@ -1,0 +1,620 @@
+"""The planner: inventory + budget + context + routing profile -> Plan. A pure function.
+
+Order of business:
+1. Dense, attention, shared-expert and router weights, the KV cache and the compute
+   buffer go on the GPU first. If the dense weights alone do not fit, everything stays on
+   the CPU (and the plan says why); if the KV cache is what does not fit, the plan says
+   which context would.
+2. The remaining room holds experts, chosen across all layers by expected selections per
+   byte. Each layer's hot set is a prefix of its experts sorted by popularity, so the
+   choice is "how many experts n_l per layer": a multiple-choice knapsack solved by branch
+   and bound (exact on small and usual cases; node-limited, best-found otherwise). A layer
+   whose experts are all chosen is placed whole (its tensors on the GPU, no pack).
+3. Layers whose hot set is nearly complete are promoted whole when the bandwidth model
+   says the freed CPU hand-off is worth the experts it costs.
+4. Hysteresis: the previous plan's hot set is kept unless the new one is predicted to be
+   better by more than `hysteresis` (absolute hit rate).
+
+Without a profile, or on a stock llama.cpp, experts move per whole layer (the last layers
+first, like llama.cpp's --n-cpu-moe).
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .errors import HybridError
+from .hybrid_backend import STOCK_NOTICE
+from .memory_model import (CPU, MemoryOptions, MemoryPrediction, gpu_alloc_bytes, kv_cells,
+                           layer_devices, predict_memory, GPU_ALIGN)
+from .placement import EXPERT_TENSOR_RE, PlacementRule, TensorPlacement
+from .plan import DeviceBudget, Plan, Predicted, ProfileSource
+from .predict import Bandwidth, hit_rate, predict_speed, profile_probs
+from .sizes import format_size
+
+SMALL_PROFILE_TOKENS = 2000  # routed tokens per layer below which skew is overstated
+BB_NODE_LIMIT = 20_000  # ~0.3 s; small cases finish far below it
+_EXP_SUFFIX = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
+
+
+@dataclass
+class _Layer:
+    index: int
+    n_expert: int
+    order: list  # expert ids, most popular first
+    values: np.ndarray  # p of `order`
+    cost: np.ndarray  # cost[n] = GPU bytes of the first n experts (n == n_expert: whole tensors)
+    unit: int  # bytes of one expert; cost[n] >= n * unit
+    prefix: np.ndarray  # prefix[n] = value of the first n experts
+
+    @property
+    def whole_bytes(self) -> int:
+        return int(self.cost[-1])
+
+
+def _layer_costs(inv, layer) -> np.ndarray:
+    """GPU bytes of a hot pack of n experts for n = 0..E-1 (expert slices + three F32
+    lookup tables), and of the whole expert tensors at n = E."""
+    tensors = [inv.tensor(n) for n in layer.expert_tensors]
+    E = layer.n_expert
+    tables = 3 * ((4 * E + GPU_ALIGN - 1) // GPU_ALIGN * GPU_ALIGN)
+    cost = [0] + [sum(gpu_alloc_bytes(t, n) for t in tensors) + tables for n in range(1, E)]
+    cost.append(sum(gpu_alloc_bytes(t) for t in tensors))
+    return np.array(cost, dtype=np.int64)
+
+
+def _layers(inv, p: np.ndarray) -> list:
+    out = []
+    for layer in inv.layers:
+        if not layer.is_moe:
+            continue
+        vals = p[layer.index, :layer.n_expert]
+        order = sorted(range(layer.n_expert), key=lambda e: (-vals[e], e))
+        v = np.asarray(vals[order], dtype=np.float64)
+        out.append(_Layer(layer.index, layer.n_expert, order, v, _layer_costs(inv, layer),
+                          max(int(layer.per_expert_bytes), 1), np.concatenate([[0.0], np.cumsum(v)])))
+    return out
+
+
+# --- the knapsack ---------------------------------------------------------------------------
+
+
+def _greedy(layers: Sequence[_Layer], room: int) -> list:
+    """Best marginal value per marginal byte first; a layer whose next expert does not fit
+    is done (its later experts cost as much and are worth less)."""
+    counts = [0] * len(layers)
+    used = 0
+    heap = [(-ly.values[0] / max(int(ly.cost[1]), 1), i) for i, ly in enumerate(layers)]
+    heapq.heapify(heap)
+    while heap:
+        _, i = heapq.heappop(heap)
+        ly, n = layers[i], counts[i]
+        delta = int(ly.cost[n + 1] - ly.cost[n])
+        if used + delta > room:
+            continue
+        counts[i] = n + 1
+        used += delta
+        if n + 1 < ly.n_expert:
+            nxt = int(ly.cost[n + 2] - ly.cost[n + 1])
+            heapq.heappush(heap, (-ly.values[n + 1] / max(nxt, 1), i))
+    return counts
+
+
+def choose_counts(layers: Sequence[_Layer], room: int, node_limit: int = BB_NODE_LIMIT) -> tuple:
+    """Experts per layer (a prefix of each layer's popularity order) maximising expected
+    GPU-served selections within `room` bytes: (counts, value, exact, upper_bound).
+
+    Branch and bound over layers. The bound for the layers not yet fixed is the knapsack of
+    their experts at `unit` bytes each (the best floor(r / unit) experts when all have one
+    size, the fractional knapsack otherwise), valid because values fall within a layer and
+    every real cost is at least n * unit. Branches are tried best bound first and cut
+    as soon as the bound cannot beat the incumbent (the greedy answer to start with).
+    """
+    L = len(layers)
+    if L == 0 or room <= 0:
+        return [0] * L, 0.0, True, 0.0
+    suffix = []
+    for i in range(L + 1):
+        items = sorted(((v / ly.unit, v, ly.unit) for ly in layers[i:] for v in ly.values),
+                       key=lambda x: -x[0])
+        cw = np.cumsum([0.0] + [w for _, _, w in items])
+        cv = np.cumsum([0.0] + [v for _, v, _ in items])
+        ratio = np.array([r for r, _, _ in items] + [0.0])
+        units = {ly.unit for ly in layers[i:]}
+        suffix.append((cw, cv, ratio, units.pop() if len(units) == 1 else None))
+
+    def bound(i: int, r: np.ndarray) -> np.ndarray:
+        cw, cv, ratio, unit = suffix[i]
+        if unit is not None:
+            # one expert size: at most floor(r / unit) more experts, the best ones
+            return cv[np.clip((r // unit).astype(np.int64), 0, len(cv) - 1)]
+        j = np.clip(np.searchsorted(cw, r, side="right") - 1, 0, len(cw) - 1)
+        return np.where(j >= len(cw) - 1, cv[-1], cv[j] + (r - cw[j]) * ratio[j])
+
+    counts = _greedy(layers, room)
+    best = [list(counts), float(sum(ly.prefix[c] for ly, c in zip(layers, counts)))]
+    state = {"nodes": 0, "exact": True}
+    cur = [0] * L
+
+    def dfs(i: int, r: int, val: float) -> None:
+        if i == L:
+            if val > best[1] * (1 + 1e-12) + 1e-15:
+                best[0], best[1] = list(cur), val
+            return
+        state["nodes"] += 1
+        if state["nodes"] > node_limit:
+            state["exact"] = False
+            return
+        ly = layers[i]
+        ns = np.nonzero(ly.cost <= r)[0]
+        ub = ly.prefix[ns] + bound(i + 1, (r - ly.cost[ns]).astype(np.float64))
+        for k in np.argsort(-ub, kind="stable"):
+            if val + ub[k] <= best[1] * (1 + 1e-12) + 1e-15:
+                break  # every other branch has a lower bound still
+            n = int(ns[k])
+            cur[i] = n
+            dfs(i + 1, r - int(ly.cost[n]), val + float(ly.prefix[n]))
+            if not state["exact"]:
+                break
+        cur[i] = 0
+
+    dfs(0, int(room), 0.0)
+    upper = best[1] if state["exact"] else float(bound(0, np.array([float(room)]))[0])
+    return best[0], best[1], state["exact"], max(upper, best[1])
+
+
+# --- planning ----------------------------------------------------------------------------
+
+
+def _experts_rule(layers: Sequence[int], n_layer_moe: int, device: str) -> Optional[PlacementRule]:
+    if not layers:
+        return None
+    if len(layers) == n_layer_moe:
+        return PlacementRule(EXPERT_TENSOR_RE, device)
+    alt = "|".join(str(l) for l in sorted(layers))
+    return PlacementRule(rf"^blk\.({alt}){_EXP_SUFFIX}", device)
+
+
+def _room(budget: int, used_wo_margin: int, opts: MemoryOptions) -> int:
+    """Bytes still free on a GPU whose other contents take used_wo_margin bytes; the
+    margin (margin_bytes + margin_fraction x contents) comes off the budget first."""
+    usable = (budget - opts.margin_bytes) / (1.0 + opts.margin_fraction)
+    return int(usable) - int(used_wo_margin)
+
+
+def _resolve_devices(budget_bytes: int, devices) -> list:
+    if devices is None:
+        return [DeviceBudget("GPU", int(budget_bytes))]
+    out = []
+    names = [d if isinstance(d, str) else d.name for d in devices]
+    if any(isinstance(d, str) for d in devices):
+        share = int(budget_bytes) // max(len(devices), 1)
+    for d, name in zip(devices, names):
+        if isinstance(d, str):
+            out.append(DeviceBudget(name, share))
+        else:
+            out.append(d)
+    if len(set(names)) != len(names):
+        raise HybridError(f"device listed twice: {names}")
+    return out
+
+
+def make_plan(inventory, budget_bytes: int, n_ctx: int, profile=None, per_expert: bool = True,
+              devices=None, bandwidth: Optional[Bandwidth] = None, previous: Optional[Plan] = None, *,
+              memory: Optional[MemoryOptions] = None, promote_fraction: float = 0.9,
+              hysteresis: float = 0.01, prior: float = 1.0, node_limit: int = BB_NODE_LIMIT,
+              created: Optional[str] = None) -> Plan:
+    """Plan where every tensor and expert of `inventory` lives for a GPU budget.
+
+    budget_bytes: total GPU bytes for this model (split evenly over `devices` given as names).
+    devices: None (one GPU, "GPU"), a list of names, or a list of DeviceBudget.
+    profile: a RoutingProfile for this model (None: whole-layer plan).
+    per_expert: the backend can build hot packs (False: stock llama.cpp).
+    memory: MemoryOptions (KV types, ubatch, flash attention, measured compute, margins).
+    previous: the plan in use; kept unless the new one beats it by `hysteresis`.
+    """
+    inv = inventory
+    if budget_bytes < 0:
+        raise HybridError(f"GPU budget must not be negative, got {budget_bytes}")
+    opts = memory if memory is not None else MemoryOptions(n_ctx)
+    if opts.n_ctx != n_ctx:
+        opts = replace(opts, n_ctx=n_ctx)
+    bw = bandwidth or Bandwidth()
+    devs = _resolve_devices(budget_bytes, devices)
+    notes: list = []
+    for i, d in enumerate(devs):
+        if d.free_bytes is not None and d.budget_bytes > d.free_bytes:
+            notes.append(f"budget for {d.name} ({format_size(d.budget_bytes)}) is above its free memory "
+                         f"({format_size(d.free_bytes)}); clamped to the free memory")
+            devs[i] = replace(d, budget_bytes=int(d.free_bytes))
+    gpus = [d.name for d in devs]
+    budgets = {d.name: int(d.budget_bytes) for d in devs}
+    total_budget = sum(budgets.values())
+    split = [float(b) for b in budgets.values()] if len(gpus) > 1 else None
+    if split is not None and sum(split) <= 0:
+        split = None
+
+    p = None
+    src = None
+    if profile is not None:
+        if profile.fingerprint != inv.fingerprint:
+            raise HybridError("routing profile is for another model (fingerprint "
+                              f"{profile.fingerprint[:16]}…, model {inv.fingerprint[:16]}…)")
+        if (profile.n_layer, profile.n_expert) != (inv.n_layer, inv.n_expert):
+            raise HybridError(f"routing profile shape {profile.n_layer}x{profile.n_expert} does not "
+                              f"match the model's {inv.n_layer}x{inv.n_expert}")
+        moe = [l.index for l in inv.layers if l.is_moe]
+        tokens = float(np.mean(profile.tokens_per_layer[moe])) if moe else 0.0
+        src = ProfileSource(profile.sessions, int(round(tokens)), profile.updated, dict(profile.labels))
+        if tokens <= 0:
+            notes.append("the routing profile is empty; planning as without one")
+            profile = None
+        else:
+            if tokens < SMALL_PROFILE_TOKENS:
+                notes.append(f"the routing profile holds only {int(tokens)} tokens per layer: small profiles "
+                             "overstate skew, so the predicted hit rate is optimistic; profile more")
+            p = profile_probs(profile, inv, prior)
+
+    def finish(rules, hot, backend, n_gpu_layers=-1, hot_device=None) -> Plan:
+        placement = TensorPlacement(tuple(rules), "plan", n_gpu_layers=n_gpu_layers)
+        on_gpu = bool(gpus) and n_gpu_layers != 0
+        pred = predict_memory(inv, placement, opts, hot=hot, gpus=gpus if on_gpu else (),
+                              hot_device=hot_device, tensor_split=split)
+        plan = Plan(
+            fingerprint=inv.fingerprint, model_path=str(inv.path), model_name=Path(inv.path).stem,
+            arch=inv.arch, n_layer=inv.n_layer, n_expert=inv.n_expert, budget_bytes=int(total_budget),
+            n_ctx=int(n_ctx), devices=devs, backend=backend, n_gpu_layers=n_gpu_layers,
+            tensor_split=split, rules=list(rules), hot={int(k): list(map(int, v)) for k, v in hot.items() if v},
+            hot_device=hot_device if hot else None, memory=_memory_dict(opts), profile=src,
+            notes=notes, **({"created": created} if created else {}))
+        gpu_exp = plan.gpu_experts(inv) if on_gpu else {}
+        speed = predict_speed(inv, p, gpu_exp, on_gpu, bw, n_ctx, opts.n_ubatch,
+                              kv_bytes_per_token=_kv_per_token(inv, opts), op_offload=opts.op_offload)
+        plan.predicted = Predicted(
+            hit_rate=_hit(inv, p, gpu_exp), decode_tokens_per_s=speed.decode_tokens_per_s,
+            prefill_tokens_per_s=speed.prefill_tokens_per_s, gpu_bytes=pred.gpu_bytes,
+            memory={n: d.to_dict() for n, d in pred.devices.items()},
+            bandwidth={**bw.to_dict(), "decode_ms": speed.decode_ms, "prefill_ms": speed.prefill_ms})
+        return plan
+
+    if not gpus or total_budget <= 0:
+        notes.append("no GPU budget: everything runs on the CPU")
+        return finish([], {}, "cpu", n_gpu_layers=0)
+
+    # 1. everything on the GPU?
+    everything = predict_memory(inv, None, opts, gpus=gpus, tensor_split=split)
+    if all(d.total <= budgets[n] for n, d in everything.devices.items() if n != CPU):
+        notes.append("the whole model fits the budget: every expert on the GPU")
+        return finish([], {}, "per-expert" if per_expert else "whole-tensor")
+
+    if not inv.is_moe:
+        notes.append(f"a dense model that does not fit {format_size(total_budget)} "
+                     f"(needs {format_size(everything.gpu_bytes)}); partial layer offload is not planned: "
+                     "everything on the CPU")
+        return finish([], {}, "cpu", n_gpu_layers=0)
+
+    # 2. dense + KV + compute first
+    n_moe = sum(1 for l in inv.layers if l.is_moe)
+    base_rule = PlacementRule(EXPERT_TENSOR_RE, CPU)
+    base = predict_memory(inv, TensorPlacement((base_rule,), n_gpu_layers=-1), opts, gpus=gpus,
+                          tensor_split=split)
+    rooms = {}
+    for name in gpus:
+        d = base.devices.get(name)
+        used = d.total - d.margin if d else 0
+        rooms[name] = _room(budgets[name], used, opts)
+    if any(r < 0 for r in rooms.values()):
+        _explain_no_fit(inv, base, budgets, opts, notes)
+        return finish([], {}, "cpu", n_gpu_layers=0)
+
+    ldev = layer_devices(inv.n_layer, gpus, split)
+    scratch = max(d.offload_scratch for d in base.devices.values())
+
+    # 3. experts
+    if p is None or not per_expert:
+        if p is None:
+            notes.append("no routing profile: experts placed per whole layer (last layers first, like "
+                         "--n-cpu-moe); run `hybrid-gguf profile MODEL` so the planner can pick hot experts")
+        if not per_expert:
+            notes.append(STOCK_NOTICE)
+        whole = _whole_layers(inv, ldev, rooms, scratch)
+        rules = _rules_for(inv, whole, ldev, n_moe)
+        return finish(rules, {}, "per-expert" if per_expert else "whole-tensor")
+
+    pack_dev = max(gpus, key=lambda g: rooms[g])
+    layers = _layers(inv, p)
+    whole: dict = {}
+    if len(gpus) > 1:
+        # other GPUs take whole layers (their own layers first); packs live on one device
+        for g in gpus:
+            if g == pack_dev:
+                continue
+            for ly in sorted(layers, key=lambda x: (ldev[x.index] != g, -x.index)):
+                if ly.index not in whole and ly.whole_bytes <= rooms[g]:
+                    whole[ly.index] = g
+                    rooms[g] -= ly.whole_bytes
+        layers = [ly for ly in layers if ly.index not in whole]
+
+    room = rooms[pack_dev]
+    counts, value, exact, upper = choose_counts(layers, room, node_limit)
+    gap = (upper - value) / max(float(p.sum()), 1e-12)
+    if not exact and gap > 5e-4:
+        notes.append(f"expert choice is within {gap:.2%} hit rate of the optimum "
+                     f"(search stopped after {node_limit} nodes)")
+    hot = {}
+    for ly, c in zip(layers, counts):
+        if c == ly.n_expert:
+            whole[ly.index] = pack_dev
+        elif c:
+            hot[ly.index] = list(ly.order[:c])
+
+    # 4. promote nearly-complete layers when the bandwidth model says it pays
+    if promote_fraction <= 1.0:
+        hot, whole = _promote(inv, p, layers, hot, whole, pack_dev, room, promote_fraction, bw, opts, notes)
+
+    # 5. hysteresis against the previous plan
+    if previous is not None:
+        kept = _keep_previous(inv, p, previous, hot, whole, gpus, budgets, split, opts, hysteresis, notes)
+        if kept is not None:
+            hot, whole = kept
+
+    rules = _rules_for(inv, whole, ldev, n_moe)
+    return finish(rules, hot, "per-expert", hot_device=pack_dev if hot else None)
+
+
+def _memory_dict(opts: MemoryOptions) -> dict:
+    return {"n_ubatch": opts.n_ubatch, "type_k": opts.type_k, "type_v": opts.type_v,
+            "flash_attn": opts.flash_attn, "op_offload": opts.op_offload,
+            "compute_bytes": opts.compute_bytes, "margin_bytes": opts.margin_bytes,
+            "margin_fraction": opts.margin_fraction}
+
+
+def memory_options(plan: Plan) -> MemoryOptions:
+    """The MemoryOptions a plan was made with."""
+    m = plan.memory
+    kw = {k: m[k] for k in ("n_ubatch", "type_k", "type_v", "flash_attn", "op_offload", "compute_bytes",
+                            "margin_bytes", "margin_fraction") if m.get(k) is not None}
+    return MemoryOptions(plan.n_ctx, **kw)
+
+
+def _kv_per_token(inv, opts: MemoryOptions) -> int:
+    from .memory_model import kv_cache_bytes
+
+    return kv_cache_bytes(inv, 256, opts.type_k, opts.type_v) // 256
+
+
+def _hit(inv, p, gpu_exp) -> float:
+    if p is not None:
+        return hit_rate(p, gpu_exp)
+    sel = sum(l.n_expert_used for l in inv.layers if l.is_moe)
+    on = sum(inv.layers[l].n_expert_used * len(es) / inv.layers[l].n_expert for l, es in gpu_exp.items()
+             if inv.layers[l].is_moe)
+    return on / sel if sel else 0.0
+
+
+def _explain_no_fit(inv, base: MemoryPrediction, budgets: dict, opts: MemoryOptions, notes: list) -> bool:
+    for name, budget in budgets.items():
+        d = base.devices.get(name)
+        if d is None:
+            continue
+        if d.total <= budget:
+            continue
+        dense = d.weight_bytes
+        if dense > budget:
+            notes.append(f"the dense weights (attention, norms, router, shared experts, output) need "
+                         f"{format_size(dense)} on {name}, more than its budget {format_size(budget)}: "
+                         "everything stays on the CPU")
+        else:
+            fixed = d.total - d.kv - d.compute - d.offload_scratch - d.margin
+            per_cell = d.kv / kv_cells(opts.n_ctx) if d.kv else 0
+            ctx = 0
+            if per_cell:
+                # the compute buffer also shrinks with the context: search the largest that fits
+                lo, hi = 0, opts.n_ctx
+                while lo < hi:
+                    mid = (lo + hi + 1) // 2
+                    o = replace(opts, n_ctx=max(mid, 1))
+                    b = predict_memory(inv, TensorPlacement((PlacementRule(EXPERT_TENSOR_RE, CPU),)), o,
+                                       gpus=list(budgets))
+                    if b.devices[name].total <= budget:
+                        lo = mid
+                    else:
+                        hi = mid - 1
+                ctx = lo // 256 * 256
+            notes.append(f"context {opts.n_ctx} needs {format_size(d.kv)} of KV cache and "
+                         f"{format_size(d.compute + d.offload_scratch)} of compute buffers on {name} next to "
+                         f"{format_size(fixed)} of dense weights; that exceeds {format_size(budget)}"
+                         + (f"; a context of {ctx} would fit" if ctx else "")
+                         + ": everything stays on the CPU")
+        return True
+    return True
+
+
+def _whole_layers(inv, ldev: list, rooms: dict, scratch: int) -> dict:
+    """Whole layers' experts on their own GPU, last layers first (like --n-cpu-moe)."""
+    whole = {}
+    rooms = dict(rooms)
+    moe = [l for l in inv.layers if l.is_moe]
+    for layer in reversed(moe):
+        dev = ldev[layer.index]
+        cost = sum(gpu_alloc_bytes(inv.tensor(n)) for n in layer.expert_tensors)
+        last = len(whole) == len(moe) - 1
+        if cost <= rooms[dev] + (scratch if last else 0):
+            whole[layer.index] = dev
+            rooms[dev] -= cost
+        else:
+            break
+    return whole
+
+
+def _rules_for(inv, whole: dict, ldev: list, n_moe: int) -> list:
+    """Experts of every non-whole layer on the CPU; whole layers on a GPU other than their
+    layer's own get an explicit rule."""
+    host = [l.index for l in inv.layers if l.is_moe and l.index not in whole]
+    rules = []
+    moved: dict = {}
+    for l, dev in whole.items():
+        if dev != ldev[l]:
+            moved.setdefault(dev, []).append(l)
+    for dev, ls in sorted(moved.items()):
+        rules.append(_experts_rule(ls, -1, dev))
+    r = _experts_rule(host, n_moe, CPU)
+    if r is not None:
+        rules.append(r)
+    return rules
+
+
+def _promote(inv, p, layers, hot, whole, pack_dev, room, frac, bw, opts, notes):
+    """Promote layers whose hot set covers >= frac of their experts to whole layers, paying
+    with the least valuable hot experts elsewhere, when predicted decode speed improves."""
+    by_index = {ly.index: ly for ly in layers}
+
+    def used(h, w) -> int:
+        c = sum(by_index[l].cost[len(es)] for l, es in h.items())
+        c += sum(by_index[l].whole_bytes for l, d in w.items() if l in by_index and d == pack_dev)
+        return c
+
+    def speed(h, w) -> float:
+        gpu_exp = {l: es for l, es in h.items()}
+        for l in w:
+            gpu_exp[l] = list(range(inv.layers[l].n_expert))
+        return predict_speed(inv, p, gpu_exp, True, bw, opts.n_ctx, opts.n_ubatch,
+                             op_offload=opts.op_offload).decode_tokens_per_s
+
+    promoted = []
+    for l in sorted(hot, key=lambda l: -len(hot[l]) / by_index[l].n_expert):
+        ly = by_index[l]
+        if len(hot.get(l, [])) < frac * ly.n_expert:
+            continue
+        h = {k: list(v) for k, v in hot.items() if k != l}
+        w = dict(whole)
+        w[l] = pack_dev
+        free = room
+        # demote the cheapest hot experts elsewhere until it fits
+        while used(h, w) > free:
+            cands = [(by_index[k].values[len(v) - 1], k) for k, v in h.items() if v]
+            if not cands:
+                break
+            _, k = min(cands)
+            h[k] = h[k][:-1]
+            if not h[k]:
+                del h[k]
+        if used(h, w) > free:
+            continue
+        if speed(h, w) > speed(hot, whole):
+            hot, whole = h, w
+            promoted.append(l)
+    if promoted:
+        notes.append(f"layers {', '.join(map(str, sorted(promoted)))} promoted whole (hot set >= "
+                     f"{frac:.0%} of their experts; no CPU hand-off there)")
+    return hot, whole
+
+
+def _keep_previous(inv, p, previous: Plan, hot, whole, gpus, budgets, split, opts, threshold, notes):
+    if previous.fingerprint != inv.fingerprint:
+        notes.append("the previous plan is for another model; ignored")
+        return None
+    try:
+        previous.check_model(inv)
+    except HybridError as exc:
+        notes.append(f"the previous plan does not match the model ({exc}); ignored")
+        return None
+    prev_exp = previous.gpu_experts(inv) if previous.n_gpu_layers != 0 else {}
+    prev_whole = _prev_whole(inv, previous, gpus)
+    prev_hot = {int(l): list(v) for l, v in previous.hot.items() if v}
+    new_exp = {l: list(v) for l, v in hot.items()}
+    for l in whole:
+        new_exp[l] = list(range(inv.layers[l].n_expert))
+    old_hit, new_hit = hit_rate(p, prev_exp), hit_rate(p, new_exp)
+    if new_hit - old_hit > threshold:
+        notes.append(f"re-planned: predicted hit rate {old_hit:.1%} -> {new_hit:.1%}")
+        return None
+    placement = TensorPlacement(tuple(_rules_for(inv, prev_whole, layer_devices(inv.n_layer, gpus, split),
+                                                 sum(1 for l in inv.layers if l.is_moe))), n_gpu_layers=-1)
+    pred = predict_memory(inv, placement, opts, hot=prev_hot, gpus=gpus,
+                          hot_device=previous.hot_device or gpus[0], tensor_split=split)
+    if any(d.total > budgets[n] for n, d in pred.devices.items() if n in budgets):
+        notes.append("the previous plan no longer fits the budget; re-planned")
+        return None
+    notes.append(f"kept the previous hot set: the new choice would gain {new_hit - old_hit:+.2%} hit rate "
+                 f"(threshold {threshold:.1%})")
+    return prev_hot, prev_whole
+
+
+def _prev_whole(inv, previous: Plan, gpus) -> dict:
+    out = {}
+    if previous.n_gpu_layers == 0:
+        return out
+    pl = previous.placement()
+    for l in previous.whole_layers(inv):
+        t = pl.target_for(inv.layers[l].expert_tensors[0])
+        out[l] = t if t in gpus else (gpus[0] if t is None or t.lower() == "gpu" else t)
+    return out
+
+
+# --- diffs ------------------------------------------------------------------------------------
+
+
+@dataclass
+class PlanDiff:
+    promoted: dict = field(default_factory=dict)  # layer -> experts newly on the GPU
+    demoted: dict = field(default_factory=dict)  # layer -> experts back on the CPU
+    hit_before: float = 0.0
+    hit_after: float = 0.0
+    decode_before: float = 0.0
+    decode_after: float = 0.0
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.promoted or self.demoted)
+
+    def summary(self) -> str:
+        n_up = sum(len(v) for v in self.promoted.values())
+        n_down = sum(len(v) for v in self.demoted.values())
+        if not self.changed:
+            return (f"plan unchanged (predicted hit rate {self.hit_after:.1%}, "
+                    f"{self.decode_after:.1f} tokens/s decode)")
+        return (f"{n_up} experts promoted in {len(self.promoted)} layers, {n_down} demoted in "
+                f"{len(self.demoted)} layers; predicted hit rate {self.hit_before:.1%} -> {self.hit_after:.1%}, "
+                f"decode {self.decode_before:.1f} -> {self.decode_after:.1f} tokens/s")
+
+    def to_dict(self) -> dict:
+        return {"promoted": {str(k): v for k, v in self.promoted.items()},
+                "demoted": {str(k): v for k, v in self.demoted.items()},
+                "hit_before": self.hit_before, "hit_after": self.hit_after,
+                "decode_before": self.decode_before, "decode_after": self.decode_after}
+
+
+def diff_plans(old: Plan, new: Plan, inventory=None, profile=None, prior: float = 1.0) -> PlanDiff:
+    """Experts promoted/demoted between two plans of one model. With the inventory and a
+    profile, both hit rates are re-evaluated under that profile (apples to apples);
+    otherwise each plan's own prediction is reported."""
+    if old.fingerprint != new.fingerprint:
+        raise HybridError("cannot diff plans of two different models")
+    if inventory is not None:
+        a, b = old.gpu_experts(inventory), new.gpu_experts(inventory)
+        if old.n_gpu_layers == 0:
+            a = {}
+        if new.n_gpu_layers == 0:
+            b = {}
+    else:
+        a = {int(k): list(v) for k, v in old.hot.items()}
+        b = {int(k): list(v) for k, v in new.hot.items()}
+    promoted, demoted = {}, {}
+    for l in sorted(set(a) | set(b)):
+        sa, sb = set(a.get(l, ())), set(b.get(l, ()))
+        if sb - sa:
+            promoted[l] = sorted(sb - sa)
+        if sa - sb:
+            demoted[l] = sorted(sa - sb)
+    d = PlanDiff(promoted, demoted, old.predicted.hit_rate, new.predicted.hit_rate,
+                 old.predicted.decode_tokens_per_s, new.predicted.decode_tokens_per_s)
+    if inventory is not None and profile is not None:
+        p = profile_probs(profile, inventory, prior)
+        d.hit_before, d.hit_after = hit_rate(p, a), hit_rate(p, b)
+    return d
