@@ -1,0 +1,289 @@
+"""`hybrid-gguf plan MODEL --gpu-budget 8GiB`: decide what lives where, predict what it buys,
+write the plan YAML; optionally replay a routing trace against static plans and caches."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import HybridError
+
+
+def parse_devices(spec: str) -> list:
+    """"CUDA0=20GiB,CUDA1=20GiB" -> [DeviceBudget]."""
+    from ..plan import DeviceBudget
+    from ..sizes import parse_size
+
+    out = []
+    for item in spec.split(","):
+        name, sep, size = item.strip().partition("=")
+        if not sep or not name.strip():
+            raise HybridError(f"--devices expects NAME=SIZE[,NAME=SIZE], got {item!r}")
+        out.append(DeviceBudget(name.strip(), parse_size(size)))
+    return out
+
+
+def detect_devices(budget: int, console) -> tuple:
+    """([DeviceBudget], gpu present?): the first GPU with its free memory, or a stand-in."""
+    from ..plan import DeviceBudget
+
+    try:
+        from ..devices import gpu_devices
+
+        gpus = gpu_devices()
+    except Exception:  # llama_cpp missing or broken: plan for a hypothetical GPU
+        gpus = []
+    if not gpus:
+        return [DeviceBudget("GPU", budget)], False
+    g = gpus[0]
+    return [DeviceBudget(g.name, budget, free_bytes=g.free_bytes)], True
+
+
+def compute_bytes_for(model: Path, inv, n_ctx: int, n_ubatch: int, flash_attn: bool, gpu_present: bool,
+                      notes: list) -> Optional[int]:
+    """The GPU compute buffer from a llama.cpp dry run (exact on a GPU machine; on a CPU-only
+    machine the CPU graph's buffer + 10% stands in for the GPU's)."""
+    from ..memory_model import measure_compute_bytes
+
+    try:
+        measured = measure_compute_bytes(model, n_ctx, n_ubatch, flash_attn, n_gpu_layers=-1)
+    except Exception as exc:  # no llama_cpp, or it cannot read the file
+        notes.append(f"compute buffer estimated analytically (dry run failed: {exc})")
+        return None
+    gpu = {d: n for d, n in measured.items() if d != "CPU"}
+    if gpu_present and gpu:
+        notes.append("compute buffer measured by a llama.cpp dry run")
+        return max(gpu.values())
+    cpu = measured.get("CPU")
+    if cpu:
+        notes.append("no GPU here: compute buffer from a CPU dry run + 10%")
+        return int(cpu * 1.1)
+    return None
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("plan")
+    def plan_cmd(
+        model: Path = typer.Argument(..., help="GGUF model file"),
+        gpu_budget: str = typer.Option(..., "--gpu-budget", help="GPU memory for this model, e.g. 8GiB"),
+        ctx: int = typer.Option(4096, "--ctx", help="context length to plan for"),
+        out: Optional[Path] = typer.Option(None, "--out", help="write the plan YAML here"),
+        explain: bool = typer.Option(False, "--explain", help="per-layer and memory breakdown"),
+        as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
+        profile_path: Optional[Path] = typer.Option(None, "--profile",
+                                                    help="routing profile JSON (default: the store)"),
+        store: Optional[Path] = typer.Option(None, "--store", help="profile store directory"),
+        previous: Optional[Path] = typer.Option(
+            None, "--previous", help="plan in use (default: --out if it exists); kept unless beaten"),
+        replay_path: Optional[Path] = typer.Option(None, "--replay", help="routing trace (.npz) to replay"),
+        plot: Optional[Path] = typer.Option(None, "--plot", help="PNG of replay hit rate vs budget"),
+        devices_spec: Optional[str] = typer.Option(None, "--devices", help="per-GPU budgets: CUDA0=20GiB,CUDA1=20GiB"),
+        n_ubatch: int = typer.Option(512, "--ubatch", help="physical batch size"),
+        flash_attn: bool = typer.Option(False, "--flash-attn", help="plan for flash attention"),
+        type_k: str = typer.Option("f16", "--cache-type-k", help="KV cache type of K"),
+        type_v: str = typer.Option("f16", "--cache-type-v", help="KV cache type of V"),
+        margin: str = typer.Option("64MiB", "--margin", help="fixed safety margin per GPU"),
+        whole_tensor: bool = typer.Option(False, "--whole-tensor",
+                                          help="plan for stock llama.cpp (whole expert tensors)"),
+        measure: bool = typer.Option(True, "--measure/--no-measure",
+                                     help="ask llama.cpp for the compute buffer size (dry run)"),
+        calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate",
+                                       help="use (or measure once) this machine's bandwidths"),
+        hysteresis: float = typer.Option(0.01, "--hysteresis", help="minimum hit-rate gain to replace the previous plan"),
+    ) -> None:
+        """Plan per-expert GPU/CPU placement for a GPU budget and predict hit rate and speed."""
+        from rich.console import Console
+
+        from ..inventory import read_inventory
+        from ..memory_model import MemoryOptions
+        from ..plan import Plan
+        from ..planner import diff_plans, make_plan
+        from ..predict import Bandwidth, calibrate_bandwidth
+        from ..profile import ProfileStore, RoutingProfile
+        from ..sizes import parse_size
+
+        console = Console(stderr=as_json)
+        budget = parse_size(gpu_budget)
+        inv = read_inventory(model)
+        notes: list = []
+
+        if devices_spec:
+            devs, gpu_present = parse_devices(devices_spec), True
+            budget = sum(d.budget_bytes for d in devs)
+        else:
+            devs, gpu_present = detect_devices(budget, console)
+            if not gpu_present:
+                notes.append("no GPU visible here: planned for a hypothetical GPU named GPU")
+
+        if profile_path is not None:
+            profile = RoutingProfile.load(profile_path, expected_fingerprint=inv.fingerprint)
+        else:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                profile = ProfileStore(store).load(inv.fingerprint)
+            notes.extend(str(w.message) for w in caught)
+
+        per_expert = not whole_tensor
+        if per_expert:
+            try:
+                from ..hybrid_backend import capability
+
+                per_expert = capability().per_expert
+            except Exception:
+                per_expert = False
+
+        compute = None
+        if measure:
+            compute = compute_bytes_for(model, inv, ctx, n_ubatch, flash_attn, gpu_present, notes)
+        opts = MemoryOptions(ctx, n_ubatch=n_ubatch, type_k=type_k, type_v=type_v, flash_attn=flash_attn,
+                             compute_bytes=compute, compute_factor=1.0 if compute is not None else 1.25,
+                             margin_bytes=parse_size(margin))
+        bw = calibrate_bandwidth() if calibrate else Bandwidth()
+
+        prev_plan = None
+        prev_file = previous or (out if out is not None and out.exists() else None)
+        if prev_file is not None:
+            try:
+                prev_plan = Plan.load(prev_file, inv)
+            except HybridError as exc:
+                if previous is not None:
+                    raise
+                notes.append(f"not re-using {prev_file} as the previous plan: {exc}")
+
+        plan = make_plan(inv, budget, ctx, profile, per_expert=per_expert, devices=devs, bandwidth=bw,
+                         previous=prev_plan, memory=opts, hysteresis=hysteresis)
+        plan.notes = notes + plan.notes
+        diff = diff_plans(prev_plan, plan, inv, profile) if prev_plan is not None else None
+        if out is not None:
+            plan.save(out)
+
+        report = None
+        if replay_path is not None:
+            report = run_replay(replay_path, inv, plan, budget, ctx, opts, per_expert, bw)
+            if plot is not None:
+                from ..replay import plot_replay
+
+                plot_replay(report, plot, title=f"{model.name}")
+        elif plot is not None:
+            raise HybridError("--plot draws the replay: pass --replay TRACE too")
+
+        if as_json:
+            d = plan.to_json_dict()
+            if diff is not None:
+                d["diff"] = diff.to_dict()
+            if report is not None:
+                d["replay"] = report.to_dict()
+            print(json.dumps(d))
+            return
+        print_plan(console, plan, inv, explain)
+        if diff is not None:
+            console.print(f"vs previous plan: {diff.summary()}")
+        if report is not None:
+            print_replay(console, report)
+        if out is not None:
+            console.print(f"wrote {out}")
+        if plot is not None:
+            console.print(f"wrote {plot}")
+
+
+def run_replay(path: Path, inv, plan, budget: int, ctx: int, opts, per_expert: bool, bw):
+    """Replay the trace against the planner at several budgets (profile from its first half)."""
+    from ..memory_model import predict_memory
+    from ..placement import EXPERT_TENSOR_RE, PlacementRule, TensorPlacement
+    from ..planner import make_plan
+    from ..profile import RoutingProfile
+    from ..replay import load_trace, replay
+    from ..sizes import format_size
+
+    trace = load_trace(path, n_layer=inv.n_layer, n_expert=inv.n_expert)
+    split = trace.n_tokens // 2
+    counts, tokens = trace.counts(0, split)
+    prof = RoutingProfile(inv.fingerprint, inv.arch, inv.n_layer, inv.n_expert, max(inv.n_expert_used, 1),
+                          counts, counts * 0, tokens, tokens * 0, sessions=1)
+    base = predict_memory(inv, TensorPlacement((PlacementRule(EXPERT_TENSOR_RE, "CPU"),)), opts,
+                          gpus=["GPU"]).gpu_bytes
+    moe = [l for l in inv.layers if l.is_moe]
+    per_expert_bytes = max((l.per_expert_bytes for l in moe), default=1)
+    budgets = sorted({int(base + f * inv.expert_bytes_total) for f in (0.05, 0.1, 0.25, 0.5, 0.75)} | {budget})
+    caps, labels, sets = [], [], []
+    for b in budgets:
+        p = make_plan(inv, b, ctx, prof, per_expert=per_expert, bandwidth=bw, memory=opts, promote_fraction=2.0)
+        gpu = p.gpu_experts(inv) if p.n_gpu_layers != 0 else {}
+        caps.append(sum(len(v) for v in gpu.values()))
+        labels.append(format_size(b) + (" (this plan)" if b == budget else ""))
+        sets.append(gpu)
+    return replay(trace, caps, 0.5, labels, sets, budget_bytes=budgets, expert_bytes=per_expert_bytes,
+                  n_used=[l.n_expert_used for l in inv.layers])
+
+
+# -- output ----------------------------------------------------------------------------------
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def print_plan(console, plan, inv, explain: bool) -> None:
+    from rich.table import Table
+
+    from ..sizes import format_size
+
+    pr = plan.predicted
+    n_hot = sum(len(v) for v in plan.hot.values())
+    whole = plan.whole_layers(inv) if plan.n_gpu_layers != 0 else []
+    console.print(f"[bold]{plan.model_name}[/] ({plan.arch}, {plan.n_layer} layers, {plan.n_expert} experts) "
+                  f"for {format_size(plan.budget_bytes)} of GPU memory, context {plan.n_ctx}")
+    console.print(f"backend: {plan.backend}; {n_hot} hot experts in {len(plan.hot)} layers; "
+                  f"{len(whole)} layers' experts whole on the GPU")
+    console.print(f"predicted: hit rate {_pct(pr.hit_rate)}, decode {pr.decode_tokens_per_s:.1f} tokens/s, "
+                  f"prefill {pr.prefill_tokens_per_s:.0f} tokens/s, GPU {format_size(pr.gpu_bytes)}")
+    for n in plan.notes:
+        console.print(f"  note: {n}")
+    if not explain:
+        return
+    mem = Table(title="memory by device")
+    for col in ("device", "weights", "hot packs", "KV", "compute", "offload scratch", "margin", "total"):
+        mem.add_column(col, justify="right")
+    for dev, m in pr.memory.items():
+        mem.add_row(dev, *(format_size(m.get(k, 0)) for k in
+                           ("weight_bytes", "hot_pack", "kv", "compute", "offload_scratch", "margin", "total")))
+    console.print(mem)
+    bw = pr.bandwidth or {}
+    if bw:
+        measured = set(bw.get("measured") or [])
+        console.print("bandwidth: " + ", ".join(
+            f"{k} {bw[k]:.3g}{'' if k in measured else ' (default)'}"
+            for k in ("cpu_bytes_per_s", "gpu_bytes_per_s", "pcie_bytes_per_s", "handoff_s") if k in bw))
+        console.print(f"decode ms/token: {bw.get('decode_ms')}; prefill ms/ubatch: {bw.get('prefill_ms')}")
+    if plan.n_gpu_layers == 0 or not inv.is_moe:
+        return
+    gpu = plan.gpu_experts(inv)
+    t = Table(title="experts per layer")
+    for col in ("layer", "on GPU", "how", "GPU bytes"):
+        t.add_column(col, justify="right")
+    for layer in inv.layers:
+        if not layer.is_moe:
+            continue
+        es = gpu.get(layer.index, [])
+        how = "whole" if layer.index in whole else ("hot pack" if es else "CPU")
+        t.add_row(str(layer.index), f"{len(es)}/{layer.n_expert}", how,
+                  format_size(len(es) * layer.per_expert_bytes))
+    console.print(t)
+
+
+def print_replay(console, report) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"trace replay: profile {report.n_profile_tokens} tokens, evaluated on {report.n_eval_tokens}")
+    for col in ("budget", "slots", "plan", "static", "oracle", "LRU", "LFU", "LRU loads/token"):
+        t.add_column(col, justify="right")
+    for r in report.rows:
+        t.add_row(r.label, str(r.capacity), "-" if r.plan is None else _pct(r.plan), _pct(r.static),
+                  _pct(r.oracle), _pct(r.lru), _pct(r.lfu), f"{r.lru_loads_per_token:.2f}")
+    console.print(t)
+    for v in report.verdicts:
+        console.print(f"  {v}")
