@@ -12,7 +12,7 @@ set -uo pipefail
 STEPS=${1:-build,split,recorder,bench}
 OUT=${OUT:-/tmp/hybrid-out}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 HYBRID_GGUF_CACHE=/tmp/hgcache
+export PYTHONUNBUFFERED=1 HYBRID_GGUF_CACHE=/tmp/hgcache HYBRID_GGUF_SDIST=$PWD/.device/llama_cpp_python-0.3.36-trimmed.tar.gz
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD
 log() { echo "[$(date +%T)] $*"; }
@@ -41,17 +41,35 @@ fi
 
 python3 -c "import llama_cpp; from hybrid_gguf import hybrid_backend as h; print('llama_cpp', llama_cpp.__version__, h.capability())"
 
-if has split; then
-    log "split equivalence on CUDA"
-    HYBRID_GGUF_TEST_PACK_DEVICE=CUDA0 HYBRID_GGUF_REQUIRE_PATCHED=1 \
-        python3 -m pytest -q -p no:cacheprovider tests/test_hybrid_split.py 2>&1 | tee "$OUT/split_cuda.txt" | tail -15
+if has diag; then
+    for maps in pack cpu; do
+        log "diagnostics, lookup tables on: $maps"
+        LLAMA_HYBRID_MAPS=$maps python3 diag_gpu.py 2>&1 | grep -v "ggml_cuda_init\|Device 0\|compute buffer size" | tail -12
+        LLAMA_HYBRID_MAPS=$maps python3 diag_gpu2.py 2>&1 | grep "ffn_moe" | head -10
+    done
 fi
+
+if has split; then
+    # the split must match the unsplit model; try the default table placement, then the CPU one
+    for maps in pack cpu; do
+        log "split equivalence on CUDA, lookup tables on: $maps"
+        if LLAMA_HYBRID_MAPS=$maps HYBRID_GGUF_TEST_PACK_DEVICE=CUDA0 HYBRID_GGUF_REQUIRE_PATCHED=1 \
+            python3 -c "import llama_cpp, sys, pytest; sys.exit(pytest.main(['-q', '-rA', '-s', '-p', 'no:cacheprovider', 'tests/test_hybrid_split.py']))" \
+            > "$OUT/split_cuda_$maps.txt" 2>&1; then
+            log "split equivalence PASSED with tables on $maps"; echo "$maps" > /tmp/hybrid_variant
+            grep -E "passed|failed" "$OUT/split_cuda_$maps.txt" | tail -2
+            break
+        fi
+        grep -E "^FAILED|passed|failed|Error" "$OUT/split_cuda_$maps.txt" | tail -8
+    done
+fi
+[ -f /tmp/hybrid_variant ] && export LLAMA_HYBRID_MAPS=$(cat /tmp/hybrid_variant) && log "using LLAMA_HYBRID_MAPS=$LLAMA_HYBRID_MAPS"
 
 BIG=/tmp/models/q30b-like-q4k.gguf
 if has recorder || has bench; then
     log "make the Qwen3-30B-A3B-shaped Q4_K model"
     t0=$(date +%s)
-    python3 scripts/make_bench_model.py --preset qwen3-30b-a3b-like --weight-type Q4_K --out "$BIG" 2>&1 | tail -3
+    [ -f "$BIG" ] || python3 scripts/make_bench_model.py --preset qwen3-30b-a3b-like --weight-type Q4_K --workers 16 --out "$BIG" 2>&1 | tail -2
     log "model made in $(( $(date +%s) - t0 )) s: $(du -h "$BIG" | cut -f1)"
 fi
 
@@ -63,7 +81,7 @@ fi
 
 if has bench; then
     log "placement A/B"
-    python3 scripts/bench_placement.py "$BIG" --budget-share ${BUDGETS:-0.25 0.10 0.50} --pp 512 --tg ${TG:-64} \
-        --reps ${REPS:-3} --threads 16 --json "$OUT/bench_q30b.json" 2>&1 | tee "$OUT/bench_q30b.txt"
+    python3 scripts/bench_placement.py "$BIG" --budget-share ${BUDGETS:-0.25 0.10} --pp 512 --tg ${TG:-48} \
+        --reps ${REPS:-2} --threads 16 --json "$OUT/bench_q30b.json" 2>&1 | tee "$OUT/bench_q30b.txt"
 fi
 log "done"

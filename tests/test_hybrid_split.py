@@ -85,12 +85,29 @@ def hot_sets(n_layer, n_expert):
     }
 
 
+def gpu_tolerance(path):
+    """On the GPU the hot experts run in CUDA kernels whose F32 matmuls round differently
+    from the CPU's; the yardstick is the gap between the two unsplit references (all
+    experts on the CPU vs all on the GPU), which the split must not exceed."""
+    from hybrid_gguf.placement import load_llama
+
+    llm = load_llama(path, None, n_ctx=128, n_batch=64, seed=1, verbose=False).llm
+    all_gpu = greedy(llm, PROMPT, N_GEN)
+    llm.close()
+    return all_gpu
+
+
 @pytest.mark.parametrize("arch", list(ARCH_PRESETS))
 def test_split_matches_unsplit(models, arch):
     path, spec = models[arch]
     ref_llm = load(path)
     ref = greedy(ref_llm, PROMPT, N_GEN)
     ref_llm.close()
+    tol = 1e-3
+    if ON_GPU:
+        all_gpu = gpu_tolerance(path)
+        assert all_gpu.tokens == ref.tokens
+        tol = max(1e-3, 1.5 * float(np.max(np.abs(all_gpu.logits - ref.logits))))
     for label, hot in hot_sets(spec.n_layer, spec.n_expert).items():
         llm = load(path, hot)
         expect_bytes = 0 if not hot else None
@@ -104,7 +121,13 @@ def test_split_matches_unsplit(models, arch):
         llm.close()
         assert run.tokens == ref.tokens, f"{arch}/{label}: greedy tokens differ"
         delta = float(np.max(np.abs(run.logits - ref.logits)))
-        assert delta <= 1e-3, f"{arch}/{label}: max |logit delta| {delta}"
+        print(f"{arch}/{label}: max |logit delta| {delta:.2e} (tolerance {tol:.2e})")
+        assert delta <= tol, f"{arch}/{label}: max |logit delta| {delta} > {tol}"
+        if ON_GPU and label == "all":
+            # every expert in the VRAM pack: the same kernels as the all-GPU model
+            gdelta = float(np.max(np.abs(run.logits - all_gpu.logits)))
+            print(f"{arch}/all vs all-GPU: {gdelta:.2e}")
+            assert gdelta <= 1e-3
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs HYBRID_GGUF_TEST_PACK_DEVICE=CUDA0 on a GPU machine")
