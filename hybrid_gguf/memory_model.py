@@ -184,7 +184,7 @@ def estimate_compute_bytes(inv, n_ctx: int, n_ubatch: int = 512, flash_attn: boo
     if ff_sh:
         phases.append(mask + T * (12 * ff_sh + 14 * E + 400))  # shared expert
     if ff_dense:
-        phases.append(mask + T * (12 * ff_dense + 14 * E + 400))  # dense FFN layers
+        phases.append(mask + T * (12 * ff_dense + 8 * E + 32))  # dense FFN layers
     return int(max(phases))
 
 
@@ -332,6 +332,8 @@ class MemoryOptions:
         for t in (self.type_k, self.type_v):
             if t.lower() not in CACHE_TYPES:
                 raise HybridError(f"unknown KV cache type {t!r}; known: {', '.join(CACHE_TYPES)}")
+        if self.type_v.lower() not in ("f32", "f16", "bf16") and not self.flash_attn:
+            raise HybridError(f"a quantized V cache ({self.type_v}) needs flash attention (llama.cpp refuses it)")
         if self.margin_bytes < 0 or self.margin_fraction < 0 or self.compute_factor <= 0:
             raise HybridError("safety margins must not be negative")
 

@@ -183,8 +183,15 @@ def _experts_rule(layers: Sequence[int], n_layer_moe: int, device: str) -> Optio
 def _room(budget: int, used_wo_margin: int, opts: MemoryOptions) -> int:
     """Bytes still free on a GPU whose other contents take used_wo_margin bytes; the
     margin (margin_bytes + margin_fraction x contents) comes off the budget first."""
-    usable = (budget - opts.margin_bytes) / (1.0 + opts.margin_fraction)
-    return int(usable) - int(used_wo_margin)
+    def total(x: int) -> int:  # as predict_memory adds the margin
+        return x + int(opts.margin_bytes + opts.margin_fraction * x)
+
+    usable = int((budget - opts.margin_bytes) / (1.0 + opts.margin_fraction))
+    while total(usable + 1) <= budget:
+        usable += 1
+    while usable > 0 and total(usable) > budget:
+        usable -= 1
+    return usable - int(used_wo_margin)
 
 
 def _resolve_devices(budget_bytes: int, devices) -> list:
@@ -432,6 +439,8 @@ def _explain_no_fit(inv, base: MemoryPrediction, budgets: dict, opts: MemoryOpti
                          + (f"; a context of {ctx} would fit" if ctx else "")
                          + ": everything stays on the CPU")
         return True
+    notes.append("the dense weights, KV cache and compute buffers do not fit the budget: "
+                 "everything stays on the CPU")
     return True
 
 

@@ -1,0 +1,356 @@
+"""The planner: optimal expert choice (vs brute force), budgets, fallbacks, hysteresis."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+
+import numpy as np
+import pytest
+
+from hybrid_gguf import memory_model as mm
+from hybrid_gguf import synth
+from hybrid_gguf.errors import HybridError
+from hybrid_gguf.hybrid_backend import STOCK_NOTICE
+from hybrid_gguf.inventory import read_inventory
+from hybrid_gguf.placement import EXPERT_TENSOR_RE, PlacementRule, TensorPlacement
+from hybrid_gguf.plan import DeviceBudget
+from hybrid_gguf.planner import diff_plans, make_plan
+from hybrid_gguf.predict import Bandwidth, hit_rate, profile_probs
+from hybrid_gguf.profile import RoutingProfile
+
+MIB = mm.MIB
+OPTS = dict(compute_bytes=MIB, margin_bytes=64 * 1024, margin_fraction=0.01)
+
+
+def make_profile(inv, probs, tokens=5000, seed=0, sessions=1) -> RoutingProfile:
+    """A profile of `tokens` tokens per layer drawn from per-layer expert probabilities."""
+    rng = np.random.default_rng(seed)
+    L, E, k = inv.n_layer, inv.n_expert, inv.n_expert_used
+    counts = np.zeros((L, E))
+    for l in range(L):
+        counts[l] = rng.multinomial(tokens * k, probs[l])
+    return RoutingProfile(inv.fingerprint, inv.arch, L, E, k, counts, np.zeros((L, E)),
+                          np.full(L, float(tokens)), np.zeros(L), sessions=sessions)
+
+
+def zipf_probs(L, E, s=1.0, seed=0):
+    rng = np.random.default_rng(seed)
+    w = 1.0 / np.arange(1, E + 1) ** s
+    return np.stack([rng.permutation(w / w.sum()) for _ in range(L)])
+
+
+def brute_force(inv, p, budget, opts, gpus=("GPU",)):
+    """Best hit rate over every subset of experts that fits the budget.
+
+    Subsets of equal size per layer cost the same bytes, and the most popular experts of
+    that size are worth the most, so enumerating every per-layer count with the top
+    experts covers all 2^(L*E) subsets. Bytes come from predict_memory, not the planner.
+    """
+    moe = [l for l in inv.layers if l.is_moe]
+    orders = [sorted(range(l.n_expert), key=lambda e, l=l: (-p[l.index, e], e)) for l in moe]
+    best = 0.0
+    for counts in itertools.product(*[range(l.n_expert + 1) for l in moe]):
+        hot, host = {}, []
+        for l, n, order in zip(moe, counts, orders):
+            if n < l.n_expert:
+                host.append(l.index)
+                if n:
+                    hot[l.index] = order[:n]
+        rules = ()
+        if host:
+            alt = "|".join(map(str, host))
+            rules = (PlacementRule(rf"^blk\.({alt})\.ffn_(up|down|gate|gate_up)_(ch|)exps", "CPU"),)
+        pred = mm.predict_memory(inv, TensorPlacement(rules), opts, hot=hot, gpus=gpus)
+        if pred.gpu_bytes <= budget:
+            value = sum(p[l.index, order[:n]].sum() for l, n, order in zip(moe, counts, orders))
+            best = max(best, value / p.sum())
+    return best
+
+
+def with_expert_width(inv, layer: int, n_ff: int):
+    """The inventory with one layer's experts made n_ff wide (mixed expert sizes)."""
+    tensors, delta = [], 0
+    for t in inv.tensors:
+        if t.layer == layer and t.is_expert and len(t.shape) == 3:
+            shape = list(t.shape)
+            axis = 0 if t.kind == "expert_down" else 1
+            old = t.n_bytes
+            shape[axis] = n_ff
+            n_bytes = old * n_ff // t.shape[axis]
+            t = dataclasses.replace(t, shape=tuple(shape), n_bytes=n_bytes,
+                                    per_expert_bytes=n_bytes // shape[2])
+            delta += n_bytes - old
+        tensors.append(t)
+    layers = list(inv.layers)
+    mine = [t for t in tensors if t.layer == layer and t.is_expert]
+    layers[layer] = dataclasses.replace(layers[layer], per_expert_bytes=sum(t.per_expert_bytes for t in mine),
+                                        expert_bytes=sum(t.n_bytes for t in mine))
+    return dataclasses.replace(inv, tensors=tensors, layers=layers, total_bytes=inv.total_bytes + delta,
+                               expert_bytes_total=inv.expert_bytes_total + delta)
+
+
+def budget_range(inv, opts, n, seed):
+    base = mm.predict_memory(inv, TensorPlacement((PlacementRule(EXPERT_TENSOR_RE, "CPU"),)), opts,
+                             gpus=["GPU"]).gpu_bytes
+    full = mm.predict_memory(inv, None, opts, gpus=["GPU"]).gpu_bytes
+    rng = np.random.default_rng(seed)
+    return [int(x) for x in rng.uniform(base * 0.97, full * 1.01, n)]
+
+
+@pytest.mark.parametrize("shape,mixed", [((2, 8), False), ((3, 6), False), ((3, 5), True)])
+def test_choice_equals_brute_force(tiny_model_factory, shape, mixed):
+    n_layer, n_expert = shape
+    inv = read_inventory(tiny_model_factory("qwen3moe", n_layer=n_layer, n_expert=n_expert))
+    if mixed:
+        inv = with_expert_width(inv, 1, 64)  # layer 1's experts are half as big
+    opts = mm.MemoryOptions(1024, **OPTS)
+    rng = np.random.default_rng(n_layer * 10 + n_expert)
+    cases = interior = 0
+    for trial in range(4):
+        probs = rng.dirichlet(np.full(n_expert, rng.choice([0.2, 0.5, 2.0])), size=n_layer)
+        prof = make_profile(inv, probs, tokens=400, seed=trial)
+        p = profile_probs(prof, inv, 1.0)
+        for budget in budget_range(inv, opts, 6, trial):
+            plan = make_plan(inv, budget, 1024, prof, memory=opts, promote_fraction=2.0)
+            assert plan.predicted.gpu_bytes <= budget
+            expect = brute_force(inv, p, budget, opts)
+            got = hit_rate(p, plan.gpu_experts(inv)) if plan.n_gpu_layers else 0.0
+            assert got == pytest.approx(expect, abs=1e-9), (trial, budget, plan.hot, plan.rules)
+            cases += 1
+            interior += 0.0 < expect < 1.0
+    assert cases == 24 and interior >= 12  # most budgets hold some but not all experts
+
+
+def test_realistic_size_is_fast_and_fits(tmp_path):
+    path = synth.write_synthetic_moe(tmp_path / "q30.gguf", synth.preset("qwen3-30b-a3b-like"),
+                                     zero_data=True)  # header + sparse data
+    inv = read_inventory(path)
+    prof = make_profile(inv, zipf_probs(inv.n_layer, inv.n_expert, 0.8), tokens=20000)
+    p = profile_probs(prof, inv)
+    prev_hit = 0.0
+    for gib in (4, 8, 16):
+        t = time.monotonic()
+        plan = make_plan(inv, gib * 2**30, 8192, prof)
+        assert time.monotonic() - t < 5.0
+        assert plan.predicted.gpu_bytes <= gib * 2**30
+        assert plan.backend == "per-expert" and plan.hot
+        hit = hit_rate(p, plan.gpu_experts(inv))
+        assert hit == pytest.approx(plan.predicted.hit_rate)
+        assert hit > prev_hit
+        prev_hit = hit
+        # the hot set of each layer is its most popular experts
+        for l, es in plan.hot.items():
+            rest = [e for e in range(inv.n_expert) if e not in es]
+            assert p[l, es].min() >= p[l, rest].max() - 1e-12
+
+
+def test_budget_below_dense_weights_plans_cpu(tiny_model_factory):
+    inv = read_inventory(tiny_model_factory("qwen3moe"))
+    plan = make_plan(inv, 100_000, 1024, memory=mm.MemoryOptions(1024, **OPTS))
+    assert plan.backend == "cpu" and plan.n_gpu_layers == 0 and not plan.hot
+    assert any("dense weights" in n and "everything stays on the CPU" in n for n in plan.notes)
+    assert plan.predicted.gpu_bytes == 0
+
+
+def test_context_too_large_says_what_fits(tiny_model_factory):
+    inv = read_inventory(tiny_model_factory("qwen3moe"))
+    opts = mm.MemoryOptions(65536, **OPTS)
+    dense = mm.predict_memory(inv, TensorPlacement((PlacementRule(EXPERT_TENSOR_RE, "CPU"),)),
+                              mm.MemoryOptions(4096, **OPTS), gpus=["GPU"]).gpu_bytes
+    plan = make_plan(inv, dense, 65536, memory=opts)
+    assert plan.backend == "cpu"
+    note = next(n for n in plan.notes if "context 65536" in n)
+    fit = int(note.split("a context of ")[1].split()[0])
+    assert 4096 <= fit < 65536
+    ok = make_plan(inv, dense, fit, memory=dataclasses.replace(opts, n_ctx=fit))
+    assert ok.backend != "cpu"
+
+
+def test_no_profile_whole_layers_last_first(tiny_model_factory):
+    inv = read_inventory(tiny_model_factory("qwen3moe", n_layer=4))
+    opts = mm.MemoryOptions(1024, **OPTS)
+    per_layer = inv.layers[0].expert_bytes
+    base = budget_range(inv, opts, 1, 0)[0]
+    base = mm.predict_memory(inv, TensorPlacement((PlacementRule(EXPERT_TENSOR_RE, "CPU"),)), opts,
+                             gpus=["GPU"]).gpu_bytes
+    plan = make_plan(inv, int(base + 2.5 * per_layer * 1.02), 1024, memory=opts)
+    assert not plan.hot and plan.whole_layers(inv) == [2, 3]
+    assert any("no routing profile" in n for n in plan.notes)
+    assert plan.predicted.hit_rate == pytest.approx(0.5)
+    # like --n-cpu-moe 2: the rule sends layers 0 and 1's experts to the CPU
+    assert plan.placement().target_for("blk.0.ffn_up_exps.weight") == "CPU"
+    assert plan.placement().target_for("blk.3.ffn_up_exps.weight") is None
+
+
+def test_stock_backend_whole_tensors_with_notice(tiny_model_factory):
+    inv = read_inventory(tiny_model_factory("qwen3moe", n_layer=4))
+    prof = make_profile(inv, zipf_probs(4, inv.n_expert))
+    opts = mm.MemoryOptions(1024, **OPTS)
+    budget = budget_range(inv, opts, 1, 3)[0]
+    plan = make_plan(inv, budget, 1024, prof, per_expert=False, memory=opts)
+    assert plan.backend == "whole-tensor" and not plan.hot
+    assert STOCK_NOTICE in plan.notes
+    assert plan.predicted.gpu_bytes <= budget
+
+
+def test_everything_fits(tiny_model_factory):
+    inv = read_inventory(tiny_model_factory("qwen3moe"))
+    plan = make_plan(inv, 10**10, 1024, memory=mm.MemoryOptions(1024, **OPTS))
+    assert not plan.rules and not plan.hot and plan.predicted.hit_rate == 1.0
+    assert plan.whole_layers(inv) == [0, 1]
+
+
+def test_several_gpus_respect_each_budget(tiny_model_factory):
+    inv = read_inventory(tiny_model_factory("qwen3moe", n_layer=4))
+    prof = make_profile(inv, zipf_probs(4, inv.n_expert))
+    opts = mm.MemoryOptions(1024, **OPTS)
+    one = mm.predict_memory(inv, TensorPlacement((PlacementRule(EXPERT_TENSOR_RE, "CPU"),)), opts,
+                            gpus=["CUDA0", "CUDA1"], tensor_split=[1, 1])
+    devs = [DeviceBudget("CUDA0", one.devices["CUDA0"].total + int(1.6 * inv.layers[0].expert_bytes)),
+            DeviceBudget("CUDA1", one.devices["CUDA1"].total + int(1.25 * inv.layers[0].expert_bytes))]
+    plan = make_plan(inv, 0, 1024, prof, devices=devs, memory=opts)
+    assert plan.tensor_split and len(plan.tensor_split) == 2
+    for d in devs:
+        assert plan.predicted.memory[d.name]["total"] <= d.budget_bytes
+    # hot packs live on one GPU (the roomier after the layer split); the other takes whole layers
+    assert plan.hot_device in ("CUDA0", "CUDA1") and plan.hot
+    assert plan.whole_layers(inv)
+    # named devices without budgets split the total evenly
+    even = make_plan(inv, 2 * devs[1].budget_bytes, 1024, prof, devices=["CUDA0", "CUDA1"], memory=opts)
+    assert [d.budget_bytes for d in even.devices] == [devs[1].budget_bytes] * 2
+
+
+def test_budget_clamped_to_free_memory(tiny_model_factory):
+    inv = read_inventory(tiny_model_factory("qwen3moe"))
+    opts = mm.MemoryOptions(1024, **OPTS)
+    plan = make_plan(inv, 10**10, 1024, devices=[DeviceBudget("CUDA0", 10**10, free_bytes=6 * MIB)],
+                     memory=opts)
+    assert plan.budget_bytes == 6 * MIB
+    assert any("clamped" in n for n in plan.notes)
+    assert plan.predicted.gpu_bytes <= 6 * MIB
+
+
+def test_profile_problems(tiny_model_factory):
+    inv = read_inventory(tiny_model_factory("qwen3moe"))
+    other = read_inventory(tiny_model_factory("qwen3moe", seed=5))
+    opts = mm.MemoryOptions(1024, **OPTS)
+    budget = budget_range(inv, opts, 1, 1)[0]
+    with pytest.raises(HybridError, match="another model"):
+        make_plan(inv, budget, 1024, make_profile(other, zipf_probs(2, 8)), memory=opts)
+    empty = RoutingProfile.empty(inv.fingerprint, inv.arch, 2, 8, 2)
+    assert any("empty" in n for n in make_plan(inv, budget, 1024, empty, memory=opts).notes)
+    tiny = make_profile(inv, zipf_probs(2, 8), tokens=50)
+    assert any("overstate skew" in n for n in make_plan(inv, budget, 1024, tiny, memory=opts).notes)
+    with pytest.raises(HybridError):
+        make_plan(inv, -1, 1024, memory=opts)
+
+
+def test_promotes_nearly_complete_layer_when_it_pays(tiny_model_factory):
+    # layer 0 routes uniformly, layer 1 to a few experts: the best hot set is 15 of layer 0's
+    # 16 experts and 3 of layer 1's; all 16 of layer 0 (no hand-off there) for 1 of layer 1's
+    inv = read_inventory(tiny_model_factory("qwen3moe", n_layer=2, n_expert=16))
+    w = 1.0 / np.arange(1, 17) ** 2.0
+    probs = np.vstack([np.full(16, 1 / 16), w / w.sum()])
+    prof = make_profile(inv, probs, tokens=200000)
+    opts = mm.MemoryOptions(1024, **OPTS)
+    layers = [l for l in inv.layers if l.is_moe]
+    base = mm.predict_memory(inv, TensorPlacement((PlacementRule(EXPERT_TENSOR_RE, "CPU"),)), opts,
+                             gpus=["GPU"])
+    gpu = base.devices["GPU"]
+    room_needed = 18.4 * layers[0].per_expert_bytes
+    budget = int(opts.margin_bytes + (1 + opts.margin_fraction) * (gpu.total - gpu.margin + room_needed))
+    slow_handoff = Bandwidth(handoff_s=5e-3)
+    plain = make_plan(inv, budget, 1024, prof, memory=opts, bandwidth=slow_handoff, promote_fraction=2.0)
+    promoted = make_plan(inv, budget, 1024, prof, memory=opts, bandwidth=slow_handoff)
+    assert plain.whole_layers(inv) == [] and len(plain.hot[0]) == 15
+    assert promoted.whole_layers(inv) == [0] and 0 not in promoted.hot
+    assert promoted.predicted.decode_tokens_per_s > plain.predicted.decode_tokens_per_s
+    assert any("promoted whole" in n for n in promoted.notes)
+    assert promoted.predicted.gpu_bytes <= budget
+
+
+def test_hysteresis_no_churn_on_same_workload_and_change_on_new(tiny_model_factory):
+    inv = read_inventory(tiny_model_factory("qwen3moe", n_layer=3, n_expert=16))
+    opts = mm.MemoryOptions(1024, **OPTS)
+    budget = budget_range(inv, opts, 5, 7)[2]
+    probs = zipf_probs(3, 16, 1.0, seed=1)
+    first = make_profile(inv, probs, tokens=3000, seed=1)
+    plan1 = make_plan(inv, budget, 1024, first, memory=opts)
+    assert plan1.hot
+    # identical workload, a new session: counts move by noise only
+    same = first.merged(make_profile(inv, probs, tokens=3000, seed=2))
+    plan2 = make_plan(inv, budget, 1024, same, memory=opts, previous=plan1)
+    d = diff_plans(plan1, plan2, inv, same)
+    assert not d.changed, d.summary()
+    assert "unchanged" in d.summary()
+    # a different workload: other experts are popular now
+    shifted = zipf_probs(3, 16, 1.0, seed=9)
+    other = same.merged(make_profile(inv, shifted, tokens=30000, seed=3))
+    plan3 = make_plan(inv, budget, 1024, other, memory=opts, previous=plan2)
+    d = diff_plans(plan2, plan3, inv, other)
+    assert d.changed and d.promoted and d.demoted
+    assert d.hit_after > d.hit_before + 0.01
+    assert "promoted" in d.summary() and "->" in d.summary()
+    assert any("re-planned" in n for n in plan3.notes)
+
+
+def test_previous_plan_of_other_model_or_too_big_is_ignored(tiny_model_factory):
+    inv = read_inventory(tiny_model_factory("qwen3moe", n_layer=3, n_expert=16))
+    other = read_inventory(tiny_model_factory("qwen3moe", n_layer=3, n_expert=16, seed=4))
+    opts = mm.MemoryOptions(1024, **OPTS)
+    budgets = sorted(budget_range(inv, opts, 4, 11))
+    prof = make_profile(inv, zipf_probs(3, 16))
+    foreign = make_plan(other, budgets[2], 1024, make_profile(other, zipf_probs(3, 16)), memory=opts)
+    plan = make_plan(inv, budgets[2], 1024, prof, memory=opts, previous=foreign)
+    assert any("another model" in n for n in plan.notes)
+    big = make_plan(inv, budgets[3], 1024, prof, memory=opts)
+    small = make_plan(inv, budgets[0], 1024, prof, memory=opts, previous=big)
+    assert small.predicted.gpu_bytes <= budgets[0]
+    with pytest.raises(HybridError, match="different models"):
+        diff_plans(foreign, plan)
+
+
+# --- predictions ---------------------------------------------------------------------------
+
+
+def test_speed_model_directions(tiny_model_factory):
+    from hybrid_gguf.predict import predict_speed
+
+    inv = read_inventory(tiny_model_factory("qwen3moe", n_layer=4))
+    p = profile_probs(make_profile(inv, zipf_probs(4, inv.n_expert)), inv)
+    bw = Bandwidth(cpu_bytes_per_s=50e9, gpu_bytes_per_s=2e12, handoff_s=1e-4)
+    none = predict_speed(inv, p, {}, True, bw, 2048)
+    some = predict_speed(inv, p, {0: [0, 1, 2]}, True, bw, 2048)
+    whole = {l: list(range(inv.n_expert)) for l in range(4)}
+    allg = predict_speed(inv, p, whole, True, bw, 2048)
+    assert none.decode_tokens_per_s < some.decode_tokens_per_s < allg.decode_tokens_per_s
+    assert none.decode_ms["handoff"] == pytest.approx(0.4) and allg.decode_ms["handoff"] == 0
+    assert allg.decode_ms["experts_cpu"] == 0
+    # experts_cpu is selections per token x expert bytes / CPU bandwidth
+    per = inv.layers[0].per_expert_bytes
+    assert none.decode_ms["experts_cpu"] == pytest.approx(1e3 * p.sum() * per / 50e9, rel=0.01)
+    # prefill copies the used host experts (op offload); none when all are on the GPU
+    assert none.prefill_ms["pcie_copies"] > 0 and allg.prefill_ms["pcie_copies"] == 0
+    cpu = predict_speed(inv, p, {}, False, bw, 2048)
+    assert cpu.decode_ms["handoff"] == 0 and cpu.prefill_ms["gpu_compute"] == 0
+
+
+def test_calibration_is_measured_once_and_cached(tmp_path):
+    from hybrid_gguf.predict import calibrate_bandwidth, load_calibration, save_calibration
+
+    path = tmp_path / "calibration.json"
+    bw = calibrate_bandwidth(path=path, n_bytes=16 * 2**20)
+    assert {"cpu_bytes_per_s", "cpu_flops"} <= set(bw.measured)
+    assert 1e8 < bw.cpu_bytes_per_s < 1e13
+    assert "gpu_bytes_per_s" in bw.defaults_used and "cpu_bytes_per_s" not in bw.defaults_used
+    assert calibrate_bandwidth(path=path) == bw  # cached: no second measurement
+    # the GPU side, measured elsewhere, is merged in and kept by later CPU re-measurements
+    gpu = dataclasses.replace(bw, gpu_bytes_per_s=3.9e12, measured=bw.measured + ("gpu_bytes_per_s",))
+    save_calibration(gpu, path)
+    again = calibrate_bandwidth(force=True, path=path, n_bytes=16 * 2**20)
+    assert again.gpu_bytes_per_s == 3.9e12 and "gpu_bytes_per_s" in again.measured
+    assert load_calibration(path) == again
+    with pytest.raises(HybridError):
+        Bandwidth.from_dict({"cpu_bytes_per_s": -1.0})
