@@ -100,6 +100,27 @@ class Plan:
         desc = f"plan: {sum(len(v) for v in self.hot.values())} hot experts, {len(self.rules)} rules"
         return TensorPlacement(tuple(self.rules), desc, n_gpu_layers=self.n_gpu_layers)
 
+    def llama_kwargs(self) -> dict:
+        """llama_cpp.Llama keyword arguments the plan was made for (context and KV cache);
+        pass them with the placement so the memory prediction holds."""
+        from .memory_model import CACHE_TYPE_IDS
+
+        m = self.memory
+        kw = {"n_ctx": int(self.n_ctx), "n_gpu_layers": int(self.n_gpu_layers)}
+        if m.get("n_ubatch"):
+            kw["n_ubatch"] = int(m["n_ubatch"])
+            kw["n_batch"] = max(int(m["n_ubatch"]), 512)
+        if "flash_attn" in m:
+            kw["flash_attn"] = bool(m["flash_attn"])
+        for key in ("type_k", "type_v"):
+            if m.get(key):
+                kw[key] = CACHE_TYPE_IDS[m[key]]
+        if m.get("op_offload") is False:
+            kw["op_offload"] = False
+        if self.tensor_split:
+            kw["tensor_split"] = [float(x) for x in self.tensor_split]
+        return kw
+
     def hybrid_plan_text(self) -> str:
         """The hot packs as the patched llama.cpp's plan text ("" when there are none)."""
         from .hybrid_backend import plan_text

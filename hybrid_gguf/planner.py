@@ -389,6 +389,17 @@ def memory_options(plan: Plan) -> MemoryOptions:
     return MemoryOptions(plan.n_ctx, **kw)
 
 
+def plan_memory(plan: Plan, inv) -> MemoryPrediction:
+    """Bytes per device of a (possibly hand-edited) plan, to check it against its budget or
+    against llama.cpp's logged buffers (memory_model.compare_with_report)."""
+    plan.check_model(inv)
+    gpus = [d.name for d in plan.devices] or ["GPU"]
+    on_gpu = plan.n_gpu_layers != 0
+    return predict_memory(inv, plan.placement(), memory_options(plan), hot=plan.hot if on_gpu else {},
+                          gpus=gpus if on_gpu else (), hot_device=plan.hot_device,
+                          tensor_split=plan.tensor_split)
+
+
 def _kv_per_token(inv, opts: MemoryOptions) -> int:
     from .memory_model import kv_cache_bytes
 

@@ -216,3 +216,44 @@ def test_cli_bad_input(model, tmp_path):
     assert r.exit_code != 0 and "not found" in str(r.exception)
     r = invoke(path, "--gpu-budget", "1GiB", "--plot", tmp_path / "x.png", "--no-calibrate")
     assert r.exit_code != 0 and "--replay" in str(r.exception)
+
+
+# --- the loop (what `run` calls) -------------------------------------------------------------
+
+
+def test_autoplan_loop_with_store(model, tmp_path, monkeypatch, tiny_model_factory):
+    from hybrid_gguf.autoplan import default_plan_path, plan_model
+    from hybrid_gguf.placement import load_llama
+    from hybrid_gguf.planner import plan_memory
+    from hybrid_gguf.profile import ProfileStore
+
+    path, inv = model
+    monkeypatch.setenv("HYBRID_GGUF_CACHE", str(tmp_path / "cache"))
+    store = ProfileStore(tmp_path / "store")
+    store.merge_session(profile_for(inv, seed=1))
+    out = default_plan_path(inv.fingerprint)
+    kw = dict(store=store.root, out=out, calibrate=False, per_expert=True, margin_bytes=0)
+    first = plan_model(path, 17 * mm.MIB, 1024, **kw)
+    assert first.diff is None and out.exists() and first.plan.hot
+    # a session of the same workload: the plan holds
+    store.merge_session(profile_for(inv, seed=1, tokens=300))
+    again = plan_model(path, 17 * mm.MIB, 1024, **kw)
+    assert again.diff is not None and not again.diff.changed
+    # a different workload dominates the store: experts move, and the diff says so
+    store.merge_session(profile_for(inv, seed=8, tokens=60000))
+    moved = plan_model(path, 17 * mm.MIB, 1024, **kw)
+    assert moved.diff.changed and moved.diff.hit_after > moved.diff.hit_before
+    # the plan's own memory prediction, recomputed from the file, stays in budget
+    back = Plan.load(out, inv)
+    assert plan_memory(back, inv).gpu_bytes == back.predicted.gpu_bytes <= 17 * mm.MIB
+    # a plan file made for another model is never applied, only noted
+    foreign_path = tiny_model_factory("qwen3moe", n_layer=3, n_expert=8, seed=2)
+    foreign = plan_model(foreign_path, 17 * mm.MIB, 1024, **{**kw, "out": tmp_path / "foreign.yaml"})
+    res = plan_model(path, 17 * mm.MIB, 1024, previous_path=tmp_path / "foreign.yaml", **{**kw, "out": None})
+    assert res.previous is None and foreign.plan.fingerprint != res.plan.fingerprint
+    assert any("another model" in n for n in res.plan.notes)
+    # what llama.cpp gets: overrides + context arguments load on this (CPU) machine
+    kwargs = back.llama_kwargs()
+    assert kwargs["n_ctx"] == 1024 and kwargs["n_gpu_layers"] == -1
+    loaded = load_llama(path, back.placement(), verbose=False, n_threads=1, **kwargs)
+    loaded.llm.close()

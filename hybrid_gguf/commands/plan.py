@@ -4,7 +4,6 @@ write the plan YAML; optionally replay a routing trace against static plans and 
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -25,44 +24,6 @@ def parse_devices(spec: str) -> list:
             raise HybridError(f"--devices expects NAME=SIZE[,NAME=SIZE], got {item!r}")
         out.append(DeviceBudget(name.strip(), parse_size(size)))
     return out
-
-
-def detect_devices(budget: int, console) -> tuple:
-    """([DeviceBudget], gpu present?): the first GPU with its free memory, or a stand-in."""
-    from ..plan import DeviceBudget
-
-    try:
-        from ..devices import gpu_devices
-
-        gpus = gpu_devices()
-    except Exception:  # llama_cpp missing or broken: plan for a hypothetical GPU
-        gpus = []
-    if not gpus:
-        return [DeviceBudget("GPU", budget)], False
-    g = gpus[0]
-    return [DeviceBudget(g.name, budget, free_bytes=g.free_bytes)], True
-
-
-def compute_bytes_for(model: Path, inv, n_ctx: int, n_ubatch: int, flash_attn: bool, gpu_present: bool,
-                      notes: list) -> Optional[int]:
-    """The GPU compute buffer from a llama.cpp dry run (exact on a GPU machine; on a CPU-only
-    machine the CPU graph's buffer + 10% stands in for the GPU's)."""
-    from ..memory_model import measure_compute_bytes
-
-    try:
-        measured = measure_compute_bytes(model, n_ctx, n_ubatch, flash_attn, n_gpu_layers=-1)
-    except Exception as exc:  # no llama_cpp, or it cannot read the file
-        notes.append(f"compute buffer estimated analytically (dry run failed: {exc})")
-        return None
-    gpu = {d: n for d, n in measured.items() if d != "CPU"}
-    if gpu_present and gpu:
-        notes.append("compute buffer measured by a llama.cpp dry run")
-        return max(gpu.values())
-    cpu = measured.get("CPU")
-    if cpu:
-        notes.append("no GPU here: compute buffer from a CPU dry run + 10%")
-        return int(cpu * 1.1)
-    return None
 
 
 def register(app: typer.Typer) -> None:
@@ -98,72 +59,26 @@ def register(app: typer.Typer) -> None:
         """Plan per-expert GPU/CPU placement for a GPU budget and predict hit rate and speed."""
         from rich.console import Console
 
-        from ..inventory import read_inventory
-        from ..memory_model import MemoryOptions
-        from ..plan import Plan
-        from ..planner import diff_plans, make_plan
-        from ..predict import Bandwidth, calibrate_bandwidth
-        from ..profile import ProfileStore, RoutingProfile
+        from ..autoplan import plan_model
+        from ..planner import memory_options
+        from ..predict import Bandwidth
         from ..sizes import parse_size
 
         console = Console(stderr=as_json)
         budget = parse_size(gpu_budget)
-        inv = read_inventory(model)
-        notes: list = []
-
-        if devices_spec:
-            devs, gpu_present = parse_devices(devices_spec), True
-            budget = sum(d.budget_bytes for d in devs)
-        else:
-            devs, gpu_present = detect_devices(budget, console)
-            if not gpu_present:
-                notes.append("no GPU visible here: planned for a hypothetical GPU named GPU")
-
-        if profile_path is not None:
-            profile = RoutingProfile.load(profile_path, expected_fingerprint=inv.fingerprint)
-        else:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                profile = ProfileStore(store).load(inv.fingerprint)
-            notes.extend(str(w.message) for w in caught)
-
-        per_expert = not whole_tensor
-        if per_expert:
-            try:
-                from ..hybrid_backend import capability
-
-                per_expert = capability().per_expert
-            except Exception:
-                per_expert = False
-
-        compute = None
-        if measure:
-            compute = compute_bytes_for(model, inv, ctx, n_ubatch, flash_attn, gpu_present, notes)
-        opts = MemoryOptions(ctx, n_ubatch=n_ubatch, type_k=type_k, type_v=type_v, flash_attn=flash_attn,
-                             compute_bytes=compute, compute_factor=1.0 if compute is not None else 1.25,
-                             margin_bytes=parse_size(margin))
-        bw = calibrate_bandwidth() if calibrate else Bandwidth()
-
-        prev_plan = None
-        prev_file = previous or (out if out is not None and out.exists() else None)
-        if prev_file is not None:
-            try:
-                prev_plan = Plan.load(prev_file, inv)
-            except HybridError as exc:
-                if previous is not None:
-                    raise
-                notes.append(f"not re-using {prev_file} as the previous plan: {exc}")
-
-        plan = make_plan(inv, budget, ctx, profile, per_expert=per_expert, devices=devs, bandwidth=bw,
-                         previous=prev_plan, memory=opts, hysteresis=hysteresis)
-        plan.notes = notes + plan.notes
-        diff = diff_plans(prev_plan, plan, inv, profile) if prev_plan is not None else None
-        if out is not None:
-            plan.save(out)
+        devs = parse_devices(devices_spec) if devices_spec else None
+        res = plan_model(model, budget, ctx, profile_path=profile_path, store=store, previous_path=previous,
+                         out=out, devices=devs, per_expert=False if whole_tensor else None, measure=measure,
+                         calibrate=calibrate, n_ubatch=n_ubatch, flash_attn=flash_attn, type_k=type_k,
+                         type_v=type_v, margin_bytes=parse_size(margin), hysteresis=hysteresis)
+        plan, diff, inv = res.plan, res.diff, res.inventory
+        opts = memory_options(plan)
+        per_expert = plan.backend == "per-expert"
+        bw = Bandwidth.from_dict(plan.predicted.bandwidth) if plan.predicted.bandwidth else Bandwidth()
 
         report = None
         if replay_path is not None:
-            report = run_replay(replay_path, inv, plan, budget, ctx, opts, per_expert, bw)
+            report = run_replay(replay_path, inv, plan, plan.budget_bytes, ctx, opts, per_expert, bw)
             if plot is not None:
                 from ..replay import plot_replay
 

@@ -1,0 +1,171 @@
+"""The between-session loop, for `plan` and `run`: gather what the pure planner needs on this
+machine (devices, stored profile, llama.cpp's compute-buffer size, calibrated bandwidth,
+the plan in use), plan, and say what changed.
+
+    res = plan_model("model.gguf", 8 * 2**30, 8192)      # stored profile, cached plan
+    res.plan.placement(), res.plan.hybrid_plan_text()     # what llama.cpp gets
+    res.diff.summary() if res.diff else "first plan"
+
+Plans that `run` makes itself live in ~/.cache/hybrid-gguf/plans/<fingerprint>.yaml, so the
+next run re-plans against them (hysteresis) and reports promotions/demotions.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+from .errors import HybridError
+from .memory_model import MemoryOptions, MIB
+
+PathLike = Union[str, os.PathLike]
+AUTO_BUDGET_FRACTION = 0.9  # of free VRAM when no budget is given
+
+
+@dataclass
+class AutoPlan:
+    plan: object  # Plan
+    diff: Optional[object]  # PlanDiff vs the previous plan, None for a first plan
+    inventory: object
+    profile: Optional[object]
+    previous: Optional[object] = None
+    notes: list = field(default_factory=list)  # also prepended to plan.notes
+
+
+def plans_dir() -> Path:
+    env = os.environ.get("HYBRID_GGUF_CACHE")
+    base = Path(env).expanduser() if env else Path.home() / ".cache" / "hybrid-gguf"
+    return base / "plans"
+
+
+def default_plan_path(fingerprint: str) -> Path:
+    return plans_dir() / f"{fingerprint[:32]}.yaml"
+
+
+def detect_devices(budget: Optional[int]) -> tuple:
+    """([DeviceBudget], notes): the first GPU llama.cpp sees, or a stand-in named "GPU".
+
+    budget None: AUTO_BUDGET_FRACTION of the GPU's free memory (0 without a GPU)."""
+    from .plan import DeviceBudget
+    from .sizes import format_size
+
+    try:
+        from .devices import gpu_devices
+
+        gpus = gpu_devices()
+    except Exception:  # llama_cpp missing or broken: plan for a hypothetical GPU
+        gpus = []
+    notes = []
+    if not gpus:
+        if budget is None:
+            notes.append("no GPU visible here and no budget given: everything on the CPU")
+            return [DeviceBudget("GPU", 0)], notes
+        notes.append("no GPU visible here: planned for a hypothetical GPU named GPU")
+        return [DeviceBudget("GPU", budget)], notes
+    g = gpus[0]
+    if budget is None:
+        budget = int(g.free_bytes * AUTO_BUDGET_FRACTION)
+        notes.append(f"no budget given: {format_size(budget)} ({AUTO_BUDGET_FRACTION:.0%} of {g.name}'s "
+                     "free memory)")
+    return [DeviceBudget(g.name, budget, free_bytes=g.free_bytes)], notes
+
+
+def measured_compute_bytes(model_path: PathLike, n_ctx: int, n_ubatch: int, flash_attn: bool,
+                           gpu_present: bool, notes: list) -> Optional[int]:
+    """The GPU compute buffer from a llama.cpp dry run: exact on a GPU machine; on a
+    CPU-only machine the CPU graph's buffer + 10% stands in for the GPU's."""
+    from .memory_model import measure_compute_bytes
+
+    try:
+        measured = measure_compute_bytes(model_path, n_ctx, n_ubatch, flash_attn, n_gpu_layers=-1)
+    except Exception as exc:  # no llama_cpp, or it cannot read the file
+        notes.append(f"compute buffer estimated analytically (dry run failed: {exc})")
+        return None
+    gpu = {d: n for d, n in measured.items() if d != "CPU"}
+    if gpu_present and gpu:
+        notes.append("compute buffer measured by a llama.cpp dry run")
+        return max(gpu.values())
+    if measured.get("CPU"):
+        notes.append("no GPU here: compute buffer from a CPU dry run + 10%")
+        return int(measured["CPU"] * 1.1)
+    return None
+
+
+def plan_model(model_path: PathLike, gpu_budget: Optional[int], n_ctx: int, *,
+               profile=None, profile_path: Optional[PathLike] = None, store: Optional[PathLike] = None,
+               previous=None, previous_path: Optional[PathLike] = None, out: Optional[PathLike] = None,
+               devices: Optional[Sequence] = None, per_expert: Optional[bool] = None,
+               measure: bool = True, calibrate: bool = True, n_ubatch: int = 512,
+               flash_attn: bool = False, type_k: str = "f16", type_v: str = "f16",
+               margin_bytes: int = 64 * MIB, hysteresis: float = 0.01, inventory=None) -> AutoPlan:
+    """Plan `model_path` on this machine.
+
+    profile / profile_path: the routing profile (default: the profile store's entry).
+    previous / previous_path: the plan in use (default: `out` if it exists); a plan for
+      another model is ignored with a note, never applied.
+    devices: [DeviceBudget] for several GPUs (default: the first GPU, or a stand-in).
+    per_expert: None = what this llama.cpp build supports.
+    out: write the plan there (YAML).
+    """
+    from .inventory import read_inventory
+    from .plan import Plan
+    from .planner import diff_plans, make_plan
+    from .predict import Bandwidth, calibrate_bandwidth
+    from .profile import ProfileStore, RoutingProfile
+
+    inv = inventory if inventory is not None else read_inventory(model_path)
+    notes: list = []
+    if devices:
+        devs, gpu_present = list(devices), True
+    else:
+        devs, dev_notes = detect_devices(gpu_budget)
+        notes += dev_notes
+        gpu_present = not any("no GPU visible" in n for n in dev_notes)
+    budget = sum(d.budget_bytes for d in devs)
+
+    if profile is None and profile_path is not None:
+        profile = RoutingProfile.load(profile_path, expected_fingerprint=inv.fingerprint)
+    elif profile is None and inv.is_moe:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            profile = ProfileStore(store).load(inv.fingerprint)
+        notes += [str(w.message) for w in caught]
+
+    if per_expert is None:
+        try:
+            from .hybrid_backend import capability
+
+            per_expert = capability().per_expert
+        except Exception:
+            per_expert = False
+
+    compute = measured_compute_bytes(model_path, n_ctx, n_ubatch, flash_attn, gpu_present, notes) \
+        if measure else None
+    opts = MemoryOptions(n_ctx, n_ubatch=n_ubatch, type_k=type_k, type_v=type_v, flash_attn=flash_attn,
+                         compute_bytes=compute, compute_factor=1.0 if compute is not None else 1.25,
+                         margin_bytes=margin_bytes)
+    bw = calibrate_bandwidth() if calibrate else Bandwidth()
+
+    prev = previous
+    prev_file = previous_path or (out if out is not None and Path(out).exists() else None)
+    if prev is None and prev_file is not None:
+        try:
+            prev = Plan.load(prev_file, inv)
+        except HybridError as exc:
+            if previous_path is not None and "another model" not in str(exc):
+                raise
+            notes.append(f"not re-using {prev_file} as the previous plan: {exc}")
+    if prev is not None and prev.fingerprint != inv.fingerprint:
+        notes.append("the previous plan is for another model; ignored")
+        prev = None
+
+    plan = make_plan(inv, budget, n_ctx, profile, per_expert=per_expert, devices=devs, bandwidth=bw,
+                     previous=prev, memory=opts, hysteresis=hysteresis)
+    plan.notes = notes + plan.notes
+    diff = diff_plans(prev, plan, inv, profile) if prev is not None else None
+    if out is not None:
+        plan.save(out)
+    return AutoPlan(plan, diff, inv, profile, prev, notes)
