@@ -296,7 +296,8 @@ def make_plan(inventory, budget_bytes: int, n_ctx: int, profile=None, per_expert
     # 1. everything on the GPU?
     everything = predict_memory(inv, None, opts, gpus=gpus, tensor_split=split)
     if all(d.total <= budgets[n] for n, d in everything.devices.items() if n != CPU):
-        notes.append("the whole model fits the budget: every expert on the GPU")
+        notes.append("the whole model fits the budget: " + ("every expert on the GPU" if inv.is_moe
+                                                               else "everything on the GPU"))
         return finish([], {}, "per-expert" if per_expert else "whole-tensor")
 
     if not inv.is_moe:

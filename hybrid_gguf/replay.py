@@ -81,6 +81,11 @@ def trace_from_records(token: np.ndarray, layer: np.ndarray, ids: np.ndarray,
     return _checked(Trace(out, int(n_expert or max(int(ids.max()) + 1, 1))))
 
 
+def trace_from_routing(routing_trace, n_layer: int, n_expert: int) -> Trace:
+    """A Trace from recorder.RoutingTrace (RoutingRecorder(..., trace_capacity=N).snapshot().trace)."""
+    return trace_from_records(routing_trace.token, routing_trace.layer, routing_trace.ids, n_layer, n_expert)
+
+
 def _checked(trace: Trace) -> Trace:
     if trace.ids.ndim != 3:
         raise HybridError(f"trace ids must be [n_tokens, n_layer, k], got shape {trace.ids.shape}")

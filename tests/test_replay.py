@@ -160,3 +160,33 @@ def test_plot(tmp_path):
     rep = replay(trace, [1, 2, 4])
     out = plot_replay(rep, tmp_path / "r.png")
     assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_recorder_ring_buffer_replays(tiny_model_factory):
+    """A trace straight from the recorder's ring buffer: same counts as its histogram."""
+    import llama_cpp  # noqa: F401  (libllama before the recorder)
+
+    from hybrid_gguf.greedy import greedy
+    from hybrid_gguf.llama_hooks import construct_llama
+    from hybrid_gguf.recorder import RoutingRecorder, recorder_status
+    from hybrid_gguf.replay import trace_from_routing
+
+    ok, why = recorder_status()
+    if not ok:
+        pytest.skip(why)
+    path = tiny_model_factory("qwen3moe")
+    rec = RoutingRecorder(2, 8, 2, trace_capacity=4096)
+    llm = construct_llama(str(path), context_patch=rec.attach(), n_ctx=256, n_gpu_layers=0,
+                          n_threads=1, verbose=False)
+    try:
+        greedy(llm, [1] + [3 + b for b in b"def f(x): return x"], 24)
+        snap = rec.snapshot()
+    finally:
+        llm.close()
+    trace = trace_from_routing(snap.trace, 2, 8)
+    counts, tokens = trace.counts()
+    assert np.array_equal(counts, snap.counts)
+    assert np.array_equal(tokens, snap.tokens_per_layer)
+    rep = replay(trace, [4, 16])
+    assert rep.rows[1].static == rep.rows[1].oracle == 1.0  # 16 slots hold all 2 x 8 experts
+    assert rep.rows[0].static <= rep.rows[0].oracle

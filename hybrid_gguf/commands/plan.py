@@ -154,7 +154,8 @@ def print_plan(console, plan, inv, explain: bool) -> None:
                   f"for {format_size(plan.budget_bytes)} of GPU memory, context {plan.n_ctx}")
     console.print(f"backend: {plan.backend}; {n_hot} hot experts in {len(plan.hot)} layers; "
                   f"{len(whole)} layers' experts whole on the GPU")
-    console.print(f"predicted: hit rate {_pct(pr.hit_rate)}, decode {pr.decode_tokens_per_s:.1f} tokens/s, "
+    hit = _pct(pr.hit_rate) if inv.is_moe else "n/a (no experts)"
+    console.print(f"predicted: hit rate {hit}, decode {pr.decode_tokens_per_s:.1f} tokens/s, "
                   f"prefill {pr.prefill_tokens_per_s:.0f} tokens/s, GPU {format_size(pr.gpu_bytes)}")
     for n in plan.notes:
         console.print(f"  note: {n}")
