@@ -26,6 +26,9 @@ if not hybrid_backend.capability().per_expert:
     pytest.skip(hybrid_backend.STOCK_NOTICE, allow_module_level=True)
 
 PROMPT = [1] + [3 + b for b in b"def main(argv):\n    return"]
+# 40+ tokens: a batch past GGML_OP_OFFLOAD_MIN_BATCH (32), so on a GPU the cold chain is
+# offloaded and the batched MUL_MAT_ID kernels (mmq/mmf with compact ids) run
+LONG_PROMPT = [1] + [3 + b for b in b"import os\nimport sys\n\ndef main(argv):\n    for a in argv:\n        print(a)\n"]
 N_GEN = 12
 
 ARCH_PRESETS = {
@@ -33,6 +36,7 @@ ARCH_PRESETS = {
     "qwen2moe": dict(name="tiny-qwen2moe", n_layer=3, n_expert=8, n_expert_used=2),
     "llama": dict(name="tiny-mixtral", n_layer=3, n_expert=8, n_expert_used=2),
     "gpt-oss": dict(name="tiny-gpt-oss", n_layer=2, n_expert=8, n_expert_used=4),
+    "qwen3moe-q8": dict(name="tiny", n_layer=3, n_expert=8, n_expert_used=2, weight_type="Q8_0"),
 }
 
 
@@ -85,27 +89,28 @@ def hot_sets(n_layer, n_expert):
     }
 
 
-def gpu_tolerance(path):
+def gpu_tolerance(path, prompt):
     """On the GPU the hot experts run in CUDA kernels whose F32 matmuls round differently
     from the CPU's; the yardstick is the gap between the two unsplit references (all
     experts on the CPU vs all on the GPU), which the split must not exceed."""
     from hybrid_gguf.placement import load_llama
 
     llm = load_llama(path, None, n_ctx=128, n_batch=64, seed=1, verbose=False).llm
-    all_gpu = greedy(llm, PROMPT, N_GEN)
+    all_gpu = greedy(llm, prompt, N_GEN)
     llm.close()
     return all_gpu
 
 
+@pytest.mark.parametrize("prompt", [PROMPT, LONG_PROMPT], ids=["short", "long"])
 @pytest.mark.parametrize("arch", list(ARCH_PRESETS))
-def test_split_matches_unsplit(models, arch):
+def test_split_matches_unsplit(models, arch, prompt):
     path, spec = models[arch]
     ref_llm = load(path)
-    ref = greedy(ref_llm, PROMPT, N_GEN)
+    ref = greedy(ref_llm, prompt, N_GEN)
     ref_llm.close()
     tol = 1e-3
     if ON_GPU:
-        all_gpu = gpu_tolerance(path)
+        all_gpu = gpu_tolerance(path, prompt)
         assert all_gpu.tokens == ref.tokens
         tol = max(1e-3, 1.5 * float(np.max(np.abs(all_gpu.logits - ref.logits))))
     for label, hot in hot_sets(spec.n_layer, spec.n_expert).items():
@@ -117,7 +122,7 @@ def test_split_matches_unsplit(models, arch):
             assert hybrid_backend.pack_bytes(llm._model.model) > 0
             for layer, experts in hot.items():
                 assert hybrid_backend.n_hot(llm._model.model, layer) == len(experts)
-        run = greedy(llm, PROMPT, N_GEN)
+        run = greedy(llm, prompt, N_GEN)
         llm.close()
         assert run.tokens == ref.tokens, f"{arch}/{label}: greedy tokens differ"
         delta = float(np.max(np.abs(run.logits - ref.logits)))
