@@ -11,7 +11,7 @@ Only what qwen3moe uses is implemented: no biases, no shared experts, no expert 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -124,10 +124,15 @@ def attention(x: np.ndarray, w: Dict[str, np.ndarray], b: str, cfg: TinyMoeConfi
     return out @ w[b + "attn_output.weight"].T
 
 
-def moe_ffn(x: np.ndarray, w: Dict[str, np.ndarray], b: str, cfg: TinyMoeConfig):
-    """Softmax over all experts, top-k, renormalized top-k weights, SwiGLU experts."""
+def moe_ffn(x: np.ndarray, w: Dict[str, np.ndarray], b: str, cfg: TinyMoeConfig,
+            sel: Optional[np.ndarray] = None):
+    """Softmax over all experts, top-k, renormalized top-k weights, SwiGLU experts.
+
+    `sel` replaces the top-k choice (to follow another implementation's routing).
+    """
     probs = softmax(x @ w[b + "ffn_gate_inp.weight"].T)
-    sel = top_k(probs, cfg.n_expert_used)
+    if sel is None:
+        sel = top_k(probs, cfg.n_expert_used)
     sel_w = np.take_along_axis(probs, sel, axis=-1)
     sel_w = sel_w / sel_w.sum(-1, keepdims=True)
     gate, up, down = (w[b + "ffn_gate_exps.weight"], w[b + "ffn_up_exps.weight"],
@@ -141,8 +146,14 @@ def moe_ffn(x: np.ndarray, w: Dict[str, np.ndarray], b: str, cfg: TinyMoeConfig)
     return out, probs, sel
 
 
-def forward(model: TinyMoeModel, tokens: Sequence[int]) -> ForwardResult:
-    """Logits for every position of one sequence starting at position 0 (float32)."""
+def forward(model: TinyMoeModel, tokens: Sequence[int],
+            force_topk: Optional[Sequence[np.ndarray]] = None) -> ForwardResult:
+    """Logits for every position of one sequence starting at position 0 (float32).
+
+    `force_topk` (per layer, (T, k) expert ids) makes the pass use those selections instead
+    of its own: comparing logits against llama.cpp with llama.cpp's routing keeps a
+    near-tie that rounding flipped from hiding (or faking) an arithmetic difference.
+    """
     cfg, w = model.cfg, model.weights
     toks = np.asarray(tokens, dtype=np.int64)
     x = w["token_embd.weight"][toks].astype(np.float32)
@@ -150,7 +161,8 @@ def forward(model: TinyMoeModel, tokens: Sequence[int]) -> ForwardResult:
     for il in range(cfg.n_layer):
         b = f"blk.{il}."
         x = x + attention(rms_norm(x, w[b + "attn_norm.weight"], cfg.rms_eps), w, b, cfg)
-        m, probs, sel = moe_ffn(rms_norm(x, w[b + "ffn_norm.weight"], cfg.rms_eps), w, b, cfg)
+        forced = None if force_topk is None else np.asarray(force_topk[il])
+        m, probs, sel = moe_ffn(rms_norm(x, w[b + "ffn_norm.weight"], cfg.rms_eps), w, b, cfg, forced)
         x = x + m
         res.probs.append(probs)
         res.topk.append(sel)

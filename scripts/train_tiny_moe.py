@@ -45,7 +45,7 @@ HELD_OUT = [
     "sqlite3", "statistics", "tomllib", "xml", "zoneinfo",
 ]
 
-DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "hybrid_gguf", "data")
+DATA_DIR = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "hybrid_gguf", "data"))
 
 
 # ---------------------------------------------------------------- model
@@ -243,7 +243,7 @@ def check_against_reference(gguf_path: str, p_trained, cfg: TinyMoeConfig, seqs:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--warmup", type=int, default=100)
@@ -296,14 +296,14 @@ def main() -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(p.values()), 1.0)
         opt.step()
-        ce_v = float(ce)
+        ce_v = ce.item()
         ema = ce_v if ema is None else 0.95 * ema + 0.05 * ce_v
         if step % args.log_every == 0 or step == steps - 1:
             el = time.time() - t_train
             curve.append({"step": step, "ce": round(ce_v, 4), "ce_ema": round(ema, 4),
-                          "aux": round(float(aux), 4), "seconds": round(el, 1)})
+                          "aux": round(aux.item(), 4), "seconds": round(el, 1)})
             print(f"step {step:5d}  ce {ce_v:.4f}  ema {ema:.4f}  bits/tok {ema / math.log(2):.3f}  "
-                  f"aux {float(aux):.4f}  lr {opt.param_groups[0]['lr']:.2e}  "
+                  f"aux {aux.item():.4f}  lr {opt.param_groups[0]['lr']:.2e}  "
                   f"{el:.0f}s ({(step + 1) * args.batch * seq / el:.0f} tok/s)", flush=True)
     train_seconds = time.time() - t_train
     if args.bench:
@@ -354,7 +354,7 @@ def main() -> None:
         "heldout_bits_per_byte": round(held_bpb, 4),
         "heldout_unigram_bits_per_byte": round(held_uni, 4),
         "train_text_bits_per_byte": round(train_bpb, 4),
-        "command": "scripts/train_tiny_moe.py " + " ".join(sys.argv[1:]),
+        "command": " ".join(["scripts/train_tiny_moe.py"] + sys.argv[1:]),
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     write_gguf(args.out, cfg, weights, train_info)

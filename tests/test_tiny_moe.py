@@ -1,6 +1,7 @@
 """The bundled tiny MoE: llama.cpp agrees with the numpy reference forward.
 
-Logits of fixed sequences must match within float tolerance, and every layer's top-k
+Logits of fixed sequences must match within float tolerance (with the reference following
+llama.cpp's routing, see test_logits_and_routing_match_reference), and every layer's top-k
 expert selection must be the same set, seen two ways: a Python cb_eval callback that
 reads `ffn_moe_topk-<il>` and (where it builds) the native routing recorder's trace.
 A selection may differ only where the reference itself calls it a near-tie, because
@@ -39,7 +40,7 @@ TEXTS = [
     "by a context manager. This allows common try/except/finally usage patterns to be "
     "encapsulated for convenient reuse. Caf\u00e9 \u2014 na\u00efve \u00fcber.",
 ]
-LOGIT_ATOL = 0.05  # llama.cpp rounds activations to F16 inside F16 matmuls / KV cache
+LOGIT_ATOL = 0.03  # llama.cpp rounds activations to F16 in F16 matmuls and the KV cache (seen: 0.012)
 NEAR_TIE = 2e-3  # router prob gap below which a top-k swap is rounding, not a bug
 
 
@@ -160,17 +161,24 @@ def test_tokenizer_matches_llama_cpp(sequences):
 def test_logits_and_routing_match_reference(model, sequences, reference):
     cb = TopkCallback()
     llm = _llama(cb.patch)
-    k = model.cfg.n_expert_used
+    cfg = model.cfg
     swaps = 0
     for seq, want in zip(sequences, reference):
         cb.rows.clear()
         got = _eval(llm, seq)
-        err = np.abs(got - want.logits)
-        assert err.max() < LOGIT_ATOL, f"max |dlogit| {err.max():.4f}"
+        seen = [cb.topk(il) for il in range(cfg.n_layer)]
+        for il in range(cfg.n_layer):
+            swaps += _check_routing(f"callback layer {il}", seen[il], want.topk[il],
+                                    want.probs[il], cfg.n_expert_used)
+        # Arithmetic: the reference following llama.cpp's routing matches it tightly.
+        # (A flipped near-tie moves its token's logits by far more than rounding does.)
+        forced = ref.forward(model, seq, force_topk=seen)
+        err = np.abs(got - forced.logits)
+        assert err.max() < LOGIT_ATOL, f"max |dlogit| {err.max():.4f} with llama.cpp's routing"
+        # Own routing: same predictions, small average difference.
         assert (got.argmax(-1) == want.logits.argmax(-1)).mean() > 0.98
-        for il in range(model.cfg.n_layer):
-            swaps += _check_routing(f"callback layer {il}", cb.topk(il), want.topk[il], want.probs[il], k)
-    assert swaps <= 0.01 * sum(len(s) for s in sequences) * model.cfg.n_layer
+        assert np.abs(got - want.logits).mean() < 0.01
+    assert swaps <= 0.01 * sum(len(s) for s in sequences) * cfg.n_layer
 
 
 def test_native_recorder_trace_matches_reference(model, sequences, reference):
