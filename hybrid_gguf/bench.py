@@ -176,6 +176,7 @@ def run_bench(model_path: Path, *, budget_bytes: int, profile_prompts: Sequence[
               eval_prompt: Sequence[int], n_prompt: int, n_gen: int, reps: int, n_ctx: int = 2048,
               configs: Optional[Sequence[str]] = None, pack_device: str = "CUDA0",
               n_threads: Optional[int] = None, counts: Optional[np.ndarray] = None,
+              eval_counts: Optional[np.ndarray] = None,
               log: Callable[[str], None] = print) -> dict:
     """Profile (unless counts are given), then time each placement; returns a JSON-able dict."""
     from .devices import gpu_devices
@@ -193,8 +194,11 @@ def run_bench(model_path: Path, *, budget_bytes: int, profile_prompts: Sequence[
     prompt = list(eval_prompt)[:n_prompt]
     if len(prompt) < n_prompt:
         raise HybridError(f"evaluation prompt has {len(prompt)} tokens, fewer than --pp {n_prompt}")
+    results: list[Result] = []
 
-    if counts is None:
+    if counts is None or eval_counts is None:
+        # one recorded load: the profile workload, then the timed workload's routing, so the
+        # timed loads below run without a recorder (its syncs would slow every placement)
         rec = new_recorder()
         loaded = load_config(model_path, inv, Config("profile", _cpu_moe()), n_ctx, 512, rec,
                              pack_device, n_threads)
@@ -202,6 +206,7 @@ def run_bench(model_path: Path, *, budget_bytes: int, profile_prompts: Sequence[
             loaded.llm.reset()
             loaded.llm.eval(list(p))
         counts = rec.snapshot(trace=False).counts
+        _, _, eval_counts = measure_once(loaded.llm, prompt, n_gen, rec)
         loaded.llm.close()
         rec.close()
         log(f"profiled {int(counts.sum() / max(inv.n_expert_used, 1) / max(inv.n_layer, 1))} tokens")
@@ -209,35 +214,27 @@ def run_bench(model_path: Path, *, budget_bytes: int, profile_prompts: Sequence[
     all_cfgs = build_configs(inv, counts, budget_bytes, include_all_gpu=True, gpu_free_bytes=gpu_free)
     if configs:
         all_cfgs = [c for c in all_cfgs if c.name in configs]
-    results: list[Result] = []
     for cfg in all_cfgs:
-        rec = new_recorder()
         t0 = time.perf_counter()
         try:
-            loaded = load_config(model_path, inv, cfg, n_ctx, max(512, n_prompt), rec, pack_device, n_threads)
+            loaded = load_config(model_path, inv, cfg, n_ctx, max(512, n_prompt), None, pack_device, n_threads)
         except HybridError as exc:
             results.append(Result(cfg.name, n_prompt, n_gen, [], [], None, cfg.gpu_expert_bytes, 0, 0.0, str(exc)))
-            rec.close()
             continue
         load_s = time.perf_counter() - t0
         measure_once(loaded.llm, prompt[:32], 4, None)  # warm-up: graphs, CUDA kernels
-        pps, tgs, hits = [], [], []
+        pps, tgs = [], []
         for _ in range(reps):
-            pp, tg, cnt = measure_once(loaded.llm, prompt, n_gen, rec)
+            pp, tg, _ = measure_once(loaded.llm, prompt, n_gen, None)
             pps.append(pp)
             tgs.append(tg)
-            if cnt is not None:
-                h = hit_rate(cnt, cfg.hot) if cfg.name != "cpu-experts" else 0.0
-                if h is not None:
-                    hits.append(h)
-        res = Result(cfg.name, n_prompt, n_gen, pps, tgs, statistics.mean(hits) if hits else None,
-                     cfg.gpu_expert_bytes, vram_model_bytes(loaded), load_s)
+        hit = 0.0 if cfg.name == "cpu-experts" else hit_rate(eval_counts, cfg.hot)
+        res = Result(cfg.name, n_prompt, n_gen, pps, tgs, hit, cfg.gpu_expert_bytes, vram_model_bytes(loaded), load_s)
         log(f"{cfg.name:12s} pp {statistics.median(pps):8.1f} t/s  tg {statistics.median(tgs):7.2f} t/s  "
             f"hit {res.hit_rate if res.hit_rate is not None else float('nan'):.3f}  "
             f"gpu experts {cfg.gpu_expert_bytes / 2**30:.2f} GiB")
         results.append(res)
         loaded.llm.close()
-        rec.close()
 
     out = {
         "model": str(model_path),
@@ -250,6 +247,7 @@ def run_bench(model_path: Path, *, budget_bytes: int, profile_prompts: Sequence[
         "budget_share_of_experts": budget_bytes / inv.expert_bytes_total,
         "results": [r.summary() for r in results],
         "_counts": counts,
+        "_eval_counts": eval_counts,
     }
     base = {r.name: r for r in results}
     if "whole-layer" in base and "per-expert" in base and base["whole-layer"].tg_ts:

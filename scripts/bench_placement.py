@@ -72,7 +72,7 @@ def main() -> int:
     budgets += [parse_size(b) for b in opts.gpu_budget]
 
     runs = []
-    counts = None
+    counts = eval_counts = None
     for budget in budgets:
         print(f"== budget {budget / 2**30:.2f} GiB of expert bytes "
               f"({100 * budget / inv.expert_bytes_total:.0f}% of {inv.expert_bytes_total / 2**30:.2f} GiB)", flush=True)
@@ -81,8 +81,8 @@ def main() -> int:
                         eval_prompt=eval_prompt, n_prompt=opts.pp, n_gen=opts.tg, reps=opts.reps,
                         configs=opts.configs if counts is None else ["whole-layer", "per-expert"],
                         pack_device=opts.pack_device, n_threads=opts.threads,
-                        counts=counts, log=lambda s: print(s, flush=True))
-        counts = out.pop("_counts")
+                        counts=counts, eval_counts=eval_counts, log=lambda s: print(s, flush=True))
+        counts, eval_counts = out.pop("_counts"), out.pop("_eval_counts")
         out["wall_s"] = time.perf_counter() - t0
         for key in ("per_expert_vs_whole_layer_tg", "per_expert_vs_whole_layer_pp"):
             if key in out:
