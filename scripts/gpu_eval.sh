@@ -41,14 +41,6 @@ fi
 
 python3 -c "import llama_cpp; from hybrid_gguf import hybrid_backend as h; print('llama_cpp', llama_cpp.__version__, h.capability())"
 
-if has diag; then
-    for maps in pack cpu; do
-        log "diagnostics, lookup tables on: $maps"
-        LLAMA_HYBRID_MAPS=$maps python3 diag_gpu.py 2>&1 | grep -v "ggml_cuda_init\|Device 0\|compute buffer size" | tail -12
-        LLAMA_HYBRID_MAPS=$maps python3 diag_gpu2.py 2>&1 | grep "ffn_moe" | head -10
-    done
-fi
-
 if has split; then
     # the split must match the unsplit model; try the default table placement, then the CPU one
     for maps in pack cpu; do
