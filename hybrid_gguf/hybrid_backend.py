@@ -54,7 +54,9 @@ def capability() -> Capability:
 
 def plan_text(hot: Mapping[int, Sequence[int]], buffer_type: Optional[str] = None) -> str:
     """Serialize {layer: [expert, ...]} as the patch's plan text (slot order = list order)."""
-    parts = [f"buft={buffer_type}"] if buffer_type else []
+    # "GPU" means the first GPU, which is also the patch's default
+    named = buffer_type and buffer_type.upper() != "GPU"
+    parts = [f"buft={buffer_type}"] if named else []
     for layer in sorted(hot):
         experts = list(hot[layer])
         if experts:

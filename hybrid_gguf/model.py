@@ -50,6 +50,7 @@ class PlacementSummary:
     buffers: dict = field(default_factory=dict)   # llama.cpp's reported buffer sizes
     hot_pack_bytes: int = 0
     pack_device: Optional[str] = None
+    predicted: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
@@ -61,6 +62,7 @@ class PlacementSummary:
             "gpu_budget_bytes": self.gpu_budget_bytes,
             "hot_pack_bytes": self.hot_pack_bytes,
             "pack_device": self.pack_device,
+            "predicted": self.predicted,
             "buffers": self.buffers,
             "notices": list(self.notices),
         }
@@ -84,7 +86,9 @@ class HybridModel:
     """Load a GGUF MoE model with experts placed per the plan, record routing, generate.
 
     `hot` ({layer: [expert, ...]}) forces a per-expert placement; `plan` applies a Plan (or a
-    plan YAML path); otherwise the placement is fitted to `gpu_budget` (default: free VRAM).
+    plan YAML path); otherwise, on a GPU machine, the model is planned from its stored routing
+    profile for `gpu_budget` (default: free VRAM) and the plan is kept for the next session
+    (`auto_plan=False`: fit whole layers like --n-cpu-moe instead).
     Everything `llama_cpp.Llama` offers stays reachable through `.llm`.
     """
 
@@ -103,6 +107,7 @@ class HybridModel:
         profile_store: Any = None,
         label: Optional[str] = None,
         pack_device: Optional[str] = None,
+        auto_plan: bool = True,
         verbose: bool = False,
         log: Callable[[str], None] = lambda msg: None,
     ) -> None:
@@ -116,8 +121,10 @@ class HybridModel:
         self.recorder = None
         self.recorder_notice: Optional[str] = None
 
+        self.plan = None
+        self._plan_kwargs: dict = {}
         placement, hot_plan, summary = self._choose_placement(
-            _budget_bytes(gpu_budget), hot, plan, n_ctx, pack_device)
+            _budget_bytes(gpu_budget), hot, plan, n_ctx, pack_device, auto_plan)
         self.placement = summary
 
         if record and self.inventory.n_expert > 0:
@@ -127,6 +134,7 @@ class HybridModel:
 
         kwargs: dict[str, Any] = dict(n_ctx=n_ctx, n_batch=n_batch, seed=seed, verbose=verbose,
                                       n_gpu_layers=summary.n_gpu_layers)
+        kwargs.update(self._plan_kwargs)
         if n_threads:
             kwargs["n_threads"] = n_threads
             kwargs["n_threads_batch"] = n_threads
@@ -147,7 +155,7 @@ class HybridModel:
 
     # -- placement -----------------------------------------------------------------------
 
-    def _choose_placement(self, budget, hot, plan, n_ctx, pack_device):
+    def _choose_placement(self, budget, hot, plan, n_ctx, pack_device, auto_plan):
         from . import placement as pl
 
         inv = self.inventory
@@ -186,6 +194,8 @@ class HybridModel:
 
         if not gpus:
             return None, None, _summary("cpu", "all weights on the CPU", 0, {}, None, notices, None)
+        if auto_plan and inv.n_expert > 0:
+            return self._auto_plan(budget, n_ctx, notices, gpus)
         if budget is None:
             budget = max(0, gpus[0].free_bytes - VRAM_RESERVE)
         fit = pl.fit_n_cpu_moe(inv, budget, n_ctx)
@@ -199,23 +209,45 @@ class HybridModel:
         return fit.placement, None, _summary(mode, desc, fit.placement.n_gpu_layers, {}, budget, notices, None)
 
     def _placement_from_plan(self, plan, notices, gpus):
-        from .placement import TensorPlacement  # noqa: F401  (plans carry TensorPlacement rules)
-        from . import plan as plan_mod
+        from .plan import Plan
 
         if isinstance(plan, (str, Path)):
-            plan = plan_mod.Plan.from_yaml(Path(plan).read_text(), source=str(plan))
+            source = str(plan)
+            if not Path(plan).exists():
+                raise HybridError(f"plan file not found: {plan}")
+            plan = Plan.load(plan, self.inventory)
+        else:
+            source = "plan"
         plan.check_model(self.inventory)
         hot = {int(k): list(v) for k, v in plan.hot.items() if v}
-        placement = plan.tensor_placement()
-        cap = hybrid_backend.capability()
-        if hot and not cap.per_expert:
+        if hot and not hybrid_backend.capability().per_expert:
             notices.append(hybrid_backend.STOCK_NOTICE + "; using the plan's whole-tensor part only")
             hot = {}
-        device = "CUDA0" if gpus else "CPU"
-        mode = "per-expert" if hot else ("gpu" if not placement.rules else "whole-tensor")
-        n_gpu_layers = placement.n_gpu_layers if gpus else 0
-        return placement, hot, _summary(mode, f"plan {getattr(plan, 'source', '')}".strip(), n_gpu_layers,
-                                        hot, plan.budget_bytes, notices + list(plan.notes), device)
+        self._plan_kwargs = {k: v for k, v in plan.llama_kwargs().items() if k != "n_ctx"}
+        if not gpus:
+            self._plan_kwargs["n_gpu_layers"] = 0
+        n_gpu_layers = self._plan_kwargs.get("n_gpu_layers", plan.n_gpu_layers)
+        mode = "per-expert" if hot else ("gpu" if not plan.rules else "whole-tensor")
+        n_hot = sum(len(v) for v in hot.values())
+        desc = f"{source}: {n_hot} hot experts" + (f" on {plan.hot_device or 'GPU'}" if hot else "") + \
+            f", {len(plan.rules)} whole-tensor rules"
+        pack_device = None if not hot else (plan.hot_device if plan.hot_device and plan.hot_device.upper() != "GPU" else ("CUDA0" if gpus else "CPU"))
+        summary = _summary(mode, desc, n_gpu_layers, hot, plan.budget_bytes, notices + list(plan.notes), pack_device)
+        summary.predicted = plan.predicted.to_dict() if hasattr(plan.predicted, "to_dict") else {}
+        self.plan = plan
+        return plan.placement(), hot, summary
+
+    def _auto_plan(self, budget, n_ctx, notices, gpus):
+        """Plan from the stored routing profile, keep it for the next session, say what changed."""
+        from .autoplan import default_plan_path, plan_model
+
+        out = default_plan_path(self.inventory.fingerprint)
+        auto = plan_model(self.path, budget, n_ctx, out=out, inventory=self.inventory)
+        if auto.diff is not None:
+            notices.append(auto.diff.summary())
+        placement, hot, summary = self._placement_from_plan(auto.plan, notices, gpus)
+        summary.description = f"auto plan ({out.name}): " + summary.description.split(": ", 1)[-1]
+        return placement, hot, summary
 
     # -- recording -----------------------------------------------------------------------
 
