@@ -17,6 +17,11 @@ from .inventory import Inventory, read_inventory
 from .models import ResolvedModel, resolve_model
 from .sizes import format_size, parse_size
 
+# Always-on recording observes one decoded token in this many: every observed token costs
+# a GPU sync per MoE layer (+49 % decode on the H200 when all are observed, docs/benchmarks.md).
+# Prompt batches are always observed. `hybrid-gguf profile` records every token.
+RUN_DECODE_STRIDE = 16
+
 # VRAM left free for the CUDA context, cuBLAS workspaces and fragmentation.
 VRAM_RESERVE = 512 * 2**20
 
@@ -256,7 +261,9 @@ class HybridModel:
 
         inv = self.inventory
         try:
-            return RoutingRecorder(inv.n_layer, inv.n_expert, _max_used(inv))
+            rec = RoutingRecorder(inv.n_layer, inv.n_expert, _max_used(inv))
+            rec.set_decode_stride(RUN_DECODE_STRIDE)
+            return rec
         except RecorderUnavailable as exc:
             self.recorder_notice = f"routing recording off: {exc}"
             return None

@@ -38,7 +38,7 @@ STAT_NAMES = (
     "device_reads",
     "weight_nodes",
 )
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 
 class RecorderUnavailable(HybridError):
@@ -100,6 +100,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "hg_rec_destroy": (None, [vp]),
         "hg_rec_reset": (None, [vp]),
         "hg_rec_set_enabled": (None, [vp, i32]),
+        "hg_rec_set_decode_stride": (None, [vp, i32]),
         "hg_rec_enable_weights": (None, [vp, i32]),
         "hg_rec_enable_trace": (i32, [vp, i64]),
         "hg_rec_enable_coact": (i32, [vp, i32]),
@@ -232,6 +233,16 @@ class RoutingRecorder:
         self._check_open()
         self._lib.hg_rec_enable_weights(self._handle, int(bool(on)))
         self._weight_mass = bool(on)
+
+    def set_decode_stride(self, stride: int) -> None:
+        """Observe one decode graph (token) in `stride`; prompt batches are always observed.
+
+        Each observed layer costs the scheduler a synchronization (on a GPU about +49 % decode
+        time when every token is observed, docs/benchmarks.md), so always-on recording in
+        `run` samples; the counts stay consistent (tokens per layer count sampled tokens only).
+        """
+        self._check_open()
+        self._lib.hg_rec_set_decode_stride(self._handle, int(max(1, stride)))
 
     def set_enabled(self, on: bool) -> None:
         """Pause (False) or resume recording; paused, the callback asks for nothing."""

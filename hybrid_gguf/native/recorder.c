@@ -28,7 +28,7 @@
 
 #define HG_API __attribute__((visibility("default")))
 
-#define HG_ABI_VERSION 1
+#define HG_ABI_VERSION 2
 
 enum { PHASE_PROMPT = 0, PHASE_DECODE = 1 };
 
@@ -51,6 +51,14 @@ typedef struct hg_rec {
 
     volatile int enabled;      /* 0: answer no to everything (recording paused) */
     volatile int want_weights; /* also observe ffn_moe_weights-<il> */
+
+    /* Decode sampling: each observed node costs a GPU sync, so by default only one decode
+     * graph in decode_stride is observed (prompt graphs always are). Touched only by the
+     * ask calls, which come from the decoding thread. */
+    volatile int decode_stride;
+    int ask_last_il;
+    int64_t ask_graphs;
+    int ask_take;
 
     int64_t *counts;        /* [2][n_layer][n_expert] selections by phase */
     int64_t *tokens;        /* [2][n_layer] routed tokens by phase */
@@ -119,6 +127,9 @@ HG_API hg_rec *hg_rec_create(int n_layer, int n_expert, int n_expert_used) {
     r->n_expert = n_expert;
     r->n_used = n_expert_used;
     r->enabled = 1;
+    r->decode_stride = 1;
+    r->ask_last_il = 1 << 30;
+    r->ask_take = 1;
     r->last_layer = -1;
     r->counts = calloc((size_t) 2 * n_layer * n_expert, sizeof(int64_t));
     r->tokens = calloc((size_t) 2 * n_layer, sizeof(int64_t));
@@ -168,6 +179,9 @@ HG_API void hg_rec_reset(hg_rec *r) {
 }
 
 HG_API void hg_rec_set_enabled(hg_rec *r, int on) { r->enabled = on ? 1 : 0; }
+
+/* Observe one decode graph in `stride` (1 = every one). */
+HG_API void hg_rec_set_decode_stride(hg_rec *r, int stride) { r->decode_stride = stride > 1 ? stride : 1; }
 
 HG_API void hg_rec_enable_weights(hg_rec *r, int on) { r->want_weights = on ? 1 : 0; }
 
@@ -368,7 +382,16 @@ HG_API bool hg_rec_cb(struct ggml_tensor *t, bool ask, void *user_data) {
         return ask ? false : true;
     }
     if (ask) {
-        return true;
+        if (is_topk) {
+            if (il <= r->ask_last_il) {
+                /* layer index did not increase: a new graph. Decide for the whole graph from
+                 * its first MoE layer (the last one routes only output rows in a prompt). */
+                r->ask_graphs++;
+                r->ask_take = t->ne[1] > 1 || r->decode_stride <= 1 || r->ask_graphs % r->decode_stride == 0;
+            }
+            r->ask_last_il = il;
+        }
+        return r->ask_take != 0;
     }
     pthread_mutex_lock(&r->mu);
     if (is_topk) {
