@@ -271,3 +271,45 @@ def text_workload(texts: Sequence[str], llm_tokenize: Callable[[str], list[int]]
         for i in range(0, len(toks) - n_tokens + 1, n_tokens):
             out.append(toks[i:i + n_tokens])
     return out
+
+
+# -- workloads: Python stdlib sources, different packages for profiling and timing ---------
+
+PROFILE_PACKAGES = ("email", "json", "http", "logging", "unittest")
+EVAL_PACKAGES = ("asyncio", "xml", "concurrent", "importlib")
+
+
+def package_text(names: Sequence[str], limit_bytes: int) -> str:
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    chunks, size = [], 0
+    for name in names:
+        paths = sorted((root / name).rglob("*.py")) if (root / name).is_dir() else [root / f"{name}.py"]
+        for path in paths:
+            try:
+                text = path.read_text(errors="replace")
+            except OSError:
+                continue
+            chunks.append(text)
+            size += len(text)
+            if size >= limit_bytes:
+                return "".join(chunks)
+    return "".join(chunks)
+
+
+def tokenizer_for(model: Path) -> Callable[[str], list[int]]:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(model), vocab_only=True, verbose=False)
+    return lambda text: llm.tokenize(text.encode(), add_bos=False, special=False)
+
+
+def stdlib_workloads(model: Path, n_prompt: int, profile_tokens: int,
+                     profile_packages: Sequence[str] = PROFILE_PACKAGES,
+                     eval_packages: Sequence[str] = EVAL_PACKAGES):
+    """(profile prompts of 512 tokens, the timed prompt): held-out packages for timing."""
+    tok = tokenizer_for(model)
+    prof = tok(package_text(profile_packages, profile_tokens * 6))[:profile_tokens]
+    prompts = [prof[i:i + 512] for i in range(0, len(prof), 512)]
+    return prompts, tok(package_text(eval_packages, n_prompt * 8))

@@ -12,40 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
 import llama_cpp  # noqa: F401  (load libllama before numpy-heavy imports; see the notes)
 
-from hybrid_gguf.bench import run_bench
+from hybrid_gguf.bench import run_bench, stdlib_workloads
 from hybrid_gguf.inventory import read_inventory
 from hybrid_gguf.sizes import parse_size
-
-PROFILE_PACKAGES = ("email", "json", "http", "logging", "unittest")
-EVAL_PACKAGES = ("asyncio", "xml", "concurrent", "importlib")
-
-
-def package_text(names, limit_bytes: int) -> str:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    chunks, size = [], 0
-    for name in names:
-        for path in sorted((root / name).rglob("*.py")) if (root / name).is_dir() else [root / f"{name}.py"]:
-            try:
-                text = path.read_text(errors="replace")
-            except OSError:
-                continue
-            chunks.append(text)
-            size += len(text)
-            if size >= limit_bytes:
-                return "".join(chunks)
-    return "".join(chunks)
-
-
-def tokenizer_for(model: Path):
-    llm = llama_cpp.Llama(model_path=str(model), vocab_only=True, verbose=False)
-    return lambda text: llm.tokenize(text.encode(), add_bos=False, special=False)
-
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -64,10 +38,7 @@ def main() -> int:
     opts = ap.parse_args()
 
     inv = read_inventory(opts.model)
-    tok = tokenizer_for(opts.model)
-    prof_tokens = tok(package_text(PROFILE_PACKAGES, opts.profile_tokens * 6))[: opts.profile_tokens]
-    profile_prompts = [prof_tokens[i:i + 512] for i in range(0, len(prof_tokens), 512)]
-    eval_prompt = tok(package_text(EVAL_PACKAGES, opts.pp * 8))
+    profile_prompts, eval_prompt = stdlib_workloads(opts.model, opts.pp, opts.profile_tokens)
     budgets = [int(s * inv.expert_bytes_total) for s in opts.budget_share]
     budgets += [parse_size(b) for b in opts.gpu_budget]
 

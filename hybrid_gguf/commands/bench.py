@@ -1,0 +1,110 @@
+"""`hybrid-gguf bench MODEL --gpu-budget B`: placements side by side, measured in one process."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..errors import HybridError
+
+
+def bench_command(
+    model: Optional[str] = typer.Argument(None, help="GGUF path or models.yaml alias"),
+    gpu_budget: Optional[str] = typer.Option(None, "--gpu-budget", help="expert bytes on the GPU, e.g. 4GiB"),
+    budget_share: Optional[float] = typer.Option(None, "--budget-share",
+                                                 help="budget as a share of the routed-expert bytes (default 0.25)"),
+    pp: int = typer.Option(512, "--pp", help="prompt tokens per rep"),
+    tg: int = typer.Option(128, "--tg", help="decoded tokens per rep"),
+    reps: int = typer.Option(5, "--reps"),
+    profile_tokens: int = typer.Option(4096, "--profile-tokens", help="tokens of the profiling workload"),
+    profile_packages: str = typer.Option("email,json,http,logging,unittest", "--profile-workload",
+                                         help="stdlib packages whose source is the profiling workload"),
+    eval_packages: str = typer.Option("asyncio,xml,concurrent,importlib", "--workload",
+                                      help="stdlib packages whose source is the timed (held-out) workload"),
+    configs: Optional[str] = typer.Option(None, "--configs", help="comma list: cpu-experts,whole-layer,per-expert,all-gpu"),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t"),
+    ctx: int = typer.Option(2048, "--ctx"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG bar chart"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON (llama-bench field names where they exist)"),
+) -> None:
+    """Time all-CPU experts, whole-layer (stock) and per-expert placement at one budget."""
+    from ..bench import run_bench, stdlib_workloads
+    from ..devices import gpu_devices
+    from ..inventory import read_inventory
+    from ..models import resolve_model
+    from ..sizes import format_size, parse_size
+
+    console = Console(stderr=True)
+    path = resolve_model(model).path
+    inv = read_inventory(path)
+    if inv.n_expert == 0:
+        raise HybridError(f"{path} has no routed experts: nothing to place per expert")
+    if gpu_budget is not None and budget_share is not None:
+        raise HybridError("pass --gpu-budget or --budget-share, not both")
+    budget = parse_size(gpu_budget) if gpu_budget else int((budget_share or 0.25) * inv.expert_bytes_total)
+    pack_device = "CUDA0" if gpu_devices() else "CPU"
+    if pack_device == "CPU":
+        console.print("[dim]no GPU: hot packs go to a CPU buffer; numbers check the mechanics, not the speed-up[/]")
+    prompts, eval_prompt = stdlib_workloads(path, pp, profile_tokens,
+                                            [p for p in profile_packages.split(",") if p],
+                                            [p for p in eval_packages.split(",") if p])
+    out = run_bench(path, budget_bytes=budget, profile_prompts=prompts, eval_prompt=eval_prompt,
+                    n_prompt=pp, n_gen=tg, reps=reps, n_ctx=max(ctx, pp + tg + 64),
+                    configs=configs.split(",") if configs else None, pack_device=pack_device,
+                    n_threads=threads, log=(lambda s: None) if as_json else (lambda s: console.print(f"[dim]{s}[/]")))
+    out.pop("_counts", None)
+    out.pop("_eval_counts", None)
+    out["pack_device"] = pack_device
+    if as_json:
+        print(json.dumps(out, indent=2, default=float))
+    else:
+        table = Table(title=f"{path.name}: budget {format_size(budget)} "
+                            f"({100 * budget / inv.expert_bytes_total:.0f}% of expert bytes), pp {pp}, tg {tg}, {reps} reps")
+        for col in ("placement", "hit rate", "VRAM", "pp t/s (median)", "tg t/s (median)", "tg min..max"):
+            table.add_column(col, justify="right")
+        for r in out["results"]:
+            if r.get("error"):
+                table.add_row(r["name"], "-", "-", "error", r["error"][:40], "")
+                continue
+            hit = "-" if r["hit_rate"] is None else f"{r['hit_rate']:.3f}"
+            table.add_row(r["name"], hit, format_size(r["vram_model_bytes"]), f"{r['pp_median_ts']:.1f}",
+                          f"{r['tg_median_ts']:.2f}", f"{r['tg_min_ts']:.2f}..{r['tg_max_ts']:.2f}")
+        Console().print(table)
+        for key in ("per_expert_vs_whole_layer_tg", "per_expert_vs_whole_layer_pp"):
+            if key in out:
+                Console().print(f"{key}: {out[key]:.3f}")
+    if plot is not None:
+        _plot(out, plot)
+
+
+def _plot(out: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in out["results"] if not r.get("error")]
+    names = [r["name"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, key, title in ((axes[0], "pp_median_ts", "prompt tokens/s"), (axes[1], "tg_median_ts", "decode tokens/s")):
+        vals = [r[key] for r in rows]
+        ax.bar(names, vals, color=["#999", "#5b8", "#36c", "#c63"][: len(vals)])
+        ax.set_title(title)
+        ax.tick_params(axis="x", rotation=20)
+        for i, v in enumerate(vals):
+            if math.isfinite(v):
+                ax.text(i, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
+    fig.suptitle(Path(out["model"]).name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("bench")(bench_command)

@@ -1,0 +1,31 @@
+"""`hybrid-gguf bench` on the CPU: the report's structure, every number positive and finite."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+pytest.importorskip("llama_cpp")
+
+from typer.testing import CliRunner  # noqa: E402
+
+from hybrid_gguf.cli import app  # noqa: E402
+
+
+def test_bench_json_on_cpu(tiny_model_factory, tmp_path):
+    path = tiny_model_factory("qwen3moe")
+    png = tmp_path / "bench.png"
+    res = CliRunner().invoke(app, ["bench", str(path), "--pp", "32", "--tg", "4", "--reps", "2",
+                                   "--profile-tokens", "256", "--threads", "1", "--json", "--plot", str(png)])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout[res.stdout.index("{"):])
+    names = [r["name"] for r in out["results"]]
+    assert names[:2] == ["cpu-experts", "whole-layer"]
+    for r in out["results"]:
+        assert r["n_prompt"] == 32 and r["n_gen"] == 4 and len(r["tg_ts"]) == 2
+        for key in ("pp_median_ts", "tg_median_ts", "pp_avg_ts", "tg_avg_ts"):
+            assert math.isfinite(r[key]) and r[key] > 0, (r["name"], key)
+        assert r["hit_rate"] is None or 0.0 <= r["hit_rate"] <= 1.0
+    assert png.stat().st_size > 1000
