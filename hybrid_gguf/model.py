@@ -104,7 +104,7 @@ class HybridModel:
         gpu_budget: Union[None, int, str] = None,
         hot: Optional[Mapping[int, Sequence[int]]] = None,
         plan: Any = None,
-        n_ctx: int = 4096,
+        n_ctx: Optional[int] = None,
         n_batch: int = 512,
         n_threads: Optional[int] = None,
         seed: int = 0,
@@ -119,6 +119,10 @@ class HybridModel:
         self.resolved: ResolvedModel = resolve_model(None if model is None else str(model))
         self.path = self.resolved.path
         self.inventory: Inventory = read_inventory(self.path)
+        if n_ctx is None:
+            # the model's training context, at most 4096 (a longer one costs KV memory up front)
+            trained = self.inventory.metadata.get(f"{self.inventory.arch}.context_length")
+            n_ctx = min(4096, int(trained)) if trained else 4096
         self.label = label
         self._log = log
         self._profile_store = profile_store

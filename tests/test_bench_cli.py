@@ -29,3 +29,13 @@ def test_bench_json_on_cpu(tiny_model_factory, tmp_path):
             assert math.isfinite(r[key]) and r[key] > 0, (r["name"], key)
         assert r["hit_rate"] is None or 0.0 <= r["hit_rate"] <= 1.0
     assert png.stat().st_size > 1000
+
+
+def test_cli_usage_errors_are_one_message():
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "hybrid_gguf.cli", "run", "--no-such-option"],
+                         capture_output=True, text=True)
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr and "no-such-option" in res.stderr

@@ -23,7 +23,7 @@ def run_command(
     n_predict: int = typer.Option(128, "-n", "--n-predict", help="tokens to generate"),
     temp: float = typer.Option(0.0, "--temp", help="sampling temperature (0 = greedy)"),
     seed: int = typer.Option(0, "--seed"),
-    ctx: int = typer.Option(4096, "--ctx", help="context length"),
+    ctx: Optional[int] = typer.Option(None, "--ctx", help="context length (default: the model's, at most 4096)"),
     gpu_budget: Optional[str] = typer.Option(None, "--gpu-budget", help="VRAM to use, e.g. 8GiB (default: free VRAM)"),
     hot: Optional[str] = typer.Option(None, "--hot", help='per-expert placement by hand: "layer:e,e;layer:e"'),
     plan: Optional[str] = typer.Option(None, "--plan", help="apply a plan YAML from `hybrid-gguf plan`"),
