@@ -4,6 +4,7 @@
 #   2. per-expert split equivalence with the hot packs in VRAM (tests/test_hybrid_split.py)
 #   3. routing-recorder overhead (scripts/bench_recorder.py)
 #   4. placement A/B on a synthetic Qwen3-30B-A3B-shaped Q4_K model (scripts/bench_placement.py)
+#   (diag: scripts/split_diag.py, chain-by-chain comparison with a numpy reference)
 # Results go to $OUT. Prepare the carried folder first on a machine with PyPI:
 #   python scripts/build_backend.py --trim-sdist .device/llama_cpp_python-0.3.36-trimmed.tar.gz
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 ... -d .device/whl gguf==0.19.0 diskcache
@@ -40,6 +41,13 @@ if has build; then
 fi
 
 python3 -c "import llama_cpp; from hybrid_gguf import hybrid_backend as h; print('llama_cpp', llama_cpp.__version__, h.capability())"
+
+if has diag; then
+    log "split diagnostics: which chain differs from a numpy reference"
+    for hot in "0:7" "0:7,3,5,1;1:2,6;2:0,1,2,3,4,5,6"; do
+        python3 scripts/split_diag.py --pack-device CUDA0 --hot "$hot" 2>&1 | grep -v "ggml_cuda_init\|Device 0"
+    done
+fi
 
 if has split; then
     # the split must match the unsplit model; try the default table placement, then the CPU one
