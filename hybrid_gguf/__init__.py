@@ -8,3 +8,24 @@ try:
     import llama_cpp as _llama_cpp  # noqa: F401
 except ImportError:  # the backend is not built yet; inventory and synth still work
     pass
+
+
+def __getattr__(name):
+    # the API's nouns, imported on first use so `import hybrid_gguf` stays cheap
+    if name == "HybridModel":
+        from .model import HybridModel
+
+        return HybridModel
+    if name == "inspect":
+        from .inventory import read_inventory
+
+        return read_inventory
+    if name == "plan":
+        from .autoplan import plan_model
+
+        return plan_model
+    if name == "list_devices":
+        from .devices import list_devices
+
+        return list_devices
+    raise AttributeError(f"module 'hybrid_gguf' has no attribute {name!r}")
