@@ -1,0 +1,75 @@
+"""`hybrid-gguf run`: JSON contract, per-expert placement by hand, and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("llama_cpp")
+
+from hybrid_gguf import hybrid_backend  # noqa: E402
+
+
+def run_cli(*args, env_extra=None):
+    import os
+
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "hybrid_gguf.cli", "run", *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_json_contract_on_the_default_model(tmp_path):
+    res = run_cli("-p", "def main():", "-n", "8", "--json", "--threads", "1",
+                  env_extra={"HYBRID_GGUF_CACHE": str(tmp_path)})
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    for key in ("text", "tokens", "prompt_tokens", "gen_tokens_per_s", "prompt_tokens_per_s", "placement"):
+        assert key in out
+    assert len(out["tokens"]) == 8 and all(isinstance(t, int) for t in out["tokens"])
+    assert out["prompt_tokens"] > 0 and out["gen_tokens_per_s"] > 0
+    assert out["placement"]["mode"] == "cpu"
+    # the session's routing went into the profile store under HYBRID_GGUF_CACHE
+    assert out["profile_sessions"] == 1
+    assert list((tmp_path / "profiles").glob("*.json"))
+
+
+@pytest.mark.skipif(not hybrid_backend.capability().per_expert, reason=hybrid_backend.STOCK_NOTICE)
+def test_hot_by_hand_gives_the_same_tokens(tmp_path):
+    env = {"HYBRID_GGUF_CACHE": str(tmp_path)}
+    plain = json.loads(run_cli("-p", "import os", "-n", "12", "--json", "--no-record", "--threads", "1",
+                               env_extra=env).stdout)
+    res = run_cli("-p", "import os", "-n", "12", "--json", "--no-record", "--threads", "1",
+                  "--hot", "0:1,2,3;2:0,15", env_extra=env)
+    assert res.returncode == 0, res.stderr
+    split = json.loads(res.stdout)
+    assert split["placement"]["mode"] == "per-expert" and split["placement"]["hot_pack_bytes"] > 0
+    assert split["tokens"] == plain["tokens"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["/no/such/model.gguf", "-p", "x"], "not found"),
+    (["-p", "x", "--gpu-budget", "8QB"], "size"),
+    (["-p", "x", "--hot", "0:99"], "expert 99"),
+    (["-p", "x", "--hot", "zz"], "--hot"),
+    (["-p", "x", "--plan", "/no/such/plan.yaml"], "not found"),
+])
+def test_bad_input_is_one_clear_line(args, message):
+    res = run_cli(*args)
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    if hybrid_backend.capability().per_expert or "--hot" not in args or "zz" in args:
+        assert message in res.stderr
+
+
+def test_a_plan_for_another_model_is_refused(tmp_path, tiny_model_factory):
+    from hybrid_gguf.autoplan import plan_model
+
+    other = tiny_model_factory("qwen2moe")
+    plan = plan_model(other, 64 * 2**20, 256, out=tmp_path / "other.yaml", measure=False, calibrate=False).plan
+    assert plan.fingerprint
+    res = run_cli("-p", "x", "--plan", str(tmp_path / "other.yaml"))
+    assert res.returncode == 2
+    assert "another model" in res.stderr
