@@ -220,3 +220,25 @@ def cpu_extra_buffer_types() -> list[int]:
         found.append(array[i])
         i += 1
     return found
+
+
+class GgmlTensor(ctypes.Structure):
+    """`struct ggml_tensor` of the ggml in llama-cpp-python 0.3.36 (GGML_MAX_DIMS 4,
+    GGML_MAX_SRC 10, GGML_MAX_NAME 64): for reading tensors handed to a Python cb_eval."""
+
+    _fields_ = [
+        ("type", ctypes.c_int),
+        ("buffer", ctypes.c_void_p),
+        ("ne", ctypes.c_int64 * 4),
+        ("nb", ctypes.c_size_t * 4),
+        ("op", ctypes.c_int),
+        ("op_params", ctypes.c_int32 * 16),
+        ("flags", ctypes.c_int32),
+        ("src", ctypes.c_void_p * 10),
+        ("view_src", ctypes.c_void_p),
+        ("view_offs", ctypes.c_size_t),
+        ("data", ctypes.c_void_p),
+        ("name", ctypes.c_char * 64),
+        ("extra", ctypes.c_void_p),
+        ("padding", ctypes.c_char * 8),
+    ]

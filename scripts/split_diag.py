@@ -41,17 +41,13 @@ def capture(path, hot, pack_device, prompt, on_gpu):
     base.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
     got: dict = {}
 
-    class Tensor(ctypes.Structure):  # leading fields of struct ggml_tensor
-        _fields_ = [("type", ctypes.c_int), ("buffer", ctypes.c_void_p),
-                    ("ne", ctypes.c_int64 * 4), ("nb", ctypes.c_size_t * 4)]
-
     @llama_cpp.ggml_backend_sched_eval_callback
     def cb(t, ask, _ud):
         name = base.ggml_get_name(t).decode()
         stem, _, layer = name.rpartition("-")
         if ask:
             return stem in WANT and layer.isdigit()
-        info = Tensor.from_address(t)
+        info = ggml_lib.GgmlTensor.from_address(t)
         nbytes = base.ggml_nbytes(t)
         raw = (ctypes.c_char * nbytes)()
         base.ggml_backend_tensor_get(t, raw, 0, nbytes)
@@ -60,15 +56,12 @@ def capture(path, hot, pack_device, prompt, on_gpu):
         ne, nb = list(info.ne), list(info.nb)
         item = np.dtype(dtype).itemsize
         # strided read of a 2-D/3-D tensor (the topk view has a row stride wider than ne0)
-        idx = (np.arange(ne[0])[None, :] * (nb[0] // item)
-               + np.arange(ne[1] * ne[2])[:, None] * 0)
         rows = []
         for i2 in range(ne[2]):
             for i1 in range(ne[1]):
                 off = (i1 * nb[1] + i2 * nb[2]) // item
                 rows.append(flat[off + np.arange(ne[0]) * (nb[0] // item)])
         got[(stem, int(layer))] = np.array(rows).reshape(ne[2], ne[1], ne[0]) if ne[2] > 1 else np.array(rows)
-        del idx
         return True
 
     def ctx_patch(p):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import llama_cpp  # noqa: F401  (load libllama before numpy-heavy work; see the notes)
+from hybrid_gguf import ggml_lib  # noqa: E402
 from hybrid_gguf import synth
 from hybrid_gguf.llama_hooks import construct_llama
 from hybrid_gguf.recorder import RoutingRecorder, recorder_status
@@ -22,25 +23,7 @@ PROMPT = b"The quick brown fox jumps over the lazy dog; pack my box with five do
 # -- helpers ---------------------------------------------------------------------
 
 
-class GgmlTensor(ctypes.Structure):
-    """struct ggml_tensor of the vendored ggml (GGML_MAX_DIMS 4, MAX_SRC 10, MAX_NAME 64)."""
-
-    _fields_ = [
-        ("type", ctypes.c_int),
-        ("buffer", ctypes.c_void_p),
-        ("ne", ctypes.c_int64 * 4),
-        ("nb", ctypes.c_size_t * 4),
-        ("op", ctypes.c_int),
-        ("op_params", ctypes.c_int32 * 16),
-        ("flags", ctypes.c_int32),
-        ("src", ctypes.c_void_p * 10),
-        ("view_src", ctypes.c_void_p),
-        ("view_offs", ctypes.c_size_t),
-        ("data", ctypes.c_void_p),
-        ("name", ctypes.c_char * 64),
-        ("extra", ctypes.c_void_p),
-        ("padding", ctypes.c_char * 8),
-    ]
+GgmlTensor = ggml_lib.GgmlTensor
 
 
 GGML_TYPE_F32, GGML_TYPE_I32 = 0, 26

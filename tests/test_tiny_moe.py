@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hybrid_gguf import ggml_lib  # noqa: E402
 from hybrid_gguf import stdlib_corpus as corpus
 from hybrid_gguf import tiny_moe_reference as ref
 from hybrid_gguf.tiny_moe_export import read_train_info
@@ -44,23 +45,7 @@ LOGIT_ATOL = 0.03  # llama.cpp rounds activations to F16 in F16 matmuls and the 
 NEAR_TIE = 2e-3  # router prob gap below which a top-k swap is rounding, not a bug
 
 
-class GgmlTensor(ctypes.Structure):
-    """Leading fields of `struct ggml_tensor` (ggml.h of llama.cpp in llama-cpp-python 0.3.36)."""
-
-    _fields_ = [
-        ("type", ctypes.c_int),
-        ("buffer", ctypes.c_void_p),
-        ("ne", ctypes.c_int64 * 4),
-        ("nb", ctypes.c_size_t * 4),
-        ("op", ctypes.c_int),
-        ("op_params", ctypes.c_int32 * 16),
-        ("flags", ctypes.c_int32),
-        ("src", ctypes.c_void_p * 10),
-        ("view_src", ctypes.c_void_p),
-        ("view_offs", ctypes.c_size_t),
-        ("data", ctypes.c_void_p),
-        ("name", ctypes.c_char * 64),
-    ]
+GgmlTensor = ggml_lib.GgmlTensor
 
 
 class TopkCallback:
