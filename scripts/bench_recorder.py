@@ -43,7 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--tg", type=int, default=128, help="decoded tokens per rep")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--modes", default="off,on", help="comma list of off, on, full")
+    p.add_argument("--modes", default="off,on", help="comma list of off, on, full, sampled "
+                   "(sampled: one decoded token in --decode-stride, as `run` records)")
+    p.add_argument("--decode-stride", type=int, default=16)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", dest="json_out", default=None,
                    help="write results as JSON to this file ('-' for stdout)")
@@ -148,9 +150,9 @@ def main(argv=None) -> int:
     from hybrid_gguf.recorder import RoutingRecorder, recorder_status
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    bad = set(modes) - {"off", "on", "full"}
+    bad = set(modes) - {"off", "on", "full", "sampled"}
     if bad or not modes:
-        raise SystemExit(f"unknown modes {sorted(bad)}; use off, on, full")
+        raise SystemExit(f"unknown modes {sorted(bad)}; use off, on, full, sampled")
     if args.synth:
         from hybrid_gguf import synth
 
@@ -189,6 +191,8 @@ def main(argv=None) -> int:
             rec = RoutingRecorder(n_layer, n_expert, n_used,
                                   trace_capacity=1 << 16 if full else 0,
                                   coactivation=full, weight_mass=full)
+            if mode == "sampled":
+                rec.set_decode_stride(args.decode_stride)
             recorders[mode] = rec
             contexts[mode] = new_context(llm, rec)
 

@@ -177,6 +177,11 @@ def main() -> int:
         return 0
 
     cuda = gpu_visible() if opts.cuda is None else opts.cuda
+    if cuda and shutil.which("nvcc") is None and not os.environ.get("CUDACXX"):
+        print("error: a CUDA build was requested (--cuda or HYBRID_GGUF_CUDA=1) but nvcc is not on "
+              "PATH; install the CUDA toolkit or set CUDACXX, or build for the CPU with --cpu",
+              file=sys.stderr)
+        return 2
     args = cmake_args(cuda, opts.cuda_arch, native=not opts.portable)
     patched = not opts.stock
     key = build_key(patched, args)

@@ -10,7 +10,7 @@
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 ... -d .device/whl gguf==0.19.0 diskcache
 # and call the device tool with carry=[".device"] and: bash scripts/gpu_eval.sh [steps]
 set -uo pipefail
-STEPS=${1:-build,split,recorder,bench}
+STEPS=${1:-build,diag,split,recorder,bench}
 OUT=${OUT:-/tmp/hybrid-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HYBRID_GGUF_CACHE=/tmp/hgcache HYBRID_GGUF_SDIST=$PWD/.device/llama_cpp_python-0.3.36-trimmed.tar.gz
@@ -75,7 +75,7 @@ fi
 
 if has recorder; then
     log "recorder overhead, everything on the GPU (48 layers)"
-    python3 scripts/bench_recorder.py --model "$BIG" --n-gpu-layers 99 --pp 512 --tg 64 --reps 3 \
+    python3 scripts/bench_recorder.py --model "$BIG" --n-gpu-layers 99 --pp 512 --tg 64 --reps 3 --modes off,on,sampled \
         --json "$OUT/recorder_gpu.json" 2>&1 | tail -12
 fi
 
