@@ -4,13 +4,16 @@
 #   2. per-expert split equivalence with the hot packs in VRAM (tests/test_hybrid_split.py)
 #   3. routing-recorder overhead (scripts/bench_recorder.py)
 #   4. placement A/B on a synthetic Qwen3-30B-A3B-shaped Q4_K model (scripts/bench_placement.py)
+#   5. planned runs at two budgets: VRAM within budget, predicted vs measured decode (plan)
 #   (diag: scripts/split_diag.py, chain-by-chain comparison with a numpy reference)
+# One call does not fit every step in 10 minutes: run e.g. "build,diag,split" then, within
+# 30 s (the machine stays warm that long), "recorder,bench" and "plan".
 # Results go to $OUT. Prepare the carried folder first on a machine with PyPI:
 #   python scripts/build_backend.py --trim-sdist .device/llama_cpp_python-0.3.36-trimmed.tar.gz
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 ... -d .device/whl gguf==0.19.0 diskcache
 # and call the device tool with carry=[".device"] and: bash scripts/gpu_eval.sh [steps]
 set -uo pipefail
-STEPS=${1:-build,diag,split,recorder,bench}
+STEPS=${1:-build,diag,split,recorder,bench,plan}
 OUT=${OUT:-/tmp/hybrid-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HYBRID_GGUF_CACHE=/tmp/hgcache HYBRID_GGUF_SDIST=$PWD/.device/llama_cpp_python-0.3.36-trimmed.tar.gz
@@ -66,7 +69,7 @@ fi
 [ -f /tmp/hybrid_variant ] && export LLAMA_HYBRID_MAPS=$(cat /tmp/hybrid_variant) && log "using LLAMA_HYBRID_MAPS=$LLAMA_HYBRID_MAPS"
 
 BIG=/tmp/models/q30b-like-q4k.gguf
-if has recorder || has bench; then
+if has recorder || has bench || has plan; then
     log "make the Qwen3-30B-A3B-shaped Q4_K model"
     t0=$(date +%s)
     [ -f "$BIG" ] || python3 scripts/make_bench_model.py --preset qwen3-30b-a3b-like --weight-type Q4_K --workers 16 --out "$BIG" 2>&1 | tail -2
@@ -81,7 +84,19 @@ fi
 
 if has bench; then
     log "placement A/B"
-    python3 scripts/bench_placement.py "$BIG" --budget-share ${BUDGETS:-0.25 0.10} --pp 512 --tg ${TG:-48} \
+    python3 scripts/bench_placement.py "$BIG" --budget-share ${BUDGETS:-0.25 0.10 0.50} --pp 512 --tg ${TG:-48} \
         --reps ${REPS:-2} --threads 16 --json "$OUT/bench_q30b.json" 2>&1 | tee "$OUT/bench_q30b.txt"
+fi
+if has plan; then
+    log "planned runs: VRAM within budget, predicted vs measured decode"
+    python3 -c "from hybrid_gguf.bench import package_text, PROFILE_PACKAGES as P, EVAL_PACKAGES as E
+open('/tmp/prof.txt', 'w').write(package_text(P, 60000)); open('/tmp/eval.txt', 'w').write(package_text(E, 3000))"
+    python3 -m hybrid_gguf.cli profile "$BIG" --text /tmp/prof.txt -n 16 --store /tmp/store --json > "$OUT/profile_q30b.json" 2>/dev/null
+    for B in ${PLAN_BUDGETS:-6GiB 10GiB}; do
+        python3 -m hybrid_gguf.cli plan "$BIG" --gpu-budget "$B" --ctx 4096 --store /tmp/store --out "/tmp/plan_$B.yaml" --json > "$OUT/plan_$B.json"
+        python3 -m hybrid_gguf.cli run "$BIG" --plan "/tmp/plan_$B.yaml" --ctx 4096 --no-record -n 64 --json \
+            -p "$(head -c 1500 /tmp/eval.txt)" > "$OUT/run_$B.json"
+        python3 scripts/check_plan_run.py "$OUT/plan_$B.json" "$OUT/run_$B.json"
+    done
 fi
 log "done"
