@@ -9,7 +9,6 @@ workload is a different one, so the plan cannot flatter itself.
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -116,7 +115,7 @@ def build_configs(inv: Inventory, counts: Optional[np.ndarray], budget_bytes: in
     first_moe = moe_layers[0].index if moe_layers else 0
     n_cpu = inv.n_layer - k
     whole_hot = {l.index: list(range(l.n_expert)) for l in moe_layers if l.index >= n_cpu}
-    configs.append(Config(f"whole-layer", n_cpu_moe(n_cpu) if n_cpu > first_moe else None,
+    configs.append(Config("whole-layer", n_cpu_moe(n_cpu) if n_cpu > first_moe else None,
                           whole_hot, sum(l.expert_bytes for l in moe_layers if l.index >= n_cpu)))
     if counts is not None and hybrid_backend.capability().per_expert:
         hot = hot_from_counts(inv, counts, budget_bytes)

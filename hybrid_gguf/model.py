@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import codecs
-import ctypes
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from . import devices as devices_mod
 from . import hybrid_backend
 from .errors import HybridError
 from .inventory import Inventory, read_inventory
 from .models import ResolvedModel, resolve_model
-from .sizes import format_size, parse_size
+from .sizes import parse_size
 
 # Always-on recording observes one decoded token in this many: every observed token costs
 # a GPU sync per MoE layer (+49 % decode on the H200 when all are observed, docs/benchmarks.md).
@@ -114,7 +113,6 @@ class HybridModel:
         pack_device: Optional[str] = None,
         auto_plan: bool = True,
         verbose: bool = False,
-        log: Callable[[str], None] = lambda msg: None,
     ) -> None:
         self.resolved: ResolvedModel = resolve_model(None if model is None else str(model))
         self.path = self.resolved.path
@@ -124,7 +122,6 @@ class HybridModel:
             trained = self.inventory.metadata.get(f"{self.inventory.arch}.context_length")
             n_ctx = min(4096, int(trained)) if trained else 4096
         self.label = label
-        self._log = log
         self._profile_store = profile_store
         self._closed = False
         self.recorder = None
@@ -173,13 +170,10 @@ class HybridModel:
         if inv.n_expert == 0:
             notices.append("model has no routed experts: running it as a dense model")
         if budget is not None and gpus:
-            free = gpus[0].free_bytes
-            if budget > free - VRAM_RESERVE:
-                clamped = max(0, free - VRAM_RESERVE)
-                warnings.warn(f"GPU budget {format_size(budget)} exceeds free VRAM "
-                              f"({format_size(free)}); using {format_size(clamped)}")
-                notices.append(f"budget clamped to {format_size(clamped)} (free VRAM {format_size(free)})")
-                budget = clamped
+            budget, warning = devices_mod.clamp_budget(budget, gpus[0], reserve_bytes=VRAM_RESERVE)
+            if warning:
+                warnings.warn(warning)
+                notices.append(warning)
         if budget is not None and not gpus:
             notices.append("no GPU found: --gpu-budget ignored, everything runs on the CPU")
 

@@ -15,7 +15,6 @@ import pytest
 from hybrid_gguf import hybrid_backend
 from hybrid_gguf.errors import HybridError
 from hybrid_gguf.greedy import greedy
-from hybrid_gguf.llama_hooks import construct_llama
 from hybrid_gguf.synth import preset, write_synthetic_moe
 
 llama_cpp = pytest.importorskip("llama_cpp")
