@@ -153,6 +153,10 @@ PRESETS: dict[str, SynthSpec] = {
     "qwen3-30b-a3b-like": SynthSpec(n_layer=48, n_embd=2048, n_head=32, n_head_kv=4,
                                     head_dim=128, n_expert=128, n_expert_used=8,
                                     n_ff_exp=768, n_ctx_train=32768, weight_type="Q8_0"),
+    # Shapes of Mixtral-8x7B (32 layers, 8 experts top-2, width 14336): few, large experts.
+    "mixtral-8x7b-like": SynthSpec(arch="llama", n_layer=32, n_embd=4096, n_head=32, n_head_kv=8,
+                                   head_dim=128, n_expert=8, n_expert_used=2, n_ff_exp=14336,
+                                   n_ctx_train=32768, weight_type="Q8_0"),
 }
 
 

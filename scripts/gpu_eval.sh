@@ -4,6 +4,7 @@
 #   2. per-expert split equivalence with the hot packs in VRAM (tests/test_hybrid_split.py)
 #   3. routing-recorder overhead (scripts/bench_recorder.py)
 #   4. placement A/B on a synthetic Qwen3-30B-A3B-shaped Q4_K model (scripts/bench_placement.py)
+#   4b. the same A/B on a Mixtral-8x7B-shaped Q4_K model (bench2)
 #   5. planned runs at two budgets: VRAM within budget, predicted vs measured decode (plan)
 #   (diag: scripts/split_diag.py, chain-by-chain comparison with a numpy reference)
 # One call does not fit every step in 10 minutes: run e.g. "build,diag,split" then, within
@@ -87,6 +88,14 @@ if has bench; then
     python3 scripts/bench_placement.py "$BIG" --budget-share ${BUDGETS:-0.25 0.10 0.50} --pp 512 --tg ${TG:-48} \
         --reps ${REPS:-2} --threads 16 --json "$OUT/bench_q30b.json" 2>&1 | tee "$OUT/bench_q30b.txt"
 fi
+if has bench2; then
+    MX=/tmp/models/mixtral-like-q4k.gguf
+    log "second arch: Mixtral-8x7B-shaped Q4_K (8 large experts, top-2)"
+    [ -f "$MX" ] || python3 scripts/make_bench_model.py --preset mixtral-8x7b-like --weight-type Q4_K --workers 16 --out "$MX" 2>&1 | tail -1
+    python3 scripts/bench_placement.py "$MX" --budget-share ${BUDGETS2:-0.25} --pp 512 --tg ${TG:-48} \
+        --reps ${REPS:-2} --threads 16 --json "$OUT/bench_mixtral.json" 2>&1 | tee "$OUT/bench_mixtral.txt"
+fi
+
 if has plan; then
     log "planned runs: VRAM within budget, predicted vs measured decode"
     python3 -c "from hybrid_gguf.bench import package_text, PROFILE_PACKAGES as P, EVAL_PACKAGES as E
