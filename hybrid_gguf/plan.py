@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
+from .atomic import atomic_write
 from .errors import HybridError
 from .placement import PlacementRule, TensorPlacement, validate_rules
 from .sizes import format_size
@@ -233,9 +234,7 @@ class Plan:
     def save(self, path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(self.to_yaml())
-        tmp.replace(path)
+        atomic_write(path, self.to_yaml().encode())  # two sessions may save the same plan
         return path
 
     @classmethod

@@ -26,6 +26,7 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from .atomic import atomic_write
 from .errors import HybridError
 
 CALIBRATION_FORMAT = "hybrid-gguf-calibration"
@@ -286,9 +287,7 @@ def save_calibration(bw: Bandwidth, path: Optional[Path] = None) -> Path:
     except (OSError, ValueError):
         data = {"format": CALIBRATION_FORMAT, "version": 1, "machines": {}}
     data["machines"][bw.machine or machine_id()] = bw.to_dict()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, (json.dumps(data, indent=1) + "\n").encode())
     return path
 
 

@@ -37,12 +37,12 @@ from typing import Iterator, Optional, Union
 
 import numpy as np
 
+from .atomic import SLOW_WRITE_ENV, atomic_write, tmp_prefix  # noqa: F401  (SLOW_WRITE_ENV: tests)
 from .errors import HybridError
 
 FORMAT_NAME = "hybrid-gguf-routing-profile"
 FORMAT_VERSION = 1
 # Test hook: seconds to sleep halfway through writing the temp file (crash tests).
-SLOW_WRITE_ENV = "HYBRID_GGUF_TEST_SLOW_WRITE"
 
 PathLike = Union[str, os.PathLike]
 
@@ -220,7 +220,7 @@ class RoutingProfile:
         """Write atomically (temp file in the same directory, fsync, rename)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, _dumps(self.to_dict()).encode())
+        atomic_write(path, _dumps(self.to_dict()).encode())
         return path
 
     @classmethod
@@ -258,37 +258,6 @@ def _dumps(d: dict) -> str:
         else:
             lines.append(f" {json.dumps(key)}: {json.dumps(value, **compact)}")
     return "{\n" + ",\n".join(lines) + "\n}\n"
-
-
-def _tmp_prefix(path: Path) -> str:
-    return f".{path.name}.tmp-"
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{_tmp_prefix(path)}{os.getpid()}-{time.monotonic_ns()}")
-    try:
-        with open(tmp, "wb") as fh:
-            half = len(data) // 2
-            fh.write(data[:half])
-            slow = os.environ.get(SLOW_WRITE_ENV)
-            if slow:  # crash tests kill the writer here
-                fh.flush()
-                time.sleep(float(slow))
-            fh.write(data[half:])
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
 
 
 def default_store_root() -> Path:
@@ -352,7 +321,7 @@ class ProfileStore:
         """stored * decay + delta, written back atomically under the lock; returns it."""
         with self._locked(delta.fingerprint) as path:
             # we hold the lock, so any temp file for this profile is a dead writer's
-            for stale in path.parent.glob(_tmp_prefix(path) + "*"):
+            for stale in path.parent.glob(tmp_prefix(path) + "*"):
                 stale.unlink(missing_ok=True)
             current = self._read(path, delta.fingerprint)
             if current is None:
