@@ -9,7 +9,8 @@
 #   (diag: scripts/split_diag.py, chain-by-chain comparison with a numpy reference)
 # One call does not fit every step in 10 minutes: run e.g. "build,diag,split" then, within
 # 30 s (the machine stays warm that long), "recorder,bench" and "plan".
-# Results go to $OUT. Prepare the carried folder first on a machine with PyPI:
+# Results go to $OUT. Prepare the carried folder first on a machine with PyPI
+# (scripts/prepare_device.sh does both steps):
 #   python scripts/build_backend.py --trim-sdist .device/llama_cpp_python-0.3.36-trimmed.tar.gz
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 ... -d .device/whl gguf==0.19.0 diskcache
 # and call the device tool with carry=[".device"] and: bash scripts/gpu_eval.sh [steps]
