@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU evaluation on the lent H200 machine, in one call:
+# The GPU evaluation on the lent H200 machine, by steps:
 #   1. build the hybrid-patched llama-cpp-python for CUDA (sm_90) from the trimmed sdist
 #   2. per-expert split equivalence with the hot packs in VRAM (tests/test_hybrid_split.py)
 #   3. routing-recorder overhead (scripts/bench_recorder.py)
