@@ -42,3 +42,12 @@ def atomic_write(path: Path, data: bytes) -> None:
             os.close(dfd)
     except OSError:
         pass
+
+
+def publish(tmp: Path, path: Path) -> None:
+    """Rename a finished temp file (from tempfile.mkstemp, mode 0600) over `path`, with the
+    mode a plain open() would have given it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)

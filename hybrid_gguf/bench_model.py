@@ -42,6 +42,7 @@ from typing import Callable, Optional, Union
 import numpy as np
 
 from . import synth
+from .atomic import publish
 from .errors import HybridError
 from .synth import SynthSpec
 
@@ -488,10 +489,7 @@ def write_bench_model(path: Union[str, os.PathLike], spec: SynthSpec, *,
             _run_parallel(tmp, spec, data_start, tasks, workers, advance)
         if done != total:
             raise HybridError(f"bench generator wrote {done} of {total} bytes")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return BenchResult(path, spec, path.stat().st_size,

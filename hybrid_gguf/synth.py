@@ -38,6 +38,7 @@ from typing import Callable, Optional, Union
 
 import numpy as np
 
+from .atomic import publish
 from .errors import HybridError
 
 SYNTH_VERSION = 2
@@ -528,10 +529,7 @@ def write_synthetic_moe(path: Union[str, os.PathLike], spec: SynthSpec, *,
                 source.unlink(missing_ok=True)
         else:
             _write_gguf(tmp, spec, zero_data=zero_data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
