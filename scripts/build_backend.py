@@ -10,6 +10,7 @@ into --python. A cached wheel makes the next call take seconds instead of minute
   python scripts/build_backend.py --cuda --cuda-arch 90
   python scripts/build_backend.py --stock             # unpatched, for A/B runs
   python scripts/build_backend.py --trim-sdist OUT    # small source tarball for the GPU machine
+  python scripts/build_backend.py --dev-tree DIR      # incremental build for patch work (no wheel)
 """
 
 from __future__ import annotations
@@ -151,6 +152,45 @@ def build_wheel(sdist: Path, patched: bool, args: list[str], wheel_dir: Path, no
     return wheel
 
 
+def sync_tree(fresh: Path, dest: Path) -> int:
+    """Make dest's files equal to fresh's, rewriting only the files whose bytes differ so the
+    incremental build recompiles only what the patch changed. Returns the number written."""
+    written = 0
+    for src in fresh.rglob("*"):
+        if src.is_dir():
+            continue
+        dst = dest / src.relative_to(fresh)
+        data = src.read_bytes()
+        if dst.exists() and dst.read_bytes() == data:
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_bytes(data)
+        shutil.copymode(src, dst)
+        written += 1
+    return written
+
+
+def dev_build(sdist: Path, tree: Path, args: list[str]) -> Path:
+    """Patch development: a persistent patched source tree and CMake build directory under
+    tree, rebuilt incrementally (seconds to a minute after a small patch change instead of a
+    full wheel build). The libraries are installed into tree/src/llama_cpp/lib, so
+    PYTHONPATH=tree/src imports this build. Not for users: it skips the wheel and its cache."""
+    src, build = tree / "src", tree / "build"
+    tree.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=tree) as tmp:
+        fresh = extract(sdist, Path(tmp))
+        apply_patch(fresh)
+        print(f"dev tree: {sync_tree(fresh, src)} files changed", flush=True)
+    jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
+    if not (build / "CMakeCache.txt").exists():
+        generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+        subprocess.run(["cmake", "-S", str(src), "-B", str(build), *generator, "-DCMAKE_BUILD_TYPE=Release",
+                        f"-DSKBUILD_PLATLIB_DIR={tree / 'platlib'}", *args], check=True)
+    subprocess.run(["cmake", "--build", str(build), "-j", jobs], check=True)
+    subprocess.run(["cmake", "--install", str(build)], check=True, stdout=subprocess.DEVNULL)
+    return src
+
+
 def install_wheel(wheel: Path, python: str) -> None:
     subprocess.run(
         [python, "-m", "pip", "install", "--no-deps", "--force-reinstall", "--no-cache-dir", str(wheel)],
@@ -170,6 +210,8 @@ def main() -> int:
     ap.add_argument("--no-build-isolation", action="store_true", help="use already-installed build deps (offline)")
     ap.add_argument("--wheel-only", action="store_true", help="build/cache the wheel but do not install it")
     ap.add_argument("--trim-sdist", type=Path, metavar="OUT", help="write a trimmed sdist tarball and exit")
+    ap.add_argument("--dev-tree", type=Path, metavar="DIR",
+                    help="incremental build into DIR for patch work; then use PYTHONPATH=DIR/src")
     opts = ap.parse_args()
 
     if opts.trim_sdist:
@@ -184,6 +226,13 @@ def main() -> int:
         return 2
     args = cmake_args(cuda, opts.cuda_arch, native=not opts.portable)
     patched = not opts.stock
+    if opts.dev_tree:
+        if not patched:
+            print("error: --dev-tree builds the patched tree; use a wheel build for --stock", file=sys.stderr)
+            return 2
+        src = dev_build(opts.sdist or fetch_sdist(), opts.dev_tree, args)
+        print(f"dev build ready: PYTHONPATH={src}")
+        return 0
     key = build_key(patched, args)
     wheel_dir = cache_root() / "wheels" / f"{'hybrid' if patched else 'stock'}-{'cuda' if cuda else 'cpu'}-{key}"
     wheels = sorted(wheel_dir.glob("llama_cpp_python-*.whl"))

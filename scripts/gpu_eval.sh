@@ -8,7 +8,8 @@
 #   5. planned runs at two budgets: VRAM within budget, predicted vs measured decode (plan)
 #   (diag: scripts/split_diag.py, chain-by-chain comparison with a numpy reference)
 # One call does not fit every step in 10 minutes: run e.g. "build,diag,split" then, within
-# 30 s (the machine stays warm that long), "recorder,bench" and "plan".
+# 30 s (the machine stays warm that long), "recorder,bench" and "plan". "build" again after
+# a patch change rebuilds incrementally while the machine is warm.
 # Results go to $OUT. Prepare the carried folder first on a machine with PyPI
 # (scripts/prepare_device.sh does both steps):
 #   python scripts/build_backend.py --trim-sdist .device/llama_cpp_python-0.3.36-trimmed.tar.gz
@@ -28,35 +29,33 @@ nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv
 nproc >> "$OUT/machine.txt"; free -g >> "$OUT/machine.txt"
 
 if has build; then
-    log "build"
+    # An incremental CMake tree in /tmp (kept while the machine stays warm): the first build
+    # takes ~5 min, a rebuild after a small patch change about a minute. No wheel: the CUDA
+    # wheel is 253 MB and could not come back anyway.
+    log "build (incremental dev tree /tmp/lldev)"
     t0=$(date +%s)
-    if ls .device/wheel/llama_cpp_python-*.whl >/dev/null 2>&1; then
-        whl=$(ls .device/wheel/llama_cpp_python-*.whl)
-    else
-        python3 scripts/build_backend.py --cuda --cuda-arch 90 --no-build-isolation --wheel-only \
-            --sdist .device/llama_cpp_python-0.3.36-trimmed.tar.gz > "$OUT/build.log" 2>&1 \
-            || { tail -40 "$OUT/build.log"; exit 1; }
-        whl=$(ls /tmp/hgcache/wheels/hybrid-cuda-*/llama_cpp_python-*.whl)
-        # bring the wheel back in <16 MiB parts so a later machine can skip the build:
-        # cat wheel.part-* > .device/wheel/$(cat wheel.name)
-        has savewheel && { split -b 15M "$whl" "$OUT/wheel.part-"; basename "$whl" > "$OUT/wheel.name"; }
-    fi
-    python3 -m pip install -q --no-deps --no-compile --target /tmp/site "$whl" || exit 1
-    log "build done in $(( $(date +%s) - t0 )) s: $(du -h "$whl" | cut -f1)"
+    python3 scripts/build_backend.py --cuda --cuda-arch 90 --dev-tree /tmp/lldev \
+        --sdist .device/llama_cpp_python-0.3.36-trimmed.tar.gz > "$OUT/build.log" 2>&1 \
+        || { tail -40 "$OUT/build.log"; exit 1; }
+    log "build done in $(( $(date +%s) - t0 )) s"
 fi
+[ -d /tmp/lldev/src/llama_cpp/lib ] && export PYTHONPATH=/tmp/lldev/src:$PYTHONPATH
 
 python3 -c "import llama_cpp; from hybrid_gguf import hybrid_backend as h; print('llama_cpp', llama_cpp.__version__, h.capability())"
 
 if has diag; then
     log "split diagnostics: which chain differs from a numpy reference"
-    for hot in "0:7" "0:7,3,5,1;1:2,6;2:0,1,2,3,4,5,6"; do
-        python3 scripts/split_diag.py --pack-device CUDA0 --hot "$hot" 2>&1 | grep -v "ggml_cuda_init\|Device 0"
+    for tokens in 15 48; do
+        for hot in "0:7" "0:7,3,5,1;1:2,6;2:0,1,2,3,4,5,6"; do
+            log "diag: $tokens tokens, hot $hot"
+            python3 scripts/split_diag.py --pack-device CUDA0 --hot "$hot" --tokens $tokens 2>&1 | grep -v "ggml_cuda_init\|Device 0"
+        done
     done
 fi
 
 if has split; then
     # the split must match the unsplit model; try the default table placement, then the CPU one
-    for maps in pack cpu; do
+    for maps in ${MAPS:-pack}; do
         log "split equivalence on CUDA, lookup tables on: $maps"
         if LLAMA_HYBRID_MAPS=$maps HYBRID_GGUF_TEST_PACK_DEVICE=CUDA0 HYBRID_GGUF_REQUIRE_PATCHED=1 \
             python3 -c "import llama_cpp, sys, pytest; sys.exit(pytest.main(['-q', '-rA', '-s', '-p', 'no:cacheprovider', 'tests/test_hybrid_split.py']))" \
