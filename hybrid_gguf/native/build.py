@@ -60,7 +60,13 @@ def llama_lib_dir() -> Path:
 def llama_cpp_version() -> str:
     from importlib import metadata
 
-    return metadata.version("llama_cpp_python")
+    try:
+        return metadata.version("llama_cpp_python")
+    except metadata.PackageNotFoundError:
+        # imported from a source tree (scripts/build_backend.py --dev-tree): no dist-info
+        import llama_cpp
+
+        return llama_cpp.__version__
 
 
 def _has_headers(d: Path) -> bool:
