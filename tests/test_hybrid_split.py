@@ -111,7 +111,12 @@ def test_split_matches_unsplit(models, arch, prompt):
     if ON_GPU:
         all_gpu = gpu_tolerance(path, prompt)
         assert all_gpu.tokens == ref.tokens
-        tol = max(1e-3, 1.5 * float(np.max(np.abs(all_gpu.logits - ref.logits))))
+        # Twice the gap that moving the experts to the GPU opens in stock llama.cpp. The GPU
+        # rounds activations (TF32 in the F32 matmuls, q8_1 for quantized weights), which
+        # turns last-bit differences of summation order or kernel fusion into ~1e-3 (F32)
+        # or ~1e-2 (Q8_0) at the logits. A real fault is larger: the CUDA launch-size bug of
+        # repeated experts gave 0.2-1.9 at a single layer's output.
+        tol = max(1e-3, 2.0 * float(np.max(np.abs(all_gpu.logits - ref.logits))))
     failures = []  # every hot set is checked, so one GPU run reports them all
     for label, hot in hot_sets(spec.n_layer, spec.n_expert).items():
         llm = load(path, hot)
@@ -135,8 +140,8 @@ def test_split_matches_unsplit(models, arch, prompt):
             # every expert in the VRAM pack: the same kernels as the all-GPU model
             gdelta = float(np.max(np.abs(run.logits - all_gpu.logits)))
             print(f"{arch}/all vs all-GPU: {gdelta:.2e}")
-            if not gdelta <= 1e-3:
-                failures.append(f"all vs all-GPU: {gdelta:.3g}")
+            if not gdelta <= tol:
+                failures.append(f"all vs all-GPU: {gdelta:.3g} > {tol:.3g}")
     assert not failures, f"{arch}: " + "; ".join(failures)
 
 
