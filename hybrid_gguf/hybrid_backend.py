@@ -52,6 +52,15 @@ def capability() -> Capability:
     return Capability(per_expert=True, version=int(fn()), reason="hybrid-gguf patch present")
 
 
+def eval_callback_setter() -> Optional[ctypes._CFuncPtr]:
+    """`llama_hybrid_set_eval_callback(ctx, cb, user_data)` of a patch of version 2 or later,
+    else None (stock builds, and older patches, only take cb_eval when a context is made)."""
+    if capability().version < 2:
+        return None
+    # the callback travels as a plain address, so None can mean "no callback"
+    return _fn("llama_hybrid_set_eval_callback", None, [ctypes.c_void_p] * 3)
+
+
 def plan_text(hot: Mapping[int, Sequence[int]], buffer_type: Optional[str] = None) -> str:
     """Serialize {layer: [expert, ...]} as the patch's plan text (slot order = list order)."""
     # "GPU" means the first GPU, which is also the patch's default

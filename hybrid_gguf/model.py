@@ -17,9 +17,10 @@ from .models import ResolvedModel, resolve_model
 from .sizes import parse_size
 
 # Always-on recording observes one decoded token in this many: every observed token costs
-# a GPU sync per MoE layer (+49 % decode on the H200 when all are observed, docs/benchmarks.md).
-# Prompt batches are always observed. `hybrid-gguf profile` records every token.
-RUN_DECODE_STRIDE = 16
+# a GPU sync per MoE layer (+48 % for that token on the H200, 48 layers; docs/benchmarks.md),
+# so 1 in 32 keeps the average near 1.5 %. Prompt batches are always observed.
+# `hybrid-gguf profile` records every token.
+RUN_DECODE_STRIDE = 32
 
 # VRAM left free for the CUDA context, cuBLAS workspaces and fragmentation.
 VRAM_RESERVE = 512 * 2**20
@@ -125,6 +126,7 @@ class HybridModel:
         self._profile_store = profile_store
         self._closed = False
         self.recorder = None
+        self.decode_sampler = None
         self.recorder_notice: Optional[str] = None
 
         self.plan = None
@@ -158,6 +160,8 @@ class HybridModel:
         summary.hot_pack_bytes = hybrid_backend.pack_bytes(self.llm._model.model)
         if hot_plan and summary.hot_pack_bytes == 0:
             raise HybridError("llama.cpp loaded the model but built no hot packs")
+        if self.recorder is not None:
+            self._sample_decodes(RUN_DECODE_STRIDE)
 
     # -- placement -----------------------------------------------------------------------
 
@@ -259,12 +263,24 @@ class HybridModel:
 
         inv = self.inventory
         try:
-            rec = RoutingRecorder(inv.n_layer, inv.n_expert, _max_used(inv))
-            rec.set_decode_stride(RUN_DECODE_STRIDE)
-            return rec
+            return RoutingRecorder(inv.n_layer, inv.n_expert, _max_used(inv))
         except RecorderUnavailable as exc:
             self.recorder_notice = f"routing recording off: {exc}"
             return None
+
+    def _sample_decodes(self, stride: int) -> None:
+        """Observe prompts and 1 decoded token in `stride`, switching the callback per eval."""
+        sampler = self.recorder.decode_sampler(self.llm._ctx.ctx, stride)
+        self.decode_sampler = sampler
+        if not sampler.switches_callback:
+            return
+        llm_eval = self.llm.eval  # Llama.generate calls self.eval per prompt and per token
+
+        def eval_sampled(tokens):
+            sampler.before_decode(len(tokens))
+            return llm_eval(tokens)
+
+        self.llm.eval = eval_sampled
 
     def routing_snapshot(self):
         return None if self.recorder is None else self.recorder.snapshot(trace=False)

@@ -244,6 +244,11 @@ class RoutingRecorder:
         self._check_open()
         self._lib.hg_rec_set_decode_stride(self._handle, int(max(1, stride)))
 
+    def decode_sampler(self, ctx: Any, stride: int) -> "DecodeSampler":
+        """Sampling of decoded tokens for a context made with `attach()`; see DecodeSampler."""
+        self._check_open()
+        return DecodeSampler(self, ctx, stride)
+
     def set_enabled(self, on: bool) -> None:
         """Pause (False) or resume recording; paused, the callback asks for nothing."""
         self._check_open()
@@ -313,3 +318,42 @@ class RoutingRecorder:
             self.close()
         except Exception:
             pass
+
+
+class DecodeSampler:
+    """Observe every prompt batch and one decoded token in `stride`.
+
+    Call `before_decode(n_tokens)` before each llama_decode of the context. With a hybrid
+    patch of version 2 or later the recorder's callback is taken off the context for the
+    tokens it skips, so they run exactly as without a recorder: a context with any cb_eval
+    synchronizes after every scheduler split, which on a GPU cost +8.7 % per token even when
+    the callback asked for nothing (docs/benchmarks.md). Other builds keep the callback and
+    let the C recorder skip by its own stride.
+    """
+
+    def __init__(self, recorder: RoutingRecorder, ctx: Any, stride: int) -> None:
+        from . import hybrid_backend
+
+        self.stride = int(max(1, stride))
+        self._recorder = recorder
+        self._ctx = ctx
+        self._setter = hybrid_backend.eval_callback_setter() if self.stride > 1 else None
+        self.switches_callback = self._setter is not None
+        self._n_decoded = 0
+        self._on = True
+        # with the switch, the C recorder sees only the graphs it should count
+        recorder.set_decode_stride(1 if self.switches_callback else self.stride)
+
+    def before_decode(self, n_tokens: int) -> None:
+        if not self.switches_callback:
+            return
+        observe = n_tokens > 1 or self._n_decoded % self.stride == 0
+        if n_tokens == 1:
+            self._n_decoded += 1
+        if observe != self._on:
+            rec = self._recorder
+            if observe:
+                self._setter(self._ctx, ctypes.cast(rec._cb, ctypes.c_void_p), rec._handle)
+            else:
+                self._setter(self._ctx, None, None)
+            self._on = observe

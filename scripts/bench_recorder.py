@@ -32,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import llama_cpp  # noqa: E402  (load libllama before numpy; see the llama.cpp notes)
 import llama_cpp.llama_cpp as L  # noqa: E402
 
+from hybrid_gguf.model import RUN_DECODE_STRIDE  # noqa: E402
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -45,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--modes", default="off,on", help="comma list of off, on, full, sampled "
                    "(sampled: one decoded token in --decode-stride, as `run` records)")
-    p.add_argument("--decode-stride", type=int, default=16)
+    p.add_argument("--decode-stride", type=int, default=RUN_DECODE_STRIDE)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", dest="json_out", default=None,
                    help="write results as JSON to this file ('-' for stdout)")
@@ -81,29 +83,32 @@ def fill_batch(batch, tokens, pos0: int) -> None:
         batch.logits[i] = i == len(tokens) - 1
 
 
-def decode_one(ctx, batch, tokens, pos0: int) -> None:
+def decode_one(ctx, batch, tokens, pos0: int, sampler=None) -> None:
+    if sampler is not None:
+        sampler.before_decode(len(tokens))
     fill_batch(batch, tokens, pos0)
     if L.llama_decode(ctx, batch) != 0:
         raise SystemExit("llama_decode failed")
     L.llama_synchronize(ctx)  # llama.cpp books perf stats at a sync (as reading logits does)
 
 
-def one_rep(ctxs: list, batch, prompt, gen, n_batch: int) -> list:
+def one_rep(ctxs: list, batch, prompt, gen, n_batch: int, samplers=None) -> list:
     """Prefill then decode in every context; decode steps alternate between the contexts
     token by token, so load from other processes hits all modes alike."""
+    samplers = samplers or [None] * len(ctxs)
     for ctx in ctxs:
         L.llama_memory_clear(L.llama_get_memory(ctx), True)
         L.llama_perf_context_reset(ctx)
-    for ctx in ctxs:
+    for ctx, sampler in zip(ctxs, samplers):
         for start in range(0, len(prompt), n_batch):
-            decode_one(ctx, batch, prompt[start:start + n_batch], start)
+            decode_one(ctx, batch, prompt[start:start + n_batch], start, sampler)
     # per-token times from llama.cpp's own cumulative t_eval_ms (robust medians)
     steps = [[] for _ in ctxs]
     for i, tok in enumerate(gen):
         order = range(len(ctxs)) if i % 2 == 0 else reversed(range(len(ctxs)))
         for j in order:
             before = L.llama_perf_context(ctxs[j]).t_eval_ms
-            decode_one(ctxs[j], batch, [tok], len(prompt) + i)
+            decode_one(ctxs[j], batch, [tok], len(prompt) + i, samplers[j])
             steps[j].append(L.llama_perf_context(ctxs[j]).t_eval_ms - before)
     out = []
     for j, ctx in enumerate(ctxs):
@@ -182,7 +187,7 @@ def main(argv=None) -> int:
     gen = rng.integers(lo, n_vocab, size=args.tg).tolist()
     batch = L.llama_batch_init(max(n_batch, 1), 0, 1)
 
-    contexts, recorders = {}, {}
+    contexts, recorders, samplers = {}, {}, {}
     for mode in modes:
         if mode == "off":
             contexts[mode] = new_context(llm)
@@ -191,14 +196,14 @@ def main(argv=None) -> int:
             rec = RoutingRecorder(n_layer, n_expert, n_used,
                                   trace_capacity=1 << 16 if full else 0,
                                   coactivation=full, weight_mass=full)
-            if mode == "sampled":
-                rec.set_decode_stride(args.decode_stride)
             recorders[mode] = rec
             contexts[mode] = new_context(llm, rec)
+            if mode == "sampled":  # as `run` samples
+                samplers[mode] = rec.decode_sampler(contexts[mode][0], args.decode_stride)
 
     # warm-up (allocations, first-touch pages, kernels)
     one_rep([contexts[m][0] for m in modes], batch, prompt[: min(32, len(prompt))], gen[:4],
-            n_batch)
+            n_batch, [samplers.get(m) for m in modes])
     for rec in recorders.values():
         rec.reset()
 
@@ -206,7 +211,7 @@ def main(argv=None) -> int:
     for rep in range(args.reps):
         order = modes if rep % 2 == 0 else modes[::-1]
         for mode, r in zip(order, one_rep([contexts[m][0] for m in order], batch, prompt,
-                                          gen, n_batch)):
+                                          gen, n_batch, [samplers.get(m) for m in order])):
             results[mode].append(r)
         print(f"rep {rep + 1}/{args.reps}: " + ", ".join(
             f"{m} pp {results[m][-1]['prefill_ms_per_token']:.3f} "
@@ -248,6 +253,8 @@ def main(argv=None) -> int:
         "arch": arch, "n_layer": n_layer, "n_expert": n_expert, "n_expert_used": n_used,
         "n_gpu_layers": args.n_gpu_layers, "pp": args.pp, "tg": args.tg, "reps": args.reps,
         "threads": args.threads,
+        "decode_stride": args.decode_stride,
+        "sampled_switches_callback": samplers["sampled"].switches_callback if "sampled" in samplers else None,
         "summary": summary, "recorder_checks": checks, "reps_raw": results,
     }
 

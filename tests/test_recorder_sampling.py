@@ -44,3 +44,50 @@ def test_stride_observes_one_decode_token_in_n(tiny_model_factory):
                                   sampled.tokens_decode * inv.n_expert_used)
     # and the sampled counts are a subset of the full ones (same routing, fewer tokens)
     assert (sampled.counts_decode <= full.counts_decode).all()
+
+
+def decode_with_sampler(path, stride, n_gen=32):
+    inv = read_inventory(path)
+    rec = RoutingRecorder(inv.n_layer, inv.n_expert, inv.n_expert_used)
+    llm = construct_llama(str(path), context_patch=rec.attach(), n_ctx=128, n_gpu_layers=0,
+                          n_threads=1, verbose=False)
+    sampler = rec.decode_sampler(llm.ctx, stride)
+    prompt = [1] + [3 + b for b in b"def main():\n"]
+    sampler.before_decode(len(prompt))
+    llm.eval(prompt)
+    for i in range(n_gen):
+        sampler.before_decode(1)
+        llm.eval([5 + i % 50])
+    snap = rec.snapshot(trace=False)
+    llm.close()
+    rec.close()
+    return sampler, snap
+
+
+def test_sampler_takes_the_callback_off_skipped_tokens(tiny_model_factory):
+    from hybrid_gguf import hybrid_backend
+
+    if hybrid_backend.eval_callback_setter() is None:
+        pytest.skip("needs the hybrid patch, version 2 or later")
+    path = tiny_model_factory("qwen3moe")
+    inv = read_inventory(path)
+    sampler, snap = decode_with_sampler(path, 4)
+    assert sampler.switches_callback
+    assert (snap.tokens_decode == 8).all()  # decoded tokens 0, 4, ..., 28
+    np.testing.assert_array_equal(snap.counts_decode.sum(axis=1), snap.tokens_decode * inv.n_expert_used)
+    # the recorder saw the prompt graph and the 8 observed decode graphs, nothing else: the
+    # skipped tokens ran with no callback at all
+    assert snap.stats["graphs"] == 1 + 8
+
+
+def test_sampled_run_generates_what_an_unrecorded_run_does(tiny_model_factory):
+    from hybrid_gguf.model import HybridModel
+
+    path = tiny_model_factory("qwen3moe")
+    with HybridModel(str(path), record=False, n_ctx=128) as plain:
+        want = plain.generate("def main():\n", max_tokens=40)
+    with HybridModel(str(path), record=True, n_ctx=128) as recorded:
+        got = recorded.generate("def main():\n", max_tokens=40)
+        snap = recorded.routing_snapshot()
+    assert got.text == want.text
+    assert snap.tokens_prompt[0] > 0 and snap.tokens_decode[0] >= 1
