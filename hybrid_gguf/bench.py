@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -175,7 +175,7 @@ def run_bench(model_path: Path, *, budget_bytes: int, profile_prompts: Sequence[
               eval_prompt: Sequence[int], n_prompt: int, n_gen: int, reps: int, n_ctx: int = 2048,
               configs: Optional[Sequence[str]] = None, pack_device: str = "CUDA0",
               n_threads: Optional[int] = None, counts: Optional[np.ndarray] = None,
-              eval_counts: Optional[np.ndarray] = None,
+              eval_counts: Optional[np.ndarray] = None, save_calibration: bool = True,
               log: Callable[[str], None] = print) -> dict:
     """Profile (unless counts are given), then time each placement; returns a JSON-able dict."""
     from .devices import gpu_devices
@@ -248,12 +248,62 @@ def run_bench(model_path: Path, *, budget_bytes: int, profile_prompts: Sequence[
         "_counts": counts,
         "_eval_counts": eval_counts,
     }
+    out["prediction"] = predict_configs(inv, counts, all_cfgs, results, n_prompt, n_gen, n_ctx,
+                                        on_gpu=bool(gpus), save=save_calibration, log=log)
     base = {r.name: r for r in results}
     if "whole-layer" in base and "per-expert" in base and base["whole-layer"].tg_ts:
         wl, pe = base["whole-layer"].summary(), base["per-expert"].summary()
         out["per_expert_vs_whole_layer_tg"] = pe["tg_median_ts"] / wl["tg_median_ts"]
         out["per_expert_vs_whole_layer_pp"] = pe["pp_median_ts"] / wl["pp_median_ts"]
     return out
+
+
+STOCK_CONFIGS = ("cpu-experts", "whole-layer", "all-gpu")
+
+
+def predict_configs(inv: Inventory, counts: np.ndarray, cfgs: Sequence[Config], results: Sequence[Result],
+                    n_prompt: int, n_gen: int, n_ctx: int, on_gpu: bool = True, save: bool = True,
+                    log: Callable[[str], None] = print) -> dict:
+    """The planner's predicted tokens/s of every placement, twice: with this machine's stored
+    calibration (what `plan` predicted before this run), and with the GPU side fitted to this
+    run's stock placements (cpu-experts, whole-layer, all-gpu), which `plan` uses from then on
+    when `save`. The per-expert run is not in the fit, so its fitted prediction is a check of
+    the model. Also the decode roofline: the fitted model without the per-layer hand-off.
+    Without a GPU nothing is fitted: the predictions are the CPU-only model's."""
+    from . import predict
+
+    tokens = counts.sum(axis=1) / max(inv.n_expert_used, 1)
+    p = predict.selection_probs(counts, tokens, [l.n_expert_used for l in inv.layers])
+    before = predict.calibrate_bandwidth()
+    runs = {}
+    for cfg, res in zip(cfgs, results):
+        s = res.summary()
+        if res.error is None and s["tg_median_ts"] > 0:
+            runs[cfg.name] = (cfg, predict.MeasuredRun(cfg.hot, s["tg_median_ts"], s["pp_median_ts"],
+                                                       n_prompt, n_prompt + n_gen // 2))
+    stock = [run for name, (_, run) in runs.items() if name in STOCK_CONFIGS] if on_gpu else []
+    fitted = predict.fit_bandwidth(inv, p, stock, before, n_ctx) if stock else before
+    roof = replace(fitted, handoff_s=0.0)
+    table = {}
+    for name, (cfg, run) in runs.items():
+        row = {"measured_decode_ts": run.decode_tokens_per_s, "measured_prefill_ts": run.prefill_tokens_per_s,
+               "predicted_hit_rate": predict.hit_rate(p, cfg.hot)}
+        for key, bw in (("predicted", before), ("fitted", fitted), ("roofline", roof)):
+            sp = predict.predict_speed(inv, p, cfg.hot if on_gpu else {}, on_gpu, bw, n_ctx,
+                                       n_ubatch=n_prompt, kv_fill=run.kv_fill)
+            row[f"{key}_decode_ts"] = sp.decode_tokens_per_s
+            if key != "roofline":
+                row[f"{key}_prefill_ts"] = sp.prefill_tokens_per_s
+        row["fitted_decode_error"] = row["fitted_decode_ts"] / run.decode_tokens_per_s - 1.0
+        row["in_fit"] = name in STOCK_CONFIGS
+        table[name] = row
+        log(f"{name:12s} decode measured {run.decode_tokens_per_s:7.2f}, predicted {row['predicted_decode_ts']:7.2f} "
+            f"(stored calibration), {row['fitted_decode_ts']:7.2f} (fitted{'' if row['in_fit'] else ', not in fit'}), "
+            f"roofline {row['roofline_decode_ts']:7.2f} t/s")
+    if save and stock:
+        predict.save_calibration(fitted)
+    return {"calibration_before": before.to_dict(), "calibration_fitted": fitted.to_dict(),
+            "calibration_saved": bool(save and stock), "configs": table}
 
 
 def _cpu_moe():

@@ -234,6 +234,66 @@ def predict_speed(inv, p: Optional[np.ndarray], gpu_experts: Mapping[int, Sequen
     )
 
 
+@dataclass(frozen=True)
+class MeasuredRun:
+    """A timed placement: what was on the GPU and the tokens/s llama.cpp reported."""
+    gpu_experts: Mapping[int, Sequence[int]]
+    decode_tokens_per_s: float
+    prefill_tokens_per_s: float
+    n_prompt: int
+    kv_fill: int
+
+
+def _terms(inv, p, run: MeasuredRun, n_ctx: int) -> tuple:
+    """The linear terms of predict_speed for one run: (GPU bytes, CPU bytes, hand-offs) of a
+    decode step and (GPU flops, CPU flops, PCIe bytes) of the prefill ubatch."""
+    unit = Bandwidth(cpu_bytes_per_s=1.0, gpu_bytes_per_s=1.0, pcie_bytes_per_s=1.0,
+                     cpu_flops=1.0, gpu_flops=1.0, handoff_s=1.0)
+    sp = predict_speed(inv, p, run.gpu_experts, True, unit, n_ctx, n_ubatch=run.n_prompt,
+                       kv_fill=run.kv_fill)
+    d, f = sp.decode_ms, sp.prefill_ms
+    return ((d["dense"] + d["kv"] + d["experts_gpu"]) / 1e3, d["experts_cpu"] / 1e3, d["handoff"] / 1e3,
+            f["gpu_compute"] / 1e3, f["cpu_compute"] / 1e3, f["pcie_copies"] / 1e3)
+
+
+def fit_bandwidth(inv, p: np.ndarray, runs: Sequence[MeasuredRun], base: Bandwidth,
+                  n_ctx: int) -> Bandwidth:
+    """The GPU-side fields of the bandwidth model fitted to measured runs of stock placements.
+
+    Decode: runs with every expert on the GPU give gpu_bytes_per_s; runs with host experts
+    then give handoff_s by least squares, with cpu_bytes_per_s kept from the CPU calibration
+    (in stock placements the CPU's expert reads and the hand-offs grow together, one set per
+    host layer, so these runs cannot tell the two apart). Prefill: all-GPU runs give
+    gpu_flops, runs with host experts give pcie_bytes_per_s. Fields without data keep base.
+    """
+    terms = [(_terms(inv, p, r, n_ctx), r) for r in runs
+             if r.decode_tokens_per_s > 0 and r.prefill_tokens_per_s > 0]
+    updates: dict = {}
+    gpu_only = [(t, r) for t, r in terms if t[1] == 0 and t[2] == 0]
+    host = [(t, r) for t, r in terms if t[2] > 0]
+    if gpu_only:
+        # least squares on 1/bandwidth through the origin: sum(t*x)/sum(x*x)
+        inv_g = sum(t[0] / r.decode_tokens_per_s for t, r in gpu_only) / sum(t[0] ** 2 for t, _ in gpu_only)
+        updates["gpu_bytes_per_s"] = 1.0 / inv_g
+        inv_f = sum(t[3] * r.n_prompt / r.prefill_tokens_per_s for t, r in gpu_only) / \
+            sum(t[3] ** 2 for t, _ in gpu_only)
+        updates["gpu_flops"] = 1.0 / inv_f
+    g = updates.get("gpu_bytes_per_s", base.gpu_bytes_per_s)
+    gf = updates.get("gpu_flops", base.gpu_flops)
+    if host:
+        resid = [(1.0 / r.decode_tokens_per_s - t[0] / g - t[1] / base.cpu_bytes_per_s, t[2]) for t, r in host]
+        updates["handoff_s"] = max(0.0, sum(x * n for x, n in resid) / sum(n * n for _, n in resid)) or base.handoff_s
+        copies = [(r.n_prompt / r.prefill_tokens_per_s - t[3] / gf - t[4] / base.cpu_flops, t[5])
+                  for t, r in host if t[5] > 0]
+        if copies:
+            inv_pcie = sum(x * b for x, b in copies) / sum(b * b for _, b in copies)
+            if inv_pcie > 0:
+                updates["pcie_bytes_per_s"] = 1.0 / inv_pcie
+    measured = tuple(sorted(set(base.measured) | set(updates)))
+    return replace(base, **updates, measured=measured, machine=base.machine or machine_id(),
+                   measured_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+
+
 def _attn_width(inv) -> float:
     """Sum over layers of n_head * head_dim (QK^T and PV flops per token pair / 2)."""
     heads = inv.n_head if isinstance(inv.n_head, list) else [inv.n_head] * inv.n_layer

@@ -5,7 +5,9 @@
 #   3. routing-recorder overhead (scripts/bench_recorder.py)
 #   4. placement A/B on a synthetic Qwen3-30B-A3B-shaped Q4_K model (scripts/bench_placement.py)
 #   4b. the same A/B on a Mixtral-8x7B-shaped Q4_K model (bench2)
-#   5. planned runs at two budgets: VRAM within budget, predicted vs measured decode (plan)
+#   5. planned runs at two budgets: VRAM within budget, predicted vs measured decode (plan);
+#      "bench" before "plan" stores the GPU calibration the plan's prediction uses
+#   (skipab: prefill with the GPU chains' repeats vs -1 skips)
 #   (diag: scripts/split_diag.py, chain-by-chain comparison with a numpy reference)
 # One call does not fit every step in 10 minutes: run e.g. "build,diag,split" then, within
 # 30 s (the machine stays warm that long), "recorder,bench" and "plan". "build" again after
@@ -70,7 +72,7 @@ fi
 [ -f /tmp/hybrid_variant ] && export LLAMA_HYBRID_MAPS=$(cat /tmp/hybrid_variant) && log "using LLAMA_HYBRID_MAPS=$LLAMA_HYBRID_MAPS"
 
 BIG=/tmp/models/q30b-like-q4k.gguf
-if has recorder || has bench || has plan; then
+if has recorder || has bench || has plan || has skipab; then
     log "make the Qwen3-30B-A3B-shaped Q4_K model"
     t0=$(date +%s)
     [ -f "$BIG" ] || python3 scripts/make_bench_model.py --preset qwen3-30b-a3b-like --weight-type Q4_K --workers 16 --out "$BIG" 2>&1 | tail -2
@@ -96,6 +98,16 @@ if has bench2; then
         --reps ${REPS:-2} --threads 16 --json "$OUT/bench_mixtral.json" 2>&1 | tee "$OUT/bench_mixtral.txt"
 fi
 
+if has skipab; then
+    # prefill with the GPU chains' unowned slots as weight-0 repeats (=0) or as -1 skips (=1)
+    for v in 0 1; do
+        log "per-expert vs whole-layer at 25 %, LLAMA_HYBRID_GPU_SKIP=$v"
+        LLAMA_HYBRID_GPU_SKIP=$v python3 scripts/bench_placement.py "$BIG" --budget-share 0.25 \
+            --configs whole-layer per-expert --pp 512 --tg 16 --reps 2 --threads 16 \
+            --json "$OUT/skipab_$v.json" 2>&1 | grep -E "^(whole|per)|_vs_"
+    done
+fi
+
 if has plan; then
     log "planned runs: VRAM within budget, predicted vs measured decode"
     python3 -c "from hybrid_gguf.bench import package_text, PROFILE_PACKAGES as P, EVAL_PACKAGES as E
@@ -103,7 +115,7 @@ open('/tmp/prof.txt', 'w').write(package_text(P, 60000)); open('/tmp/eval.txt', 
     python3 -m hybrid_gguf.cli profile "$BIG" --text /tmp/prof.txt -n 16 --store /tmp/store --json > "$OUT/profile_q30b.json" 2>/dev/null
     for B in ${PLAN_BUDGETS:-6GiB 10GiB}; do
         python3 -m hybrid_gguf.cli plan "$BIG" --gpu-budget "$B" --ctx 4096 --store /tmp/store --out "/tmp/plan_$B.yaml" --json > "$OUT/plan_$B.json"
-        python3 -m hybrid_gguf.cli run "$BIG" --plan "/tmp/plan_$B.yaml" --ctx 4096 --no-record -n 64 --json \
+        python3 -m hybrid_gguf.cli run "$BIG" --plan "/tmp/plan_$B.yaml" --ctx 4096 --no-record -n 64 -t 16 --json \
             -p "$(head -c 1500 /tmp/eval.txt)" > "$OUT/run_$B.json"
         python3 scripts/check_plan_run.py "$OUT/plan_$B.json" "$OUT/run_$B.json"
     done

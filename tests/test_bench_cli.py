@@ -28,6 +28,12 @@ def test_bench_json_on_cpu(tiny_model_factory, tmp_path):
         for key in ("pp_median_ts", "tg_median_ts", "pp_avg_ts", "tg_avg_ts"):
             assert math.isfinite(r[key]) and r[key] > 0, (r["name"], key)
         assert r["hit_rate"] is None or 0.0 <= r["hit_rate"] <= 1.0
+    pred = out["prediction"]["configs"]
+    assert set(pred) == set(names)
+    for name, row in pred.items():
+        for key in ("predicted_decode_ts", "fitted_decode_ts", "roofline_decode_ts", "predicted_prefill_ts"):
+            assert math.isfinite(row[key]) and row[key] > 0, (name, key)
+    assert not out["prediction"]["calibration_saved"]  # nothing to fit without a GPU
     assert png.stat().st_size > 1000
 
 

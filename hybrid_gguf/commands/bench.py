@@ -66,16 +66,25 @@ def bench_command(
     else:
         table = Table(title=f"{path.name}: budget {format_size(budget)} "
                             f"({100 * budget / inv.expert_bytes_total:.0f}% of expert bytes), pp {pp}, tg {tg}, {reps} reps")
-        for col in ("placement", "hit rate", "VRAM", "pp t/s (median)", "tg t/s (median)", "tg min..max"):
+        for col in ("placement", "hit rate", "VRAM", "pp t/s (median)", "tg t/s (median)", "tg min..max",
+                    "tg predicted", "tg fitted", "tg roofline"):
             table.add_column(col, justify="right")
+        pred = out.get("prediction", {}).get("configs", {})
         for r in out["results"]:
             if r.get("error"):
-                table.add_row(r["name"], "-", "-", "error", r["error"][:40], "")
+                table.add_row(r["name"], "-", "-", "error", r["error"][:40], "", "", "", "")
                 continue
             hit = "-" if r["hit_rate"] is None else f"{r['hit_rate']:.3f}"
+            pr = pred.get(r["name"], {})
+            fitted = f"{pr['fitted_decode_ts']:.2f}{'' if pr['in_fit'] else '*'}" if pr else "-"
             table.add_row(r["name"], hit, format_size(r["vram_model_bytes"]), f"{r['pp_median_ts']:.1f}",
-                          f"{r['tg_median_ts']:.2f}", f"{r['tg_min_ts']:.2f}..{r['tg_max_ts']:.2f}")
+                          f"{r['tg_median_ts']:.2f}", f"{r['tg_min_ts']:.2f}..{r['tg_max_ts']:.2f}",
+                          f"{pr['predicted_decode_ts']:.2f}" if pr else "-", fitted,
+                          f"{pr['roofline_decode_ts']:.2f}" if pr else "-")
         Console().print(table)
+        if pred:
+            Console().print("tg predicted: the planner's model with this machine's stored calibration; "
+                            "fitted: its GPU side fitted to this run's stock placements (* = not in the fit)")
         for key in ("per_expert_vs_whole_layer_tg", "per_expert_vs_whole_layer_pp"):
             if key in out:
                 Console().print(f"{key}: {out[key]:.3f}")
