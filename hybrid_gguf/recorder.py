@@ -244,10 +244,10 @@ class RoutingRecorder:
         self._check_open()
         self._lib.hg_rec_set_decode_stride(self._handle, int(max(1, stride)))
 
-    def decode_sampler(self, ctx: Any, stride: int) -> "DecodeSampler":
+    def decode_sampler(self, ctx: Any, stride: int, burst: int = 8) -> "DecodeSampler":
         """Sampling of decoded tokens for a context made with `attach()`; see DecodeSampler."""
         self._check_open()
-        return DecodeSampler(self, ctx, stride)
+        return DecodeSampler(self, ctx, stride, burst)
 
     def set_enabled(self, on: bool) -> None:
         """Pause (False) or resume recording; paused, the callback asks for nothing."""
@@ -321,20 +321,23 @@ class RoutingRecorder:
 
 
 class DecodeSampler:
-    """Observe every prompt batch and one decoded token in `stride`.
+    """Observe every prompt batch and one decoded token in `stride`, in bursts.
 
     Call `before_decode(n_tokens)` before each llama_decode of the context. With a hybrid
     patch of version 2 or later the recorder's callback is taken off the context for the
     tokens it skips, so they run exactly as without a recorder: a context with any cb_eval
     synchronizes after every scheduler split, which on a GPU cost +8.7 % per token even when
-    the callback asked for nothing (docs/benchmarks.md). Other builds keep the callback and
-    let the C recorder skip by its own stride.
+    the callback asked for nothing (docs/benchmarks.md). Each switch back costs the GPU
+    backend a new CUDA graph (a few ms on a 48-layer model), so the observed tokens come in
+    bursts of `burst` consecutive ones, one burst per `stride * burst` tokens. Other builds
+    keep the callback and let the C recorder skip by its own stride.
     """
 
-    def __init__(self, recorder: RoutingRecorder, ctx: Any, stride: int) -> None:
+    def __init__(self, recorder: RoutingRecorder, ctx: Any, stride: int, burst: int = 8) -> None:
         from . import hybrid_backend
 
         self.stride = int(max(1, stride))
+        self.burst = int(max(1, burst))
         self._recorder = recorder
         self._ctx = ctx
         self._setter = hybrid_backend.eval_callback_setter() if self.stride > 1 else None
@@ -344,10 +347,14 @@ class DecodeSampler:
         # with the switch, the C recorder sees only the graphs it should count
         recorder.set_decode_stride(1 if self.switches_callback else self.stride)
 
+    def observes(self, n_tokens: int) -> bool:
+        """Whether the next decode of n_tokens is observed (does not advance the count)."""
+        return n_tokens > 1 or self._n_decoded % (self.stride * self.burst) < self.burst
+
     def before_decode(self, n_tokens: int) -> None:
         if not self.switches_callback:
             return
-        observe = n_tokens > 1 or self._n_decoded % self.stride == 0
+        observe = self.observes(n_tokens)
         if n_tokens == 1:
             self._n_decoded += 1
         if observe != self._on:

@@ -81,7 +81,7 @@ fi
 
 if has recorder; then
     log "recorder overhead, everything on the GPU (48 layers)"
-    python3 scripts/bench_recorder.py --model "$BIG" --n-gpu-layers 99 --pp 512 --tg 128 --reps 3 --modes off,on,sampled \
+    python3 scripts/bench_recorder.py --model "$BIG" --n-gpu-layers 99 --pp 512 --tg 256 --reps 3 --modes off,on,sampled \
         --json "$OUT/recorder_gpu.json" 2>&1 | tail -12
 fi
 

@@ -46,12 +46,12 @@ def test_stride_observes_one_decode_token_in_n(tiny_model_factory):
     assert (sampled.counts_decode <= full.counts_decode).all()
 
 
-def decode_with_sampler(path, stride, n_gen=32):
+def decode_with_sampler(path, stride, burst, n_gen=32):
     inv = read_inventory(path)
     rec = RoutingRecorder(inv.n_layer, inv.n_expert, inv.n_expert_used)
     llm = construct_llama(str(path), context_patch=rec.attach(), n_ctx=128, n_gpu_layers=0,
                           n_threads=1, verbose=False)
-    sampler = rec.decode_sampler(llm.ctx, stride)
+    sampler = rec.decode_sampler(llm.ctx, stride, burst)
     prompt = [1] + [3 + b for b in b"def main():\n"]
     sampler.before_decode(len(prompt))
     llm.eval(prompt)
@@ -71,13 +71,16 @@ def test_sampler_takes_the_callback_off_skipped_tokens(tiny_model_factory):
         pytest.skip("needs the hybrid patch, version 2 or later")
     path = tiny_model_factory("qwen3moe")
     inv = read_inventory(path)
-    sampler, snap = decode_with_sampler(path, 4)
+    sampler, snap = decode_with_sampler(path, 4, 1)
     assert sampler.switches_callback
     assert (snap.tokens_decode == 8).all()  # decoded tokens 0, 4, ..., 28
     np.testing.assert_array_equal(snap.counts_decode.sum(axis=1), snap.tokens_decode * inv.n_expert_used)
     # the recorder saw the prompt graph and the 8 observed decode graphs, nothing else: the
     # skipped tokens ran with no callback at all
     assert snap.stats["graphs"] == 1 + 8
+    # bursts of 3, one per 12 tokens (stride 4): decoded tokens 0-2, 12-14 and 24-26
+    _, snap = decode_with_sampler(path, 4, 3)
+    assert (snap.tokens_decode == 9).all() and snap.stats["graphs"] == 1 + 9
 
 
 def test_sampled_run_generates_what_an_unrecorded_run_does(tiny_model_factory):
