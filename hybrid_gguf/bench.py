@@ -258,18 +258,14 @@ def run_bench(model_path: Path, *, budget_bytes: int, profile_prompts: Sequence[
     return out
 
 
-STOCK_CONFIGS = ("cpu-experts", "whole-layer", "all-gpu")
-
-
 def predict_configs(inv: Inventory, counts: np.ndarray, cfgs: Sequence[Config], results: Sequence[Result],
                     n_prompt: int, n_gen: int, n_ctx: int, on_gpu: bool = True, save: bool = True,
                     log: Callable[[str], None] = print) -> dict:
     """The planner's predicted tokens/s of every placement, twice: with this machine's stored
-    calibration (what `plan` predicted before this run), and with the GPU side fitted to this
-    run's stock placements (cpu-experts, whole-layer, all-gpu), which `plan` uses from then on
-    when `save`. The per-expert run is not in the fit, so its fitted prediction is a check of
-    the model. Also the decode roofline: the fitted model without the per-layer hand-off.
-    Without a GPU nothing is fitted: the predictions are the CPU-only model's."""
+    calibration (what `plan` predicted before this run: out of sample), and with the model
+    fitted to this run's placements (in sample), which `plan` uses from then on when `save`.
+    Also the decode roofline: the fitted model without the per-layer hand-off. Without a GPU
+    nothing is fitted: the predictions are the CPU-only model's."""
     from . import predict
 
     tokens = counts.sum(axis=1) / max(inv.n_expert_used, 1)
@@ -281,8 +277,8 @@ def predict_configs(inv: Inventory, counts: np.ndarray, cfgs: Sequence[Config], 
         if res.error is None and s["tg_median_ts"] > 0:
             runs[cfg.name] = (cfg, predict.MeasuredRun(cfg.hot, s["tg_median_ts"], s["pp_median_ts"],
                                                        n_prompt, n_prompt + n_gen // 2))
-    stock = [run for name, (_, run) in runs.items() if name in STOCK_CONFIGS] if on_gpu else []
-    fitted = predict.fit_bandwidth(inv, p, stock, before, n_ctx) if stock else before
+    fit_runs = [run for _, run in runs.values()] if on_gpu else []
+    fitted = predict.fit_bandwidth(inv, p, fit_runs, before, n_ctx) if fit_runs else before
     roof = replace(fitted, handoff_s=0.0)
     table = {}
     for name, (cfg, run) in runs.items():
@@ -294,16 +290,19 @@ def predict_configs(inv: Inventory, counts: np.ndarray, cfgs: Sequence[Config], 
             row[f"{key}_decode_ts"] = sp.decode_tokens_per_s
             if key != "roofline":
                 row[f"{key}_prefill_ts"] = sp.prefill_tokens_per_s
+        row["predicted_decode_error"] = row["predicted_decode_ts"] / run.decode_tokens_per_s - 1.0
         row["fitted_decode_error"] = row["fitted_decode_ts"] / run.decode_tokens_per_s - 1.0
-        row["in_fit"] = name in STOCK_CONFIGS
         table[name] = row
         log(f"{name:12s} decode measured {run.decode_tokens_per_s:7.2f}, predicted {row['predicted_decode_ts']:7.2f} "
-            f"(stored calibration), {row['fitted_decode_ts']:7.2f} (fitted{'' if row['in_fit'] else ', not in fit'}), "
+            f"(stored calibration), {row['fitted_decode_ts']:7.2f} (fitted to this run), "
             f"roofline {row['roofline_decode_ts']:7.2f} t/s")
-    if save and stock:
+    if save and fit_runs:
         predict.save_calibration(fitted)
     return {"calibration_before": before.to_dict(), "calibration_fitted": fitted.to_dict(),
-            "calibration_saved": bool(save and stock), "configs": table}
+            "calibration_saved": bool(save and fit_runs), "configs": table,
+            "profile_counts": counts.astype(int).tolist(),
+            "hot": {name: {str(l): list(map(int, es)) for l, es in cfg.hot.items()}
+                    for name, (cfg, _) in runs.items()}}
 
 
 def _cpu_moe():

@@ -258,13 +258,16 @@ def _terms(inv, p, run: MeasuredRun, n_ctx: int) -> tuple:
 
 def fit_bandwidth(inv, p: np.ndarray, runs: Sequence[MeasuredRun], base: Bandwidth,
                   n_ctx: int) -> Bandwidth:
-    """The GPU-side fields of the bandwidth model fitted to measured runs of stock placements.
+    """The bandwidth model's fields fitted to measured runs of this machine.
 
-    Decode: runs with every expert on the GPU give gpu_bytes_per_s; runs with host experts
-    then give handoff_s by least squares, with cpu_bytes_per_s kept from the CPU calibration
-    (in stock placements the CPU's expert reads and the hand-offs grow together, one set per
-    host layer, so these runs cannot tell the two apart). Prefill: all-GPU runs give
-    gpu_flops, runs with host experts give pcie_bytes_per_s. Fields without data keep base.
+    Decode: runs with every expert on the GPU give gpu_bytes_per_s. Runs with host experts
+    then give cpu_bytes_per_s (the CPU's effective rate on expert matmuls, lower than a plain
+    streaming read) and handoff_s by least squares, when they differ in host bytes per
+    hand-off; stock placements alone do not (each host layer brings all its selected
+    experts and one hand-off), so with only those cpu_bytes_per_s stays at base (the CPU
+    calibration) and only handoff_s is fitted. A per-expert run breaks the tie.
+    Prefill: all-GPU runs give gpu_flops, runs with host experts give pcie_bytes_per_s.
+    Fields without data keep base.
     """
     terms = [(_terms(inv, p, r, n_ctx), r) for r in runs
              if r.decode_tokens_per_s > 0 and r.prefill_tokens_per_s > 0]
@@ -281,9 +284,22 @@ def fit_bandwidth(inv, p: np.ndarray, runs: Sequence[MeasuredRun], base: Bandwid
     g = updates.get("gpu_bytes_per_s", base.gpu_bytes_per_s)
     gf = updates.get("gpu_flops", base.gpu_flops)
     if host:
-        resid = [(1.0 / r.decode_tokens_per_s - t[0] / g - t[1] / base.cpu_bytes_per_s, t[2]) for t, r in host]
-        updates["handoff_s"] = max(0.0, sum(x * n for x, n in resid) / sum(n * n for _, n in resid)) or base.handoff_s
-        copies = [(r.n_prompt / r.prefill_tokens_per_s - t[3] / gf - t[4] / base.cpu_flops, t[5])
+        rhs = np.array([1.0 / r.decode_tokens_per_s - t[0] / g for t, r in host])
+        cols = np.array([[t[1], t[2]] for t, _ in host])  # host bytes, hand-offs
+        per_handoff = cols[:, 0] / cols[:, 1]
+        solved = False
+        if len(host) >= 2 and per_handoff.max() > 1.5 * per_handoff.min():
+            (inv_u, h), *_ = np.linalg.lstsq(cols, rhs, rcond=None)
+            if inv_u > 0 and h >= 0:
+                updates["cpu_bytes_per_s"] = 1.0 / float(inv_u)
+                updates["handoff_s"] = float(h)
+                solved = True
+        if not solved:
+            resid = rhs - cols[:, 0] / base.cpu_bytes_per_s
+            h = float(resid @ cols[:, 1] / (cols[:, 1] @ cols[:, 1]))
+            updates["handoff_s"] = h if h > 0 else base.handoff_s
+        cpu_f = base.cpu_flops
+        copies = [(r.n_prompt / r.prefill_tokens_per_s - t[3] / gf - t[4] / cpu_f, t[5])
                   for t, r in host if t[5] > 0]
         if copies:
             inv_pcie = sum(x * b for x, b in copies) / sum(b * b for _, b in copies)

@@ -111,7 +111,7 @@ fi
 if has plan; then
     log "planned runs: VRAM within budget, predicted vs measured decode"
     python3 -c "from hybrid_gguf.bench import package_text, PROFILE_PACKAGES as P, EVAL_PACKAGES as E
-open('/tmp/prof.txt', 'w').write(package_text(P, 60000)); open('/tmp/eval.txt', 'w').write(package_text(E, 3000))"
+open('/tmp/prof.txt', 'w').write(package_text(P, 20000)); open('/tmp/eval.txt', 'w').write(package_text(E, 3000))"
     python3 -m hybrid_gguf.cli profile "$BIG" --text /tmp/prof.txt -n 16 --store /tmp/store --json > "$OUT/profile_q30b.json" 2>/dev/null
     for B in ${PLAN_BUDGETS:-6GiB 10GiB}; do
         python3 -m hybrid_gguf.cli plan "$BIG" --gpu-budget "$B" --ctx 4096 --store /tmp/store --out "/tmp/plan_$B.yaml" --json > "$OUT/plan_$B.json"

@@ -76,15 +76,15 @@ def bench_command(
                 continue
             hit = "-" if r["hit_rate"] is None else f"{r['hit_rate']:.3f}"
             pr = pred.get(r["name"], {})
-            fitted = f"{pr['fitted_decode_ts']:.2f}{'' if pr['in_fit'] else '*'}" if pr else "-"
+            fitted = f"{pr['fitted_decode_ts']:.2f}" if pr else "-"
             table.add_row(r["name"], hit, format_size(r["vram_model_bytes"]), f"{r['pp_median_ts']:.1f}",
                           f"{r['tg_median_ts']:.2f}", f"{r['tg_min_ts']:.2f}..{r['tg_max_ts']:.2f}",
                           f"{pr['predicted_decode_ts']:.2f}" if pr else "-", fitted,
                           f"{pr['roofline_decode_ts']:.2f}" if pr else "-")
         Console().print(table)
         if pred:
-            Console().print("tg predicted: the planner's model with this machine's stored calibration; "
-                            "fitted: its GPU side fitted to this run's stock placements (* = not in the fit)")
+            Console().print("tg predicted: the planner's model with this machine's stored calibration "
+                            "(before this run); fitted: the model fitted to this run, stored for `plan`")
         for key in ("per_expert_vs_whole_layer_tg", "per_expert_vs_whole_layer_pp"):
             if key in out:
                 Console().print(f"{key}: {out[key]:.3f}")
