@@ -15,26 +15,36 @@ if not recorder_status()[0]:
     pytest.skip(recorder_status()[1], allow_module_level=True)
 
 
-def decode(path, stride, n_gen=32):
+def decode(path, stride, n_gen=32, burst=None):
+    """Prompt, then n_gen single-token decodes. burst=None: the C recorder's own stride;
+    else a DecodeSampler (stride, burst) told of every decode."""
     inv = read_inventory(path)
     rec = RoutingRecorder(inv.n_layer, inv.n_expert, inv.n_expert_used)
-    rec.set_decode_stride(stride)
     llm = construct_llama(str(path), context_patch=rec.attach(), n_ctx=128, n_gpu_layers=0,
                           n_threads=1, verbose=False)
+    if burst is None:
+        rec.set_decode_stride(stride)
+        before_decode = lambda n: None  # noqa: E731
+        sampler = None
+    else:
+        sampler = rec.decode_sampler(llm.ctx, stride, burst)
+        before_decode = sampler.before_decode
     prompt = [1] + [3 + b for b in b"def main():\n"]
+    before_decode(len(prompt))
     llm.eval(prompt)
     for i in range(n_gen):
+        before_decode(1)
         llm.eval([5 + i % 50])
     snap = rec.snapshot(trace=False)
     llm.close()
     rec.close()
-    return inv, snap
+    return inv, snap, sampler
 
 
 def test_stride_observes_one_decode_token_in_n(tiny_model_factory):
     path = tiny_model_factory("qwen3moe")
-    inv, full = decode(path, 1)
-    _, sampled = decode(path, 4)
+    inv, full, _ = decode(path, 1)
+    _, sampled, _ = decode(path, 4)
     assert (full.tokens_decode == 32).all()
     assert (sampled.tokens_decode == 8).all()  # decode graphs 4, 8, ..., 32
     # the prompt batch is always observed, whatever the stride
@@ -46,32 +56,13 @@ def test_stride_observes_one_decode_token_in_n(tiny_model_factory):
     assert (sampled.counts_decode <= full.counts_decode).all()
 
 
-def decode_with_sampler(path, stride, burst, n_gen=32):
-    inv = read_inventory(path)
-    rec = RoutingRecorder(inv.n_layer, inv.n_expert, inv.n_expert_used)
-    llm = construct_llama(str(path), context_patch=rec.attach(), n_ctx=128, n_gpu_layers=0,
-                          n_threads=1, verbose=False)
-    sampler = rec.decode_sampler(llm.ctx, stride, burst)
-    prompt = [1] + [3 + b for b in b"def main():\n"]
-    sampler.before_decode(len(prompt))
-    llm.eval(prompt)
-    for i in range(n_gen):
-        sampler.before_decode(1)
-        llm.eval([5 + i % 50])
-    snap = rec.snapshot(trace=False)
-    llm.close()
-    rec.close()
-    return sampler, snap
-
-
 def test_sampler_takes_the_callback_off_skipped_tokens(tiny_model_factory):
     from hybrid_gguf import hybrid_backend
 
     if hybrid_backend.eval_callback_setter() is None:
         pytest.skip("needs the hybrid patch, version 2 or later")
     path = tiny_model_factory("qwen3moe")
-    inv = read_inventory(path)
-    sampler, snap = decode_with_sampler(path, 4, 1)
+    inv, snap, sampler = decode(path, 4, burst=1)
     assert sampler.switches_callback
     assert (snap.tokens_decode == 8).all()  # decoded tokens 0, 4, ..., 28
     np.testing.assert_array_equal(snap.counts_decode.sum(axis=1), snap.tokens_decode * inv.n_expert_used)
@@ -79,7 +70,7 @@ def test_sampler_takes_the_callback_off_skipped_tokens(tiny_model_factory):
     # skipped tokens ran with no callback at all
     assert snap.stats["graphs"] == 1 + 8
     # bursts of 3, one per 12 tokens (stride 4): decoded tokens 0-2, 12-14 and 24-26
-    _, snap = decode_with_sampler(path, 4, 3)
+    _, snap, _ = decode(path, 4, burst=3)
     assert (snap.tokens_decode == 9).all() and snap.stats["graphs"] == 1 + 9
 
 
