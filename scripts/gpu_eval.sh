@@ -25,6 +25,8 @@ export PYTHONUNBUFFERED=1 HYBRID_GGUF_CACHE=/tmp/hgcache HYBRID_GGUF_SDIST=$PWD/
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD
 log() { echo "[$(date +%T)] $*"; }
+FAILED=""
+failed() { FAILED="$FAILED $1"; log "FAILED: $1"; }
 has() { [[ ",$STEPS," == *",$1,"* ]]; }
 
 nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv | tee "$OUT/machine.txt"
@@ -56,7 +58,8 @@ if has diag; then
 fi
 
 if has split; then
-    # the split must match the unsplit model; try the default table placement, then the CPU one
+    # the split must match the unsplit model (MAPS="pack cpu" also tries the tables on the CPU)
+    split_ok=0
     for maps in ${MAPS:-pack}; do
         log "split equivalence on CUDA, lookup tables on: $maps"
         if LLAMA_HYBRID_MAPS=$maps HYBRID_GGUF_TEST_PACK_DEVICE=CUDA0 HYBRID_GGUF_REQUIRE_PATCHED=1 \
@@ -64,10 +67,12 @@ if has split; then
             > "$OUT/split_cuda_$maps.txt" 2>&1; then
             log "split equivalence PASSED with tables on $maps"; echo "$maps" > /tmp/hybrid_variant
             grep -E "passed|failed" "$OUT/split_cuda_$maps.txt" | tail -2
+            split_ok=1
             break
         fi
         grep -E "^FAILED|passed|failed|Error" "$OUT/split_cuda_$maps.txt" | tail -8
     done
+    [ $split_ok = 1 ] || failed split
 fi
 [ -f /tmp/hybrid_variant ] && export LLAMA_HYBRID_MAPS=$(cat /tmp/hybrid_variant) && log "using LLAMA_HYBRID_MAPS=$LLAMA_HYBRID_MAPS"
 
@@ -82,20 +87,20 @@ fi
 if has recorder; then
     log "recorder overhead, everything on the GPU (48 layers)"
     python3 scripts/bench_recorder.py --model "$BIG" --n-gpu-layers 99 --pp 512 --tg 256 --reps 3 --modes off,on,sampled \
-        --json "$OUT/recorder_gpu.json" 2>&1 | tail -12
+        --json "$OUT/recorder_gpu.json" 2>&1 | tail -12 || failed recorder
 fi
 
 if has bench; then
     log "placement A/B"
     python3 scripts/bench_placement.py "$BIG" --budget-share ${BUDGETS:-0.25 0.10 0.50} --pp 512 --tg ${TG:-48} \
-        --reps ${REPS:-2} --threads 16 --json "$OUT/bench_q30b.json" 2>&1 | tee "$OUT/bench_q30b.txt"
+        --reps ${REPS:-2} --threads 16 --json "$OUT/bench_q30b.json" 2>&1 | tee "$OUT/bench_q30b.txt" || failed bench
 fi
 if has bench2; then
     MX=/tmp/models/mixtral-like-q4k.gguf
     log "second arch: Mixtral-8x7B-shaped Q4_K (8 large experts, top-2)"
     [ -f "$MX" ] || python3 scripts/make_bench_model.py --preset mixtral-8x7b-like --weight-type Q4_K --workers 16 --out "$MX" 2>&1 | tail -1
     python3 scripts/bench_placement.py "$MX" --budget-share ${BUDGETS2:-0.25} --pp 512 --tg ${TG:-48} \
-        --reps ${REPS:-2} --threads 16 --json "$OUT/bench_mixtral.json" 2>&1 | tee "$OUT/bench_mixtral.txt"
+        --reps ${REPS:-2} --threads 16 --json "$OUT/bench_mixtral.json" 2>&1 | tee "$OUT/bench_mixtral.txt" || failed bench2
 fi
 
 if has skipab; then
@@ -117,7 +122,8 @@ open('/tmp/prof.txt', 'w').write(package_text(P, 20000)); open('/tmp/eval.txt', 
         python3 -m hybrid_gguf.cli plan "$BIG" --gpu-budget "$B" --ctx 4096 --store /tmp/store --out "/tmp/plan_$B.yaml" --json > "$OUT/plan_$B.json"
         python3 -m hybrid_gguf.cli run "$BIG" --plan "/tmp/plan_$B.yaml" --ctx 4096 --no-record -n 64 -t 16 --json \
             -p "$(head -c 1500 /tmp/eval.txt)" > "$OUT/run_$B.json"
-        python3 scripts/check_plan_run.py "$OUT/plan_$B.json" "$OUT/run_$B.json"
+        python3 scripts/check_plan_run.py "$OUT/plan_$B.json" "$OUT/run_$B.json" || failed "plan $B"
     done
 fi
+[ -z "$FAILED" ] || { log "done, with failures:$FAILED"; exit 1; }
 log "done"

@@ -32,6 +32,8 @@ def bench_command(
     ctx: int = typer.Option(2048, "--ctx"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG bar chart"),
     as_json: bool = typer.Option(False, "--json", help="print JSON (llama-bench field names where they exist)"),
+    no_calibrate: bool = typer.Option(False, "--no-calibrate",
+                                      help="do not store the bandwidth model fitted to this run for `plan`"),
 ) -> None:
     """Time all-CPU experts, whole-layer (stock) and per-expert placement at one budget."""
     from ..bench import run_bench, stdlib_workloads
@@ -57,7 +59,7 @@ def bench_command(
     out = run_bench(path, budget_bytes=budget, profile_prompts=prompts, eval_prompt=eval_prompt,
                     n_prompt=pp, n_gen=tg, reps=reps, n_ctx=max(ctx, pp + tg + 64),
                     configs=configs.split(",") if configs else None, pack_device=pack_device,
-                    n_threads=threads, log=(lambda s: None) if as_json else (lambda s: console.print(f"[dim]{s}[/]")))
+                    n_threads=threads, save_calibration=not no_calibrate, log=(lambda s: None) if as_json else (lambda s: console.print(f"[dim]{s}[/]")))
     out.pop("_counts", None)
     out.pop("_eval_counts", None)
     out["pack_device"] = pack_device
