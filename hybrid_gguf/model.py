@@ -16,10 +16,11 @@ from .inventory import Inventory, read_inventory
 from .models import ResolvedModel, resolve_model
 from .sizes import parse_size
 
-# Always-on recording observes one decoded token in this many: every observed token costs
-# a GPU sync per MoE layer (+48 % for that token on the H200, 48 layers; docs/benchmarks.md),
-# so 1 in 32 keeps the average near 1.5 %. Prompt batches are always observed.
-# `hybrid-gguf profile` records every token.
+# Always-on recording observes one decoded token in this many (as bursts of 8 closing every
+# 256 tokens, recorder.DecodeSampler): every observed token costs a GPU sync per MoE layer
+# (+55 % for that token on the H200, 48 layers; docs/benchmarks.md), and each switch of the
+# callback a CUDA graph rebuild. Prompt batches are always observed. `hybrid-gguf profile`
+# records every token.
 RUN_DECODE_STRIDE = 32
 
 # VRAM left free for the CUDA context, cuBLAS workspaces and fragmentation.

@@ -329,7 +329,7 @@ class DecodeSampler:
     synchronizes after every scheduler split, which on a GPU cost +8.7 % per token even when
     the callback asked for nothing (docs/benchmarks.md). Each switch back costs the GPU
     backend a new CUDA graph (a few ms on a 48-layer model), so the observed tokens come in
-    bursts of `burst` consecutive ones, one burst per `stride * burst` tokens. Other builds
+    bursts of `burst` consecutive ones, the last of every `stride * burst` tokens. Other builds
     keep the callback and let the C recorder skip by its own stride.
     """
 
@@ -348,8 +348,10 @@ class DecodeSampler:
         recorder.set_decode_stride(1 if self.switches_callback else self.stride)
 
     def observes(self, n_tokens: int) -> bool:
-        """Whether the next decode of n_tokens is observed (does not advance the count)."""
-        return n_tokens > 1 or self._n_decoded % (self.stride * self.burst) < self.burst
+        """Whether the next decode of n_tokens is observed (does not advance the count).
+        A burst closes its period, so short generations pay nothing for decode sampling."""
+        period = self.stride * self.burst
+        return n_tokens > 1 or self._n_decoded % period >= period - self.burst
 
     def before_decode(self, n_tokens: int) -> None:
         if not self.switches_callback:

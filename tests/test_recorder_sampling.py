@@ -64,14 +64,14 @@ def test_sampler_takes_the_callback_off_skipped_tokens(tiny_model_factory):
     path = tiny_model_factory("qwen3moe")
     inv, snap, sampler = decode(path, 4, burst=1)
     assert sampler.switches_callback
-    assert (snap.tokens_decode == 8).all()  # decoded tokens 0, 4, ..., 28
+    assert (snap.tokens_decode == 8).all()  # decoded tokens 3, 7, ..., 31
     np.testing.assert_array_equal(snap.counts_decode.sum(axis=1), snap.tokens_decode * inv.n_expert_used)
     # the recorder saw the prompt graph and the 8 observed decode graphs, nothing else: the
     # skipped tokens ran with no callback at all
     assert snap.stats["graphs"] == 1 + 8
-    # bursts of 3, one per 12 tokens (stride 4): decoded tokens 0-2, 12-14 and 24-26
+    # bursts of 3 closing each period of 12 tokens (stride 4): decoded tokens 9-11 and 21-23
     _, snap, _ = decode(path, 4, burst=3)
-    assert (snap.tokens_decode == 9).all() and snap.stats["graphs"] == 1 + 9
+    assert (snap.tokens_decode == 6).all() and snap.stats["graphs"] == 1 + 6
 
 
 def test_sampled_run_generates_what_an_unrecorded_run_does(tiny_model_factory):
@@ -84,4 +84,6 @@ def test_sampled_run_generates_what_an_unrecorded_run_does(tiny_model_factory):
         got = recorded.generate("def main():\n", max_tokens=40)
         snap = recorded.routing_snapshot()
     assert got.text == want.text
-    assert snap.tokens_prompt[0] > 0 and snap.tokens_decode[0] >= 1
+    # the prompt is always observed; 40 decoded tokens are before the first burst (or, on a
+    # build without the callback switch, one token in RUN_DECODE_STRIDE)
+    assert snap.tokens_prompt[0] > 0 and snap.tokens_decode[0] <= 2
