@@ -14,7 +14,7 @@ from . import hybrid_backend
 from .errors import HybridError
 from .inventory import Inventory, read_inventory
 from .models import ResolvedModel, resolve_model
-from .sizes import parse_size
+from .sizes import format_size, parse_size
 
 # Always-on recording observes one decoded token in this many (as bursts of 8 closing every
 # 256 tokens, recorder.DecodeSampler): every observed token costs a GPU sync per MoE layer
@@ -192,6 +192,17 @@ class HybridModel:
             hot = {int(k): [int(e) for e in v] for k, v in hot.items()}
             hybrid_backend.validate_hot(hot, inv.n_layer, lambda l: inv.layers[l].n_expert)
             device = pack_device or ("CUDA0" if gpus else "CPU")
+            target = next((g for g in gpus if g.name == device), None)
+            if target is not None:
+                # llama.cpp would only fail the load; say how far off the hot set is
+                need = sum(inv.layers[l].per_expert_bytes * len(es) for l, es in hot.items())
+                dense = inv.total_bytes - inv.expert_bytes_total
+                free = max(0, target.free_bytes - VRAM_RESERVE)
+                if need + dense > free:
+                    raise HybridError(
+                        f"the hot set needs {format_size(need)} of {device} on top of "
+                        f"{format_size(dense)} of dense weights, but {device} has {format_size(free)} "
+                        "free (after a reserve): name fewer hot experts, or use --plan")
             if not gpus:
                 notices.append("no GPU: hot packs go to a CPU buffer (same results, no speed-up)")
                 return None, hot, _summary("per-expert", f"hot experts packed on {device}", 0, hot,

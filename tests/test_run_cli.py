@@ -73,3 +73,17 @@ def test_a_plan_for_another_model_is_refused(tmp_path, tiny_model_factory):
     res = run_cli("-p", "x", "--plan", str(tmp_path / "other.yaml"))
     assert res.returncode == 2
     assert "another model" in res.stderr
+
+
+def test_a_hot_set_larger_than_free_vram_is_refused_before_loading(tiny_model, monkeypatch):
+    from hybrid_gguf import devices
+    from hybrid_gguf.errors import HybridError
+    from hybrid_gguf.model import HybridModel
+
+    if not hybrid_backend.capability().per_expert:
+        pytest.skip(hybrid_backend.STOCK_NOTICE)
+    small_gpu = devices.Device(index=1, name="CUDA0", description="fake", type="gpu",
+                               free_bytes=256 << 20, total_bytes=1 << 30)
+    monkeypatch.setattr(devices, "gpu_devices", lambda: [small_gpu])
+    with pytest.raises(HybridError, match="hot set needs .* CUDA0 has"):
+        HybridModel(str(tiny_model), hot={0: [0, 1]}, record=False)
