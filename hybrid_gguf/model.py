@@ -281,7 +281,7 @@ class HybridModel:
             return None
 
     def _sample_decodes(self, stride: int) -> None:
-        """Observe prompts and 1 decoded token in `stride`, switching the callback per eval."""
+        """Observe prompts and 1 decoded token in `stride` (in bursts), told before each eval."""
         sampler = self.recorder.decode_sampler(self.llm._ctx.ctx, stride)
         self.decode_sampler = sampler
         if not sampler.switches_callback:
