@@ -9,9 +9,14 @@
 #      "bench" before "plan" stores the GPU calibration the plan's prediction uses
 #   (skipab: prefill with the GPU chains' repeats vs -1 skips)
 #   (diag: scripts/split_diag.py, chain-by-chain comparison with a numpy reference)
-# One call does not fit every step in 10 minutes: run e.g. "build,diag,split" then, within
-# 30 s (the machine stays warm that long), "recorder,bench" and "plan". "build" again after
-# a patch change rebuilds incrementally while the machine is warm.
+# One call does not fit every step in 10 minutes. Measured 2026-11-28 (wall time per call):
+#   "build,diag,split,recorder"  ~5 min (build 203-257 s)
+#   "bench,plan"                 bench ~2 min; plan took 7.5 min with a 60000-char profile
+#                                text, now 20000 (unmeasured)
+#   "bench2,skipab"              bench2 ~2.5 min, skipab ~2 min
+# Chain the calls within 30 s (the machine stays warm that long; a helper polling the device
+# status can start the next call the moment one ends). "build" again after a patch change
+# rebuilds incrementally while the machine is warm.
 # Results go to $OUT. Prepare the carried folder first on a machine with PyPI
 # (scripts/prepare_device.sh does both steps):
 #   python scripts/build_backend.py --trim-sdist .device/llama_cpp_python-0.3.36-trimmed.tar.gz
