@@ -19,7 +19,7 @@ from .sizes import format_size, parse_size
 # Always-on recording observes one decoded token in this many (as bursts of 8 closing every
 # 256 tokens, recorder.DecodeSampler): every observed token costs a GPU sync per MoE layer
 # (+55 % for that token on the H200, 48 layers; docs/benchmarks.md), and each switch of the
-# callback a CUDA graph rebuild. Prompt batches are always observed. `hybrid-gguf profile`
+# callback ~8 ms more there. Prompt batches are always observed. `hybrid-gguf profile`
 # records every token.
 RUN_DECODE_STRIDE = 32
 

@@ -327,9 +327,10 @@ class DecodeSampler:
     patch of version 2 or later the recorder's callback is taken off the context for the
     tokens it skips, so they run exactly as without a recorder: a context with any cb_eval
     synchronizes after every scheduler split, which on a GPU cost +8.7 % per token even when
-    the callback asked for nothing (docs/benchmarks.md). Each switch back costs the GPU
-    backend a new CUDA graph (a few ms on a 48-layer model), so the observed tokens come in
-    bursts of `burst` consecutive ones, the last of every `stride * burst` tokens. Other builds
+    the callback asked for nothing (docs/benchmarks.md). Switching per sampled token still
+    cost ~8 ms per observe-and-return cycle there (likely the CUDA graph being rebuilt), so the
+    observed tokens come in bursts of `burst` consecutive ones, the last of every
+    `stride * burst` tokens. Other builds
     keep the callback and let the C recorder skip by its own stride.
     """
 

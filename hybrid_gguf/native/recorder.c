@@ -113,6 +113,7 @@ static int parse_layer(const char *name, const char *prefix, size_t plen) {
 HG_API int hg_rec_abi_version(void) { return HG_ABI_VERSION; }
 
 HG_API void hg_rec_destroy(hg_rec *r);
+static void trace_free(hg_rec *r);
 
 HG_API hg_rec *hg_rec_create(int n_layer, int n_expert, int n_expert_used) {
     if (n_layer <= 0 || n_expert <= 0 || n_expert_used <= 0 || n_expert_used > n_expert) {
@@ -153,9 +154,7 @@ HG_API void hg_rec_destroy(hg_rec *r) {
     free(r->coact);
     free(r->mass_sum);
     free(r->mass_tokens);
-    free(r->tr_token);
-    free(r->tr_layer);
-    free(r->tr_ids);
+    trace_free(r);
     free(r->scratch);
     free(r->row_ids);
     free(r);
@@ -185,10 +184,8 @@ HG_API void hg_rec_set_decode_stride(hg_rec *r, int stride) { r->decode_stride =
 
 HG_API void hg_rec_enable_weights(hg_rec *r, int on) { r->want_weights = on ? 1 : 0; }
 
-/* capacity 0 turns the trace off.  Returns 0, or -1 when out of memory. */
-HG_API int hg_rec_enable_trace(hg_rec *r, int64_t capacity) {
-    int rc = 0;
-    pthread_mutex_lock(&r->mu);
+/* Frees the trace ring and marks it off. Caller holds the lock (or owns r). */
+static void trace_free(hg_rec *r) {
     free(r->tr_token);
     free(r->tr_layer);
     free(r->tr_ids);
@@ -196,6 +193,13 @@ HG_API int hg_rec_enable_trace(hg_rec *r, int64_t capacity) {
     r->tr_layer = NULL;
     r->tr_ids = NULL;
     r->trace_cap = 0;
+}
+
+/* capacity 0 turns the trace off.  Returns 0, or -1 when out of memory. */
+HG_API int hg_rec_enable_trace(hg_rec *r, int64_t capacity) {
+    int rc = 0;
+    pthread_mutex_lock(&r->mu);
+    trace_free(r);
     r->trace_written = 0;
     if (capacity > 0) {
         r->tr_token = malloc(sizeof(int64_t) * capacity);
@@ -204,12 +208,7 @@ HG_API int hg_rec_enable_trace(hg_rec *r, int64_t capacity) {
         if (r->tr_token && r->tr_layer && r->tr_ids) {
             r->trace_cap = capacity;
         } else {
-            free(r->tr_token);
-            free(r->tr_layer);
-            free(r->tr_ids);
-            r->tr_token = NULL;
-            r->tr_layer = NULL;
-            r->tr_ids = NULL;
+            trace_free(r);
             rc = -1;
         }
     }
