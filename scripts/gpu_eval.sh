@@ -57,7 +57,8 @@ if has diag; then
     for tokens in 15 48; do
         for hot in "0:7" "0:7,3,5,1;1:2,6;2:0,1,2,3,4,5,6"; do
             log "diag: $tokens tokens, hot $hot"
-            python3 scripts/split_diag.py --pack-device CUDA0 --hot "$hot" --tokens $tokens 2>&1 | grep -v "ggml_cuda_init\|Device 0"
+            python3 scripts/split_diag.py --pack-device CUDA0 --hot "$hot" --tokens $tokens 2>&1 \
+                | grep -v "ggml_cuda_init\|Device 0" | tee -a "$OUT/split_diag.txt"
         done
     done
 fi
