@@ -94,6 +94,12 @@ if has recorder; then
     log "recorder overhead, everything on the GPU (48 layers)"
     python3 scripts/bench_recorder.py --model "$BIG" --n-gpu-layers 99 --pp 512 --tg 256 --reps 3 --modes off,on,sampled \
         --json "$OUT/recorder_gpu.json" 2>&1 | tail -12 || failed recorder
+    for stride in ${REC_STRIDES:-}; do  # other decode strides, as `run` would sample them
+        log "recorder: sampled 1 decoded token in $stride"
+        python3 scripts/bench_recorder.py --model "$BIG" --n-gpu-layers 99 --pp 512 --tg $(( stride * 8 * 2 )) --reps 3 \
+            --modes off,sampled --decode-stride "$stride" --json "$OUT/recorder_gpu_s$stride.json" 2>&1 | tail -6 \
+            || failed "recorder stride $stride"
+    done
 fi
 
 if has bench; then
