@@ -21,6 +21,8 @@ from . import hybrid_backend
 from .errors import HybridError
 from .inventory import Inventory, read_inventory
 
+DECODE_SEED = 1234  # timed decodes sample the same token sequence in every placement
+
 
 @dataclass
 class Config:
@@ -143,11 +145,19 @@ def load_config(path: Path, inv: Inventory, cfg: Config, n_ctx: int, n_batch: in
     return load_llama(path, cfg.placement, **kwargs)
 
 
-def measure_once(llm, prompt: Sequence[int], n_gen: int, recorder) -> tuple[float, float, Optional[np.ndarray]]:
+def measure_once(llm, prompt: Sequence[int], n_gen: int, recorder,
+                 sample_seed: Optional[int] = DECODE_SEED) -> tuple[float, float, Optional[np.ndarray]]:
+    """(prompt tokens/s, decode tokens/s, decode routing counts when recording).
+
+    Decoded tokens are sampled from the logits at temperature 1 with a fixed seed
+    (`sample_seed=None`: greedy). Greedy decoding of a random-weight model soon repeats one
+    token, so every step would route the same way and the timed decode would test one
+    routing pattern instead of the model's distribution."""
     import llama_cpp
 
     from .greedy import last_logits
 
+    rng = None if sample_seed is None else np.random.default_rng(sample_seed)
     llm.reset()
     llama_cpp.llama_perf_context_reset(llm._ctx.ctx)
     llm.eval(list(prompt))
@@ -158,12 +168,40 @@ def measure_once(llm, prompt: Sequence[int], n_gen: int, recorder) -> tuple[floa
         recorder.reset()
     llama_cpp.llama_perf_context_reset(llm._ctx.ctx)
     for _ in range(n_gen):
-        llm.eval([int(np.argmax(last_logits(llm)))])
+        llm.eval([_next_token(last_logits(llm), rng)])
     llama_cpp.llama_synchronize(llm._ctx.ctx)
     perf = llama_cpp.llama_perf_context(llm._ctx.ctx)
     tg_ts = perf.n_eval / (perf.t_eval_ms / 1e3) if perf.t_eval_ms > 0 else 0.0
     counts = recorder.snapshot(trace=False).counts_decode if recorder is not None else None
     return pp_ts, tg_ts, counts
+
+
+def _next_token(logits: np.ndarray, rng: Optional[np.random.Generator]) -> int:
+    if rng is None:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) - float(np.max(logits))
+    prob = np.exp(z)
+    return int(rng.choice(len(prob), p=prob / prob.sum()))
+
+
+def busy_handoffs(trace, hot: dict, layers: Sequence[int], n_expert: int) -> Optional[float]:
+    """Mean over the traced tokens of the hand-offs whose host experts had work: per token,
+    the layers (of `layers`, those with host experts) where some selected expert is not in
+    that layer's GPU set. None without a trace."""
+    if trace is None or len(trace.token) == 0:
+        return None
+    n_tokens = len(np.unique(trace.token))
+    busy = 0
+    for l in layers:
+        rows = trace.ids[trace.layer == l]
+        if len(rows) == 0:
+            continue
+        gpu = np.zeros(n_expert, dtype=bool)
+        gpu[[int(e) for e in hot.get(l, ())]] = True
+        valid = rows >= 0
+        host = valid & ~gpu[np.where(valid, rows, 0)]
+        busy += int(np.any(host, axis=1).sum())
+    return busy / n_tokens
 
 
 def vram_model_bytes(loaded) -> int:
@@ -175,7 +213,7 @@ def run_bench(model_path: Path, *, budget_bytes: int, profile_prompts: Sequence[
               eval_prompt: Sequence[int], n_prompt: int, n_gen: int, reps: int, n_ctx: int = 2048,
               configs: Optional[Sequence[str]] = None, pack_device: str = "CUDA0",
               n_threads: Optional[int] = None, counts: Optional[np.ndarray] = None,
-              eval_counts: Optional[np.ndarray] = None, save_calibration: bool = True,
+              eval_counts: Optional[np.ndarray] = None, eval_trace=None, save_calibration: bool = True,
               log: Callable[[str], None] = print) -> dict:
     """Profile (unless counts are given), then time each placement; returns a JSON-able dict."""
     from .devices import gpu_devices
@@ -187,18 +225,18 @@ def run_bench(model_path: Path, *, budget_bytes: int, profile_prompts: Sequence[
     gpus = gpu_devices()
     gpu_free = gpus[0].free_bytes if gpus else 0
 
-    def new_recorder():
-        return RoutingRecorder(inv.n_layer, inv.n_expert, inv.n_expert_used)
+    def new_recorder(trace_capacity=0):
+        return RoutingRecorder(inv.n_layer, inv.n_expert, inv.n_expert_used, trace_capacity=trace_capacity)
 
     prompt = list(eval_prompt)[:n_prompt]
     if len(prompt) < n_prompt:
         raise HybridError(f"evaluation prompt has {len(prompt)} tokens, fewer than --pp {n_prompt}")
     results: list[Result] = []
 
-    if counts is None or eval_counts is None:
+    if counts is None or eval_counts is None or eval_trace is None:
         # one recorded load: the profile workload, then the timed workload's routing, so the
         # timed loads below run without a recorder (its syncs would slow every placement)
-        rec = new_recorder()
+        rec = new_recorder(trace_capacity=max(n_gen, 1) * inv.n_layer)
         loaded = load_config(model_path, inv, Config("profile", _cpu_moe()), n_ctx, 512, rec,
                              pack_device, n_threads)
         for p in profile_prompts:
@@ -206,6 +244,7 @@ def run_bench(model_path: Path, *, budget_bytes: int, profile_prompts: Sequence[
             loaded.llm.eval(list(p))
         counts = rec.snapshot(trace=False).counts
         _, _, eval_counts = measure_once(loaded.llm, prompt, n_gen, rec)
+        eval_trace = rec.snapshot(trace=True).trace
         loaded.llm.close()
         rec.close()
         log(f"profiled {int(counts.sum() / max(inv.n_expert_used, 1) / max(inv.n_layer, 1))} tokens")
@@ -247,9 +286,11 @@ def run_bench(model_path: Path, *, budget_bytes: int, profile_prompts: Sequence[
         "results": [r.summary() for r in results],
         "_counts": counts,
         "_eval_counts": eval_counts,
+        "_eval_trace": eval_trace,
     }
     out["prediction"] = predict_configs(inv, counts, all_cfgs, results, n_prompt, n_gen, n_ctx,
-                                        on_gpu=bool(gpus), save=save_calibration, log=log)
+                                        on_gpu=bool(gpus), save=save_calibration, log=log,
+                                        eval_trace=eval_trace)
     base = {r.name: r for r in results}
     if "whole-layer" in base and "per-expert" in base and base["whole-layer"].tg_ts:
         wl, pe = base["whole-layer"].summary(), base["per-expert"].summary()
@@ -260,30 +301,43 @@ def run_bench(model_path: Path, *, budget_bytes: int, profile_prompts: Sequence[
 
 def predict_configs(inv: Inventory, counts: np.ndarray, cfgs: Sequence[Config], results: Sequence[Result],
                     n_prompt: int, n_gen: int, n_ctx: int, on_gpu: bool = True, save: bool = True,
-                    log: Callable[[str], None] = print) -> dict:
+                    log: Callable[[str], None] = print, eval_trace=None) -> dict:
     """The planner's predicted tokens/s of every placement, twice: with this machine's stored
     calibration (what `plan` predicted before this run: out of sample), and with the model
     fitted to this run's placements (in sample), which `plan` uses from then on when `save`.
     Also the decode roofline: the fitted model without the per-layer hand-off. Without a GPU
-    nothing is fitted: the predictions are the CPU-only model's."""
+    nothing is fitted: the predictions are the CPU-only model's.
+
+    The fit takes each placement's busy hand-offs from the timed workload's routing trace
+    when there is one (what happened), not from the profile's estimate (what `plan` can
+    know); both are reported, with each placement's model terms for later refits."""
     from . import predict
 
     tokens = counts.sum(axis=1) / max(inv.n_expert_used, 1)
     p = predict.selection_probs(counts, tokens, [l.n_expert_used for l in inv.layers])
     before = predict.calibrate_bandwidth()
-    runs = {}
+    runs, terms = {}, {}
     for cfg, res in zip(cfgs, results):
         s = res.summary()
         if res.error is None and s["tg_median_ts"] > 0:
-            runs[cfg.name] = (cfg, predict.MeasuredRun(cfg.hot, s["tg_median_ts"], s["pp_median_ts"],
-                                                       n_prompt, n_prompt + n_gen // 2))
-    fit_runs = [run for _, run in runs.values()] if on_gpu else []
-    fitted = predict.fit_bandwidth(inv, p, fit_runs, before, n_ctx) if fit_runs else before
-    roof = replace(fitted, handoff_s=0.0)
+            run = predict.MeasuredRun(cfg.hot, s["tg_median_ts"], s["pp_median_ts"], n_prompt, n_prompt + n_gen // 2)
+            runs[cfg.name] = (cfg, run)
+            t = predict.run_terms(inv, p, run, n_ctx)
+            host_layers = [l.index for l in inv.layers
+                           if l.is_moe and len(set(cfg.hot.get(l.index, ()))) < l.n_expert]
+            traced = busy_handoffs(eval_trace, cfg.hot, host_layers, inv.n_expert)
+            terms[cfg.name] = (t, traced)
+    fit_terms = [t if traced is None else replace(t, handoffs_busy=traced, handoffs_idle=t.handoffs - traced)
+                 for t, traced in terms.values()] if on_gpu else []
+    fitted = predict.fit_bandwidth_terms(fit_terms, before) if fit_terms else before
+    roof = replace(fitted, handoff_s=0.0, handoff_idle_s=0.0)
     table = {}
     for name, (cfg, run) in runs.items():
+        t, traced = terms[name]
         row = {"measured_decode_ts": run.decode_tokens_per_s, "measured_prefill_ts": run.prefill_tokens_per_s,
-               "predicted_hit_rate": predict.hit_rate(p, cfg.hot)}
+               "predicted_hit_rate": predict.hit_rate(p, cfg.hot),
+               "busy_handoffs_estimated": t.handoffs_busy, "busy_handoffs_traced": traced,
+               "terms": t.to_dict()}
         for key, bw in (("predicted", before), ("fitted", fitted), ("roofline", roof)):
             sp = predict.predict_speed(inv, p, cfg.hot if on_gpu else {}, on_gpu, bw, n_ctx,
                                        n_ubatch=n_prompt, kv_fill=run.kv_fill)
@@ -295,14 +349,48 @@ def predict_configs(inv: Inventory, counts: np.ndarray, cfgs: Sequence[Config], 
         table[name] = row
         log(f"{name:12s} decode measured {run.decode_tokens_per_s:7.2f}, predicted {row['predicted_decode_ts']:7.2f} "
             f"(stored calibration), {row['fitted_decode_ts']:7.2f} (fitted to this run), "
-            f"roofline {row['roofline_decode_ts']:7.2f} t/s")
-    if save and fit_runs:
+            f"roofline {row['roofline_decode_ts']:7.2f} t/s; busy hand-offs {t.handoffs_busy:.1f} estimated"
+            + ("" if traced is None else f", {traced:.1f} traced"))
+    if save and fit_terms:
         predict.save_calibration(fitted)
     return {"calibration_before": before.to_dict(), "calibration_fitted": fitted.to_dict(),
-            "calibration_saved": bool(save and fit_runs), "configs": table,
+            "calibration_saved": bool(save and fit_terms), "configs": table,
             "profile_counts": counts.astype(int).tolist(),
             "hot": {name: {str(l): list(map(int, es)) for l, es in cfg.hot.items()}
                     for name, (cfg, _) in runs.items()}}
+
+
+def refit_across_budgets(outs: Sequence[dict], save: bool = True,
+                         log: Callable[[str], None] = print) -> dict:
+    """One decode fit over the placements of several `run_bench` results (budgets) of one
+    model: per-expert runs at different budgets are what tell busy from idle hand-offs.
+    Returns the fitted calibration and each run's fitted decode next to its measurement."""
+    from . import predict
+
+    rows = []
+    for out in outs:
+        share = out.get("budget_share_of_experts", 0.0)
+        for name, row in out.get("prediction", {}).get("configs", {}).items():
+            t = predict.RunTerms.from_dict(row["terms"])
+            traced = row.get("busy_handoffs_traced")
+            if traced is not None:
+                t = replace(t, handoffs_busy=traced, handoffs_idle=t.handoffs - traced)
+            rows.append((f"{name} @ {100 * share:.0f}%", t))
+    before = predict.calibrate_bandwidth()
+    fitted = predict.fit_bandwidth_terms([t for _, t in rows], before)
+    table = {}
+    log(f"one fit over {len(outs)} budgets: gpu {fitted.gpu_bytes_per_s / 1e9:.0f} GB/s, "
+        f"cpu {fitted.cpu_bytes_per_s / 1e9:.1f} GB/s, hand-off {1e6 * fitted.handoff_s:.0f} us busy, "
+        f"{1e6 * fitted.handoff_idle_s:.0f} us idle")
+    for label, t in rows:
+        pred = 1.0 / t.decode_seconds(fitted)
+        table[label] = {"measured_decode_ts": t.decode_tokens_per_s, "fitted_decode_ts": pred,
+                        "fitted_decode_error": pred / t.decode_tokens_per_s - 1.0}
+        log(f"  {label:22s} measured {t.decode_tokens_per_s:7.2f}  fitted {pred:7.2f}  "
+            f"({100 * (pred / t.decode_tokens_per_s - 1):+.1f}%)")
+    if save and rows:
+        predict.save_calibration(fitted)
+    return {"calibration_fitted": fitted.to_dict(), "calibration_saved": bool(save and rows), "runs": table}
 
 
 def _cpu_moe():

@@ -57,6 +57,7 @@ class PlacementSummary:
     hot_pack_bytes: int = 0
     pack_device: Optional[str] = None
     predicted: dict = field(default_factory=dict)
+    gpu_experts: dict = field(default_factory=dict)  # {layer: experts in GPU memory}
 
     def to_dict(self) -> dict:
         return {
@@ -69,6 +70,7 @@ class PlacementSummary:
             "hot_pack_bytes": self.hot_pack_bytes,
             "pack_device": self.pack_device,
             "predicted": self.predicted,
+            "gpu_experts": sum(len(v) for v in self.gpu_experts.values()),
             "buffers": self.buffers,
             "notices": list(self.notices),
         }
@@ -134,6 +136,9 @@ class HybridModel:
         self._plan_kwargs: dict = {}
         placement, hot_plan, summary = self._choose_placement(
             _budget_bytes(gpu_budget), hot, plan, n_ctx, pack_device, auto_plan)
+        if devices_mod.gpu_devices():
+            summary.gpu_experts = _gpu_experts(self.inventory, placement, hot_plan or {},
+                                               summary.n_gpu_layers, summary.pack_device)
         self.placement = summary
 
         if record and self.inventory.n_expert > 0:
@@ -297,6 +302,21 @@ class HybridModel:
     def routing_snapshot(self):
         return None if self.recorder is None else self.recorder.snapshot(trace=False)
 
+    def session_routing(self) -> Optional[dict]:
+        """What the recorder saw this session against the placement: the share of expert
+        selections served from GPU memory, for prompts and for the sampled decode steps
+        (the number a plan's predicted hit rate is about). None without a recorder."""
+        if self.recorder is None:
+            return None
+        snap = self.recorder.snapshot(trace=False)
+        out = {}
+        for phase, counts in (("prompt", snap.counts_prompt), ("decode", snap.counts_decode)):
+            total = int(counts.sum())
+            hit = sum(int(counts[l, list(es)].sum()) for l, es in self.placement.gpu_experts.items() if es)
+            out[f"{phase}_selections"] = total
+            out[f"{phase}_hit_rate"] = hit / total if total else None
+        return out
+
     def save_profile(self) -> Optional[Any]:
         """Merge what the recorder saw into the profile store; returns the merged profile."""
         if self.recorder is None:
@@ -391,6 +411,25 @@ class HybridModel:
 def _summary(mode, description, n_gpu_layers, hot, budget, notices, pack_device) -> PlacementSummary:
     return PlacementSummary(mode, description, n_gpu_layers, dict(hot), budget, list(notices),
                             pack_device=pack_device)
+
+
+def _gpu_experts(inv: Inventory, placement, hot: Mapping[int, Sequence[int]], n_gpu_layers: int,
+                 pack_device: Optional[str]) -> dict:
+    """{layer: experts in GPU memory} of a placement on a machine with a GPU: hot packs on a
+    GPU device plus layers whose expert tensors no rule keeps on the host."""
+    from .memory_model import is_host
+
+    on_gpu_pack = pack_device is not None and not is_host(pack_device)
+    out = {int(l): [int(e) for e in es] for l, es in hot.items() if es and on_gpu_pack}
+    if n_gpu_layers == 0:
+        return out
+    for layer in inv.layers:
+        if not layer.is_moe:
+            continue
+        targets = [None if placement is None else placement.target_for(n) for n in layer.expert_tensors]
+        if all(t is None or not is_host(t) for t in targets):
+            out[layer.index] = list(range(layer.n_expert))
+    return out
 
 
 def _buffer_dict(report) -> dict:

@@ -207,7 +207,7 @@ class Plan:
         d["devices"] = [_Flow(x) for x in d["devices"]]
         d["placement"]["rules"] = [_Flow(x) for x in d["placement"]["rules"]]
         bwd = d["predicted"].get("bandwidth") or {}
-        for key in ("decode_ms", "prefill_ms"):
+        for key in ("decode_ms", "prefill_ms", "decode_handoffs"):
             if isinstance(bwd.get(key), dict):
                 bwd[key] = _Flow(bwd[key])
         for dev, mem in (d["predicted"].get("memory") or {}).items():

@@ -286,7 +286,8 @@ def make_plan(inventory, budget_bytes: int, n_ctx: int, profile=None, per_expert
             hit_rate=_hit(inv, p, gpu_exp), decode_tokens_per_s=speed.decode_tokens_per_s,
             prefill_tokens_per_s=speed.prefill_tokens_per_s, gpu_bytes=pred.gpu_bytes,
             memory={n: d.to_dict() for n, d in pred.devices.items()},
-            bandwidth={**bw.to_dict(), "decode_ms": speed.decode_ms, "prefill_ms": speed.prefill_ms})
+            bandwidth={**bw.to_dict(), "decode_ms": speed.decode_ms, "prefill_ms": speed.prefill_ms,
+                       "decode_handoffs": {k: round(v, 3) for k, v in speed.handoffs.items()}})
         return plan
 
     if not gpus or total_budget <= 0:

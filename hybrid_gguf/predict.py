@@ -3,7 +3,9 @@ bandwidth model.
 
 Decode is memory-bound: per token every dense weight and every selected expert is read
 once, so time per token = bytes read on each side / that side's bandwidth, plus a
-hand-off for every layer whose experts (some of them) run on the CPU. Prefill (one ubatch
+hand-off for every layer whose experts (some of them) run on the CPU. A hand-off costs more
+when the token selected one of the layer's host experts ("busy": the CPU chain has work)
+than when it did not ("idle": the chain still runs, on no rows). Prefill (one ubatch
 of T tokens) is compute-bound on the GPU; experts left in host memory are copied to the GPU
 over PCIe (op offload), only the ones the batch uses.
 
@@ -39,7 +41,8 @@ class Bandwidth:
     pcie_bytes_per_s: float = 25e9  # host -> GPU copies of pinned memory
     cpu_flops: float = 1.0e12
     gpu_flops: float = 100e12  # achieved on quantized prefill matmuls, not the datasheet peak
-    handoff_s: float = 60e-6  # per decode step and layer with host experts: sync + copies
+    handoff_s: float = 60e-6  # per decode step and layer whose host experts have work: sync + copies
+    handoff_idle_s: float = 60e-6  # the same when the token selected none of the layer's host experts
     measured: tuple = ()  # names of the fields measured on this machine
     machine: str = ""
     measured_at: str = ""
@@ -54,6 +57,8 @@ class Bandwidth:
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in known}
         kw["measured"] = tuple(kw.get("measured", ()))
+        if "handoff_idle_s" not in kw and "handoff_s" in kw:
+            kw["handoff_idle_s"] = kw["handoff_s"]  # calibrations from before the split
         bw = cls(**kw)
         for f in fields(cls):
             v = getattr(bw, f.name)
@@ -108,6 +113,28 @@ def hit_rate(p: np.ndarray, gpu_experts: Mapping[int, Sequence[int]]) -> float:
     return hit / total
 
 
+def layer_busy(p: np.ndarray, gpu_experts: Mapping[int, Sequence[int]]) -> np.ndarray:
+    """Probability per layer that a token selects at least one expert outside the GPU set.
+
+    The profile holds marginals only, so this is an estimate: the larger of
+    1 - prod over host experts of (1 - p) (exact for independent selections, and a lower
+    bound for top-k selection, whose indicators are negatively associated) and
+    1 - h^k with h the layer's GPU share of its k selections (exact when the layer has no
+    GPU experts or no host experts). Tokens whose experts cluster make it lower.
+    """
+    busy = np.zeros(p.shape[0])
+    for l in range(p.shape[0]):
+        k = float(p[l].sum())
+        if k <= 0:
+            continue
+        on_gpu = np.zeros(p.shape[1], dtype=bool)
+        on_gpu[[int(e) for e in gpu_experts.get(l, ()) if 0 <= int(e) < p.shape[1]]] = True
+        product = 1.0 - float(np.prod(1.0 - np.clip(p[l, ~on_gpu], 0.0, 1.0)))
+        share = 1.0 - min(1.0, float(p[l, on_gpu].sum()) / k) ** k
+        busy[l] = max(product, share)
+    return busy
+
+
 def layer_hits(p: np.ndarray, gpu_experts: Mapping[int, Sequence[int]]) -> np.ndarray:
     """Expected GPU-served selections per token of each layer."""
     h = np.zeros(p.shape[0])
@@ -125,6 +152,7 @@ class SpeedPrediction:
     decode_tokens_per_s: float
     prefill_tokens_per_s: float
     decode_ms: dict = field(default_factory=dict)  # breakdown of one decode step
+    handoffs: dict = field(default_factory=dict)  # expected busy / idle hand-offs per decode step
     prefill_ms: dict = field(default_factory=dict)  # breakdown of one ubatch
 
     def to_dict(self) -> dict:
@@ -157,6 +185,7 @@ def predict_speed(inv, p: Optional[np.ndarray], gpu_experts: Mapping[int, Sequen
                 p[layer.index, :layer.n_expert] = layer.n_expert_used / layer.n_expert
     gpu_sel = layer_hits(p, gpu_experts)
     host_sel = p.sum(axis=1) - gpu_sel
+    busy = layer_busy(p, gpu_experts)
 
     dense_bytes = dense_elems = 0
     for t in inv.tensors:
@@ -175,21 +204,22 @@ def predict_speed(inv, p: Optional[np.ndarray], gpu_experts: Mapping[int, Sequen
     # decode: one token
     d_bw = bw.gpu_bytes_per_s if dense_on_gpu else bw.cpu_bytes_per_s
     exp_gpu = exp_cpu = 0.0
-    n_handoff = 0
+    n_busy = n_idle = 0.0
     for layer in inv.layers:
         if not layer.is_moe:
             continue
         l = layer.index
         exp_gpu += gpu_sel[l] * layer.per_expert_bytes
         exp_cpu += host_sel[l] * layer.per_expert_bytes
-        has_host = len(gpu_experts.get(l, ())) < layer.n_expert
-        n_handoff += int(has_host and dense_on_gpu)
+        if dense_on_gpu and len(set(gpu_experts.get(l, ()))) < layer.n_expert:
+            n_busy += busy[l]
+            n_idle += 1.0 - busy[l]
     ms = {
         "dense": 1e3 * dense_bytes / d_bw,
         "kv": 1e3 * kv_read / d_bw,
         "experts_gpu": 1e3 * exp_gpu / bw.gpu_bytes_per_s,
         "experts_cpu": 1e3 * exp_cpu / bw.cpu_bytes_per_s,
-        "handoff": 1e3 * n_handoff * bw.handoff_s,
+        "handoff": 1e3 * (n_busy * bw.handoff_s + n_idle * bw.handoff_idle_s),
     }
     decode_s = sum(ms.values()) / 1e3
 
@@ -231,6 +261,7 @@ def predict_speed(inv, p: Optional[np.ndarray], gpu_experts: Mapping[int, Sequen
         prefill_tokens_per_s=float(T / prefill_s) if prefill_s > 0 else float("inf"),
         decode_ms={k: round(float(v), 4) for k, v in ms.items()},
         prefill_ms={k: round(float(v), 3) for k, v in pms.items()},
+        handoffs={"busy": float(n_busy), "idle": float(n_idle)},
     )
 
 
@@ -244,67 +275,135 @@ class MeasuredRun:
     kv_fill: int
 
 
-def _terms(inv, p, run: MeasuredRun, n_ctx: int) -> tuple:
-    """The linear terms of predict_speed for one run: (GPU bytes, CPU bytes, hand-offs) of a
-    decode step and (GPU flops, CPU flops, PCIe bytes) of the prefill ubatch."""
+@dataclass(frozen=True)
+class RunTerms:
+    """The linear terms of predict_speed for one run, with the measured speeds: per decode
+    step the bytes read at the GPU rate (dense, KV, GPU experts) and at the CPU rate (host
+    experts) and the expected busy and idle hand-offs; per prefill ubatch the GPU and CPU
+    flops and the PCIe bytes. Plain numbers, so a fit can be redone from saved JSON."""
+    gpu_bytes: float
+    cpu_bytes: float
+    handoffs_busy: float
+    handoffs_idle: float
+    gpu_flop: float
+    cpu_flop: float
+    pcie_bytes: float
+    decode_tokens_per_s: float
+    prefill_tokens_per_s: float
+    n_prompt: int
+
+    @property
+    def handoffs(self) -> float:
+        return self.handoffs_busy + self.handoffs_idle
+
+    def decode_seconds(self, bw: Bandwidth) -> float:
+        return (self.gpu_bytes / bw.gpu_bytes_per_s + self.cpu_bytes / bw.cpu_bytes_per_s
+                + self.handoffs_busy * bw.handoff_s + self.handoffs_idle * bw.handoff_idle_s)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "RunTerms":
+        return cls(**{f.name: d[f.name] for f in fields(cls)})
+
+
+def run_terms(inv, p, run: MeasuredRun, n_ctx: int) -> RunTerms:
     unit = Bandwidth(cpu_bytes_per_s=1.0, gpu_bytes_per_s=1.0, pcie_bytes_per_s=1.0,
-                     cpu_flops=1.0, gpu_flops=1.0, handoff_s=1.0)
+                     cpu_flops=1.0, gpu_flops=1.0, handoff_s=0.0, handoff_idle_s=0.0)
     sp = predict_speed(inv, p, run.gpu_experts, True, unit, n_ctx, n_ubatch=run.n_prompt,
                        kv_fill=run.kv_fill)
     d, f = sp.decode_ms, sp.prefill_ms
-    return ((d["dense"] + d["kv"] + d["experts_gpu"]) / 1e3, d["experts_cpu"] / 1e3, d["handoff"] / 1e3,
-            f["gpu_compute"] / 1e3, f["cpu_compute"] / 1e3, f["pcie_copies"] / 1e3)
+    return RunTerms((d["dense"] + d["kv"] + d["experts_gpu"]) / 1e3, d["experts_cpu"] / 1e3,
+                    sp.handoffs["busy"], sp.handoffs["idle"],
+                    f["gpu_compute"] / 1e3, f["cpu_compute"] / 1e3, f["pcie_copies"] / 1e3,
+                    run.decode_tokens_per_s, run.prefill_tokens_per_s, run.n_prompt)
+
+
+def fit_decode(terms: Sequence[RunTerms], base: Bandwidth) -> dict:
+    """Decode fields fitted to runs' terms: {field: value} for those the runs determine.
+
+    All-GPU runs give gpu_bytes_per_s. Runs with host experts then give, by least squares
+    weighted to relative error, in order of preference:
+      - cpu_bytes_per_s, handoff_s (busy) and handoff_idle_s, when the runs vary enough in
+        bytes per busy hand-off and in the busy share (per-expert runs at two or more
+        budgets next to a stock run);
+      - cpu_bytes_per_s and one hand-off for both, when they vary in host bytes per
+        hand-off (a per-expert run next to stock runs); stock placements alone do not
+        (each host layer brings all its selected experts and one busy hand-off);
+      - the hand-off alone, with cpu_bytes_per_s from base (the CPU calibration).
+    A solution with a negative rate or hand-off is refused and the next one tried.
+    """
+    updates: dict = {}
+    gpu_only = [t for t in terms if t.cpu_bytes == 0 and t.handoffs == 0 and t.decode_tokens_per_s > 0]
+    host = [t for t in terms if t.handoffs > 0 and t.decode_tokens_per_s > 0]
+    if gpu_only:
+        # least squares on 1/bandwidth through the origin: sum(t*x)/sum(x*x)
+        inv_g = sum(t.gpu_bytes / t.decode_tokens_per_s for t in gpu_only) / sum(t.gpu_bytes ** 2 for t in gpu_only)
+        updates["gpu_bytes_per_s"] = 1.0 / inv_g
+    if not host:
+        return updates
+    g = updates.get("gpu_bytes_per_s", base.gpu_bytes_per_s)
+    w = np.array([t.decode_tokens_per_s for t in host])  # 1 / measured step time
+    rhs = np.array([1.0 / t.decode_tokens_per_s - t.gpu_bytes / g for t in host]) * w
+    C = np.array([t.cpu_bytes for t in host]) * w
+    Hb = np.array([t.handoffs_busy for t in host]) * w
+    Hi = np.array([t.handoffs_idle for t in host]) * w
+
+    def solve(cols):
+        A = np.stack(cols, axis=1)
+        scale = np.linalg.norm(A, axis=0)
+        if len(host) < A.shape[1] or np.any(scale == 0):
+            return None
+        sv = np.linalg.svd(A / scale, compute_uv=False)
+        if sv[-1] < 0.02 * sv[0]:  # the runs do not tell these terms apart
+            return None
+        x, *_ = np.linalg.lstsq(A, rhs, rcond=None)
+        return x if np.all(x > 0) else None
+
+    x = solve([C, Hb, Hi])
+    if x is not None:
+        return {**updates, "cpu_bytes_per_s": 1.0 / float(x[0]), "handoff_s": float(x[1]),
+                "handoff_idle_s": float(x[2])}
+    per_handoff = C / (Hb + Hi)
+    if per_handoff.max() > 1.5 * per_handoff.min():
+        x = solve([C, Hb + Hi])
+        if x is not None:
+            return {**updates, "cpu_bytes_per_s": 1.0 / float(x[0]), "handoff_s": float(x[1]),
+                    "handoff_idle_s": float(x[1])}
+    H = Hb + Hi
+    h = float((rhs - C / base.cpu_bytes_per_s) @ H / (H @ H))
+    if h > 0:
+        updates.update(handoff_s=h, handoff_idle_s=h)
+    return updates
 
 
 def fit_bandwidth(inv, p: np.ndarray, runs: Sequence[MeasuredRun], base: Bandwidth,
                   n_ctx: int) -> Bandwidth:
     """The bandwidth model's fields fitted to measured runs of this machine.
 
-    Decode: runs with every expert on the GPU give gpu_bytes_per_s. Runs with host experts
-    then give cpu_bytes_per_s (the CPU's effective rate on expert matmuls, lower than a plain
-    streaming read) and handoff_s by least squares, when they differ in host bytes per
-    hand-off; stock placements alone do not (each host layer brings all its selected
-    experts and one hand-off), so with only those cpu_bytes_per_s stays at base (the CPU
-    calibration) and only handoff_s is fitted. A per-expert run breaks the tie.
-    Prefill: all-GPU runs give gpu_flops, runs with host experts give pcie_bytes_per_s.
-    Fields without data keep base.
+    Decode: `fit_decode`. Prefill: all-GPU runs give gpu_flops, runs with host experts give
+    pcie_bytes_per_s. Fields without data keep base.
     """
-    terms = [(_terms(inv, p, r, n_ctx), r) for r in runs
-             if r.decode_tokens_per_s > 0 and r.prefill_tokens_per_s > 0]
-    updates: dict = {}
-    gpu_only = [(t, r) for t, r in terms if t[1] == 0 and t[2] == 0]
-    host = [(t, r) for t, r in terms if t[2] > 0]
+    return fit_bandwidth_terms([run_terms(inv, p, r, n_ctx) for r in runs], base)
+
+
+def fit_bandwidth_terms(terms: Sequence[RunTerms], base: Bandwidth) -> Bandwidth:
+    """fit_bandwidth on runs' terms (computed, or read back from a bench's JSON)."""
+    terms = [t for t in terms if t.decode_tokens_per_s > 0 and t.prefill_tokens_per_s > 0]
+    updates = fit_decode(terms, base)
+    gpu_only = [t for t in terms if t.cpu_bytes == 0 and t.handoffs == 0]
     if gpu_only:
-        # least squares on 1/bandwidth through the origin: sum(t*x)/sum(x*x)
-        inv_g = sum(t[0] / r.decode_tokens_per_s for t, r in gpu_only) / sum(t[0] ** 2 for t, _ in gpu_only)
-        updates["gpu_bytes_per_s"] = 1.0 / inv_g
-        inv_f = sum(t[3] * r.n_prompt / r.prefill_tokens_per_s for t, r in gpu_only) / \
-            sum(t[3] ** 2 for t, _ in gpu_only)
+        inv_f = sum(t.gpu_flop * t.n_prompt / t.prefill_tokens_per_s for t in gpu_only) / \
+            sum(t.gpu_flop ** 2 for t in gpu_only)
         updates["gpu_flops"] = 1.0 / inv_f
-    g = updates.get("gpu_bytes_per_s", base.gpu_bytes_per_s)
     gf = updates.get("gpu_flops", base.gpu_flops)
-    if host:
-        rhs = np.array([1.0 / r.decode_tokens_per_s - t[0] / g for t, r in host])
-        cols = np.array([[t[1], t[2]] for t, _ in host])  # host bytes, hand-offs
-        per_handoff = cols[:, 0] / cols[:, 1]
-        solved = False
-        if len(host) >= 2 and per_handoff.max() > 1.5 * per_handoff.min():
-            (inv_u, h), *_ = np.linalg.lstsq(cols, rhs, rcond=None)
-            if inv_u > 0 and h >= 0:
-                updates["cpu_bytes_per_s"] = 1.0 / float(inv_u)
-                updates["handoff_s"] = float(h)
-                solved = True
-        if not solved:
-            resid = rhs - cols[:, 0] / base.cpu_bytes_per_s
-            h = float(resid @ cols[:, 1] / (cols[:, 1] @ cols[:, 1]))
-            updates["handoff_s"] = h if h > 0 else base.handoff_s
-        cpu_f = base.cpu_flops
-        copies = [(r.n_prompt / r.prefill_tokens_per_s - t[3] / gf - t[4] / cpu_f, t[5])
-                  for t, r in host if t[5] > 0]
-        if copies:
-            inv_pcie = sum(x * b for x, b in copies) / sum(b * b for _, b in copies)
-            if inv_pcie > 0:
-                updates["pcie_bytes_per_s"] = 1.0 / inv_pcie
+    copies = [(t.n_prompt / t.prefill_tokens_per_s - t.gpu_flop / gf - t.cpu_flop / base.cpu_flops, t.pcie_bytes)
+              for t in terms if t.handoffs > 0 and t.pcie_bytes > 0]
+    if copies:
+        inv_pcie = sum(x * b for x, b in copies) / sum(b * b for _, b in copies)
+        if inv_pcie > 0:
+            updates["pcie_bytes_per_s"] = 1.0 / inv_pcie
     measured = tuple(sorted(set(base.measured) | set(updates)))
     return replace(base, **updates, measured=measured, machine=base.machine or machine_id(),
                    measured_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))

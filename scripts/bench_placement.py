@@ -3,6 +3,10 @@
 
 Profiles routing on Python stdlib sources of some packages and times on others, then prints
 prompt/decode tokens/s, hit rate and VRAM per placement, and the per-expert / whole-layer ratio.
+Timed decodes sample tokens (fixed seed), so they route like the model's text, not like one
+repeated token. With a GPU and several budgets, one decode fit over every budget's
+placements is stored as the calibration `plan` uses (per-expert runs at different budgets
+tell busy hand-offs from idle ones).
 
   python scripts/bench_placement.py MODEL --budget-share 0.10 0.25 0.50 --pp 512 --tg 128 --reps 3
 """
@@ -17,7 +21,8 @@ from pathlib import Path
 
 import llama_cpp  # noqa: F401  (load libllama before numpy-heavy imports; see the notes)
 
-from hybrid_gguf.bench import run_bench, stdlib_workloads
+from hybrid_gguf.bench import refit_across_budgets, run_bench, stdlib_workloads
+from hybrid_gguf.devices import gpu_devices
 from hybrid_gguf.inventory import read_inventory
 from hybrid_gguf.sizes import parse_size
 
@@ -43,7 +48,7 @@ def main() -> int:
     budgets += [parse_size(b) for b in opts.gpu_budget]
 
     runs = []
-    counts = eval_counts = None
+    counts = eval_counts = eval_trace = None
     for budget in budgets:
         print(f"== budget {budget / 2**30:.2f} GiB of expert bytes "
               f"({100 * budget / inv.expert_bytes_total:.0f}% of {inv.expert_bytes_total / 2**30:.2f} GiB)", flush=True)
@@ -52,13 +57,19 @@ def main() -> int:
                         eval_prompt=eval_prompt, n_prompt=opts.pp, n_gen=opts.tg, reps=opts.reps,
                         configs=opts.configs if counts is None else ["whole-layer", "per-expert"],
                         pack_device=opts.pack_device, n_threads=opts.threads,
-                        counts=counts, eval_counts=eval_counts, log=lambda s: print(s, flush=True))
-        counts, eval_counts = out.pop("_counts"), out.pop("_eval_counts")
+                        counts=counts, eval_counts=eval_counts, eval_trace=eval_trace,
+                        save_calibration=len(budgets) == 1, log=lambda s: print(s, flush=True))
+        counts, eval_counts, eval_trace = out.pop("_counts"), out.pop("_eval_counts"), out.pop("_eval_trace")
         out["wall_s"] = time.perf_counter() - t0
         for key in ("per_expert_vs_whole_layer_tg", "per_expert_vs_whole_layer_pp"):
             if key in out:
                 print(f"{key}: {out[key]:.3f}")
         runs.append(out)
+    if len(runs) > 1 and gpu_devices():
+        # the calibration `plan` uses: one fit over every budget's placements
+        combined = refit_across_budgets(runs, log=lambda s: print(s, flush=True))
+        for out in runs:
+            out["combined_fit"] = combined
     if opts.json:
         opts.json.write_text(json.dumps(runs, indent=2))
     return 0

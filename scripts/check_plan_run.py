@@ -31,6 +31,11 @@ def main() -> int:
     print(f"decode: predicted {pred_dec:.1f} tok/s, measured {meas_dec:.1f} tok/s, error {100 * err:+.1f}% "
           f"({'within' if abs(err) <= 0.15 else 'outside'} 15%); predicted hit rate "
           f"{plan.get('predicted_hit_rate', float('nan')):.3f}")
+    routing = run.get("routing") or {}
+    if routing.get("prompt_hit_rate") is not None:
+        decode = routing.get("decode_hit_rate")
+        print(f"hit rate seen by the recorder: prompt {routing['prompt_hit_rate']:.3f}"
+              + ("" if decode is None else f", sampled decode steps {decode:.3f}"))
     return 0 if used <= budget else 1
 
 

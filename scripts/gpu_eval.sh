@@ -132,8 +132,10 @@ open('/tmp/prof.txt', 'w').write(package_text(P, 20000)); open('/tmp/eval.txt', 
     python3 -m hybrid_gguf.cli profile "$BIG" --text /tmp/prof.txt -n 16 --store /tmp/store --json > "$OUT/profile_q30b.json" 2>/dev/null
     for B in ${PLAN_BUDGETS:-6GiB 10GiB}; do
         python3 -m hybrid_gguf.cli plan "$BIG" --gpu-budget "$B" --ctx 4096 --store /tmp/store --out "/tmp/plan_$B.yaml" --json > "$OUT/plan_$B.json"
-        python3 -m hybrid_gguf.cli run "$BIG" --plan "/tmp/plan_$B.yaml" --ctx 4096 --no-record -n 64 -t 16 --json \
-            -p "$(head -c 1500 /tmp/eval.txt)" > "$OUT/run_$B.json"
+        # sampled decode (greedy decoding of random weights repeats one token, one routing
+        # pattern); recording on, as `run` is by default, to report the session's hit rate
+        python3 -m hybrid_gguf.cli run "$BIG" --plan "/tmp/plan_$B.yaml" --ctx 4096 -n 128 --temp 1.0 --seed 1 \
+            -t 16 --json -p "$(head -c 1500 /tmp/eval.txt)" > "$OUT/run_$B.json"
         python3 scripts/check_plan_run.py "$OUT/plan_$B.json" "$OUT/run_$B.json" || failed "plan $B"
     done
 fi

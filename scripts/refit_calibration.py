@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """Refit the decode side of the bandwidth model from saved results, without the models.
 
-Reads the JSON of `scripts/bench_placement.py` (budgets whose "prediction" holds the planner's
-decode tokens/s of each placement under two calibrations and the roofline) and, optionally,
-planned runs (`hybrid-gguf plan --json` with its decode breakdown, `hybrid-gguf run --json`).
-From those it recovers each run's model terms (GPU bytes, CPU expert bytes and hand-offs
-per token), fits gpu_bytes_per_s on the all-GPU run and (cpu_bytes_per_s, handoff_s) by
-least squares on the runs of the budgets named by --fit, and prints every run's prediction
-with the refit calibration next to the measurement: the runs outside --fit are out of sample.
+Reads the JSON of `scripts/bench_placement.py` and, optionally, planned runs (`hybrid-gguf
+plan --json` with its decode breakdown, `hybrid-gguf run --json`). Each run's model terms
+(GPU bytes, CPU expert bytes, busy and idle hand-offs per token) are saved in newer bench
+JSON; for older JSON (one kind of hand-off) they are recovered from the predictions of the
+same run under two calibrations and the roofline. The decode side is fitted as `bench`
+fits it (`predict.fit_decode`) on the runs of the budgets named by --fit, and every run's
+prediction with that fit is printed next to its measurement: runs outside --fit are out of
+sample.
 
   python scripts/refit_calibration.py docs/results/h200-2026-11-28/bench_q30b.json --fit 0.25 \\
       --plans docs/results/h200-2026-11-28/plan_6GiB.json:docs/results/h200-2026-11-28/run_6GiB.json
@@ -17,8 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 
-import numpy as np
+from hybrid_gguf.predict import Bandwidth, RunTerms, fit_decode
 
 
 def bench_terms(budget: dict, totals: dict) -> list:
@@ -60,8 +62,33 @@ def plan_terms(plan: dict, run: dict) -> tuple:
     ms = bw["decode_ms"]
     G = (ms["dense"] + ms["kv"] + ms["experts_gpu"]) / 1e3 * bw["gpu_bytes_per_s"]
     C = ms["experts_cpu"] / 1e3 * bw["cpu_bytes_per_s"]
-    H = round(ms["handoff"] / 1e3 / bw["handoff_s"]) if bw["handoff_s"] > 0 else 0
-    return (f"plan {plan['budget_bytes'] / 2**30:.0f} GiB", G, C, H, run["gen_tokens_per_s"])
+    if "decode_handoffs" in bw:
+        Hb, Hi = bw["decode_handoffs"]["busy"], bw["decode_handoffs"]["idle"]
+    else:  # plans from before the busy/idle split
+        Hb, Hi = (round(ms["handoff"] / 1e3 / bw["handoff_s"]) if bw["handoff_s"] > 0 else 0), 0.0
+    return f"plan {plan['budget_bytes'] / 2**30:.0f} GiB", terms(G, C, Hb, Hi, run["gen_tokens_per_s"])
+
+
+def terms(G, C, Hb, Hi, decode_ts) -> RunTerms:
+    return RunTerms(G, C, Hb, Hi, 0.0, 0.0, 0.0, decode_ts, 1.0, 1)
+
+
+def bench_rows(budget: dict, totals: dict) -> list:
+    """(label, RunTerms) per placement of one budget: saved terms (busy hand-offs from the
+    routing trace when present), or for older JSON the terms recovered algebraically."""
+    share = budget["budget_share_of_experts"]
+    configs = budget["prediction"]["configs"]
+    if all("terms" in row for row in configs.values()):
+        out = []
+        for name, row in configs.items():
+            t = RunTerms.from_dict(row["terms"])
+            traced = row.get("busy_handoffs_traced")
+            if traced is not None:
+                t = replace(t, handoffs_busy=traced, handoffs_idle=t.handoffs - traced)
+            out.append((f"{name} @ {100 * share:.0f}%", t))
+        return out
+    return [(f"{name} @ {100 * share:.0f}%", terms(G, C, H, 0.0, meas))
+            for name, G, C, H, meas in bench_terms(budget, totals)]
 
 
 def main() -> int:
@@ -72,31 +99,23 @@ def main() -> int:
     opts = ap.parse_args()
 
     budgets = json.load(open(opts.bench_json))
-    rows = []  # (label, G, C, H, measured, in_fit)
+    rows = []  # (label, RunTerms, in_fit)
     totals: dict = {}
     for b in budgets:
-        share = b["budget_share_of_experts"]
-        fit = any(abs(share - f) < 1e-6 for f in opts.fit)
-        for name, G, C, H, meas in bench_terms(b, totals):
-            rows.append((f"{name} @ {100 * share:.0f}%", G, C, H, meas, fit))
+        fit = any(abs(b["budget_share_of_experts"] - f) < 1e-6 for f in opts.fit)
+        rows += [(label, t, fit) for label, t in bench_rows(b, totals)]
     for pair in opts.plans:
         plan_path, run_path = pair.split(":")
         rows.append((*plan_terms(json.load(open(plan_path)), json.load(open(run_path))), False))
 
-    gpu_only = [r for r in rows if r[5] and r[2] == 0 and r[3] == 0]
-    if not gpu_only:
-        raise SystemExit("the fitted budgets need an all-GPU run")
-    g = sum(r[1] ** 2 for r in gpu_only) / sum(r[1] / r[4] for r in gpu_only)
-    host = [r for r in rows if r[5] and r[3] > 0]
-    A = np.array([[r[2], r[3]] for r in host])
-    y = np.array([1.0 / r[4] - r[1] / g for r in host])
-    (inv_u, h), *_ = np.linalg.lstsq(A, y, rcond=None)
-    u = 1.0 / inv_u
-    print(f"fit on budgets {opts.fit}: gpu_bytes_per_s {g / 1e9:.0f} GB/s, cpu_bytes_per_s {u / 1e9:.1f} GB/s, "
-          f"handoff_s {1e6 * h:.0f} us")
+    fitted = replace(Bandwidth(), **fit_decode([t for _, t, fit in rows if fit], Bandwidth()))
+    print(f"fit on budgets {opts.fit}: gpu_bytes_per_s {fitted.gpu_bytes_per_s / 1e9:.0f} GB/s, "
+          f"cpu_bytes_per_s {fitted.cpu_bytes_per_s / 1e9:.1f} GB/s, handoff_s {1e6 * fitted.handoff_s:.0f} us, "
+          f"handoff_idle_s {1e6 * fitted.handoff_idle_s:.0f} us")
     print(f"{'run':<26} {'in fit':>6} {'measured':>9} {'predicted':>10} {'error':>7}")
-    for label, G, C, H, meas, fit in rows:
-        pred = 1.0 / (G / g + C / u + H * h)
+    for label, t, fit in rows:
+        meas = t.decode_tokens_per_s
+        pred = 1.0 / t.decode_seconds(fitted)
         print(f"{label:<26} {'yes' if fit else 'no':>6} {meas:>9.1f} {pred:>10.1f} {100 * (pred / meas - 1):>+6.1f}%")
     return 0
 

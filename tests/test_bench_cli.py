@@ -33,6 +33,15 @@ def test_bench_json_on_cpu(tiny_model_factory, tmp_path):
     for name, row in pred.items():
         for key in ("predicted_decode_ts", "fitted_decode_ts", "roofline_decode_ts", "predicted_prefill_ts"):
             assert math.isfinite(row[key]) and row[key] > 0, (name, key)
+        # the model's terms are saved for refits; a layer whose experts are all on the host
+        # is busy at every decoded token (the trace of the timed workload says so)
+        assert set(row["terms"]) >= {"gpu_bytes", "cpu_bytes", "handoffs_busy", "handoffs_idle"}
+        hot = out["prediction"]["hot"][name]
+        host_layers = sum(1 for l in range(out["n_layer"]) if len(hot.get(str(l), [])) < out["n_expert"])
+        assert row["terms"]["handoffs_busy"] + row["terms"]["handoffs_idle"] == pytest.approx(host_layers)
+        assert 0 <= row["busy_handoffs_traced"] <= host_layers
+        if name in ("cpu-experts", "whole-layer"):
+            assert row["busy_handoffs_traced"] == host_layers
     assert not out["prediction"]["calibration_saved"]  # nothing to fit without a GPU
     assert png.stat().st_size > 1000
 

@@ -1,12 +1,15 @@
-"""fit_bandwidth: the GPU side of the bandwidth model recovered from timed stock placements."""
+"""fit_bandwidth: the bandwidth model's fields recovered from timed placements."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from hybrid_gguf.inventory import read_inventory
-from hybrid_gguf.predict import Bandwidth, MeasuredRun, fit_bandwidth, predict_speed
+from hybrid_gguf.predict import (Bandwidth, MeasuredRun, fit_bandwidth, fit_decode, layer_busy,
+                                 predict_speed, run_terms)
 
 
 def runs_from(inv, p, bw, placements, n_ctx=2048, n_prompt=512):
@@ -19,14 +22,19 @@ def runs_from(inv, p, bw, placements, n_ctx=2048, n_prompt=512):
 
 
 TRUTH = Bandwidth(cpu_bytes_per_s=40e9, gpu_bytes_per_s=3.3e12, pcie_bytes_per_s=52e9,
-                  cpu_flops=2e12, gpu_flops=310e12, handoff_s=95e-6)
+                  cpu_flops=2e12, gpu_flops=310e12, handoff_s=95e-6, handoff_idle_s=95e-6)
+# a machine where a hand-off with nothing for the CPU to compute is cheaper
+TRUTH_SPLIT = replace(TRUTH, handoff_s=140e-6, handoff_idle_s=70e-6)
+
+
+def top(p, n):
+    return {l: [int(e) for e in np.argsort(-p[l])[:n]] for l in range(p.shape[0])}
 
 
 def placements(p):
     every = {l: list(range(16)) for l in range(4)}
     whole = {l: list(range(16)) for l in (2, 3)}
-    hot = {l: [int(e) for e in np.argsort(-p[l])[:6]] for l in range(4)}
-    return {"cpu-experts": {}, "whole-layer": whole, "all-gpu": every, "per-expert": hot}
+    return {"cpu-experts": {}, "whole-layer": whole, "all-gpu": every, "per-expert": top(p, 6)}
 
 
 @pytest.fixture()
@@ -56,10 +64,56 @@ def test_a_per_expert_run_separates_cpu_bandwidth_from_handoff(setup):
     assert fitted.cpu_bytes_per_s == pytest.approx(TRUTH.cpu_bytes_per_s, rel=1e-6)
     assert fitted.handoff_s == pytest.approx(TRUTH.handoff_s, rel=1e-6)
     # and it predicts a placement it was not fitted on
-    other = {l: [int(e) for e in np.argsort(-p[l])[:11]] for l in range(4)}
+    other = top(p, 11)
     (want,) = runs_from(inv, p, TRUTH, [other])
     sp = predict_speed(inv, p, other, True, fitted, 2048, n_ubatch=512, kv_fill=536)
     assert sp.decode_tokens_per_s == pytest.approx(want.decode_tokens_per_s, rel=1e-6)
+
+
+def test_per_expert_runs_at_two_budgets_separate_busy_and_idle_handoffs(setup):
+    inv, p, pl = setup
+    runs = runs_from(inv, p, TRUTH_SPLIT, [*pl.values(), top(p, 10)])
+    fitted = fit_bandwidth(inv, p, runs, Bandwidth(cpu_bytes_per_s=90e9), n_ctx=2048)
+    assert fitted.cpu_bytes_per_s == pytest.approx(TRUTH_SPLIT.cpu_bytes_per_s, rel=1e-6)
+    assert fitted.handoff_s == pytest.approx(140e-6, rel=1e-6)
+    assert fitted.handoff_idle_s == pytest.approx(70e-6, rel=1e-6)
+    other = top(p, 13)
+    (want,) = runs_from(inv, p, TRUTH_SPLIT, [other])
+    sp = predict_speed(inv, p, other, True, fitted, 2048, n_ubatch=512, kv_fill=536)
+    assert sp.decode_tokens_per_s == pytest.approx(want.decode_tokens_per_s, rel=1e-6)
+
+
+def test_one_per_expert_run_cannot_split_the_handoff_and_fits_one(setup):
+    inv, p, pl = setup
+    runs = runs_from(inv, p, TRUTH_SPLIT, list(pl.values()))
+    fitted = fit_bandwidth(inv, p, runs, Bandwidth(cpu_bytes_per_s=90e9), n_ctx=2048)
+    # stock runs have only busy hand-offs, so busy and idle are not told apart: one value
+    assert fitted.handoff_s == fitted.handoff_idle_s
+    assert 70e-6 < fitted.handoff_s < 140e-6
+
+
+def test_fit_refuses_negative_terms_and_falls_back(setup):
+    inv, p, pl = setup
+    runs = runs_from(inv, p, TRUTH_SPLIT, [*pl.values(), top(p, 10)])
+    terms = [run_terms(inv, p, r, 2048) for r in runs]
+    # a per-expert run measured far faster than any positive idle hand-off allows
+    fast = replace(terms[3], decode_tokens_per_s=terms[3].decode_tokens_per_s * 3)
+    got = fit_decode([*terms[:3], fast, terms[4]], Bandwidth())
+    assert all(v > 0 for v in got.values())
+
+
+def test_layer_busy_is_the_chance_a_token_selects_a_host_expert():
+    p = np.array([[0.5, 0.5, 0.5, 0.5], [1.0, 1.0, 0.0, 0.0]])  # k = 2 of 4
+    busy = layer_busy(p, {0: [0, 1], 1: [0, 1]})
+    assert busy[0] == pytest.approx(1 - 0.5 * 0.5)
+    assert busy[1] == 0.0  # layer 1 always picks experts 0 and 1: never busy
+    assert list(layer_busy(p, {})) == [1.0, 1.0]  # every selection is a host expert
+    assert layer_busy(p, {1: [0]})[1] == 1.0  # expert 1 is always picked and on the host
+
+
+def test_calibrations_saved_before_the_idle_handoff_load_with_one_handoff():
+    bw = Bandwidth.from_dict({"handoff_s": 1.3e-4, "cpu_bytes_per_s": 6e10})
+    assert bw.handoff_idle_s == 1.3e-4
 
 
 def test_fit_without_gpu_only_runs_keeps_the_gpu_fields(tiny_model_factory):
@@ -70,3 +124,38 @@ def test_fit_without_gpu_only_runs_keeps_the_gpu_fields(tiny_model_factory):
     fitted = fit_bandwidth(inv, p, runs, base, n_ctx=512)
     assert fitted.gpu_bytes_per_s == base.gpu_bytes_per_s and fitted.gpu_flops == base.gpu_flops
     assert fitted.handoff_s == pytest.approx(200e-6, rel=1e-6)
+
+
+def test_busy_handoffs_counts_layers_where_a_token_used_a_host_expert():
+    from hybrid_gguf.bench import busy_handoffs
+    from hybrid_gguf.recorder import RoutingTrace
+
+    # 3 tokens x 2 layers, k = 2 of 4 experts; GPU holds experts 0, 1 of layer 0 and 2 of layer 1
+    ids = np.array([[0, 1], [2, 3], [0, 2], [2, 0], [1, 0], [3, 1]], dtype=np.int32)
+    trace = RoutingTrace(np.array([0, 0, 1, 1, 2, 2]), np.array([0, 1, 0, 1, 0, 1], dtype=np.int32), ids, 6)
+    hot = {0: [0, 1], 1: [2]}
+    # layer 0: token 1 used expert 2 (host); layer 1: tokens 0, 1, 2 all used a host expert
+    assert busy_handoffs(trace, hot, [0, 1], 4) == pytest.approx((1 + 3) / 3)
+    assert busy_handoffs(trace, hot, [0], 4) == pytest.approx(1 / 3)
+    assert busy_handoffs(None, hot, [0], 4) is None
+
+
+def test_bench_refits_once_across_budgets(setup, tmp_path, monkeypatch):
+    from hybrid_gguf.bench import refit_across_budgets
+    from hybrid_gguf.predict import load_calibration
+
+    monkeypatch.setenv("HYBRID_GGUF_CACHE", str(tmp_path))
+    inv, p, pl = setup
+    outs = []
+    for share, extra in ((0.25, pl), (0.6, {"per-expert": top(p, 10)})):
+        runs = runs_from(inv, p, TRUTH_SPLIT, list(extra.values()))
+        configs = {name: {"terms": run_terms(inv, p, r, 2048).to_dict(), "busy_handoffs_traced": None}
+                   for name, r in zip(extra, runs)}
+        outs.append({"budget_share_of_experts": share, "prediction": {"configs": configs}})
+    # each budget alone cannot tell busy from idle hand-offs; the two together can
+    got = refit_across_budgets(outs, log=lambda s: None)
+    cal = got["calibration_fitted"]
+    assert cal["handoff_s"] == pytest.approx(140e-6, rel=1e-6)
+    assert cal["handoff_idle_s"] == pytest.approx(70e-6, rel=1e-6)
+    assert all(abs(r["fitted_decode_error"]) < 1e-6 for r in got["runs"].values())
+    assert load_calibration().handoff_idle_s == pytest.approx(70e-6, rel=1e-6)

@@ -320,13 +320,18 @@ def test_speed_model_directions(tiny_model_factory):
 
     inv = read_inventory(tiny_model_factory("qwen3moe", n_layer=4))
     p = profile_probs(make_profile(inv, zipf_probs(4, inv.n_expert)), inv)
-    bw = Bandwidth(cpu_bytes_per_s=50e9, gpu_bytes_per_s=2e12, handoff_s=1e-4)
+    bw = Bandwidth(cpu_bytes_per_s=50e9, gpu_bytes_per_s=2e12, handoff_s=1e-4, handoff_idle_s=4e-5)
     none = predict_speed(inv, p, {}, True, bw, 2048)
     some = predict_speed(inv, p, {0: [0, 1, 2]}, True, bw, 2048)
     whole = {l: list(range(inv.n_expert)) for l in range(4)}
     allg = predict_speed(inv, p, whole, True, bw, 2048)
     assert none.decode_tokens_per_s < some.decode_tokens_per_s < allg.decode_tokens_per_s
     assert none.decode_ms["handoff"] == pytest.approx(0.4) and allg.decode_ms["handoff"] == 0
+    # a layer with host experts hands off every step: busy when a host expert was selected
+    assert some.handoffs["busy"] + some.handoffs["idle"] == pytest.approx(4)
+    assert 3 < some.handoffs["busy"] < 4 and none.handoffs == {"busy": 4.0, "idle": 0.0}
+    assert some.decode_ms["handoff"] == pytest.approx(
+        0.1 * some.handoffs["busy"] + 0.04 * some.handoffs["idle"], abs=1e-4)
     assert allg.decode_ms["experts_cpu"] == 0
     # experts_cpu is selections per token x expert bytes / CPU bandwidth
     per = inv.layers[0].per_expert_bytes

@@ -33,6 +33,9 @@ def test_json_contract_on_the_default_model(tmp_path):
     assert out["placement"]["mode"] == "cpu"
     # the session's routing went into the profile store under HYBRID_GGUF_CACHE
     assert out["profile_sessions"] == 1
+    # and is reported against the placement: nothing is in GPU memory here
+    routing = out["routing"]
+    assert routing["prompt_selections"] > 0 and routing["prompt_hit_rate"] == 0.0
     assert list((tmp_path / "profiles").glob("*.json"))
 
 
@@ -87,3 +90,17 @@ def test_a_hot_set_larger_than_free_vram_is_refused_before_loading(tiny_model, m
     monkeypatch.setattr(devices, "gpu_devices", lambda: [small_gpu])
     with pytest.raises(HybridError, match="hot set needs .* CUDA0 has"):
         HybridModel(str(tiny_model), hot={0: [0, 1]}, record=False)
+
+
+def test_gpu_experts_of_each_kind_of_placement(tiny_model_factory):
+    from hybrid_gguf.inventory import read_inventory
+    from hybrid_gguf.model import _gpu_experts
+    from hybrid_gguf.placement import cpu_moe, n_cpu_moe
+
+    inv = read_inventory(tiny_model_factory("qwen3moe", n_layer=4, n_expert=8))
+    every = list(range(8))
+    assert _gpu_experts(inv, None, {}, -1, None) == {l: every for l in range(4)}
+    assert _gpu_experts(inv, None, {}, 0, None) == {}
+    assert _gpu_experts(inv, n_cpu_moe(3), {}, -1, None) == {3: every}
+    assert _gpu_experts(inv, cpu_moe(), {1: [2, 5]}, -1, "CUDA0") == {1: [2, 5]}
+    assert _gpu_experts(inv, cpu_moe(), {1: [2, 5]}, -1, "CPU") == {}  # a pack in host memory

@@ -62,6 +62,7 @@ def bench_command(
                     n_threads=threads, save_calibration=not no_calibrate, log=(lambda s: None) if as_json else (lambda s: console.print(f"[dim]{s}[/]")))
     out.pop("_counts", None)
     out.pop("_eval_counts", None)
+    out.pop("_eval_trace", None)
     out["pack_device"] = pack_device
     if as_json:
         print(json.dumps(out, indent=2, default=float))

@@ -75,6 +75,7 @@ def run_command(
 
             res = hm.stream(prompt, max_tokens=n_predict, temperature=temp, on_text=on_text)
             out.write("\n")
+        routing = hm.session_routing()
         profile = hm.save_profile()
         if as_json:
             print(json.dumps({
@@ -89,11 +90,16 @@ def run_command(
                 "load_seconds": hm.load_seconds,
                 "placement": hm.placement.to_dict(),
                 "profile_sessions": None if profile is None else profile.sessions,
+                "routing": routing,
             }, indent=2))
         else:
             _notice(console, f"prompt {res.prompt_tokens} tok at {res.prompt_tokens_per_s:.1f} tok/s, "
                              f"generated {len(res.tokens)} tok at {res.gen_tokens_per_s:.1f} tok/s"
                              + ("" if profile is None else f"; routing profile now {profile.sessions} sessions"))
+            if routing and hm.placement.gpu_experts and routing["prompt_hit_rate"] is not None:
+                _notice(console, f"expert selections served from GPU memory: {routing['prompt_hit_rate']:.1%} "
+                                 "of the prompt's" + ("" if routing["decode_hit_rate"] is None else
+                                                      f", {routing['decode_hit_rate']:.1%} of sampled decode steps'"))
     finally:
         hm.close(save_profile=False)
 
