@@ -327,11 +327,11 @@ class DecodeSampler:
     patch of version 2 or later the recorder's callback is taken off the context for the
     tokens it skips, so they run exactly as without a recorder: a context with any cb_eval
     synchronizes after every scheduler split, which on a GPU cost +8.7 % per token even when
-    the callback asked for nothing (docs/benchmarks.md). Switching per sampled token still
-    cost ~8 ms per observe-and-return cycle there (likely the CUDA graph being rebuilt), so the
-    observed tokens come in bursts of `burst` consecutive ones, the last of every
-    `stride * burst` tokens. Other builds
-    keep the callback and let the C recorder skip by its own stride.
+    the callback asked for nothing (docs/benchmarks.md). Each switch of the callback costs
+    time too: there, the two tokens after a switch took ~15 ms more between them (likely the
+    CUDA graph being re-captured), so the observed
+    tokens come in bursts of `burst` consecutive ones, the last of every `stride * burst`
+    tokens. Other builds keep the callback and let the C recorder skip by its own stride.
     """
 
     def __init__(self, recorder: RoutingRecorder, ctx: Any, stride: int, burst: int = 8) -> None:
