@@ -11,8 +11,9 @@
 #   (diag: scripts/split_diag.py, chain-by-chain comparison with a numpy reference)
 # One call does not fit every step in 10 minutes. Measured 2026-11-28 (wall time per call):
 #   "build,diag,split,recorder"  ~5 min (build 203-257 s)
-#   "bench,plan"                 bench ~2 min; plan took 7.5 min with a 60000-char profile
-#                                text, now 20000 (unmeasured)
+#   "bench"                      3 budgets, tg 64, 2 reps: 2.3 min
+#   "plan"                       profiling on the CPU took over 5 min; it now runs on the GPU
+#                                (unmeasured)
 #   "bench2,skipab"              bench2 ~2.5 min, skipab ~2 min
 # Chain the calls within 30 s (the machine stays warm that long; a helper polling the device
 # status can start the next call the moment one ends). "build" again after a patch change
@@ -127,9 +128,19 @@ fi
 
 if has plan; then
     log "planned runs: VRAM within budget, predicted vs measured decode"
+    if [ -n "${CALIBRATION:-}" ]; then
+        # a calibration fitted by "bench" in an earlier call (the machine may be a fresh one
+        # of the same kind): stored under this machine's id for `plan`
+        python3 -c "import json, sys; from dataclasses import replace; from hybrid_gguf import predict as p
+bw = p.Bandwidth.from_dict(json.load(open(sys.argv[1]))); p.save_calibration(replace(bw, machine=p.machine_id()))
+print('calibration from', sys.argv[1], bw.machine)" "$CALIBRATION"
+    fi
     python3 -c "from hybrid_gguf.bench import package_text, PROFILE_PACKAGES as P, EVAL_PACKAGES as E
-open('/tmp/prof.txt', 'w').write(package_text(P, 20000)); open('/tmp/eval.txt', 'w').write(package_text(E, 3000))"
-    python3 -m hybrid_gguf.cli profile "$BIG" --text /tmp/prof.txt -n 16 --store /tmp/store --json > "$OUT/profile_q30b.json" 2>/dev/null
+open('/tmp/prof.txt', 'w').write(package_text(P, 8000)); open('/tmp/eval.txt', 'w').write(package_text(E, 3000))"
+    # short prompts and sampled decodes, like the timed runs below (prefill of source text
+    # routes differently from sampled tokens of random weights); profiled on the GPU
+    python3 -m hybrid_gguf.cli profile "$BIG" --text /tmp/prof.txt --chunk-chars 200 -n 128 --temp 1.0 \
+        --store /tmp/store --json > "$OUT/profile_q30b.json" || failed profile
     for B in ${PLAN_BUDGETS:-6GiB 10GiB}; do
         python3 -m hybrid_gguf.cli plan "$BIG" --gpu-budget "$B" --ctx 4096 --store /tmp/store --out "/tmp/plan_$B.yaml" --json > "$OUT/plan_$B.json"
         # sampled decode (greedy decoding of random weights repeats one token, one routing

@@ -69,6 +69,25 @@ def test_json_counts_store_and_files(tiny_model_factory, tmp_path):
     assert ProfileStore(store).load(fp).sessions == 2
 
 
+def test_sampled_decode_records_other_routes_than_greedy(tiny_model_factory, tmp_path):
+    path = tiny_model_factory("qwen3moe", n_layer=2)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hello there\n")
+
+    def decode_counts(*extra):
+        res = invoke(path, "--prompts", prompts, "-n", 24, "--ctx", 128, "--json", "--no-store", *extra)
+        assert res.exit_code == 0, res.output
+        data = json.loads(res.stdout.strip().splitlines()[-1])
+        assert data["tokens_decode"] == [24, 24]
+        return np.array(data["counts_decode"])
+
+    greedy = decode_counts()
+    np.testing.assert_array_equal(greedy, decode_counts("--temp", "0"))  # greedy is deterministic
+    sampled = decode_counts("--temp", "1.5", "--seed", "3")
+    assert not np.array_equal(sampled, greedy)
+    assert invoke(path, "--prompts", prompts, "--temp", "-1").exit_code != 0
+
+
 @pytest.mark.skipif(not ok, reason=why)
 def test_table_output(tiny_model_factory, tmp_path):
     path = tiny_model_factory("qwen3moe")

@@ -38,22 +38,36 @@ def model_info(path: Path) -> ModelInfo:
                      inv.n_expert or 0, inv.n_expert_used or 0)
 
 
-def build_llama(path: Path, recorder, n_ctx: int, n_threads: Optional[int] = None):
-    """The one place the profiled model is constructed (swap in the planned loader here)."""
-    from ..llama_hooks import construct_llama
+def build_llama(path: Path, recorder, n_ctx: int, n_threads: Optional[int] = None, seed: int = 0,
+                cpu_only: bool = False):
+    """The profiled model: on a machine with a GPU, as many whole layers there as free VRAM
+    holds (routing does not depend on placement; the GPU makes profiling fast), else all on
+    the CPU. Returns (llm, where the weights are, in words)."""
+    from ..devices import gpu_devices
+    from ..inventory import read_inventory
+    from ..model import VRAM_RESERVE
+    from ..placement import fit_n_cpu_moe, load_llama
 
-    kwargs = {"n_threads": n_threads} if n_threads else {}
-    try:
-        llm = construct_llama(str(path), context_patch=recorder.attach(), n_ctx=n_ctx,
-                              n_gpu_layers=0, verbose=False, **kwargs)
-    except ValueError as exc:
-        raise HybridError(f"llama.cpp failed to load {path}: {exc}") from None
+    kwargs = {"n_threads": n_threads, "n_threads_batch": n_threads} if n_threads else {}
+    gpus = [] if cpu_only else gpu_devices()
+    placement, where = None, "all weights on the CPU"
+    if gpus:
+        fit = fit_n_cpu_moe(read_inventory(path), max(0, gpus[0].free_bytes - VRAM_RESERVE), n_ctx)
+        if fit.fits:
+            placement = fit.placement
+            where = ("everything on the GPU" if fit.n_cpu_moe == 0 else
+                     f"experts of the first {fit.n_cpu_moe} layers on the CPU, the rest on the GPU")
+    if placement is None:
+        kwargs["n_gpu_layers"] = 0
+    loaded = load_llama(path, placement, context_patch=recorder.attach(), n_ctx=n_ctx, seed=seed,
+                        verbose=False, **kwargs)
+    llm = loaded.llm
     llm._hybrid_gguf_recorder = recorder  # the C callback points at it: keep it alive
-    return llm
+    return llm, where
 
 
-def run_prompt(llm, text: str, n_predict: int) -> tuple[int, int]:
-    """Prefill `text`, then decode up to n_predict greedy tokens; (prompt, generated)."""
+def run_prompt(llm, text: str, n_predict: int, temp: float = 0.0) -> tuple[int, int]:
+    """Prefill `text`, then decode up to n_predict tokens (greedy at temp 0); (prompt, generated)."""
     n_ctx = llm.n_ctx()
     room = n_ctx - n_predict - 1
     if room < 1:
@@ -64,7 +78,7 @@ def run_prompt(llm, text: str, n_predict: int) -> tuple[int, int]:
     eos = llm.token_eos()
     generated = 0
     for _ in range(n_predict):
-        tok = llm.sample(temp=0.0)
+        tok = llm.sample(temp=temp)
         if tok == eos:
             break
         llm.eval([tok])
@@ -74,15 +88,19 @@ def run_prompt(llm, text: str, n_predict: int) -> tuple[int, int]:
 
 def profile_model(info: ModelInfo, workload, n_predict: int, n_ctx: int,
                   n_threads: Optional[int] = None,
-                  on_prompt: Optional[Callable[[int, int, int], None]] = None):
+                  on_prompt: Optional[Callable[[int, int, int], None]] = None,
+                  temp: float = 0.0, seed: int = 0, cpu_only: bool = False,
+                  on_load: Optional[Callable[[str], None]] = None):
     """Run the workload with a fresh recorder; returns the RoutingSnapshot."""
     from ..recorder import RoutingRecorder
 
     recorder = RoutingRecorder(info.n_layer, info.n_expert, info.n_expert_used)
-    llm = build_llama(info.path, recorder, n_ctx, n_threads)
+    llm, where = build_llama(info.path, recorder, n_ctx, n_threads, seed, cpu_only)
+    if on_load:
+        on_load(where)
     try:
         for prompt in workload.prompts:
-            n_in, n_out = run_prompt(llm, prompt.text, n_predict)
+            n_in, n_out = run_prompt(llm, prompt.text, n_predict, temp)
             if on_prompt:
                 on_prompt(1, n_in, n_out)
         return recorder.snapshot(trace=False)
@@ -206,6 +224,9 @@ def register(app: typer.Typer) -> None:
                                     help="weight of the stored profile before adding this run"),
         slots: Optional[str] = typer.Option(
             None, "--slots", help="static set sizes for hit rates, e.g. 8,32"),
+        temp: float = typer.Option(0.0, "--temp", help="sampling temperature of the decoded tokens (0 = greedy)"),
+        seed: int = typer.Option(0, "--seed", help="sampling seed"),
+        cpu_only: bool = typer.Option(False, "--cpu-only", help="keep every weight on the CPU"),
     ) -> None:
         """Record which experts a workload routes to, store it, and summarize per layer."""
         from rich.console import Console
@@ -222,6 +243,8 @@ def register(app: typer.Typer) -> None:
             raise HybridError(f"model file {model} does not exist")
         if n_predict < 0 or ctx < 8:
             raise HybridError("-n must be >= 0 and --ctx >= 8")
+        if temp < 0:
+            raise HybridError(f"--temp must not be negative, got {temp}")
         if not 0.0 < decay <= 1.0:
             raise HybridError(f"--decay must be in (0, 1], got {decay}")
         slot_list = None
@@ -259,7 +282,8 @@ def register(app: typer.Typer) -> None:
                 progress.update(task, advance=n,
                                 tok=f"{tokens[0]} prompt + {tokens[1]} generated tokens")
 
-            snap = profile_model(info, workload, n_predict, ctx, threads, on_prompt)
+            snap = profile_model(info, workload, n_predict, ctx, threads, on_prompt, temp, seed, cpu_only,
+                                 on_load=lambda where: err.print(f"[dim]profiling with {where}[/]"))
         elapsed = time.monotonic() - t0
 
         session = RoutingProfile.from_snapshot(snap, info.fingerprint, info.arch, run_label)
