@@ -21,8 +21,6 @@ from . import hybrid_backend
 from .errors import HybridError
 from .inventory import Inventory, read_inventory
 
-DECODE_SEED = 1234  # timed decodes sample the same token sequence in every placement
-
 
 @dataclass
 class Config:
@@ -145,19 +143,17 @@ def load_config(path: Path, inv: Inventory, cfg: Config, n_ctx: int, n_batch: in
     return load_llama(path, cfg.placement, **kwargs)
 
 
-def measure_once(llm, prompt: Sequence[int], n_gen: int, recorder,
-                 sample_seed: Optional[int] = DECODE_SEED) -> tuple[float, float, Optional[np.ndarray]]:
+def measure_once(llm, prompt: Sequence[int], decode: Sequence[int], recorder) -> tuple[float, float, Optional[np.ndarray]]:
     """(prompt tokens/s, decode tokens/s, decode routing counts when recording).
 
-    Decoded tokens are sampled from the logits at temperature 1 with a fixed seed
-    (`sample_seed=None`: greedy). Greedy decoding of a random-weight model soon repeats one
-    token, so every step would route the same way and the timed decode would test one
-    routing pattern instead of the model's distribution."""
+    The decode steps are teacher-forced: each step evaluates the next token of `decode`
+    (the held-out text after the prompt), one at a time, as a decode step does. Every
+    placement then decodes the same tokens with the same routing. Tokens chosen by the model
+    itself would not do: greedy decoding of random weights soon repeats one token (one
+    routing pattern, and expert weights the CPU reads again and again), and sampled tokens
+    differ between placements as soon as float rounding does."""
     import llama_cpp
 
-    from .greedy import last_logits
-
-    rng = None if sample_seed is None else np.random.default_rng(sample_seed)
     llm.reset()
     llama_cpp.llama_perf_context_reset(llm._ctx.ctx)
     llm.eval(list(prompt))
@@ -167,21 +163,15 @@ def measure_once(llm, prompt: Sequence[int], n_gen: int, recorder,
     if recorder is not None:
         recorder.reset()
     llama_cpp.llama_perf_context_reset(llm._ctx.ctx)
-    for _ in range(n_gen):
-        llm.eval([_next_token(last_logits(llm), rng)])
-    llama_cpp.llama_synchronize(llm._ctx.ctx)
+    for tok in decode:
+        llm.eval([int(tok)])
+        # a decode step ends when its logits are ready (llama.cpp books one-token steps as
+        # decode only when each is synchronized on its own)
+        llama_cpp.llama_synchronize(llm._ctx.ctx)
     perf = llama_cpp.llama_perf_context(llm._ctx.ctx)
     tg_ts = perf.n_eval / (perf.t_eval_ms / 1e3) if perf.t_eval_ms > 0 else 0.0
     counts = recorder.snapshot(trace=False).counts_decode if recorder is not None else None
     return pp_ts, tg_ts, counts
-
-
-def _next_token(logits: np.ndarray, rng: Optional[np.random.Generator]) -> int:
-    if rng is None:
-        return int(np.argmax(logits))
-    z = logits.astype(np.float64) - float(np.max(logits))
-    prob = np.exp(z)
-    return int(rng.choice(len(prob), p=prob / prob.sum()))
 
 
 def busy_handoffs(trace, hot: dict, layers: Sequence[int], n_expert: int) -> Optional[float]:
@@ -229,8 +219,10 @@ def run_bench(model_path: Path, *, budget_bytes: int, profile_prompts: Sequence[
         return RoutingRecorder(inv.n_layer, inv.n_expert, inv.n_expert_used, trace_capacity=trace_capacity)
 
     prompt = list(eval_prompt)[:n_prompt]
-    if len(prompt) < n_prompt:
-        raise HybridError(f"evaluation prompt has {len(prompt)} tokens, fewer than --pp {n_prompt}")
+    decode = list(eval_prompt)[n_prompt:n_prompt + n_gen]
+    if len(prompt) + len(decode) < n_prompt + n_gen:
+        raise HybridError(f"evaluation text has {len(eval_prompt)} tokens, fewer than --pp {n_prompt} "
+                          f"+ --tg {n_gen}")
     results: list[Result] = []
 
     if counts is None or eval_counts is None or eval_trace is None:
@@ -243,7 +235,7 @@ def run_bench(model_path: Path, *, budget_bytes: int, profile_prompts: Sequence[
             loaded.llm.reset()
             loaded.llm.eval(list(p))
         counts = rec.snapshot(trace=False).counts
-        _, _, eval_counts = measure_once(loaded.llm, prompt, n_gen, rec)
+        _, _, eval_counts = measure_once(loaded.llm, prompt, decode, rec)
         eval_trace = rec.snapshot(trace=True).trace
         loaded.llm.close()
         rec.close()
@@ -260,10 +252,10 @@ def run_bench(model_path: Path, *, budget_bytes: int, profile_prompts: Sequence[
             results.append(Result(cfg.name, n_prompt, n_gen, [], [], None, cfg.gpu_expert_bytes, 0, 0.0, str(exc)))
             continue
         load_s = time.perf_counter() - t0
-        measure_once(loaded.llm, prompt[:32], 4, None)  # warm-up: graphs, CUDA kernels
+        measure_once(loaded.llm, prompt[:32], decode[:4], None)  # warm-up: graphs, CUDA kernels
         pps, tgs = [], []
         for _ in range(reps):
-            pp, tg, _ = measure_once(loaded.llm, prompt, n_gen, None)
+            pp, tg, _ = measure_once(loaded.llm, prompt, decode, None)
             pps.append(pp)
             tgs.append(tg)
         hit = 0.0 if cfg.name == "cpu-experts" else hit_rate(eval_counts, cfg.hot)
@@ -443,9 +435,9 @@ def tokenizer_for(model: Path) -> Callable[[str], list[int]]:
 
 def stdlib_workloads(model: Path, n_prompt: int, profile_tokens: int,
                      profile_packages: Sequence[str] = PROFILE_PACKAGES,
-                     eval_packages: Sequence[str] = EVAL_PACKAGES):
+                     eval_packages: Sequence[str] = EVAL_PACKAGES, n_gen: int = 0):
     """(profile prompts of 512 tokens, the timed prompt): held-out packages for timing."""
     tok = tokenizer_for(model)
     prof = tok(package_text(profile_packages, profile_tokens * 6))[:profile_tokens]
     prompts = [prof[i:i + 512] for i in range(0, len(prof), 512)]
-    return prompts, tok(package_text(eval_packages, n_prompt * 8))
+    return prompts, tok(package_text(eval_packages, (n_prompt + n_gen) * 8))

@@ -3,8 +3,8 @@
 
 Profiles routing on Python stdlib sources of some packages and times on others, then prints
 prompt/decode tokens/s, hit rate and VRAM per placement, and the per-expert / whole-layer ratio.
-Timed decodes sample tokens (fixed seed), so they route like the model's text, not like one
-repeated token. With a GPU and several budgets, one decode fit over every budget's
+Timed decodes are teacher-forced on the held-out text, so every placement decodes the same
+tokens. With a GPU and several budgets, one decode fit over every budget's
 placements is stored as the calibration `plan` uses (per-expert runs at different budgets
 tell busy hand-offs from idle ones).
 
@@ -43,7 +43,7 @@ def main() -> int:
     opts = ap.parse_args()
 
     inv = read_inventory(opts.model)
-    profile_prompts, eval_prompt = stdlib_workloads(opts.model, opts.pp, opts.profile_tokens)
+    profile_prompts, eval_prompt = stdlib_workloads(opts.model, opts.pp, opts.profile_tokens, n_gen=opts.tg)
     budgets = [int(s * inv.expert_bytes_total) for s in opts.budget_share]
     budgets += [parse_size(b) for b in opts.gpu_budget]
 

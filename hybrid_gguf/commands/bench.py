@@ -55,7 +55,7 @@ def bench_command(
         console.print("[dim]no GPU: hot packs go to a CPU buffer; numbers check the mechanics, not the speed-up[/]")
     prompts, eval_prompt = stdlib_workloads(path, pp, profile_tokens,
                                             [p for p in profile_packages.split(",") if p],
-                                            [p for p in eval_packages.split(",") if p])
+                                            [p for p in eval_packages.split(",") if p], n_gen=tg)
     out = run_bench(path, budget_bytes=budget, profile_prompts=prompts, eval_prompt=eval_prompt,
                     n_prompt=pp, n_gen=tg, reps=reps, n_ctx=max(ctx, pp + tg + 64),
                     configs=configs.split(",") if configs else None, pack_device=pack_device,
