@@ -34,7 +34,7 @@ from .memory_model import (CPU, MemoryOptions, MemoryPrediction, gpu_alloc_bytes
                            layer_devices, predict_memory, GPU_ALIGN)
 from .placement import EXPERT_TENSOR_RE, PlacementRule, TensorPlacement
 from .plan import DeviceBudget, Plan, Predicted, ProfileSource
-from .predict import Bandwidth, hit_rate, predict_speed, profile_probs
+from .predict import Bandwidth, decode_probs, hit_rate, predict_speed, profile_probs
 from .sizes import format_size
 
 SMALL_PROFILE_TOKENS = 2000  # routed tokens per layer below which skew is overstated
@@ -246,7 +246,8 @@ def make_plan(inventory, budget_bytes: int, n_ctx: int, profile=None, per_expert
     if split is not None and sum(split) <= 0:
         split = None
 
-    p = None
+    p = None  # selections per decoded token: what the plan optimizes and predicts decode from
+    p_prompt = None
     src = None
     if profile is not None:
         if profile.fingerprint != inv.fingerprint:
@@ -265,7 +266,8 @@ def make_plan(inventory, budget_bytes: int, n_ctx: int, profile=None, per_expert
             if tokens < SMALL_PROFILE_TOKENS:
                 notes.append(f"the routing profile holds only {int(tokens)} tokens per layer: small profiles "
                              "overstate skew, so the predicted hit rate is optimistic; profile more")
-            p = profile_probs(profile, inv, prior)
+            p = decode_probs(profile, inv, prior)
+            p_prompt = profile_probs(profile, inv, prior)
 
     def finish(rules, hot, backend, n_gpu_layers=-1, hot_device=None) -> Plan:
         placement = TensorPlacement(tuple(rules), "plan", n_gpu_layers=n_gpu_layers)
@@ -281,7 +283,8 @@ def make_plan(inventory, budget_bytes: int, n_ctx: int, profile=None, per_expert
             notes=notes, **({"created": created} if created else {}))
         gpu_exp = plan.gpu_experts(inv) if on_gpu else {}
         speed = predict_speed(inv, p, gpu_exp, on_gpu, bw, n_ctx, opts.n_ubatch,
-                              kv_bytes_per_token=_kv_per_token(inv, opts), op_offload=opts.op_offload)
+                              kv_bytes_per_token=_kv_per_token(inv, opts), op_offload=opts.op_offload,
+                              p_prefill=p_prompt)
         plan.predicted = Predicted(
             hit_rate=_hit(inv, p, gpu_exp), decode_tokens_per_s=speed.decode_tokens_per_s,
             prefill_tokens_per_s=speed.prefill_tokens_per_s, gpu_bytes=pred.gpu_bytes,
@@ -637,6 +640,6 @@ def diff_plans(old: Plan, new: Plan, inventory=None, profile=None, prior: float 
     d = PlanDiff(promoted, demoted, old.predicted.hit_rate, new.predicted.hit_rate,
                  old.predicted.decode_tokens_per_s, new.predicted.decode_tokens_per_s)
     if inventory is not None and profile is not None:
-        p = profile_probs(profile, inventory, prior)
+        p = decode_probs(profile, inventory, prior)
         d.hit_before, d.hit_after = hit_rate(p, a), hit_rate(p, b)
     return d

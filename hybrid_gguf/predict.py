@@ -103,6 +103,21 @@ def profile_probs(profile, inv=None, prior: float = 1.0) -> np.ndarray:
     return selection_probs(profile.counts, profile.tokens_per_layer, k, prior)
 
 
+# Decode routing is estimated from the profile's decode-phase counts, shrunk towards the
+# whole profile's rates with this many pseudo-tokens: prompts (prefill of the user's text)
+# and the model's own output can route differently, and decode is where the hit rate
+# decides the speed; a profile with few decoded tokens predicts decode from its prompts.
+DECODE_PRIOR_TOKENS = 256
+
+
+def decode_probs(profile, inv=None, prior: float = 1.0,
+                 strength: float = DECODE_PRIOR_TOKENS) -> np.ndarray:
+    """Expected selections per decoded token, [n_layer, n_expert]; rows sum to k."""
+    p_all = profile_probs(profile, inv, prior)
+    td = np.asarray(profile.tokens_decode, dtype=np.float64)[:, None]
+    return (np.asarray(profile.counts_decode, dtype=np.float64) + strength * p_all) / (td + strength)
+
+
 def hit_rate(p: np.ndarray, gpu_experts: Mapping[int, Sequence[int]]) -> float:
     """Fraction of expert selections served from GPU memory: sum of p over the GPU
     experts (hot packs and whole layers) / total selections per token."""
@@ -169,10 +184,11 @@ def _elements(t) -> int:
 def predict_speed(inv, p: Optional[np.ndarray], gpu_experts: Mapping[int, Sequence[int]],
                   dense_on_gpu: bool, bw: Bandwidth, n_ctx: int, n_ubatch: int = 512,
                   kv_fill: Optional[int] = None, kv_bytes_per_token: Optional[int] = None,
-                  op_offload: bool = True) -> SpeedPrediction:
+                  op_offload: bool = True, p_prefill: Optional[np.ndarray] = None) -> SpeedPrediction:
     """Decode and prefill tokens/s of a placement.
 
-    p: selections per token [n_layer, n_expert] (None: uniform routing).
+    p: selections per token [n_layer, n_expert] (None: uniform routing); p_prefill the same
+    for prompt tokens when they route differently (default: p).
     gpu_experts: {layer: experts in GPU memory} (hot packs and whole layers alike).
     dense_on_gpu: attention/norm/router/shared/output weights and the KV cache on the GPU.
     kv_fill: context tokens attended per decode step (default n_ctx // 2).
@@ -224,6 +240,10 @@ def predict_speed(inv, p: Optional[np.ndarray], gpu_experts: Mapping[int, Sequen
     decode_s = sum(ms.values()) / 1e3
 
     # prefill: one ubatch of T tokens
+    if p_prefill is not None:
+        p = p_prefill
+        gpu_sel = layer_hits(p, gpu_experts)
+        host_sel = p.sum(axis=1) - gpu_sel
     T = max(1, min(n_ubatch, n_ctx))
     gpu_flop = cpu_flop = 0.0
     copy_bytes = 0.0

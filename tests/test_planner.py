@@ -359,3 +359,29 @@ def test_calibration_is_measured_once_and_cached(tmp_path):
     assert load_calibration(path) == again
     with pytest.raises(HybridError):
         Bandwidth.from_dict({"cpu_bytes_per_s": -1.0})
+
+
+def test_decode_routing_drives_the_plan_when_the_profile_has_decoded_tokens(tiny_model_factory):
+    from hybrid_gguf.predict import DECODE_PRIOR_TOKENS, decode_probs
+
+    inv = read_inventory(tiny_model_factory("qwen3moe", n_layer=3, n_expert=16))
+    opts = mm.MemoryOptions(1024, **OPTS)
+    budget = budget_range(inv, opts, 5, 7)[2]
+    prompt_probs, out_probs = zipf_probs(3, 16, 1.2, seed=1), zipf_probs(3, 16, 1.2, seed=7)
+    prompts = make_profile(inv, prompt_probs, tokens=5000, seed=1)
+    # no decoded tokens: decode is predicted from the prompts
+    np.testing.assert_allclose(decode_probs(prompts, inv), profile_probs(prompts, inv))
+    # the model's output routes elsewhere: many decoded tokens move the estimate there
+    out = make_profile(inv, out_probs, tokens=4000, seed=2)
+    both = dataclasses.replace(prompts, counts_decode=out.counts_prompt, tokens_decode=out.tokens_prompt)
+    pd = decode_probs(both, inv)
+    np.testing.assert_allclose(pd.sum(axis=1), inv.n_expert_used)
+    k = inv.n_expert_used
+    want = (out.counts_prompt + DECODE_PRIOR_TOKENS * profile_probs(both, inv)) / (4000 + DECODE_PRIOR_TOKENS)
+    np.testing.assert_allclose(pd, want)
+    assert np.abs(pd / k - out_probs).max() < np.abs(profile_probs(both, inv) / k - out_probs).max()
+    plan = make_plan(inv, budget, 1024, both, memory=opts)
+    by_prompt = make_plan(inv, budget, 1024, prompts, memory=opts)
+    # the plan holds what decode uses, and says so in its predicted hit rate
+    assert hit_rate(out_probs * k, plan.gpu_experts(inv)) > hit_rate(out_probs * k, by_prompt.gpu_experts(inv))
+    assert plan.predicted.hit_rate == pytest.approx(hit_rate(pd, plan.gpu_experts(inv)))
