@@ -352,6 +352,39 @@ def predict_configs(inv: Inventory, counts: np.ndarray, cfgs: Sequence[Config], 
                     for name, (cfg, _) in runs.items()}}
 
 
+def run_budgets(model_path: Path, budgets: Sequence[int], *, profile_prompts, eval_prompt,
+                configs: Optional[Sequence[str]] = None, save_calibration: bool = True,
+                log: Callable[[str], None] = print, **kwargs) -> list[dict]:
+    """run_bench at each budget, profiling once. Budgets after the first time only the
+    placements that depend on the budget (whole-layer, per-expert). With a GPU and several
+    budgets one decode fit over all of them is the calibration stored for `plan` (it needs
+    per-expert runs at different budgets to tell busy from idle hand-offs); each result
+    then carries it as "combined_fit"."""
+    from .devices import gpu_devices
+
+    inv = read_inventory(model_path)
+    outs: list[dict] = []
+    counts = eval_counts = eval_trace = None
+    for budget in budgets:
+        log(f"== budget {budget / 2**30:.2f} GiB of expert bytes "
+            f"({100 * budget / inv.expert_bytes_total:.0f}% of {inv.expert_bytes_total / 2**30:.2f} GiB)")
+        t0 = time.perf_counter()
+        out = run_bench(model_path, budget_bytes=budget, profile_prompts=profile_prompts,
+                        eval_prompt=eval_prompt,
+                        configs=configs if counts is None else [c for c in (configs or ("whole-layer", "per-expert"))
+                                                                if c in ("whole-layer", "per-expert")],
+                        counts=counts, eval_counts=eval_counts, eval_trace=eval_trace,
+                        save_calibration=save_calibration and len(budgets) == 1, log=log, **kwargs)
+        counts, eval_counts, eval_trace = out.pop("_counts"), out.pop("_eval_counts"), out.pop("_eval_trace")
+        out["wall_s"] = time.perf_counter() - t0
+        outs.append(out)
+    if len(outs) > 1 and gpu_devices():
+        combined = refit_across_budgets(outs, save=save_calibration, log=log)
+        for out in outs:
+            out["combined_fit"] = combined
+    return outs
+
+
 def refit_across_budgets(outs: Sequence[dict], save: bool = True,
                          log: Callable[[str], None] = print) -> dict:
     """One decode fit over the placements of several `run_bench` results (budgets) of one

@@ -16,13 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import llama_cpp  # noqa: F401  (load libllama before numpy-heavy imports; see the notes)
 
-from hybrid_gguf.bench import refit_across_budgets, run_bench, stdlib_workloads
-from hybrid_gguf.devices import gpu_devices
+from hybrid_gguf.bench import run_budgets, stdlib_workloads
 from hybrid_gguf.inventory import read_inventory
 from hybrid_gguf.sizes import parse_size
 
@@ -47,29 +45,13 @@ def main() -> int:
     budgets = [int(s * inv.expert_bytes_total) for s in opts.budget_share]
     budgets += [parse_size(b) for b in opts.gpu_budget]
 
-    runs = []
-    counts = eval_counts = eval_trace = None
-    for budget in budgets:
-        print(f"== budget {budget / 2**30:.2f} GiB of expert bytes "
-              f"({100 * budget / inv.expert_bytes_total:.0f}% of {inv.expert_bytes_total / 2**30:.2f} GiB)", flush=True)
-        t0 = time.perf_counter()
-        out = run_bench(opts.model, budget_bytes=budget, profile_prompts=profile_prompts,
-                        eval_prompt=eval_prompt, n_prompt=opts.pp, n_gen=opts.tg, reps=opts.reps,
-                        configs=opts.configs if counts is None else ["whole-layer", "per-expert"],
-                        pack_device=opts.pack_device, n_threads=opts.threads,
-                        counts=counts, eval_counts=eval_counts, eval_trace=eval_trace,
-                        save_calibration=len(budgets) == 1, log=lambda s: print(s, flush=True))
-        counts, eval_counts, eval_trace = out.pop("_counts"), out.pop("_eval_counts"), out.pop("_eval_trace")
-        out["wall_s"] = time.perf_counter() - t0
+    runs = run_budgets(opts.model, budgets, profile_prompts=profile_prompts, eval_prompt=eval_prompt,
+                       n_prompt=opts.pp, n_gen=opts.tg, reps=opts.reps, configs=opts.configs,
+                       pack_device=opts.pack_device, n_threads=opts.threads, log=lambda s: print(s, flush=True))
+    for out in runs:
         for key in ("per_expert_vs_whole_layer_tg", "per_expert_vs_whole_layer_pp"):
             if key in out:
-                print(f"{key}: {out[key]:.3f}")
-        runs.append(out)
-    if len(runs) > 1 and gpu_devices():
-        # the calibration `plan` uses: one fit over every budget's placements
-        combined = refit_across_budgets(runs, log=lambda s: print(s, flush=True))
-        for out in runs:
-            out["combined_fit"] = combined
+                print(f"{out['budget_share_of_experts']:.0%} {key}: {out[key]:.3f}")
     if opts.json:
         opts.json.write_text(json.dumps(runs, indent=2))
     return 0

@@ -54,3 +54,33 @@ def test_cli_usage_errors_are_one_message():
                          capture_output=True, text=True)
     assert res.returncode == 2
     assert "Traceback" not in res.stderr and "no-such-option" in res.stderr
+
+
+def test_several_budgets_profile_once_and_time_what_depends_on_the_budget(tiny_model_factory, tmp_path):
+    path = tiny_model_factory("qwen3moe")
+    png = tmp_path / "bench.png"
+    res = CliRunner().invoke(app, ["bench", str(path), "--budget-share", "0.2,0.5", "--pp", "32", "--tg", "4",
+                                   "--reps", "1", "--profile-tokens", "256", "--threads", "1", "--json",
+                                   "--plot", str(png)])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout[res.stdout.index("{"):])
+    first, second = doc["budgets"]
+    assert first["budget_share_of_experts"] == pytest.approx(0.2, abs=1e-6)
+    assert second["budget_share_of_experts"] == pytest.approx(0.5, abs=1e-6)
+    assert second["budget_bytes"] > first["budget_bytes"]
+    assert {r["name"] for r in second["results"]} <= {"whole-layer", "per-expert"}
+    # same profile and timed tokens: the per-expert hot set grows with the budget
+    hot1, hot2 = first["prediction"]["hot"]["per-expert"], second["prediction"]["hot"]["per-expert"]
+    assert sum(map(len, hot2.values())) > sum(map(len, hot1.values()))
+    assert first["prediction"]["profile_counts"] == second["prediction"]["profile_counts"]
+    assert doc["combined_fit"] is None  # nothing to fit without a GPU
+    assert png.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("share", ["0", "1.5", "a,b"])
+def test_bad_budget_shares_are_one_clear_line(tiny_model_factory, share):
+    res = CliRunner().invoke(app, ["bench", str(tiny_model_factory("qwen3moe")), "--budget-share", share])
+    from hybrid_gguf.errors import HybridError
+
+    # `main` prints a HybridError as one line; the app itself raises it
+    assert isinstance(res.exception, HybridError) and "--budget-share" in str(res.exception)

@@ -16,9 +16,11 @@ from ..errors import HybridError
 
 def bench_command(
     model: Optional[str] = typer.Argument(None, help="GGUF path or models.yaml alias"),
-    gpu_budget: Optional[str] = typer.Option(None, "--gpu-budget", help="expert bytes on the GPU, e.g. 4GiB"),
-    budget_share: Optional[float] = typer.Option(None, "--budget-share",
-                                                 help="budget as a share of the routed-expert bytes (default 0.25)"),
+    gpu_budget: Optional[str] = typer.Option(None, "--gpu-budget",
+                                             help="expert bytes on the GPU, e.g. 4GiB, or several: 2GiB,4GiB"),
+    budget_share: Optional[str] = typer.Option(None, "--budget-share",
+                                               help="budget as a share of the routed-expert bytes (default 0.25), "
+                                                    "or several: 0.1,0.25,0.5 (their runs are fitted together)"),
     pp: int = typer.Option(512, "--pp", help="prompt tokens per rep"),
     tg: int = typer.Option(128, "--tg", help="decoded tokens per rep"),
     reps: int = typer.Option(5, "--reps"),
@@ -35,12 +37,12 @@ def bench_command(
     no_calibrate: bool = typer.Option(False, "--no-calibrate",
                                       help="do not store the bandwidth model fitted to this run for `plan`"),
 ) -> None:
-    """Time all-CPU experts, whole-layer (stock) and per-expert placement at one budget."""
-    from ..bench import run_bench, stdlib_workloads
+    """Time all-CPU experts, whole-layer (stock) and per-expert placement at one or more budgets."""
+    from ..bench import run_budgets, stdlib_workloads
     from ..devices import gpu_devices
     from ..inventory import read_inventory
     from ..models import resolve_model
-    from ..sizes import format_size, parse_size
+    from ..sizes import parse_size
 
     console = Console(stderr=True)
     path = resolve_model(model).path
@@ -49,70 +51,95 @@ def bench_command(
         raise HybridError(f"{path} has no routed experts: nothing to place per expert")
     if gpu_budget is not None and budget_share is not None:
         raise HybridError("pass --gpu-budget or --budget-share, not both")
-    budget = parse_size(gpu_budget) if gpu_budget else int((budget_share or 0.25) * inv.expert_bytes_total)
+    budgets = _budgets(gpu_budget, budget_share, inv.expert_bytes_total, parse_size)
     pack_device = "CUDA0" if gpu_devices() else "CPU"
     if pack_device == "CPU":
         console.print("[dim]no GPU: hot packs go to a CPU buffer; numbers check the mechanics, not the speed-up[/]")
     prompts, eval_prompt = stdlib_workloads(path, pp, profile_tokens,
                                             [p for p in profile_packages.split(",") if p],
                                             [p for p in eval_packages.split(",") if p], n_gen=tg)
-    out = run_bench(path, budget_bytes=budget, profile_prompts=prompts, eval_prompt=eval_prompt,
-                    n_prompt=pp, n_gen=tg, reps=reps, n_ctx=max(ctx, pp + tg + 64),
-                    configs=configs.split(",") if configs else None, pack_device=pack_device,
-                    n_threads=threads, save_calibration=not no_calibrate, log=(lambda s: None) if as_json else (lambda s: console.print(f"[dim]{s}[/]")))
-    out.pop("_counts", None)
-    out.pop("_eval_counts", None)
-    out.pop("_eval_trace", None)
-    out["pack_device"] = pack_device
+    log = (lambda s: None) if as_json else (lambda s: console.print(f"[dim]{s}[/]"))
+    outs = run_budgets(path, budgets, profile_prompts=prompts, eval_prompt=eval_prompt,
+                       n_prompt=pp, n_gen=tg, reps=reps, n_ctx=max(ctx, pp + tg + 64),
+                       configs=configs.split(",") if configs else None, pack_device=pack_device,
+                       n_threads=threads, save_calibration=not no_calibrate, log=log)
+    for out in outs:
+        out["pack_device"] = pack_device
     if as_json:
-        print(json.dumps(out, indent=2, default=float))
+        doc = outs[0] if len(outs) == 1 else {"model": str(path), "budgets": outs,
+                                               "combined_fit": outs[0].get("combined_fit")}
+        print(json.dumps(doc, indent=2, default=float))
     else:
-        table = Table(title=f"{path.name}: budget {format_size(budget)} "
-                            f"({100 * budget / inv.expert_bytes_total:.0f}% of expert bytes), pp {pp}, tg {tg}, {reps} reps")
-        for col in ("placement", "hit rate", "VRAM", "pp t/s (median)", "tg t/s (median)", "tg min..max",
-                    "tg predicted", "tg fitted", "tg roofline"):
-            table.add_column(col, justify="right")
-        pred = out.get("prediction", {}).get("configs", {})
-        for r in out["results"]:
-            if r.get("error"):
-                table.add_row(r["name"], "-", "-", "error", r["error"][:40], "", "", "", "")
-                continue
-            hit = "-" if r["hit_rate"] is None else f"{r['hit_rate']:.3f}"
-            pr = pred.get(r["name"], {})
-            fitted = f"{pr['fitted_decode_ts']:.2f}" if pr else "-"
-            table.add_row(r["name"], hit, format_size(r["vram_model_bytes"]), f"{r['pp_median_ts']:.1f}",
-                          f"{r['tg_median_ts']:.2f}", f"{r['tg_min_ts']:.2f}..{r['tg_max_ts']:.2f}",
-                          f"{pr['predicted_decode_ts']:.2f}" if pr else "-", fitted,
-                          f"{pr['roofline_decode_ts']:.2f}" if pr else "-")
-        Console().print(table)
-        if pred:
-            Console().print("tg predicted: the planner's model with this machine's stored calibration "
-                            "(before this run); fitted: the model fitted to this run, stored for `plan`")
-        for key in ("per_expert_vs_whole_layer_tg", "per_expert_vs_whole_layer_pp"):
-            if key in out:
-                Console().print(f"{key}: {out[key]:.3f}")
+        for out in outs:
+            _print_table(out, inv, pp, tg, reps)
     if plot is not None:
-        _plot(out, plot)
+        _plot(outs, plot)
 
 
-def _plot(out: dict, path: Path) -> None:
+def _budgets(gpu_budget: Optional[str], budget_share: Optional[str], expert_bytes: int, parse_size) -> list[int]:
+    if gpu_budget is not None:
+        return [parse_size(b.strip()) for b in gpu_budget.split(",") if b.strip()]
+    shares = []
+    for item in (budget_share or "0.25").split(","):
+        try:
+            share = float(item)
+        except ValueError:
+            raise HybridError(f"--budget-share wants numbers like 0.25 or 0.1,0.25, got {budget_share!r}") from None
+        if not 0.0 < share <= 1.0:
+            raise HybridError(f"--budget-share must be in (0, 1], got {share}")
+        shares.append(share)
+    return [int(s * expert_bytes) for s in shares]
+
+
+def _print_table(out: dict, inv, pp: int, tg: int, reps: int) -> None:
+    from ..sizes import format_size
+
+    budget = out["budget_bytes"]
+    table = Table(title=f"{Path(out['model']).name}: budget {format_size(budget)} "
+                        f"({100 * budget / inv.expert_bytes_total:.0f}% of expert bytes), pp {pp}, tg {tg}, {reps} reps")
+    for col in ("placement", "hit rate", "VRAM", "pp t/s (median)", "tg t/s (median)", "tg min..max",
+                "tg predicted", "tg fitted", "tg roofline"):
+        table.add_column(col, justify="right")
+    pred = out.get("prediction", {}).get("configs", {})
+    for r in out["results"]:
+        if r.get("error"):
+            table.add_row(r["name"], "-", "-", "error", r["error"][:40], "", "", "", "")
+            continue
+        hit = "-" if r["hit_rate"] is None else f"{r['hit_rate']:.3f}"
+        pr = pred.get(r["name"], {})
+        fitted = f"{pr['fitted_decode_ts']:.2f}" if pr else "-"
+        table.add_row(r["name"], hit, format_size(r["vram_model_bytes"]), f"{r['pp_median_ts']:.1f}",
+                      f"{r['tg_median_ts']:.2f}", f"{r['tg_min_ts']:.2f}..{r['tg_max_ts']:.2f}",
+                      f"{pr['predicted_decode_ts']:.2f}" if pr else "-", fitted,
+                      f"{pr['roofline_decode_ts']:.2f}" if pr else "-")
+    Console().print(table)
+    if pred:
+        Console().print("tg predicted: the planner's model with this machine's stored calibration "
+                        "(before this run); fitted: the model fitted to this budget's runs")
+    for key in ("per_expert_vs_whole_layer_tg", "per_expert_vs_whole_layer_pp"):
+        if key in out:
+            Console().print(f"{key}: {out[key]:.3f}")
+
+
+def _plot(outs: list, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in out["results"] if not r.get("error")]
-    names = [r["name"] for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    colors = {"cpu-experts": "#999", "whole-layer": "#5b8", "per-expert": "#36c", "all-gpu": "#c63"}
+    rows = [(r["name"] if len(outs) == 1 else f"{r['name']}\n{out['budget_share_of_experts']:.0%}", r)
+            for out in outs for r in out["results"] if not r.get("error")]
+    fig, axes = plt.subplots(1, 2, figsize=(max(9, 1.3 * len(rows)), 3.8))
     for ax, key, title in ((axes[0], "pp_median_ts", "prompt tokens/s"), (axes[1], "tg_median_ts", "decode tokens/s")):
-        vals = [r[key] for r in rows]
-        ax.bar(names, vals, color=["#999", "#5b8", "#36c", "#c63"][: len(vals)])
+        vals = [r[key] for _, r in rows]
+        ax.bar([label for label, _ in rows], vals, color=[colors.get(r["name"], "#666") for _, r in rows])
         ax.set_title(title)
-        ax.tick_params(axis="x", rotation=20)
+        ax.tick_params(axis="x", rotation=20, labelsize=7)
         for i, v in enumerate(vals):
             if math.isfinite(v):
-                ax.text(i, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
-    fig.suptitle(Path(out["model"]).name)
+                ax.text(i, v, f"{v:.1f}", ha="center", va="bottom", fontsize=7)
+    fig.suptitle(Path(outs[0]["model"]).name)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
