@@ -31,6 +31,13 @@ def top(p, n):
     return {l: [int(e) for e in np.argsort(-p[l])[:n]] for l in range(p.shape[0])}
 
 
+def assert_predicts_unfitted(inv, p, truth, fitted, placement):
+    """The fitted model predicts a placement it was not fitted on."""
+    (want,) = runs_from(inv, p, truth, [placement])
+    sp = predict_speed(inv, p, placement, True, fitted, 2048, n_ubatch=512, kv_fill=536)
+    assert sp.decode_tokens_per_s == pytest.approx(want.decode_tokens_per_s, rel=1e-6)
+
+
 def placements(p):
     every = {l: list(range(16)) for l in range(4)}
     whole = {l: list(range(16)) for l in (2, 3)}
@@ -63,11 +70,7 @@ def test_a_per_expert_run_separates_cpu_bandwidth_from_handoff(setup):
     fitted = fit_bandwidth(inv, p, runs, start, n_ctx=2048)
     assert fitted.cpu_bytes_per_s == pytest.approx(TRUTH.cpu_bytes_per_s, rel=1e-6)
     assert fitted.handoff_s == pytest.approx(TRUTH.handoff_s, rel=1e-6)
-    # and it predicts a placement it was not fitted on
-    other = top(p, 11)
-    (want,) = runs_from(inv, p, TRUTH, [other])
-    sp = predict_speed(inv, p, other, True, fitted, 2048, n_ubatch=512, kv_fill=536)
-    assert sp.decode_tokens_per_s == pytest.approx(want.decode_tokens_per_s, rel=1e-6)
+    assert_predicts_unfitted(inv, p, TRUTH, fitted, top(p, 11))
 
 
 def test_per_expert_runs_at_two_budgets_separate_busy_and_idle_handoffs(setup):
@@ -77,10 +80,7 @@ def test_per_expert_runs_at_two_budgets_separate_busy_and_idle_handoffs(setup):
     assert fitted.cpu_bytes_per_s == pytest.approx(TRUTH_SPLIT.cpu_bytes_per_s, rel=1e-6)
     assert fitted.handoff_s == pytest.approx(140e-6, rel=1e-6)
     assert fitted.handoff_idle_s == pytest.approx(70e-6, rel=1e-6)
-    other = top(p, 13)
-    (want,) = runs_from(inv, p, TRUTH_SPLIT, [other])
-    sp = predict_speed(inv, p, other, True, fitted, 2048, n_ubatch=512, kv_fill=536)
-    assert sp.decode_tokens_per_s == pytest.approx(want.decode_tokens_per_s, rel=1e-6)
+    assert_predicts_unfitted(inv, p, TRUTH_SPLIT, fitted, top(p, 13))
 
 
 def test_one_per_expert_run_cannot_split_the_handoff_and_fits_one(setup):
