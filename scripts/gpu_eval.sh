@@ -8,6 +8,7 @@
 #   5. planned runs at two budgets: VRAM within budget, predicted vs measured decode (plan);
 #      "bench" before "plan" stores the GPU calibration the plan's prediction uses
 #   (skipab: prefill with the GPU chains' repeats vs -1 skips)
+#   (threads: per-expert and whole-layer decode at 8, 12, 16 CPU threads)
 #   (diag: scripts/split_diag.py, chain-by-chain comparison with a numpy reference)
 # One call does not fit every step in 10 minutes. Measured 2026-11-28 (wall time per call):
 #   "build,diag,split,recorder"  ~5 min (build 203-257 s)
@@ -85,7 +86,7 @@ fi
 [ -f /tmp/hybrid_variant ] && export LLAMA_HYBRID_MAPS=$(cat /tmp/hybrid_variant) && log "using LLAMA_HYBRID_MAPS=$LLAMA_HYBRID_MAPS"
 
 BIG=/tmp/models/q30b-like-q4k.gguf
-if has recorder || has bench || has plan || has skipab; then
+if has recorder || has bench || has plan || has skipab || has threads; then
     log "make the Qwen3-30B-A3B-shaped Q4_K model"
     t0=$(date +%s)
     [ -f "$BIG" ] || python3 scripts/make_bench_model.py --preset qwen3-30b-a3b-like --weight-type Q4_K --workers 16 --out "$BIG" 2>&1 | tail -2
@@ -115,6 +116,18 @@ if has bench2; then
     [ -f "$MX" ] || python3 scripts/make_bench_model.py --preset mixtral-8x7b-like --weight-type Q4_K --workers 16 --out "$MX" 2>&1 | tail -1
     python3 scripts/bench_placement.py "$MX" --budget-share ${BUDGETS2:-0.25} --pp 512 --tg ${TG:-48} \
         --reps ${REPS:-2} --threads 16 --json "$OUT/bench_mixtral.json" 2>&1 | tee "$OUT/bench_mixtral.txt" || failed bench2
+fi
+
+if has threads; then
+    # decode of a split placement is bound by hand-offs; fewer CPU threads may wake and
+    # synchronize faster than all 16 (the CUDA launch thread competes with them too)
+    for t in ${THREADS_SWEEP:-8 12 16}; do
+        log "per-expert vs whole-layer at 25 %, $t CPU threads"
+        python3 scripts/bench_placement.py "$BIG" --budget-share 0.25 --configs whole-layer per-expert \
+            --pp 512 --tg ${TG:-64} --reps 2 --threads "$t" --json "/tmp/threads_$t.json" 2>&1 | grep -E "^(whole|per)" \
+            || failed "threads $t"
+    done
+    python3 -c "import json, sys; json.dump({t: json.load(open(f'/tmp/threads_{t}.json')) for t in sys.argv[1:]}, open('$OUT/threads.json', 'w'), indent=1)" ${THREADS_SWEEP:-8 12 16}
 fi
 
 if has skipab; then
