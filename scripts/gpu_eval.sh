@@ -6,7 +6,8 @@
 #   4. placement A/B on a synthetic Qwen3-30B-A3B-shaped Q4_K model (scripts/bench_placement.py)
 #   4b. the same A/B on a Mixtral-8x7B-shaped Q4_K model (bench2)
 #   5. planned runs at two budgets: VRAM within budget, predicted vs measured decode (plan);
-#      "bench" before "plan" stores the GPU calibration the plan's prediction uses
+#      "bench" before "plan" stores the GPU calibration the plan's prediction uses (the
+#      other bench steps do not store theirs)
 #   (skipab: prefill with the GPU chains' repeats vs -1 skips)
 #   (threads: per-expert and whole-layer decode at 8, 12, 16 CPU threads)
 #   (diag: scripts/split_diag.py, chain-by-chain comparison with a numpy reference)
@@ -115,7 +116,7 @@ if has bench2; then
     log "second arch: Mixtral-8x7B-shaped Q4_K (8 large experts, top-2)"
     [ -f "$MX" ] || python3 scripts/make_bench_model.py --preset mixtral-8x7b-like --weight-type Q4_K --workers 16 --out "$MX" 2>&1 | tail -1
     python3 scripts/bench_placement.py "$MX" --budget-share ${BUDGETS2:-0.25} --pp 512 --tg ${TG:-48} \
-        --reps ${REPS:-2} --threads 16 --json "$OUT/bench_mixtral.json" 2>&1 | tee "$OUT/bench_mixtral.txt" || failed bench2
+        --reps ${REPS:-2} --threads 16 --no-calibrate --json "$OUT/bench_mixtral.json" 2>&1 | tee "$OUT/bench_mixtral.txt" || failed bench2
 fi
 
 if has threads; then
@@ -124,7 +125,7 @@ if has threads; then
     for t in ${THREADS_SWEEP:-8 12 16}; do
         log "per-expert vs whole-layer at 25 %, $t CPU threads"
         python3 scripts/bench_placement.py "$BIG" --budget-share 0.25 --configs whole-layer per-expert \
-            --pp 512 --tg ${TG:-64} --reps 2 --threads "$t" --json "/tmp/threads_$t.json" 2>&1 | grep -E "^(whole|per)" \
+            --pp 512 --tg ${TG:-64} --reps 2 --threads "$t" --no-calibrate --json "/tmp/threads_$t.json" 2>&1 | grep -E "^(whole|per)" \
             || failed "threads $t"
     done
     python3 -c "import json, sys; json.dump({t: json.load(open(f'/tmp/threads_{t}.json')) for t in sys.argv[1:]}, open('$OUT/threads.json', 'w'), indent=1)" ${THREADS_SWEEP:-8 12 16}
@@ -135,7 +136,7 @@ if has skipab; then
     for v in 0 1; do
         log "per-expert vs whole-layer at 25 %, LLAMA_HYBRID_GPU_SKIP=$v"
         LLAMA_HYBRID_GPU_SKIP=$v python3 scripts/bench_placement.py "$BIG" --budget-share 0.25 \
-            --configs whole-layer per-expert --pp 512 --tg 16 --reps 2 --threads 16 \
+            --configs whole-layer per-expert --pp 512 --tg 16 --reps 2 --threads 16 --no-calibrate \
             --json "$OUT/skipab_$v.json" 2>&1 | grep -E "^(whole|per)|_vs_"
     done
 fi
