@@ -19,8 +19,9 @@ from .sizes import format_size, parse_size
 # Always-on recording observes one decoded token in this many (as bursts of 8 closing every
 # 8 * stride tokens, recorder.DecodeSampler). On the H200 (48 layers, docs/benchmarks.md)
 # each burst cycle cost ~50 ms: 8 observed tokens at +2.6 ms (a GPU sync per MoE layer),
-# the rest the two callback switches (each slows the next two tokens). 1 in 32 cost 5.0 % of decode time, 1 in 64 2.5 %.
-# Prompt batches are always observed. `hybrid-gguf profile` records every token.
+# the rest the two callback switches (each slows the next two tokens). 1 in 32 cost 5.0 %
+# of decode time, 1 in 64 2.5 %. Prompt batches are always observed. `hybrid-gguf profile`
+# records every token.
 RUN_DECODE_STRIDE = 64
 
 # VRAM left free for the CUDA context, cuBLAS workspaces and fragmentation.
