@@ -95,7 +95,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("bench_json")
     ap.add_argument("--fit", type=float, nargs="+", default=[0.25], help="budget shares whose runs are fitted")
-    ap.add_argument("--plans", nargs="*", default=[], help="PLAN.json:RUN.json pairs (validation)")
+    ap.add_argument("--plans", nargs="*", default=[],
+                    help="PLAN.json:RUN.json pairs, or gpu_eval's planned_B.json (validation)")
     opts = ap.parse_args()
 
     budgets = json.load(open(opts.bench_json))
@@ -104,9 +105,16 @@ def main() -> int:
     for b in budgets:
         fit = any(abs(b["budget_share_of_experts"] - f) < 1e-6 for f in opts.fit)
         rows += [(label, t, fit) for label, t in bench_rows(b, totals)]
-    for pair in opts.plans:
-        plan_path, run_path = pair.split(":")
-        rows.append((*plan_terms(json.load(open(plan_path)), json.load(open(run_path))), False))
+    for item in opts.plans:
+        if ":" in item:
+            plan_path, run_path = item.split(":")
+            plan, runs = json.load(open(plan_path)), [json.load(open(run_path))]
+        else:  # {"plan": ..., "runs": [...]}: every run of the plan, one row each
+            doc = json.load(open(item))
+            plan, runs = doc["plan"], doc["runs"]
+        for i, run in enumerate(runs):
+            label, t = plan_terms(plan, run)
+            rows.append((label + (f" #{i + 1}" if len(runs) > 1 else ""), t, False))
 
     fitted = replace(Bandwidth(), **fit_decode([t for _, t, fit in rows if fit], Bandwidth()))
     print(f"fit on budgets {opts.fit}: gpu_bytes_per_s {fitted.gpu_bytes_per_s / 1e9:.0f} GB/s, "
