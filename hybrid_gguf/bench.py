@@ -365,14 +365,17 @@ def run_budgets(model_path: Path, budgets: Sequence[int], *, profile_prompts, ev
     inv = read_inventory(model_path)
     outs: list[dict] = []
     counts = eval_counts = eval_trace = None
-    for budget in budgets:
+    budget_bound = [c for c in (configs or ("whole-layer", "per-expert")) if c in ("whole-layer", "per-expert")]
+    for i, budget in enumerate(budgets):
+        if i and not budget_bound:
+            log("the other budgets change none of the chosen placements: skipped")
+            break
         log(f"== budget {budget / 2**30:.2f} GiB of expert bytes "
             f"({100 * budget / inv.expert_bytes_total:.0f}% of {inv.expert_bytes_total / 2**30:.2f} GiB)")
         t0 = time.perf_counter()
         out = run_bench(model_path, budget_bytes=budget, profile_prompts=profile_prompts,
                         eval_prompt=eval_prompt,
-                        configs=configs if counts is None else [c for c in (configs or ("whole-layer", "per-expert"))
-                                                                if c in ("whole-layer", "per-expert")],
+                        configs=configs if i == 0 else budget_bound,
                         counts=counts, eval_counts=eval_counts, eval_trace=eval_trace,
                         save_calibration=save_calibration and len(budgets) == 1, log=log, **kwargs)
         counts, eval_counts, eval_trace = out.pop("_counts"), out.pop("_eval_counts"), out.pop("_eval_trace")

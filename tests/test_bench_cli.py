@@ -84,3 +84,12 @@ def test_bad_budget_shares_are_one_clear_line(tiny_model_factory, share):
 
     # `main` prints a HybridError as one line; the app itself raises it
     assert isinstance(res.exception, HybridError) and "--budget-share" in str(res.exception)
+
+
+def test_budgets_that_change_no_chosen_placement_are_skipped(tiny_model_factory):
+    res = CliRunner().invoke(app, ["bench", str(tiny_model_factory("qwen3moe")), "--budget-share", "0.2,0.5",
+                                   "--configs", "cpu-experts", "--pp", "32", "--tg", "4", "--reps", "1",
+                                   "--profile-tokens", "256", "--threads", "1", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout[res.stdout.index("{"):])
+    assert [r["name"] for r in out["results"]] == ["cpu-experts"]  # one budget: the plain report
