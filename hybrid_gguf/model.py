@@ -137,9 +137,9 @@ class HybridModel:
         self._plan_kwargs: dict = {}
         placement, hot_plan, summary = self._choose_placement(
             _budget_bytes(gpu_budget), hot, plan, n_ctx, pack_device, auto_plan)
-        if devices_mod.gpu_devices():
-            summary.gpu_experts = _gpu_experts(self.inventory, placement, hot_plan or {},
-                                               summary.n_gpu_layers, summary.pack_device)
+        # without a GPU every branch above leaves n_gpu_layers 0 and packs on the CPU: {}
+        summary.gpu_experts = _gpu_experts(self.inventory, placement, hot_plan or {},
+                                           summary.n_gpu_layers, summary.pack_device)
         self.placement = summary
 
         if record and self.inventory.n_expert > 0:

@@ -385,13 +385,11 @@ def fit_decode(terms: Sequence[RunTerms], base: Bandwidth) -> dict:
     if x is not None:
         return {**updates, "cpu_bytes_per_s": 1.0 / float(x[0]), "handoff_s": float(x[1]),
                 "handoff_idle_s": float(x[2])}
-    per_handoff = C / (Hb + Hi)
-    if per_handoff.max() > 1.5 * per_handoff.min():
-        x = solve([C, Hb + Hi])
-        if x is not None:
-            return {**updates, "cpu_bytes_per_s": 1.0 / float(x[0]), "handoff_s": float(x[1]),
-                    "handoff_idle_s": float(x[1])}
     H = Hb + Hi
+    x = solve([C, H])
+    if x is not None:
+        return {**updates, "cpu_bytes_per_s": 1.0 / float(x[0]), "handoff_s": float(x[1]),
+                "handoff_idle_s": float(x[1])}
     h = float((rhs - C / base.cpu_bytes_per_s) @ H / (H @ H))
     if h > 0:
         updates.update(handoff_s=h, handoff_idle_s=h)
