@@ -154,6 +154,8 @@ print('calibration from', sys.argv[1], bw.machine)" "$CALIBRATION"
 open('/tmp/prof.txt', 'w').write(package_text(P, 8000)); open('/tmp/eval.txt', 'w').write(package_text(E, 3000))"
     # short prompts and sampled decodes, like the timed runs below (prefill of source text
     # routes differently from sampled tokens of random weights); profiled on the GPU
+    # a fresh profile per call (KEEP_STORE=1 merges into the last call's, as the loop would)
+    [ -n "${KEEP_STORE:-}" ] || rm -rf /tmp/store
     python3 -m hybrid_gguf.cli profile "$BIG" --text /tmp/prof.txt --chunk-chars 200 -n 128 --temp 1.0 \
         --store /tmp/store --json > "$OUT/profile_q30b.json" || failed profile
     for B in ${PLAN_BUDGETS:-6GiB 10GiB}; do
