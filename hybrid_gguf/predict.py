@@ -2,7 +2,8 @@
 bandwidth model.
 
 Decode is memory-bound: per token every dense weight and every selected expert is read
-once, so time per token = bytes read on each side / that side's bandwidth, plus a
+once, so time per token = bytes read on each side / that side's bandwidth, plus a fixed
+GPU time per layer (kernel launches and small ops, whatever the bytes), plus a
 hand-off for every layer whose experts (some of them) run on the CPU. A hand-off costs more
 when the token selected one of the layer's host experts ("busy": the CPU chain has work)
 than when it did not ("idle": the chain still runs, on no rows). Prefill (one ubatch
@@ -21,7 +22,7 @@ import os
 import platform
 import socket
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
@@ -43,6 +44,8 @@ class Bandwidth:
     gpu_flops: float = 100e12  # achieved on quantized prefill matmuls, not the datasheet peak
     handoff_s: float = 60e-6  # per decode step and layer whose host experts have work: sync + copies
     handoff_idle_s: float = 60e-6  # the same when the token selected none of the layer's host experts
+    # fixed GPU time per layer and decode step; 61 us on an H200 (docs/benchmarks.md)
+    gpu_layer_s: float = 50e-6
     measured: tuple = ()  # names of the fields measured on this machine
     machine: str = ""
     measured_at: str = ""
@@ -59,9 +62,13 @@ class Bandwidth:
         kw["measured"] = tuple(kw.get("measured", ()))
         if "handoff_idle_s" not in kw and "handoff_s" in kw:
             kw["handoff_idle_s"] = kw["handoff_s"]  # calibrations from before the split
+        if "gpu_layer_s" not in kw and "gpu_bytes_per_s" in kw:
+            kw["gpu_layer_s"] = 0.0  # their GPU rate was fitted with no per-layer term
         bw = cls(**kw)
         for f in fields(cls):
             v = getattr(bw, f.name)
+            if f.name == "gpu_layer_s" and isinstance(v, float) and v == 0.0:
+                continue
             if isinstance(v, float) and not (v > 0 and np.isfinite(v)):
                 raise HybridError(f"calibration field {f.name} must be a positive number, got {v!r}")
         return bw
@@ -235,6 +242,7 @@ def predict_speed(inv, p: Optional[np.ndarray], gpu_experts: Mapping[int, Sequen
         "kv": 1e3 * kv_read / d_bw,
         "experts_gpu": 1e3 * exp_gpu / bw.gpu_bytes_per_s,
         "experts_cpu": 1e3 * exp_cpu / bw.cpu_bytes_per_s,
+        "gpu_layers": 1e3 * (L if dense_on_gpu else 0) * bw.gpu_layer_s,
         "handoff": 1e3 * (n_busy * bw.handoff_s + n_idle * bw.handoff_idle_s),
     }
     decode_s = sum(ms.values()) / 1e3
@@ -299,8 +307,9 @@ class MeasuredRun:
 class RunTerms:
     """The linear terms of predict_speed for one run, with the measured speeds: per decode
     step the bytes read at the GPU rate (dense, KV, GPU experts) and at the CPU rate (host
-    experts) and the expected busy and idle hand-offs; per prefill ubatch the GPU and CPU
-    flops and the PCIe bytes. Plain numbers, so a fit can be redone from saved JSON."""
+    experts), the expected busy and idle hand-offs and the layers computed on the GPU; per
+    prefill ubatch the GPU and CPU flops and the PCIe bytes. Plain numbers, so a fit can be
+    redone from saved JSON (terms saved before gpu_layers existed read as 0 of them)."""
     gpu_bytes: float
     cpu_bytes: float
     handoffs_busy: float
@@ -311,13 +320,15 @@ class RunTerms:
     decode_tokens_per_s: float
     prefill_tokens_per_s: float
     n_prompt: int
+    gpu_layers: float = 0.0
 
     @property
     def handoffs(self) -> float:
         return self.handoffs_busy + self.handoffs_idle
 
     def decode_seconds(self, bw: Bandwidth) -> float:
-        return (self.gpu_bytes / bw.gpu_bytes_per_s + self.cpu_bytes / bw.cpu_bytes_per_s
+        return (self.gpu_bytes / bw.gpu_bytes_per_s + self.gpu_layers * bw.gpu_layer_s
+                + self.cpu_bytes / bw.cpu_bytes_per_s
                 + self.handoffs_busy * bw.handoff_s + self.handoffs_idle * bw.handoff_idle_s)
 
     def to_dict(self) -> dict:
@@ -325,26 +336,29 @@ class RunTerms:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "RunTerms":
-        return cls(**{f.name: d[f.name] for f in fields(cls)})
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d or f.default is MISSING})
 
 
 def run_terms(inv, p, run: MeasuredRun, n_ctx: int) -> RunTerms:
     unit = Bandwidth(cpu_bytes_per_s=1.0, gpu_bytes_per_s=1.0, pcie_bytes_per_s=1.0,
-                     cpu_flops=1.0, gpu_flops=1.0, handoff_s=0.0, handoff_idle_s=0.0)
+                     cpu_flops=1.0, gpu_flops=1.0, handoff_s=0.0, handoff_idle_s=0.0, gpu_layer_s=1.0)
     sp = predict_speed(inv, p, run.gpu_experts, True, unit, n_ctx, n_ubatch=run.n_prompt,
                        kv_fill=run.kv_fill)
     d, f = sp.decode_ms, sp.prefill_ms
     return RunTerms((d["dense"] + d["kv"] + d["experts_gpu"]) / 1e3, d["experts_cpu"] / 1e3,
                     sp.handoffs["busy"], sp.handoffs["idle"],
                     f["gpu_compute"] / 1e3, f["cpu_compute"] / 1e3, f["pcie_copies"] / 1e3,
-                    run.decode_tokens_per_s, run.prefill_tokens_per_s, run.n_prompt)
+                    run.decode_tokens_per_s, run.prefill_tokens_per_s, run.n_prompt,
+                    d["gpu_layers"] / 1e3)
 
 
 def fit_decode(terms: Sequence[RunTerms], base: Bandwidth) -> dict:
     """Decode fields fitted to runs' terms: {field: value} for those the runs determine.
 
-    All-GPU runs give gpu_bytes_per_s. Runs with host experts then give, by least squares
-    weighted to relative error, in order of preference:
+    All-GPU runs give gpu_bytes_per_s, and gpu_layer_s too when they come from models of
+    different bytes per layer (`gpu_probe`); otherwise gpu_layer_s stays at base's. Runs
+    with host experts then give, by least squares weighted to relative error, in order of
+    preference:
       - cpu_bytes_per_s, handoff_s (busy) and handoff_idle_s, when the runs vary enough in
         bytes per busy hand-off and in the busy share (per-expert runs at two or more
         budgets next to a stock run);
@@ -354,32 +368,21 @@ def fit_decode(terms: Sequence[RunTerms], base: Bandwidth) -> dict:
       - the hand-off alone, with cpu_bytes_per_s from base (the CPU calibration).
     A solution with a negative rate or hand-off is refused and the next one tried.
     """
-    updates: dict = {}
     gpu_only = [t for t in terms if t.cpu_bytes == 0 and t.handoffs == 0 and t.decode_tokens_per_s > 0]
     host = [t for t in terms if t.handoffs > 0 and t.decode_tokens_per_s > 0]
-    if gpu_only:
-        # least squares on 1/bandwidth through the origin: sum(t*x)/sum(x*x)
-        inv_g = sum(t.gpu_bytes / t.decode_tokens_per_s for t in gpu_only) / sum(t.gpu_bytes ** 2 for t in gpu_only)
-        updates["gpu_bytes_per_s"] = 1.0 / inv_g
+    updates = _fit_gpu(gpu_only, base) if gpu_only else {}
     if not host:
         return updates
     g = updates.get("gpu_bytes_per_s", base.gpu_bytes_per_s)
+    c = updates.get("gpu_layer_s", base.gpu_layer_s)
     w = np.array([t.decode_tokens_per_s for t in host])  # 1 / measured step time
-    rhs = np.array([1.0 / t.decode_tokens_per_s - t.gpu_bytes / g for t in host]) * w
+    rhs = np.array([1.0 / t.decode_tokens_per_s - t.gpu_bytes / g - t.gpu_layers * c for t in host]) * w
     C = np.array([t.cpu_bytes for t in host]) * w
     Hb = np.array([t.handoffs_busy for t in host]) * w
     Hi = np.array([t.handoffs_idle for t in host]) * w
 
     def solve(cols):
-        A = np.stack(cols, axis=1)
-        scale = np.linalg.norm(A, axis=0)
-        if len(host) < A.shape[1] or np.any(scale == 0):
-            return None
-        sv = np.linalg.svd(A / scale, compute_uv=False)
-        if sv[-1] < 0.02 * sv[0]:  # the runs do not tell these terms apart
-            return None
-        x, *_ = np.linalg.lstsq(A, rhs, rcond=None)
-        return x if np.all(x > 0) else None
+        return _positive_lstsq(np.stack(cols, axis=1), rhs)
 
     x = solve([C, Hb, Hi])
     if x is not None:
@@ -394,6 +397,37 @@ def fit_decode(terms: Sequence[RunTerms], base: Bandwidth) -> dict:
     if h > 0:
         updates.update(handoff_s=h, handoff_idle_s=h)
     return updates
+
+
+def _positive_lstsq(A: np.ndarray, rhs: np.ndarray) -> Optional[np.ndarray]:
+    """Least squares, or None when the columns cannot be told apart or a term comes out
+    negative."""
+    scale = np.linalg.norm(A, axis=0)
+    if A.shape[0] < A.shape[1] or np.any(scale == 0):
+        return None
+    sv = np.linalg.svd(A / scale, compute_uv=False)
+    if sv[-1] < 0.02 * sv[0]:  # the runs do not tell these terms apart
+        return None
+    x, *_ = np.linalg.lstsq(A, rhs, rcond=None)
+    return x if np.all(x > 0) else None
+
+
+def _fit_gpu(gpu_only: Sequence[RunTerms], base: Bandwidth) -> dict:
+    """gpu_bytes_per_s (and gpu_layer_s when the runs separate it) from all-GPU runs, by
+    least squares weighted to relative error."""
+    w = np.array([t.decode_tokens_per_s for t in gpu_only])
+    step = np.array([1.0 / t.decode_tokens_per_s for t in gpu_only])
+    x = np.array([t.gpu_bytes for t in gpu_only])
+    layers = np.array([t.gpu_layers for t in gpu_only])
+    both = _positive_lstsq(np.stack([x * w, layers * w], axis=1), step * w)
+    if both is not None:
+        return {"gpu_bytes_per_s": 1.0 / float(both[0]), "gpu_layer_s": float(both[1])}
+    for c in (base.gpu_layer_s, 0.0):
+        rest = step - layers * c
+        if np.all(rest > 0):  # else base's per-layer time is more than a whole step here
+            inv_g = float(np.sum(w * w * x * rest) / np.sum(w * w * x * x))
+            return {"gpu_bytes_per_s": 1.0 / inv_g, **({} if c == base.gpu_layer_s else {"gpu_layer_s": 0.0})}
+    return {}
 
 
 def fit_bandwidth(inv, p: np.ndarray, runs: Sequence[MeasuredRun], base: Bandwidth,

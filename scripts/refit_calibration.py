@@ -66,11 +66,13 @@ def plan_terms(plan: dict, run: dict) -> tuple:
         Hb, Hi = bw["decode_handoffs"]["busy"], bw["decode_handoffs"]["idle"]
     else:  # plans from before the busy/idle split
         Hb, Hi = (round(ms["handoff"] / 1e3 / bw["handoff_s"]) if bw["handoff_s"] > 0 else 0), 0.0
-    return f"plan {plan['budget_bytes'] / 2**30:.0f} GiB", terms(G, C, Hb, Hi, run["gen_tokens_per_s"])
+    n_gpu = plan["placement"].get("n_gpu_layers", -1)
+    layers = plan["model"]["n_layer"] if n_gpu < 0 else min(n_gpu, plan["model"]["n_layer"])
+    return f"plan {plan['budget_bytes'] / 2**30:.0f} GiB", terms(G, C, Hb, Hi, run["gen_tokens_per_s"], layers)
 
 
-def terms(G, C, Hb, Hi, decode_ts) -> RunTerms:
-    return RunTerms(G, C, Hb, Hi, 0.0, 0.0, 0.0, decode_ts, 1.0, 1)
+def terms(G, C, Hb, Hi, decode_ts, gpu_layers) -> RunTerms:
+    return RunTerms(G, C, Hb, Hi, 0.0, 0.0, 0.0, decode_ts, 1.0, 1, gpu_layers)
 
 
 def bench_rows(budget: dict, totals: dict) -> list:
@@ -81,25 +83,31 @@ def bench_rows(budget: dict, totals: dict) -> list:
     if all("terms" in row for row in configs.values()):
         out = []
         for name, row in configs.items():
-            t = RunTerms.from_dict(row["terms"])
+            # terms saved before the per-layer GPU time: every bench placement runs its
+            # layers on the GPU
+            t = RunTerms.from_dict({"gpu_layers": budget["n_layer"], **row["terms"]})
             traced = row.get("busy_handoffs_traced")
             if traced is not None:
                 t = replace(t, handoffs_busy=traced, handoffs_idle=t.handoffs - traced)
             out.append((f"{name} @ {100 * share:.0f}%", t))
         return out
-    return [(f"{name} @ {100 * share:.0f}%", terms(G, C, H, 0.0, meas))
+    return [(f"{name} @ {100 * share:.0f}%", terms(G, C, H, 0.0, meas, budget["n_layer"]))
             for name, G, C, H, meas in bench_terms(budget, totals)]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("bench_json")
+    ap.add_argument("bench_json", nargs="+", help="bench JSON files (several models fit together: the "
+                    "all-GPU runs of two shapes separate the GPU's bandwidth from its per-layer time)")
     ap.add_argument("--fit", type=float, nargs="+", default=[0.25], help="budget shares whose runs are fitted")
     ap.add_argument("--plans", nargs="*", default=[],
                     help="PLAN.json:RUN.json pairs, or gpu_eval's planned_B.json (validation)")
+    ap.add_argument("--gpu-layer-us", type=float, default=0.0,
+                    help="GPU time per layer held fixed when the runs cannot fit it (one model's runs)")
+    ap.add_argument("--out-calibration", help="write the fitted calibration here (gpu_eval.sh CALIBRATION=)")
     opts = ap.parse_args()
 
-    budgets = json.load(open(opts.bench_json))
+    budgets = [b for path in opts.bench_json for b in json.load(open(path))]
     rows = []  # (label, RunTerms, in_fit)
     totals: dict = {}
     for b in budgets:
@@ -116,8 +124,11 @@ def main() -> int:
             label, t = plan_terms(plan, run)
             rows.append((label + (f" #{i + 1}" if len(runs) > 1 else ""), t, False))
 
-    fitted = replace(Bandwidth(), **fit_decode([t for _, t, fit in rows if fit], Bandwidth()))
+    base = replace(Bandwidth(), gpu_layer_s=opts.gpu_layer_us * 1e-6)
+    updates = fit_decode([t for _, t, fit in rows if fit], base)
+    fitted = replace(base, **updates)
     print(f"fit on budgets {opts.fit}: gpu_bytes_per_s {fitted.gpu_bytes_per_s / 1e9:.0f} GB/s, "
+          f"gpu_layer_s {1e6 * fitted.gpu_layer_s:.1f} us, "
           f"cpu_bytes_per_s {fitted.cpu_bytes_per_s / 1e9:.1f} GB/s, handoff_s {1e6 * fitted.handoff_s:.0f} us, "
           f"handoff_idle_s {1e6 * fitted.handoff_idle_s:.0f} us")
     print(f"{'run':<26} {'in fit':>6} {'measured':>9} {'predicted':>10} {'error':>7}")
@@ -125,6 +136,15 @@ def main() -> int:
         meas = t.decode_tokens_per_s
         pred = 1.0 / t.decode_seconds(fitted)
         print(f"{label:<26} {'yes' if fit else 'no':>6} {meas:>9.1f} {pred:>10.1f} {100 * (pred / meas - 1):>+6.1f}%")
+    if opts.out_calibration:
+        # the decode fields fitted here; the rest (prefill, machine id) from the first
+        # bench's stored calibration
+        before = budgets[0]["prediction"]["calibration_fitted"]
+        cal = {**before, "gpu_layer_s": fitted.gpu_layer_s, **updates}
+        cal["measured"] = sorted(set(before.get("measured", [])) | set(updates))
+        with open(opts.out_calibration, "w") as fh:
+            json.dump(cal, fh, indent=1)
+        print("wrote", opts.out_calibration)
     return 0
 
 

@@ -36,6 +36,10 @@ def bench_command(
     as_json: bool = typer.Option(False, "--json", help="print JSON (llama-bench field names where they exist)"),
     no_calibrate: bool = typer.Option(False, "--no-calibrate",
                                       help="do not store the bandwidth model fitted to this run for `plan`"),
+    probe_gpu: Optional[bool] = typer.Option(None, "--probe-gpu/--no-probe-gpu",
+                                             help="measure the GPU's bandwidth and per-layer time on two generated "
+                                                  "models first (default: once per machine, when a GPU is present)"),
+    probe_only: bool = typer.Option(False, "--probe-only", help="run the GPU probe and stop (no MODEL needed)"),
 ) -> None:
     """Time all-CPU experts, whole-layer (stock) and per-expert placement at one or more budgets."""
     from ..bench import run_budgets, stdlib_workloads
@@ -45,6 +49,12 @@ def bench_command(
     from ..sizes import parse_size
 
     console = Console(stderr=True)
+    log = (lambda s: None) if as_json else (lambda s: console.print(f"[dim]{s}[/]"))
+    probe = _maybe_probe(probe_gpu or probe_only, probe_gpu is False, no_calibrate, threads, log)
+    if probe_only:
+        print(json.dumps(probe, indent=2) if as_json else
+              f"GPU: {probe['gpu_bytes_per_s'] / 1e9:.0f} GB/s, {1e6 * probe['gpu_layer_s']:.1f} us per layer")
+        return
     path = resolve_model(model).path
     inv = read_inventory(path)
     if inv.n_expert == 0:
@@ -58,13 +68,14 @@ def bench_command(
     prompts, eval_prompt = stdlib_workloads(path, pp, profile_tokens,
                                             [p for p in profile_packages.split(",") if p],
                                             [p for p in eval_packages.split(",") if p], n_gen=tg)
-    log = (lambda s: None) if as_json else (lambda s: console.print(f"[dim]{s}[/]"))
     outs = run_budgets(path, budgets, profile_prompts=prompts, eval_prompt=eval_prompt,
                        n_prompt=pp, n_gen=tg, reps=reps, n_ctx=max(ctx, pp + tg + 64),
                        configs=configs.split(",") if configs else None, pack_device=pack_device,
                        n_threads=threads, save_calibration=not no_calibrate, log=log)
     for out in outs:
         out["pack_device"] = pack_device
+        if probe is not None:
+            out["gpu_probe"] = probe
     if as_json:
         doc = outs[0] if len(outs) == 1 else {"model": str(path), "budgets": outs,
                                                "combined_fit": outs[0].get("combined_fit")}
@@ -74,6 +85,19 @@ def bench_command(
             _print_table(out, inv, pp, tg, reps)
     if plot is not None:
         _plot(outs, plot)
+
+
+def _maybe_probe(force: bool, refused: bool, no_calibrate: bool, threads: Optional[int], log) -> Optional[dict]:
+    """The GPU probe's result when it runs: on request, or with a GPU whose calibration has
+    no measured per-layer time yet (the fit of one model cannot measure it)."""
+    from ..devices import gpu_devices
+    from ..gpu_probe import probe_gpu
+    from ..predict import calibrate_bandwidth
+
+    if not force and (refused or no_calibrate or not gpu_devices()
+                      or "gpu_layer_s" in calibrate_bandwidth().measured):
+        return None
+    return probe_gpu(n_threads=threads, save=not no_calibrate, log=log)
 
 
 def _budgets(gpu_budget: Optional[str], budget_share: Optional[str], expert_bytes: int, parse_size) -> list[int]:

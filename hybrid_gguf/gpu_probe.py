@@ -1,0 +1,110 @@
+"""The GPU side of the decode model, measured once per machine on two generated models.
+
+A decode step on the GPU costs the bytes it reads over the GPU's bandwidth plus a fixed
+time per layer (kernel launches and small ops). The runs of one model cannot tell the two
+apart, since every placement of it has the same layers. The two probe models can: "deep"
+has many layers of few bytes, "wide" a few layers of many bytes. Each is decoded all on
+the GPU, teacher-forced on random tokens (routing does not matter when every expert is on
+the GPU), and the two step times give gpu_bytes_per_s and gpu_layer_s for the stored
+calibration. Without them a calibration fitted on one model mispredicts another: fitted on
+a 48-layer Qwen3-30B-shaped model, one GPU rate predicted a 32-layer Mixtral-shaped model
+all on the GPU at 70 tok/s against 190 measured (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Mapping, Optional
+
+import numpy as np
+
+from .errors import HybridError
+
+# (bench preset, overrides): per decode step "deep" reads ~6 MB per layer, "wide" ~240 MB
+PROBES: Mapping[str, tuple] = {
+    "deep": ("qwen3-30b-a3b-like", dict(n_layer=48, n_embd=1024, n_head=16, n_head_kv=4, head_dim=64,
+                                        n_expert=32, n_expert_used=8, n_ff_exp=256)),
+    "wide": ("mixtral-8x7b-like", dict(n_layer=4)),
+}
+PROBE_PROMPT = 16
+
+
+def probe_spec(name: str, weight_type: str = "Q4_K"):
+    from .bench_model import bench_spec
+
+    preset, overrides = PROBES[name]
+    return bench_spec(preset, weight_type, **overrides)
+
+
+def ensure_probe_model(name: str, cache_dir: Optional[Path] = None,
+                       log: Callable[[str], None] = print) -> Path:
+    """The probe model's file in the cache, written on first use (a few GB for "wide")."""
+    from .bench_model import write_bench_model
+    from .synth import default_cache_dir
+
+    spec = probe_spec(name)
+    path = Path(cache_dir or default_cache_dir()) / f"gpu-probe-{name}-{spec.key()}.gguf"
+    if not path.exists():
+        res = write_bench_model(path, spec)
+        log(f"wrote probe model {name}: {res.file_bytes / 1e9:.2f} GB in {res.seconds:.1f} s")
+    return path
+
+
+def measure_probe(path: Path, n_gen: int = 64, reps: int = 3, n_threads: Optional[int] = None,
+                  pack_device: str = "CUDA0"):
+    """RunTerms of one model decoded with everything on the GPU (median of reps)."""
+    from . import predict
+    from .bench import Config, load_config, measure_once
+    from .inventory import read_inventory
+    from .synth import VOCAB_SIZE
+
+    inv = read_inventory(path)
+    n_ctx = PROBE_PROMPT + n_gen + 64
+    tokens = np.random.default_rng(0).integers(3, VOCAB_SIZE, size=PROBE_PROMPT + n_gen)
+    prompt, decode = tokens[:PROBE_PROMPT].tolist(), tokens[PROBE_PROMPT:].tolist()
+    loaded = load_config(path, inv, Config("all-gpu", None), n_ctx, 512, None, pack_device, n_threads)
+    try:
+        measure_once(loaded.llm, prompt, decode[:4], None)  # warm-up: graphs, kernels
+        runs = [measure_once(loaded.llm, prompt, decode, None) for _ in range(reps)]
+    finally:
+        loaded.llm.close()
+    pp = statistics.median(r[0] for r in runs)
+    tg = statistics.median(r[1] for r in runs)
+    every = {l.index: list(range(l.n_expert)) for l in inv.layers if l.is_moe}
+    run = predict.MeasuredRun(every, tg, pp, PROBE_PROMPT, PROBE_PROMPT + n_gen // 2)
+    return predict.run_terms(inv, None, run, n_ctx)
+
+
+def probe_gpu(cache_dir: Optional[Path] = None, n_gen: int = 64, reps: int = 3,
+              n_threads: Optional[int] = None, save: bool = True,
+              log: Callable[[str], None] = print) -> dict:
+    """Measure gpu_bytes_per_s and gpu_layer_s on the probe models and (with save) store
+    them in this machine's calibration. Returns what was measured and fitted."""
+    from . import predict
+    from .devices import gpu_devices
+
+    if not gpu_devices():
+        raise HybridError("the GPU probe needs a GPU; llama.cpp sees none in this build")
+    terms = {}
+    for name in PROBES:
+        path = ensure_probe_model(name, cache_dir, log)
+        terms[name] = measure_probe(path, n_gen, reps, n_threads)
+        t = terms[name]
+        log(f"probe {name}: {t.gpu_layers:.0f} layers, {t.gpu_bytes / 1e9:.3f} GB read per token, "
+            f"decode {t.decode_tokens_per_s:.1f} tok/s")
+    before = predict.calibrate_bandwidth()
+    fitted = predict.fit_decode(list(terms.values()), before)
+    if "gpu_layer_s" not in fitted or fitted["gpu_layer_s"] == 0.0:
+        raise HybridError("the probe runs did not separate the GPU's bandwidth from its per-layer time "
+                          f"(decode {', '.join(f'{n} {t.decode_tokens_per_s:.1f}' for n, t in terms.items())} "
+                          "tok/s); the calibration is unchanged")
+    bw = replace(before, **fitted, measured=tuple(sorted(set(before.measured) | set(fitted))),
+                 measured_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+    log(f"GPU: {bw.gpu_bytes_per_s / 1e9:.0f} GB/s and {1e6 * bw.gpu_layer_s:.1f} us per layer per decode step")
+    if save:
+        predict.save_calibration(bw)
+    return {"gpu_bytes_per_s": bw.gpu_bytes_per_s, "gpu_layer_s": bw.gpu_layer_s,
+            "probes": {n: t.to_dict() for n, t in terms.items()}, "calibration_saved": save}

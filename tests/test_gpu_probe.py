@@ -1,0 +1,120 @@
+"""The GPU side of the decode model: bandwidth and per-layer time, told apart by two shapes."""
+
+from __future__ import annotations
+
+try:  # load libllama before numpy-heavy work (see the llama.cpp notes)
+    import llama_cpp
+except ImportError:
+    llama_cpp = None
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from hybrid_gguf import bench_model as bm
+from hybrid_gguf.errors import HybridError
+from hybrid_gguf.inventory import read_inventory
+from hybrid_gguf.predict import Bandwidth, MeasuredRun, RunTerms, fit_decode, predict_speed, run_terms
+
+needs_llama = pytest.mark.skipif(llama_cpp is None, reason="llama_cpp is not importable")
+TRUTH = Bandwidth(gpu_bytes_per_s=2.4e12, gpu_layer_s=61e-6, cpu_bytes_per_s=70e9,
+                  handoff_s=150e-6, handoff_idle_s=100e-6)
+
+
+def all_gpu_terms(inv, bw=TRUTH) -> RunTerms:
+    every = {l.index: list(range(l.n_expert)) for l in inv.layers if l.is_moe}
+    sp = predict_speed(inv, None, every, True, bw, 512, n_ubatch=16, kv_fill=48)
+    return run_terms(inv, None, MeasuredRun(every, sp.decode_tokens_per_s, sp.prefill_tokens_per_s, 16, 48), 512)
+
+
+@pytest.fixture(scope="module")
+def shapes(tiny_model_factory):
+    deep = read_inventory(tiny_model_factory("qwen3moe", n_layer=12, n_embd=64, n_ff_exp=64))
+    wide = read_inventory(tiny_model_factory("qwen3moe", n_layer=2, n_embd=256, n_ff_exp=512))
+    return deep, wide
+
+
+def test_two_shapes_separate_bandwidth_from_per_layer_time(shapes):
+    deep, wide = shapes
+    got = fit_decode([all_gpu_terms(deep), all_gpu_terms(wide)], Bandwidth())
+    assert got["gpu_bytes_per_s"] == pytest.approx(2.4e12, rel=1e-6)
+    assert got["gpu_layer_s"] == pytest.approx(61e-6, rel=1e-6)
+
+
+def test_one_shape_keeps_the_stored_per_layer_time_and_fits_the_bandwidth(shapes):
+    deep, _ = shapes
+    base = Bandwidth(gpu_layer_s=61e-6)
+    got = fit_decode([all_gpu_terms(deep)] * 2, base)  # e.g. one model's all-GPU runs at two budgets
+    assert "gpu_layer_s" not in got
+    assert got["gpu_bytes_per_s"] == pytest.approx(2.4e12, rel=1e-6)
+
+
+def test_a_stored_per_layer_time_longer_than_a_step_is_dropped(shapes):
+    deep, _ = shapes
+    base = Bandwidth(gpu_layer_s=1e-3)  # 12 layers x 1 ms: more than the measured step
+    got = fit_decode([all_gpu_terms(deep)], base)
+    assert got["gpu_layer_s"] == 0.0 and got["gpu_bytes_per_s"] > 0
+
+
+def test_host_runs_are_fitted_net_of_the_per_layer_time(tiny_model_factory):
+    inv = read_inventory(tiny_model_factory("qwen3moe", n_layer=4, n_expert=16, n_expert_used=4))
+    p = np.random.default_rng(0).dirichlet(np.ones(16), size=4) * 4
+    top = lambda n: {l: [int(e) for e in np.argsort(-p[l])[:n]] for l in range(4)}
+    placements = [{}, {l: list(range(16)) for l in (2, 3)}, top(6), top(10), {l: list(range(16)) for l in range(4)}]
+    terms = []
+    for pl in placements:
+        sp = predict_speed(inv, p, pl, True, TRUTH, 2048, n_ubatch=512, kv_fill=536)
+        terms.append(run_terms(inv, p, MeasuredRun(pl, sp.decode_tokens_per_s, sp.prefill_tokens_per_s, 512, 536), 2048))
+    got = fit_decode(terms, Bandwidth(gpu_layer_s=61e-6))
+    assert got["cpu_bytes_per_s"] == pytest.approx(70e9, rel=1e-6)
+    assert got["handoff_s"] == pytest.approx(150e-6, rel=1e-6)
+    assert got["handoff_idle_s"] == pytest.approx(100e-6, rel=1e-6)
+
+
+def test_calibrations_and_terms_saved_before_the_per_layer_time_read_as_none():
+    assert Bandwidth.from_dict({"gpu_bytes_per_s": 5.4e11}).gpu_layer_s == 0.0
+    assert Bandwidth.from_dict({"cpu_bytes_per_s": 6e10}).gpu_layer_s == Bandwidth().gpu_layer_s
+    with pytest.raises(HybridError, match="gpu_layer_s"):
+        Bandwidth.from_dict({"gpu_layer_s": -1e-6})
+    old = {k: 1.0 for k in ("gpu_bytes", "cpu_bytes", "handoffs_busy", "handoffs_idle", "gpu_flop", "cpu_flop",
+                            "pcie_bytes", "decode_tokens_per_s", "prefill_tokens_per_s", "n_prompt")}
+    assert RunTerms.from_dict(old).gpu_layers == 0.0
+    with pytest.raises(KeyError):
+        RunTerms.from_dict({k: v for k, v in old.items() if k != "cpu_bytes"})
+
+
+def test_probe_shapes_differ_in_bytes_per_layer():
+    from hybrid_gguf.gpu_probe import PROBES, probe_spec
+
+    per_layer = {}
+    for name in PROBES:
+        spec = probe_spec(name)
+        total = sum(t.n_bytes for t in bm.layout(spec))
+        per_layer[name] = total / spec.n_layer
+    assert per_layer["wide"] > 20 * per_layer["deep"]
+    assert probe_spec("deep").n_layer >= 10 * probe_spec("wide").n_layer
+
+
+def test_probe_refuses_without_a_gpu(monkeypatch):
+    from hybrid_gguf import devices, gpu_probe
+
+    monkeypatch.setattr(devices, "gpu_devices", lambda: [])
+    with pytest.raises(HybridError, match="needs a GPU"):
+        gpu_probe.probe_gpu(log=lambda s: None)
+
+
+@needs_llama
+def test_measure_probe_times_a_real_decode_and_reports_its_terms(tmp_path):
+    from hybrid_gguf.gpu_probe import measure_probe
+
+    spec = bm.bench_spec("tiny-q4k", "Q4_K", n_layer=3, n_expert=8)
+    path = bm.write_bench_model(tmp_path / "probe.gguf", spec, workers=1).path
+    t = measure_probe(path, n_gen=8, reps=1, n_threads=2, pack_device="CPU")
+    inv = read_inventory(path)
+    assert t.gpu_layers == 3 and t.cpu_bytes == 0 and t.handoffs == 0
+    assert t.decode_tokens_per_s > 0 and t.prefill_tokens_per_s > 0
+    # every token reads k experts of every layer and all dense weights
+    expert_read = sum(l.n_expert_used * l.per_expert_bytes for l in inv.layers if l.is_moe)
+    assert t.gpu_bytes > expert_read
+    assert replace(t, decode_tokens_per_s=1.0).decode_seconds(TRUTH) > 3 * 61e-6
