@@ -147,7 +147,7 @@ def plan_model(model_path: PathLike, gpu_budget: Optional[int], n_ctx: int, *,
     opts = MemoryOptions(n_ctx, n_ubatch=n_ubatch, type_k=type_k, type_v=type_v, flash_attn=flash_attn,
                          compute_bytes=compute, compute_factor=1.0 if compute is not None else 1.25,
                          margin_bytes=margin_bytes)
-    bw = calibrate_bandwidth() if calibrate else Bandwidth()
+    bw = calibrate_bandwidth().for_model(inv.fingerprint) if calibrate else Bandwidth()
 
     prev = previous
     prev_file = previous_path or (out if out is not None and Path(out).exists() else None)

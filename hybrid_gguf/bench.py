@@ -275,6 +275,7 @@ def run_bench(model_path: Path, *, budget_bytes: int, profile_prompts: Sequence[
         "expert_bytes_total": inv.expert_bytes_total,
         "budget_bytes": budget_bytes,
         "budget_share_of_experts": budget_bytes / inv.expert_bytes_total,
+        "fingerprint": inv.fingerprint,
         "results": [r.summary() for r in results],
         "_counts": counts,
         "_eval_counts": eval_counts,
@@ -307,7 +308,8 @@ def predict_configs(inv: Inventory, counts: np.ndarray, cfgs: Sequence[Config], 
 
     tokens = counts.sum(axis=1) / max(inv.n_expert_used, 1)
     p = predict.selection_probs(counts, tokens, [l.n_expert_used for l in inv.layers])
-    before = predict.calibrate_bandwidth()
+    stored = predict.calibrate_bandwidth()
+    before = stored.for_model(inv.fingerprint)
     runs, terms = {}, {}
     for cfg, res in zip(cfgs, results):
         s = res.summary()
@@ -321,7 +323,8 @@ def predict_configs(inv: Inventory, counts: np.ndarray, cfgs: Sequence[Config], 
             terms[cfg.name] = (t, traced)
     fit_terms = [t if traced is None else replace(t, handoffs_busy=traced, handoffs_idle=t.handoffs - traced)
                  for t, traced in terms.values()] if on_gpu else []
-    fitted = predict.fit_bandwidth_terms(fit_terms, before) if fit_terms else before
+    saved = predict.fit_bandwidth_terms(fit_terms, stored, inv.fingerprint) if fit_terms else stored
+    fitted = saved.for_model(inv.fingerprint)
     roof = replace(fitted, handoff_s=0.0, handoff_idle_s=0.0)
     table = {}
     for name, (cfg, run) in runs.items():
@@ -344,7 +347,7 @@ def predict_configs(inv: Inventory, counts: np.ndarray, cfgs: Sequence[Config], 
             f"roofline {row['roofline_decode_ts']:7.2f} t/s; busy hand-offs {t.handoffs_busy:.1f} estimated"
             + ("" if traced is None else f", {traced:.1f} traced"))
     if save and fit_terms:
-        predict.save_calibration(fitted)
+        predict.save_calibration(saved)
     return {"calibration_before": before.to_dict(), "calibration_fitted": fitted.to_dict(),
             "calibration_saved": bool(save and fit_terms), "configs": table,
             "profile_counts": counts.astype(int).tolist(),
@@ -396,6 +399,8 @@ def refit_across_budgets(outs: Sequence[dict], save: bool = True,
     from . import predict
 
     rows = []
+    fingerprints = {out.get("fingerprint") for out in outs}
+    fingerprint = fingerprints.pop() if len(fingerprints) == 1 else None
     for out in outs:
         share = out.get("budget_share_of_experts", 0.0)
         for name, row in out.get("prediction", {}).get("configs", {}).items():
@@ -404,8 +409,9 @@ def refit_across_budgets(outs: Sequence[dict], save: bool = True,
             if traced is not None:
                 t = replace(t, handoffs_busy=traced, handoffs_idle=t.handoffs - traced)
             rows.append((f"{name} @ {100 * share:.0f}%", t))
-    before = predict.calibrate_bandwidth()
-    fitted = predict.fit_bandwidth_terms([t for _, t in rows], before)
+    stored = predict.calibrate_bandwidth()
+    saved = predict.fit_bandwidth_terms([t for _, t in rows], stored, fingerprint)
+    fitted = saved.for_model(fingerprint)
     table = {}
     log(f"one fit over {len(outs)} budgets: gpu {fitted.gpu_bytes_per_s / 1e9:.0f} GB/s, "
         f"cpu {fitted.cpu_bytes_per_s / 1e9:.1f} GB/s, hand-off {1e6 * fitted.handoff_s:.0f} us busy, "
@@ -417,7 +423,7 @@ def refit_across_budgets(outs: Sequence[dict], save: bool = True,
         log(f"  {label:22s} measured {t.decode_tokens_per_s:7.2f}  fitted {pred:7.2f}  "
             f"({100 * (pred / t.decode_tokens_per_s - 1):+.1f}%)")
     if save and rows:
-        predict.save_calibration(fitted)
+        predict.save_calibration(saved)
     return {"calibration_fitted": fitted.to_dict(), "calibration_saved": bool(save and rows), "runs": table}
 
 

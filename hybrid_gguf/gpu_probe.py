@@ -1,14 +1,16 @@
 """The GPU side of the decode model, measured once per machine on two generated models.
 
-A decode step on the GPU costs the bytes it reads over the GPU's bandwidth plus a fixed
-time per layer (kernel launches and small ops). The runs of one model cannot tell the two
-apart, since every placement of it has the same layers. The two probe models can: "deep"
-has many layers of few bytes, "wide" a few layers of many bytes. Each is decoded all on
-the GPU, teacher-forced on random tokens (routing does not matter when every expert is on
-the GPU), and the two step times give gpu_bytes_per_s and gpu_layer_s for the stored
-calibration. Without them a calibration fitted on one model mispredicts another: fitted on
-a 48-layer Qwen3-30B-shaped model, one GPU rate predicted a 32-layer Mixtral-shaped model
-all on the GPU at 70 tok/s against 190 measured (docs/benchmarks.md).
+A decode step on the GPU costs the bytes it reads over the GPU's bandwidth plus fixed
+times: one per step (launch, sync, logits) and one per layer (kernel launches and small
+ops). The runs of one model cannot tell these apart, since every placement of it has the
+same layers. Three generated models can: "deep" has many layers of few bytes, "wide" a
+few layers of many bytes, "tiny" two small layers (little more than the per-step time).
+Each is decoded all on the GPU, teacher-forced on random tokens (routing does not matter
+when every expert is on the GPU), and their step times give gpu_bytes_per_s, gpu_layer_s
+and gpu_step_s for the stored calibration. Without them a calibration fitted on one model
+mispredicts another: fitted on a 48-layer Qwen3-30B-shaped model, one GPU rate predicted a
+32-layer Mixtral-shaped model all on the GPU at 70 tok/s against 190 measured
+(docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ import numpy as np
 
 from .errors import HybridError
 
-# (bench preset, overrides): per decode step "deep" reads ~6 MB per layer, "wide" ~240 MB
+_SMALL_LAYER = dict(n_embd=1024, n_head=16, n_head_kv=4, head_dim=64, n_expert=32, n_expert_used=8, n_ff_exp=256)
+# (bench preset, overrides): per decode step "deep" and "tiny" read ~6 MB per layer, "wide" ~240 MB
 PROBES: Mapping[str, tuple] = {
-    "deep": ("qwen3-30b-a3b-like", dict(n_layer=48, n_embd=1024, n_head=16, n_head_kv=4, head_dim=64,
-                                        n_expert=32, n_expert_used=8, n_ff_exp=256)),
+    "deep": ("qwen3-30b-a3b-like", dict(_SMALL_LAYER, n_layer=48)),
     "wide": ("mixtral-8x7b-like", dict(n_layer=4)),
+    "tiny": ("qwen3-30b-a3b-like", dict(_SMALL_LAYER, n_layer=2)),
 }
 PROBE_PROMPT = 16
 
@@ -81,8 +84,8 @@ def measure_probe(path: Path, n_gen: int = 64, reps: int = 3, n_threads: Optiona
 def probe_gpu(cache_dir: Optional[Path] = None, n_gen: int = 64, reps: int = 3,
               n_threads: Optional[int] = None, save: bool = True,
               log: Callable[[str], None] = print) -> dict:
-    """Measure gpu_bytes_per_s and gpu_layer_s on the probe models and (with save) store
-    them in this machine's calibration. Returns what was measured and fitted."""
+    """Measure gpu_bytes_per_s, gpu_layer_s and gpu_step_s on the probe models and (with
+    save) store them in this machine's calibration. Returns what was measured and fitted."""
     from . import predict
     from .devices import gpu_devices
 
@@ -97,14 +100,17 @@ def probe_gpu(cache_dir: Optional[Path] = None, n_gen: int = 64, reps: int = 3,
             f"decode {t.decode_tokens_per_s:.1f} tok/s")
     before = predict.calibrate_bandwidth()
     fitted = predict.fit_decode(list(terms.values()), before)
-    if "gpu_layer_s" not in fitted or fitted["gpu_layer_s"] == 0.0:
-        raise HybridError("the probe runs did not separate the GPU's bandwidth from its per-layer time "
+    if not fitted.get("gpu_layer_s") or not fitted.get("gpu_step_s"):
+        raise HybridError("the probe runs did not separate the GPU's bandwidth from its fixed times "
                           f"(decode {', '.join(f'{n} {t.decode_tokens_per_s:.1f}' for n, t in terms.items())} "
                           "tok/s); the calibration is unchanged")
-    bw = replace(before, **fitted, measured=tuple(sorted(set(before.measured) | set(fitted))),
+    if before.model_gpu_rates:
+        log("the GPU rates `bench` fitted per model used the old fixed times: dropped; bench again to refit")
+    bw = replace(before, **fitted, model_gpu_rates=(), measured=tuple(sorted(set(before.measured) | set(fitted))),
                  measured_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
-    log(f"GPU: {bw.gpu_bytes_per_s / 1e9:.0f} GB/s and {1e6 * bw.gpu_layer_s:.1f} us per layer per decode step")
+    log(f"GPU: {bw.gpu_bytes_per_s / 1e9:.0f} GB/s, {1e6 * bw.gpu_layer_s:.1f} us per layer and "
+        f"{1e6 * bw.gpu_step_s:.0f} us per decode step")
     if save:
         predict.save_calibration(bw)
-    return {"gpu_bytes_per_s": bw.gpu_bytes_per_s, "gpu_layer_s": bw.gpu_layer_s,
+    return {"gpu_bytes_per_s": bw.gpu_bytes_per_s, "gpu_layer_s": bw.gpu_layer_s, "gpu_step_s": bw.gpu_step_s,
             "probes": {n: t.to_dict() for n, t in terms.items()}, "calibration_saved": save}

@@ -2,9 +2,10 @@
 bandwidth model.
 
 Decode is memory-bound: per token every dense weight and every selected expert is read
-once, so time per token = bytes read on each side / that side's bandwidth, plus a fixed
-GPU time per layer (kernel launches and small ops, whatever the bytes), plus a
-hand-off for every layer whose experts (some of them) run on the CPU. A hand-off costs more
+once, so time per token = bytes read on each side / that side's bandwidth, plus fixed GPU
+times per step (launch, sync, logits) and per layer (kernel launches and small ops,
+whatever the bytes), plus a hand-off for every layer whose experts (some of them) run on
+the CPU. A hand-off costs more
 when the token selected one of the layer's host experts ("busy": the CPU chain has work)
 than when it did not ("idle": the chain still runs, on no rows). Prefill (one ubatch
 of T tokens) is compute-bound on the GPU; experts left in host memory are copied to the GPU
@@ -35,6 +36,9 @@ from .errors import HybridError
 CALIBRATION_FORMAT = "hybrid-gguf-calibration"
 
 
+ZERO_ALLOWED = ("gpu_layer_s", "gpu_step_s")  # fixed times a calibration may lack
+
+
 @dataclass(frozen=True)
 class Bandwidth:
     cpu_bytes_per_s: float = 50e9  # streaming read of weights by the CPU backend
@@ -44,30 +48,52 @@ class Bandwidth:
     gpu_flops: float = 100e12  # achieved on quantized prefill matmuls, not the datasheet peak
     handoff_s: float = 60e-6  # per decode step and layer whose host experts have work: sync + copies
     handoff_idle_s: float = 60e-6  # the same when the token selected none of the layer's host experts
-    # fixed GPU time per layer and decode step; 61 us on an H200 (docs/benchmarks.md)
+    # fixed GPU times of a decode step, per layer and per step; 50 and 97 us on an H200
+    # (gpu_probe, docs/benchmarks.md)
     gpu_layer_s: float = 50e-6
+    gpu_step_s: float = 100e-6
     measured: tuple = ()  # names of the fields measured on this machine
     machine: str = ""
     measured_at: str = ""
+    # ((model fingerprint, GPU bytes/s), ...): the rate `bench` fitted on that model. Kernels
+    # reach different rates on different matrix shapes (1.5 TB/s on Qwen3-30B-shaped experts,
+    # 2.3 on Mixtral-shaped ones on an H200); the machine-wide rate is the GPU probe's.
+    model_gpu_rates: tuple = ()
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["measured"] = list(self.measured)
+        d["model_gpu_rates"] = dict(self.model_gpu_rates)
+        if not d["model_gpu_rates"]:
+            del d["model_gpu_rates"]
         return d
+
+    def for_model(self, fingerprint: Optional[str]) -> "Bandwidth":
+        """This calibration for one model: its own fitted GPU rate when `bench` measured one."""
+        rates = dict(self.model_gpu_rates)
+        if fingerprint in rates:
+            return replace(self, gpu_bytes_per_s=rates[fingerprint], model_gpu_rates=())
+        return replace(self, model_gpu_rates=())
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "Bandwidth":
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in known}
         kw["measured"] = tuple(kw.get("measured", ()))
+        rates = kw.get("model_gpu_rates") or {}
+        if not isinstance(rates, Mapping) or not all(isinstance(v, (int, float)) and v > 0 for v in rates.values()):
+            raise HybridError(f"calibration field model_gpu_rates must map model fingerprints to positive rates, "
+                              f"got {rates!r}")
+        kw["model_gpu_rates"] = tuple(sorted((str(k), float(v)) for k, v in rates.items()))
         if "handoff_idle_s" not in kw and "handoff_s" in kw:
             kw["handoff_idle_s"] = kw["handoff_s"]  # calibrations from before the split
-        if "gpu_layer_s" not in kw and "gpu_bytes_per_s" in kw:
-            kw["gpu_layer_s"] = 0.0  # their GPU rate was fitted with no per-layer term
+        for name in ZERO_ALLOWED:
+            if name not in kw and "gpu_bytes_per_s" in kw:
+                kw[name] = 0.0  # their GPU rate was fitted without this fixed time
         bw = cls(**kw)
         for f in fields(cls):
             v = getattr(bw, f.name)
-            if f.name == "gpu_layer_s" and isinstance(v, float) and v == 0.0:
+            if f.name in ZERO_ALLOWED and isinstance(v, float) and v == 0.0:
                 continue
             if isinstance(v, float) and not (v > 0 and np.isfinite(v)):
                 raise HybridError(f"calibration field {f.name} must be a positive number, got {v!r}")
@@ -243,6 +269,7 @@ def predict_speed(inv, p: Optional[np.ndarray], gpu_experts: Mapping[int, Sequen
         "experts_gpu": 1e3 * exp_gpu / bw.gpu_bytes_per_s,
         "experts_cpu": 1e3 * exp_cpu / bw.cpu_bytes_per_s,
         "gpu_layers": 1e3 * (L if dense_on_gpu else 0) * bw.gpu_layer_s,
+        "gpu_step": 1e3 * (1 if dense_on_gpu else 0) * bw.gpu_step_s,
         "handoff": 1e3 * (n_busy * bw.handoff_s + n_idle * bw.handoff_idle_s),
     }
     decode_s = sum(ms.values()) / 1e3
@@ -307,9 +334,10 @@ class MeasuredRun:
 class RunTerms:
     """The linear terms of predict_speed for one run, with the measured speeds: per decode
     step the bytes read at the GPU rate (dense, KV, GPU experts) and at the CPU rate (host
-    experts), the expected busy and idle hand-offs and the layers computed on the GPU; per
-    prefill ubatch the GPU and CPU flops and the PCIe bytes. Plain numbers, so a fit can be
-    redone from saved JSON (terms saved before gpu_layers existed read as 0 of them)."""
+    experts), the expected busy and idle hand-offs, the layers computed on the GPU and
+    whether the step runs there (1 or 0); per prefill ubatch the GPU and CPU flops and the
+    PCIe bytes. Plain numbers, so a fit can be redone from saved JSON (terms saved before
+    the fixed GPU times existed read as 0 layers and steps)."""
     gpu_bytes: float
     cpu_bytes: float
     handoffs_busy: float
@@ -321,6 +349,7 @@ class RunTerms:
     prefill_tokens_per_s: float
     n_prompt: int
     gpu_layers: float = 0.0
+    gpu_steps: float = 0.0
 
     @property
     def handoffs(self) -> float:
@@ -328,6 +357,7 @@ class RunTerms:
 
     def decode_seconds(self, bw: Bandwidth) -> float:
         return (self.gpu_bytes / bw.gpu_bytes_per_s + self.gpu_layers * bw.gpu_layer_s
+                + self.gpu_steps * bw.gpu_step_s
                 + self.cpu_bytes / bw.cpu_bytes_per_s
                 + self.handoffs_busy * bw.handoff_s + self.handoffs_idle * bw.handoff_idle_s)
 
@@ -341,7 +371,8 @@ class RunTerms:
 
 def run_terms(inv, p, run: MeasuredRun, n_ctx: int) -> RunTerms:
     unit = Bandwidth(cpu_bytes_per_s=1.0, gpu_bytes_per_s=1.0, pcie_bytes_per_s=1.0,
-                     cpu_flops=1.0, gpu_flops=1.0, handoff_s=0.0, handoff_idle_s=0.0, gpu_layer_s=1.0)
+                     cpu_flops=1.0, gpu_flops=1.0, handoff_s=0.0, handoff_idle_s=0.0, gpu_layer_s=1.0,
+                     gpu_step_s=1.0)
     sp = predict_speed(inv, p, run.gpu_experts, True, unit, n_ctx, n_ubatch=run.n_prompt,
                        kv_fill=run.kv_fill)
     d, f = sp.decode_ms, sp.prefill_ms
@@ -349,16 +380,16 @@ def run_terms(inv, p, run: MeasuredRun, n_ctx: int) -> RunTerms:
                     sp.handoffs["busy"], sp.handoffs["idle"],
                     f["gpu_compute"] / 1e3, f["cpu_compute"] / 1e3, f["pcie_copies"] / 1e3,
                     run.decode_tokens_per_s, run.prefill_tokens_per_s, run.n_prompt,
-                    d["gpu_layers"] / 1e3)
+                    d["gpu_layers"] / 1e3, d["gpu_step"] / 1e3)
 
 
 def fit_decode(terms: Sequence[RunTerms], base: Bandwidth) -> dict:
     """Decode fields fitted to runs' terms: {field: value} for those the runs determine.
 
-    All-GPU runs give gpu_bytes_per_s, and gpu_layer_s too when they come from models of
-    different bytes per layer (`gpu_probe`); otherwise gpu_layer_s stays at base's. Runs
-    with host experts then give, by least squares weighted to relative error, in order of
-    preference:
+    All-GPU runs give gpu_bytes_per_s, and the fixed times gpu_layer_s and gpu_step_s too
+    when they come from models of different shapes (`gpu_probe`); otherwise the fixed
+    times stay at base's. Runs with host experts then give, by least squares weighted to
+    relative error, in order of preference:
       - cpu_bytes_per_s, handoff_s (busy) and handoff_idle_s, when the runs vary enough in
         bytes per busy hand-off and in the busy share (per-expert runs at two or more
         budgets next to a stock run);
@@ -375,8 +406,10 @@ def fit_decode(terms: Sequence[RunTerms], base: Bandwidth) -> dict:
         return updates
     g = updates.get("gpu_bytes_per_s", base.gpu_bytes_per_s)
     c = updates.get("gpu_layer_s", base.gpu_layer_s)
+    k = updates.get("gpu_step_s", base.gpu_step_s)
     w = np.array([t.decode_tokens_per_s for t in host])  # 1 / measured step time
-    rhs = np.array([1.0 / t.decode_tokens_per_s - t.gpu_bytes / g - t.gpu_layers * c for t in host]) * w
+    rhs = np.array([1.0 / t.decode_tokens_per_s - t.gpu_bytes / g - t.gpu_layers * c - t.gpu_steps * k
+                    for t in host]) * w
     C = np.array([t.cpu_bytes for t in host]) * w
     Hb = np.array([t.handoffs_busy for t in host]) * w
     Hi = np.array([t.handoffs_idle for t in host]) * w
@@ -413,20 +446,27 @@ def _positive_lstsq(A: np.ndarray, rhs: np.ndarray) -> Optional[np.ndarray]:
 
 
 def _fit_gpu(gpu_only: Sequence[RunTerms], base: Bandwidth) -> dict:
-    """gpu_bytes_per_s (and gpu_layer_s when the runs separate it) from all-GPU runs, by
-    least squares weighted to relative error."""
+    """gpu_bytes_per_s from all-GPU runs, with as many of the fixed times (per step, then
+    per layer) as the runs separate; least squares weighted to relative error. The fixed
+    times not fitted stay at base's, or drop to 0 when base's exceed a measured step."""
     w = np.array([t.decode_tokens_per_s for t in gpu_only])
     step = np.array([1.0 / t.decode_tokens_per_s for t in gpu_only])
     x = np.array([t.gpu_bytes for t in gpu_only])
     layers = np.array([t.gpu_layers for t in gpu_only])
-    both = _positive_lstsq(np.stack([x * w, layers * w], axis=1), step * w)
-    if both is not None:
-        return {"gpu_bytes_per_s": 1.0 / float(both[0]), "gpu_layer_s": float(both[1])}
-    for c in (base.gpu_layer_s, 0.0):
-        rest = step - layers * c
-        if np.all(rest > 0):  # else base's per-layer time is more than a whole step here
+    steps = np.array([t.gpu_steps for t in gpu_only])
+    every = _positive_lstsq(np.stack([x * w, layers * w, steps * w], axis=1), step * w)
+    if every is not None:
+        return {"gpu_bytes_per_s": 1.0 / float(every[0]), "gpu_layer_s": float(every[1]),
+                "gpu_step_s": float(every[2])}
+    two = _positive_lstsq(np.stack([x * w, layers * w], axis=1), (step - steps * base.gpu_step_s) * w)
+    if two is not None and np.all(steps * base.gpu_step_s < step):
+        return {"gpu_bytes_per_s": 1.0 / float(two[0]), "gpu_layer_s": float(two[1])}
+    for c, k in ((base.gpu_layer_s, base.gpu_step_s), (0.0, 0.0)):
+        rest = step - layers * c - steps * k
+        if np.all(rest > 0):
             inv_g = float(np.sum(w * w * x * rest) / np.sum(w * w * x * x))
-            return {"gpu_bytes_per_s": 1.0 / inv_g, **({} if c == base.gpu_layer_s else {"gpu_layer_s": 0.0})}
+            zeroed = {} if (c, k) == (base.gpu_layer_s, base.gpu_step_s) else {"gpu_layer_s": 0.0, "gpu_step_s": 0.0}
+            return {"gpu_bytes_per_s": 1.0 / inv_g, **zeroed}
     return {}
 
 
@@ -440,10 +480,22 @@ def fit_bandwidth(inv, p: np.ndarray, runs: Sequence[MeasuredRun], base: Bandwid
     return fit_bandwidth_terms([run_terms(inv, p, r, n_ctx) for r in runs], base)
 
 
-def fit_bandwidth_terms(terms: Sequence[RunTerms], base: Bandwidth) -> Bandwidth:
-    """fit_bandwidth on runs' terms (computed, or read back from a bench's JSON)."""
+def fit_bandwidth_terms(terms: Sequence[RunTerms], base: Bandwidth,
+                        fingerprint: Optional[str] = None) -> Bandwidth:
+    """fit_bandwidth on runs' terms (computed, or read back from a bench's JSON).
+
+    With the fingerprint of the model the runs come from, a GPU rate fitted on its all-GPU
+    runs is stored for that model; it replaces the machine-wide rate only while no GPU
+    probe has measured that (the probe's fixed times and rate belong together)."""
     terms = [t for t in terms if t.decode_tokens_per_s > 0 and t.prefill_tokens_per_s > 0]
-    updates = fit_decode(terms, base)
+    own = base.for_model(fingerprint) if fingerprint else base
+    updates = fit_decode(terms, own)
+    rates = dict(base.model_gpu_rates)
+    if fingerprint and "gpu_bytes_per_s" in updates:
+        rates[fingerprint] = updates["gpu_bytes_per_s"]
+        probed = {"gpu_layer_s", "gpu_step_s"} <= set(base.measured)
+        if probed and not {"gpu_layer_s", "gpu_step_s"} & set(updates):
+            del updates["gpu_bytes_per_s"]
     gpu_only = [t for t in terms if t.cpu_bytes == 0 and t.handoffs == 0]
     if gpu_only:
         inv_f = sum(t.gpu_flop * t.n_prompt / t.prefill_tokens_per_s for t in gpu_only) / \
@@ -456,8 +508,9 @@ def fit_bandwidth_terms(terms: Sequence[RunTerms], base: Bandwidth) -> Bandwidth
         inv_pcie = sum(x * b for x, b in copies) / sum(b * b for _, b in copies)
         if inv_pcie > 0:
             updates["pcie_bytes_per_s"] = 1.0 / inv_pcie
-    measured = tuple(sorted(set(base.measured) | set(updates)))
-    return replace(base, **updates, measured=measured, machine=base.machine or machine_id(),
+    measured = tuple(sorted(set(base.measured) | set(updates) | ({"gpu_bytes_per_s"} if rates else set())))
+    return replace(base, **updates, model_gpu_rates=tuple(sorted(rates.items())), measured=measured,
+                   machine=base.machine or machine_id(),
                    measured_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
 
 

@@ -8,7 +8,7 @@
 #   5. planned runs at two budgets: VRAM within budget, predicted vs measured decode (plan);
 #      "bench" before "plan" stores the GPU calibration the plan's prediction uses (the
 #      other bench steps do not store theirs)
-#   (probe: the GPU's bandwidth and per-layer time on two generated models; before "bench")
+#   (probe: the GPU's bandwidth and fixed times on three generated models; before "bench")
 #   (skipab: prefill with the GPU chains' repeats vs -1 skips)
 #   (threads: per-expert and whole-layer decode at 8, 12, 16 CPU threads)
 #   (diag: scripts/split_diag.py, chain-by-chain comparison with a numpy reference)
@@ -108,11 +108,11 @@ if has recorder; then
 fi
 
 if has probe; then
-    # the GPU's bandwidth and per-layer time from two generated shapes, stored in the
-    # calibration before "bench" fits the rest (its one model cannot separate the two)
+    # the GPU's bandwidth and fixed times from three generated shapes, stored in the
+    # calibration before "bench" fits the rest (its one model cannot separate them)
     log "GPU probe"
     python3 -m hybrid_gguf.cli bench --probe-only --probe-gpu --threads 16 --json > "$OUT/gpu_probe.json" || failed probe
-    python3 -c "import json; d = json.load(open('$OUT/gpu_probe.json')); print({k: d[k] for k in ('gpu_bytes_per_s', 'gpu_layer_s')}); [print(n, round(t['decode_tokens_per_s'], 1), 'tok/s') for n, t in d['probes'].items()]"
+    python3 -c "import json; d = json.load(open('$OUT/gpu_probe.json')); print({k: d[k] for k in ('gpu_bytes_per_s', 'gpu_layer_s', 'gpu_step_s')}); [print(n, round(t['decode_tokens_per_s'], 1), 'tok/s') for n, t in d['probes'].items()]"
 fi
 
 if has bench; then

@@ -12,6 +12,10 @@ sample.
 
   python scripts/refit_calibration.py docs/results/h200-2026-11-28/bench_q30b.json --fit 0.25 \\
       --plans docs/results/h200-2026-11-28/plan_6GiB.json:docs/results/h200-2026-11-28/run_6GiB.json
+
+GPU probe JSON (`hybrid-gguf bench --probe-only --json`) fits the GPU's bandwidth and fixed
+times; --gpu-layer-us / --gpu-step-us then hold those while a bench of one model is fitted,
+as `bench` does after the probe.
 """
 
 from __future__ import annotations
@@ -72,7 +76,7 @@ def plan_terms(plan: dict, run: dict) -> tuple:
 
 
 def terms(G, C, Hb, Hi, decode_ts, gpu_layers) -> RunTerms:
-    return RunTerms(G, C, Hb, Hi, 0.0, 0.0, 0.0, decode_ts, 1.0, 1, gpu_layers)
+    return RunTerms(G, C, Hb, Hi, 0.0, 0.0, 0.0, decode_ts, 1.0, 1, gpu_layers, 1.0 if gpu_layers else 0.0)
 
 
 def bench_rows(budget: dict, totals: dict) -> list:
@@ -83,9 +87,9 @@ def bench_rows(budget: dict, totals: dict) -> list:
     if all("terms" in row for row in configs.values()):
         out = []
         for name, row in configs.items():
-            # terms saved before the per-layer GPU time: every bench placement runs its
+            # terms saved before the fixed GPU times: every bench placement runs its
             # layers on the GPU
-            t = RunTerms.from_dict({"gpu_layers": budget["n_layer"], **row["terms"]})
+            t = RunTerms.from_dict({"gpu_layers": budget["n_layer"], "gpu_steps": 1.0, **row["terms"]})
             traced = row.get("busy_handoffs_traced")
             if traced is not None:
                 t = replace(t, handoffs_busy=traced, handoffs_idle=t.handoffs - traced)
@@ -95,24 +99,46 @@ def bench_rows(budget: dict, totals: dict) -> list:
             for name, G, C, H, meas in bench_terms(budget, totals)]
 
 
+def file_rows(arg: str, fit_shares, totals: dict) -> list:
+    """(label, RunTerms, in_fit) of a bench JSON (a list of budgets; runs in the fit when
+    their budget share is in fit_shares) or a GPU probe JSON (all in the fit, or those
+    named: PATH:deep,wide)."""
+    path, _, names = arg.partition(":")
+    doc = json.load(open(path))
+    if isinstance(doc, list):
+        rows = []
+        for b in doc:
+            fit = fit_shares is None or any(abs(b["budget_share_of_experts"] - f) < 1e-6 for f in fit_shares)
+            rows += [(f"{b['arch']} {label}", t, fit) for label, t in bench_rows(b, totals)]
+        return rows
+    # probe terms saved before the per-step time: every probe step runs on the GPU
+    return [(f"probe {name}", RunTerms.from_dict({"gpu_steps": 1.0, **t}), True)
+            for name, t in doc.get("probes", doc).items() if not names or name in names.split(",")]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("bench_json", nargs="+", help="bench JSON files (several models fit together: the "
-                    "all-GPU runs of two shapes separate the GPU's bandwidth from its per-layer time)")
+    ap.add_argument("results", nargs="+", help="bench JSON files (several models fit together) or GPU probe "
+                    "JSON (`bench --probe-only --json`, or {name: terms}); model shapes that differ separate "
+                    "the GPU's bandwidth from its fixed times")
     ap.add_argument("--fit", type=float, nargs="+", default=[0.25], help="budget shares whose runs are fitted")
+    ap.add_argument("--check", nargs="*", default=[],
+                    help="bench or probe JSON whose runs are only predicted (out of sample)")
     ap.add_argument("--plans", nargs="*", default=[],
                     help="PLAN.json:RUN.json pairs, or gpu_eval's planned_B.json (validation)")
     ap.add_argument("--gpu-layer-us", type=float, default=0.0,
                     help="GPU time per layer held fixed when the runs cannot fit it (one model's runs)")
+    ap.add_argument("--gpu-step-us", type=float, default=0.0,
+                    help="GPU time per decode step held fixed when the runs cannot fit it")
     ap.add_argument("--out-calibration", help="write the fitted calibration here (gpu_eval.sh CALIBRATION=)")
     opts = ap.parse_args()
 
-    budgets = [b for path in opts.bench_json for b in json.load(open(path))]
     rows = []  # (label, RunTerms, in_fit)
     totals: dict = {}
-    for b in budgets:
-        fit = any(abs(b["budget_share_of_experts"] - f) < 1e-6 for f in opts.fit)
-        rows += [(label, t, fit) for label, t in bench_rows(b, totals)]
+    for path in opts.results:
+        rows += file_rows(path, opts.fit, totals)
+    for path in opts.check:
+        rows += [(label, t, False) for label, t, _ in file_rows(path, None, {})]
     for item in opts.plans:
         if ":" in item:
             plan_path, run_path = item.split(":")
@@ -124,23 +150,24 @@ def main() -> int:
             label, t = plan_terms(plan, run)
             rows.append((label + (f" #{i + 1}" if len(runs) > 1 else ""), t, False))
 
-    base = replace(Bandwidth(), gpu_layer_s=opts.gpu_layer_us * 1e-6)
+    base = replace(Bandwidth(), gpu_layer_s=opts.gpu_layer_us * 1e-6, gpu_step_s=opts.gpu_step_us * 1e-6)
     updates = fit_decode([t for _, t, fit in rows if fit], base)
     fitted = replace(base, **updates)
     print(f"fit on budgets {opts.fit}: gpu_bytes_per_s {fitted.gpu_bytes_per_s / 1e9:.0f} GB/s, "
-          f"gpu_layer_s {1e6 * fitted.gpu_layer_s:.1f} us, "
+          f"gpu_layer_s {1e6 * fitted.gpu_layer_s:.1f} us, gpu_step_s {1e6 * fitted.gpu_step_s:.0f} us, "
           f"cpu_bytes_per_s {fitted.cpu_bytes_per_s / 1e9:.1f} GB/s, handoff_s {1e6 * fitted.handoff_s:.0f} us, "
           f"handoff_idle_s {1e6 * fitted.handoff_idle_s:.0f} us")
-    print(f"{'run':<26} {'in fit':>6} {'measured':>9} {'predicted':>10} {'error':>7}")
+    print(f"{'run':<30} {'in fit':>6} {'measured':>9} {'predicted':>10} {'error':>7}")
     for label, t, fit in rows:
         meas = t.decode_tokens_per_s
         pred = 1.0 / t.decode_seconds(fitted)
-        print(f"{label:<26} {'yes' if fit else 'no':>6} {meas:>9.1f} {pred:>10.1f} {100 * (pred / meas - 1):>+6.1f}%")
+        print(f"{label:<30} {'yes' if fit else 'no':>6} {meas:>9.1f} {pred:>10.1f} {100 * (pred / meas - 1):>+6.1f}%")
     if opts.out_calibration:
         # the decode fields fitted here; the rest (prefill, machine id) from the first
         # bench's stored calibration
-        before = budgets[0]["prediction"]["calibration_fitted"]
-        cal = {**before, "gpu_layer_s": fitted.gpu_layer_s, **updates}
+        benches = [d for d in (json.load(open(p.partition(":")[0])) for p in opts.results) if isinstance(d, list)]
+        before = benches[0][0]["prediction"]["calibration_fitted"] if benches else {}
+        cal = {**before, "gpu_layer_s": fitted.gpu_layer_s, "gpu_step_s": fitted.gpu_step_s, **updates}
         cal["measured"] = sorted(set(before.get("measured", [])) | set(updates))
         with open(opts.out_calibration, "w") as fh:
             json.dump(cal, fh, indent=1)

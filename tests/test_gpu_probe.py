@@ -1,4 +1,4 @@
-"""The GPU side of the decode model: bandwidth and per-layer time, told apart by two shapes."""
+"""The GPU side of the decode model: bandwidth and fixed times, told apart by model shapes."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from hybrid_gguf.inventory import read_inventory
 from hybrid_gguf.predict import Bandwidth, MeasuredRun, RunTerms, fit_decode, predict_speed, run_terms
 
 needs_llama = pytest.mark.skipif(llama_cpp is None, reason="llama_cpp is not importable")
-TRUTH = Bandwidth(gpu_bytes_per_s=2.4e12, gpu_layer_s=61e-6, cpu_bytes_per_s=70e9,
+TRUTH = Bandwidth(gpu_bytes_per_s=2.4e12, gpu_layer_s=61e-6, gpu_step_s=97e-6, cpu_bytes_per_s=70e9,
                   handoff_s=150e-6, handoff_idle_s=100e-6)
 
 
@@ -32,29 +32,38 @@ def all_gpu_terms(inv, bw=TRUTH) -> RunTerms:
 def shapes(tiny_model_factory):
     deep = read_inventory(tiny_model_factory("qwen3moe", n_layer=12, n_embd=64, n_ff_exp=64))
     wide = read_inventory(tiny_model_factory("qwen3moe", n_layer=2, n_embd=256, n_ff_exp=512))
-    return deep, wide
+    tiny = read_inventory(tiny_model_factory("qwen3moe", n_layer=1, n_embd=64, n_ff_exp=64))
+    return deep, wide, tiny
 
 
-def test_two_shapes_separate_bandwidth_from_per_layer_time(shapes):
-    deep, wide = shapes
-    got = fit_decode([all_gpu_terms(deep), all_gpu_terms(wide)], Bandwidth())
+def test_three_shapes_separate_bandwidth_per_layer_and_per_step_times(shapes):
+    got = fit_decode([all_gpu_terms(inv) for inv in shapes], Bandwidth(gpu_layer_s=1e-6, gpu_step_s=1e-6))
+    assert got["gpu_bytes_per_s"] == pytest.approx(2.4e12, rel=1e-6)
+    assert got["gpu_layer_s"] == pytest.approx(61e-6, rel=1e-6)
+    assert got["gpu_step_s"] == pytest.approx(97e-6, rel=1e-6)
+
+
+def test_two_shapes_fit_the_per_layer_time_next_to_the_stored_per_step_time(shapes):
+    deep, wide, _ = shapes
+    got = fit_decode([all_gpu_terms(deep), all_gpu_terms(wide)], Bandwidth(gpu_step_s=97e-6))
+    assert "gpu_step_s" not in got
     assert got["gpu_bytes_per_s"] == pytest.approx(2.4e12, rel=1e-6)
     assert got["gpu_layer_s"] == pytest.approx(61e-6, rel=1e-6)
 
 
-def test_one_shape_keeps_the_stored_per_layer_time_and_fits_the_bandwidth(shapes):
-    deep, _ = shapes
-    base = Bandwidth(gpu_layer_s=61e-6)
+def test_one_shape_keeps_the_stored_fixed_times_and_fits_the_bandwidth(shapes):
+    deep = shapes[0]
+    base = Bandwidth(gpu_layer_s=61e-6, gpu_step_s=97e-6)
     got = fit_decode([all_gpu_terms(deep)] * 2, base)  # e.g. one model's all-GPU runs at two budgets
-    assert "gpu_layer_s" not in got
+    assert set(got) == {"gpu_bytes_per_s"}
     assert got["gpu_bytes_per_s"] == pytest.approx(2.4e12, rel=1e-6)
 
 
-def test_a_stored_per_layer_time_longer_than_a_step_is_dropped(shapes):
-    deep, _ = shapes
+def test_stored_fixed_times_longer_than_a_step_are_dropped(shapes):
+    deep = shapes[0]
     base = Bandwidth(gpu_layer_s=1e-3)  # 12 layers x 1 ms: more than the measured step
     got = fit_decode([all_gpu_terms(deep)], base)
-    assert got["gpu_layer_s"] == 0.0 and got["gpu_bytes_per_s"] > 0
+    assert got["gpu_layer_s"] == 0.0 and got["gpu_step_s"] == 0.0 and got["gpu_bytes_per_s"] > 0
 
 
 def test_host_runs_are_fitted_net_of_the_per_layer_time(tiny_model_factory):
@@ -66,20 +75,22 @@ def test_host_runs_are_fitted_net_of_the_per_layer_time(tiny_model_factory):
     for pl in placements:
         sp = predict_speed(inv, p, pl, True, TRUTH, 2048, n_ubatch=512, kv_fill=536)
         terms.append(run_terms(inv, p, MeasuredRun(pl, sp.decode_tokens_per_s, sp.prefill_tokens_per_s, 512, 536), 2048))
-    got = fit_decode(terms, Bandwidth(gpu_layer_s=61e-6))
+    got = fit_decode(terms, Bandwidth(gpu_layer_s=61e-6, gpu_step_s=97e-6))
     assert got["cpu_bytes_per_s"] == pytest.approx(70e9, rel=1e-6)
     assert got["handoff_s"] == pytest.approx(150e-6, rel=1e-6)
     assert got["handoff_idle_s"] == pytest.approx(100e-6, rel=1e-6)
 
 
-def test_calibrations_and_terms_saved_before_the_per_layer_time_read_as_none():
-    assert Bandwidth.from_dict({"gpu_bytes_per_s": 5.4e11}).gpu_layer_s == 0.0
-    assert Bandwidth.from_dict({"cpu_bytes_per_s": 6e10}).gpu_layer_s == Bandwidth().gpu_layer_s
+def test_calibrations_and_terms_saved_before_the_fixed_times_read_as_none():
+    old = Bandwidth.from_dict({"gpu_bytes_per_s": 5.4e11})
+    assert old.gpu_layer_s == 0.0 and old.gpu_step_s == 0.0
+    cpu_only = Bandwidth.from_dict({"cpu_bytes_per_s": 6e10})  # the GPU side never measured: defaults
+    assert (cpu_only.gpu_layer_s, cpu_only.gpu_step_s) == (Bandwidth().gpu_layer_s, Bandwidth().gpu_step_s)
     with pytest.raises(HybridError, match="gpu_layer_s"):
         Bandwidth.from_dict({"gpu_layer_s": -1e-6})
     old = {k: 1.0 for k in ("gpu_bytes", "cpu_bytes", "handoffs_busy", "handoffs_idle", "gpu_flop", "cpu_flop",
                             "pcie_bytes", "decode_tokens_per_s", "prefill_tokens_per_s", "n_prompt")}
-    assert RunTerms.from_dict(old).gpu_layers == 0.0
+    assert RunTerms.from_dict(old).gpu_layers == 0.0 and RunTerms.from_dict(old).gpu_steps == 0.0
     with pytest.raises(KeyError):
         RunTerms.from_dict({k: v for k, v in old.items() if k != "cpu_bytes"})
 
@@ -93,7 +104,9 @@ def test_probe_shapes_differ_in_bytes_per_layer():
         total = sum(t.n_bytes for t in bm.layout(spec))
         per_layer[name] = total / spec.n_layer
     assert per_layer["wide"] > 20 * per_layer["deep"]
+    assert per_layer["tiny"] == pytest.approx(per_layer["deep"], rel=0.05)
     assert probe_spec("deep").n_layer >= 10 * probe_spec("wide").n_layer
+    assert probe_spec("deep").n_layer >= 10 * probe_spec("tiny").n_layer
 
 
 def test_probe_refuses_without_a_gpu(monkeypatch):
@@ -112,9 +125,47 @@ def test_measure_probe_times_a_real_decode_and_reports_its_terms(tmp_path):
     path = bm.write_bench_model(tmp_path / "probe.gguf", spec, workers=1).path
     t = measure_probe(path, n_gen=8, reps=1, n_threads=2, pack_device="CPU")
     inv = read_inventory(path)
-    assert t.gpu_layers == 3 and t.cpu_bytes == 0 and t.handoffs == 0
+    assert t.gpu_layers == 3 and t.gpu_steps == 1 and t.cpu_bytes == 0 and t.handoffs == 0
     assert t.decode_tokens_per_s > 0 and t.prefill_tokens_per_s > 0
     # every token reads k experts of every layer and all dense weights
     expert_read = sum(l.n_expert_used * l.per_expert_bytes for l in inv.layers if l.is_moe)
     assert t.gpu_bytes > expert_read
-    assert replace(t, decode_tokens_per_s=1.0).decode_seconds(TRUTH) > 3 * 61e-6
+    assert replace(t, decode_tokens_per_s=1.0).decode_seconds(TRUTH) > 3 * 61e-6 + 97e-6
+
+
+def test_bench_stores_its_models_gpu_rate_beside_the_probes(shapes, monkeypatch, tmp_path):
+    from hybrid_gguf.predict import fit_bandwidth_terms
+
+    deep = shapes[0]
+    fast = replace(TRUTH, gpu_bytes_per_s=3.0e12)  # this model's kernels run faster than the probes'
+    probed = replace(TRUTH, measured=("gpu_bytes_per_s", "gpu_layer_s", "gpu_step_s"))
+    got = fit_bandwidth_terms([all_gpu_terms(deep, fast)], probed, fingerprint="model-a")
+    assert got.gpu_bytes_per_s == 2.4e12  # the probe's machine-wide rate stays
+    assert got.for_model("model-a").gpu_bytes_per_s == pytest.approx(3.0e12, rel=1e-6)
+    assert got.for_model("model-b").gpu_bytes_per_s == 2.4e12
+    # no probe yet: the model's rate is also the best machine-wide guess
+    unprobed = fit_bandwidth_terms([all_gpu_terms(deep, fast)], replace(TRUTH, measured=()), fingerprint="model-a")
+    assert unprobed.gpu_bytes_per_s == pytest.approx(3.0e12, rel=1e-6)
+    # the rates survive the calibration file
+    again = Bandwidth.from_dict(got.to_dict())
+    assert again.for_model("model-a").gpu_bytes_per_s == pytest.approx(3.0e12, rel=1e-6)
+    with pytest.raises(HybridError, match="model_gpu_rates"):
+        Bandwidth.from_dict({**got.to_dict(), "model_gpu_rates": {"model-a": -1}})
+
+
+def test_probe_fits_the_three_shapes_and_drops_stale_model_rates(shapes, monkeypatch, tmp_path):
+    from hybrid_gguf import devices, gpu_probe, predict
+
+    monkeypatch.setenv("HYBRID_GGUF_CACHE", str(tmp_path))
+    monkeypatch.setattr(devices, "gpu_devices", lambda: ["fake GPU"])
+    by_name = dict(zip(("deep", "wide", "tiny"), shapes))
+    monkeypatch.setattr(gpu_probe, "ensure_probe_model", lambda name, cache_dir, log: name)
+    # the measurement is timed on a GPU only; here each probe's decode follows TRUTH
+    monkeypatch.setattr(gpu_probe, "measure_probe", lambda name, *a, **k: all_gpu_terms(by_name[name]))
+    predict.save_calibration(replace(Bandwidth(), model_gpu_rates=(("old-model", 1e12),), machine=predict.machine_id()))
+    got = gpu_probe.probe_gpu(log=lambda s: None)
+    assert got["gpu_layer_s"] == pytest.approx(61e-6, rel=1e-6)
+    assert got["gpu_step_s"] == pytest.approx(97e-6, rel=1e-6)
+    stored = predict.load_calibration()
+    assert stored.gpu_bytes_per_s == pytest.approx(2.4e12, rel=1e-6) and stored.model_gpu_rates == ()
+    assert {"gpu_bytes_per_s", "gpu_layer_s", "gpu_step_s"} <= set(stored.measured)

@@ -53,7 +53,8 @@ def bench_command(
     probe = _maybe_probe(probe_gpu or probe_only, probe_gpu is False, no_calibrate, threads, log)
     if probe_only:
         print(json.dumps(probe, indent=2) if as_json else
-              f"GPU: {probe['gpu_bytes_per_s'] / 1e9:.0f} GB/s, {1e6 * probe['gpu_layer_s']:.1f} us per layer")
+              f"GPU: {probe['gpu_bytes_per_s'] / 1e9:.0f} GB/s, {1e6 * probe['gpu_layer_s']:.1f} us per layer, "
+              f"{1e6 * probe['gpu_step_s']:.0f} us per decode step")
         return
     path = resolve_model(model).path
     inv = read_inventory(path)
@@ -89,13 +90,13 @@ def bench_command(
 
 def _maybe_probe(force: bool, refused: bool, no_calibrate: bool, threads: Optional[int], log) -> Optional[dict]:
     """The GPU probe's result when it runs: on request, or with a GPU whose calibration has
-    no measured per-layer time yet (the fit of one model cannot measure it)."""
+    no measured fixed times yet (the fit of one model cannot measure them)."""
     from ..devices import gpu_devices
     from ..gpu_probe import probe_gpu
     from ..predict import calibrate_bandwidth
 
     if not force and (refused or no_calibrate or not gpu_devices()
-                      or "gpu_layer_s" in calibrate_bandwidth().measured):
+                      or {"gpu_layer_s", "gpu_step_s"} <= set(calibrate_bandwidth().measured)):
         return None
     return probe_gpu(n_threads=threads, save=not no_calibrate, log=log)
 

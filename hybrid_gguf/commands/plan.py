@@ -173,7 +173,7 @@ def print_plan(console, plan, inv, explain: bool) -> None:
         measured = set(bw.get("measured") or [])
         console.print("bandwidth: " + ", ".join(
             f"{k} {bw[k]:.3g}{'' if k in measured else ' (default)'}"
-            for k in ("cpu_bytes_per_s", "gpu_bytes_per_s", "gpu_layer_s", "pcie_bytes_per_s", "handoff_s",
+            for k in ("cpu_bytes_per_s", "gpu_bytes_per_s", "gpu_layer_s", "gpu_step_s", "pcie_bytes_per_s", "handoff_s",
                       "handoff_idle_s")
             if k in bw))
         console.print(f"decode ms/token: {bw.get('decode_ms')}; prefill ms/ubatch: {bw.get('prefill_ms')}")
