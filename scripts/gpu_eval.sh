@@ -9,6 +9,7 @@
 #      "bench" before "plan" stores the GPU calibration the plan's prediction uses (the
 #      other bench steps do not store theirs)
 #   (probe: the GPU's bandwidth and fixed times on three generated models; before "bench")
+#   (probeshapes: three more generated shapes timed all on the GPU, to check the probe)
 #   (skipab: prefill with the GPU chains' repeats vs -1 skips)
 #   (threads: per-expert and whole-layer decode at 8, 12, 16 CPU threads)
 #   (diag: scripts/split_diag.py, chain-by-chain comparison with a numpy reference)
@@ -113,6 +114,27 @@ if has probe; then
     log "GPU probe"
     python3 -m hybrid_gguf.cli bench --probe-only --probe-gpu --threads 16 --json > "$OUT/gpu_probe.json" || failed probe
     python3 -c "import json; d = json.load(open('$OUT/gpu_probe.json')); print({k: d[k] for k in ('gpu_bytes_per_s', 'gpu_layer_s', 'gpu_step_s')}); [print(n, round(t['decode_tokens_per_s'], 1), 'tok/s') for n, t in d['probes'].items()]"
+fi
+
+if has probeshapes; then
+    # more shapes than the probe uses, to check its fit out of sample (call 5 of 2026-11-28)
+    log "probe shapes: tiny2, deep16, wide8"
+    python3 -c "
+import llama_cpp, json
+from hybrid_gguf.gpu_probe import measure_probe
+from hybrid_gguf.bench_model import bench_spec, write_bench_model
+small = dict(n_embd=1024, n_head=16, n_head_kv=4, head_dim=64, n_expert=32, n_expert_used=8, n_ff_exp=256)
+out = {}
+for name, preset, kw in [('tiny2', 'qwen3-30b-a3b-like', dict(small, n_layer=2)),
+                         ('deep16', 'qwen3-30b-a3b-like', dict(small, n_layer=16)),
+                         ('wide8', 'mixtral-8x7b-like', dict(n_layer=8))]:
+    p = '/tmp/models/probe_' + name + '.gguf'
+    write_bench_model(p, bench_spec(preset, 'Q4_K', **kw))
+    t = measure_probe(p, 64, 3, 16)
+    out[name] = t.to_dict()
+    print(name, round(t.decode_tokens_per_s, 1), flush=True)
+json.dump(out, open('$OUT/probe_extra.json', 'w'), indent=1)
+" || failed probeshapes
 fi
 
 if has bench; then
