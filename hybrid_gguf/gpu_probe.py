@@ -1,4 +1,4 @@
-"""The GPU side of the decode model, measured once per machine on two generated models.
+"""The GPU side of the decode model, measured once per machine on three generated models.
 
 A decode step on the GPU costs the bytes it reads over the GPU's bandwidth plus fixed
 times: one per step (launch, sync, logits) and one per layer (kernel launches and small

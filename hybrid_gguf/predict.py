@@ -5,11 +5,10 @@ Decode is memory-bound: per token every dense weight and every selected expert i
 once, so time per token = bytes read on each side / that side's bandwidth, plus fixed GPU
 times per step (launch, sync, logits) and per layer (kernel launches and small ops,
 whatever the bytes), plus a hand-off for every layer whose experts (some of them) run on
-the CPU. A hand-off costs more
-when the token selected one of the layer's host experts ("busy": the CPU chain has work)
-than when it did not ("idle": the chain still runs, on no rows). Prefill (one ubatch
-of T tokens) is compute-bound on the GPU; experts left in host memory are copied to the GPU
-over PCIe (op offload), only the ones the batch uses.
+the CPU. A hand-off costs more when the token selected one of the layer's host experts
+("busy": the CPU chain has work) than when it did not ("idle": the chain still runs, on
+no rows). Prefill (one ubatch of T tokens) is compute-bound on the GPU; experts left in
+host memory are copied to the GPU over PCIe (op offload), only the ones the batch uses.
 
 Bandwidths are measured once per machine (`calibrate_bandwidth`, cached in
 ~/.cache/hybrid-gguf/calibration.json); fields nobody measured keep documented defaults and
@@ -88,7 +87,7 @@ class Bandwidth:
         if "handoff_idle_s" not in kw and "handoff_s" in kw:
             kw["handoff_idle_s"] = kw["handoff_s"]  # calibrations from before the split
         for name in ZERO_ALLOWED:
-            if name not in kw and "gpu_bytes_per_s" in kw:
+            if name not in kw and "gpu_bytes_per_s" in kw["measured"]:
                 kw[name] = 0.0  # their GPU rate was fitted without this fixed time
         bw = cls(**kw)
         for f in fields(cls):
@@ -508,7 +507,7 @@ def fit_bandwidth_terms(terms: Sequence[RunTerms], base: Bandwidth,
         inv_pcie = sum(x * b for x, b in copies) / sum(b * b for _, b in copies)
         if inv_pcie > 0:
             updates["pcie_bytes_per_s"] = 1.0 / inv_pcie
-    measured = tuple(sorted(set(base.measured) | set(updates) | ({"gpu_bytes_per_s"} if rates else set())))
+    measured = tuple(sorted(set(base.measured) | set(updates)))
     return replace(base, **updates, model_gpu_rates=tuple(sorted(rates.items())), measured=measured,
                    machine=base.machine or machine_id(),
                    measured_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))

@@ -7,7 +7,8 @@
 #   4b. the same A/B on a Mixtral-8x7B-shaped Q4_K model (bench2)
 #   5. planned runs at two budgets: VRAM within budget, predicted vs measured decode (plan);
 #      "bench" before "plan" stores the GPU calibration the plan's prediction uses (the
-#      other bench steps do not store theirs)
+#      other bench steps do not store theirs); without "bench", CALIBRATION=FILE installs
+#      one, e.g. docs/results/h200-2026-11-28c/calibration_h200.json (probe + Q30B bench)
 #   (probe: the GPU's bandwidth and fixed times on three generated models; before "bench")
 #   (probeshapes: three more generated shapes timed all on the GPU, to check the probe)
 #   (skipab: prefill with the GPU chains' repeats vs -1 skips)

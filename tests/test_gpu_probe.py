@@ -82,7 +82,7 @@ def test_host_runs_are_fitted_net_of_the_per_layer_time(tiny_model_factory):
 
 
 def test_calibrations_and_terms_saved_before_the_fixed_times_read_as_none():
-    old = Bandwidth.from_dict({"gpu_bytes_per_s": 5.4e11})
+    old = Bandwidth.from_dict({"gpu_bytes_per_s": 5.4e11, "measured": ["gpu_bytes_per_s"]})
     assert old.gpu_layer_s == 0.0 and old.gpu_step_s == 0.0
     cpu_only = Bandwidth.from_dict({"cpu_bytes_per_s": 6e10})  # the GPU side never measured: defaults
     assert (cpu_only.gpu_layer_s, cpu_only.gpu_step_s) == (Bandwidth().gpu_layer_s, Bandwidth().gpu_step_s)

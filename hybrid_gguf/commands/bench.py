@@ -37,8 +37,9 @@ def bench_command(
     no_calibrate: bool = typer.Option(False, "--no-calibrate",
                                       help="do not store the bandwidth model fitted to this run for `plan`"),
     probe_gpu: Optional[bool] = typer.Option(None, "--probe-gpu/--no-probe-gpu",
-                                             help="measure the GPU's bandwidth and per-layer time on two generated "
-                                                  "models first (default: once per machine, when a GPU is present)"),
+                                             help="measure the GPU's bandwidth and fixed times on three generated "
+                                                  "models first (default: once per machine, when a GPU is present; "
+                                                  "the models take 4.2 GB in the cache)"),
     probe_only: bool = typer.Option(False, "--probe-only", help="run the GPU probe and stop (no MODEL needed)"),
 ) -> None:
     """Time all-CPU experts, whole-layer (stock) and per-expert placement at one or more budgets."""
