@@ -113,7 +113,7 @@ def plan_model(model_path: PathLike, gpu_budget: Optional[int], n_ctx: int, *,
     from .inventory import read_inventory
     from .plan import Plan
     from .planner import diff_plans, make_plan
-    from .predict import Bandwidth, calibrate_bandwidth
+    from .predict import GPU_DECODE_FIELDS, Bandwidth, calibrate_bandwidth
     from .profile import ProfileStore, RoutingProfile
 
     inv = inventory if inventory is not None else read_inventory(model_path)
@@ -148,6 +148,10 @@ def plan_model(model_path: PathLike, gpu_budget: Optional[int], n_ctx: int, *,
                          compute_bytes=compute, compute_factor=1.0 if compute is not None else 1.25,
                          margin_bytes=margin_bytes)
     bw = calibrate_bandwidth().for_model(inv.fingerprint) if calibrate else Bandwidth()
+    guessed = [f for f in GPU_DECODE_FIELDS if f not in bw.measured]
+    if calibrate and gpu_present and guessed:
+        notes.append(f"predicted tokens/s rest on default figures for {', '.join(guessed)}; "
+                     "`hybrid-gguf bench MODEL --budget-share 0.1,0.25,0.5` measures them on this machine")
 
     prev = previous
     prev_file = previous_path or (out if out is not None and Path(out).exists() else None)

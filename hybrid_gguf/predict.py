@@ -36,6 +36,8 @@ CALIBRATION_FORMAT = "hybrid-gguf-calibration"
 
 
 ZERO_ALLOWED = ("gpu_layer_s", "gpu_step_s")  # fixed times a calibration may lack
+# what a hybrid decode prediction rests on besides the CPU read rate (measured everywhere)
+GPU_DECODE_FIELDS = ("gpu_bytes_per_s", "gpu_layer_s", "gpu_step_s", "handoff_s", "handoff_idle_s")
 
 
 @dataclass(frozen=True)

@@ -259,3 +259,25 @@ def test_autoplan_loop_with_store(model, tmp_path, monkeypatch, tiny_model_facto
     assert kwargs["n_ctx"] == 1024 and kwargs["n_gpu_layers"] == -1
     loaded = load_llama(path, back.placement(), verbose=False, n_threads=1, **kwargs)
     loaded.llm.close()
+
+
+def test_autoplan_says_when_its_speed_prediction_rests_on_default_gpu_figures(model, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from hybrid_gguf.autoplan import plan_model
+    from hybrid_gguf.planner import DeviceBudget
+    from hybrid_gguf.predict import Bandwidth, machine_id, save_calibration
+
+    path, _ = model
+    monkeypatch.setenv("HYBRID_GGUF_CACHE", str(tmp_path))
+    gpu = [DeviceBudget("CUDA0", 17 * mm.MIB)]
+    kw = dict(devices=gpu, measure=False, per_expert=True, margin_bytes=0)
+    cpu_only = replace(Bandwidth(), measured=("cpu_bytes_per_s", "cpu_flops"), machine=machine_id())
+    save_calibration(cpu_only)
+    notes = plan_model(path, None, 1024, **kw).plan.notes
+    assert any("default figures for gpu_bytes_per_s, gpu_layer_s, gpu_step_s, handoff_s, handoff_idle_s" in n
+               for n in notes)
+    measured = ("cpu_bytes_per_s", "cpu_flops", "gpu_bytes_per_s", "gpu_layer_s", "gpu_step_s", "handoff_s",
+                "handoff_idle_s")
+    save_calibration(replace(cpu_only, measured=measured))
+    assert not any("default figures" in n for n in plan_model(path, None, 1024, **kw).plan.notes)
