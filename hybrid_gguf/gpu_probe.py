@@ -44,7 +44,7 @@ def probe_spec(name: str, weight_type: str = "Q4_K"):
 
 def ensure_probe_model(name: str, cache_dir: Optional[Path] = None,
                        log: Callable[[str], None] = print) -> Path:
-    """The probe model's file in the cache, written on first use (a few GB for "wide")."""
+    """The probe model's file in the cache, written when absent (3.4 GB for "wide")."""
     from .bench_model import write_bench_model
     from .synth import default_cache_dir
 
@@ -82,10 +82,12 @@ def measure_probe(path: Path, n_gen: int = 64, reps: int = 3, n_threads: Optiona
 
 
 def probe_gpu(cache_dir: Optional[Path] = None, n_gen: int = 64, reps: int = 3,
-              n_threads: Optional[int] = None, save: bool = True,
+              n_threads: Optional[int] = None, save: bool = True, keep_models: bool = False,
               log: Callable[[str], None] = print) -> dict:
     """Measure gpu_bytes_per_s, gpu_layer_s and gpu_step_s on the probe models and (with
-    save) store them in this machine's calibration. Returns what was measured and fitted."""
+    save) store them in this machine's calibration. Returns what was measured and fitted.
+    The models (4.2 GB) are deleted afterwards unless keep_models: writing them again takes
+    seconds, and the probe runs once per machine."""
     from . import predict
     from .devices import gpu_devices
 
@@ -94,7 +96,11 @@ def probe_gpu(cache_dir: Optional[Path] = None, n_gen: int = 64, reps: int = 3,
     terms = {}
     for name in PROBES:
         path = ensure_probe_model(name, cache_dir, log)
-        terms[name] = measure_probe(path, n_gen, reps, n_threads)
+        try:
+            terms[name] = measure_probe(path, n_gen, reps, n_threads)
+        finally:
+            if not keep_models:
+                path.unlink(missing_ok=True)
         t = terms[name]
         log(f"probe {name}: {t.gpu_layers:.0f} layers, {t.gpu_bytes / 1e9:.3f} GB read per token, "
             f"decode {t.decode_tokens_per_s:.1f} tok/s")

@@ -159,9 +159,14 @@ def test_probe_fits_the_three_shapes_and_drops_stale_model_rates(shapes, monkeyp
     monkeypatch.setenv("HYBRID_GGUF_CACHE", str(tmp_path))
     monkeypatch.setattr(devices, "gpu_devices", lambda: ["fake GPU"])
     by_name = dict(zip(("deep", "wide", "tiny"), shapes))
-    monkeypatch.setattr(gpu_probe, "ensure_probe_model", lambda name, cache_dir, log: name)
+
+    def fake_model(name, cache_dir, log):
+        (tmp_path / f"{name}.gguf").write_bytes(b"GGUF")
+        return tmp_path / f"{name}.gguf"
+
+    monkeypatch.setattr(gpu_probe, "ensure_probe_model", fake_model)
     # the measurement is timed on a GPU only; here each probe's decode follows TRUTH
-    monkeypatch.setattr(gpu_probe, "measure_probe", lambda name, *a, **k: all_gpu_terms(by_name[name]))
+    monkeypatch.setattr(gpu_probe, "measure_probe", lambda path, *a, **k: all_gpu_terms(by_name[path.stem]))
     predict.save_calibration(replace(Bandwidth(), model_gpu_rates=(("old-model", 1e12),), machine=predict.machine_id()))
     got = gpu_probe.probe_gpu(log=lambda s: None)
     assert got["gpu_layer_s"] == pytest.approx(61e-6, rel=1e-6)
@@ -169,3 +174,6 @@ def test_probe_fits_the_three_shapes_and_drops_stale_model_rates(shapes, monkeyp
     stored = predict.load_calibration()
     assert stored.gpu_bytes_per_s == pytest.approx(2.4e12, rel=1e-6) and stored.model_gpu_rates == ()
     assert {"gpu_bytes_per_s", "gpu_layer_s", "gpu_step_s"} <= set(stored.measured)
+    assert not list(tmp_path.glob("*.gguf"))  # the probe models do not stay in the cache
+    gpu_probe.probe_gpu(log=lambda s: None, keep_models=True, save=False)
+    assert len(list(tmp_path.glob("*.gguf"))) == 3
