@@ -16,6 +16,7 @@
 #   (diag: scripts/split_diag.py, chain-by-chain comparison with a numpy reference)
 # One call does not fit every step in 10 minutes. Measured 2026-11-28 (wall time per call):
 #   "build,diag,split,recorder"  ~5 min (build 203-257 s)
+#   "probe"                      8 s (two shapes; three now)
 #   "bench"                      3 budgets, tg 64, 2 reps: 1.9-2.3 min
 #   "plan"                       profile on the GPU + 2 plans with one run each: 78 s
 #                                (now two runs per plan)
@@ -30,7 +31,7 @@
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 ... -d .device/whl gguf==0.19.0 diskcache
 # and call the device tool with carry=[".device"] and: bash scripts/gpu_eval.sh [steps]
 set -uo pipefail
-STEPS=${1:-build,diag,split,recorder,bench,plan}
+STEPS=${1:-build,diag,split,recorder,probe,bench,plan}
 OUT=${OUT:-/tmp/hybrid-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HYBRID_GGUF_CACHE=/tmp/hgcache HYBRID_GGUF_SDIST=$PWD/.device/llama_cpp_python-0.3.36-trimmed.tar.gz
