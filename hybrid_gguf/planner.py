@@ -535,8 +535,9 @@ def _promote(inv, p, layers, hot, whole, pack_dev, room, frac, bw, opts, notes):
             hot, whole = h, w
             promoted.append(l)
     if promoted:
-        notes.append(f"layers {', '.join(map(str, sorted(promoted)))} promoted whole (hot set >= "
-                     f"{frac:.0%} of their experts; no CPU hand-off there)")
+        notes.append(f"layers {', '.join(map(str, sorted(promoted)))} promoted whole: no CPU hand-off there, "
+                     f"paid for with the least used hot experts elsewhere (layers considered: hot set >= "
+                     f"{frac:.0%} of their experts)")
     return hot, whole
 
 

@@ -18,8 +18,8 @@
 #   "build,diag,split,recorder"  ~5 min (build 203-257 s)
 #   "probe"                      8 s (two shapes; three now)
 #   "bench"                      3 budgets, tg 64, 2 reps: 1.9-2.3 min
-#   "plan"                       profile on the GPU + 2 plans with one run each: 78 s
-#                                (now two runs per plan)
+#   "plan"                       profile on the GPU + 2 plans with two runs each: 86-89 s
+#                                (now 2 planner variants per budget: about 2.5 min)
 # A call returns at most 8 files from $OUT (a ninth was left out once); keep steps' outputs few.
 #   "bench2,skipab"              bench2 ~2.5 min, skipab ~2 min
 # Chain the calls within 30 s (the machine stays warm that long; a helper polling the device
@@ -192,18 +192,23 @@ open('/tmp/prof.txt', 'w').write(package_text(P, 8000)); open('/tmp/eval.txt', '
     python3 -m hybrid_gguf.cli profile "$BIG" --text /tmp/prof.txt --chunk-chars 200 -n 128 --temp 1.0 \
         --store /tmp/store --json > "$OUT/profile_q30b.json" || failed profile
     for B in ${PLAN_BUDGETS:-6GiB 10GiB}; do
-        python3 -m hybrid_gguf.cli plan "$BIG" --gpu-budget "$B" --ctx 4096 --store /tmp/store --out "/tmp/plan_$B.yaml" --json > "/tmp/plan_$B.json"
+      # planner variants: --promote-from 0.9 (the default) and 0 (the speed model weighs
+      # promoting any layer whole); one file per budget and variant
+      for P in ${PROMOTE_FROMS:-0.9 0}; do
+        rm -f "/tmp/plan_${B}_p$P.yaml"  # a plan left by an earlier call would be kept as "previous"
+        python3 -m hybrid_gguf.cli plan "$BIG" --gpu-budget "$B" --ctx 4096 --store /tmp/store --promote-from "$P" \
+            --out "/tmp/plan_${B}_p$P.yaml" --json > "/tmp/plan_${B}_p$P.json"
         # sampled decode (greedy decoding of random weights repeats one token, one routing
         # pattern); recording on, as `run` is by default, to report the session's hit rate;
         # twice (the same plan measured 11 % apart in two calls of one lease)
         for rep in 1 2; do
-            python3 -m hybrid_gguf.cli run "$BIG" --plan "/tmp/plan_$B.yaml" --ctx 4096 -n 128 --temp 1.0 --seed 1 \
-                -t 16 --json -p "$(head -c 1500 /tmp/eval.txt)" > "/tmp/run_${B}_$rep.json"
-            python3 scripts/check_plan_run.py "/tmp/plan_$B.json" "/tmp/run_${B}_$rep.json" || failed "plan $B"
+            python3 -m hybrid_gguf.cli run "$BIG" --plan "/tmp/plan_${B}_p$P.yaml" --ctx 4096 -n 128 --temp 1.0 --seed 1 \
+                -t 16 --json -p "$(head -c 1500 /tmp/eval.txt)" > "/tmp/run_${B}_p${P}_$rep.json"
+            python3 scripts/check_plan_run.py "/tmp/plan_${B}_p$P.json" "/tmp/run_${B}_p${P}_$rep.json" || failed "plan $B p$P"
         done
-        # one file per budget: the device returns only a few files per call
         python3 -c "import json, sys; json.dump({'plan': json.load(open(sys.argv[1])), 'runs': [json.load(open(f)) for f in sys.argv[3:]]}, open(sys.argv[2], 'w'), indent=1)" \
-            "/tmp/plan_$B.json" "$OUT/planned_$B.json" /tmp/run_${B}_1.json /tmp/run_${B}_2.json
+            "/tmp/plan_${B}_p$P.json" "$OUT/planned_${B}_p$P.json" /tmp/run_${B}_p${P}_1.json /tmp/run_${B}_p${P}_2.json
+      done
     done
 fi
 [ -z "$FAILED" ] || { log "done, with failures:$FAILED"; exit 1; }

@@ -271,6 +271,30 @@ def test_promotes_nearly_complete_layer_when_it_pays(tiny_model_factory):
     assert promoted.predicted.gpu_bytes <= budget
 
 
+def test_promotion_from_zero_weighs_layers_far_from_complete(tiny_model_factory):
+    # layer 0 routes uniformly: its hot set stays well under 90 % of its experts, yet with
+    # costly hand-offs the whole layer on the GPU (and fewer hot experts in layer 1) is faster
+    inv = read_inventory(tiny_model_factory("qwen3moe", n_layer=2, n_expert=16))
+    w = 1.0 / np.arange(1, 17) ** 2.0
+    probs = np.vstack([np.full(16, 1 / 16), w / w.sum()])
+    prof = make_profile(inv, probs, tokens=200000)
+    opts = mm.MemoryOptions(1024, **OPTS)
+    base = mm.predict_memory(inv, TensorPlacement((PlacementRule(EXPERT_TENSOR_RE, "CPU"),)), opts,
+                             gpus=["GPU"]).devices["GPU"]
+    room_needed = 17.2 * inv.layers[0].per_expert_bytes  # 3 of layer 1 and 14 of layer 0, by value
+    budget = int(opts.margin_bytes + (1 + opts.margin_fraction) * (base.total - base.margin + room_needed))
+    slow_handoff = Bandwidth(handoff_s=5e-3, handoff_idle_s=5e-3)
+    default = make_plan(inv, budget, 1024, prof, memory=opts, bandwidth=slow_handoff)
+    anywhere = make_plan(inv, budget, 1024, prof, memory=opts, bandwidth=slow_handoff, promote_fraction=0.0)
+    assert default.whole_layers(inv) == [] and len(default.hot[0]) < 0.9 * 16
+    assert anywhere.whole_layers(inv) == [0] and 0 not in anywhere.hot
+    assert anywhere.predicted.decode_tokens_per_s > default.predicted.decode_tokens_per_s
+    assert anywhere.predicted.gpu_bytes <= budget
+    # cheap hand-offs: the hot experts are worth more than the saved hand-off
+    cheap = Bandwidth(handoff_s=1e-7, handoff_idle_s=1e-7)
+    assert make_plan(inv, budget, 1024, prof, memory=opts, bandwidth=cheap, promote_fraction=0.0).whole_layers(inv) == []
+
+
 def test_hysteresis_no_churn_on_same_workload_and_change_on_new(tiny_model_factory):
     inv = read_inventory(tiny_model_factory("qwen3moe", n_layer=3, n_expert=16))
     opts = mm.MemoryOptions(1024, **OPTS)

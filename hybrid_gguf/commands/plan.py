@@ -55,6 +55,10 @@ def register(app: typer.Typer) -> None:
         calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate",
                                        help="use (or measure once) this machine's bandwidths"),
         hysteresis: float = typer.Option(0.01, "--hysteresis", help="minimum hit-rate gain to replace the previous plan"),
+        promote_from: float = typer.Option(
+            0.9, "--promote-from", min=0.0, max=1.0,
+            help="consider promoting a layer whole (no CPU hand-off) once its hot set covers this share of "
+                 "its experts; 0 lets the speed model weigh every layer"),
     ) -> None:
         """Plan per-expert GPU/CPU placement for a GPU budget and predict hit rate and speed."""
         from rich.console import Console
@@ -70,7 +74,8 @@ def register(app: typer.Typer) -> None:
         res = plan_model(model, budget, ctx, profile_path=profile_path, store=store, previous_path=previous,
                          out=out, devices=devs, per_expert=False if whole_tensor else None, measure=measure,
                          calibrate=calibrate, n_ubatch=n_ubatch, flash_attn=flash_attn, type_k=type_k,
-                         type_v=type_v, margin_bytes=parse_size(margin), hysteresis=hysteresis)
+                         type_v=type_v, margin_bytes=parse_size(margin), hysteresis=hysteresis,
+                         promote_from=promote_from)
         plan, diff, inv = res.plan, res.diff, res.inventory
         opts = memory_options(plan)
         per_expert = plan.backend == "per-expert"
