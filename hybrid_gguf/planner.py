@@ -13,7 +13,8 @@ Order of business:
 3. Layers whose hot set is nearly complete are promoted whole when the bandwidth model
    says the freed CPU hand-off is worth the experts it costs.
 4. Hysteresis: the previous plan's hot set is kept unless the new one is predicted to be
-   better by more than `hysteresis` (absolute hit rate).
+   better by more than `hysteresis` (absolute hit rate) or to decode more than
+   SPEED_HYSTERESIS faster (promotions lower the hit rate a little to save hand-offs).
 
 Without a profile, or on a stock llama.cpp, experts move per whole layer (the last layers
 first, like llama.cpp's --n-cpu-moe).
@@ -38,6 +39,7 @@ from .predict import Bandwidth, decode_probs, hit_rate, predict_speed, profile_p
 from .sizes import format_size
 
 SMALL_PROFILE_TOKENS = 2000  # routed tokens per layer below which skew is overstated
+SPEED_HYSTERESIS = 0.02  # predicted decode gain that replaces the previous plan even at a lower hit rate
 BB_NODE_LIMIT = 20_000  # ~0.3 s; small cases finish far below it
 _EXP_SUFFIX = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
 
@@ -371,7 +373,7 @@ def make_plan(inventory, budget_bytes: int, n_ctx: int, profile=None, per_expert
 
     # 5. hysteresis against the previous plan
     if previous is not None:
-        kept = _keep_previous(inv, p, previous, hot, whole, gpus, budgets, split, opts, hysteresis, notes)
+        kept = _keep_previous(inv, p, previous, hot, whole, gpus, budgets, split, opts, hysteresis, bw, notes)
         if kept is not None:
             hot, whole = kept
 
@@ -541,7 +543,7 @@ def _promote(inv, p, layers, hot, whole, pack_dev, room, frac, bw, opts, notes):
     return hot, whole
 
 
-def _keep_previous(inv, p, previous: Plan, hot, whole, gpus, budgets, split, opts, threshold, notes):
+def _keep_previous(inv, p, previous: Plan, hot, whole, gpus, budgets, split, opts, threshold, bw, notes):
     if previous.fingerprint != inv.fingerprint:
         notes.append("the previous plan is for another model; ignored")
         return None
@@ -559,6 +561,12 @@ def _keep_previous(inv, p, previous: Plan, hot, whole, gpus, budgets, split, opt
     old_hit, new_hit = hit_rate(p, prev_exp), hit_rate(p, new_exp)
     if new_hit - old_hit > threshold:
         notes.append(f"re-planned: predicted hit rate {old_hit:.1%} -> {new_hit:.1%}")
+        return None
+    # a promoted layer trades a little hit rate for a hand-off: judged by predicted speed
+    old_ts, new_ts = (predict_speed(inv, p, exp, True, bw, opts.n_ctx, opts.n_ubatch,
+                                    op_offload=opts.op_offload).decode_tokens_per_s for exp in (prev_exp, new_exp))
+    if new_ts > old_ts * (1 + SPEED_HYSTERESIS):
+        notes.append(f"re-planned: predicted decode {old_ts:.1f} -> {new_ts:.1f} tok/s")
         return None
     placement = TensorPlacement(tuple(_rules_for(inv, prev_whole, layer_devices(inv.n_layer, gpus, split),
                                                  sum(1 for l in inv.layers if l.is_moe))), n_gpu_layers=-1)

@@ -293,6 +293,15 @@ def test_promotion_from_zero_weighs_layers_far_from_complete(tiny_model_factory)
     # cheap hand-offs: the hot experts are worth more than the saved hand-off
     cheap = Bandwidth(handoff_s=1e-7, handoff_idle_s=1e-7)
     assert make_plan(inv, budget, 1024, prof, memory=opts, bandwidth=cheap, promote_fraction=0.0).whole_layers(inv) == []
+    # the loop adopts the promotion over a previous unpromoted plan although it lowers the
+    # hit rate, and then keeps it
+    assert anywhere.predicted.hit_rate < default.predicted.hit_rate
+    adopted = make_plan(inv, budget, 1024, prof, memory=opts, bandwidth=slow_handoff, promote_fraction=0.0,
+                        previous=default)
+    assert adopted.whole_layers(inv) == [0] and any("predicted decode" in n for n in adopted.notes)
+    again = make_plan(inv, budget, 1024, prof, memory=opts, bandwidth=slow_handoff, promote_fraction=0.0,
+                      previous=adopted)
+    assert again.whole_layers(inv) == [0] and again.hot == adopted.hot
 
 
 def test_hysteresis_no_churn_on_same_workload_and_change_on_new(tiny_model_factory):
