@@ -247,20 +247,24 @@ def test_profile_problems(tiny_model_factory):
         make_plan(inv, -1, 1024, memory=opts)
 
 
-def test_promotes_nearly_complete_layer_when_it_pays(tiny_model_factory):
-    # layer 0 routes uniformly, layer 1 to a few experts: the best hot set is 15 of layer 0's
-    # 16 experts and 3 of layer 1's; all 16 of layer 0 (no hand-off there) for 1 of layer 1's
+def uniform_and_skewed(tiny_model_factory, room_experts: float):
+    """Layer 0 routes uniformly over 16 experts, layer 1 to a few; a GPU budget with room
+    for `room_experts` experts beside the dense weights. (inv, profile, options, budget)."""
     inv = read_inventory(tiny_model_factory("qwen3moe", n_layer=2, n_expert=16))
     w = 1.0 / np.arange(1, 17) ** 2.0
-    probs = np.vstack([np.full(16, 1 / 16), w / w.sum()])
-    prof = make_profile(inv, probs, tokens=200000)
+    prof = make_profile(inv, np.vstack([np.full(16, 1 / 16), w / w.sum()]), tokens=200000)
     opts = mm.MemoryOptions(1024, **OPTS)
-    layers = [l for l in inv.layers if l.is_moe]
-    base = mm.predict_memory(inv, TensorPlacement((PlacementRule(EXPERT_TENSOR_RE, "CPU"),)), opts,
-                             gpus=["GPU"])
-    gpu = base.devices["GPU"]
-    room_needed = 18.4 * layers[0].per_expert_bytes
-    budget = int(opts.margin_bytes + (1 + opts.margin_fraction) * (gpu.total - gpu.margin + room_needed))
+    gpu = mm.predict_memory(inv, TensorPlacement((PlacementRule(EXPERT_TENSOR_RE, "CPU"),)), opts,
+                            gpus=["GPU"]).devices["GPU"]
+    room = room_experts * inv.layers[0].per_expert_bytes
+    budget = int(opts.margin_bytes + (1 + opts.margin_fraction) * (gpu.total - gpu.margin + room))
+    return inv, prof, opts, budget
+
+
+def test_promotes_nearly_complete_layer_when_it_pays(tiny_model_factory):
+    # the best hot set is 15 of layer 0's 16 experts and 3 of layer 1's; all 16 of layer 0
+    # (no hand-off there) for 1 of layer 1's
+    inv, prof, opts, budget = uniform_and_skewed(tiny_model_factory, 18.4)
     slow_handoff = Bandwidth(handoff_s=5e-3)
     plain = make_plan(inv, budget, 1024, prof, memory=opts, bandwidth=slow_handoff, promote_fraction=2.0)
     promoted = make_plan(inv, budget, 1024, prof, memory=opts, bandwidth=slow_handoff)
@@ -272,17 +276,10 @@ def test_promotes_nearly_complete_layer_when_it_pays(tiny_model_factory):
 
 
 def test_promotion_from_zero_weighs_layers_far_from_complete(tiny_model_factory):
-    # layer 0 routes uniformly: its hot set stays well under 90 % of its experts, yet with
-    # costly hand-offs the whole layer on the GPU (and fewer hot experts in layer 1) is faster
-    inv = read_inventory(tiny_model_factory("qwen3moe", n_layer=2, n_expert=16))
-    w = 1.0 / np.arange(1, 17) ** 2.0
-    probs = np.vstack([np.full(16, 1 / 16), w / w.sum()])
-    prof = make_profile(inv, probs, tokens=200000)
-    opts = mm.MemoryOptions(1024, **OPTS)
-    base = mm.predict_memory(inv, TensorPlacement((PlacementRule(EXPERT_TENSOR_RE, "CPU"),)), opts,
-                             gpus=["GPU"]).devices["GPU"]
-    room_needed = 17.2 * inv.layers[0].per_expert_bytes  # 3 of layer 1 and 14 of layer 0, by value
-    budget = int(opts.margin_bytes + (1 + opts.margin_fraction) * (base.total - base.margin + room_needed))
+    # layer 0's hot set stays well under 90 % of its experts (3 of layer 1 and 14 of layer 0,
+    # by value), yet with costly hand-offs the whole layer on the GPU (and fewer hot experts
+    # in layer 1) is faster
+    inv, prof, opts, budget = uniform_and_skewed(tiny_model_factory, 17.2)
     slow_handoff = Bandwidth(handoff_s=5e-3, handoff_idle_s=5e-3)
     default = make_plan(inv, budget, 1024, prof, memory=opts, bandwidth=slow_handoff)
     anywhere = make_plan(inv, budget, 1024, prof, memory=opts, bandwidth=slow_handoff, promote_fraction=0.0)
