@@ -100,7 +100,7 @@ def plan_model(model_path: PathLike, gpu_budget: Optional[int], n_ctx: int, *,
                devices: Optional[Sequence] = None, per_expert: Optional[bool] = None,
                measure: bool = True, calibrate: bool = True, n_ubatch: int = 512,
                flash_attn: bool = False, type_k: str = "f16", type_v: str = "f16",
-               margin_bytes: int = 64 * MIB, hysteresis: float = 0.01, promote_from: float = 0.9,
+               margin_bytes: int = 64 * MIB, hysteresis: float = 0.01, promote_from: Optional[float] = None,
                inventory=None) -> AutoPlan:
     """Plan `model_path` on this machine.
 
@@ -111,11 +111,12 @@ def plan_model(model_path: PathLike, gpu_budget: Optional[int], n_ctx: int, *,
     per_expert: None = what this llama.cpp build supports.
     out: write the plan there (YAML).
     promote_from: layers whose hot set covers at least this share of their experts are
-      promoted whole when the speed model says the saved hand-off pays (0: any layer).
+      promoted whole when the speed model says the saved hand-off pays (0: any layer;
+      default planner.PROMOTE_FROM).
     """
     from .inventory import read_inventory
     from .plan import Plan
-    from .planner import diff_plans, make_plan
+    from .planner import PROMOTE_FROM, diff_plans, make_plan
     from .predict import GPU_DECODE_FIELDS, Bandwidth, calibrate_bandwidth
     from .profile import ProfileStore, RoutingProfile
 
@@ -170,7 +171,8 @@ def plan_model(model_path: PathLike, gpu_budget: Optional[int], n_ctx: int, *,
         prev = None
 
     plan = make_plan(inv, budget, n_ctx, profile, per_expert=per_expert, devices=devs, bandwidth=bw,
-                     previous=prev, memory=opts, hysteresis=hysteresis, promote_fraction=promote_from)
+                     previous=prev, memory=opts, hysteresis=hysteresis,
+                     promote_fraction=PROMOTE_FROM if promote_from is None else promote_from)
     plan.notes = notes + plan.notes
     diff = diff_plans(prev, plan, inv, profile) if prev is not None else None
     if out is not None:

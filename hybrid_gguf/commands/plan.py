@@ -55,10 +55,10 @@ def register(app: typer.Typer) -> None:
         calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate",
                                        help="use (or measure once) this machine's bandwidths"),
         hysteresis: float = typer.Option(0.01, "--hysteresis", help="minimum hit-rate gain to replace the previous plan"),
-        promote_from: float = typer.Option(
-            0.9, "--promote-from", min=0.0, max=1.0,
+        promote_from: Optional[float] = typer.Option(
+            None, "--promote-from", min=0.0, max=1.0,
             help="consider promoting a layer whole (no CPU hand-off) once its hot set covers this share of "
-                 "its experts; 0 lets the speed model weigh every layer"),
+                 "its experts; 0 (the default) lets the speed model weigh every layer"),
     ) -> None:
         """Plan per-expert GPU/CPU placement for a GPU budget and predict hit rate and speed."""
         from rich.console import Console
