@@ -17,7 +17,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from . import hybrid_backend
+from . import hybrid_backend, routing_process
 from .errors import HybridError
 from .inventory import Inventory, read_inventory
 
@@ -128,7 +128,8 @@ def build_configs(inv: Inventory, counts: Optional[np.ndarray], budget_bytes: in
 
 
 def load_config(path: Path, inv: Inventory, cfg: Config, n_ctx: int, n_batch: int, recorder,
-                pack_device: str, n_threads: Optional[int]):
+                pack_device: str, n_threads: Optional[int], stream: int = routing_process.STREAM_MEASURED,
+                routing: Optional[str] = None):
     from .placement import load_llama
 
     kwargs = dict(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_gpu_layers=-1, use_mmap=False,
@@ -137,6 +138,7 @@ def load_config(path: Path, inv: Inventory, cfg: Config, n_ctx: int, n_batch: in
         kwargs.update(n_threads=n_threads, n_threads_batch=n_threads)
     if recorder is not None:
         kwargs["context_patch"] = recorder.attach()
+    kwargs["route_trace"] = routing_process.model_trace(inv, n_ctx, stream, routing)
     if cfg.name == "per-expert":
         with hybrid_backend.pending_plan(hybrid_backend.plan_text(cfg.hot, pack_device)):
             return load_llama(path, cfg.placement, **kwargs)
@@ -204,8 +206,9 @@ def run_bench(model_path: Path, *, budget_bytes: int, profile_prompts: Sequence[
               configs: Optional[Sequence[str]] = None, pack_device: str = "CUDA0",
               n_threads: Optional[int] = None, counts: Optional[np.ndarray] = None,
               eval_counts: Optional[np.ndarray] = None, eval_trace=None, save_calibration: bool = True,
-              log: Callable[[str], None] = print) -> dict:
-    """Profile (unless counts are given), then time each placement; returns a JSON-able dict."""
+              routing: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
+    """Profile (unless counts are given), then time each placement; returns a JSON-able dict.
+    `routing`: a routing preset (routing_process.PRESETS) replayed instead of the model's own."""
     from .devices import gpu_devices
     from .recorder import RoutingRecorder
 
@@ -229,12 +232,20 @@ def run_bench(model_path: Path, *, budget_bytes: int, profile_prompts: Sequence[
         # one recorded load: the profile workload, then the timed workload's routing, so the
         # timed loads below run without a recorder (its syncs would slow every placement)
         rec = new_recorder(trace_capacity=max(n_gen, 1) * inv.n_layer)
+        routed = routing_process.model_routing(inv, routing) is not None
         loaded = load_config(model_path, inv, Config("profile", _cpu_moe()), n_ctx, 512, rec,
-                             pack_device, n_threads)
+                             pack_device, n_threads, routing_process.STREAM_PROFILE, routing)
         for p in profile_prompts:
             loaded.llm.reset()
             loaded.llm.eval(list(p))
         counts = rec.snapshot(trace=False).counts
+        if routed:
+            # a routing preset maps positions to routing: the timed text needs its own stream,
+            # or the profile would know the timed tokens' routing in advance
+            loaded.llm.close()
+            rec.reset()
+            loaded = load_config(model_path, inv, Config("profile", _cpu_moe()), n_ctx, 512, rec,
+                                 pack_device, n_threads, routing=routing)
         _, _, eval_counts = measure_once(loaded.llm, prompt, decode, rec)
         eval_trace = rec.snapshot(trace=True).trace
         loaded.llm.close()
@@ -247,7 +258,8 @@ def run_bench(model_path: Path, *, budget_bytes: int, profile_prompts: Sequence[
     for cfg in all_cfgs:
         t0 = time.perf_counter()
         try:
-            loaded = load_config(model_path, inv, cfg, n_ctx, max(512, n_prompt), None, pack_device, n_threads)
+            loaded = load_config(model_path, inv, cfg, n_ctx, max(512, n_prompt), None, pack_device, n_threads,
+                                 routing=routing)
         except HybridError as exc:
             results.append(Result(cfg.name, n_prompt, n_gen, [], [], None, cfg.gpu_expert_bytes, 0, 0.0, str(exc)))
             continue
@@ -276,6 +288,7 @@ def run_bench(model_path: Path, *, budget_bytes: int, profile_prompts: Sequence[
         "budget_bytes": budget_bytes,
         "budget_share_of_experts": budget_bytes / inv.expert_bytes_total,
         "fingerprint": inv.fingerprint,
+        "routing": routing_process.model_routing(inv, routing) or "optimistic",
         "results": [r.summary() for r in results],
         "_counts": counts,
         "_eval_counts": eval_counts,

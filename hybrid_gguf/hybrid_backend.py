@@ -104,6 +104,30 @@ def pending_plan(text: str) -> Iterator[None]:
         fn(b"")  # a failed load must not leave the plan for the next one
 
 
+@contextlib.contextmanager
+def pending_route_trace(ids) -> Iterator[None]:
+    """Make `ids` ([n_rows, n_layer, n_used] expert ids, by token position) the routing of
+    the model loaded inside the block (patch version 3; benchmark models only), and clear
+    it afterwards."""
+    import numpy as np
+
+    if capability().version < 3:
+        raise HybridError("this backend cannot replay a routing trace (needs hybrid patch version 3); "
+                          "rebuild it with `make setup`")
+    fn = _fn("llama_hybrid_set_route_trace", ctypes.c_int32,
+             [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32])
+    arr = np.ascontiguousarray(ids, dtype=np.int32)
+    if arr.ndim != 3 or 0 in arr.shape:
+        raise HybridError(f"a routing trace is [n_rows, n_layer, n_used], got shape {arr.shape}")
+    if fn(arr.ctypes.data, *arr.shape) != 0:
+        raise HybridError("llama.cpp rejected the routing trace (a token lists an expert twice or a "
+                          "negative one)")
+    try:
+        yield
+    finally:
+        fn(None, 0, 0, 0)
+
+
 def pack_bytes(model_ptr) -> int:
     fn = _fn("llama_hybrid_model_pack_bytes", ctypes.c_size_t, [ctypes.c_void_p])
     return 0 if fn is None else int(fn(model_ptr))

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from . import devices as devices_mod
-from . import hybrid_backend
+from . import hybrid_backend, routing_process
 from .errors import HybridError
 from .inventory import Inventory, read_inventory
 from .models import ResolvedModel, resolve_model
@@ -155,6 +155,7 @@ class HybridModel:
             kwargs["n_threads_batch"] = n_threads
         if self.recorder is not None:
             kwargs["context_patch"] = self.recorder.attach()
+        kwargs["route_trace"] = routing_process.model_trace(self.inventory, n_ctx)
         t0 = time.perf_counter()
         if hot_plan:
             with hybrid_backend.pending_plan(hybrid_backend.plan_text(hot_plan, summary.pack_device)):

@@ -213,12 +213,19 @@ class LoadedLlama:
 
 def load_llama(model_path, placement: Optional[TensorPlacement] = None,
                model_patch: Optional[Callable[[Any], None]] = None,
-               allow_extra_bufts: bool = False, **llama_kwargs) -> LoadedLlama:
+               allow_extra_bufts: bool = False, route_trace=None, **llama_kwargs) -> LoadedLlama:
     """Construct a Llama with a placement and report where llama.cpp put the buffers.
 
     `model_patch` (optional) runs after the placement patch, for other raw params.
+    `route_trace` ([n_rows, n_layer, n_used] expert ids): a bench model's routing, replayed
+    by token position instead of the router's choice (routing_process.model_trace).
     llama.cpp's load failure (ValueError) becomes a HybridError carrying its last error line.
     """
+    if route_trace is not None:
+        from .hybrid_backend import pending_route_trace
+
+        with pending_route_trace(route_trace):
+            return load_llama(model_path, placement, model_patch, allow_extra_bufts, **llama_kwargs)
     from .llama_hooks import construct_llama
     from .llama_log import capture_llama_log
 

@@ -118,3 +118,90 @@ def summarize(counts: np.ndarray, tokens_per_layer: np.ndarray, n_expert_used: i
             "static_hit": {str(s): _clean(overall_hit_rate(counts, s)) for s in slots},
         },
     }
+
+
+# --- what a workload's routing means for placement (profile --json "routing_stats") -----------
+
+COVERAGE_FRACTIONS = (0.1, 0.25, 0.5)
+
+
+def top1_share(counts: np.ndarray) -> Optional[float]:
+    """Share of selections taken by each layer's most used expert, pooled over layers."""
+    counts = np.asarray(counts, dtype=np.float64)
+    total = counts.sum()
+    return None if total <= 0 else float(counts.max(axis=1).sum() / total)
+
+
+def coverage(counts: np.ndarray, fractions: Iterable[float] = COVERAGE_FRACTIONS) -> dict:
+    """{"0.25": share of selections taken by the top 25 % of each layer's experts, ...}."""
+    n_expert = np.asarray(counts).shape[1]
+    return {str(f): _clean(overall_hit_rate(counts, max(1, round(f * n_expert)))) for f in fractions}
+
+
+def adjacent_overlap(ids: np.ndarray) -> Optional[float]:
+    """Mean share of a token's experts (per layer) that the previous token also used.
+    ids: [n_tokens, n_layer, k], -1 where a layer did not route the token."""
+    ids = np.asarray(ids)
+    if ids.shape[0] < 2:
+        return None
+    cur, prev = ids[1:], ids[:-1]
+    both = (cur >= 0).any(axis=2) & (prev >= 0).any(axis=2)
+    if not both.any():
+        return None
+    shared = (cur[..., :, None] == prev[..., None, :]).any(axis=3) & (cur >= 0)
+    used = (cur >= 0).sum(axis=2)
+    share = shared.sum(axis=2) / np.maximum(used, 1)
+    return float(share[both].mean())
+
+
+def lru_hit_rate(ids: np.ndarray, slots_per_layer: int, n_expert: Optional[int] = None,
+                 warm_fraction: float = 0.25) -> Optional[float]:
+    """Hit rate of one LRU cache of slots_per_layer * n_layer experts over the trace's
+    selections in time order, counted after the first warm_fraction of the tokens."""
+    from .replay import Trace, _accesses, lru_hits
+
+    ids = np.asarray(ids, dtype=np.int32)
+    n_expert = int(n_expert or ids.max() + 1)
+    trace = Trace(ids, n_expert)
+    split = int(trace.n_tokens * warm_fraction)
+    items = _accesses(trace, split)
+    if len(items) == 0:
+        return None
+    hits, _ = lru_hits(_accesses(trace, 0, split), items, slots_per_layer * trace.n_layer)
+    return hits / len(items)
+
+
+def workload_stats(counts: np.ndarray, ids: Optional[np.ndarray] = None) -> dict:
+    """Coverage, top-1 share and, with a trace, adjacent overlap and the replayed hit rates
+    (static plan from the first half, LRU, LFU, oracle) with 25 % of the experts resident."""
+    counts = np.asarray(counts, dtype=np.float64)
+    n_layer, n_expert = counts.shape
+    out: dict = {"coverage": coverage(counts), "top1_share": _clean(top1_share(counts)),
+                 "adjacent_overlap": None, "replay": None}
+    if ids is not None and np.asarray(ids).shape[0] >= 4:
+        from .replay import Trace, replay
+
+        ids = np.asarray(ids, dtype=np.int32)
+        out["adjacent_overlap"] = _clean(adjacent_overlap(ids))
+        slots = max(1, round(n_expert / 4)) * n_layer
+        row = replay(Trace(ids, n_expert), [slots]).rows[0]
+        out["replay"] = {"resident": 0.25, "static": _clean(row.static), "lru": _clean(row.lru),
+                         "lfu": _clean(row.lfu), "oracle": _clean(row.oracle)}
+    return out
+
+
+def suitability(stats: dict, margin: float = 0.05) -> str:
+    """One sentence: does this workload suit a static plan or a dynamic cache?"""
+    rep = stats.get("replay")
+    cov = stats["coverage"].get("0.25")
+    if not rep:
+        if cov is None:
+            return "no routing recorded yet."
+        return (f"the top quarter of experts takes {cov:.0%} of selections; record a trace "
+                "(longer runs) to compare a static plan with a dynamic cache.")
+    dyn = max(rep["lru"] or 0.0, rep["lfu"] or 0.0)
+    if dyn > (rep["static"] or 0.0) + margin:
+        return (f"suits a dynamic cache: with a quarter of the experts resident a cache would hit "
+                f"{dyn:.0%} against {rep['static']:.0%} for a static plan (strong short-term reuse).")
+    return (f"suits a static plan: it would hit {rep['static']:.0%} with a quarter of the experts "
+            f"resident, and a dynamic cache {dyn:.0%}.")

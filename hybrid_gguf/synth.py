@@ -91,6 +91,9 @@ class SynthSpec:
     router_noise: float = 1.0  # std of the token-dependent router logit noise
     sliding_window: int = 128  # gpt-oss only
     seed: int = 0
+    # a routing preset (routing_process.PRESETS) that a patched backend replays instead of
+    # the router's choice; "" keeps the weights' own routing
+    routing: str = ""
 
     @property
     def is_moe(self) -> bool:
@@ -130,9 +133,18 @@ class SynthSpec:
             bad("qwen2moe needs head_dim * n_head == n_embd")
         if self.zipf < 0 or self.router_noise < 0:
             bad("zipf and router_noise must not be negative")
+        if self.routing:
+            from .routing_process import preset as routing_preset
+
+            if not self.is_moe:
+                bad("a routing preset needs routed experts")
+            routing_preset(self.routing)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if not d["routing"]:
+            del d["routing"]  # models without a preset keep the keys (and files) they had
+        return d
 
     def key(self) -> str:
         """Stable hash of everything that determines the file's bytes."""
@@ -429,6 +441,11 @@ def _add_metadata(writer, spec: SynthSpec, file_type: int) -> None:
     writer.add_uint32(KEY_SEED, int(spec.seed) & 0xFFFFFFFF)
     writer.add_string(KEY_SPEC, json.dumps(spec.to_dict(), sort_keys=True))
     writer.add_uint32(KEY_VERSION, SYNTH_VERSION)
+    if spec.routing:
+        from .routing_process import ROUTING_KEY
+
+        writer.add_string(ROUTING_KEY, spec.routing)
+        writer.add_uint32(ROUTING_KEY + ".seed", int(spec.seed) & 0xFFFFFFFF)
 
 
 # Above this many bytes an F16 source for Q4_K would not fit next to its output on a

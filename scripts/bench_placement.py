@@ -38,6 +38,9 @@ def main() -> int:
     ap.add_argument("--configs", nargs="*", default=None)
     ap.add_argument("--pack-device", default="CUDA0")
     ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--routing", default=None,
+                    help="routing preset replayed instead of the model's own: realistic, gpt-oss-like, "
+                         "flat, optimistic (docs/routing.md); default: the model's")
     ap.add_argument("--no-calibrate", action="store_true",
                     help="do not store the fitted bandwidth model as this machine's calibration")
     opts = ap.parse_args()
@@ -50,11 +53,12 @@ def main() -> int:
     runs = run_budgets(opts.model, budgets, profile_prompts=profile_prompts, eval_prompt=eval_prompt,
                        n_prompt=opts.pp, n_gen=opts.tg, reps=opts.reps, configs=opts.configs,
                        pack_device=opts.pack_device, n_threads=opts.threads,
-                       save_calibration=not opts.no_calibrate, log=lambda s: print(s, flush=True))
+                       save_calibration=not opts.no_calibrate, routing=opts.routing,
+                       log=lambda s: print(s, flush=True))
     for out in runs:
         for key in ("per_expert_vs_whole_layer_tg", "per_expert_vs_whole_layer_pp"):
             if key in out:
-                print(f"{out['budget_share_of_experts']:.0%} {key}: {out[key]:.3f}")
+                print(f"{out['routing']} {out['budget_share_of_experts']:.0%} {key}: {out[key]:.3f}")
     if opts.json:
         opts.json.write_text(json.dumps(runs, indent=2))
     return 0

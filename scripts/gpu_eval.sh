@@ -14,6 +14,9 @@
 #   (skipab: prefill with the GPU chains' repeats vs -1 skips)
 #   (threads: per-expert and whole-layer decode at 8, 12, 16 CPU threads)
 #   (diag: scripts/split_diag.py, chain-by-chain comparison with a numpy reference)
+#   (routing / routing2: every placement at 10/25/50 % on the realistic, flat and optimistic
+#    routing presets, Q30B-shaped / Mixtral-shaped; ROUTINGS= picks presets)
+#   (amx: CPU-only prefill/decode with llama.cpp's extra CPU buffer types on and off)
 # One call does not fit every step in 10 minutes. Measured 2026-11-28 (wall time per call):
 #   "build,diag,split,recorder"  ~5 min (build 203-257 s)
 #   "probe"                      8 s (two shapes; three now)
@@ -77,7 +80,7 @@ if has split; then
     for maps in ${MAPS:-pack}; do
         log "split equivalence on CUDA, lookup tables on: $maps"
         if LLAMA_HYBRID_MAPS=$maps HYBRID_GGUF_TEST_PACK_DEVICE=CUDA0 HYBRID_GGUF_REQUIRE_PATCHED=1 \
-            python3 -c "import llama_cpp, sys, pytest; sys.exit(pytest.main(['-q', '-rA', '-s', '-p', 'no:cacheprovider', 'tests/test_hybrid_split.py']))" \
+            python3 -c "import llama_cpp, sys, pytest; sys.exit(pytest.main(['-q', '-rA', '-s', '-p', 'no:cacheprovider', 'tests/test_hybrid_split.py', 'tests/test_routing_process.py']))" \
             > "$OUT/split_cuda_$maps.txt" 2>&1; then
             log "split equivalence PASSED with tables on $maps"; echo "$maps" > /tmp/hybrid_variant
             grep -E "passed|failed" "$OUT/split_cuda_$maps.txt" | tail -2
@@ -91,7 +94,7 @@ fi
 [ -f /tmp/hybrid_variant ] && export LLAMA_HYBRID_MAPS=$(cat /tmp/hybrid_variant) && log "using LLAMA_HYBRID_MAPS=$LLAMA_HYBRID_MAPS"
 
 BIG=/tmp/models/q30b-like-q4k.gguf
-if has recorder || has bench || has plan || has skipab || has threads; then
+if has recorder || has bench || has plan || has skipab || has threads || has routing; then
     log "make the Qwen3-30B-A3B-shaped Q4_K model"
     t0=$(date +%s)
     [ -f "$BIG" ] || python3 scripts/make_bench_model.py --preset qwen3-30b-a3b-like --weight-type Q4_K --workers 16 --out "$BIG" 2>&1 | tail -2
@@ -150,6 +153,39 @@ if has bench2; then
     [ -f "$MX" ] || python3 scripts/make_bench_model.py --preset mixtral-8x7b-like --weight-type Q4_K --workers 16 --out "$MX" 2>&1 | tail -1
     python3 scripts/bench_placement.py "$MX" --budget-share ${BUDGETS2:-0.25} --pp 512 --tg ${TG:-48} \
         --reps ${REPS:-2} --threads 16 --no-calibrate --json "$OUT/bench_mixtral.json" 2>&1 | tee "$OUT/bench_mixtral.txt" || failed bench2
+fi
+
+if has routing || has routing2; then
+    # every placement at 10/25/50 % of the expert bytes on each routing preset (docs/routing.md);
+    # one compact summary (scripts/bench_summary.py) instead of the raw per-token JSON
+    MX=/tmp/models/mixtral-like-q4k.gguf
+    if has routing2; then
+        [ -f "$MX" ] || python3 scripts/make_bench_model.py --preset mixtral-8x7b-like --weight-type Q4_K --workers 16 --out "$MX" 2>&1 | tail -1
+    fi
+    for M in $(has routing && echo q30b) $(has routing2 && echo mixtral); do
+        MODEL=$BIG; [ $M = mixtral ] && MODEL=$MX
+        for R in ${ROUTINGS:-realistic flat optimistic}; do
+            log "placements on $M, $R routing"
+            # the first run of a call stores the GPU calibration for later plans; the rest do not
+            CAL=--no-calibrate; [ "$M-$R" = "q30b-realistic" ] && CAL=
+            python3 scripts/bench_placement.py "$MODEL" --routing "$R" --budget-share ${BUDGETS:-0.10 0.25 0.50} \
+                --pp 512 --tg ${TG:-48} --reps ${REPS:-2} --threads 16 $CAL --json "/tmp/routing_${M}_$R.json" 2>&1 \
+                | grep -E "^(cpu|whole|per|all)-|_vs_|^== |profiled" || failed "routing $M $R"
+        done
+    done
+    python3 scripts/bench_summary.py "$OUT/routing_summary.json" /tmp/routing_*.json | tee "$OUT/routing_summary.md"
+fi
+
+if has amx; then
+    # CPU-only prefill and decode with llama.cpp's extra CPU buffers (AMX where the CPU has it)
+    # on and off, on a native CPU build of the same patch (the CUDA build is not -march=native)
+    log "CPU features: $(grep -o -w 'avx512f\|avx512_vnni\|amx_tile\|amx_int8\|amx_bf16' /proc/cpuinfo | sort -u | tr '\n' ' ')"
+    python3 scripts/build_backend.py --cpu --dev-tree /tmp/llcpu --sdist .device/llama_cpp_python-0.3.36-trimmed.tar.gz \
+        > "$OUT/build_cpu.log" 2>&1 || { tail -20 "$OUT/build_cpu.log"; failed "amx build"; }
+    SMALL=/tmp/models/q30b-like-8l-q4k.gguf
+    [ -f "$SMALL" ] || python3 scripts/make_bench_model.py --preset qwen3-30b-a3b-like --weight-type Q4_K --n-layer 8 --workers 16 --out "$SMALL" 2>&1 | tail -1
+    PYTHONPATH=/tmp/llcpu/src:/tmp/site:$PWD python3 scripts/cpu_extra_ab.py "$SMALL" --pp 512 --tg 64 --reps 2 --threads 16 \
+        --json "$OUT/cpu_extra_ab.json" || failed amx
 fi
 
 if has threads; then

@@ -7,6 +7,15 @@ no quantizer); everything else, the designed routing skew included, is synth.py'
 Examples:
   python scripts/make_bench_model.py --out /tmp/q30b-q4k.gguf
   python scripts/make_bench_model.py --weight-type Q8_0 --n-layer 8 --zipf 1.2 --out small.gguf
+  python scripts/make_bench_model.py --routing realistic --out /tmp/q30b-realistic.gguf
+
+--routing names how the model routes (docs/routing.md):
+  realistic     Qwen3-30B-A3B-like: top 25 % of experts take ~52 %, LRU at 25 % hits ~78 %
+  gpt-oss-like  gpt-oss-20b-like: top 25 % take ~55 %, LRU at 25 % ~59 % (a real trace)
+  flat          near-uniform, weak reuse
+  optimistic    the random weights' own, very concentrated routing (the default)
+A preset other than optimistic is replayed by the hybrid patch (version 3) in place of the
+router's choice; the router's probabilities still weight the chosen experts.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from hybrid_gguf.bench_model import (  # noqa: E402
     EXPERT_TYPES, bench_spec, preset_names, write_bench_model,
 )
 from hybrid_gguf.errors import HybridError  # noqa: E402
+from hybrid_gguf.routing_process import PRESETS as ROUTING_PRESETS  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -35,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--n-expert", type=int, help="override the number of experts")
     ap.add_argument("--zipf", type=float, help="routing skew exponent (0 = uniform)")
     ap.add_argument("--seed", type=int, help="random seed")
+    ap.add_argument("--routing", default="optimistic", choices=list(ROUTING_PRESETS),
+                    help="routing preset (default optimistic: the weights' own routing)")
     ap.add_argument("--workers", type=int, help="generator processes (default: one per CPU)")
     ap.add_argument("--quiet", action="store_true", help="no progress lines")
     return ap.parse_args(argv)
@@ -59,6 +71,8 @@ class _Progress:
 def main(argv=None) -> int:
     args = parse_args(argv)
     overrides = {} if args.n_expert is None else {"n_expert": args.n_expert}
+    if args.routing != "optimistic":
+        overrides["routing"] = args.routing
     try:
         spec = bench_spec(args.preset, args.weight_type, n_layer=args.n_layer, zipf=args.zipf,
                           seed=args.seed, **overrides)
@@ -70,7 +84,7 @@ def main(argv=None) -> int:
     print(f"wrote {res.path} ({res.file_bytes / 1e9:.2f} GB, experts {res.expert_bytes / 1e9:.2f} GB) "
           f"in {res.seconds:.1f} s = {res.mb_per_s:.0f} MB/s with {res.workers} worker(s): "
           f"{spec.arch}, {spec.n_layer} layers, {spec.n_expert} experts top-{spec.n_expert_used}, "
-          f"experts {spec.weight_type}, zipf {spec.zipf}, seed {spec.seed}")
+          f"experts {spec.weight_type}, zipf {spec.zipf}, seed {spec.seed}, routing {args.routing}")
     return 0
 
 

@@ -9,5 +9,5 @@ mkdir -p .device/whl
 "$PY" scripts/build_backend.py --trim-sdist .device/llama_cpp_python-0.3.36-trimmed.tar.gz
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    -d .device/whl gguf==0.19.0 diskcache
+    -d .device/whl gguf==0.19.0 diskcache platformdirs
 du -sh .device

@@ -50,3 +50,21 @@ def tiny_model_factory(synth_cache):
 def tiny_model(tiny_model_factory) -> Path:
     """The default tiny qwen3moe model (F32, 2 layers, 8 experts top-2)."""
     return tiny_model_factory("qwen3moe")
+
+
+@pytest.fixture(scope="session")
+def require_patch_v3():
+    """The backend replays routing traces (hybrid patch version 3). Under
+    HYBRID_GGUF_REQUIRE_PATCHED=1 (make test) a missing patch fails instead of skipping."""
+    import os
+
+    pytest.importorskip("llama_cpp")
+    from hybrid_gguf import hybrid_backend
+
+    version = hybrid_backend.capability().version
+    if version < 3:
+        msg = f"the backend's hybrid patch is version {version}; routing traces need version 3"
+        if os.environ.get("HYBRID_GGUF_REQUIRE_PATCHED") == "1":
+            pytest.fail(msg + " (rebuild with `make setup`)")
+        pytest.skip(msg)
+    return version

@@ -31,6 +31,9 @@ def bench_command(
                                       help="stdlib packages whose source is the timed (held-out) workload"),
     configs: Optional[str] = typer.Option(None, "--configs", help="comma list: cpu-experts,whole-layer,per-expert,all-gpu"),
     threads: Optional[int] = typer.Option(None, "--threads", "-t"),
+    routing: Optional[str] = typer.Option(
+        None, "--routing", help="routing preset replayed instead of the model's own: realistic, "
+                                "gpt-oss-like, flat, optimistic (docs/routing.md)"),
     ctx: int = typer.Option(2048, "--ctx"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG bar chart"),
     as_json: bool = typer.Option(False, "--json", help="print JSON (llama-bench field names where they exist)"),
@@ -64,6 +67,10 @@ def bench_command(
     if gpu_budget is not None and budget_share is not None:
         raise HybridError("pass --gpu-budget or --budget-share, not both")
     budgets = _budgets(gpu_budget, budget_share, inv.expert_bytes_total, parse_size)
+    if routing is not None:
+        from ..routing_process import preset as routing_preset
+
+        routing_preset(routing)  # an unknown name fails before any work
     pack_device = "CUDA0" if gpu_devices() else "CPU"
     if pack_device == "CPU":
         console.print("[dim]no GPU: hot packs go to a CPU buffer; numbers check the mechanics, not the speed-up[/]")
@@ -73,7 +80,7 @@ def bench_command(
     outs = run_budgets(path, budgets, profile_prompts=prompts, eval_prompt=eval_prompt,
                        n_prompt=pp, n_gen=tg, reps=reps, n_ctx=max(ctx, pp + tg + 64),
                        configs=configs.split(",") if configs else None, pack_device=pack_device,
-                       n_threads=threads, save_calibration=not no_calibrate, log=log)
+                       n_threads=threads, save_calibration=not no_calibrate, routing=routing, log=log)
     for out in outs:
         out["pack_device"] = pack_device
         if probe is not None:
@@ -129,7 +136,8 @@ def _print_table(out: dict, inv, pp: int, tg: int, reps: int) -> None:
 
     budget = out["budget_bytes"]
     table = Table(title=f"{Path(out['model']).name}: budget {format_size(budget)} "
-                        f"({100 * budget / inv.expert_bytes_total:.0f}% of expert bytes), pp {pp}, tg {tg}, {reps} reps")
+                        f"({100 * budget / inv.expert_bytes_total:.0f}% of expert bytes), {out.get('routing', 'optimistic')} routing, "
+                        f"pp {pp}, tg {tg}, {reps} reps")
     for col in ("placement", "hit rate", "VRAM", "pp t/s (median)", "tg t/s (median)", "tg min..max",
                 "tg predicted", "tg fitted", "tg roofline"):
         table.add_column(col, justify="right")

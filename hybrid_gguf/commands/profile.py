@@ -19,6 +19,9 @@ import typer
 
 from ..errors import HybridError
 
+# per-token routing records kept for routing_stats (one per token and layer; older ones drop)
+TRACE_RECORDS = 1 << 19
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -47,6 +50,7 @@ def build_llama(path: Path, recorder, n_ctx: int, n_threads: Optional[int] = Non
     from ..inventory import read_inventory
     from ..model import VRAM_RESERVE
     from ..placement import fit_n_cpu_moe, load_llama
+    from ..routing_process import STREAM_PROFILE, model_trace
 
     kwargs = {"n_threads": n_threads, "n_threads_batch": n_threads} if n_threads else {}
     gpus = [] if cpu_only else gpu_devices()
@@ -60,7 +64,8 @@ def build_llama(path: Path, recorder, n_ctx: int, n_threads: Optional[int] = Non
     if placement is None:
         kwargs["n_gpu_layers"] = 0
     loaded = load_llama(path, placement, context_patch=recorder.attach(), n_ctx=n_ctx, seed=seed,
-                        verbose=False, **kwargs)
+                        verbose=False, route_trace=model_trace(read_inventory(path), n_ctx, STREAM_PROFILE),
+                        **kwargs)
     llm = loaded.llm
     llm._hybrid_gguf_recorder = recorder  # the C callback points at it: keep it alive
     return llm, where
@@ -94,7 +99,9 @@ def profile_model(info: ModelInfo, workload, n_predict: int, n_ctx: int,
     """Run the workload with a fresh recorder; returns the RoutingSnapshot."""
     from ..recorder import RoutingRecorder
 
-    recorder = RoutingRecorder(info.n_layer, info.n_expert, info.n_expert_used)
+    # the per-token trace feeds adjacent overlap and the cache replays of routing_stats
+    recorder = RoutingRecorder(info.n_layer, info.n_expert, info.n_expert_used,
+                               trace_capacity=TRACE_RECORDS)
     llm, where = build_llama(info.path, recorder, n_ctx, n_threads, seed, cpu_only)
     if on_load:
         on_load(where)
@@ -103,16 +110,25 @@ def profile_model(info: ModelInfo, workload, n_predict: int, n_ctx: int,
             n_in, n_out = run_prompt(llm, prompt.text, n_predict, temp)
             if on_prompt:
                 on_prompt(1, n_in, n_out)
-        return recorder.snapshot(trace=False)
+        return recorder.snapshot(trace=True)
     finally:
         llm.close()
+
+
+def snapshot_ids(info: "ModelInfo", snap):
+    """The snapshot's trace as [n_tokens, n_layer, k] expert ids (-1: not routed), or None."""
+    from ..replay import trace_from_routing
+
+    if snap.trace is None or len(snap.trace.token) == 0:
+        return None
+    return trace_from_routing(snap.trace, info.n_layer, info.n_expert).ids
 
 
 # -- output -------------------------------------------------------------------
 
 
 def profile_json(info: ModelInfo, snap, summary: dict, label: str, n_prompts: int,
-                 stored: Optional[Path], stored_sessions: Optional[int]) -> dict:
+                 stored: Optional[Path], stored_sessions: Optional[int], stats: dict) -> dict:
     return {
         "model": str(info.path),
         "fingerprint": info.fingerprint,
@@ -129,6 +145,7 @@ def profile_json(info: ModelInfo, snap, summary: dict, label: str, n_prompts: in
         "tokens_prompt": snap.tokens_prompt.tolist(),
         "tokens_decode": snap.tokens_decode.tolist(),
         "summaries": summary,
+        "routing_stats": stats,
         "store": str(stored) if stored else None,
         "store_sessions": stored_sessions,
     }
@@ -162,6 +179,29 @@ def print_summary(console, info: ModelInfo, summary: dict, top_k: int = 4) -> No
     o = summary["overall"]
     hits = ", ".join(f"{s} experts/layer {pct(o['static_hit'][str(s)])}" for s in slots)
     console.print(f"best static hit rate: {hits}")
+
+
+def print_routing_stats(console, stats: dict) -> None:
+    """The workload's routing in one small table and one sentence."""
+    from rich.table import Table
+
+    from ..routing_stats import suitability
+
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.0f}%"
+
+    table = Table(title="routing of this workload", show_header=True)
+    for col in ("top 10%", "top 25%", "top 50%", "top-1", "adjacent"):
+        table.add_column(col, justify="right")
+    cov = stats["coverage"]
+    table.add_row(pct(cov["0.1"]), pct(cov["0.25"]), pct(cov["0.5"]), pct(stats["top1_share"]),
+                  pct(stats["adjacent_overlap"]))
+    console.print(table)
+    rep = stats.get("replay")
+    if rep:
+        console.print(f"hit rate with 25% of experts resident: static plan {pct(rep['static'])}, "
+                      f"LRU {pct(rep['lru'])}, LFU {pct(rep['lfu'])}, best static (oracle) {pct(rep['oracle'])}")
+    console.print("this workload " + suitability(stats))
 
 
 def draw_heatmap(path: Path, counts, title: str) -> None:
@@ -217,6 +257,8 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
         out: Optional[Path] = typer.Option(None, "--out", help="write this run's profile here"),
         heatmap: Optional[Path] = typer.Option(None, "--heatmap", help="draw a PNG heatmap"),
+        trace_out: Optional[Path] = typer.Option(
+            None, "--trace", help="write the per-token routing trace (.npz) that `plan --replay` reads"),
         store: Optional[Path] = typer.Option(None, "--store", help="profile store directory"),
         no_store: bool = typer.Option(False, "--no-store", help="do not merge into the store"),
         label: Optional[str] = typer.Option(None, "--label", help="workload label"),
@@ -296,15 +338,22 @@ def register(app: typer.Typer) -> None:
             session.save(out)
         summary = routing_stats.summarize(snap.counts, snap.tokens_per_layer,
                                           info.n_expert_used, slot_list)
+        ids = snapshot_ids(info, snap)
+        stats = routing_stats.workload_stats(snap.counts, ids)
+        if trace_out is not None and ids is not None:
+            from ..replay import Trace, save_trace
+
+            save_trace(trace_out, Trace(ids, info.n_expert))
         if heatmap is not None:
             draw_heatmap(heatmap, snap.counts, f"{model.name}: {run_label}, "
                                                f"{tokens[0] + tokens[1]} tokens")
         if as_json:
             print(json.dumps(profile_json(info, snap, summary, run_label,
                                           len(workload.prompts), stored_path,
-                                          stored_sessions)))
+                                          stored_sessions, stats)))
             return
         print_summary(console, info, summary)
+        print_routing_stats(console, stats)
         console.print(f"{len(workload.prompts)} prompts, {tokens[0]} prompt + {tokens[1]} "
                       f"generated tokens in {elapsed:.1f} s")
         if stored_path:

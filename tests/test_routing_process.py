@@ -1,0 +1,148 @@
+"""Routing presets: the generated process, its fit to the targets, and its replay through the
+patched llama.cpp (the recorder must see exactly the preset's routing)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from hybrid_gguf import routing_process as rp
+from hybrid_gguf import synth
+from hybrid_gguf.errors import HybridError
+from hybrid_gguf.routing_stats import adjacent_overlap, lru_hit_rate, workload_stats
+
+
+def test_generated_rows_are_distinct_in_range_and_deterministic():
+    ids = rp.generate(300, 3, 16, 4, s=0.8, r=0.6, seed=5)
+    assert ids.shape == (300, 3, 4) and ids.dtype == np.int32
+    assert ids.min() >= 0 and ids.max() < 16
+    assert all(len(set(row)) == 4 for row in ids.reshape(-1, 4).tolist())
+    assert np.array_equal(ids, rp.generate(300, 3, 16, 4, s=0.8, r=0.6, seed=5))
+    assert not np.array_equal(ids, rp.generate(300, 3, 16, 4, s=0.8, r=0.6, seed=6))
+
+
+@pytest.mark.parametrize("shape", [(32, 4), (128, 8)])
+def test_realistic_fit_meets_its_targets(shape):
+    n_expert, k = shape
+    target = rp.preset("realistic")
+    m = rp.measure(rp.trace_for("realistic", 1024, 6, n_expert, k, seed=11), n_expert)
+    assert abs(m["coverage_25"] - target.coverage_25) <= 0.03, m
+    assert abs(m["lru_25"] - target.lru_25) <= 0.03, m
+
+
+def test_flat_is_near_uniform_and_reuse_raises_lru():
+    m = rp.measure(rp.trace_for("flat", 1024, 6, 32, 4, seed=2), 32)
+    assert m["coverage_25"] < 0.31 and m["lru_25"] < 0.35
+    no_reuse = rp.measure(rp.generate(1024, 6, 32, 4, s=0.78, r=0.0, seed=2), 32)
+    reuse = rp.measure(rp.generate(1024, 6, 32, 4, s=0.78, r=0.68, seed=2), 32)
+    assert reuse["lru_25"] > no_reuse["lru_25"] + 0.2
+    assert abs(reuse["coverage_25"] - no_reuse["coverage_25"]) < 0.06
+
+
+def test_adjacent_overlap_and_lru_on_a_known_trace():
+    # layer 0 repeats {0, 1} forever; layer 1 alternates {0, 1} and {2, 3}
+    ids = np.zeros((8, 2, 2), dtype=np.int32)
+    ids[:, 0] = [0, 1]
+    ids[:, 1] = [[0, 1] if t % 2 == 0 else [2, 3] for t in range(8)]
+    assert adjacent_overlap(ids) == pytest.approx(0.5)
+    # one cache for both layers: 6 distinct experts in all, each token uses 4
+    assert lru_hit_rate(ids, slots_per_layer=3, n_expert=4) == pytest.approx(1.0)
+    assert lru_hit_rate(ids, slots_per_layer=2, n_expert=4) == pytest.approx(0.5)  # layer 0 hits only
+    assert lru_hit_rate(ids, slots_per_layer=1, n_expert=4) == 0.0
+    stats = workload_stats(rp.counts_of(ids, 4), ids)
+    # the top quarter is one expert: half of layer 0's 16 selections, a quarter of layer 1's
+    assert stats["coverage"]["0.25"] == pytest.approx((8 + 4) / 32)
+    assert stats["top1_share"] == pytest.approx((8 + 4) / 32)
+    assert stats["coverage"]["0.5"] == pytest.approx((16 + 8) / 32)
+    assert set(stats["replay"]) == {"resident", "static", "lru", "lfu", "oracle"}
+
+
+def test_unknown_preset_and_bad_spec_are_refused():
+    with pytest.raises(HybridError, match="unknown routing preset"):
+        rp.preset("typical")
+    with pytest.raises(HybridError, match="no trace"):
+        rp.fit("optimistic", 32, 4)
+    with pytest.raises(HybridError):
+        synth.SynthSpec(routing="realistic", n_expert=0, arch="llama").validate()
+
+
+# --- through llama.cpp ------------------------------------------------------------------------
+
+def _routed_spec(routing: str) -> synth.SynthSpec:
+    return synth.SynthSpec(n_layer=4, n_expert=32, n_expert_used=4, n_embd=64, n_head=2, head_dim=32,
+                           n_ff_exp=32, routing=routing, seed=4)
+
+
+def _record(path, n_tokens: int, route: bool = True):
+    """Evaluate n_tokens prompt tokens in batches of 64; the recorder's per-token trace."""
+    from hybrid_gguf.inventory import read_inventory
+    from hybrid_gguf.placement import load_llama
+    from hybrid_gguf.recorder import RoutingRecorder
+    from hybrid_gguf.replay import trace_from_routing
+
+    inv = read_inventory(path)
+    rec = RoutingRecorder(inv.n_layer, inv.n_expert, 4, trace_capacity=n_tokens * inv.n_layer)
+    trace = rp.model_trace(inv, n_tokens + 8) if route else None
+    # scripts/gpu_eval.sh runs this file with the packs' device set to a GPU: all layers there
+    on_gpu = os.environ.get("HYBRID_GGUF_TEST_PACK_DEVICE", "CPU").upper() != "CPU"
+    llm = load_llama(path, None, context_patch=rec.attach(), route_trace=trace, n_ctx=n_tokens + 8,
+                     n_batch=64, n_ubatch=64, n_gpu_layers=-1 if on_gpu else 0, verbose=False).llm
+    try:
+        tokens = [3 + (i * 37) % 250 for i in range(n_tokens)]
+        for start in range(0, n_tokens, 64):
+            llm.eval(tokens[start:start + 64])
+        ids = trace_from_routing(rec.snapshot().trace, inv.n_layer, inv.n_expert).ids
+    finally:
+        llm.close()
+        rec.close()
+    return ids, trace
+
+
+@pytest.mark.needs_patched
+@pytest.mark.parametrize("routing", ["realistic", "flat"])
+def test_recorder_sees_the_preset(routing, synth_cache, require_patch_v3):
+    path = synth.ensure_synthetic(_routed_spec(routing), synth_cache)
+    ids, trace = _record(path, 1024)
+    # qwen3moe's last layer routes only the rows whose logits are kept: compare the others
+    full = ids[:, :-1]
+    assert np.array_equal(np.sort(full, axis=2), np.sort(trace[:1024, :-1], axis=2))
+    m = rp.measure(full, 32)
+    target = rp.preset(routing)
+    assert abs(m["coverage_25"] - target.coverage_25) <= 0.03, m
+    assert abs(m["lru_25"] - target.lru_25) <= 0.03, m
+
+
+@pytest.mark.needs_patched
+def test_trace_is_off_for_other_models(synth_cache, tiny_model, require_patch_v3):
+    """A routed model in the same process leaves an ordinary model's routing alone."""
+    plain = synth.ensure_synthetic(_routed_spec(""), synth_cache)
+    before, _ = _record(plain, 128, route=False)
+    _record(synth.ensure_synthetic(_routed_spec("realistic"), synth_cache), 128)
+    after, _ = _record(plain, 128, route=False)
+    assert np.array_equal(before, after)
+
+
+@pytest.mark.needs_patched
+def test_profile_json_reports_routing_stats(synth_cache, tmp_path, require_patch_v3):
+    from typer.testing import CliRunner
+
+    from hybrid_gguf.cli import app
+
+    path = synth.ensure_synthetic(_routed_spec("realistic"), synth_cache)
+    text = tmp_path / "text.txt"
+    text.write_text("def f(x):\n    return x * 2\n" * 200)
+    res = CliRunner().invoke(app, ["profile", str(path), "--text", str(text), "--chunk-chars", "1500",
+                                   "-n", "16", "--ctx", "1024", "--json", "--no-store",
+                                   "--trace", str(tmp_path / "t.npz")], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    stats = json.loads(res.stdout)["routing_stats"]
+    assert set(stats["coverage"]) == {"0.1", "0.25", "0.5"}
+    assert abs(stats["coverage"]["0.25"] - 0.52) <= 0.05
+    assert stats["adjacent_overlap"] > 0.5
+    rep = stats["replay"]
+    assert rep["lru"] > rep["static"]  # strong short-term reuse
+    assert rep["oracle"] >= rep["static"] - 1e-9
+    assert (tmp_path / "t.npz").exists()
