@@ -223,12 +223,16 @@ def test_openai_client_chat_stream_completion_queue_and_context(tmp_path):
     assert grown <= served["total"]
 
 
+def _tmp_files(path: Path) -> list:
+    return [p for p in path.parent.iterdir() if p.name.startswith(f".{path.name}.tmp-")]
+
+
 @needs_recorder
-def test_sigkill_mid_stream_leaves_a_loadable_profile(tmp_path):
+def test_sigkill_mid_stream_or_mid_merge_leaves_a_loadable_profile(tmp_path):
     cache = tmp_path / "cache"
-    # merges every 0.3 s, each pausing half-way through writing its temp file: a kill lands
-    # mid-write as often as not
-    server = Server(cache, "--save-every", "0.3", env_extra={SLOW_WRITE_ENV: "0.2"})
+    path = ProfileStore(cache / "profiles").path_for(_fingerprint())
+    # 1. killed mid-stream, after a periodic merge
+    server = Server(cache, "--save-every", "0.3")
     try:
         client = server.client()
         client.completions.create(model="m", prompt="import os\nimport sys\n", max_tokens=8, temperature=0)
@@ -238,9 +242,8 @@ def test_sigkill_mid_stream_leaves_a_loadable_profile(tmp_path):
         saved = server.get("/hybrid/status")
         assert saved["profile"]["saves"] >= 1
         got = 0
-        stream = client.completions.create(model="m", prompt="def main():", max_tokens=200, temperature=0.8,
-                                           stream=True)
-        for chunk in stream:
+        for _chunk in client.completions.create(model="m", prompt="def main():", max_tokens=200,
+                                                temperature=0.8, stream=True):
             got += 1
             if got == 5:
                 os.kill(server.proc.pid, signal.SIGKILL)
@@ -248,17 +251,32 @@ def test_sigkill_mid_stream_leaves_a_loadable_profile(tmp_path):
         assert server.proc.wait(timeout=30) == -signal.SIGKILL
     finally:
         server.kill()
-    path = ProfileStore(cache / "profiles").path_for(_fingerprint())
     data = json.loads(path.read_text())  # complete JSON, never half a file
     profile = RoutingProfile.load(path, expected_fingerprint=_fingerprint())
     assert data["sessions"] == profile.sessions == 1
-    assert profile.tokens_per_layer[0] >= saved["recorded_tokens"]["saved_prompt"] > 0
-    assert not list((cache / "profiles").glob("*.corrupt*"))
-    # the next merge takes it from there (and clears a temp file the kill left behind)
-    store = ProfileStore(cache / "profiles")
-    merged = store.merge_session(profile)
-    assert merged.sessions == 2
-    assert not [p for p in path.parent.iterdir() if p.name.startswith(f".{path.name}.tmp-")]
+    rec = saved["recorded_tokens"]
+    assert profile.tokens_per_layer[0] == rec["saved_prompt"] + rec["saved_decode"] > 0
+
+    # 2. killed while a merge is half-way through writing its temp file
+    before = path.read_bytes()
+    server = Server(cache, "--save-every", "0.2", env_extra={SLOW_WRITE_ENV: "60"})
+    try:
+        assert "routing profile: 1 sessions" in server.log()
+        server.client().completions.create(model="m", prompt="class A:", max_tokens=4, temperature=0)
+        end = time.monotonic() + 30
+        while not _tmp_files(path) and time.monotonic() < end:
+            time.sleep(0.05)
+        assert _tmp_files(path), server.log()
+        os.kill(server.proc.pid, signal.SIGKILL)
+        assert server.proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        server.kill()
+    assert path.read_bytes() == before  # the previous profile, whole
+    assert RoutingProfile.load(path, expected_fingerprint=_fingerprint()).sessions == 1
+    assert not list(path.parent.glob("*.corrupt*"))
+    # the next merge takes it from there and clears the dead writer's temp file
+    merged = ProfileStore(cache / "profiles").merge_session(profile)
+    assert merged.sessions == 2 and not _tmp_files(path)
 
 
 # -- chat (`run` without -p) -----------------------------------------------------------------
