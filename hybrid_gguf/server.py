@@ -52,9 +52,10 @@ def _context_error(exc: Exception, n_ctx: int, kind: str) -> Optional[APIError]:
 
 @dataclass
 class _Meter:
-    """Tokens of the request being served, seen through Llama.generate."""
+    """Tokens of the request being served, seen through Llama.generate; its cancel event."""
     prompt: int = 0
     completion: int = 0
+    cancel: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass
@@ -137,6 +138,8 @@ class ModelService:
             inner = generate(tokens, *args, **kwargs)
             try:
                 for tok in inner:
+                    if self._stopping or meter.cancel.is_set():
+                        break  # shutting down, or the client went away: end the completion here
                     if not llama_cpp.llama_vocab_is_eog(vocab, tok):
                         meter.completion += 1
                     yield tok
@@ -164,10 +167,11 @@ class ModelService:
             with self._stats_lock:
                 self._waiting -= 1
 
-    def _begin(self) -> None:
+    def _begin(self, cancel: Optional[threading.Event] = None) -> None:
         if self._stopping:
             raise APIError(503, "the server is shutting down", "server_error", "shutting_down")
         self._meter.prompt = self._meter.completion = 0
+        self._meter.cancel = cancel or threading.Event()
 
     def _end(self, ok: bool) -> None:
         routing = self._routing_now()
@@ -210,7 +214,7 @@ class ModelService:
         try:
             if cancel.is_set():
                 return
-            self._begin()
+            self._begin(cancel)
             try:
                 create = self.llm.create_chat_completion if kind == "chat" else self.llm.create_completion
                 chunks = create(**params, stream=True)
