@@ -192,7 +192,11 @@ def chat_loop(hm, *, max_tokens: int, temperature: float, system: Optional[str] 
             if not user.strip():
                 break
             wanted = base + turns + [{"role": "user", "content": user}]
-            msgs, n_prompt = trim_to_fit(template, wanted, n_ctx, max_tokens)
+            try:
+                msgs, n_prompt = trim_to_fit(template, wanted, n_ctx, max_tokens)
+            except Exception as exc:  # noqa: BLE001 - a GGUF template's raise_exception
+                notice(f"the model's chat template refused the conversation: {exc}")
+                continue
             if n_prompt >= n_ctx:
                 notice(f"that message is {n_prompt} tokens with the chat format; the context holds "
                        f"{n_ctx}: send a shorter one")

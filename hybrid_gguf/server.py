@@ -470,7 +470,10 @@ def _check_fits(service: ModelService, kind: str, params: dict) -> None:
     """Refuse a prompt the context cannot hold before it takes its place in the queue."""
     if kind != "chat":
         return
-    n = service.template.count(params["messages"])
+    try:
+        n = service.template.count(params["messages"])
+    except Exception as exc:  # noqa: BLE001 - a GGUF template's raise_exception, a bad message
+        raise APIError(400, f"the model's chat template refused the messages: {exc}", param="messages") from None
     if n >= service.n_ctx:
         raise APIError(400, f"the messages are {n} tokens with the chat format; the model's context is "
                             f"{service.n_ctx} tokens", code="context_length_exceeded", param="messages")

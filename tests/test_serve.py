@@ -416,3 +416,49 @@ def test_profile_ctrl_c_stores_what_was_recorded(tmp_path):
     assert "interrupted: merged" in err and "Traceback" not in err
     stored = ProfileStore(store).load(_fingerprint())
     assert stored is not None and stored.sessions == 1 and stored.tokens_per_layer[0] > 0
+
+
+TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>\n{% endfor %}"
+            "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def test_chat_uses_the_gguf_chat_template(tmp_path):
+    from hybrid_gguf.chat import ChatTemplate
+    from hybrid_gguf.model import HybridModel
+
+    path = tmp_path / "templated.gguf"
+    res = subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_new_metadata", "--chat-template", TEMPLATE,
+                          str(resolve_model(None).path), str(path)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    hm = HybridModel(str(path), record=False, n_threads=1)
+    try:
+        template = ChatTemplate(hm.llm).install()
+        assert template.from_gguf and template.notice is None
+        msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "import os"}]
+        assert template.render(msgs).prompt == "<system>be brief</system>\n<user>import os</user>\n<assistant>"
+        out = hm.llm.create_chat_completion(msgs, max_tokens=4, temperature=0)
+        assert out["usage"]["prompt_tokens"] == template.count(msgs)
+        # trimming counts with the same template
+        long = msgs + [{"role": "assistant", "content": "a" * 100}, {"role": "user", "content": "b" * 60}]
+        kept, n = trim_to_fit(template, long, hm.llm.n_ctx(), 128)
+        assert [m["role"] for m in kept] == ["system", "user"] and kept[-1]["content"] == "b" * 60
+        assert n == template.count(kept) and n + 128 <= hm.llm.n_ctx()
+    finally:
+        hm.close(save_profile=False)
+
+
+def test_system_without_chat_is_refused(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "hybrid_gguf.cli", "run", "-p", "x", "--system", "s"],
+                         capture_output=True, text=True, env=_env(tmp_path), cwd=str(REPO), timeout=120)
+    assert res.returncode == 2 and "--system is for the chat" in res.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--port", "70000"], "--port"),
+    (["--save-every", "0"], "--save-every"),
+    (["--hot", "0:1", "--plan", "p.yaml"], "pass one"),
+])
+def test_serve_bad_options_are_one_clear_line(tmp_path, args, message):
+    res = subprocess.run([sys.executable, "-m", "hybrid_gguf.cli", "serve", *args], capture_output=True,
+                         text=True, env=_env(tmp_path), cwd=str(REPO), timeout=120)
+    assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr

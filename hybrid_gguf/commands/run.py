@@ -40,6 +40,8 @@ def run_command(
     console = Console(stderr=True)
     if hot and plan:
         raise HybridError("--hot and --plan both choose the placement; pass one")
+    if system is not None and prompt is not None:
+        raise HybridError("--system is for the chat (run without -p); a -p prompt is raw text")
     hot_map = hybrid_backend.parse_hot_spec(hot) if hot else None
     if prompt is None and (as_json or not sys.stdin.isatty()):
         if not sys.stdin.isatty():
