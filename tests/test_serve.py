@@ -223,6 +223,27 @@ def test_openai_client_chat_stream_completion_queue_and_context(tmp_path):
     assert grown <= served["total"]
 
 
+@needs_recorder
+def test_a_client_that_goes_away_stops_its_generation(tmp_path):
+    server = Server(tmp_path / "cache", "--save-every", "600")
+    try:
+        client = server.client()
+        stream = client.completions.create(model="m", prompt="def f():", max_tokens=230, temperature=0.8,
+                                           stream=True)
+        for n, _chunk in enumerate(stream, 1):
+            if n == 3:
+                stream.close()
+                break
+        # the next request is served, and the abandoned one stopped well short of 230 tokens
+        assert client.completions.create(model="m", prompt="x", max_tokens=3).usage.completion_tokens == 3
+        status = server.get("/hybrid/status")
+        assert status["requests"]["served"] == 2
+        assert status["tokens_served"]["completion"] - 3 < 200
+        assert server.stop() == 130
+    finally:
+        server.kill()
+
+
 def _tmp_files(path: Path) -> list:
     return [p for p in path.parent.iterdir() if p.name.startswith(f".{path.name}.tmp-")]
 
