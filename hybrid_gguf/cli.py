@@ -25,7 +25,7 @@ app = typer.Typer(
 
 err_console = Console(stderr=True)
 
-_COMMAND_MODULES = ("run", "inspect", "profile", "plan", "bench")
+_COMMAND_MODULES = ("run", "inspect", "profile", "plan", "bench", "serve")
 
 
 def _register_commands() -> None:
@@ -44,7 +44,10 @@ _register_commands()
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        # without standalone mode click returns a typer.Exit's code instead of exiting
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code != 0:
+            sys.exit(code)
     except HybridError as exc:
         err_console.print(f"[bold red]error:[/] {exc}")
         sys.exit(2)

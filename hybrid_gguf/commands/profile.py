@@ -20,6 +20,14 @@ import typer
 from ..errors import HybridError
 
 
+class ProfileInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a profiling run; carries the routing recorded until then."""
+
+    def __init__(self, snapshot) -> None:
+        super().__init__()
+        self.snapshot = snapshot
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     path: Path
@@ -91,7 +99,8 @@ def profile_model(info: ModelInfo, workload, n_predict: int, n_ctx: int,
                   on_prompt: Optional[Callable[[int, int, int], None]] = None,
                   temp: float = 0.0, seed: int = 0, cpu_only: bool = False,
                   on_load: Optional[Callable[[str], None]] = None):
-    """Run the workload with a fresh recorder; returns the RoutingSnapshot."""
+    """Run the workload with a fresh recorder; returns the RoutingSnapshot. Ctrl-C raises
+    ProfileInterrupted with the snapshot of what was recorded so far."""
     from ..recorder import RoutingRecorder
 
     recorder = RoutingRecorder(info.n_layer, info.n_expert, info.n_expert_used)
@@ -104,6 +113,8 @@ def profile_model(info: ModelInfo, workload, n_predict: int, n_ctx: int,
             if on_prompt:
                 on_prompt(1, n_in, n_out)
         return recorder.snapshot(trace=False)
+    except KeyboardInterrupt:
+        raise ProfileInterrupted(recorder.snapshot(trace=False)) from None
     finally:
         llm.close()
 
@@ -203,6 +214,26 @@ def draw_heatmap(path: Path, counts, title: str) -> None:
 # -- command --------------------------------------------------------------------
 
 
+def _store_interrupted(err, info: ModelInfo, snap, label: str, store: Optional[Path], no_store: bool,
+                       decay: float) -> None:
+    """Ctrl-C: merge the prompts profiled so far into the store (a second Ctrl-C skips it;
+    the store's writes are atomic, so the profile stays as it was)."""
+    from ..profile import ProfileStore, RoutingProfile
+
+    recorded = int(snap.counts.sum())
+    if no_store or recorded == 0:
+        err.print("interrupted: nothing stored")
+        return
+    try:
+        merged = ProfileStore(store).merge_session(
+            RoutingProfile.from_snapshot(snap, info.fingerprint, info.arch, label), decay=decay)
+    except KeyboardInterrupt:
+        err.print("interrupted twice: nothing stored")
+        return
+    err.print(f"interrupted: merged the routing recorded so far ({int(snap.tokens_per_layer[0])} "
+              f"tokens) into the store ({merged.sessions} sessions)")
+
+
 def register(app: typer.Typer) -> None:
     @app.command("profile")
     def profile_cmd(
@@ -271,19 +302,23 @@ def register(app: typer.Typer) -> None:
         run_label = label or workload.label
         t0 = time.monotonic()
         tokens = [0, 0]
-        with Progress(TextColumn("[bold]profiling"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("{task.fields[tok]}"), TimeElapsedColumn(),
-                      console=err, transient=as_json) as progress:
-            task = progress.add_task("prompts", total=len(workload.prompts), tok="")
+        try:
+            with Progress(TextColumn("[bold]profiling"), BarColumn(), MofNCompleteColumn(),
+                          TextColumn("{task.fields[tok]}"), TimeElapsedColumn(),
+                          console=err, transient=as_json) as progress:
+                task = progress.add_task("prompts", total=len(workload.prompts), tok="")
 
-            def on_prompt(n: int, n_in: int, n_out: int) -> None:
-                tokens[0] += n_in
-                tokens[1] += n_out
-                progress.update(task, advance=n,
-                                tok=f"{tokens[0]} prompt + {tokens[1]} generated tokens")
+                def on_prompt(n: int, n_in: int, n_out: int) -> None:
+                    tokens[0] += n_in
+                    tokens[1] += n_out
+                    progress.update(task, advance=n,
+                                    tok=f"{tokens[0]} prompt + {tokens[1]} generated tokens")
 
-            snap = profile_model(info, workload, n_predict, ctx, threads, on_prompt, temp, seed, cpu_only,
-                                 on_load=lambda where: err.print(f"[dim]profiling with {where}[/]"))
+                snap = profile_model(info, workload, n_predict, ctx, threads, on_prompt, temp, seed,
+                                     cpu_only, on_load=lambda where: err.print(f"[dim]profiling with {where}[/]"))
+        except ProfileInterrupted as stop:
+            _store_interrupted(err, info, stop.snapshot, run_label, store, no_store, decay)
+            raise typer.Exit(130)
         elapsed = time.monotonic() - t0
 
         session = RoutingProfile.from_snapshot(snap, info.fingerprint, info.arch, run_label)

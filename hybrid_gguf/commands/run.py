@@ -30,6 +30,7 @@ def run_command(
     no_record: bool = typer.Option(False, "--no-record", help="do not record routing into the profile"),
     threads: Optional[int] = typer.Option(None, "--threads", "-t"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of streaming text"),
+    system: Optional[str] = typer.Option(None, "--system", help="system message of the interactive chat"),
     verbose: bool = typer.Option(False, "--verbose", help="show llama.cpp's log"),
 ) -> None:
     """Generate text (or chat) with a MoE model, hot experts on the GPU."""
@@ -39,6 +40,8 @@ def run_command(
     console = Console(stderr=True)
     if hot and plan:
         raise HybridError("--hot and --plan both choose the placement; pass one")
+    if system is not None and prompt is not None:
+        raise HybridError("--system is for the chat (run without -p); a -p prompt is raw text")
     hot_map = hybrid_backend.parse_hot_spec(hot) if hot else None
     if prompt is None and (as_json or not sys.stdin.isatty()):
         if not sys.stdin.isatty():
@@ -60,7 +63,7 @@ def run_command(
             if hm.recorder_notice:
                 _notice(console, hm.recorder_notice)
         if prompt is None:
-            _chat(hm, console, n_predict, temp)
+            _chat(hm, console, n_predict, temp, system)
             return
         out = sys.stdout
         if as_json:
@@ -100,26 +103,31 @@ def run_command(
                 _notice(console, f"expert selections served from GPU memory: {routing['prompt_hit_rate']:.1%} "
                                  "of the prompt's" + ("" if routing["decode_hit_rate"] is None else
                                                       f", {routing['decode_hit_rate']:.1%} of sampled decode steps'"))
+    except KeyboardInterrupt:
+        _save_interrupted(hm, console)
+        raise typer.Exit(130)
     finally:
         hm.close(save_profile=False)
 
 
-def _chat(hm, console: Console, n_predict: int, temp: float) -> None:
-    """A plain transcript chat: works for models with or without a chat template."""
+def _save_interrupted(hm, console: Console) -> None:
+    """Ctrl-C: keep the routing recorded so far (a second Ctrl-C leaves the profile as it was)."""
+    try:
+        profile = hm.save_profile()
+    except KeyboardInterrupt:
+        profile = None
+    sys.stdout.write("\n")
+    _notice(console, "interrupted" + ("" if profile is None else
+                                      f"; routing profile now {profile.sessions} sessions"))
+
+
+def _chat(hm, console: Console, n_predict: int, temp: float, system: Optional[str]) -> None:
+    """Chat with the model's chat template (hybrid_gguf.chat); old turns are dropped to fit."""
+    from ..chat import chat_loop
+
     console.print("[bold]chat[/] (empty line or Ctrl-D to quit)")
-    history = ""
-    while True:
-        try:
-            user = console.input("[bold green]> [/]")
-        except EOFError:
-            break
-        if not user.strip():
-            break
-        history += f"User: {user}\nAssistant:"
-        res = hm.stream(history, max_tokens=n_predict, temperature=temp,
-                        on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
-        sys.stdout.write("\n")
-        history += res.text + "\n"
+    chat_loop(hm, max_tokens=n_predict, temperature=temp, system=system,
+              notice=lambda text: _notice(console, text))
     profile = hm.save_profile()
     if profile is not None:
         _notice(console, f"routing profile now {profile.sessions} sessions")
