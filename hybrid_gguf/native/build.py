@@ -41,8 +41,9 @@ class BuiltLibrary:
 
 
 def cache_root() -> Path:
-    env = os.environ.get("HYBRID_GGUF_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "hybrid-gguf"
+    from .. import paths
+
+    return paths.cache_dir()
 
 
 def llama_lib_dir() -> Path:
