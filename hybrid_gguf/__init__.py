@@ -6,7 +6,9 @@ try:
     # Load libllama before numpy: on the GPU machine's Python 3.12 the reverse order
     # made model loading segfault (../shared/llama-cpp-notes.md, seen again here).
     import llama_cpp as _llama_cpp  # noqa: F401
-except ImportError:  # the backend is not built yet; inventory and synth still work
+except (ImportError, OSError):
+    # no backend yet, or a broken one: inventory, synth and `hybrid-gguf backend install`
+    # still work
     pass
 
 

@@ -25,7 +25,23 @@ app = typer.Typer(
 
 err_console = Console(stderr=True)
 
-_COMMAND_MODULES = ("run", "inspect", "profile", "plan", "bench")
+_COMMAND_MODULES = ("run", "inspect", "profile", "plan", "bench", "backend", "doctor")
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"hybrid-gguf {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main_options(
+    version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
+                                 help="print the version and exit"),
+) -> None:
+    """Run MoE GGUF models with hot experts on the GPU and cold experts on the CPU."""
 
 
 def _register_commands() -> None:

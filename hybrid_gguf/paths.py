@@ -36,13 +36,24 @@ def _env_dir(name: str):
     return Path(value).expanduser() if value else None
 
 
+def _platform_dir(kind: str) -> Path:
+    try:
+        import platformdirs
+    except ImportError:
+        # `python -m hybrid_gguf.backend` runs before the package's dependencies are
+        # installed (make setup); the XDG defaults are what platformdirs gives on Linux
+        env, default = {"data": ("XDG_DATA_HOME", "~/.local/share"),
+                        "cache": ("XDG_CACHE_HOME", "~/.cache")}[kind]
+        return Path(os.environ.get(env) or default).expanduser() / APP_NAME
+    fn = platformdirs.user_data_dir if kind == "data" else platformdirs.user_cache_dir
+    return Path(fn(APP_NAME, appauthor=False))
+
+
 def data_dir() -> Path:
     home = _env_dir(HOME_ENV)
     if home is not None:
         return home
-    import platformdirs
-
-    return Path(platformdirs.user_data_dir(APP_NAME, appauthor=False))
+    return _platform_dir("data")
 
 
 def cache_dir() -> Path:
@@ -52,9 +63,7 @@ def cache_dir() -> Path:
     home = _env_dir(HOME_ENV)
     if home is not None:
         return home / "cache"
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir(APP_NAME, appauthor=False))
+    return _platform_dir("cache")
 
 
 # --- user data ------------------------------------------------------------------------
