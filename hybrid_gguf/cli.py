@@ -60,7 +60,9 @@ _register_commands()
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        status = app(standalone_mode=False)
+        if isinstance(status, int) and status:
+            sys.exit(status)  # a command's typer.Exit(n): click hands it back as a return value
     except HybridError as exc:
         err_console.print(f"[bold red]error:[/] {exc}")
         sys.exit(2)
