@@ -61,7 +61,7 @@ _register_commands()
 def main() -> None:
     try:
         status = app(standalone_mode=False)
-        if isinstance(status, int) and status:
+        if type(status) is int and status:
             sys.exit(status)  # a command's typer.Exit(n): click hands it back as a return value
     except HybridError as exc:
         err_console.print(f"[bold red]error:[/] {exc}")
