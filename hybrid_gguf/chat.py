@@ -134,9 +134,9 @@ def trim_to_fit(template: ChatTemplate, messages: List[dict], n_ctx: int, max_to
 
 
 def history_path() -> Path:
-    env = os.environ.get("HYBRID_GGUF_CACHE")
-    base = Path(env).expanduser() if env else Path.home() / ".cache" / "hybrid-gguf"
-    return base / "chat_history"
+    from .paths import chat_history_path
+
+    return chat_history_path()
 
 
 def _line_editing(enabled: bool) -> Callable[[], None]:

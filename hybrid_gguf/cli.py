@@ -25,7 +25,23 @@ app = typer.Typer(
 
 err_console = Console(stderr=True)
 
-_COMMAND_MODULES = ("run", "inspect", "profile", "plan", "bench", "serve")
+_COMMAND_MODULES = ("run", "inspect", "profile", "plan", "bench", "serve", "backend", "doctor")
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"hybrid-gguf {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main_options(
+    version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
+                                 help="print the version and exit"),
+) -> None:
+    """Run MoE GGUF models with hot experts on the GPU and cold experts on the CPU."""
 
 
 def _register_commands() -> None:
@@ -44,10 +60,9 @@ _register_commands()
 
 def main() -> None:
     try:
-        # without standalone mode click returns a typer.Exit's code instead of exiting
-        code = app(standalone_mode=False)
-        if isinstance(code, int) and code != 0:
-            sys.exit(code)
+        status = app(standalone_mode=False)
+        if type(status) is int and status:
+            sys.exit(status)  # a command's typer.Exit(n): click hands it back as a return value
     except HybridError as exc:
         err_console.print(f"[bold red]error:[/] {exc}")
         sys.exit(2)

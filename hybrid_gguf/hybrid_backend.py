@@ -1,4 +1,4 @@
-"""The per-expert channel into the hybrid-patched llama.cpp (patches/llama-cpp-hybrid.patch).
+"""The per-expert channel into the hybrid-patched llama.cpp (hybrid_gguf/backend/llama-cpp-hybrid.patch).
 
 The patch exports `llama_hybrid_*` functions from libllama. A plan is handed over as text
 right before a model load; the loader copies the listed experts into hot packs on the
@@ -17,7 +17,7 @@ from .errors import HybridError
 
 STOCK_NOTICE = (
     "this llama-cpp-python build lacks the hybrid-gguf patch, so experts are placed per whole "
-    "tensor (layer); run `python scripts/build_backend.py` for per-expert placement"
+    "tensor (layer); run `hybrid-gguf backend install` for per-expert placement"
 )
 
 

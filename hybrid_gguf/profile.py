@@ -261,9 +261,9 @@ def _dumps(d: dict) -> str:
 
 
 def default_store_root() -> Path:
-    env = os.environ.get("HYBRID_GGUF_CACHE")
-    base = Path(env).expanduser() if env else Path.home() / ".cache" / "hybrid-gguf"
-    return base / "profiles"
+    from .paths import profiles_dir
+
+    return profiles_dir()
 
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")

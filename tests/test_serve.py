@@ -1,7 +1,7 @@
 """`hybrid-gguf serve` through the openai client, kill -9 mid-stream, and the chat of `run`.
 
 Every server is a real subprocess on a loopback port chosen by the kernel (--port 0), with
-its profile store in tmp_path (HYBRID_GGUF_CACHE), and is always killed in a finally.
+its profile store in tmp_path (HYBRID_GGUF_HOME), and is always killed in a finally.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from hybrid_gguf.chat import trim_to_fit  # noqa: E402
+from hybrid_gguf import paths  # noqa: E402
 from hybrid_gguf.inventory import read_inventory  # noqa: E402
 from hybrid_gguf.models import resolve_model  # noqa: E402
 from hybrid_gguf.profile import SLOW_WRITE_ENV, ProfileStore, RoutingProfile  # noqa: E402
@@ -38,7 +39,9 @@ needs_recorder = pytest.mark.skipif(not ok, reason=why)
 
 
 def _env(cache: Path, **extra) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO), HYBRID_GGUF_CACHE=str(cache), COLUMNS="200")
+    # profiles and chat history in the test's folder; the shared cache (recorder, models) kept
+    env = dict(os.environ, PYTHONPATH=str(REPO), HYBRID_GGUF_HOME=str(cache),
+               HYBRID_GGUF_CACHE=str(paths.cache_dir()), COLUMNS="200")
     env.pop(SLOW_WRITE_ENV, None)
     env.update(extra)
     return env
