@@ -397,9 +397,14 @@ class HybridModel:
         with self._using() as llm:
             return self._stream(llm, prompt, max_tokens, temperature, top_k, top_p, on_text)
 
-    def _stream(self, llm, prompt, max_tokens, temperature, top_k, top_p, on_text) -> GenerationResult:
-        import llama_cpp
+    def check_prompt(self, prompt: Union[str, Sequence[int]], max_tokens: int) -> int:
+        """HybridError unless the prompt and max_tokens new tokens fit the context; the
+        prompt's length in tokens."""
+        limits.check_new_tokens(max_tokens, "max_tokens")
+        with self._using() as llm:
+            return len(self._prompt_tokens(llm, prompt, max_tokens))
 
+    def _prompt_tokens(self, llm, prompt, max_tokens: int) -> list:
         tokens = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         if not tokens:
             raise HybridError("empty prompt")
@@ -407,6 +412,12 @@ class HybridModel:
         if len(tokens) + max_tokens > n_ctx:
             raise HybridError(f"prompt ({len(tokens)} tokens) + {max_tokens} new tokens exceed the "
                               f"context of {n_ctx}; raise --ctx (n_ctx) or ask for fewer tokens")
+        return tokens
+
+    def _stream(self, llm, prompt, max_tokens, temperature, top_k, top_p, on_text) -> GenerationResult:
+        import llama_cpp
+
+        tokens = self._prompt_tokens(llm, prompt, max_tokens)
         llm.reset()
         llama_cpp.llama_perf_context_reset(llm._ctx.ctx)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
