@@ -158,6 +158,8 @@ class HybridModel:
 
         if record and self.inventory.n_expert > 0:
             self.recorder = self._make_recorder()
+        if self.recorder is not None:
+            self._check_profile_store()
 
         from .placement import load_llama
 
@@ -300,6 +302,19 @@ class HybridModel:
         except RecorderUnavailable as exc:
             self.recorder_notice = f"routing recording off: {exc}"
             return None
+
+    def _check_profile_store(self) -> None:
+        """Fail before loading, not after generating, when the session could not be saved:
+        a store that is not a directory, or a stored profile of another model. A corrupt
+        one is moved aside now (with a notice) rather than at the end."""
+        from .profile import ProfileStore
+
+        store = self._profile_store or ProfileStore()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            store.load(self.inventory.fingerprint)
+        for w in caught:
+            warnings.warn(str(w.message), stacklevel=3)
 
     def _sample_decodes(self, stride: int) -> None:
         """Observe prompts and 1 decoded token in `stride` (in bursts), told before each eval."""
