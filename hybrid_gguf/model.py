@@ -5,8 +5,8 @@ from __future__ import annotations
 import codecs
 import threading
 import time
-from contextlib import contextmanager
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
