@@ -74,7 +74,7 @@ def _whole(v, name: str, low: int = 0, high: int = MAX_COUNT) -> int:
 def _count_array(x, shape: tuple, name: str) -> np.ndarray:
     """A JSON list (of lists) of plain non-negative numbers of `shape`, as float64."""
     rows = [x] if len(shape) == 1 else x
-    if not isinstance(rows, list) or len(rows) != shape[0] and len(shape) == 2:
+    if not isinstance(rows, list) or (len(shape) == 2 and len(rows) != shape[0]):
         raise ValueError(f"{name} must be a list of {shape[0]} rows")
     width = shape[-1]
     for row in rows:

@@ -18,12 +18,19 @@ from hybrid_gguf import hybrid_backend  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-def cli(*args, stdin=None, tmp_path=None, timeout=120) -> subprocess.CompletedProcess:
+def cli(*args, stdin=None, tmp_path=None, timeout=120, memory_cap=None) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO), COLUMNS="200")
     if tmp_path is not None:
         env["HYBRID_GGUF_CACHE"] = str(tmp_path / "cache")
+
+    def cap():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (memory_cap, memory_cap))
+
     return subprocess.run([sys.executable, "-m", "hybrid_gguf.cli", *args], input=stdin,
-                          capture_output=True, env=env, timeout=timeout)
+                          capture_output=True, env=env, timeout=timeout,
+                          preexec_fn=cap if memory_cap else None)
 
 
 def assert_one_line_error(res, *fragments):
@@ -88,7 +95,7 @@ def test_run_hot_layer_without_experts_is_named(f32_model, tmp_path):
 
 def test_run_plan_that_is_not_a_regular_file(f32_model, tmp_path):
     res = cli("run", f32_model, "-p", "hi", "--no-record", "--plan", "/dev/zero", tmp_path=tmp_path,
-              timeout=30)
+              timeout=60, memory_cap=4 << 30)  # a regression reads /dev/zero until memory runs out
     assert_one_line_error(res, "/dev/zero", "not a regular file")
 
 

@@ -67,7 +67,10 @@ def test_anchor_alone_is_refused(plan_text, model):
 
 @pytest.mark.parametrize("tagged", ["!!python/object:os.system x", "!custom 5", "!!binary aGVsbG8="])
 def test_tags_are_refused(plan_text, model, tagged):
-    text = plan_text.replace("created:", f"extra_tag: {tagged}\ncreated:", 1)
+    import re
+
+    text, n = re.subn(r"^created: .*$", f"created: {tagged}", plan_text, count=1, flags=re.M)
+    assert n == 1
     refused(text, model[1], "p.yaml:", "tag")
 
 
@@ -106,19 +109,39 @@ def test_n_ubatch_is_bounded(plan_text, model):
 
 
 def test_load_refuses_special_and_huge_files(tmp_path, model):
-    with pytest.raises(HybridError, match="not a regular file"):
-        Plan.load("/dev/zero", model[1])
-    with pytest.raises(HybridError, match="not a regular file"):
-        Plan.load(tmp_path, model[1])
+    """Run in a child with a memory cap and a timeout: reading /dev/zero grows without end
+    and opening a FIFO waits for a writer, so a regression must not take the run with it."""
+    import resource
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
     big = tmp_path / "big.yaml"
     with open(big, "wb") as fh:
         fh.truncate(MAX_PLAN_BYTES + 1)
-    with pytest.raises(HybridError, match="larger than"):
-        Plan.load(big, model[1])
-    fifo = tmp_path / "fifo"
-    os.mkfifo(fifo)
-    with pytest.raises(HybridError, match="not a regular file"):
-        Plan.load(fifo, model[1])
+    os.mkfifo(tmp_path / "fifo")
+    code = textwrap.dedent(f"""
+        from hybrid_gguf.errors import HybridError
+        from hybrid_gguf.plan import Plan
+        for path in ("/dev/zero", {str(tmp_path)!r}, {str(tmp_path / "fifo")!r}, {str(big)!r}):
+            try:
+                Plan.load(path)
+            except HybridError as exc:
+                print("refused:", exc)
+    """)
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+    repo = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         preexec_fn=cap, env=dict(os.environ, PYTHONPATH=str(repo)))
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = res.stdout.splitlines()
+    assert len(lines) == 4, res.stdout
+    assert all("not a regular file" in line for line in lines[:3]), lines
+    assert "larger than" in lines[3]
 
 
 def test_a_realistic_large_plan_still_loads_quickly(plan_text, tiny_model_factory):
