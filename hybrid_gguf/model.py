@@ -423,6 +423,10 @@ class HybridModel:
         tokens = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         if not tokens:
             raise HybridError("empty prompt")
+        n_vocab = llm.n_vocab()
+        bad = next((t for t in tokens if not 0 <= t < n_vocab), None)
+        if bad is not None:
+            raise HybridError(f"token id {bad} is outside the vocabulary (0..{n_vocab - 1})")
         n_ctx = limits.context_size(llm)
         if len(tokens) + max_tokens > n_ctx:
             raise HybridError(f"prompt ({len(tokens)} tokens) + {max_tokens} new tokens exceed the "

@@ -157,3 +157,12 @@ def test_sizes_are_checked_before_loading(f32_model, tmp_path, kwargs, message):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "refused:" in res.stdout and message in res.stdout.split("refused:")[1], res.stdout
     assert float(res.stdout.split("seconds:")[1]) < 5
+
+
+@pytest.mark.parametrize("ids", [[1, 100000], [1, -3]])
+def test_token_ids_outside_the_vocabulary_are_refused(f32_model, ids):
+    from hybrid_gguf.model import HybridModel
+
+    with HybridModel(str(f32_model), n_ctx=128, n_threads=1, record=False) as hm:
+        with pytest.raises(HybridError, match="vocabulary"):
+            hm.generate(ids, max_tokens=2)
