@@ -91,8 +91,9 @@ def check_context_memory(inventory, n_ctx: int, n_ubatch: int = 512, flash_attn:
     have = available_memory()
     if kv + compute > have:
         raise HybridError(
-            f"{name} {n_ctx} needs about {format_size(kv)} of KV cache and {format_size(compute)} of "
-            f"compute buffer, more than the {format_size(have)} of memory available; use a smaller context")
+            f"a context of {n_ctx} tokens ({name}) needs about {format_size(kv)} of KV cache and "
+            f"{format_size(compute)} of compute buffer, more than the {format_size(have)} of memory "
+            "available; use a smaller context")
 
 
 _CACHE_NAMES = None
