@@ -3,7 +3,6 @@ traceback, a crash, a hang or a silently wrong result."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
