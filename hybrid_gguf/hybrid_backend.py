@@ -79,6 +79,8 @@ def validate_hot(hot: Mapping[int, Sequence[int]], n_layer: int, n_expert_of_lay
         if not 0 <= int(layer) < n_layer:
             raise HybridError(f"hot set names layer {layer}, but the model has layers 0..{n_layer - 1}")
         n_exp = n_expert_of_layer(int(layer))
+        if not len(experts):
+            raise HybridError(f"hot set: layer {layer} lists no experts (leave the layer out)")
         if n_exp == 0:
             raise HybridError(f"hot set names layer {layer}, which has no routed experts")
         seen = set()
@@ -129,6 +131,9 @@ def parse_hot_spec(spec: str) -> dict[int, list[int]]:
             raise HybridError(f"--hot expects 'layer:expert,expert;layer:...', got {item!r}") from None
         if not sep:
             raise HybridError(f"--hot expects 'layer:expert,expert;layer:...', got {item!r}")
+        if not experts:
+            raise HybridError(f"--hot: layer {layer} lists no experts (give 'layer:expert,expert', "
+                              "or leave the layer out)")
         if layer in hot:
             raise HybridError(f"--hot names layer {layer} twice")
         hot[layer] = experts

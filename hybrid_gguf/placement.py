@@ -213,14 +213,19 @@ class LoadedLlama:
 
 def load_llama(model_path, placement: Optional[TensorPlacement] = None,
                model_patch: Optional[Callable[[Any], None]] = None,
-               allow_extra_bufts: bool = False, **llama_kwargs) -> LoadedLlama:
+               allow_extra_bufts: bool = False, inventory=None, **llama_kwargs) -> LoadedLlama:
     """Construct a Llama with a placement and report where llama.cpp put the buffers.
 
     `model_patch` (optional) runs after the placement patch, for other raw params.
+    Thread counts, context and batch sizes are checked first (limits.check_llama_kwargs;
+    with `inventory`, the context's memory too), so llama.cpp never sees absurd ones.
     llama.cpp's load failure (ValueError) becomes a HybridError carrying its last error line.
     """
+    from .limits import check_llama_kwargs
     from .llama_hooks import construct_llama
     from .llama_log import capture_llama_log
+
+    check_llama_kwargs(llama_kwargs, inventory)
 
     place_patch = model_patch_for(placement, allow_extra_bufts) if placement is not None else None
 

@@ -57,10 +57,11 @@ def build_llama(path: Path, recorder, n_ctx: int, n_threads: Optional[int] = Non
     from ..placement import fit_n_cpu_moe, load_llama
 
     kwargs = {"n_threads": n_threads, "n_threads_batch": n_threads} if n_threads else {}
+    inv = read_inventory(path)
     gpus = [] if cpu_only else gpu_devices()
     placement, where = None, "all weights on the CPU"
     if gpus:
-        fit = fit_n_cpu_moe(read_inventory(path), max(0, gpus[0].free_bytes - VRAM_RESERVE), n_ctx)
+        fit = fit_n_cpu_moe(inv, max(0, gpus[0].free_bytes - VRAM_RESERVE), n_ctx)
         if fit.fits:
             placement = fit.placement
             where = ("everything on the GPU" if fit.n_cpu_moe == 0 else
@@ -68,7 +69,7 @@ def build_llama(path: Path, recorder, n_ctx: int, n_threads: Optional[int] = Non
     if placement is None:
         kwargs["n_gpu_layers"] = 0
     loaded = load_llama(path, placement, context_patch=recorder.attach(), n_ctx=n_ctx, seed=seed,
-                        verbose=False, **kwargs)
+                        verbose=False, inventory=inv, **kwargs)
     llm = loaded.llm
     llm._hybrid_gguf_recorder = recorder  # the C callback points at it: keep it alive
     return llm, where
@@ -76,7 +77,9 @@ def build_llama(path: Path, recorder, n_ctx: int, n_threads: Optional[int] = Non
 
 def run_prompt(llm, text: str, n_predict: int, temp: float = 0.0) -> tuple[int, int]:
     """Prefill `text`, then decode up to n_predict tokens (greedy at temp 0); (prompt, generated)."""
-    n_ctx = llm.n_ctx()
+    from ..limits import context_size
+
+    n_ctx = context_size(llm)  # what llama-cpp-python allocated, not llama.cpp's padded size
     room = n_ctx - n_predict - 1
     if room < 1:
         raise HybridError(f"--ctx {n_ctx} leaves no room for a prompt with -n {n_predict}")
@@ -175,8 +178,24 @@ def print_summary(console, info: ModelInfo, summary: dict, top_k: int = 4) -> No
     console.print(f"best static hit rate: {hits}")
 
 
-def draw_heatmap(path: Path, counts, title: str) -> None:
-    """Layer × expert share heatmap, and per-layer coverage curves."""
+def heatmap_path(path: Path) -> Path:
+    """The file draw_heatmap writes: matplotlib adds .png to a name without a suffix."""
+    return path if path.suffix else path.with_name(path.name + ".png")
+
+
+def check_output_file(path: Path, option: str) -> None:
+    """Refuse an output path that cannot be written, before the (long) run."""
+    if path.is_dir():
+        raise HybridError(f"{option} {path} is a directory; give a file name")
+    parent = path.parent
+    if not parent.exists():
+        raise HybridError(f"{option} {path}: the folder {parent} does not exist")
+    if not parent.is_dir():
+        raise HybridError(f"{option} {path}: {parent} is not a folder")
+
+
+def draw_heatmap(path: Path, counts, title: str) -> Path:
+    """Layer × expert share heatmap, and per-layer coverage curves; returns the file written."""
     import matplotlib
     import numpy as np
 
@@ -206,9 +225,11 @@ def draw_heatmap(path: Path, counts, title: str) -> None:
     ax2.set_title("coverage")
     fig.suptitle(title)
     fig.tight_layout()
+    path = heatmap_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return path
 
 
 # -- command --------------------------------------------------------------------
@@ -272,8 +293,21 @@ def register(app: typer.Typer) -> None:
         err = Console(stderr=True)
         if not model.is_file():
             raise HybridError(f"model file {model} does not exist")
-        if n_predict < 0 or ctx < 8:
-            raise HybridError("-n must be >= 0 and --ctx >= 8")
+        from ..limits import check_ctx, check_threads
+
+        if n_predict < 0:
+            raise HybridError(f"-n must be >= 0, got {n_predict}")
+        check_ctx(ctx, "--ctx")
+        check_threads(threads, "--threads")
+        if store is not None and not no_store and store.exists() and not store.is_dir():
+            raise HybridError(f"--store {store} is not a directory")
+        if out is not None:
+            check_output_file(out, "--out")
+        if heatmap is not None:
+            if heatmap.is_dir():
+                raise HybridError(f"--heatmap {heatmap} is a directory; give a file name such as "
+                                  f"{heatmap / 'heatmap.png'}")
+            check_output_file(heatmap_path(heatmap), "--heatmap")
         if temp < 0:
             raise HybridError(f"--temp must not be negative, got {temp}")
         if not 0.0 < decay <= 1.0:
@@ -332,7 +366,7 @@ def register(app: typer.Typer) -> None:
         summary = routing_stats.summarize(snap.counts, snap.tokens_per_layer,
                                           info.n_expert_used, slot_list)
         if heatmap is not None:
-            draw_heatmap(heatmap, snap.counts, f"{model.name}: {run_label}, "
+            heatmap = draw_heatmap(heatmap, snap.counts, f"{model.name}: {run_label}, "
                                                f"{tokens[0] + tokens[1]} tokens")
         if as_json:
             print(json.dumps(profile_json(info, snap, summary, run_label,

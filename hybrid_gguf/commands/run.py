@@ -34,7 +34,7 @@ def run_command(
     verbose: bool = typer.Option(False, "--verbose", help="show llama.cpp's log"),
 ) -> None:
     """Generate text (or chat) with a MoE model, hot experts on the GPU."""
-    from .. import hybrid_backend
+    from .. import hybrid_backend, limits
     from ..model import HybridModel
 
     console = Console(stderr=True)
@@ -42,12 +42,17 @@ def run_command(
         raise HybridError("--hot and --plan both choose the placement; pass one")
     if system is not None and prompt is not None:
         raise HybridError("--system is for the chat (run without -p); a -p prompt is raw text")
+    limits.check_new_tokens(n_predict, "-n/--n-predict")
+    limits.check_threads(threads, "--threads")
+    limits.check_ctx(ctx, "--ctx")
     hot_map = hybrid_backend.parse_hot_spec(hot) if hot else None
     if prompt is None and (as_json or not sys.stdin.isatty()):
         if not sys.stdin.isatty():
-            prompt = sys.stdin.read()
+            prompt = read_stdin_text()
         if not prompt:
             raise HybridError("no prompt: pass -p/--prompt (interactive chat needs a terminal)")
+    if prompt is not None:
+        check_text(prompt, "-p/--prompt")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         hm = HybridModel(model, gpu_budget=gpu_budget, hot=hot_map, plan=plan, n_ctx=ctx, seed=seed,
@@ -55,6 +60,8 @@ def run_command(
     for w in caught:
         _notice(console, f"warning: {w.message}")
     try:
+        if prompt is not None:
+            hm.check_prompt(prompt, n_predict)  # before any output
         if not as_json:
             _notice(console, f"{hm.resolved.name}: {hm.inventory.arch}, {hm.inventory.n_layer} layers, "
                              f"{hm.inventory.n_expert} experts; placement: {hm.placement.description}")
@@ -79,7 +86,11 @@ def run_command(
             res = hm.stream(prompt, max_tokens=n_predict, temperature=temp, on_text=on_text)
             out.write("\n")
         routing = hm.session_routing()
-        profile = hm.save_profile()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            profile = hm.save_profile()
+        for w in caught:  # e.g. a stored profile moved aside
+            _notice(console, f"warning: {w.message}")
         if as_json:
             print(json.dumps({
                 "model": str(hm.path),
@@ -108,6 +119,25 @@ def run_command(
         raise typer.Exit(130)
     finally:
         hm.close(save_profile=False)
+
+
+def read_stdin_text() -> str:
+    """All of stdin as text; bytes that are not UTF-8 are a one-line error."""
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise HybridError(f"stdin is not valid UTF-8 text (byte 0x{data[exc.start]:02x} at offset "
+                          f"{exc.start})") from None
+
+
+def check_text(text: str, what: str) -> None:
+    """Refuse text that cannot be written as UTF-8: a command-line argument with bytes that
+    are not UTF-8 reaches Python as lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise HybridError(f"{what} is not valid UTF-8 text (at character {exc.start})") from None
 
 
 def _save_interrupted(hm, console: Console) -> None:
