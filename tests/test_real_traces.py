@@ -130,7 +130,7 @@ def test_plan_replay_on_a_model_of_the_trace_shape(tiny_model_factory, tmp_path)
         assert 0.0 <= row["static"] <= row["oracle"] + 1e-9 <= 1.0 + 1e-9
 
 
-def test_plan_replay_rejects_a_trace_of_another_shape(tiny_model_factory):
+def test_load_rejects_a_trace_of_another_shape():
     from hybrid_gguf.errors import HybridError
 
     with pytest.raises(HybridError, match="24 layers"):
