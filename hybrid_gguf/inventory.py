@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from .errors import HybridError
+from .header_checks import check_header, check_regular_file
 
 KINDS = (
     "attention", "norm", "embedding", "output", "router",
@@ -231,6 +232,22 @@ def _open_reader(path: Path):
     VT = gguf.GGUFValueType
 
     class HeaderReader(gguf.GGUFReader):
+        # long string arrays (stepped over, not decoded): value offset -> first repeat
+        # (index of the first copy, index of the repeat, bytes) or None
+        repeated_strings: dict
+
+        def __init__(self, *args, **kwargs):
+            self.repeated_strings = {}
+            super().__init__(*args, **kwargs)
+
+        def _key_before(self, value_offs: int) -> bytes:
+            """The key of the KV whose value starts at value_offs (after the u32 type)."""
+            n = len(_TOKENS_KEY)
+            start = value_offs - 4 - n
+            if start < 8 or int.from_bytes(bytes(self.data[start - 8:start]), "little") != n:
+                return b""
+            return bytes(self.data[start:start + n])
+
         def _get_field_parts(self, orig_offs, raw_type):
             if VT(raw_type) != VT.ARRAY or self.byte_order == "S":
                 return super()._get_field_parts(orig_offs, raw_type)
@@ -253,6 +270,9 @@ def _open_reader(path: Path):
                     offs += 8 + unpack(buf, offs)[0]
                 if offs > len(buf):
                     raise ValueError("string array runs past the end of the file")
+                if self._key_before(orig_offs) == _TOKENS_KEY:
+                    self.repeated_strings[orig_offs] = _first_repeat(
+                        bytes(buf[orig_offs + 12:offs]), count)
                 return offs - orig_offs, [raw_itype, alen], [], [VT.ARRAY, itype]
             return super()._get_field_parts(orig_offs, raw_type)
 
@@ -263,14 +283,10 @@ def _open_reader(path: Path):
 
 
 def _check_file(path: Path) -> int:
-    if not path.exists():
-        raise HybridError(f"model file not found: {path}")
-    if path.is_dir():
-        raise HybridError(f"{path} is a directory, not a GGUF file")
+    size = check_regular_file(path)  # before open(): a FIFO would block, /dev/zero never ends
     try:
         with open(path, "rb") as f:
             head = f.read(8)
-        size = path.stat().st_size
     except OSError as exc:
         raise HybridError(f"cannot read {path}: {exc.strerror or exc}") from None
     if head[:4] != GGUF_MAGIC:
@@ -281,6 +297,59 @@ def _check_file(path: Path) -> int:
         if version not in (2, 3) and int.from_bytes(head[4:], "big") not in (2, 3):
             raise HybridError(f"{path} has GGUF version {version}; only versions 2 and 3 are supported")
     return size
+
+
+_TOKENS_KEY = b"tokenizer.ggml.tokens"
+
+
+def _first_repeat(packed: bytes, count: int):
+    """(first id, repeated id, token) of the first repeated string of a packed GGUF
+    string array (u64 length + bytes each), or None when all are distinct."""
+    import struct
+
+    unpack = struct.Struct("<Q").unpack_from
+    seen: set = set()
+    add = seen.add
+    offs = 0
+    for _ in range(count):
+        n = unpack(packed, offs)[0]
+        add(packed[offs + 8:offs + 8 + n])
+        offs += 8 + n
+    if len(seen) == count:
+        return None
+    first: dict = {}
+    offs = 0
+    for i in range(count):
+        n = unpack(packed, offs)[0]
+        s = packed[offs + 8:offs + 8 + n]
+        if s in first:
+            return first[s], i, s
+        first[s] = i
+        offs += 8 + n
+    return None
+
+
+def _check_vocabulary(path: Path, reader) -> None:
+    """llama.cpp asserts that every token string of the vocabulary is distinct."""
+    gguf = _gguf()
+    fld = reader.fields.get("tokenizer.ggml.tokens")
+    if fld is None or fld.types[:2] != [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING]:
+        return  # absent or mistyped: llama.cpp reports those itself
+    if fld.data:
+        seen: dict = {}
+        dup = None
+        for i, idx in enumerate(fld.data):
+            s = bytes(fld.parts[idx])
+            if seen.setdefault(s, i) != i:
+                dup = (seen[s], i, s)
+                break
+    else:
+        value_offset = fld.offset + sum(int(p.nbytes) for p in fld.parts[:3])
+        dup = getattr(reader, "repeated_strings", {}).get(value_offset)
+    if dup is not None:
+        first, again, text = dup
+        raise HybridError(f"{path}: tokenizer.ggml.tokens repeats token {text[:40]!r} "
+                          f"(ids {first} and {again}); every token must be distinct")
 
 
 def _field_value(fld) -> Any:
@@ -328,10 +397,8 @@ def read_inventory(path: Union[str, os.PathLike]) -> Inventory:
             metadata[key] = _field_value(fld)
         except Exception:  # an undecodable value does not stop the inventory
             metadata[key] = None
-    arch = str(metadata.get("general.architecture") or "unknown")
-    if int(metadata.get("split.count") or 1) > 1:
-        warnings.warn(f"{path.name} is shard {int(metadata.get('split.no') or 0) + 1} of "
-                      f"{metadata['split.count']}: only this shard's tensors are listed", stacklevel=2)
+    arch = metadata.get("general.architecture")
+    arch = arch if isinstance(arch, str) and arch else "unknown"
 
     def kv(name, default=None):
         return metadata.get(f"{arch}.{name}", default)
@@ -342,6 +409,9 @@ def read_inventory(path: Union[str, os.PathLike]) -> Inventory:
         name = bytes(name_data).decode("utf-8", errors="replace")
         type_name, block, type_size = _type_info(int(raw_type[0]), path, name)
         ne = tuple(int(d) for d in dims)
+        if ne and ne[0] % block:
+            raise HybridError(f"{path}: tensor {name} has rows of {ne[0]} values, not a multiple of "
+                              f"the {type_name} block size ({block})")
         n_elem = 1
         for d in ne:
             n_elem *= d
@@ -357,6 +427,13 @@ def read_inventory(path: Union[str, os.PathLike]) -> Inventory:
             t.n_expert = ne[-1]  # expert index is the slowest dimension
             t.per_expert_bytes = n_bytes // ne[-1] if ne[-1] else 0
         tensors.append(t)
+
+    # Bound every count and index before anything is sized from them.
+    check_header(path, reader.fields, metadata, arch, tensors, int(reader.data_offset))
+    _check_vocabulary(path, reader)
+    if int(metadata.get("split.count") or 1) > 1:
+        warnings.warn(f"{path.name} is shard {int(metadata.get('split.no') or 0) + 1} of "
+                      f"{metadata['split.count']}: only this shard's tensors are listed", stacklevel=2)
 
     has_exps = any(t.is_expert for t in tensors)
     if has_exps and arch not in KNOWN_MOE_ARCHS:
