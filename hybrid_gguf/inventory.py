@@ -385,6 +385,8 @@ def read_inventory(path: Union[str, os.PathLike]) -> Inventory:
         reader = _open_reader(path)
     except Exception as exc:  # gguf-py raises ValueError/IndexError/... on cut headers
         reason = " ".join(str(exc).split()) or type(exc).__name__
+        if "alignment" in reason:  # gguf-py checks general.alignment while parsing
+            raise HybridError(f"{path}: general.alignment must be a UINT32 power of two ({reason})") from None
         raise HybridError(f"{path} is truncated or corrupt: cannot parse the GGUF header ({reason})") from None
 
     metadata: dict = {}
