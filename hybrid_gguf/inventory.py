@@ -232,12 +232,12 @@ def _open_reader(path: Path):
     VT = gguf.GGUFValueType
 
     class HeaderReader(gguf.GGUFReader):
-        # long string arrays (stepped over, not decoded): value offset -> first repeat
-        # (index of the first copy, index of the repeat, bytes) or None
-        repeated_strings: dict
+        # the vocabulary when long (stepped over, not decoded):
+        # value offset -> _vocabulary_summary(...)
+        vocabulary: dict
 
         def __init__(self, *args, **kwargs):
-            self.repeated_strings = {}
+            self.vocabulary = {}
             super().__init__(*args, **kwargs)
 
         def _key_before(self, value_offs: int) -> bytes:
@@ -271,7 +271,7 @@ def _open_reader(path: Path):
                 if offs > len(buf):
                     raise ValueError("string array runs past the end of the file")
                 if self._key_before(orig_offs) == _TOKENS_KEY:
-                    self.repeated_strings[orig_offs] = _first_repeat(
+                    self.vocabulary[orig_offs] = _vocabulary_summary(
                         bytes(buf[orig_offs + 12:offs]), count)
                 return offs - orig_offs, [raw_itype, alen], [], [VT.ARRAY, itype]
             return super()._get_field_parts(orig_offs, raw_type)
@@ -300,11 +300,13 @@ def _check_file(path: Path) -> int:
 
 
 _TOKENS_KEY = b"tokenizer.ggml.tokens"
+# The 256 byte tokens an SPM ("llama") vocabulary falls back to, as llama.cpp names them.
+_SPM_BYTE_TOKENS = tuple(b"<0x%02X>" % b for b in range(256))
 
 
-def _first_repeat(packed: bytes, count: int):
-    """(first id, repeated id, token) of the first repeated string of a packed GGUF
-    string array (u64 length + bytes each), or None when all are distinct."""
+def _vocabulary_summary(packed: bytes, count: int) -> tuple:
+    """(first repeat, byte tokens missing) of a packed GGUF string array (u64 length +
+    bytes each): first repeat is (first id, repeated id, token) or None."""
     import struct
 
     unpack = struct.Struct("<Q").unpack_from
@@ -315,41 +317,43 @@ def _first_repeat(packed: bytes, count: int):
         n = unpack(packed, offs)[0]
         add(packed[offs + 8:offs + 8 + n])
         offs += 8 + n
+    missing = [t for t in _SPM_BYTE_TOKENS if t not in seen]
     if len(seen) == count:
-        return None
+        return None, missing
     first: dict = {}
     offs = 0
     for i in range(count):
         n = unpack(packed, offs)[0]
         s = packed[offs + 8:offs + 8 + n]
         if s in first:
-            return first[s], i, s
+            return (first[s], i, s), missing
         first[s] = i
         offs += 8 + n
-    return None
+    return None, missing
 
 
-def _check_vocabulary(path: Path, reader) -> None:
-    """llama.cpp asserts that every token string of the vocabulary is distinct."""
+def _check_vocabulary(path: Path, reader, metadata: dict) -> None:
+    """Vocabularies llama.cpp aborts on: a repeated token (GGML_ASSERT while loading), an
+    SPM vocabulary without its byte tokens (std::out_of_range, uncaught, when a prompt
+    needs the byte fallback)."""
     gguf = _gguf()
     fld = reader.fields.get("tokenizer.ggml.tokens")
     if fld is None or fld.types[:2] != [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING]:
         return  # absent or mistyped: llama.cpp reports those itself
     if fld.data:
-        seen: dict = {}
-        dup = None
-        for i, idx in enumerate(fld.data):
-            s = bytes(fld.parts[idx])
-            if seen.setdefault(s, i) != i:
-                dup = (seen[s], i, s)
-                break
+        packed = b"".join(len(fld.parts[i]).to_bytes(8, "little") + bytes(fld.parts[i]) for i in fld.data)
+        dup, missing = _vocabulary_summary(packed, len(fld.data))
     else:
         value_offset = fld.offset + sum(int(p.nbytes) for p in fld.parts[:3])
-        dup = getattr(reader, "repeated_strings", {}).get(value_offset)
+        dup, missing = getattr(reader, "vocabulary", {}).get(value_offset, (None, []))
     if dup is not None:
         first, again, text = dup
         raise HybridError(f"{path}: tokenizer.ggml.tokens repeats token {text[:40]!r} "
                           f"(ids {first} and {again}); every token must be distinct")
+    if metadata.get("tokenizer.ggml.model") == "llama" and missing:
+        raise HybridError(f"{path}: the SPM ('llama') vocabulary lacks byte token "
+                          f"{missing[0].decode()}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+                          + "; llama.cpp needs all 256 (<0x00>..<0xFF>) for its byte fallback")
 
 
 def _field_value(fld) -> Any:
@@ -432,7 +436,7 @@ def read_inventory(path: Union[str, os.PathLike]) -> Inventory:
 
     # Bound every count and index before anything is sized from them.
     check_header(path, reader.fields, metadata, arch, tensors, int(reader.data_offset))
-    _check_vocabulary(path, reader)
+    _check_vocabulary(path, reader, metadata)
     if int(metadata.get("split.count") or 1) > 1:
         warnings.warn(f"{path.name} is shard {int(metadata.get('split.no') or 0) + 1} of "
                       f"{metadata['split.count']}: only this shard's tensors are listed", stacklevel=2)

@@ -207,7 +207,7 @@ def set_hparam(rng, m: GGUFModel) -> str:
         if kv.vtype not in INT_TYPES:
             kv.vtype = U32
         kv.value = _fit(kv.vtype, value)
-    return f"set {key.decode()} = {value}"
+    return f"set {key.decode(errors='replace')} = {value}"
 
 
 def retype_key(rng, m: GGUFModel) -> str:
@@ -218,11 +218,11 @@ def retype_key(rng, m: GGUFModel) -> str:
     if kv.vtype == ARR:
         kv.vtype, kv.itype = (rng.choice((STR, U32, F32)), None)
         kv.value = _fit(kv.vtype, 7 if kv.vtype != STR else b"seven")
-        return f"array {kv.key.decode()} replaced by a scalar of type {kv.vtype}"
+        return f"array {kv.key.decode(errors='replace')} replaced by a scalar of type {kv.vtype}"
     if new == ARR:
         kv.vtype, kv.itype = ARR, (kv.vtype if kv.vtype != BOOL else U32)
         kv.value = [old] * rng.choice((0, 1, 2, 3, 600))
-        return f"{kv.key.decode()} made an array of {len(kv.value)}"
+        return f"{kv.key.decode(errors='replace')} made an array of {len(kv.value)}"
     if new == STR:
         kv.value = rng.choice((str(old).encode() if not isinstance(old, bytes) else old, b"", b"\xff\xfe"))
     elif kv.vtype == STR:
@@ -230,13 +230,13 @@ def retype_key(rng, m: GGUFModel) -> str:
     else:
         kv.value = _fit(new, old if not isinstance(old, float) else int(old))
     kv.vtype = new
-    return f"{kv.key.decode()} retyped to {new}"
+    return f"{kv.key.decode(errors='replace')} retyped to {new}"
 
 
 def drop_key(rng, m: GGUFModel) -> str:
     kv = _pick_key(rng, m)
     m.kvs.remove(kv)
-    return f"dropped {kv.key.decode()}"
+    return f"dropped {kv.key.decode(errors='replace')}"
 
 
 def set_string(rng, m: GGUFModel) -> str:
@@ -244,7 +244,7 @@ def set_string(rng, m: GGUFModel) -> str:
     strs = [kv for kv in m.kvs if kv.vtype == STR]
     kv = rng.choice(strs)
     kv.value = rng.choice((b"", b"llama", b"qwen2moe", b"gpt-oss", b"nonsense", b"\xff" * 3, b"x" * 5000))
-    return f"{kv.key.decode()} = {kv.value[:20]!r}"
+    return f"{kv.key.decode(errors='replace')} = {kv.value[:20]!r}"
 
 
 def set_alignment(rng, m: GGUFModel) -> str:
@@ -277,19 +277,19 @@ def tensor_dims(rng, m: GGUFModel) -> str:
         t.dims.append(rng.choice((1, 2, 8)))
     else:
         t.dims.reverse()
-    return f"tensor {t.name.decode()} dims {how} -> {t.dims}"
+    return f"tensor {t.name.decode(errors='replace')} dims {how} -> {t.dims}"
 
 
 def tensor_type(rng, m: GGUFModel) -> str:
     t = rng.choice(m.tensors)
     t.ttype = rng.choice((1, 2, 8, 12, 30, 4, 5, 39, 40, 43, 99, 2**31, 2**32 - 1))
-    return f"tensor {t.name.decode()} type {t.ttype}"
+    return f"tensor {t.name.decode(errors='replace')} type {t.ttype}"
 
 
 def tensor_offset(rng, m: GGUFModel) -> str:
     t = rng.choice(m.tensors)
     t.offset = rng.choice((t.offset + 1, t.offset + 32, t.offset - 32, 0, 2**40, 2**64 - 1))
-    return f"tensor {t.name.decode()} offset {t.offset}"
+    return f"tensor {t.name.decode(errors='replace')} offset {t.offset}"
 
 
 def tensor_name(rng, m: GGUFModel) -> str:
@@ -308,14 +308,14 @@ def tensor_name(rng, m: GGUFModel) -> str:
         t.name = rng.choice(m.tensors).name
     elif how == "drop":
         m.tensors.remove(t)
-        return f"dropped tensor {old.decode()}"
+        return f"dropped tensor {old.decode(errors='replace')}"
     elif how == "empty":
         t.name = b""
     elif how == "long":
         t.name = b"blk.0." + b"x" * 80 + b".weight"
     else:
         t.name = old.replace(b"blk.0.", b"").replace(b"blk.1.", b"")
-    return f"tensor {old.decode()} renamed {t.name[:40]!r}"
+    return f"tensor {old.decode(errors='replace')} renamed {t.name[:40]!r}"
 
 
 def header_counts(rng, m: GGUFModel) -> str:

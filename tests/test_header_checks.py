@@ -222,6 +222,14 @@ def test_repeated_vocabulary_token(make):
     refused(make(edit), "tokenizer.ggml.tokens repeats token b'<0x6D>'", "ids 112 and 113")
 
 
+def test_spm_vocabulary_without_a_byte_token(make):
+    # llama.cpp's SPM tokenizer falls back to <0xXX> tokens: a missing one is an
+    # uncaught std::out_of_range (SIGABRT) once a prompt needs it ("hi" needs <0x68>)
+    def edit(m):
+        m.find(b"tokenizer.ggml.tokens").value[3 + 0x68] = b"<0x6<>"
+    refused(make(edit), "lacks byte token <0x68>", "all 256")
+
+
 def test_duplicate_and_overlong_tensor_names(make):
     def dup(m):
         m.tensors[2].name = m.tensors[1].name
