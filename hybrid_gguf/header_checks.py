@@ -26,6 +26,9 @@ MAX_NAME = 64  # GGML_MAX_NAME: tensor names must be shorter
 MAX_DIMS = 4  # GGML_MAX_DIMS
 TENSOR_ALIGNMENT = 32  # ggml-backend maps tensor data in place and needs this
 MAX_INT32 = 2**31 - 1
+# llama-cpp-python sizes a token buffer (4 bytes a token) from the training context on
+# every tokenize call; the longest real contexts are ~10M tokens.
+MAX_CONTEXT = 2**25
 
 # GGUF value type ids (gguf.GGUFValueType)
 _UINT32, _INT32, _BOOL, _STRING, _ARRAY = 4, 5, 7, 8, 9
@@ -37,7 +40,7 @@ _TYPE_NAMES = {0: "UINT8", 1: "INT8", 2: "UINT16", 3: "INT16", 4: "UINT32", 5: "
 # Keys absent from the file are not checked here (llama.cpp reports required ones itself).
 U32_KEYS = {
     "block_count": (1, MAX_LAYERS, False),
-    "context_length": (1, MAX_INT32, False),
+    "context_length": (1, MAX_CONTEXT, False),
     "embedding_length": (1, MAX_INT32, False),
     "feed_forward_length": (0, MAX_INT32, True),
     "expert_feed_forward_length": (0, MAX_INT32, True),
