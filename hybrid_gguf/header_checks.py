@@ -217,7 +217,9 @@ class HeaderChecker:
             if beyond:
                 self.fail(f"tensor {beyond[0].name} belongs to layer {beyond[0].layer} but {key} is "
                           f"{block_count} (layers 0..{block_count - 1})")
-            missing = sorted(set(range(block_count)) - layers)
+            # next-token-prediction layers (counted last) may be left out of a file
+            nextn = values["nextn_predict_layers"] or 0
+            missing = sorted(set(range(max(block_count - nextn, 0))) - layers)
             if missing and layers:
                 self.fail(f"{key} is {block_count} but no tensor belongs to layer {missing[0]} "
                           f"(tensors cover layers {_ranges(sorted(layers))})")
@@ -296,7 +298,7 @@ class HeaderChecker:
             if hkv and h % hkv:
                 self.fail(f"{a}.attention.head_count ({h}) is not a multiple of "
                           f"attention.head_count_kv ({hkv})" + (f" in layer {i}" if isinstance(heads, list) else ""))
-            if h and not hkv and heads_kv is not None:
+            if h and not hkv and heads_kv is not None and not isinstance(heads_kv, list):
                 self.fail(f"{a}.attention.head_count_kv is 0 in layer {i}; valid: a divisor of "
                           f"attention.head_count ({h})")
         h0 = _as_list(heads)[0] if heads else 0

@@ -143,6 +143,14 @@ def test_huge_layer_index_in_a_tensor_name(make, index):
     refused(make(edit), f"layer index {index}", "at most 512 layers")
 
 
+def test_next_token_prediction_layers_may_be_left_out(make):
+    # block_count counts nextn layers last; a file without their tensors is not refused
+    def edit(m):
+        set_key("qwen3moe.block_count", 3)(m)
+        set_key("qwen3moe.nextn_predict_layers", 1)(m)
+    assert read_inventory(make(edit)).n_layer == 3
+
+
 def test_nextn_layers_above_block_count(make):
     refused(make(set_key("qwen3moe.nextn_predict_layers", 3)), "nextn_predict_layers is 3")
 
