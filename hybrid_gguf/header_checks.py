@@ -68,6 +68,9 @@ U32_KEYS = {
 # (GGML_ASSERT in src/models/<arch>.cpp); glm4moe asserts only the first equality.
 _HEAD_DIM_ROPE_ARCHS = ("llama", "qwen2moe", "qwen3moe", "olmoe", "granitemoe", "granite")
 _HEAD_DIM_ARCHS = _HEAD_DIM_ROPE_ARCHS + ("glm4moe",)
+# Architectures with plain Q/K/V/output projections (not MLA): their shapes follow
+# from embedding_length, the head counts and key/value_length.
+_STD_ATTN_ARCHS = ("llama", "qwen2moe", "qwen3moe", "olmoe", "granitemoe", "gpt-oss", "glm4moe")
 
 _FILE_KINDS = (
     (stat.S_ISFIFO, "a FIFO"),
@@ -318,6 +321,40 @@ class HeaderChecker:
             if not k:
                 self.fail(f"{a}: the attention head size is 0 (embedding_length {n_embd}, "
                           f"head_count {h0})")
+        if a in _STD_ATTN_ARCHS and h0 and n_embd:
+            self.check_attention(tensors, values, n_embd)
+        window, ctx = values["attention.sliding_window"], values["context_length"]
+        if window and ctx and window > ctx:
+            self.fail(f"{a}.attention.sliding_window is {window}, longer than "
+                      f"{a}.context_length ({ctx})")
+
+    def check_attention(self, tensors: list, values: dict, n_embd: int) -> None:
+        """Q/K/V/output projection shapes against head counts and head sizes: llama.cpp
+        checks only some of them while loading and asserts on the rest in the graph."""
+        a = self.arch
+        heads = _as_list(values["attention.head_count"])
+        heads_kv = values["attention.head_count_kv"]
+        heads_kv = heads if heads_kv is None else _as_list(heads_kv, len(heads))
+        k = values["attention.key_length"]
+        v = values["attention.value_length"]
+        k = n_embd // heads[0] if k is None else k
+        v = n_embd // heads[0] if v is None else v
+        shapes = {t.name: list(t.shape) for t in tensors}
+        for i in sorted({t.layer for t in tensors if t.layer is not None}):  # < MAX_LAYERS by now
+            h = heads[min(i, len(heads) - 1)]  # a per-layer list has one entry per layer
+            hkv = heads_kv[min(i, len(heads_kv) - 1)] if heads_kv else h
+            if not h:
+                continue
+            want = {"attn_q": ([n_embd, h * k], "head_count x key_length"),
+                    "attn_k": ([n_embd, hkv * k], "head_count_kv x key_length"),
+                    "attn_v": ([n_embd, hkv * v], "head_count_kv x value_length"),
+                    "attn_output": ([h * v, n_embd], "head_count x value_length")}
+            for stem, (shape, why) in want.items():
+                name = f"blk.{i}.{stem}.weight"
+                got = shapes.get(name)
+                if got is not None and got != shape:
+                    self.fail(f"tensor {name} has shape {got}; {a}.embedding_length, head counts and "
+                              f"head sizes imply {shape} ({why})")
 
 
 def _as_list(value, n: int = 1) -> list:

@@ -198,6 +198,27 @@ def test_rope_dimension_against_head_size(make):
     refused(make(set_key("qwen3moe.rope.dimension_count", 16)), "rope.dimension_count is 16", "(32)")
 
 
+@pytest.mark.parametrize("key, value", [("attention.key_length", 16), ("attention.value_length", 64),
+                                        ("attention.head_count", 8)])
+def test_attention_shapes_against_head_sizes(tiny_model_factory, tmp_path, key, value):
+    # gpt-oss: llama.cpp loaded these and then asserted in ggml while building the graph
+    import copy
+
+    m = copy.deepcopy(GGUFModel.parse(tiny_model_factory("gpt-oss").read_bytes()))
+    m.find(f"gpt-oss.{key}".encode()).value = value
+    path = tmp_path / "g.gguf"
+    path.write_bytes(m.to_bytes())
+    refused(path, "tensor blk.0.attn_", "head counts and head sizes imply")
+
+
+def test_sliding_window_longer_than_the_context(tiny_model_factory, tmp_path):
+    m = GGUFModel.parse(tiny_model_factory("gpt-oss").read_bytes())
+    m.find(b"gpt-oss.attention.sliding_window").value = 2**31 - 1  # std::bad_alloc in llama.cpp
+    path = tmp_path / "w.gguf"
+    path.write_bytes(m.to_bytes())
+    refused(path, "gpt-oss.attention.sliding_window is 2147483647, longer than")
+
+
 def test_head_count_kv_must_divide_head_count(make):
     refused(make(set_key("qwen3moe.attention.head_count_kv", 3)), "not a multiple")
 
