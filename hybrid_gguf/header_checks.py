@@ -256,8 +256,8 @@ class HeaderChecker:
             for t in exps:
                 if not t.shape or t.shape[-1] != count:
                     n = t.shape[-1] if t.shape else 0
-                    self.fail(f"{a}.expert_count is {count} but tensor {t.name} holds {n} experts "
-                              f"(its last dimension)")
+                    self.fail(f"{a}.expert_count is {count} but tensor {t.name} holds {n} "
+                              f"expert{'' if n == 1 else 's'} (its last dimension)")
             if used is None:
                 self.fail(f"{a}.expert_used_count is missing; a model with {count} routed experts "
                           f"needs it (valid: 1..{count})")
