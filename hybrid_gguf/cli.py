@@ -12,6 +12,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from .errors import HybridError
 
@@ -58,13 +59,32 @@ def _register_commands() -> None:
 _register_commands()
 
 
+# llama.cpp's GGML_ASSERT/GGML_ABORT, should one slip past the checks, ends the CLI with
+# one "error: llama.cpp aborted: ..." line and this status (not SIGABRT and a gdb backtrace).
+ABORT_EXIT_STATUS = 3
+
+
+def one_line(message: str) -> str:
+    """A message as one printable line: newlines and control characters from file
+    contents (tensor names, keys) are escaped, never printed raw."""
+    text = " ".join(str(message).splitlines())
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
+def print_error(message: str) -> None:
+    err_console.print(Text.assemble(("error:", "bold red"), " ", one_line(message)), soft_wrap=True)
+
+
 def main() -> None:
+    from .llama_log import set_abort_exit_status
+
+    set_abort_exit_status(ABORT_EXIT_STATUS)
     try:
         status = app(standalone_mode=False)
         if type(status) is int and status:
             sys.exit(status)  # a command's typer.Exit(n): click hands it back as a return value
     except HybridError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}")
+        print_error(str(exc))
         sys.exit(2)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
