@@ -2,12 +2,34 @@
 
 __version__ = "0.1.0"
 
+import sys as _sys
+import types as _types
+
 try:
     # Load libllama before numpy: on the GPU machine's Python 3.12 the reverse order
     # made model loading segfault (../shared/llama-cpp-notes.md, seen again here).
     import llama_cpp as _llama_cpp  # noqa: F401
-except ImportError:  # the backend is not built yet; inventory and synth still work
+except (ImportError, OSError):
+    # no backend yet, or a broken one: inventory, synth and `hybrid-gguf backend install`
+    # still work
     pass
+
+
+__all__ = ["HybridModel", "inspect", "plan", "list_devices", "__version__"]
+
+
+def plan(model=None, gpu_budget=None, n_ctx: int = 4096, **kwargs):
+    """Plan per-expert placement of `model` (a GGUF path or a models.yaml alias; None: the
+    default model) for `gpu_budget` (bytes, or a size such as "8GiB"; None: what the GPU
+    has free) and a context of n_ctx tokens. Returns autoplan.AutoPlan (.plan, .diff, .notes);
+    the keyword arguments are autoplan.plan_model's."""
+    from .autoplan import plan_model
+    from .models import resolve_model
+    from .sizes import parse_size
+
+    resolved = resolve_model(None if model is None else str(model))
+    budget = None if gpu_budget is None else parse_size(gpu_budget)
+    return plan_model(resolved.path, budget, n_ctx, **kwargs)
 
 
 def __getattr__(name):
@@ -20,12 +42,26 @@ def __getattr__(name):
         from .inventory import read_inventory
 
         return read_inventory
-    if name == "plan":
-        from .autoplan import plan_model
-
-        return plan_model
     if name == "list_devices":
         from .devices import list_devices
 
         return list_devices
     raise AttributeError(f"module 'hybrid_gguf' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(_types.ModuleType):
+    # Importing the submodule hybrid_gguf.plan (the plan file format) makes the import
+    # system set the package attribute `plan` to that module, which would replace the API
+    # function above after its first use. Keep the function; the module stays reachable
+    # as `from hybrid_gguf.plan import Plan` and through sys.modules.
+    def __setattr__(self, name, value):
+        if name == "plan" and isinstance(value, _types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+_sys.modules[__name__].__class__ = _Package

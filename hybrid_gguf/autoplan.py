@@ -6,7 +6,7 @@ the plan in use), plan, and say what changed.
     res.plan.placement(), res.plan.hybrid_plan_text()     # what llama.cpp gets
     res.diff.summary() if res.diff else "first plan"
 
-Plans that `run` makes itself live in ~/.cache/hybrid-gguf/plans/<fingerprint>.yaml, so the
+Plans that `run` makes itself live in <data dir>/plans/<fingerprint>.yaml (paths.py), so the
 next run re-plans against them (hysteresis) and reports promotions/demotions.
 """
 
@@ -36,9 +36,9 @@ class AutoPlan:
 
 
 def plans_dir() -> Path:
-    env = os.environ.get("HYBRID_GGUF_CACHE")
-    base = Path(env).expanduser() if env else Path.home() / ".cache" / "hybrid-gguf"
-    return base / "plans"
+    from . import paths
+
+    return paths.plans_dir()
 
 
 def default_plan_path(fingerprint: str) -> Path:

@@ -141,8 +141,8 @@ def load_config(path: Path, inv: Inventory, cfg: Config, n_ctx: int, n_batch: in
     kwargs["route_trace"] = routing_process.model_trace(inv, n_ctx, stream, routing)
     if cfg.name == "per-expert":
         with hybrid_backend.pending_plan(hybrid_backend.plan_text(cfg.hot, pack_device)):
-            return load_llama(path, cfg.placement, **kwargs)
-    return load_llama(path, cfg.placement, **kwargs)
+            return load_llama(path, cfg.placement, inventory=inv, **kwargs)
+    return load_llama(path, cfg.placement, inventory=inv, **kwargs)
 
 
 def measure_once(llm, prompt: Sequence[int], decode: Sequence[int], recorder) -> tuple[float, float, Optional[np.ndarray]]:

@@ -12,6 +12,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from .errors import HybridError
 
@@ -25,7 +26,23 @@ app = typer.Typer(
 
 err_console = Console(stderr=True)
 
-_COMMAND_MODULES = ("run", "inspect", "profile", "plan", "bench")
+_COMMAND_MODULES = ("run", "inspect", "profile", "plan", "bench", "serve", "backend", "doctor")
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"hybrid-gguf {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main_options(
+    version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
+                                 help="print the version and exit"),
+) -> None:
+    """Run MoE GGUF models with hot experts on the GPU and cold experts on the CPU."""
 
 
 def _register_commands() -> None:
@@ -42,11 +59,32 @@ def _register_commands() -> None:
 _register_commands()
 
 
+# llama.cpp's GGML_ASSERT/GGML_ABORT, should one slip past the checks, ends the CLI with
+# one "error: llama.cpp aborted: ..." line and this status (not SIGABRT and a gdb backtrace).
+ABORT_EXIT_STATUS = 3
+
+
+def one_line(message: str) -> str:
+    """A message as one printable line: newlines and control characters from file
+    contents (tensor names, keys) are escaped, never printed raw."""
+    text = " ".join(str(message).splitlines())
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
+def print_error(message: str) -> None:
+    err_console.print(Text.assemble(("error:", "bold red"), " ", one_line(message)), soft_wrap=True)
+
+
 def main() -> None:
+    from .llama_log import set_abort_exit_status
+
+    set_abort_exit_status(ABORT_EXIT_STATUS)
     try:
-        app(standalone_mode=False)
+        status = app(standalone_mode=False)
+        if type(status) is int and status:
+            sys.exit(status)  # a command's typer.Exit(n): click hands it back as a return value
     except HybridError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}")
+        print_error(str(exc))
         sys.exit(2)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)

@@ -1,4 +1,4 @@
-"""The per-expert channel into the hybrid-patched llama.cpp (patches/llama-cpp-hybrid.patch).
+"""The per-expert channel into the hybrid-patched llama.cpp (hybrid_gguf/backend/llama-cpp-hybrid.patch).
 
 The patch exports `llama_hybrid_*` functions from libllama. A plan is handed over as text
 right before a model load; the loader copies the listed experts into hot packs on the
@@ -17,7 +17,7 @@ from .errors import HybridError
 
 STOCK_NOTICE = (
     "this llama-cpp-python build lacks the hybrid-gguf patch, so experts are placed per whole "
-    "tensor (layer); run `python scripts/build_backend.py` for per-expert placement"
+    "tensor (layer); run `hybrid-gguf backend install` for per-expert placement"
 )
 
 
@@ -79,6 +79,8 @@ def validate_hot(hot: Mapping[int, Sequence[int]], n_layer: int, n_expert_of_lay
         if not 0 <= int(layer) < n_layer:
             raise HybridError(f"hot set names layer {layer}, but the model has layers 0..{n_layer - 1}")
         n_exp = n_expert_of_layer(int(layer))
+        if not len(experts):
+            raise HybridError(f"hot set: layer {layer} lists no experts (leave the layer out)")
         if n_exp == 0:
             raise HybridError(f"hot set names layer {layer}, which has no routed experts")
         seen = set()
@@ -153,6 +155,9 @@ def parse_hot_spec(spec: str) -> dict[int, list[int]]:
             raise HybridError(f"--hot expects 'layer:expert,expert;layer:...', got {item!r}") from None
         if not sep:
             raise HybridError(f"--hot expects 'layer:expert,expert;layer:...', got {item!r}")
+        if not experts:
+            raise HybridError(f"--hot: layer {layer} lists no experts (give 'layer:expert,expert', "
+                              "or leave the layer out)")
         if layer in hot:
             raise HybridError(f"--hot names layer {layer} twice")
         hot[layer] = experts

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from .errors import HybridError
+from .header_checks import check_header, check_regular_file
 
 KINDS = (
     "attention", "norm", "embedding", "output", "router",
@@ -231,6 +232,22 @@ def _open_reader(path: Path):
     VT = gguf.GGUFValueType
 
     class HeaderReader(gguf.GGUFReader):
+        # the vocabulary when long (stepped over, not decoded):
+        # value offset -> _vocabulary_summary(...)
+        vocabulary: dict
+
+        def __init__(self, *args, **kwargs):
+            self.vocabulary = {}
+            super().__init__(*args, **kwargs)
+
+        def _key_before(self, value_offs: int) -> bytes:
+            """The key of the KV whose value starts at value_offs (after the u32 type)."""
+            n = len(_TOKENS_KEY)
+            start = value_offs - 4 - n
+            if start < 8 or int.from_bytes(bytes(self.data[start - 8:start]), "little") != n:
+                return b""
+            return bytes(self.data[start:start + n])
+
         def _get_field_parts(self, orig_offs, raw_type):
             if VT(raw_type) != VT.ARRAY or self.byte_order == "S":
                 return super()._get_field_parts(orig_offs, raw_type)
@@ -253,6 +270,9 @@ def _open_reader(path: Path):
                     offs += 8 + unpack(buf, offs)[0]
                 if offs > len(buf):
                     raise ValueError("string array runs past the end of the file")
+                if self._key_before(orig_offs) == _TOKENS_KEY:
+                    self.vocabulary[orig_offs] = _vocabulary_summary(
+                        bytes(buf[orig_offs + 12:offs]), count)
                 return offs - orig_offs, [raw_itype, alen], [], [VT.ARRAY, itype]
             return super()._get_field_parts(orig_offs, raw_type)
 
@@ -263,14 +283,10 @@ def _open_reader(path: Path):
 
 
 def _check_file(path: Path) -> int:
-    if not path.exists():
-        raise HybridError(f"model file not found: {path}")
-    if path.is_dir():
-        raise HybridError(f"{path} is a directory, not a GGUF file")
+    size = check_regular_file(path)  # before open(): a FIFO would block, /dev/zero never ends
     try:
         with open(path, "rb") as f:
             head = f.read(8)
-        size = path.stat().st_size
     except OSError as exc:
         raise HybridError(f"cannot read {path}: {exc.strerror or exc}") from None
     if head[:4] != GGUF_MAGIC:
@@ -281,6 +297,63 @@ def _check_file(path: Path) -> int:
         if version not in (2, 3) and int.from_bytes(head[4:], "big") not in (2, 3):
             raise HybridError(f"{path} has GGUF version {version}; only versions 2 and 3 are supported")
     return size
+
+
+_TOKENS_KEY = b"tokenizer.ggml.tokens"
+# The 256 byte tokens an SPM ("llama") vocabulary falls back to, as llama.cpp names them.
+_SPM_BYTE_TOKENS = tuple(b"<0x%02X>" % b for b in range(256))
+
+
+def _vocabulary_summary(packed: bytes, count: int) -> tuple:
+    """(first repeat, byte tokens missing) of a packed GGUF string array (u64 length +
+    bytes each): first repeat is (first id, repeated id, token) or None."""
+    import struct
+
+    unpack = struct.Struct("<Q").unpack_from
+    seen: set = set()
+    add = seen.add
+    offs = 0
+    for _ in range(count):
+        n = unpack(packed, offs)[0]
+        add(packed[offs + 8:offs + 8 + n])
+        offs += 8 + n
+    missing = [t for t in _SPM_BYTE_TOKENS if t not in seen]
+    if len(seen) == count:
+        return None, missing
+    first: dict = {}
+    offs = 0
+    for i in range(count):
+        n = unpack(packed, offs)[0]
+        s = packed[offs + 8:offs + 8 + n]
+        if s in first:
+            return (first[s], i, s), missing
+        first[s] = i
+        offs += 8 + n
+    return None, missing
+
+
+def _check_vocabulary(path: Path, reader, metadata: dict) -> None:
+    """Vocabularies llama.cpp aborts on: a repeated token (GGML_ASSERT while loading), an
+    SPM vocabulary without its byte tokens (std::out_of_range, uncaught, when a prompt
+    needs the byte fallback)."""
+    gguf = _gguf()
+    fld = reader.fields.get("tokenizer.ggml.tokens")
+    if fld is None or fld.types[:2] != [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING]:
+        return  # absent or mistyped: llama.cpp reports those itself
+    if fld.data:
+        packed = b"".join(len(fld.parts[i]).to_bytes(8, "little") + bytes(fld.parts[i]) for i in fld.data)
+        dup, missing = _vocabulary_summary(packed, len(fld.data))
+    else:
+        value_offset = fld.offset + sum(int(p.nbytes) for p in fld.parts[:3])
+        dup, missing = getattr(reader, "vocabulary", {}).get(value_offset, (None, []))
+    if dup is not None:
+        first, again, text = dup
+        raise HybridError(f"{path}: tokenizer.ggml.tokens repeats token {text[:40]!r} "
+                          f"(ids {first} and {again}); every token must be distinct")
+    if metadata.get("tokenizer.ggml.model") == "llama" and missing:
+        raise HybridError(f"{path}: the SPM ('llama') vocabulary lacks byte token "
+                          f"{missing[0].decode()}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+                          + "; llama.cpp needs all 256 (<0x00>..<0xFF>) for its byte fallback")
 
 
 def _field_value(fld) -> Any:
@@ -316,6 +389,8 @@ def read_inventory(path: Union[str, os.PathLike]) -> Inventory:
         reader = _open_reader(path)
     except Exception as exc:  # gguf-py raises ValueError/IndexError/... on cut headers
         reason = " ".join(str(exc).split()) or type(exc).__name__
+        if "alignment" in reason:  # gguf-py checks general.alignment while parsing
+            raise HybridError(f"{path}: general.alignment must be a UINT32 power of two ({reason})") from None
         raise HybridError(f"{path} is truncated or corrupt: cannot parse the GGUF header ({reason})") from None
 
     metadata: dict = {}
@@ -328,10 +403,8 @@ def read_inventory(path: Union[str, os.PathLike]) -> Inventory:
             metadata[key] = _field_value(fld)
         except Exception:  # an undecodable value does not stop the inventory
             metadata[key] = None
-    arch = str(metadata.get("general.architecture") or "unknown")
-    if int(metadata.get("split.count") or 1) > 1:
-        warnings.warn(f"{path.name} is shard {int(metadata.get('split.no') or 0) + 1} of "
-                      f"{metadata['split.count']}: only this shard's tensors are listed", stacklevel=2)
+    arch = metadata.get("general.architecture")
+    arch = arch if isinstance(arch, str) and arch else "unknown"
 
     def kv(name, default=None):
         return metadata.get(f"{arch}.{name}", default)
@@ -342,6 +415,9 @@ def read_inventory(path: Union[str, os.PathLike]) -> Inventory:
         name = bytes(name_data).decode("utf-8", errors="replace")
         type_name, block, type_size = _type_info(int(raw_type[0]), path, name)
         ne = tuple(int(d) for d in dims)
+        if ne and ne[0] % block:
+            raise HybridError(f"{path}: tensor {name} has rows of {ne[0]} values, not a multiple of "
+                              f"the {type_name} block size ({block})")
         n_elem = 1
         for d in ne:
             n_elem *= d
@@ -357,6 +433,13 @@ def read_inventory(path: Union[str, os.PathLike]) -> Inventory:
             t.n_expert = ne[-1]  # expert index is the slowest dimension
             t.per_expert_bytes = n_bytes // ne[-1] if ne[-1] else 0
         tensors.append(t)
+
+    # Bound every count and index before anything is sized from them.
+    check_header(path, reader.fields, metadata, arch, tensors, int(reader.data_offset))
+    _check_vocabulary(path, reader, metadata)
+    if int(metadata.get("split.count") or 1) > 1:
+        warnings.warn(f"{path.name} is shard {int(metadata.get('split.no') or 0) + 1} of "
+                      f"{metadata['split.count']}: only this shard's tensors are listed", stacklevel=2)
 
     has_exps = any(t.is_expert for t in tensors)
     if has_exps and arch not in KNOWN_MOE_ARCHS:

@@ -14,7 +14,7 @@ import ctypes
 import re
 import threading
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Optional
 
 # enum ggml_log_level in ggml.h of this llama.cpp (llama_cpp/_logger.py's comment is older)
 LOG_LEVEL_DEBUG = 1
@@ -134,10 +134,89 @@ def capture_llama_log(forward: bool = True) -> Iterator[LogCapture]:
         except Exception:  # an exception cannot cross the C callback boundary
             pass
 
+    global _last_capture
     c_callback = llama_cpp.llama_log_callback(on_log)  # referenced until restored below
     llama_cpp.llama_log_set(c_callback, None)
+    outer, _last_capture = _last_capture, capture
     try:
         yield capture
     finally:
         llama_cpp.llama_log_set(prev_cb, prev_ud)
+        _last_capture = outer
         capture._flush()
+
+
+# ---------------------------------------------------------------------------
+# GGML_ASSERT / GGML_ABORT: one line instead of a silent SIGABRT
+
+# Exit status used when llama.cpp aborts (None: return to ggml, which then calls abort()).
+# The CLI sets it, so an abort that slipped past the header checks ends as one error line.
+_abort_exit_status: Optional[int] = None
+_abort_callback = None  # the installed ctypes callback, kept referenced
+_abort_lock = threading.Lock()
+_last_capture: Optional[LogCapture] = None  # the capture in progress, for its error lines
+
+
+def set_abort_exit_status(status: Optional[int]) -> None:
+    """Exit with `status` (without a core dump or gdb backtrace) when llama.cpp aborts."""
+    global _abort_exit_status
+    _abort_exit_status = status
+
+
+def abort_message(raw: bytes, recent_errors: Optional[list] = None) -> str:
+    """One line for a ggml abort message ("/long/path/ggml.c:123: GGML_ASSERT(x) failed")."""
+    text = " ".join((raw or b"").decode("utf-8", "replace").split())
+    m = re.match(r"^(?P<file>[^:\s]+):(?P<line>\d+): (?P<rest>.*)$", text)
+    if m:
+        text = f"{m['rest']} ({m['file'].rsplit('/', 1)[-1]}:{m['line']})"
+    if recent_errors:
+        text += f"; last llama.cpp error: {recent_errors[-1]}"
+    return f"llama.cpp aborted: {text}"
+
+
+def install_abort_handler() -> bool:
+    """Route ggml's aborts through a callback that prints one line to stderr (and exits
+    with the status set by set_abort_exit_status, if any). Idempotent; False when the
+    loaded ggml has no ggml_set_abort_callback."""
+    global _abort_callback
+    import os
+    import sys
+
+    with _abort_lock:
+        if _abort_callback is not None:
+            return True
+        try:
+            from .ggml_lib import libs
+
+            base = libs().base
+            setter = base.ggml_set_abort_callback
+        except Exception:
+            return False
+        proto = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
+        # llama-cpp-python points fds 1 and 2 at /dev/null while it loads a model quietly:
+        # keep a copy of the real stderr for the message.
+        try:
+            err_fd = os.dup(2)
+        except OSError:
+            err_fd = 2
+
+        def on_abort(message: bytes) -> None:
+            try:
+                cap = _last_capture
+                line = abort_message(message, cap.errors() if cap is not None else None)
+                try:
+                    sys.stdout.flush()
+                except Exception:
+                    pass
+                os.write(err_fd, f"error: {line}\n".encode("utf-8", "replace"))
+            except Exception:
+                pass
+            if _abort_exit_status is not None:
+                os._exit(_abort_exit_status)
+
+        callback = proto(on_abort)
+        setter.argtypes = [proto]
+        setter.restype = ctypes.c_void_p
+        setter(callback)
+        _abort_callback = callback
+        return True

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import codecs
+import threading
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from . import devices as devices_mod
-from . import hybrid_backend, routing_process
+from . import hybrid_backend, limits, routing_process
 from .errors import HybridError
 from .inventory import Inventory, read_inventory
 from .models import ResolvedModel, resolve_model
@@ -99,6 +101,11 @@ class HybridModel:
     profile for `gpu_budget` (default: free VRAM) and the plan is kept for the next session
     (`auto_plan=False`: fit whole layers like --n-cpu-moe instead).
     Everything `llama_cpp.Llama` offers stays reachable through `.llm`.
+
+    One model serves one call at a time: every method that uses the llama.cpp context holds
+    a lock, so calls from several threads run one after another (a generation is never
+    interleaved with another); `close()` waits for the running call to finish. After
+    `close()`, every such method (and `.llm`) raises HybridError("model is closed").
     """
 
     def __init__(
@@ -119,6 +126,13 @@ class HybridModel:
         auto_plan: bool = True,
         verbose: bool = False,
     ) -> None:
+        limits.check_threads(n_threads, "n_threads")
+        limits.check_ctx(n_ctx, "n_ctx")
+        limits.check_batch(n_batch, "n_batch")
+        self._lock = threading.RLock()
+        self._owner_depth = threading.local()
+        self._llm = None
+        self._closed = False
         self.resolved: ResolvedModel = resolve_model(None if model is None else str(model))
         self.path = self.resolved.path
         self.inventory: Inventory = read_inventory(self.path)
@@ -128,7 +142,6 @@ class HybridModel:
             n_ctx = min(4096, int(trained)) if trained else 4096
         self.label = label
         self._profile_store = profile_store
-        self._closed = False
         self.recorder = None
         self.decode_sampler = None
         self.recorder_notice: Optional[str] = None
@@ -144,6 +157,8 @@ class HybridModel:
 
         if record and self.inventory.n_expert > 0:
             self.recorder = self._make_recorder()
+        if self.recorder is not None:
+            self._check_profile_store()
 
         from .placement import load_llama
 
@@ -159,14 +174,15 @@ class HybridModel:
         t0 = time.perf_counter()
         if hot_plan:
             with hybrid_backend.pending_plan(hybrid_backend.plan_text(hot_plan, summary.pack_device)):
-                loaded = load_llama(self.path, placement, **kwargs)
+                loaded = load_llama(self.path, placement, inventory=self.inventory, **kwargs)
         else:
-            loaded = load_llama(self.path, placement, **kwargs)
+            loaded = load_llama(self.path, placement, inventory=self.inventory, **kwargs)
         self.load_seconds = time.perf_counter() - t0
-        self.llm = loaded.llm
+        self._llm = loaded.llm
         summary.buffers = _buffer_dict(loaded.buffers)
-        summary.hot_pack_bytes = hybrid_backend.pack_bytes(self.llm._model.model)
+        summary.hot_pack_bytes = hybrid_backend.pack_bytes(self._llm._model.model)
         if hot_plan and summary.hot_pack_bytes == 0:
+            self.close(save_profile=False)
             raise HybridError("llama.cpp loaded the model but built no hot packs")
         if self.recorder is not None:
             self._sample_decodes(RUN_DECODE_STRIDE)
@@ -287,30 +303,72 @@ class HybridModel:
             self.recorder_notice = f"routing recording off: {exc}"
             return None
 
+    def _check_profile_store(self) -> None:
+        """Fail before loading, not after generating, when the session could not be saved:
+        a store that is not a directory, or a stored profile of another model. A corrupt
+        one is moved aside now (with a notice) rather than at the end."""
+        from .profile import ProfileStore
+
+        store = self._profile_store or ProfileStore()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            store.load(self.inventory.fingerprint)
+        for w in caught:
+            warnings.warn(str(w.message), stacklevel=3)
+
     def _sample_decodes(self, stride: int) -> None:
         """Observe prompts and 1 decoded token in `stride` (in bursts), told before each eval."""
-        sampler = self.recorder.decode_sampler(self.llm._ctx.ctx, stride)
+        sampler = self.recorder.decode_sampler(self._llm._ctx.ctx, stride)
         self.decode_sampler = sampler
         if not sampler.switches_callback:
             return
-        llm_eval = self.llm.eval  # Llama.generate calls self.eval per prompt and per token
+        llm_eval = self._llm.eval  # Llama.generate calls self.eval per prompt and per token
 
         def eval_sampled(tokens):
             sampler.before_decode(len(tokens))
             return llm_eval(tokens)
 
-        self.llm.eval = eval_sampled
+        self._llm.eval = eval_sampled
+
+    # -- one call at a time ----------------------------------------------------------------
+
+    @property
+    def llm(self):
+        """The underlying llama_cpp.Llama (HybridError once the model is closed). Calls made
+        on it directly bypass this model's lock: do not share them across threads."""
+        if self._closed or self._llm is None:
+            raise HybridError("model is closed")
+        return self._llm
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @contextmanager
+    def _using(self):
+        """Hold the model for one call; the Llama to use, or HybridError if closed."""
+        with self._lock:
+            if self._closed or self._llm is None:
+                raise HybridError("model is closed")
+            depth = getattr(self._owner_depth, "n", 0)
+            self._owner_depth.n = depth + 1
+            try:
+                yield self._llm
+            finally:
+                self._owner_depth.n = depth
 
     def routing_snapshot(self):
-        return None if self.recorder is None else self.recorder.snapshot(trace=False)
+        with self._using():
+            return None if self.recorder is None else self.recorder.snapshot(trace=False)
 
     def session_routing(self) -> Optional[dict]:
         """What the recorder saw this session against the placement: the share of expert
         selections served from GPU memory, for prompts and for the sampled decode steps
         (the number a plan's predicted hit rate is about). None without a recorder."""
-        if self.recorder is None:
-            return None
-        snap = self.recorder.snapshot(trace=False)
+        with self._using():
+            if self.recorder is None:
+                return None
+            snap = self.recorder.snapshot(trace=False)
         out = {}
         for phase, counts in (("prompt", snap.counts_prompt), ("decode", snap.counts_decode)):
             total = int(counts.sum())
@@ -321,6 +379,10 @@ class HybridModel:
 
     def save_profile(self) -> Optional[Any]:
         """Merge what the recorder saw into the profile store; returns the merged profile."""
+        with self._using():
+            return self._save_profile()
+
+    def _save_profile(self) -> Optional[Any]:
         if self.recorder is None:
             return None
         from .profile import ProfileStore, RoutingProfile
@@ -338,21 +400,43 @@ class HybridModel:
     # -- generation ----------------------------------------------------------------------
 
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=False)
+        data = _utf8(text)
+        with self._using() as llm:
+            return llm.tokenize(data, add_bos=add_bos, special=False)
 
     def stream(self, prompt: Union[str, Sequence[int]], max_tokens: int = 128, temperature: float = 0.0,
                top_k: int = 40, top_p: float = 0.95, on_text: Callable[[str], None] = lambda s: None
                ) -> GenerationResult:
         """Generate, calling on_text with each decoded piece; returns text, ids and timings."""
-        import llama_cpp
+        limits.check_new_tokens(max_tokens, "max_tokens")
+        with self._using() as llm:
+            return self._stream(llm, prompt, max_tokens, temperature, top_k, top_p, on_text)
 
-        llm = self.llm
-        tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+    def check_prompt(self, prompt: Union[str, Sequence[int]], max_tokens: int) -> int:
+        """HybridError unless the prompt and max_tokens new tokens fit the context; the
+        prompt's length in tokens."""
+        limits.check_new_tokens(max_tokens, "max_tokens")
+        with self._using() as llm:
+            return len(self._prompt_tokens(llm, prompt, max_tokens))
+
+    def _prompt_tokens(self, llm, prompt, max_tokens: int) -> list:
+        tokens = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         if not tokens:
             raise HybridError("empty prompt")
-        if len(tokens) + max_tokens > llm.n_ctx():
+        n_vocab = llm.n_vocab()
+        bad = next((t for t in tokens if not 0 <= t < n_vocab), None)
+        if bad is not None:
+            raise HybridError(f"token id {bad} is outside the vocabulary (0..{n_vocab - 1})")
+        n_ctx = limits.context_size(llm)
+        if len(tokens) + max_tokens > n_ctx:
             raise HybridError(f"prompt ({len(tokens)} tokens) + {max_tokens} new tokens exceed the "
-                              f"context of {llm.n_ctx()}; raise --ctx")
+                              f"context of {n_ctx}; raise --ctx (n_ctx) or ask for fewer tokens")
+        return tokens
+
+    def _stream(self, llm, prompt, max_tokens, temperature, top_k, top_p, on_text) -> GenerationResult:
+        import llama_cpp
+
+        tokens = self._prompt_tokens(llm, prompt, max_tokens)
         llm.reset()
         llama_cpp.llama_perf_context_reset(llm._ctx.ctx)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -384,30 +468,58 @@ class HybridModel:
         return self.stream(prompt, max_tokens=max_tokens, temperature=temperature, **kw)
 
     def create_completion(self, *args, **kwargs):
-        return self.llm.create_completion(*args, **kwargs)
+        """llama_cpp.Llama.create_completion under this model's lock. A streaming call
+        (stream=True) holds the lock until its iterator is exhausted or closed."""
+        if kwargs.get("stream"):
+            return self._locked_iter(lambda llm: llm.create_completion(*args, **kwargs))
+        with self._using() as llm:
+            return llm.create_completion(*args, **kwargs)
 
     def create_chat_completion(self, *args, **kwargs):
-        return self.llm.create_chat_completion(*args, **kwargs)
+        """llama_cpp.Llama.create_chat_completion under this model's lock (see create_completion)."""
+        if kwargs.get("stream"):
+            return self._locked_iter(lambda llm: llm.create_chat_completion(*args, **kwargs))
+        with self._using() as llm:
+            return llm.create_chat_completion(*args, **kwargs)
+
+    def _locked_iter(self, start):
+        with self._using() as llm:
+            yield from start(llm)
 
     # -- lifetime ------------------------------------------------------------------------
 
     def close(self, save_profile: bool = True) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            if save_profile:
-                self.save_profile()
-        finally:
-            self.llm.close()
-            if self.recorder is not None:
-                self.recorder.close()
+        """Free the model. Waits for a call running in another thread; calling it from inside
+        one (an on_text callback) raises HybridError instead of freeing the context under it."""
+        with self._lock:
+            if self._closed:
+                return
+            if getattr(self._owner_depth, "n", 0):
+                raise HybridError("close() called from inside a call on the same model; "
+                                  "close it after the call returns")
+            self._closed = True
+            try:
+                if save_profile and self._llm is not None:
+                    self._save_profile()
+            finally:
+                if self._llm is not None:
+                    self._llm.close()
+                if self.recorder is not None:
+                    self.recorder.close()
 
     def __enter__(self) -> "HybridModel":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _utf8(text: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise HybridError(f"the prompt is not valid UTF-8 text (character {exc.object[exc.start]!r} at "
+                          f"position {exc.start} cannot be encoded)") from None
 
 
 def _summary(mode, description, n_gpu_layers, hot, budget, notices, pack_device) -> PlacementSummary:

@@ -12,17 +12,29 @@ import yaml
 from .errors import HybridError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+# bundled `file:` entries are relative to the directory that holds the package (the
+# checkout, or site-packages for an installed wheel)
 REPO_ROOT = PACKAGE_DIR.parent
 
 
 def models_yaml_path() -> Path:
-    return Path(os.environ.get("HYBRID_GGUF_MODELS_YAML", REPO_ROOT / "models.yaml"))
+    """$HYBRID_GGUF_MODELS_YAML, else the models.yaml shipped in the package (in a checkout
+    hybrid_gguf/data/models.yaml is a symlink to the top-level models.yaml)."""
+    env = os.environ.get("HYBRID_GGUF_MODELS_YAML")
+    if env:
+        return Path(env).expanduser()
+    from .paths import package_file
+
+    return package_file("data", "models.yaml")
 
 
 def load_models_yaml() -> dict:
     path = models_yaml_path()
     if not path.exists():
-        return {"default": None, "bundled": {}, "public": {}}
+        # without it every alias, the default model included, would be "unknown"
+        where = "HYBRID_GGUF_MODELS_YAML names" if os.environ.get("HYBRID_GGUF_MODELS_YAML") else \
+            "this hybrid-gguf installation lacks"
+        raise HybridError(f"{where} a models.yaml that does not exist: {path}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -76,7 +88,7 @@ def resolve_model(model: Optional[str]) -> ResolvedModel:
         raise HybridError(
             f"{model} is a public model ({entry.get('repo')}, file {entry.get('file')}); "
             "hybrid-gguf downloads nothing: fetch the file and pass its path, "
-            f"or set `path:` for it in {models_yaml_path()}"
+            f"or set `path:` for it in a copy of {models_yaml_path()} named by HYBRID_GGUF_MODELS_YAML"
         )
     known = ", ".join(sorted(list(data["bundled"]) + list(data["public"])))
     raise HybridError(f"no model file or alias named {model!r} (aliases: {known})")

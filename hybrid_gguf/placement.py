@@ -213,10 +213,12 @@ class LoadedLlama:
 
 def load_llama(model_path, placement: Optional[TensorPlacement] = None,
                model_patch: Optional[Callable[[Any], None]] = None,
-               allow_extra_bufts: bool = False, route_trace=None, **llama_kwargs) -> LoadedLlama:
+               allow_extra_bufts: bool = False, inventory=None, route_trace=None, **llama_kwargs) -> LoadedLlama:
     """Construct a Llama with a placement and report where llama.cpp put the buffers.
 
     `model_patch` (optional) runs after the placement patch, for other raw params.
+    Thread counts, context and batch sizes are checked first (limits.check_llama_kwargs;
+    with `inventory`, the context's memory too), so llama.cpp never sees absurd ones.
     `route_trace` ([n_rows, n_layer, n_used] expert ids): a bench model's routing, replayed
     by token position instead of the router's choice (routing_process.model_trace).
     llama.cpp's load failure (ValueError) becomes a HybridError carrying its last error line.
@@ -225,9 +227,12 @@ def load_llama(model_path, placement: Optional[TensorPlacement] = None,
         from .hybrid_backend import pending_route_trace
 
         with pending_route_trace(route_trace):
-            return load_llama(model_path, placement, model_patch, allow_extra_bufts, **llama_kwargs)
+            return load_llama(model_path, placement, model_patch, allow_extra_bufts, inventory, **llama_kwargs)
+    from .limits import check_llama_kwargs
     from .llama_hooks import construct_llama
-    from .llama_log import capture_llama_log
+    from .llama_log import capture_llama_log, install_abort_handler
+
+    check_llama_kwargs(llama_kwargs, inventory)
 
     place_patch = model_patch_for(placement, allow_extra_bufts) if placement is not None else None
 
@@ -241,17 +246,39 @@ def load_llama(model_path, placement: Optional[TensorPlacement] = None,
     if placement is not None:
         for key, value in llama_kwargs_for(placement).items():
             kwargs.setdefault(key, value)  # an explicit caller argument wins
+    install_abort_handler()  # a GGML_ASSERT that slips past the header checks prints one line
     with capture_llama_log() as cap:
         try:
             llm = construct_llama(str(model_path), model_patch=patch, **kwargs)
         except ValueError as exc:
-            errors = cap.errors()
-            loading = [e for e in errors if "error loading model" in e]
-            detail = (loading or errors or [str(exc)])[-1]
+            detail = load_error_detail(cap.errors(), str(exc))
             raise HybridError(f"llama.cpp could not load {model_path}: {detail}") from None
     # The array is only read during loading, but keep it as long as the Llama lives.
     llm._hybrid_placement_keepalive = getattr(place_patch, "keepalive", None)
     return LoadedLlama(llm=llm, placement=placement, buffers=cap.buffers(), log=cap.lines)
+
+
+# Error lines llama.cpp logs after the cause, saying only that loading failed.
+_GENERIC_LOAD_ERROR = re.compile(
+    r"failed to (load|read) (model|tensor data|tensor info|key-value pairs)\b"
+    r"|failed to load model from|error loading model: llama_model_loader: failed to load")
+
+
+def load_error_detail(errors: list, fallback: str, keep: int = 2) -> str:
+    """The last specific llama.cpp error lines of a failed load, joined into one line.
+
+    llama.cpp logs the cause first ("gguf_init_from_reader: tensor 'x' has offset ...")
+    and then generic lines ("failed to read tensor data", "failed to load model");
+    those are left out unless nothing else was logged."""
+    lines = [" ".join(e.split()) for e in errors if e.strip()]
+    specific = [e for e in lines if not _GENERIC_LOAD_ERROR.search(e)]
+    chosen = []
+    for line in reversed(specific or lines[-1:]):
+        if line not in chosen:
+            chosen.insert(0, line)
+        if len(chosen) == keep:
+            break
+    return "; ".join(chosen) if chosen else (" ".join(fallback.split()) or "unknown error")
 
 
 # --- fitting --n-cpu-moe to a GPU budget ------------------------------------------------

@@ -10,7 +10,10 @@ how the plan was made.
 
 from __future__ import annotations
 
+import os
 import re
+import stat
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,6 +28,15 @@ PLAN_FORMAT = "hybrid-gguf-plan"
 PLAN_VERSION = 1
 BACKENDS = ("per-expert", "whole-tensor", "cpu")
 _CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl")
+
+# A plan is read whole and checked before it is composed. The largest real hot set
+# (61 layers x 384 experts, every one listed) is ~120 KB of YAML, so these leave ample room
+# while a hostile file (an alias bomb, /dev/zero, a million ids, 10,000 nested lists) is
+# refused in well under a second.
+MAX_PLAN_BYTES = 1 << 20
+MAX_PLAN_DEPTH = 32
+MAX_PLAN_VALUES = 200_000
+MAX_UBATCH = 65536
 
 
 def now_iso() -> str:
@@ -240,13 +252,39 @@ class Plan:
     @classmethod
     def load(cls, path, inventory=None) -> "Plan":
         path = Path(path)
+        return _parse(read_plan_text(path), str(path), inventory)
+
+
+def read_plan_text(path: Path) -> str:
+    """The text of a plan file: a regular file of at most MAX_PLAN_BYTES, UTF-8."""
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise HybridError(f"plan file {path} does not exist") from None
+    except IsADirectoryError:
+        raise HybridError(f"plan file {path} is not a regular file (it is a directory)") from None
+    except OSError as exc:
+        raise HybridError(f"cannot read plan file {path}: {exc.strerror or exc}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a device, pipe or socket"
+        raise HybridError(f"plan file {path} is not a regular file (it is {kind})")
+    with os.fdopen(fd, "rb") as fh:
+        if st.st_size > MAX_PLAN_BYTES:
+            raise HybridError(f"plan file {path} is larger than {MAX_PLAN_BYTES >> 20} MiB "
+                              f"({format_size(st.st_size)}); a plan is a few KB")
         try:
-            text = path.read_text()
-        except FileNotFoundError:
-            raise HybridError(f"plan file {path} does not exist") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise HybridError(f"cannot read plan file {path}: {exc}") from None
-        return _parse(text, str(path), inventory)
+            data = fh.read(MAX_PLAN_BYTES + 1)
+        except OSError as exc:
+            raise HybridError(f"cannot read plan file {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_PLAN_BYTES:
+        raise HybridError(f"plan file {path} is larger than {MAX_PLAN_BYTES >> 20} MiB")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise HybridError(f"plan file {path} is not UTF-8 text (byte offset {exc.start})") from None
 
 
 class _Flow(dict):
@@ -301,7 +339,13 @@ class _N:
     def value(self) -> Any:
         import yaml
 
-        return yaml.SafeLoader("").construct_document(self.node)
+        try:
+            return _constructor().construct_document(self.node)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None) or self.node.start_mark
+            _constructor().__init__()  # drop the half-built state
+            raise HybridError(f"{self.source}:{mark.line + 1}: {self.path or 'plan'}: "
+                              f"{getattr(exc, 'problem', None) or exc}") from None
 
     def mapping(self, allowed: Optional[tuple] = None, required: tuple = ()) -> dict:
         import yaml
@@ -311,6 +355,11 @@ class _N:
         out: dict = {}
         for k, v in self.node.value:
             key = _N(k, self.path, self.source).value()
+            try:
+                hash(key)
+            except TypeError:
+                raise _N(k, self.path, self.source).error(
+                    f"a key must be text or a number, not a {type(key).__name__}") from None
             child = _N(v, f"{self.path}.{key}" if self.path else str(key), self.source)
             if key in out:
                 raise _N(k, child.path, self.source).error("listed twice")
@@ -332,7 +381,8 @@ class _N:
             raise self.error("expected a list")
         return [_N(v, f"{self.path}[{i}]", self.source) for i, v in enumerate(self.node.value)]
 
-    def int(self, minimum: Optional[int] = 0, allow_none: bool = False) -> Optional[int]:
+    def int(self, minimum: Optional[int] = 0, allow_none: bool = False,
+            maximum: Optional[int] = None) -> Optional[int]:
         v = self.value()
         if v is None and allow_none:
             return None
@@ -340,6 +390,8 @@ class _N:
             raise self.error(f"expected a whole number, got {v!r}")
         if minimum is not None and v < minimum:
             raise self.error(f"must be >= {minimum}, got {v}" if minimum else f"must not be negative, got {v}")
+        if maximum is not None and v > maximum:
+            raise self.error(f"must be at most {maximum}, got {v}")
         return v
 
     def num(self, minimum: float = 0.0) -> float:
@@ -371,15 +423,70 @@ _MEMORY = ("n_ubatch", "type_k", "type_v", "flash_attn", "op_offload", "compute_
            "compute_measured", "margin_bytes", "margin_fraction")
 
 
+_local = threading.local()
+
+
+def _constructor():
+    """One SafeConstructor per thread, reused for every value (building a loader per
+    value made a plan with many expert ids take seconds)."""
+    import yaml
+
+    c = getattr(_local, "constructor", None)
+    if c is None:
+        c = _local.constructor = yaml.constructor.SafeConstructor()
+    return c
+
+
+def _loader():
+    import yaml
+
+    return getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _check_events(text: str, source: str) -> None:
+    """Walk the YAML event stream (no nodes built yet) and refuse what a plan never needs:
+    aliases and anchors (an alias bomb grows to gigabytes), tags (unknown types), deep
+    nesting (the composer recurses) and more values than any real plan has."""
+    import yaml
+
+    def where(event) -> str:
+        mark = getattr(event, "start_mark", None)
+        return f"{source}:{mark.line + 1}" if mark is not None else source
+
+    depth = values = 0
+    for event in yaml.parse(text, Loader=_loader()):
+        if isinstance(event, yaml.AliasEvent):
+            raise HybridError(f"{where(event)}: YAML aliases and anchors (*{event.anchor}) are not allowed "
+                              "in a plan")
+        if isinstance(event, yaml.NodeEvent):
+            if event.anchor is not None:
+                raise HybridError(f"{where(event)}: YAML anchors and aliases (&{event.anchor}) are not "
+                                  "allowed in a plan")
+            values += 1
+            if values > MAX_PLAN_VALUES:
+                raise HybridError(f"{where(event)}: the plan has more than {MAX_PLAN_VALUES} values")
+        if isinstance(event, (yaml.ScalarEvent, yaml.CollectionStartEvent)) and event.tag is not None:
+            raise HybridError(f"{where(event)}: YAML tags ({event.tag}) are not allowed in a plan")
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_PLAN_DEPTH:
+                raise HybridError(f"{where(event)}: nested more than {MAX_PLAN_DEPTH} levels deep")
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+
+
 def _parse(text: str, source: str, inv) -> Plan:
     import yaml
 
+    if len(text) > MAX_PLAN_BYTES:
+        raise HybridError(f"{source}: the plan is larger than {MAX_PLAN_BYTES >> 20} MiB; a plan is a few KB")
     try:
-        root = yaml.compose(text)
+        _check_events(text, source)
+        root = yaml.compose(text, Loader=_loader())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
-        raise HybridError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        raise HybridError(f"{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
     if root is None:
         raise HybridError(f"{source}: the plan file is empty")
     top = _N(root, "", source).mapping(_TOP, ("format", "model", "n_ctx", "budget_bytes", "hot"))
@@ -413,7 +520,7 @@ def _parse(text: str, source: str, inv) -> Plan:
         mem = top["memory"].mapping(_MEMORY)
         for key, node in mem.items():
             if key in ("n_ubatch",):
-                memory[key] = node.int(1)
+                memory[key] = node.int(1, maximum=MAX_UBATCH)
             elif key in ("compute_bytes", "margin_bytes"):
                 memory[key] = node.int(0, allow_none=True)
             elif key == "margin_fraction":
@@ -459,9 +566,12 @@ def _parse(text: str, source: str, inv) -> Plan:
             layer_experts = inv.layers[key].n_expert if inv is not None else n_expert
             if inv is not None and not inv.layers[key].is_moe:
                 raise node.error(f"layer {key} has no routed experts")
+            items = node.seq()
+            if layer_experts and len(items) > layer_experts:
+                raise node.error(f"lists {len(items)} expert ids, but layer {key} has {layer_experts} experts")
             seen: set = set()
             ids = []
-            for item in node.seq():
+            for item in items:
                 e = item.int(None)
                 if e < 0:
                     raise item.error(f"expert ids must not be negative, got {e}")
@@ -505,7 +615,7 @@ def _parse(text: str, source: str, inv) -> Plan:
         model_name=(model["name"].str(allow_none=True) or "") if "name" in model else "",
         arch=(model["arch"].str(allow_none=True) or "") if "arch" in model else "",
         n_layer=n_layer, n_expert=n_expert,
-        budget_bytes=top["budget_bytes"].int(0), n_ctx=top["n_ctx"].int(1),
+        budget_bytes=top["budget_bytes"].int(0), n_ctx=top["n_ctx"].int(1, maximum=2**31 - 1),
         devices=devices, backend=backend, n_gpu_layers=n_gpu_layers, tensor_split=tensor_split,
         rules=rules, hot=hot,
         hot_device=top["hot_device"].str(allow_none=True) if "hot_device" in top else None,

@@ -11,7 +11,7 @@ no rows). Prefill (one ubatch of T tokens) is compute-bound on the GPU; experts 
 host memory are copied to the GPU over PCIe (op offload), only the ones the batch uses.
 
 Bandwidths are measured once per machine (`calibrate_bandwidth`, cached in
-~/.cache/hybrid-gguf/calibration.json); fields nobody measured keep documented defaults and
+<cache dir>/calibration.json, paths.py); fields nobody measured keep documented defaults and
 are listed as such, so a prediction says what it rests on.
 """
 
@@ -538,9 +538,9 @@ def machine_id() -> str:
 
 
 def calibration_path() -> Path:
-    env = os.environ.get("HYBRID_GGUF_CACHE")
-    base = Path(env).expanduser() if env else Path.home() / ".cache" / "hybrid-gguf"
-    return base / "calibration.json"
+    from . import paths
+
+    return paths.calibration_path()
 
 
 def load_calibration(path: Optional[Path] = None, machine: Optional[str] = None) -> Optional[Bandwidth]:

@@ -42,6 +42,14 @@ from .errors import HybridError
 
 FORMAT_NAME = "hybrid-gguf-routing-profile"
 FORMAT_VERSION = 1
+# Bounds on what a profile may hold: counts are exact in float64 up to 2**53, and no model
+# has more than a few hundred layers or a few thousand experts per layer.
+MAX_COUNT = 2**53
+MAX_LAYERS = 4096
+MAX_EXPERTS = 65536
+MAX_PROFILE_BYTES = 256 << 20
+# Files moved aside (corrupt, or another model's) kept per profile; older ones are deleted.
+KEEP_ASIDE = 3
 # Test hook: seconds to sleep halfway through writing the temp file (crash tests).
 
 PathLike = Union[str, os.PathLike]
@@ -49,6 +57,36 @@ PathLike = Union[str, os.PathLike]
 
 class ProfileCorrupt(HybridError):
     """A profile file that cannot be parsed or fails validation."""
+
+
+class ProfileOtherModel(HybridError):
+    """A valid profile file whose fingerprint is not the one expected."""
+
+
+def _whole(v, name: str, low: int = 0, high: int = MAX_COUNT) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"{name} must be a whole number, got {v!r}"[:200])
+    if not low <= v <= high:
+        raise ValueError(f"{name} must be between {low} and {high}, got {v if abs(v) < 10**30 else 'a huge number'}")
+    return v
+
+
+def _count_array(x, shape: tuple, name: str) -> np.ndarray:
+    """A JSON list (of lists) of plain non-negative numbers of `shape`, as float64."""
+    rows = [x] if len(shape) == 1 else x
+    if not isinstance(rows, list) or (len(shape) == 2 and len(rows) != shape[0]):
+        raise ValueError(f"{name} must be a list of {shape[0]} rows")
+    width = shape[-1]
+    for row in rows:
+        if not isinstance(row, list) or len(row) != width:
+            raise ValueError(f"{name}: array shape does not match {shape}")
+        for v in row:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"{name}: a count must be a number, got {v!r}"[:200])
+            if not (0 <= v <= MAX_COUNT):  # also false for NaN
+                raise ValueError(f"{name}: a count must be between 0 and 2**53, got "
+                                 f"{v if abs(v) < 10**30 else 'a huge number'}")
+    return np.asarray(x, dtype=np.float64).reshape(shape)
 
 
 def _now() -> str:
@@ -187,33 +225,34 @@ class RoutingProfile:
                 raise ValueError(f"not a routing profile (format {d.get('format')!r})")
             if d.get("version") != FORMAT_VERSION:
                 raise ValueError(f"unsupported profile version {d.get('version')!r}")
-            L, E, K = int(d["n_layer"]), int(d["n_expert"]), int(d["n_expert_used"])
-            if L <= 0 or E <= 0 or not 0 < K <= E:
-                raise ValueError(f"bad shape {L}x{E} top-{K}")
+            L = _whole(d["n_layer"], "n_layer", 1, MAX_LAYERS)
+            E = _whole(d["n_expert"], "n_expert", 1, MAX_EXPERTS)
+            K = _whole(d["n_expert_used"], "n_expert_used", 1, E)
             arrays = [
-                np.asarray(d["counts"]["prompt"], dtype=np.float64),
-                np.asarray(d["counts"]["decode"], dtype=np.float64),
-                np.asarray(d["tokens_per_layer"]["prompt"], dtype=np.float64),
-                np.asarray(d["tokens_per_layer"]["decode"], dtype=np.float64),
+                _count_array(d["counts"]["prompt"], (L, E), "counts.prompt"),
+                _count_array(d["counts"]["decode"], (L, E), "counts.decode"),
+                _count_array(d["tokens_per_layer"]["prompt"], (L,), "tokens_per_layer.prompt (count)"),
+                _count_array(d["tokens_per_layer"]["decode"], (L,), "tokens_per_layer.decode (count)"),
             ]
-            shapes = [(L, E), (L, E), (L,), (L,)]
-            for a, s in zip(arrays, shapes):
-                if a.shape != s:
-                    raise ValueError(f"array shape {a.shape}, expected {s}")
-                if not np.all(np.isfinite(a)) or np.any(a < 0):
-                    raise ValueError("negative or non-finite counts")
             labels = d.get("labels", {})
             if not isinstance(labels, dict):
                 raise ValueError("labels must be an object")
+            for k, v in labels.items():
+                _whole(v, f"labels[{k[:40]!r}]")
+            decay = d.get("decay", 1.0)
+            if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay <= 1:
+                raise ValueError(f"decay must be a number in (0, 1], got {decay!r}"[:200])
+            if not isinstance(d["fingerprint"], str):
+                raise ValueError("fingerprint must be text")
             return cls(
-                str(d["fingerprint"]), str(d.get("arch", "")), L, E, K, *arrays,
-                sessions=int(d.get("sessions", 0)), labels=labels,
+                d["fingerprint"], str(d.get("arch", "")), L, E, K, *arrays,
+                sessions=_whole(d.get("sessions", 0), "sessions"), labels=labels,
                 created=str(d.get("created", "")), updated=str(d.get("updated", "")),
-                decay=float(d.get("decay", 1.0)),
+                decay=float(decay),
             )
         except ProfileCorrupt:
             raise
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError, IndexError) as exc:
             raise ProfileCorrupt(f"invalid routing profile: {exc}") from None
 
     def save(self, path: PathLike) -> Path:
@@ -228,18 +267,26 @@ class RoutingProfile:
         """Read a profile file; ProfileCorrupt if unreadable, HybridError on a mismatch."""
         path = Path(path)
         try:
+            if path.stat().st_size > MAX_PROFILE_BYTES:
+                raise ProfileCorrupt(f"routing profile {path} is larger than {MAX_PROFILE_BYTES >> 20} MiB")
             data = json.loads(path.read_bytes())
         except FileNotFoundError:
             raise HybridError(f"routing profile {path} does not exist") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ProfileCorrupt(f"cannot read routing profile {path}: {exc}") from None
+        except RecursionError:
+            raise ProfileCorrupt(f"cannot read routing profile {path}: JSON nested too deeply") from None
+        except (OSError, ValueError) as exc:  # ValueError: JSON, UTF-8, ints of over 4300 digits
+            raise ProfileCorrupt(f"cannot read routing profile {path}: {str(exc)[:200]}") from None
         if not isinstance(data, dict):
             raise ProfileCorrupt(f"routing profile {path} is not a JSON object")
-        prof = cls.from_dict(data)
+        try:
+            prof = cls.from_dict(data)
+        except ProfileCorrupt as exc:
+            raise ProfileCorrupt(f"{path}: {exc}") from None
         if expected_fingerprint is not None and prof.fingerprint != expected_fingerprint:
-            raise HybridError(
+            raise ProfileOtherModel(
                 f"routing profile {path} is for another model (fingerprint "
-                f"{prof.fingerprint[:16]}…, this model is {expected_fingerprint[:16]}…)"
+                f"{prof.fingerprint[:16]}…, this model is {expected_fingerprint[:16]}…); "
+                f"move that file aside to record a new profile for this model"
             )
         return prof
 
@@ -260,10 +307,14 @@ def _dumps(d: dict) -> str:
     return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
 def default_store_root() -> Path:
-    env = os.environ.get("HYBRID_GGUF_CACHE")
-    base = Path(env).expanduser() if env else Path.home() / ".cache" / "hybrid-gguf"
-    return base / "profiles"
+    from .paths import profiles_dir
+
+    return profiles_dir()
 
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -283,9 +334,14 @@ class ProfileStore:
     @contextmanager
     def _locked(self, fingerprint: str) -> Iterator[Path]:
         path = self.path_for(fingerprint)
-        self.root.mkdir(parents=True, exist_ok=True)
-        lock_path = path.with_suffix(".lock")
-        with open(lock_path, "a+b") as lock:
+        if self.root.exists() and not self.root.is_dir():
+            raise HybridError(f"profile store {self.root} is not a directory")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            lock = open(path.with_suffix(".lock"), "a+b")
+        except OSError as exc:
+            raise HybridError(f"cannot use profile store {self.root}: {exc.strerror or exc}") from None
+        with lock:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # released by the kernel if we die
             try:
                 yield path
@@ -293,21 +349,37 @@ class ProfileStore:
                 fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
     def _read(self, path: Path, fingerprint: str) -> Optional[RoutingProfile]:
-        """The stored profile, None if absent; a corrupt file is moved aside."""
+        """The stored profile, None if absent; a corrupt file is moved aside. A valid file of
+        another model is not: ProfileOtherModel names it, for the user to move."""
         if not path.exists():
             return None
         try:
             return RoutingProfile.load(path, expected_fingerprint=fingerprint)
         except ProfileCorrupt as exc:
-            aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
-                                   f"-{os.getpid()}")
+            aside = self._move_aside(path, "corrupt")
+            where = f"moved it aside to {aside}" if aside else f"could not move it aside: move {path} away"
+            warnings.warn(f"{exc}; {where} and starting afresh", stacklevel=3)
+            return None
+
+    def _move_aside(self, path: Path, kind: str) -> Optional[Path]:
+        """Rename `path` to `<name>.<kind>-<time>`, keep the KEEP_ASIDE newest such files."""
+        ns = time.time_ns()
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(ns / 1e9))
+        aside = path.with_name(f"{path.name}.{kind}-{stamp}-{ns % 10**9:09d}-{os.getpid()}")
+        try:
+            os.replace(path, aside)
+            os.utime(aside)  # when it was moved aside, for pruning
+        except OSError:
+            return None
+        old = []
+        for p in path.parent.glob(f"{glob_escape(path.name)}.{kind}-*"):
             try:
-                os.replace(path, aside)
+                old.append((p.stat().st_mtime_ns, p.name, p))
             except OSError:
                 pass
-            warnings.warn(f"{exc}; moved it aside to {aside.name} and starting afresh",
-                          stacklevel=3)
-            return None
+        for _, _, p in sorted(old, reverse=True)[KEEP_ASIDE:]:
+            p.unlink(missing_ok=True)
+        return aside
 
     def load(self, fingerprint: str) -> Optional[RoutingProfile]:
         """The stored profile for `fingerprint`, or None (absent, or corrupt and moved aside).

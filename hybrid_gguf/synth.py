@@ -553,9 +553,9 @@ def write_synthetic_moe(path: Union[str, os.PathLike], spec: SynthSpec, *,
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("HYBRID_GGUF_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "hybrid-gguf")
-    return Path(base) / "synth"
+    from . import paths
+
+    return paths.synth_dir()
 
 
 def synthetic_filename(spec: SynthSpec) -> str:

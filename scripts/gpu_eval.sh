@@ -37,7 +37,7 @@ set -uo pipefail
 STEPS=${1:-build,diag,split,recorder,probe,bench,plan}
 OUT=${OUT:-/tmp/hybrid-out}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 HYBRID_GGUF_CACHE=/tmp/hgcache HYBRID_GGUF_SDIST=$PWD/.device/llama_cpp_python-0.3.36-trimmed.tar.gz
+export PYTHONUNBUFFERED=1 HYBRID_GGUF_HOME=/tmp/hgcache
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD
 log() { echo "[$(date +%T)] $*"; }

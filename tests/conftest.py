@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from hybrid_gguf import synth
+from hybrid_gguf import paths, synth
+
+# Tests never touch the user's profiles and plans: the run gets a data directory of its own.
+# The cache (compiled recorder, synthetic models, wheels) stays shared; fixed before HOME moves.
+os.environ.setdefault("HYBRID_GGUF_CACHE", str(paths.cache_dir()))
+os.environ["HYBRID_GGUF_HOME"] = tempfile.mkdtemp(prefix="hybrid-gguf-test-home-")
 
 # Architecture name (as tests say it) -> tiny preset.  "dense" is a non-MoE llama.
 TINY_PRESETS = {

@@ -490,6 +490,8 @@ def test_inspect_big_model_is_fast(tmp_path):
 def write_typed_tensor(path, type_id: int, ne: tuple, n_bytes: int):
     """A GGUF whose only tensor claims ggml type `type_id` (zero data of n_bytes)."""
     w = gguf.GGUFWriter(path, arch="qwen3moe")
+    w.add_expert_count(ne[-1])  # a model with expert tensors must say how many (llama.cpp asserts)
+    w.add_expert_used_count(1)
     w.add_tensor_info("blk.0.ffn_up_exps.weight", tuple(reversed(ne)), np.dtype(np.float32), n_bytes,
                       raw_dtype=type_id)
     w.write_header_to_file()

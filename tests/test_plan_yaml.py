@@ -173,7 +173,7 @@ def test_cli_json_out_and_loop(model, tmp_path):
     prof = profile_for(inv, seed=1)
     prof_path = prof.save(tmp_path / "prof.json")
     out = tmp_path / "plan.yaml"
-    env = {"HYBRID_GGUF_CACHE": str(tmp_path / "cache")}
+    env = {"HYBRID_GGUF_HOME": str(tmp_path / "home")}
     args = [path, "--gpu-budget", "17MiB", "--ctx", "1024", "--profile", prof_path, "--margin", "0",
             "--no-calibrate", "--out", out]
     r = invoke(*args, "--json", env=env)
@@ -230,7 +230,7 @@ def test_autoplan_loop_with_store(model, tmp_path, monkeypatch, tiny_model_facto
     from hybrid_gguf.profile import ProfileStore
 
     path, inv = model
-    monkeypatch.setenv("HYBRID_GGUF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HYBRID_GGUF_HOME", str(tmp_path / "home"))
     store = ProfileStore(tmp_path / "store")
     store.merge_session(profile_for(inv, seed=1))
     out = default_plan_path(inv.fingerprint)

@@ -174,6 +174,8 @@ def test_unsafe_fingerprint_gets_a_safe_file_name(tmp_path):
     assert store.load(fp).fingerprint == fp
 
 
-def test_store_root_follows_cache_env(tmp_path, monkeypatch):
+def test_store_root_follows_home_env(tmp_path, monkeypatch):
+    # profiles are user data: HYBRID_GGUF_HOME moves them, HYBRID_GGUF_CACHE does not
+    monkeypatch.setenv("HYBRID_GGUF_HOME", str(tmp_path / "h"))
     monkeypatch.setenv("HYBRID_GGUF_CACHE", str(tmp_path / "c"))
-    assert ProfileStore().root == tmp_path / "c" / "profiles"
+    assert ProfileStore().root == tmp_path / "h" / "profiles"

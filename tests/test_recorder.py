@@ -383,25 +383,17 @@ def test_build_is_cached_and_loads_one_libggml_base(tmp_path, monkeypatch):
     assert len(mapped) == 1, mapped
 
 
-def test_headers_from_sdist_tarball(tmp_path, monkeypatch):
-    import io
-    import tarfile
-
+def test_headers_ship_with_the_package(tmp_path, monkeypatch):
     from hybrid_gguf.native import build
 
-    monkeypatch.setenv("HYBRID_GGUF_CACHE", str(tmp_path))
     monkeypatch.delenv("HYBRID_GGUF_GGML_INCLUDE", raising=False)
-    monkeypatch.delenv("HYBRID_GGUF_SDIST", raising=False)
-    monkeypatch.setattr(build, "_wheel_include_dir", lambda: None)
-    (tmp_path / "sdist").mkdir()
-    with tarfile.open(tmp_path / "sdist" / "llama_cpp_python-9.9-trimmed.tar.gz", "w:gz") as tar:
-        for name in (*build.HEADERS, "other.h", "../../src/x.cpp"):
-            data = f"/* {name} */\n".encode()
-            info = tarfile.TarInfo(f"llama_cpp_python-9.9/vendor/llama.cpp/ggml/include/{name}")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    inc = build.find_include_dir("9.9", allow_download=False)
-    assert inc == tmp_path / "native" / "headers-9.9"
-    assert sorted(p.name for p in inc.iterdir()) == sorted([*build.HEADERS, "other.h"])
-    with pytest.raises(build.BuildError, match="headers not found"):
-        build.find_include_dir("1.0", allow_download=False)
+    inc = build.find_include_dir(build.HEADERS_VERSION + "+hybrid.2")
+    assert inc == build.INCLUDE_DIR and all((inc / h).is_file() for h in build.HEADERS)
+    assert (inc / "LICENSE").read_text().startswith("MIT License")
+    # other llama-cpp-python versions may lay out ggml's structs differently
+    with pytest.raises(build.BuildError, match="HYBRID_GGUF_GGML_INCLUDE"):
+        build.find_include_dir("0.3.99")
+    for h in build.HEADERS:
+        (tmp_path / h).write_text("/* */\n")
+    monkeypatch.setenv("HYBRID_GGUF_GGML_INCLUDE", str(tmp_path))
+    assert build.find_include_dir("0.3.99") == tmp_path

@@ -23,7 +23,7 @@ def run_cli(*args, env_extra=None):
 
 def test_json_contract_on_the_default_model(tmp_path):
     res = run_cli("-p", "def main():", "-n", "8", "--json", "--threads", "1",
-                  env_extra={"HYBRID_GGUF_CACHE": str(tmp_path)})
+                  env_extra={"HYBRID_GGUF_HOME": str(tmp_path)})
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     for key in ("text", "tokens", "prompt_tokens", "gen_tokens_per_s", "prompt_tokens_per_s", "placement"):
@@ -31,7 +31,7 @@ def test_json_contract_on_the_default_model(tmp_path):
     assert len(out["tokens"]) == 8 and all(isinstance(t, int) for t in out["tokens"])
     assert out["prompt_tokens"] > 0 and out["gen_tokens_per_s"] > 0
     assert out["placement"]["mode"] == "cpu"
-    # the session's routing went into the profile store under HYBRID_GGUF_CACHE
+    # the session's routing went into the profile store under HYBRID_GGUF_HOME
     assert out["profile_sessions"] == 1
     # and is reported against the placement: nothing is in GPU memory here
     routing = out["routing"]
@@ -41,7 +41,7 @@ def test_json_contract_on_the_default_model(tmp_path):
 
 @pytest.mark.skipif(not hybrid_backend.capability().per_expert, reason=hybrid_backend.STOCK_NOTICE)
 def test_hot_by_hand_gives_the_same_tokens(tmp_path):
-    env = {"HYBRID_GGUF_CACHE": str(tmp_path)}
+    env = {"HYBRID_GGUF_HOME": str(tmp_path)}
     plain = json.loads(run_cli("-p", "import os", "-n", "12", "--json", "--no-record", "--threads", "1",
                                env_extra=env).stdout)
     res = run_cli("-p", "import os", "-n", "12", "--json", "--no-record", "--threads", "1",

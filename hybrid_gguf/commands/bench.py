@@ -21,10 +21,10 @@ def bench_command(
     budget_share: Optional[str] = typer.Option(None, "--budget-share",
                                                help="budget as a share of the routed-expert bytes (default 0.25), "
                                                     "or several: 0.1,0.25,0.5 (their runs are fitted together)"),
-    pp: int = typer.Option(512, "--pp", help="prompt tokens per rep"),
-    tg: int = typer.Option(128, "--tg", help="decoded tokens per rep"),
-    reps: int = typer.Option(5, "--reps"),
-    profile_tokens: int = typer.Option(4096, "--profile-tokens", help="tokens of the profiling workload"),
+    pp: int = typer.Option(512, "--pp", min=1, help="prompt tokens per rep"),
+    tg: int = typer.Option(128, "--tg", min=1, help="decoded tokens per rep"),
+    reps: int = typer.Option(5, "--reps", min=1),
+    profile_tokens: int = typer.Option(4096, "--profile-tokens", min=1, help="tokens of the profiling workload"),
     profile_packages: str = typer.Option("email,json,http,logging,unittest", "--profile-workload",
                                          help="stdlib packages whose source is the profiling workload"),
     eval_packages: str = typer.Option("asyncio,xml,concurrent,importlib", "--workload",
@@ -52,6 +52,12 @@ def bench_command(
     from ..models import resolve_model
     from ..sizes import parse_size
 
+    from ..limits import check_ctx, check_threads
+
+    check_threads(threads, "--threads")
+    check_ctx(ctx, "--ctx")
+    if plot is not None and plot.is_dir():
+        raise HybridError(f"--plot {plot} is a directory; give a file name")
     console = Console(stderr=True)
     log = (lambda s: None) if as_json else (lambda s: console.print(f"[dim]{s}[/]"))
     probe = _maybe_probe(probe_gpu or probe_only, probe_gpu is False, no_calibrate, threads, log)

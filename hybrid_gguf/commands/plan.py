@@ -68,7 +68,16 @@ def register(app: typer.Typer) -> None:
         from ..predict import Bandwidth
         from ..sizes import parse_size
 
+        from ..limits import check_batch, check_ctx
+
         console = Console(stderr=as_json)
+        check_ctx(ctx, "--ctx")
+        check_batch(n_ubatch, "--ubatch")
+        for option, path in (("--out", out), ("--plot", plot)):
+            if path is not None and path.is_dir():
+                raise HybridError(f"{option} {path} is a directory; give a file name")
+            if path is not None and path.parent.exists() and not path.parent.is_dir():
+                raise HybridError(f"{option} {path}: {path.parent} is not a folder")
         budget = parse_size(gpu_budget)
         devs = parse_devices(devices_spec) if devices_spec else None
         res = plan_model(model, budget, ctx, profile_path=profile_path, store=store, previous_path=previous,

@@ -23,6 +23,14 @@ from ..errors import HybridError
 TRACE_RECORDS = 1 << 19
 
 
+class ProfileInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a profiling run; carries the routing recorded until then."""
+
+    def __init__(self, snapshot) -> None:
+        super().__init__()
+        self.snapshot = snapshot
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     path: Path
@@ -53,10 +61,11 @@ def build_llama(path: Path, recorder, n_ctx: int, n_threads: Optional[int] = Non
     from ..routing_process import STREAM_PROFILE, model_trace
 
     kwargs = {"n_threads": n_threads, "n_threads_batch": n_threads} if n_threads else {}
+    inv = read_inventory(path)
     gpus = [] if cpu_only else gpu_devices()
     placement, where = None, "all weights on the CPU"
     if gpus:
-        fit = fit_n_cpu_moe(read_inventory(path), max(0, gpus[0].free_bytes - VRAM_RESERVE), n_ctx)
+        fit = fit_n_cpu_moe(inv, max(0, gpus[0].free_bytes - VRAM_RESERVE), n_ctx)
         if fit.fits:
             placement = fit.placement
             where = ("everything on the GPU" if fit.n_cpu_moe == 0 else
@@ -64,7 +73,7 @@ def build_llama(path: Path, recorder, n_ctx: int, n_threads: Optional[int] = Non
     if placement is None:
         kwargs["n_gpu_layers"] = 0
     loaded = load_llama(path, placement, context_patch=recorder.attach(), n_ctx=n_ctx, seed=seed,
-                        verbose=False, route_trace=model_trace(read_inventory(path), n_ctx, STREAM_PROFILE),
+                        verbose=False, inventory=inv, route_trace=model_trace(inv, n_ctx, STREAM_PROFILE),
                         **kwargs)
     llm = loaded.llm
     llm._hybrid_gguf_recorder = recorder  # the C callback points at it: keep it alive
@@ -73,7 +82,9 @@ def build_llama(path: Path, recorder, n_ctx: int, n_threads: Optional[int] = Non
 
 def run_prompt(llm, text: str, n_predict: int, temp: float = 0.0) -> tuple[int, int]:
     """Prefill `text`, then decode up to n_predict tokens (greedy at temp 0); (prompt, generated)."""
-    n_ctx = llm.n_ctx()
+    from ..limits import context_size
+
+    n_ctx = context_size(llm)  # what llama-cpp-python allocated, not llama.cpp's padded size
     room = n_ctx - n_predict - 1
     if room < 1:
         raise HybridError(f"--ctx {n_ctx} leaves no room for a prompt with -n {n_predict}")
@@ -96,7 +107,8 @@ def profile_model(info: ModelInfo, workload, n_predict: int, n_ctx: int,
                   on_prompt: Optional[Callable[[int, int, int], None]] = None,
                   temp: float = 0.0, seed: int = 0, cpu_only: bool = False,
                   on_load: Optional[Callable[[str], None]] = None):
-    """Run the workload with a fresh recorder; returns the RoutingSnapshot."""
+    """Run the workload with a fresh recorder; returns the RoutingSnapshot. Ctrl-C raises
+    ProfileInterrupted with the snapshot of what was recorded so far."""
     from ..recorder import RoutingRecorder
 
     # the per-token trace feeds adjacent overlap and the cache replays of routing_stats
@@ -111,6 +123,8 @@ def profile_model(info: ModelInfo, workload, n_predict: int, n_ctx: int,
             if on_prompt:
                 on_prompt(1, n_in, n_out)
         return recorder.snapshot(trace=True)
+    except KeyboardInterrupt:
+        raise ProfileInterrupted(recorder.snapshot(trace=False)) from None
     finally:
         llm.close()
 
@@ -204,8 +218,24 @@ def print_routing_stats(console, stats: dict) -> None:
     console.print("this workload " + suitability(stats))
 
 
-def draw_heatmap(path: Path, counts, title: str) -> None:
-    """Layer × expert share heatmap, and per-layer coverage curves."""
+def heatmap_path(path: Path) -> Path:
+    """The file draw_heatmap writes: matplotlib adds .png to a name without a suffix."""
+    return path if path.suffix else path.with_name(path.name + ".png")
+
+
+def check_output_file(path: Path, option: str) -> None:
+    """Refuse an output path that cannot be written, before the (long) run."""
+    if path.is_dir():
+        raise HybridError(f"{option} {path} is a directory; give a file name")
+    parent = path.parent
+    if not parent.exists():
+        raise HybridError(f"{option} {path}: the folder {parent} does not exist")
+    if not parent.is_dir():
+        raise HybridError(f"{option} {path}: {parent} is not a folder")
+
+
+def draw_heatmap(path: Path, counts, title: str) -> Path:
+    """Layer × expert share heatmap, and per-layer coverage curves; returns the file written."""
     import matplotlib
     import numpy as np
 
@@ -235,12 +265,34 @@ def draw_heatmap(path: Path, counts, title: str) -> None:
     ax2.set_title("coverage")
     fig.suptitle(title)
     fig.tight_layout()
+    path = heatmap_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return path
 
 
 # -- command --------------------------------------------------------------------
+
+
+def _store_interrupted(err, info: ModelInfo, snap, label: str, store: Optional[Path], no_store: bool,
+                       decay: float) -> None:
+    """Ctrl-C: merge the prompts profiled so far into the store (a second Ctrl-C skips it;
+    the store's writes are atomic, so the profile stays as it was)."""
+    from ..profile import ProfileStore, RoutingProfile
+
+    recorded = int(snap.counts.sum())
+    if no_store or recorded == 0:
+        err.print("interrupted: nothing stored")
+        return
+    try:
+        merged = ProfileStore(store).merge_session(
+            RoutingProfile.from_snapshot(snap, info.fingerprint, info.arch, label), decay=decay)
+    except KeyboardInterrupt:
+        err.print("interrupted twice: nothing stored")
+        return
+    err.print(f"interrupted: merged the routing recorded so far ({int(snap.tokens_per_layer[0])} "
+              f"tokens) into the store ({merged.sessions} sessions)")
 
 
 def register(app: typer.Typer) -> None:
@@ -283,8 +335,24 @@ def register(app: typer.Typer) -> None:
         err = Console(stderr=True)
         if not model.is_file():
             raise HybridError(f"model file {model} does not exist")
-        if n_predict < 0 or ctx < 8:
-            raise HybridError("-n must be >= 0 and --ctx >= 8")
+        from ..limits import check_ctx, check_threads
+
+        if n_predict < 0:
+            raise HybridError(f"-n must be >= 0, got {n_predict}")
+        check_ctx(ctx, "--ctx")
+        check_threads(threads, "--threads")
+        if store is not None and not no_store and store.exists() and not store.is_dir():
+            raise HybridError(f"--store {store} is not a directory")
+        if out is not None:
+            check_output_file(out, "--out")
+        if heatmap is not None:
+            if heatmap.is_dir():
+                raise HybridError(f"--heatmap {heatmap} is a directory; give a file name such as "
+                                  f"{heatmap / 'heatmap.png'}")
+            check_output_file(heatmap_path(heatmap), "--heatmap")
+        if trace_out is not None:
+            trace_out = trace_out if trace_out.suffix == ".npz" else trace_out.with_name(trace_out.name + ".npz")
+            check_output_file(trace_out, "--trace")
         if temp < 0:
             raise HybridError(f"--temp must not be negative, got {temp}")
         if not 0.0 < decay <= 1.0:
@@ -313,19 +381,23 @@ def register(app: typer.Typer) -> None:
         run_label = label or workload.label
         t0 = time.monotonic()
         tokens = [0, 0]
-        with Progress(TextColumn("[bold]profiling"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("{task.fields[tok]}"), TimeElapsedColumn(),
-                      console=err, transient=as_json) as progress:
-            task = progress.add_task("prompts", total=len(workload.prompts), tok="")
+        try:
+            with Progress(TextColumn("[bold]profiling"), BarColumn(), MofNCompleteColumn(),
+                          TextColumn("{task.fields[tok]}"), TimeElapsedColumn(),
+                          console=err, transient=as_json) as progress:
+                task = progress.add_task("prompts", total=len(workload.prompts), tok="")
 
-            def on_prompt(n: int, n_in: int, n_out: int) -> None:
-                tokens[0] += n_in
-                tokens[1] += n_out
-                progress.update(task, advance=n,
-                                tok=f"{tokens[0]} prompt + {tokens[1]} generated tokens")
+                def on_prompt(n: int, n_in: int, n_out: int) -> None:
+                    tokens[0] += n_in
+                    tokens[1] += n_out
+                    progress.update(task, advance=n,
+                                    tok=f"{tokens[0]} prompt + {tokens[1]} generated tokens")
 
-            snap = profile_model(info, workload, n_predict, ctx, threads, on_prompt, temp, seed, cpu_only,
-                                 on_load=lambda where: err.print(f"[dim]profiling with {where}[/]"))
+                snap = profile_model(info, workload, n_predict, ctx, threads, on_prompt, temp, seed,
+                                     cpu_only, on_load=lambda where: err.print(f"[dim]profiling with {where}[/]"))
+        except ProfileInterrupted as stop:
+            _store_interrupted(err, info, stop.snapshot, run_label, store, no_store, decay)
+            raise typer.Exit(130)
         elapsed = time.monotonic() - t0
 
         session = RoutingProfile.from_snapshot(snap, info.fingerprint, info.arch, run_label)
@@ -345,7 +417,7 @@ def register(app: typer.Typer) -> None:
 
             save_trace(trace_out, Trace(ids, info.n_expert))
         if heatmap is not None:
-            draw_heatmap(heatmap, snap.counts, f"{model.name}: {run_label}, "
+            heatmap = draw_heatmap(heatmap, snap.counts, f"{model.name}: {run_label}, "
                                                f"{tokens[0] + tokens[1]} tokens")
         if as_json:
             print(json.dumps(profile_json(info, snap, summary, run_label,
@@ -362,3 +434,5 @@ def register(app: typer.Typer) -> None:
             console.print(f"wrote {out}")
         if heatmap is not None:
             console.print(f"wrote {heatmap}")
+        if trace_out is not None and ids is not None:
+            console.print(f"wrote {trace_out} (for `plan --replay`)")

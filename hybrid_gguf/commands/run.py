@@ -30,21 +30,29 @@ def run_command(
     no_record: bool = typer.Option(False, "--no-record", help="do not record routing into the profile"),
     threads: Optional[int] = typer.Option(None, "--threads", "-t"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of streaming text"),
+    system: Optional[str] = typer.Option(None, "--system", help="system message of the interactive chat"),
     verbose: bool = typer.Option(False, "--verbose", help="show llama.cpp's log"),
 ) -> None:
     """Generate text (or chat) with a MoE model, hot experts on the GPU."""
-    from .. import hybrid_backend
+    from .. import hybrid_backend, limits
     from ..model import HybridModel
 
     console = Console(stderr=True)
     if hot and plan:
         raise HybridError("--hot and --plan both choose the placement; pass one")
+    if system is not None and prompt is not None:
+        raise HybridError("--system is for the chat (run without -p); a -p prompt is raw text")
+    limits.check_new_tokens(n_predict, "-n/--n-predict")
+    limits.check_threads(threads, "--threads")
+    limits.check_ctx(ctx, "--ctx")
     hot_map = hybrid_backend.parse_hot_spec(hot) if hot else None
     if prompt is None and (as_json or not sys.stdin.isatty()):
         if not sys.stdin.isatty():
-            prompt = sys.stdin.read()
+            prompt = read_stdin_text()
         if not prompt:
             raise HybridError("no prompt: pass -p/--prompt (interactive chat needs a terminal)")
+    if prompt is not None:
+        check_text(prompt, "-p/--prompt")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         hm = HybridModel(model, gpu_budget=gpu_budget, hot=hot_map, plan=plan, n_ctx=ctx, seed=seed,
@@ -52,6 +60,8 @@ def run_command(
     for w in caught:
         _notice(console, f"warning: {w.message}")
     try:
+        if prompt is not None:
+            hm.check_prompt(prompt, n_predict)  # before any output
         if not as_json:
             _notice(console, f"{hm.resolved.name}: {hm.inventory.arch}, {hm.inventory.n_layer} layers, "
                              f"{hm.inventory.n_expert} experts; placement: {hm.placement.description}")
@@ -60,7 +70,7 @@ def run_command(
             if hm.recorder_notice:
                 _notice(console, hm.recorder_notice)
         if prompt is None:
-            _chat(hm, console, n_predict, temp)
+            _chat(hm, console, n_predict, temp, system)
             return
         out = sys.stdout
         if as_json:
@@ -76,7 +86,11 @@ def run_command(
             res = hm.stream(prompt, max_tokens=n_predict, temperature=temp, on_text=on_text)
             out.write("\n")
         routing = hm.session_routing()
-        profile = hm.save_profile()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            profile = hm.save_profile()
+        for w in caught:  # e.g. a stored profile moved aside
+            _notice(console, f"warning: {w.message}")
         if as_json:
             print(json.dumps({
                 "model": str(hm.path),
@@ -100,26 +114,50 @@ def run_command(
                 _notice(console, f"expert selections served from GPU memory: {routing['prompt_hit_rate']:.1%} "
                                  "of the prompt's" + ("" if routing["decode_hit_rate"] is None else
                                                       f", {routing['decode_hit_rate']:.1%} of sampled decode steps'"))
+    except KeyboardInterrupt:
+        _save_interrupted(hm, console)
+        raise typer.Exit(130)
     finally:
         hm.close(save_profile=False)
 
 
-def _chat(hm, console: Console, n_predict: int, temp: float) -> None:
-    """A plain transcript chat: works for models with or without a chat template."""
+def read_stdin_text() -> str:
+    """All of stdin as text; bytes that are not UTF-8 are a one-line error."""
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise HybridError(f"stdin is not valid UTF-8 text (byte 0x{data[exc.start]:02x} at offset "
+                          f"{exc.start})") from None
+
+
+def check_text(text: str, what: str) -> None:
+    """Refuse text that cannot be written as UTF-8: a command-line argument with bytes that
+    are not UTF-8 reaches Python as lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise HybridError(f"{what} is not valid UTF-8 text (at character {exc.start})") from None
+
+
+def _save_interrupted(hm, console: Console) -> None:
+    """Ctrl-C: keep the routing recorded so far (a second Ctrl-C leaves the profile as it was)."""
+    try:
+        profile = hm.save_profile()
+    except KeyboardInterrupt:
+        profile = None
+    sys.stdout.write("\n")
+    _notice(console, "interrupted" + ("" if profile is None else
+                                      f"; routing profile now {profile.sessions} sessions"))
+
+
+def _chat(hm, console: Console, n_predict: int, temp: float, system: Optional[str]) -> None:
+    """Chat with the model's chat template (hybrid_gguf.chat); old turns are dropped to fit."""
+    from ..chat import chat_loop
+
     console.print("[bold]chat[/] (empty line or Ctrl-D to quit)")
-    history = ""
-    while True:
-        try:
-            user = console.input("[bold green]> [/]")
-        except EOFError:
-            break
-        if not user.strip():
-            break
-        history += f"User: {user}\nAssistant:"
-        res = hm.stream(history, max_tokens=n_predict, temperature=temp,
-                        on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
-        sys.stdout.write("\n")
-        history += res.text + "\n"
+    chat_loop(hm, max_tokens=n_predict, temperature=temp, system=system,
+              notice=lambda text: _notice(console, text))
     profile = hm.save_profile()
     if profile is not None:
         _notice(console, f"routing profile now {profile.sessions} sessions")

@@ -5,9 +5,9 @@ The shared object links against the `libggml-base.so.0` that llama_cpp ships in
 llama_cpp already mapped) and is cached under
 `<cache root>/native/<hash of source + headers + library path>/`.
 
-Headers come from $HYBRID_GGUF_GGML_INCLUDE, else the installed wheel (it ships
-`include/ggml*.h`), else a cached sdist tarball (`<cache>/sdist/llama_cpp_python-<version>*.tar.gz`
-or $HYBRID_GGUF_SDIST), else `pip download` of the matching sdist.
+Headers come from $HYBRID_GGUF_GGML_INCLUDE, else `include/` next to this file: ggml.h,
+ggml-backend.h and ggml-alloc.h copied unchanged from llama-cpp-python 0.3.36's vendored
+llama.cpp (MIT, its LICENSE beside them), so building never downloads anything.
 """
 
 from __future__ import annotations
@@ -17,16 +17,16 @@ import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 SOURCE = Path(__file__).with_name("recorder.c")
+INCLUDE_DIR = Path(__file__).with_name("include")
 HEADERS = ("ggml.h", "ggml-backend.h", "ggml-alloc.h")
+HEADERS_VERSION = "0.3.36"  # the llama-cpp-python whose vendored ggml/include they are
 LIB_NAME = "libggml-base.so.0"
-DIST_NAME = "llama_cpp_python"
 
 
 class BuildError(Exception):
@@ -41,8 +41,9 @@ class BuiltLibrary:
 
 
 def cache_root() -> Path:
-    env = os.environ.get("HYBRID_GGUF_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "hybrid-gguf"
+    from .. import paths
+
+    return paths.cache_dir()
 
 
 def llama_lib_dir() -> Path:
@@ -73,85 +74,23 @@ def _has_headers(d: Path) -> bool:
     return all((d / h).is_file() for h in HEADERS)
 
 
-def _wheel_include_dir() -> Optional[Path]:
-    """The `include/` directory recorded in the installed wheel's file list."""
-    from importlib import metadata
-
-    try:
-        dist = metadata.distribution(DIST_NAME)
-    except metadata.PackageNotFoundError:
-        return None
-    for f in dist.files or ():
-        if f.name == "ggml.h":
-            d = Path(dist.locate_file(f)).parent
-            if _has_headers(d):
-                return d
-    return None
-
-
-def _extract_headers(tarball: Path, dest: Path) -> Optional[Path]:
-    """Extract only vendor/llama.cpp/ggml/include/*.h from an sdist tarball."""
-    tmp = Path(tempfile.mkdtemp(prefix=".headers-", dir=dest.parent))
-    try:
-        with tarfile.open(tarball) as tar:
-            for m in tar.getmembers():
-                parts = Path(m.name).parts
-                if (
-                    m.isfile()
-                    and len(parts) == 6
-                    and parts[1:5] == ("vendor", "llama.cpp", "ggml", "include")
-                    and parts[5].endswith(".h")
-                ):
-                    data = tar.extractfile(m).read()
-                    (tmp / parts[5]).write_bytes(data)
-        if not _has_headers(tmp):
-            return None
-        try:
-            os.replace(tmp, dest)
-        except OSError:
-            if not _has_headers(dest):  # lost a race to another process: fine if complete
-                raise
-        return dest
-    except (OSError, tarfile.TarError):
-        return None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def find_include_dir(version: str, allow_download: bool = True) -> Path:
+def find_include_dir(version: Optional[str] = None) -> Path:
+    """$HYBRID_GGUF_GGML_INCLUDE, else the headers shipped in this package (they are
+    llama-cpp-python 0.3.36's, so another installed version is refused: its structs may
+    differ)."""
     env = os.environ.get("HYBRID_GGUF_GGML_INCLUDE")
     if env:
         if not _has_headers(Path(env)):
             raise BuildError(f"HYBRID_GGUF_GGML_INCLUDE={env} lacks {', '.join(HEADERS)}")
         return Path(env)
-    d = _wheel_include_dir()
-    if d is not None:
-        return d
-    dest = cache_root() / "native" / f"headers-{version}"
-    if _has_headers(dest):
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    sdist_dir = cache_root() / "sdist"
-    tarball = sdist_dir / f"llama_cpp_python-{version}.tar.gz"
-    candidates = [Path(os.environ["HYBRID_GGUF_SDIST"])] if os.environ.get("HYBRID_GGUF_SDIST") \
-        else []
-    candidates += sorted(sdist_dir.glob(f"llama_cpp_python-{version}*.tar.gz"))
-    for cand in candidates:  # the plain sdist or a trimmed copy of it
-        if cand.is_file() and _extract_headers(cand, dest):
-            return dest
-    if allow_download:
-        sdist_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [
-            sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-            "--dest", str(sdist_dir), f"llama-cpp-python=={version}",
-        ]
-        try:
-            subprocess.run(cmd, check=True, capture_output=True, timeout=600)
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise BuildError(f"ggml headers not found and pip download failed: {exc}") from exc
-        if tarball.is_file() and _extract_headers(tarball, dest):
-            return dest
-    raise BuildError("ggml headers not found (wheel include/, cached sdist or pip download)")
+    if version is not None and version.split("+", 1)[0] != HEADERS_VERSION:
+        raise BuildError(
+            f"the shipped ggml headers are llama-cpp-python {HEADERS_VERSION}'s but {version} is installed; "
+            "run `hybrid-gguf backend install`, or point HYBRID_GGUF_GGML_INCLUDE at that version's "
+            "ggml/include")
+    if not _has_headers(INCLUDE_DIR):
+        raise BuildError(f"this hybrid-gguf installation lacks its ggml headers ({INCLUDE_DIR})")
+    return INCLUDE_DIR
 
 
 def find_compiler() -> str:

@@ -1,0 +1,98 @@
+"""`hybrid-gguf serve [MODEL]`: an OpenAI-compatible server that records routing as it serves."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from ..errors import HybridError
+
+
+def serve_command(
+    model: Optional[str] = typer.Argument(None, help="GGUF path or models.yaml alias (default: the bundled model)"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (the API has no authentication)"),
+    port: int = typer.Option(8080, "--port", help="TCP port (0: any free one)"),
+    ctx: Optional[int] = typer.Option(None, "--ctx", help="context length (default: the model's, at most 4096)"),
+    gpu_budget: Optional[str] = typer.Option(None, "--gpu-budget", help="VRAM to use, e.g. 8GiB (default: free VRAM)"),
+    hot: Optional[str] = typer.Option(None, "--hot", help='per-expert placement by hand: "layer:e,e;layer:e"'),
+    plan: Optional[str] = typer.Option(None, "--plan", help="apply a plan YAML from `hybrid-gguf plan`"),
+    no_record: bool = typer.Option(False, "--no-record", help="do not record routing into the profile"),
+    save_every: float = typer.Option(30.0, "--save-every",
+                                     help="seconds between merges of the recorded routing into the profile"),
+    max_queue: int = typer.Option(64, "--max-queue", help="requests waiting at most; more get a 503"),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t"),
+    seed: int = typer.Option(0, "--seed"),
+    verbose: bool = typer.Option(False, "--verbose", help="show llama.cpp's log and each request"),
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API, learning its routing as it serves."""
+    from .. import hybrid_backend
+    from ..model import HybridModel
+    from ..profile import ProfileStore
+    from ..server import ModelService, serve_forever
+
+    console = Console(stderr=True)
+
+    def notice(text: str) -> None:
+        console.print(f"[dim]{text}[/]", highlight=False, soft_wrap=True)
+
+    if hot and plan:
+        raise HybridError("--hot and --plan both choose the placement; pass one")
+    if not 0 <= port <= 65535:
+        raise HybridError(f"--port must be in 0..65535, got {port}")
+    if save_every <= 0:
+        raise HybridError(f"--save-every must be positive, got {save_every}")
+    if max_queue < 1:
+        raise HybridError(f"--max-queue must be at least 1, got {max_queue}")
+    hot_map = hybrid_backend.parse_hot_spec(hot) if hot else None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hm = HybridModel(model, gpu_budget=gpu_budget, hot=hot_map, plan=plan, n_ctx=ctx, seed=seed,
+                         record=not no_record, n_threads=threads, verbose=verbose)
+    try:
+        for w in caught:
+            notice(f"warning: {w.message}")
+        inv = hm.inventory
+        notice(f"{hm.resolved.name}: {inv.arch}, {inv.n_layer} layers, {inv.n_expert} experts; "
+               f"placement: {hm.placement.description}")
+        for note in hm.placement.notices:  # with an auto plan: what changed since the last one
+            notice(note)
+        if hm.recorder_notice:
+            notice(hm.recorder_notice)
+        store = ProfileStore()
+        if hm.recorder is not None:
+            known = store.load(inv.fingerprint)
+            notice("routing profile: none yet, this run starts it" if known is None else
+                   f"routing profile: {known.sessions} sessions, {int(known.tokens_per_layer[0])} tokens "
+                   f"(merged every {save_every:g} s and at shutdown)")
+        service = ModelService(hm, save_every=save_every, max_queue=max_queue, profile_store=store)
+    except BaseException:
+        hm.close(save_profile=False)
+        raise
+    if service.template.notice:
+        notice(service.template.notice)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        notice(f"listening on {host}: anyone who can reach it can use the model (no API key)")
+
+    def ready(bound: int) -> None:
+        shown = f"[{host}]" if ":" in host else host
+        console.print(f"serving {service.model_id} on http://{shown}:{bound}/v1 (Ctrl-C stops)",
+                      highlight=False, soft_wrap=True)
+        sys.stderr.flush()
+
+    def closed(svc) -> None:
+        st = svc.stats
+        notice(f"stopped after {st.requests} requests, {st.prompt_tokens} prompt + "
+               f"{st.completion_tokens} generated tokens"
+               + ("" if st.profile_sessions is None else
+                  f"; routing profile now {st.profile_sessions} sessions"))
+
+    service.on_closed = closed
+    serve_forever(service, host, port, on_ready=ready, log_level="info" if verbose else "warning")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve_command)

@@ -1,0 +1,28 @@
+"""The package-level Python API: names in __all__, `plan` stays a function."""
+
+from __future__ import annotations
+
+import types
+
+import hybrid_gguf
+
+
+def test_all_lists_the_api():
+    for name in hybrid_gguf.__all__:
+        assert getattr(hybrid_gguf, name) is not None
+    assert {"HybridModel", "inspect", "plan", "list_devices"} <= set(hybrid_gguf.__all__)
+    assert set(hybrid_gguf.__all__) <= set(dir(hybrid_gguf))
+
+
+def test_plan_stays_callable_after_the_plan_module_is_imported(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("HYBRID_GGUF_HOME", str(tmp_path))
+    import hybrid_gguf.plan  # noqa: F401  the plan-file module
+    from hybrid_gguf.plan import Plan
+
+    assert callable(hybrid_gguf.plan) and not isinstance(hybrid_gguf.plan, types.ModuleType)
+    first = hybrid_gguf.plan(tiny_model, "8MiB", 512, calibrate=False, measure=False)
+    assert isinstance(first.plan, Plan)
+    # the call imported the planner and the plan module; the name still means the function
+    again = hybrid_gguf.plan(str(tiny_model), 8 * 2**20, 512, calibrate=False, measure=False)
+    assert isinstance(again.plan, Plan)
+    assert not isinstance(hybrid_gguf.plan, types.ModuleType)
