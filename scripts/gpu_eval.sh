@@ -171,9 +171,11 @@ if has routing || has routing2; then
             python3 scripts/bench_placement.py "$MODEL" --routing "$R" --budget-share ${BUDGETS:-0.10 0.25 0.50} \
                 --pp 512 --tg ${TG:-48} --reps ${REPS:-2} --threads 16 $CAL --json "/tmp/routing_${M}_$R.json" 2>&1 \
                 | grep -E "^(cpu|whole|per|all)-|_vs_|^== |profiled" || failed "routing $M $R"
+            # after each run, so a call cut short still returns what it measured
+            python3 scripts/bench_summary.py "$OUT/routing_summary.json" /tmp/routing_*.json > "$OUT/routing_summary.md"
         done
     done
-    python3 scripts/bench_summary.py "$OUT/routing_summary.json" /tmp/routing_*.json | tee "$OUT/routing_summary.md"
+    cat "$OUT/routing_summary.md"
 fi
 
 if has amx; then
