@@ -186,7 +186,12 @@ if has amx; then
         > "$OUT/build_cpu.log" 2>&1 || { tail -20 "$OUT/build_cpu.log"; failed "amx build"; }
     SMALL=/tmp/models/q30b-like-8l-q4k.gguf
     [ -f "$SMALL" ] || python3 scripts/make_bench_model.py --preset qwen3-30b-a3b-like --weight-type Q4_K --n-layer 8 --workers 16 --out "$SMALL" 2>&1 | tail -1
-    PYTHONPATH=/tmp/llcpu/src:/tmp/site:$PWD python3 scripts/cpu_extra_ab.py "$SMALL" --pp 512 --tg 64 --reps 2 --threads 16 \
+    # the native CPU build crashed in llama_model::print_info (std::ostream inside libggml)
+    # under that machine's Python until the system libstdc++ was preloaded (2026-11-30)
+    PYTHONPATH=/tmp/llcpu/src:/tmp/site:$PWD LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libstdc++.so.6 \
+        python3 -m pytest -q -p no:cacheprovider tests/test_cpu_amx.py 2>&1 | tail -1
+    PYTHONPATH=/tmp/llcpu/src:/tmp/site:$PWD LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libstdc++.so.6 \
+        python3 scripts/cpu_extra_ab.py "$SMALL" --pp 512 --tg 32 --reps 2 --threads 16 \
         --json "$OUT/cpu_extra_ab.json" || failed amx
 fi
 

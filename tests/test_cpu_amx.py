@@ -46,9 +46,9 @@ pytestmark = pytest.mark.skipif(
 # Loads the model twice (AMX extra buffer on, then off), evaluates one prompt batch and one
 # decode step each time, and prints the last-token logits of both steps as JSON.
 _PROBE = textwrap.dedent("""
+    import llama_cpp  # before numpy: the other order crashed model loads on one Python 3.12
     import json, sys
     import numpy as np
-    import llama_cpp
     from hybrid_gguf.llama_hooks import construct_llama
     from hybrid_gguf.llama_log import capture_llama_log
 
@@ -86,7 +86,8 @@ def test_amx_prompt_and_decode_match_plain_cpu(weight_type, synth_cache):
     path = synth.ensure_synthetic(_spec(weight_type), synth_cache)
     repo = Path(__file__).resolve().parent.parent
     proc = subprocess.run([sys.executable, "-c", _PROBE, str(path)], capture_output=True, text=True,
-                          timeout=300, cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)})
+                          timeout=300, cwd=repo, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                              [str(repo)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])})
     assert proc.returncode == 0, f"exit {proc.returncode} (negative: a signal)\n{proc.stderr[-3000:]}"
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res["amx"]["amx_buffer"], "llama.cpp put no weights in its AMX buffer: the AMX path went untested"
