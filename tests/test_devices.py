@@ -66,3 +66,23 @@ def test_clamp_budget():
     assert budget == 7 << 30 and "exceeds" in warning and "CUDA0" in warning
     with pytest.raises(HybridError):
         devices.clamp_budget(-1, dev)
+
+
+def test_inspect_devices_reports_cpu_features_and_extra_buffer_types():
+    import json
+
+    from typer.testing import CliRunner
+
+    from hybrid_gguf.cli import app
+    from hybrid_gguf.cpu_features import cpu_flags
+
+    res = CliRunner().invoke(app, ["inspect", "--devices", "--json"])
+    assert res.exit_code == 0, res.output
+    cpu = json.loads(res.stdout)["cpu"]
+    assert cpu["flags"] == cpu_flags()
+    assert "CPU_REPACK" in cpu["extra_buffer_types"] or "error" in cpu
+    # a build with AMX kernels (native builds on AMX CPUs) offers the AMX buffer
+    if cpu["backend_features"].get("AMX_INT8") == "1" and {"amx_tile", "amx_int8"} <= set(cpu["flags"]):
+        assert "AMX" in cpu["extra_buffer_types"]
+    text = CliRunner().invoke(app, ["inspect", "--devices"]).stdout
+    assert "CPU features:" in text and "extra buffer types" in text

@@ -13,10 +13,12 @@ from ..sizes import format_size
 
 
 def _devices_payload() -> dict:
+    from ..cpu_features import cpu_report
     from ..devices import cpu_ram, has_cuda, list_devices
 
     ram = cpu_ram()
     return {
+        "cpu": cpu_report(),
         "devices": [
             {"index": d.index, "name": d.name, "description": d.description, "type": d.type,
              "free_bytes": d.free_bytes, "total_bytes": d.total_bytes}
@@ -50,6 +52,10 @@ def inspect_command(
         ram = payload["cpu_ram"]
         console.print(f"host RAM: {format_size(ram['available_bytes'])} available of "
                       f"{format_size(ram['total_bytes'])}; CUDA: {'yes' if payload['cuda'] else 'no'}")
+        cpu = payload["cpu"]
+        console.print(f"CPU features: {' '.join(cpu['flags']) or 'unknown'}")
+        console.print("CPU backend's extra buffer types: "
+                      + (", ".join(cpu["extra_buffer_types"]) or cpu.get("error", "none")))
         return
 
     from ..inventory import read_inventory
