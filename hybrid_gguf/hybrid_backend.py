@@ -115,7 +115,7 @@ def pending_route_trace(ids) -> Iterator[None]:
 
     if capability().version < 3:
         raise HybridError("this backend cannot replay a routing trace (needs hybrid patch version 3); "
-                          "rebuild it with `make setup`")
+                          "rebuild it with `hybrid-gguf backend install`")
     fn = _fn("llama_hybrid_set_route_trace", ctypes.c_int32,
              [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32])
     arr = np.ascontiguousarray(ids, dtype=np.int32)

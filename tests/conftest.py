@@ -72,6 +72,6 @@ def require_patch_v3():
     if version < 3:
         msg = f"the backend's hybrid patch is version {version}; routing traces need version 3"
         if os.environ.get("HYBRID_GGUF_REQUIRE_PATCHED") == "1":
-            pytest.fail(msg + " (rebuild with `make setup`)")
+            pytest.fail(msg + " (rebuild with `hybrid-gguf backend install` or `make setup`)")
         pytest.skip(msg)
     return version
