@@ -6,8 +6,8 @@ import sys as _sys
 import types as _types
 
 try:
-    # Load libllama before numpy: on the GPU machine's Python 3.12 the reverse order
-    # made model loading segfault (../shared/llama-cpp-notes.md, seen again here).
+    # Load libllama before numpy: on the GPU machine's Python 3.12 the reverse order made
+    # model loading segfault (a C++ runtime clash; docs/benchmarks.md, 2026-11-30).
     import llama_cpp as _llama_cpp  # noqa: F401
 except (ImportError, OSError):
     # no backend yet, or a broken one: inventory, synth and `hybrid-gguf backend install`
