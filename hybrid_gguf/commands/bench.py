@@ -12,10 +12,12 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import HybridError
+from .common import ctx_option, model_argument, model_option, resolve, threads_option
 
 
 def bench_command(
-    model: Optional[str] = typer.Argument(None, help="GGUF path or models.yaml alias"),
+    model: Optional[str] = model_argument(),
+    model_opt: Optional[str] = model_option(),
     gpu_budget: Optional[str] = typer.Option(None, "--gpu-budget",
                                              help="expert bytes on the GPU, e.g. 4GiB, or several: 2GiB,4GiB"),
     budget_share: Optional[str] = typer.Option(None, "--budget-share",
@@ -30,11 +32,11 @@ def bench_command(
     eval_packages: str = typer.Option("asyncio,xml,concurrent,importlib", "--workload",
                                       help="stdlib packages whose source is the timed (held-out) workload"),
     configs: Optional[str] = typer.Option(None, "--configs", help="comma list: cpu-experts,whole-layer,per-expert,all-gpu"),
-    threads: Optional[int] = typer.Option(None, "--threads", "-t"),
+    threads: Optional[int] = threads_option(),
     routing: Optional[str] = typer.Option(
         None, "--routing", help="routing preset replayed instead of the model's own: realistic, "
                                 "gpt-oss-like, flat, optimistic (docs/routing.md)"),
-    ctx: int = typer.Option(2048, "--ctx"),
+    ctx: Optional[int] = ctx_option("context length (raised to fit pp + tg)"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG bar chart"),
     as_json: bool = typer.Option(False, "--json", help="print JSON (llama-bench field names where they exist)"),
     no_calibrate: bool = typer.Option(False, "--no-calibrate",
@@ -49,7 +51,6 @@ def bench_command(
     from ..bench import run_budgets, stdlib_workloads
     from ..devices import gpu_devices
     from ..inventory import read_inventory
-    from ..models import resolve_model
     from ..sizes import parse_size
 
     from ..limits import check_ctx, check_threads
@@ -66,8 +67,11 @@ def bench_command(
               f"GPU: {probe['gpu_bytes_per_s'] / 1e9:.0f} GB/s, {1e6 * probe['gpu_layer_s']:.1f} us per layer, "
               f"{1e6 * probe['gpu_step_s']:.0f} us per decode step")
         return
-    path = resolve_model(model).path
+    path = resolve(model, model_opt).path
     inv = read_inventory(path)
+    from ..limits import default_ctx
+
+    ctx = default_ctx(inv, ctx)
     if inv.n_expert == 0:
         raise HybridError(f"{path} has no routed experts: nothing to place per expert")
     if gpu_budget is not None and budget_share is not None:

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..sizes import format_size
+from .common import model_argument, model_option, resolve
 
 
 def _devices_payload() -> dict:
@@ -30,7 +31,8 @@ def _devices_payload() -> dict:
 
 
 def inspect_command(
-    model: Optional[str] = typer.Argument(None, help="GGUF path or models.yaml alias (default model if omitted)"),
+    model: Optional[str] = model_argument(),
+    model_opt: Optional[str] = model_option(),
     devices: bool = typer.Option(False, "--devices", help="list ggml devices and memory instead"),
     tensors: bool = typer.Option(False, "--tensors", help="also list every tensor"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
@@ -59,9 +61,7 @@ def inspect_command(
         return
 
     from ..inventory import read_inventory
-    from ..models import resolve_model
-
-    inv = read_inventory(resolve_model(model).path)
+    inv = read_inventory(resolve(model, model_opt).path)
     if as_json:
         print(json.dumps(inv.to_dict(with_tensors=tensors), indent=2))
         return

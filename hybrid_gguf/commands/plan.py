@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from ..errors import HybridError
+from .common import ctx_option, model_argument, model_option, resolve
 
 
 def parse_devices(spec: str) -> list:
@@ -29,9 +30,10 @@ def parse_devices(spec: str) -> list:
 def register(app: typer.Typer) -> None:
     @app.command("plan")
     def plan_cmd(
-        model: Path = typer.Argument(..., help="GGUF model file"),
+        model: Optional[str] = model_argument(),
         gpu_budget: str = typer.Option(..., "--gpu-budget", help="GPU memory for this model, e.g. 8GiB"),
-        ctx: int = typer.Option(4096, "--ctx", help="context length to plan for"),
+        model_opt: Optional[str] = model_option(),
+        ctx: Optional[int] = ctx_option("context length to plan for"),
         out: Optional[Path] = typer.Option(None, "--out", help="write the plan YAML here"),
         explain: bool = typer.Option(False, "--explain", help="per-layer and memory breakdown"),
         as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
@@ -72,6 +74,7 @@ def register(app: typer.Typer) -> None:
 
         console = Console(stderr=as_json)
         check_ctx(ctx, "--ctx")
+        model = resolve(model, model_opt).path
         check_batch(n_ubatch, "--ubatch")
         for option, path in (("--out", out), ("--plot", plot)):
             if path is not None and path.is_dir():
@@ -79,6 +82,11 @@ def register(app: typer.Typer) -> None:
             if path is not None and path.parent.exists() and not path.parent.is_dir():
                 raise HybridError(f"{option} {path}: {path.parent} is not a folder")
         budget = parse_size(gpu_budget)
+        if ctx is None:
+            from ..inventory import read_inventory
+            from ..limits import default_ctx
+
+            ctx = default_ctx(read_inventory(model))
         devs = parse_devices(devices_spec) if devices_spec else None
         res = plan_model(model, budget, ctx, profile_path=profile_path, store=store, previous_path=previous,
                          out=out, devices=devs, per_expert=False if whole_tensor else None, measure=measure,

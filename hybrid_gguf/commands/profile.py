@@ -18,6 +18,7 @@ from typing import Callable, Optional
 import typer
 
 from ..errors import HybridError
+from .common import ctx_option, model_argument, model_option, resolve, threads_option
 
 # per-token routing records kept for routing_stats (one per token and layer; older ones drop)
 TRACE_RECORDS = 1 << 19
@@ -298,14 +299,15 @@ def _store_interrupted(err, info: ModelInfo, snap, label: str, store: Optional[P
 def register(app: typer.Typer) -> None:
     @app.command("profile")
     def profile_cmd(
-        model: Path = typer.Argument(..., help="GGUF model file"),
+        model: Optional[str] = model_argument(),
+        model_opt: Optional[str] = model_option(),
         prompts: Optional[Path] = typer.Option(
             None, "--prompts", help="prompts file: one per line, or .jsonl"),
         text: Optional[Path] = typer.Option(None, "--text", help="text file cut into prompts"),
         chunk_chars: int = typer.Option(2000, "--chunk-chars", help="--text chunk size"),
         n_predict: int = typer.Option(64, "-n", "--n-predict", help="tokens generated per prompt"),
-        ctx: int = typer.Option(2048, "--ctx", help="context size"),
-        threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads"),
+        ctx: Optional[int] = ctx_option(),
+        threads: Optional[int] = threads_option(),
         as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
         out: Optional[Path] = typer.Option(None, "--out", help="write this run's profile here"),
         heatmap: Optional[Path] = typer.Option(None, "--heatmap", help="draw a PNG heatmap"),
@@ -333,8 +335,7 @@ def register(app: typer.Typer) -> None:
 
         console = Console(stderr=as_json)
         err = Console(stderr=True)
-        if not model.is_file():
-            raise HybridError(f"model file {model} does not exist")
+        model = resolve(model, model_opt).path
         from ..limits import check_ctx, check_threads
 
         if n_predict < 0:
@@ -365,6 +366,11 @@ def register(app: typer.Typer) -> None:
                 raise HybridError(f"--slots wants integers like 8,32, got {slots!r}") from None
         workload = select_workload(prompts, text, chunk_chars)
         info = model_info(model)
+        if ctx is None:
+            from ..inventory import read_inventory
+            from ..limits import default_ctx
+
+            ctx = default_ctx(read_inventory(model))
         if info.n_expert <= 0 or info.n_expert_used <= 0:
             msg = f"{model.name} has no experts ({info.arch or 'dense'} model): nothing to record"
             if as_json:
