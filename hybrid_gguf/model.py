@@ -314,9 +314,17 @@ class HybridModel:
         n_gpu_layers = self._plan_kwargs.get("n_gpu_layers", plan.n_gpu_layers)
         mode = "per-expert" if hot else ("gpu" if not plan.rules else "whole-tensor")
         n_hot = sum(len(v) for v in hot.values())
-        desc = f"{source}: {n_hot} hot experts" + (f" on {plan.hot_device or 'GPU'}" if hot else "") + \
-            f", {len(plan.rules)} whole-tensor rules"
-        pack_device = None if not hot else (plan.hot_device if plan.hot_device and plan.hot_device.upper() != "GPU" else ("CUDA0" if gpus else "CPU"))
+        pack_device = None
+        if hot:
+            named = plan.hot_device if plan.hot_device and plan.hot_device.upper() != "GPU" else None
+            pack_device = (named or "CUDA0") if gpus else "CPU"
+        if hot and not gpus:
+            # the packs are built in a CPU buffer: nothing is on a GPU (same results, no speed-up)
+            desc = f"{source}: {n_hot} hot experts packed on the CPU (no GPU here)"
+            notices.append("no GPU: the plan's hot packs go to a CPU buffer (same results, no speed-up)")
+        else:
+            desc = f"{source}: {n_hot} hot experts" + (f" on {pack_device}" if hot else "")
+        desc += f", {len(plan.rules)} whole-tensor rules" + ("" if gpus else " (ignored: no GPU)")
         summary = _summary(mode, desc, n_gpu_layers, hot, plan.budget_bytes, notices + list(plan.notes), pack_device)
         summary.predicted = plan.predicted.to_dict() if hasattr(plan.predicted, "to_dict") else {}
         self.plan = plan
@@ -412,6 +420,9 @@ class HybridModel:
             if self.recorder is None:
                 return None
             snap = self.recorder.snapshot(trace=False)
+        return self._hit_rates(snap)
+
+    def _hit_rates(self, snap) -> dict:
         out = {}
         for phase, counts in (("prompt", snap.counts_prompt), ("decode", snap.counts_decode)):
             total = int(counts.sum())
@@ -419,6 +430,15 @@ class HybridModel:
             out[f"{phase}_selections"] = total
             out[f"{phase}_hit_rate"] = hit / total if total else None
         return out
+
+    def _session_record(self, snap, sessions: int) -> dict:
+        """What `hybrid-gguf status` shows of the last session merged into the profile."""
+        import datetime
+
+        return {"model": str(self.path), "fingerprint": self.inventory.fingerprint,
+                "time": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "label": self.label, "placement": self.placement.description, "profile_sessions": sessions,
+                **self._hit_rates(snap)}
 
     def save_profile(self) -> Optional[Any]:
         """Merge what the recorder saw into the profile store; returns the merged profile."""
@@ -437,6 +457,7 @@ class HybridModel:
                                              label=self.label)
         store = self._profile_store or ProfileStore()
         merged = store.merge_session(delta)
+        store.save_last_session(self.inventory.fingerprint, self._session_record(snap, merged.sessions))
         self.recorder.reset()
         return merged
 

@@ -146,8 +146,14 @@ def resolve_model(model: Optional[str]) -> ResolvedModel:
         entry = data["public"][model]
         if entry.get("path") and Path(entry["path"]).expanduser().exists():
             return ResolvedModel(Path(entry["path"]).expanduser(), model, "path")
+        if entry.get("repo") and entry.get("file"):
+            try:
+                return ResolvedModel(resolve_hf_cache(entry["repo"], entry["file"]), model, "hf-cache")
+            except HybridError:
+                pass  # not downloaded: say so below
         raise HybridError(
             f"{model} is a public model ({entry.get('repo')}, file {entry.get('file')}); "
+            f"not in the Hugging Face cache {hf_hub_cache()} either; "
             "hybrid-gguf downloads nothing: fetch the file and pass its path, "
             f"or set `path:` for it in a copy of {models_yaml_path()} named by HYBRID_GGUF_MODELS_YAML"
         )

@@ -108,15 +108,19 @@ def register(app: typer.Typer) -> None:
         elif plot is not None:
             raise HybridError("--plot draws the replay: pass --replay TRACE too")
 
+        here = cpu_only_prediction(inv, bw, ctx, n_ubatch)
         if as_json:
             d = plan.to_json_dict()
+            if here is not None:
+                d["here_cpu_only"] = {"decode_tokens_per_s": here.decode_tokens_per_s,
+                                      "prefill_tokens_per_s": here.prefill_tokens_per_s}
             if diff is not None:
                 d["diff"] = diff.to_dict()
             if report is not None:
                 d["replay"] = report.to_dict()
             print(json.dumps(d))
             return
-        print_plan(console, plan, inv, explain)
+        print_plan(console, plan, inv, explain, here)
         if diff is not None:
             console.print(f"vs previous plan: {diff.summary()}")
         if report is not None:
@@ -125,6 +129,22 @@ def register(app: typer.Typer) -> None:
             console.print(f"wrote {out}")
         if plot is not None:
             console.print(f"wrote {plot}")
+
+
+def cpu_only_prediction(inv, bw, n_ctx: int, n_ubatch: int):
+    """On a machine without a GPU: what the model runs at here, all on the CPU (a
+    SpeedPrediction; None when a GPU is visible). Which experts are hot does not matter
+    on the CPU, so no routing profile is needed."""
+    from ..predict import predict_speed
+
+    try:
+        from ..devices import gpu_devices
+
+        if gpu_devices():
+            return None
+    except Exception:  # no llama_cpp: no GPU to use either
+        pass
+    return predict_speed(inv, None, {}, False, bw, n_ctx, n_ubatch)
 
 
 def run_replay(path: Path, inv, plan, budget: int, ctx: int, opts, per_expert: bool, bw):
@@ -164,7 +184,7 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
-def print_plan(console, plan, inv, explain: bool) -> None:
+def print_plan(console, plan, inv, explain: bool, here=None) -> None:
     from rich.table import Table
 
     from ..sizes import format_size
@@ -177,8 +197,12 @@ def print_plan(console, plan, inv, explain: bool) -> None:
     console.print(f"backend: {plan.backend}; {n_hot} hot experts in {len(plan.hot)} layers; "
                   f"{len(whole)} layers' experts whole on the GPU")
     hit = _pct(pr.hit_rate) if inv.is_moe else "n/a (no experts)"
-    console.print(f"predicted: hit rate {hit}, decode {pr.decode_tokens_per_s:.1f} tokens/s, "
+    where = "predicted" if here is None else "predicted on a GPU (none here; default GPU rates)"
+    console.print(f"{where}: hit rate {hit}, decode {pr.decode_tokens_per_s:.1f} tokens/s, "
                   f"prefill {pr.prefill_tokens_per_s:.0f} tokens/s, GPU {format_size(pr.gpu_bytes)}")
+    if here is not None:
+        console.print(f"on this machine (CPU only): decode {here.decode_tokens_per_s:.1f} tokens/s, "
+                      f"prefill {here.prefill_tokens_per_s:.0f} tokens/s")
     for n in plan.notes:
         console.print(f"  note: {n}")
     if not explain:
