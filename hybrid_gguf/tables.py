@@ -19,6 +19,7 @@ def new_table(console: Console, title: Optional[str] = None, **kwargs) -> Table:
     kwargs.setdefault("box", box.HEAVY_HEAD if console.is_terminal else box.SIMPLE_HEAD)
     kwargs.setdefault("pad_edge", console.is_terminal)
     kwargs.setdefault("title_justify", "left")
+    kwargs.setdefault("collapse_padding", True)
     return Table(title=title, **kwargs)
 
 

@@ -9,7 +9,6 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from ..errors import HybridError
 from .common import ctx_option, model_argument, model_option, resolve, threads_option

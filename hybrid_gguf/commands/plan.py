@@ -126,9 +126,9 @@ def register(app: typer.Typer) -> None:
         if report is not None:
             print_replay(console, report)
         if out is not None:
-            console.print(f"wrote {out}")
+            console.print(f"wrote {out}", soft_wrap=True, highlight=False)
         if plot is not None:
-            console.print(f"wrote {plot}")
+            console.print(f"wrote {plot}", soft_wrap=True, highlight=False)
 
 
 def cpu_only_prediction(inv, bw, n_ctx: int, n_ubatch: int):
@@ -185,7 +185,7 @@ def _pct(x: float) -> str:
 
 
 def print_plan(console, plan, inv, explain: bool, here=None) -> None:
-    from rich.table import Table
+    from ..tables import new_table
 
     from ..sizes import format_size
 
@@ -207,12 +207,15 @@ def print_plan(console, plan, inv, explain: bool, here=None) -> None:
         console.print(f"  note: {n}")
     if not explain:
         return
-    mem = Table(title="memory by device")
-    for col in ("device", "weights", "hot packs", "KV", "compute", "offload scratch", "margin", "total"):
-        mem.add_column(col, justify="right")
-    for dev, m in pr.memory.items():
-        mem.add_row(dev, *(format_size(m.get(k, 0)) for k in
-                           ("weight_bytes", "hot_pack", "kv", "compute", "offload_scratch", "margin", "total")))
+    # parts down, devices across: fits 80 columns for any number of parts
+    mem = new_table(console, "memory by device")
+    mem.add_column("part", no_wrap=True)
+    for dev in pr.memory:
+        mem.add_column(dev, justify="right", no_wrap=True)
+    for key, label in (("weight_bytes", "weights"), ("hot_pack", "hot packs"), ("kv", "KV cache"),
+                       ("compute", "compute"), ("offload_scratch", "offload scratch"), ("margin", "margin"),
+                       ("total", "total")):
+        mem.add_row(label, *(format_size(m.get(key, 0)) for m in pr.memory.values()))
     console.print(mem)
     bw = pr.bandwidth or {}
     if bw:
@@ -222,13 +225,16 @@ def print_plan(console, plan, inv, explain: bool, here=None) -> None:
             for k in ("cpu_bytes_per_s", "gpu_bytes_per_s", "gpu_layer_s", "gpu_step_s", "pcie_bytes_per_s", "handoff_s",
                       "handoff_idle_s")
             if k in bw))
-        console.print(f"decode ms/token: {bw.get('decode_ms')}; prefill ms/ubatch: {bw.get('prefill_ms')}")
+        for key, label in (("decode_ms", "decode ms/token"), ("prefill_ms", "prefill ms/ubatch")):
+            parts = bw.get(key) or {}
+            if parts:
+                console.print(f"{label}: " + ", ".join(f"{k} {v:g}" for k, v in parts.items()))
     if plan.n_gpu_layers == 0 or not inv.is_moe:
         return
     gpu = plan.gpu_experts(inv)
-    t = Table(title="experts per layer")
+    t = new_table(console, "experts per layer")
     for col in ("layer", "on GPU", "how", "GPU bytes"):
-        t.add_column(col, justify="right")
+        t.add_column(col, justify="right", no_wrap=True)
     for layer in inv.layers:
         if not layer.is_moe:
             continue
@@ -240,13 +246,15 @@ def print_plan(console, plan, inv, explain: bool, here=None) -> None:
 
 
 def print_replay(console, report) -> None:
-    from rich.table import Table
+    from ..tables import new_table
 
-    t = Table(title=f"trace replay: profile {report.n_profile_tokens} tokens, evaluated on {report.n_eval_tokens}")
-    for col in ("budget", "slots", "plan", "static", "oracle", "LRU", "LFU", "LRU loads/token"):
-        t.add_column(col, justify="right")
+    t = new_table(console, f"trace replay: profile {report.n_profile_tokens} tokens, evaluated on "
+                           f"{report.n_eval_tokens}; * this plan's budget")
+    for col in ("budget", "slots", "plan", "static", "oracle", "LRU", "LFU", "LRU ld/tok"):
+        t.add_column(col, justify="right", no_wrap=True)
     for r in report.rows:
-        t.add_row(r.label, str(r.capacity), "-" if r.plan is None else _pct(r.plan), _pct(r.static),
+        label = r.label.replace(" (this plan)", " *")
+        t.add_row(label, str(r.capacity), "-" if r.plan is None else _pct(r.plan), _pct(r.static),
                   _pct(r.oracle), _pct(r.lru), _pct(r.lfu), f"{r.lru_loads_per_token:.2f}")
     console.print(t)
     for v in report.verdicts:

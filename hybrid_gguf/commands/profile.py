@@ -167,19 +167,16 @@ def profile_json(info: ModelInfo, snap, summary: dict, label: str, n_prompts: in
 
 
 def print_summary(console, info: ModelInfo, summary: dict, top_k: int = 4) -> None:
-    from rich.table import Table
+    from ..tables import new_table
 
     slots = summary["slots"]
-    table = Table(title=f"routing: {info.path.name} ({info.n_layer} layers, "
-                        f"{info.n_expert} experts, top-{info.n_expert_used})")
-    table.add_column("layer", justify="right")
-    table.add_column("tokens", justify="right")
-    table.add_column("entropy", justify="right")
-    table.add_column("n50", justify="right")
-    table.add_column("n90", justify="right")
-    for s in slots:
-        table.add_column(f"hit@{s}", justify="right")
-    table.add_column("top experts (share)", no_wrap=True, overflow="ellipsis")
+    console.print(f"routing: {info.path.name} ({info.n_layer} layers, {info.n_expert} experts, "
+                  f"top-{info.n_expert_used})", soft_wrap=True, highlight=False)
+    table = new_table(console)
+    # the numbers keep their width; only the top-experts list is cut short at 80 columns
+    for col in ("layer", "tokens", "entropy", "n50", "n90", *(f"hit@{s}" for s in slots)):
+        table.add_column(col, justify="right", no_wrap=True, min_width=max(len(col), 6 if "@" in col else 0))
+    table.add_column("top experts: share", no_wrap=True, overflow="ellipsis")
 
     def pct(x):
         return "-" if x is None else f"{100 * x:.1f}%"
@@ -198,16 +195,16 @@ def print_summary(console, info: ModelInfo, summary: dict, top_k: int = 4) -> No
 
 def print_routing_stats(console, stats: dict) -> None:
     """The workload's routing in one small table and one sentence."""
-    from rich.table import Table
+    from ..tables import new_table
 
     from ..routing_stats import suitability
 
     def pct(x):
         return "-" if x is None else f"{100 * x:.0f}%"
 
-    table = Table(title="routing of this workload", show_header=True)
+    table = new_table(console, "routing of this workload", show_header=True)
     for col in ("top 10%", "top 25%", "top 50%", "top-1", "adjacent"):
-        table.add_column(col, justify="right")
+        table.add_column(col, justify="right", no_wrap=True)
     cov = stats["coverage"]
     table.add_row(pct(cov["0.1"]), pct(cov["0.25"]), pct(cov["0.5"]), pct(stats["top1_share"]),
                   pct(stats["adjacent_overlap"]))
@@ -435,10 +432,10 @@ def register(app: typer.Typer) -> None:
         console.print(f"{len(workload.prompts)} prompts, {tokens[0]} prompt + {tokens[1]} "
                       f"generated tokens in {elapsed:.1f} s")
         if stored_path:
-            console.print(f"merged into {stored_path} ({stored_sessions} sessions)")
+            console.print(f"merged into {stored_path} ({stored_sessions} sessions)", soft_wrap=True, highlight=False)
         if out is not None:
-            console.print(f"wrote {out}")
+            console.print(f"wrote {out}", soft_wrap=True, highlight=False)
         if heatmap is not None:
-            console.print(f"wrote {heatmap}")
+            console.print(f"wrote {heatmap}", soft_wrap=True, highlight=False)
         if trace_out is not None and ids is not None:
-            console.print(f"wrote {trace_out} (for `plan --replay`)")
+            console.print(f"wrote {trace_out} (for `plan --replay`)", soft_wrap=True, highlight=False)

@@ -33,16 +33,18 @@ def status_command(
         return
     table = new_table(console)
     table.add_column("model", no_wrap=True, overflow="ellipsis")
-    table.add_column("hot experts", no_wrap=True)
-    table.add_column("sessions", justify="right", no_wrap=True)
-    table.add_column("last hit", justify="right", no_wrap=True)
-    table.add_column("pred. t/s", justify="right", no_wrap=True)
+    # the numbers keep their width; a long model name is cut short (its path is printed below)
+    table.add_column("hot experts", no_wrap=True, min_width=11)
+    table.add_column("sessions", justify="right", no_wrap=True, min_width=8)
+    table.add_column("last hit", justify="right", no_wrap=True, min_width=8)
+    table.add_column("pred. t/s", justify="right", no_wrap=True, min_width=9)
     for r in rows:
         hot = ", ".join(f"{d} {n}" for d, n in r["hot_experts"].items()) or ("-" if r["plan"] else "no plan")
         last = r["last_session"] or {}
         rate = last.get("decode_hit_rate")
         rate = last.get("prompt_hit_rate") if rate is None else rate
-        table.add_row(r["name"], hot, str(r["profile_sessions"]),
+        name = r["name"][:-5] if r["name"].endswith(".gguf") else r["name"]
+        table.add_row(name, hot, str(r["profile_sessions"]),
                       "-" if rate is None else f"{100 * rate:.1f}%",
                       "-" if r["predicted_decode_tokens_per_s"] is None else
                       fmt_rate(r["predicted_decode_tokens_per_s"]))
