@@ -386,3 +386,25 @@ def test_tables_fit_80_columns_when_piped(tmp_path, tiny_model_factory):
     out = _narrow(["bench", str(deep), "--reps", "1", "--pp", "16", "--tg", "2", "--profile-tokens", "64",
                    "-t", "1", "--no-calibrate"], tmp_path, [])
     assert "per-expert" in out and "tg pred" in out
+
+
+def test_bench_progress_bar_counts_placements_times_reps():
+    import io
+
+    from rich.console import Console
+
+    from hybrid_gguf.commands.bench import _progress
+
+    console = Console(file=io.StringIO(), force_terminal=True, width=80)
+    bar = _progress(console, enabled=True)
+    with bar as step:
+        step(3 * 2, 0)   # three placements, two reps
+        for _ in range(5):
+            step(0, 1)
+        task = bar.bar.tasks[0]
+        assert (task.total, task.completed) == (6, 5)
+        step(2, 0)       # a second budget adds its reps
+        assert bar.bar.tasks[0].total == 8
+    # off with --json, and when stderr is not a terminal
+    assert _progress(console, enabled=False).__enter__()(1, 1) is None
+    assert not _progress(Console(file=io.StringIO()), enabled=True).enabled
