@@ -18,17 +18,23 @@ except (ImportError, OSError):
 __all__ = ["HybridModel", "inspect", "plan", "list_devices", "__version__"]
 
 
-def plan(model=None, gpu_budget=None, n_ctx: int = 4096, **kwargs):
-    """Plan per-expert placement of `model` (a GGUF path or a models.yaml alias; None: the
-    default model) for `gpu_budget` (bytes, or a size such as "8GiB"; None: what the GPU
-    has free) and a context of n_ctx tokens. Returns autoplan.AutoPlan (.plan, .diff, .notes);
-    the keyword arguments are autoplan.plan_model's."""
+def plan(model=None, gpu_budget=None, n_ctx=None, **kwargs):
+    """Plan per-expert placement of `model` (a GGUF path, a models.yaml alias or a Hugging
+    Face cache name org/repo:file.gguf; None: the default model) for `gpu_budget` (bytes, or
+    a size such as "8GiB"; None: what the GPU has free) and a context of n_ctx tokens (None:
+    the model's training context, at most limits.DEFAULT_CTX, as every command does).
+    Returns autoplan.AutoPlan (.plan, .diff, .notes); the keyword arguments are
+    autoplan.plan_model's."""
     from .autoplan import plan_model
+    from .inventory import read_inventory
+    from .limits import default_ctx
     from .models import resolve_model
     from .sizes import parse_size
 
     resolved = resolve_model(None if model is None else str(model))
     budget = None if gpu_budget is None else parse_size(gpu_budget)
+    if n_ctx is None:
+        n_ctx = default_ctx(read_inventory(resolved.path))
     return plan_model(resolved.path, budget, n_ctx, **kwargs)
 
 

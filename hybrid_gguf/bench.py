@@ -206,9 +206,11 @@ def run_bench(model_path: Path, *, budget_bytes: int, profile_prompts: Sequence[
               configs: Optional[Sequence[str]] = None, pack_device: str = "CUDA0",
               n_threads: Optional[int] = None, counts: Optional[np.ndarray] = None,
               eval_counts: Optional[np.ndarray] = None, eval_trace=None, save_calibration: bool = True,
-              routing: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
+              routing: Optional[str] = None, log: Callable[[str], None] = print,
+              on_progress: Optional[Callable[[int, int], None]] = None) -> dict:
     """Profile (unless counts are given), then time each placement; returns a JSON-able dict.
-    `routing`: a routing preset (routing_process.PRESETS) replayed instead of the model's own."""
+    `routing`: a routing preset (routing_process.PRESETS) replayed instead of the model's own.
+    `on_progress(more_steps, steps_done)`: first the number of timed reps ahead, then each rep."""
     from .devices import gpu_devices
     from .recorder import RoutingRecorder
 
@@ -255,6 +257,8 @@ def run_bench(model_path: Path, *, budget_bytes: int, profile_prompts: Sequence[
     all_cfgs = build_configs(inv, counts, budget_bytes, include_all_gpu=True, gpu_free_bytes=gpu_free)
     if configs:
         all_cfgs = [c for c in all_cfgs if c.name in configs]
+    step = on_progress or (lambda more, done: None)
+    step(len(all_cfgs) * reps, 0)
     for cfg in all_cfgs:
         t0 = time.perf_counter()
         try:
@@ -262,6 +266,7 @@ def run_bench(model_path: Path, *, budget_bytes: int, profile_prompts: Sequence[
                                  routing=routing)
         except HybridError as exc:
             results.append(Result(cfg.name, n_prompt, n_gen, [], [], None, cfg.gpu_expert_bytes, 0, 0.0, str(exc)))
+            step(0, reps)
             continue
         load_s = time.perf_counter() - t0
         measure_once(loaded.llm, prompt[:32], decode[:4], None)  # warm-up: graphs, CUDA kernels
@@ -270,6 +275,7 @@ def run_bench(model_path: Path, *, budget_bytes: int, profile_prompts: Sequence[
             pp, tg, _ = measure_once(loaded.llm, prompt, decode, None)
             pps.append(pp)
             tgs.append(tg)
+            step(0, 1)
         hit = 0.0 if cfg.name == "cpu-experts" else hit_rate(eval_counts, cfg.hot)
         res = Result(cfg.name, n_prompt, n_gen, pps, tgs, hit, cfg.gpu_expert_bytes, vram_model_bytes(loaded), load_s)
         log(f"{cfg.name:12s} pp {statistics.median(pps):8.1f} t/s  tg {statistics.median(tgs):7.2f} t/s  "
@@ -438,6 +444,49 @@ def refit_across_budgets(outs: Sequence[dict], save: bool = True,
     if save and rows:
         predict.save_calibration(saved)
     return {"calibration_fitted": fitted.to_dict(), "calibration_saved": bool(save and rows), "runs": table}
+
+
+def llama_bench_rows(outs: Sequence[dict], n_threads: Optional[int] = None) -> list[dict]:
+    """`bench` results in llama-bench's JSON shape: one row per test (a prompt test with
+    n_gen 0, a generation test with n_prompt 0) and placement, with llama-bench's field names
+    (model_type, n_prompt, n_gen, avg_ts, stddev_ts, samples_ts, ...) plus ours (placement,
+    budget, hit rate, GPU bytes)."""
+    from . import __version__
+
+    rows = []
+    for out in outs:
+        model = Path(out["model"])
+        model_type = f"{out.get('arch', '?')} {out.get('n_expert', 0)}x top-{out.get('n_expert_used', 0)}"
+        for r in out["results"]:
+            if r.get("error"):
+                continue
+            common = {
+                "build_commit": f"hybrid-gguf {__version__}",
+                "model_filename": str(model),
+                "model_type": model_type,
+                "n_threads": n_threads,
+                "n_gpu_layers": None,
+                "placement": r["name"],
+                "budget_bytes": out["budget_bytes"],
+                "budget_share_of_experts": out["budget_share_of_experts"],
+                "hit_rate": r["hit_rate"],
+                "gpu_expert_bytes": r["gpu_expert_bytes"],
+                "vram_model_bytes": r["vram_model_bytes"],
+                "pack_device": out.get("pack_device"),
+                "routing": out.get("routing"),
+            }
+            for kind, n_prompt, n_gen in (("pp", r["n_prompt"], 0), ("tg", 0, r["n_gen"])):
+                samples = [float(v) for v in r[f"{kind}_ts"] if v > 0]
+                avg = statistics.mean(samples) if samples else 0.0
+                sd = statistics.stdev(samples) if len(samples) > 1 else 0.0
+                n_tok = n_prompt + n_gen
+                ns = [int(n_tok / v * 1e9) for v in samples]
+                rows.append({**common, "n_prompt": n_prompt, "n_gen": n_gen,
+                             "avg_ns": int(statistics.mean(ns)) if ns else 0,
+                             "stddev_ns": int(statistics.stdev(ns)) if len(ns) > 1 else 0,
+                             "avg_ts": avg, "stddev_ts": sd,
+                             "samples_ns": ns, "samples_ts": samples})
+    return rows
 
 
 def _cpu_moe():

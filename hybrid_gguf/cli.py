@@ -26,7 +26,7 @@ app = typer.Typer(
 
 err_console = Console(stderr=True)
 
-_COMMAND_MODULES = ("run", "inspect", "profile", "plan", "bench", "serve", "backend", "doctor")
+_COMMAND_MODULES = ("run", "inspect", "profile", "plan", "bench", "serve", "status", "backend", "doctor")
 
 
 def _version_callback(value: bool) -> None:

@@ -45,6 +45,24 @@ def check_threads(n: Optional[int], name: str = "n_threads") -> None:
                           f"{GGML_MAX_N_THREADS}), got {n!r}")
 
 
+# The one context default of every command and of the API: the model's training context,
+# at most this (a longer one costs KV memory up front).
+DEFAULT_CTX = 4096
+
+
+def default_ctx(inventory, n_ctx: Optional[int] = None) -> int:
+    """n_ctx when given, else DEFAULT_CTX capped by the model's training context."""
+    if n_ctx is not None:
+        return int(n_ctx)
+    meta = getattr(inventory, "metadata", None) or {}
+    trained = meta.get(f"{getattr(inventory, 'arch', '')}.context_length")
+    try:
+        trained = int(trained) if trained else 0
+    except (TypeError, ValueError):
+        trained = 0
+    return max(MIN_CTX, min(DEFAULT_CTX, trained)) if trained > 0 else DEFAULT_CTX
+
+
 def check_ctx(n: Optional[int], name: str = "n_ctx") -> None:
     if n is None:
         return

@@ -99,7 +99,11 @@ class HybridModel:
     `hot` ({layer: [expert, ...]}) forces a per-expert placement; `plan` applies a Plan (or a
     plan YAML path); otherwise, on a GPU machine, the model is planned from its stored routing
     profile for `gpu_budget` (default: free VRAM) and the plan is kept for the next session
-    (`auto_plan=False`: fit whole layers like --n-cpu-moe instead).
+    (`auto_plan=False`: fit whole layers like --n-cpu-moe instead). `n_cpu_moe` (experts of
+    the first N layers on the CPU) or `cpu_moe` (every routed expert on the CPU) choose a
+    whole-layer placement by hand, as llama.cpp's flags of those names do. `repack=False`
+    keeps weights in plain CPU buffers (llama.cpp's use_extra_bufts off: no repacking into
+    AMX or other extra buffer types, which can cost prompt speed on some hosts).
     Everything `llama_cpp.Llama` offers stays reachable through `.llm`.
 
     One model serves one call at a time: every method that uses the llama.cpp context holds
@@ -124,6 +128,9 @@ class HybridModel:
         label: Optional[str] = None,
         pack_device: Optional[str] = None,
         auto_plan: bool = True,
+        n_cpu_moe: Optional[int] = None,
+        cpu_moe: bool = False,
+        repack: bool = True,
         verbose: bool = False,
     ) -> None:
         limits.check_threads(n_threads, "n_threads")
@@ -136,10 +143,7 @@ class HybridModel:
         self.resolved: ResolvedModel = resolve_model(None if model is None else str(model))
         self.path = self.resolved.path
         self.inventory: Inventory = read_inventory(self.path)
-        if n_ctx is None:
-            # the model's training context, at most 4096 (a longer one costs KV memory up front)
-            trained = self.inventory.metadata.get(f"{self.inventory.arch}.context_length")
-            n_ctx = min(4096, int(trained)) if trained else 4096
+        n_ctx = limits.default_ctx(self.inventory, n_ctx)  # the model's, at most DEFAULT_CTX
         self.label = label
         self._profile_store = profile_store
         self.recorder = None
@@ -148,8 +152,20 @@ class HybridModel:
 
         self.plan = None
         self._plan_kwargs: dict = {}
-        placement, hot_plan, summary = self._choose_placement(
-            _budget_bytes(gpu_budget), hot, plan, n_ctx, pack_device, auto_plan)
+        if n_cpu_moe is not None or cpu_moe:
+            if n_cpu_moe is not None and cpu_moe:
+                raise HybridError("--n-cpu-moe and --cpu-moe both choose the placement; pass one")
+            if hot or plan is not None:
+                raise HybridError("--n-cpu-moe/--cpu-moe choose a whole-layer placement by hand; "
+                                  "drop --hot/--plan (or them)")
+            if n_cpu_moe is not None and (not isinstance(n_cpu_moe, int) or n_cpu_moe < 0):
+                raise HybridError(f"--n-cpu-moe must be a whole number >= 0, got {n_cpu_moe!r}")
+            placement, hot_plan, summary = self._manual_placement(
+                n_cpu_moe, _budget_bytes(gpu_budget))
+        else:
+            placement, hot_plan, summary = self._choose_placement(
+                _budget_bytes(gpu_budget), hot, plan, n_ctx, pack_device, auto_plan)
+        self.repack = bool(repack)
         # without a GPU every branch above leaves n_gpu_layers 0 and packs on the CPU: {}
         summary.gpu_experts = _gpu_experts(self.inventory, placement, hot_plan or {},
                                            summary.n_gpu_layers, summary.pack_device)
@@ -171,6 +187,8 @@ class HybridModel:
         if self.recorder is not None:
             kwargs["context_patch"] = self.recorder.attach()
         kwargs["route_trace"] = routing_process.model_trace(self.inventory, n_ctx)
+        if not self.repack:
+            kwargs["model_patch"] = _no_extra_bufts
         t0 = time.perf_counter()
         if hot_plan:
             with hybrid_backend.pending_plan(hybrid_backend.plan_text(hot_plan, summary.pack_device)):
@@ -250,6 +268,31 @@ class HybridModel:
             notices.append("no routing profile used: run `hybrid-gguf profile` to place experts per expert")
         return fit.placement, None, _summary(mode, desc, fit.placement.n_gpu_layers, {}, budget, notices, None)
 
+    def _manual_placement(self, n_cpu, budget):
+        """--n-cpu-moe N / --cpu-moe: whole layers' experts on the CPU, chosen by the user."""
+        from . import placement as pl
+
+        inv = self.inventory
+        flag = "--cpu-moe" if n_cpu is None else f"--n-cpu-moe {n_cpu}"
+        notices: list[str] = []
+        if budget is not None:
+            notices.append(f"{flag} places by hand: --gpu-budget ignored")
+        if not devices_mod.gpu_devices():
+            notices.append(f"no GPU: {flag} has nothing to place, every weight stays on the CPU")
+            return None, None, _summary("cpu", "all weights on the CPU", 0, {}, None, notices, None)
+        if inv.n_expert == 0:
+            notices.append(f"model has no routed experts: {flag} moves nothing")
+        if n_cpu is None:
+            placement = pl.cpu_moe()
+            desc = "all routed experts on the CPU, the rest on the GPU (--cpu-moe)"
+        else:
+            n_cpu = min(n_cpu, inv.n_layer)
+            placement = pl.n_cpu_moe(n_cpu)
+            desc = ("everything on the GPU (--n-cpu-moe 0)" if n_cpu == 0 else
+                    f"experts of the first {n_cpu} of {inv.n_layer} layers on the CPU (--n-cpu-moe {n_cpu})")
+        mode = "gpu" if n_cpu == 0 else "whole-tensor"
+        return placement, None, _summary(mode, desc, placement.n_gpu_layers, {}, None, notices, None)
+
     def _placement_from_plan(self, plan, notices, gpus):
         from .plan import Plan
 
@@ -271,9 +314,17 @@ class HybridModel:
         n_gpu_layers = self._plan_kwargs.get("n_gpu_layers", plan.n_gpu_layers)
         mode = "per-expert" if hot else ("gpu" if not plan.rules else "whole-tensor")
         n_hot = sum(len(v) for v in hot.values())
-        desc = f"{source}: {n_hot} hot experts" + (f" on {plan.hot_device or 'GPU'}" if hot else "") + \
-            f", {len(plan.rules)} whole-tensor rules"
-        pack_device = None if not hot else (plan.hot_device if plan.hot_device and plan.hot_device.upper() != "GPU" else ("CUDA0" if gpus else "CPU"))
+        pack_device = None
+        if hot:
+            named = plan.hot_device if plan.hot_device and plan.hot_device.upper() != "GPU" else None
+            pack_device = (named or "CUDA0") if gpus else "CPU"
+        if hot and not gpus:
+            # the packs are built in a CPU buffer: nothing is on a GPU (same results, no speed-up)
+            desc = f"{source}: {n_hot} hot experts packed on the CPU (no GPU here)"
+            notices.append("no GPU: the plan's hot packs go to a CPU buffer (same results, no speed-up)")
+        else:
+            desc = f"{source}: {n_hot} hot experts" + (f" on {pack_device}" if hot else "")
+        desc += f", {len(plan.rules)} whole-tensor rules" + ("" if gpus else " (ignored: no GPU)")
         summary = _summary(mode, desc, n_gpu_layers, hot, plan.budget_bytes, notices + list(plan.notes), pack_device)
         summary.predicted = plan.predicted.to_dict() if hasattr(plan.predicted, "to_dict") else {}
         self.plan = plan
@@ -369,6 +420,9 @@ class HybridModel:
             if self.recorder is None:
                 return None
             snap = self.recorder.snapshot(trace=False)
+        return self._hit_rates(snap)
+
+    def _hit_rates(self, snap) -> dict:
         out = {}
         for phase, counts in (("prompt", snap.counts_prompt), ("decode", snap.counts_decode)):
             total = int(counts.sum())
@@ -376,6 +430,15 @@ class HybridModel:
             out[f"{phase}_selections"] = total
             out[f"{phase}_hit_rate"] = hit / total if total else None
         return out
+
+    def _session_record(self, snap, sessions: int) -> dict:
+        """What `hybrid-gguf status` shows of the last session merged into the profile."""
+        import datetime
+
+        return {"model": str(self.path), "fingerprint": self.inventory.fingerprint,
+                "time": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "label": self.label, "placement": self.placement.description, "profile_sessions": sessions,
+                **self._hit_rates(snap)}
 
     def save_profile(self) -> Optional[Any]:
         """Merge what the recorder saw into the profile store; returns the merged profile."""
@@ -394,6 +457,7 @@ class HybridModel:
                                              label=self.label)
         store = self._profile_store or ProfileStore()
         merged = store.merge_session(delta)
+        store.save_last_session(self.inventory.fingerprint, self._session_record(snap, merged.sessions))
         self.recorder.reset()
         return merged
 
@@ -405,12 +469,25 @@ class HybridModel:
             return llm.tokenize(data, add_bos=add_bos, special=False)
 
     def stream(self, prompt: Union[str, Sequence[int]], max_tokens: int = 128, temperature: float = 0.0,
-               top_k: int = 40, top_p: float = 0.95, on_text: Callable[[str], None] = lambda s: None
-               ) -> GenerationResult:
-        """Generate, calling on_text with each decoded piece; returns text, ids and timings."""
+               top_k: int = 40, top_p: float = 0.95, on_text: Optional[Callable[[str], None]] = None):
+        """Generate text piece by piece.
+
+        Without `on_text`: a TextStream, an iterator of decoded text pieces; once it is
+        exhausted its `.result` is the GenerationResult (text, ids, timings). It holds the
+        model (other calls wait) until exhausted or closed: iterate it to the end, or use
+        `with hm.stream(...) as pieces:`.
+        With `on_text` (the older form): calls on_text with each piece and returns the
+        GenerationResult."""
         limits.check_new_tokens(max_tokens, "max_tokens")
+        if on_text is not None:
+            with self._using() as llm:
+                return self._stream(llm, prompt, max_tokens, temperature, top_k, top_p, on_text)
+        self.check_prompt(prompt, max_tokens)  # a closed model or a prompt too long fails now
+        return TextStream(self._locked_pieces(prompt, max_tokens, temperature, top_k, top_p))
+
+    def _locked_pieces(self, prompt, max_tokens, temperature, top_k, top_p):
         with self._using() as llm:
-            return self._stream(llm, prompt, max_tokens, temperature, top_k, top_p, on_text)
+            return (yield from self._pieces(llm, prompt, max_tokens, temperature, top_k, top_p))
 
     def check_prompt(self, prompt: Union[str, Sequence[int]], max_tokens: int) -> int:
         """HybridError unless the prompt and max_tokens new tokens fit the context; the
@@ -434,6 +511,15 @@ class HybridModel:
         return tokens
 
     def _stream(self, llm, prompt, max_tokens, temperature, top_k, top_p, on_text) -> GenerationResult:
+        pieces = self._pieces(llm, prompt, max_tokens, temperature, top_k, top_p)
+        while True:
+            try:
+                on_text(next(pieces))
+            except StopIteration as done:
+                return done.value
+
+    def _pieces(self, llm, prompt, max_tokens, temperature, top_k, top_p):
+        """Yields decoded text pieces; returns the GenerationResult."""
         import llama_cpp
 
         tokens = self._prompt_tokens(llm, prompt, max_tokens)
@@ -454,17 +540,18 @@ class HybridModel:
             piece = decoder.decode(llm.detokenize([tok], prev_tokens=tokens + out[:-1]))
             if piece:
                 pieces.append(piece)
-                on_text(piece)
+                yield piece
             if len(out) >= max_tokens:
                 break
         tail = decoder.decode(b"", final=True)
         if tail:
             pieces.append(tail)
-            on_text(tail)
+            yield tail
         p_ms, n_p, g_ms, n_g = _perf(llm)
         return GenerationResult("".join(pieces), out, len(tokens), p_ms, g_ms, finish)
 
     def generate(self, prompt: str, max_tokens: int = 128, temperature: float = 0.0, **kw) -> GenerationResult:
+        kw.setdefault("on_text", lambda s: None)
         return self.stream(prompt, max_tokens=max_tokens, temperature=temperature, **kw)
 
     def create_completion(self, *args, **kwargs):
@@ -512,6 +599,40 @@ class HybridModel:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class TextStream:
+    """HybridModel.stream()'s iterator of text pieces; `.result` (GenerationResult) once it
+    is exhausted. Closing it early (or leaving a `with` block) frees the model."""
+
+    def __init__(self, gen) -> None:
+        self._gen = gen
+        self.result: Optional[GenerationResult] = None
+
+    def __iter__(self) -> "TextStream":
+        return self
+
+    def __next__(self) -> str:
+        try:
+            return next(self._gen)
+        except StopIteration as done:
+            if done.value is not None:
+                self.result = done.value
+            raise StopIteration from None
+
+    def close(self) -> None:
+        self._gen.close()
+
+    def __enter__(self) -> "TextStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _no_extra_bufts(params) -> None:
+    # llama.cpp's use_extra_bufts: false keeps CPU weights in the plain CPU buffer type
+    params.use_extra_bufts = False
 
 
 def _utf8(text: str) -> bytes:

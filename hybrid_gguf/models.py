@@ -48,7 +48,63 @@ def load_models_yaml() -> dict:
 class ResolvedModel:
     path: Path
     name: str
-    source: str  # "path", "bundled" or "synthetic"
+    source: str  # "path", "bundled", "synthetic" or "hf-cache"
+
+
+def hf_hub_cache() -> Path:
+    """The Hugging Face hub cache: $HF_HUB_CACHE, else $HF_HOME/hub, else
+    ~/.cache/huggingface/hub (huggingface_hub's own order; $XDG_CACHE_HOME moves the last)."""
+    env = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if env:
+        return Path(env).expanduser()
+    home = os.environ.get("HF_HOME")
+    if home:
+        return Path(home).expanduser() / "hub"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "huggingface" / "hub"
+
+
+def _hf_name(model: str) -> Optional[tuple[str, str]]:
+    """"org/repo:file.gguf" -> ("org/repo", "file.gguf"); None for anything else."""
+    repo, sep, file = model.partition(":")
+    if not sep or not file or repo.count("/") != 1 or not all(repo.split("/")):
+        return None
+    if Path(model).expanduser().exists():
+        return None  # an existing file whose name happens to hold a colon
+    return repo, file
+
+
+def resolve_hf_cache(repo: str, file: str, cache: Optional[Path] = None) -> Path:
+    """`file` of `repo` in the local hub cache (models--org--repo/snapshots/<rev>/file): the
+    snapshot refs/main names if it holds the file, else the newest that does. Nothing is
+    downloaded; a miss is a HybridError that says where it looked."""
+    cache = hf_hub_cache() if cache is None else cache
+    root = cache / ("models--" + repo.replace("/", "--"))
+    snapshots = root / "snapshots"
+    candidates: list[Path] = []
+    ref = root / "refs" / "main"
+    if ref.is_file():
+        rev = ref.read_text().strip()
+        if rev:
+            candidates.append(snapshots / rev)
+    if snapshots.is_dir():
+        others = [d for d in snapshots.iterdir() if d.is_dir() and d not in candidates]
+        candidates += sorted(others, key=lambda d: d.stat().st_mtime, reverse=True)
+    for snap in candidates:
+        path = snap / file
+        if path.is_file():
+            return path
+    where = f"{snapshots}/*/{file}"
+    if not root.exists():
+        why = f"{repo} is not in the Hugging Face cache {cache}"
+    elif not candidates:
+        why = f"{root} has no snapshots"
+    else:
+        why = f"no snapshot of {repo} holds {file}"
+    raise HybridError(f"{why} (looked for {where}; set HF_HUB_CACHE or HF_HOME to look elsewhere); "
+                      "hybrid-gguf downloads nothing: fetch it with `huggingface-cli download "
+                      f"{repo} {file}` first")
 
 
 def _bundled(name: str, entry: dict) -> ResolvedModel:
@@ -65,13 +121,18 @@ def _bundled(name: str, entry: dict) -> ResolvedModel:
 
 
 def resolve_model(model: Optional[str]) -> ResolvedModel:
-    """A path to an existing GGUF file, or an alias from models.yaml (None: the default)."""
+    """A path to an existing GGUF file, a file in the Hugging Face cache (`org/repo:file.gguf`),
+    or an alias from models.yaml (None: the default)."""
     data = load_models_yaml()
     if model is None:
         model = data.get("default") or "synth-tiny"
         if model in data["bundled"] and "file" in data["bundled"][model]:
             if not (REPO_ROOT / data["bundled"][model]["file"]).exists():
                 model = "synth-small"  # the trained default is not built yet
+    hf = _hf_name(model)
+    if hf is not None:
+        path = resolve_hf_cache(*hf)
+        return ResolvedModel(path, f"{hf[0]}:{hf[1]}", "hf-cache")
     candidate = Path(model).expanduser()
     if candidate.exists() or os.sep in model or model.endswith(".gguf"):
         if not candidate.exists():
@@ -85,8 +146,14 @@ def resolve_model(model: Optional[str]) -> ResolvedModel:
         entry = data["public"][model]
         if entry.get("path") and Path(entry["path"]).expanduser().exists():
             return ResolvedModel(Path(entry["path"]).expanduser(), model, "path")
+        if entry.get("repo") and entry.get("file"):
+            try:
+                return ResolvedModel(resolve_hf_cache(entry["repo"], entry["file"]), model, "hf-cache")
+            except HybridError:
+                pass  # not downloaded: say so below
         raise HybridError(
             f"{model} is a public model ({entry.get('repo')}, file {entry.get('file')}); "
+            f"not in the Hugging Face cache {hf_hub_cache()} either; "
             "hybrid-gguf downloads nothing: fetch the file and pass its path, "
             f"or set `path:` for it in a copy of {models_yaml_path()} named by HYBRID_GGUF_MODELS_YAML"
         )

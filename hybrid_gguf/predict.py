@@ -310,6 +310,9 @@ def predict_speed(inv, p: Optional[np.ndarray], gpu_experts: Mapping[int, Sequen
         "gpu_compute": 1e3 * gpu_flop / bw.gpu_flops,
         "cpu_compute": 1e3 * cpu_flop / bw.cpu_flops,
         "pcie_copies": 1e3 * copy_bytes / bw.pcie_bytes_per_s,
+        # a ubatch on the GPU pays the per-layer and per-graph fixed times too (decode's); without
+        # them a small model's prefill came out at tens of millions of tokens/s
+        "gpu_fixed": 1e3 * ((L * bw.gpu_layer_s + bw.gpu_step_s) if dense_on_gpu else 0.0),
     }
     prefill_s = sum(pms.values())/1e3
     return SpeedPrediction(
@@ -497,13 +500,20 @@ def fit_bandwidth_terms(terms: Sequence[RunTerms], base: Bandwidth,
         probed = {"gpu_layer_s", "gpu_step_s"} <= set(base.measured)
         if probed and not {"gpu_layer_s", "gpu_step_s"} & set(updates):
             del updates["gpu_bytes_per_s"]
+    fixed_layer = updates.get("gpu_layer_s", own.gpu_layer_s)
+    fixed_step = updates.get("gpu_step_s", own.gpu_step_s)
+
+    def prefill_s(t: RunTerms) -> float:
+        """A ubatch's measured time less the fixed GPU times (predict_speed's gpu_fixed)."""
+        return t.n_prompt / t.prefill_tokens_per_s - t.gpu_layers * fixed_layer - t.gpu_steps * fixed_step
+
     gpu_only = [t for t in terms if t.cpu_bytes == 0 and t.handoffs == 0]
-    if gpu_only:
-        inv_f = sum(t.gpu_flop * t.n_prompt / t.prefill_tokens_per_s for t in gpu_only) / \
-            sum(t.gpu_flop ** 2 for t in gpu_only)
-        updates["gpu_flops"] = 1.0 / inv_f
+    if gpu_only and sum(t.gpu_flop ** 2 for t in gpu_only) > 0:
+        inv_f = sum(t.gpu_flop * prefill_s(t) for t in gpu_only) / sum(t.gpu_flop ** 2 for t in gpu_only)
+        if inv_f > 0:
+            updates["gpu_flops"] = 1.0 / inv_f
     gf = updates.get("gpu_flops", base.gpu_flops)
-    copies = [(t.n_prompt / t.prefill_tokens_per_s - t.gpu_flop / gf - t.cpu_flop / base.cpu_flops, t.pcie_bytes)
+    copies = [(prefill_s(t) - t.gpu_flop / gf - t.cpu_flop / base.cpu_flops, t.pcie_bytes)
               for t in terms if t.handoffs > 0 and t.pcie_bytes > 0]
     if copies:
         inv_pcie = sum(x * b for x, b in copies) / sum(b * b for _, b in copies)

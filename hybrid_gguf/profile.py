@@ -381,6 +381,40 @@ class ProfileStore:
             p.unlink(missing_ok=True)
         return aside
 
+    def last_session_path(self, fingerprint: str) -> Path:
+        """A small JSON record of the last session merged for `fingerprint` (`status`)."""
+        return self.path_for(fingerprint).with_suffix(".last")
+
+    def save_last_session(self, fingerprint: str, record: dict) -> None:
+        """Best effort: a record that cannot be written costs only `status` its hit rate."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.last_session_path(fingerprint), (json.dumps(record) + "\n").encode())
+        except OSError:
+            pass
+
+    def load_last_session(self, fingerprint: str) -> Optional[dict]:
+        path = self.last_session_path(fingerprint)
+        try:
+            if path.stat().st_size > 1 << 16:
+                return None
+            data = json.loads(path.read_bytes())
+        except (OSError, ValueError, RecursionError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def profiles(self) -> list:
+        """Every readable stored profile (unreadable files are skipped, not moved)."""
+        out = []
+        if not self.root.is_dir():
+            return out
+        for path in sorted(self.root.glob("*.json")):
+            try:
+                out.append(RoutingProfile.load(path))
+            except HybridError:
+                continue
+        return out
+
     def load(self, fingerprint: str) -> Optional[RoutingProfile]:
         """The stored profile for `fingerprint`, or None (absent, or corrupt and moved aside).
 

@@ -17,10 +17,22 @@ from hybrid_gguf.cli import app  # noqa: E402
 def test_bench_json_on_cpu(tiny_model_factory, tmp_path):
     path = tiny_model_factory("qwen3moe")
     png = tmp_path / "bench.png"
+    detail = tmp_path / "detail.json"
     res = CliRunner().invoke(app, ["bench", str(path), "--pp", "32", "--tg", "4", "--reps", "2",
-                                   "--profile-tokens", "256", "--threads", "1", "--json", "--plot", str(png)])
+                                   "--profile-tokens", "256", "--threads", "1", "--json", "--plot", str(png),
+                                   "--json-detail", str(detail)])
     assert res.exit_code == 0, res.output
-    out = json.loads(res.stdout[res.stdout.index("{"):])
+    out = json.loads(detail.read_text())
+    # --json: llama-bench's shape, an array with one row per test and placement
+    rows = json.loads(res.stdout[res.stdout.index("["):])
+    assert isinstance(rows, list) and rows
+    for row in rows:
+        assert {"model_type", "model_filename", "n_prompt", "n_gen", "avg_ts", "stddev_ts", "avg_ns",
+                "samples_ts", "placement", "hit_rate", "budget_bytes"} <= set(row)
+        assert (row["n_prompt"], row["n_gen"]) in ((32, 0), (0, 4))
+        assert row["avg_ts"] > 0 and row["stddev_ts"] >= 0 and len(row["samples_ts"]) == 2
+    by_test = {(r["placement"], r["n_gen"] > 0): r for r in rows}
+    assert len(by_test) == len(rows)
     names = [r["name"] for r in out["results"]]
     assert names[:2] == ["cpu-experts", "whole-layer"]
     for r in out["results"]:
@@ -59,11 +71,14 @@ def test_cli_usage_errors_are_one_message():
 def test_several_budgets_profile_once_and_time_what_depends_on_the_budget(tiny_model_factory, tmp_path):
     path = tiny_model_factory("qwen3moe")
     png = tmp_path / "bench.png"
+    detail = tmp_path / "detail.json"
     res = CliRunner().invoke(app, ["bench", str(path), "--budget-share", "0.2,0.5", "--pp", "32", "--tg", "4",
                                    "--reps", "1", "--profile-tokens", "256", "--threads", "1", "--json",
-                                   "--plot", str(png)])
+                                   "--plot", str(png), "--json-detail", str(detail)])
     assert res.exit_code == 0, res.output
-    doc = json.loads(res.stdout[res.stdout.index("{"):])
+    doc = json.loads(detail.read_text())
+    rows = json.loads(res.stdout[res.stdout.index("["):])
+    assert {round(r["budget_share_of_experts"], 3) for r in rows} == {0.2, 0.5}
     first, second = doc["budgets"]
     assert first["budget_share_of_experts"] == pytest.approx(0.2, abs=1e-6)
     assert second["budget_share_of_experts"] == pytest.approx(0.5, abs=1e-6)
@@ -91,5 +106,6 @@ def test_budgets_that_change_no_chosen_placement_are_skipped(tiny_model_factory)
                                    "--configs", "cpu-experts", "--pp", "32", "--tg", "4", "--reps", "1",
                                    "--profile-tokens", "256", "--threads", "1", "--json"])
     assert res.exit_code == 0, res.output
-    out = json.loads(res.stdout[res.stdout.index("{"):])
-    assert [r["name"] for r in out["results"]] == ["cpu-experts"]  # one budget: the plain report
+    rows = json.loads(res.stdout[res.stdout.index("["):])
+    assert {r["placement"] for r in rows} == {"cpu-experts"}  # one budget timed
+    assert len(rows) == 2  # a prompt test and a generation test

@@ -190,3 +190,21 @@ def test_recorder_ring_buffer_replays(tiny_model_factory):
     rep = replay(trace, [4, 16])
     assert rep.rows[1].static == rep.rows[1].oracle == 1.0  # 16 slots hold all 2 x 8 experts
     assert rep.rows[0].static <= rep.rows[0].oracle
+
+
+def test_oracle_bounds_every_plan_of_its_size():
+    # layer 0 routes every token over two experts; layer 1 routes one token in ten, always to
+    # expert 0. Per token, layer 1's expert 0 is the surest (p = 1), but layer 0's expert 0
+    # serves five times as many accesses: the oracle is the best set for the accesses, so it
+    # is never below a plan holding as many experts (issue 18: it was printed below the plan)
+    n = 400
+    ids = np.full((n, 2, 1), -1, dtype=np.int32)
+    ids[:, 0, 0] = np.arange(n) % 2
+    ids[::10, 1, 0] = 0
+    trace = Trace(ids, 4)
+    report = replay(trace, [1], 0.5, plan_sets=[{0: [0]}])
+    row = report.rows[0]
+    assert row.plan == pytest.approx(100 / 220)
+    assert row.oracle >= row.plan
+    for r in replay(Trace(ids, 4), [1, 2, 3], 0.5).rows:
+        assert r.oracle >= r.static

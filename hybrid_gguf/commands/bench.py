@@ -9,13 +9,14 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from ..errors import HybridError
+from .common import ctx_option, model_argument, model_option, resolve, threads_option
 
 
 def bench_command(
-    model: Optional[str] = typer.Argument(None, help="GGUF path or models.yaml alias"),
+    model: Optional[str] = model_argument(),
+    model_opt: Optional[str] = model_option(),
     gpu_budget: Optional[str] = typer.Option(None, "--gpu-budget",
                                              help="expert bytes on the GPU, e.g. 4GiB, or several: 2GiB,4GiB"),
     budget_share: Optional[str] = typer.Option(None, "--budget-share",
@@ -30,13 +31,16 @@ def bench_command(
     eval_packages: str = typer.Option("asyncio,xml,concurrent,importlib", "--workload",
                                       help="stdlib packages whose source is the timed (held-out) workload"),
     configs: Optional[str] = typer.Option(None, "--configs", help="comma list: cpu-experts,whole-layer,per-expert,all-gpu"),
-    threads: Optional[int] = typer.Option(None, "--threads", "-t"),
+    threads: Optional[int] = threads_option(),
     routing: Optional[str] = typer.Option(
         None, "--routing", help="routing preset replayed instead of the model's own: realistic, "
                                 "gpt-oss-like, flat, optimistic (docs/routing.md)"),
-    ctx: int = typer.Option(2048, "--ctx"),
+    ctx: Optional[int] = ctx_option("context length (raised to fit pp + tg)"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG bar chart"),
-    as_json: bool = typer.Option(False, "--json", help="print JSON (llama-bench field names where they exist)"),
+    as_json: bool = typer.Option(False, "--json",
+                                 help="print llama-bench's JSON: an array, one row per test and placement"),
+    json_detail: Optional[Path] = typer.Option(None, "--json-detail",
+                                               help="write the full report (predictions, fits, per-rep runs) as JSON here"),
     no_calibrate: bool = typer.Option(False, "--no-calibrate",
                                       help="do not store the bandwidth model fitted to this run for `plan`"),
     probe_gpu: Optional[bool] = typer.Option(None, "--probe-gpu/--no-probe-gpu",
@@ -49,15 +53,15 @@ def bench_command(
     from ..bench import run_budgets, stdlib_workloads
     from ..devices import gpu_devices
     from ..inventory import read_inventory
-    from ..models import resolve_model
     from ..sizes import parse_size
 
     from ..limits import check_ctx, check_threads
 
     check_threads(threads, "--threads")
     check_ctx(ctx, "--ctx")
-    if plot is not None and plot.is_dir():
-        raise HybridError(f"--plot {plot} is a directory; give a file name")
+    for option, file in (("--plot", plot), ("--json-detail", json_detail)):
+        if file is not None and file.is_dir():
+            raise HybridError(f"{option} {file} is a directory; give a file name")
     console = Console(stderr=True)
     log = (lambda s: None) if as_json else (lambda s: console.print(f"[dim]{s}[/]"))
     probe = _maybe_probe(probe_gpu or probe_only, probe_gpu is False, no_calibrate, threads, log)
@@ -66,8 +70,11 @@ def bench_command(
               f"GPU: {probe['gpu_bytes_per_s'] / 1e9:.0f} GB/s, {1e6 * probe['gpu_layer_s']:.1f} us per layer, "
               f"{1e6 * probe['gpu_step_s']:.0f} us per decode step")
         return
-    path = resolve_model(model).path
+    path = resolve(model, model_opt).path
     inv = read_inventory(path)
+    from ..limits import default_ctx
+
+    ctx = default_ctx(inv, ctx)
     if inv.n_expert == 0:
         raise HybridError(f"{path} has no routed experts: nothing to place per expert")
     if gpu_budget is not None and budget_share is not None:
@@ -83,23 +90,63 @@ def bench_command(
     prompts, eval_prompt = stdlib_workloads(path, pp, profile_tokens,
                                             [p for p in profile_packages.split(",") if p],
                                             [p for p in eval_packages.split(",") if p], n_gen=tg)
-    outs = run_budgets(path, budgets, profile_prompts=prompts, eval_prompt=eval_prompt,
-                       n_prompt=pp, n_gen=tg, reps=reps, n_ctx=max(ctx, pp + tg + 64),
-                       configs=configs.split(",") if configs else None, pack_device=pack_device,
-                       n_threads=threads, save_calibration=not no_calibrate, routing=routing, log=log)
+    with _progress(console, enabled=not as_json) as on_progress:
+        outs = run_budgets(path, budgets, profile_prompts=prompts, eval_prompt=eval_prompt,
+                           n_prompt=pp, n_gen=tg, reps=reps, n_ctx=max(ctx, pp + tg + 64),
+                           configs=configs.split(",") if configs else None, pack_device=pack_device,
+                           n_threads=threads, save_calibration=not no_calibrate, routing=routing, log=log,
+                           on_progress=on_progress)
     for out in outs:
         out["pack_device"] = pack_device
         if probe is not None:
             out["gpu_probe"] = probe
-    if as_json:
+    if json_detail is not None:
         doc = outs[0] if len(outs) == 1 else {"model": str(path), "budgets": outs,
                                                "combined_fit": outs[0].get("combined_fit")}
-        print(json.dumps(doc, indent=2, default=float))
+        json_detail.write_text(json.dumps(doc, indent=2, default=float) + "\n")
+    if as_json:
+        from ..bench import llama_bench_rows
+
+        print(json.dumps(llama_bench_rows(outs, threads), indent=2, default=float))
     else:
         for out in outs:
             _print_table(out, inv, pp, tg, reps)
+        if json_detail is not None:
+            console.print(f"wrote {json_detail}", highlight=False, soft_wrap=True)
     if plot is not None:
-        _plot(outs, plot)
+        _plot(outs, plot, cpu_only=pack_device == "CPU")
+
+
+class _progress:
+    """A progress bar over placements x reps on stderr (`on_progress(more, done)` for
+    bench.run_bench); a no-op when off (--json) or when stderr is not a terminal."""
+
+    def __init__(self, console: Console, enabled: bool) -> None:
+        self.console = console
+        self.enabled = enabled and console.is_terminal
+        self.bar = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda more, done: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("[bold]timing"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("reps"), TimeElapsedColumn(), console=self.console, transient=True)
+        self.bar.start()
+        task = self.bar.add_task("reps", total=0)
+
+        def on_progress(more: int, done: int) -> None:
+            if more:
+                self.bar.update(task, total=(self.bar.tasks[0].total or 0) + more)
+            if done:
+                self.bar.advance(task, done)
+
+        return on_progress
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
 
 
 def _maybe_probe(force: bool, refused: bool, no_calibrate: bool, threads: Optional[int], log) -> Optional[dict]:
@@ -139,36 +186,49 @@ def _budgets(gpu_budget: Optional[str], budget_share: Optional[str], expert_byte
 
 def _print_table(out: dict, inv, pp: int, tg: int, reps: int) -> None:
     from ..sizes import format_size
+    from ..tables import fmt_rate, narrow, new_table
 
+    console = Console()
+    wide = not narrow(console, 110)
     budget = out["budget_bytes"]
-    table = Table(title=f"{Path(out['model']).name}: budget {format_size(budget)} "
-                        f"({100 * budget / inv.expert_bytes_total:.0f}% of expert bytes), {out.get('routing', 'optimistic')} routing, "
-                        f"pp {pp}, tg {tg}, {reps} reps")
-    for col in ("placement", "hit rate", "VRAM", "pp t/s (median)", "tg t/s (median)", "tg min..max",
-                "tg predicted", "tg fitted", "tg roofline"):
-        table.add_column(col, justify="right")
+    console.print(f"[bold]{Path(out['model']).name}[/]", soft_wrap=True, highlight=False)
+    table = new_table(console, f"budget {format_size(budget)} ({100 * budget / inv.expert_bytes_total:.0f}% of "
+                               f"expert bytes), {out.get('routing', 'optimistic')} routing, pp {pp}, tg {tg}, "
+                               f"{reps} reps; t/s are medians")
+    cols = ["placement", "hit", "VRAM", "pp t/s", "tg t/s", "tg min..max", "tg pred"]
+    if wide:
+        cols += ["tg fitted", "tg roofline"]
+    for col in cols:
+        table.add_column(col, justify="left" if col == "placement" else "right", no_wrap=True)
     pred = out.get("prediction", {}).get("configs", {})
     for r in out["results"]:
         if r.get("error"):
-            table.add_row(r["name"], "-", "-", "error", r["error"][:40], "", "", "", "")
+            table.add_row(r["name"], "-", "-", "error", *[""] * (len(cols) - 4))
             continue
         hit = "-" if r["hit_rate"] is None else f"{r['hit_rate']:.3f}"
         pr = pred.get(r["name"], {})
-        fitted = f"{pr['fitted_decode_ts']:.2f}" if pr else "-"
-        table.add_row(r["name"], hit, format_size(r["vram_model_bytes"]), f"{r['pp_median_ts']:.1f}",
-                      f"{r['tg_median_ts']:.2f}", f"{r['tg_min_ts']:.2f}..{r['tg_max_ts']:.2f}",
-                      f"{pr['predicted_decode_ts']:.2f}" if pr else "-", fitted,
-                      f"{pr['roofline_decode_ts']:.2f}" if pr else "-")
-    Console().print(table)
+        row = [r["name"], hit, format_size(r["vram_model_bytes"]), fmt_rate(r["pp_median_ts"]),
+               fmt_rate(r["tg_median_ts"]), f"{fmt_rate(r['tg_min_ts'])}..{fmt_rate(r['tg_max_ts'])}",
+               fmt_rate(pr.get("predicted_decode_ts"))]
+        if wide:
+            row += [fmt_rate(pr.get("fitted_decode_ts")), fmt_rate(pr.get("roofline_decode_ts"))]
+        table.add_row(*row)
+    console.print(table)
+    for r in out["results"]:
+        if r.get("error"):
+            console.print(f"{r['name']}: {r['error']}", soft_wrap=True, highlight=False)
     if pred:
-        Console().print("tg predicted: the planner's model with this machine's stored calibration "
-                        "(before this run); fitted: the model fitted to this budget's runs")
+        console.print("tg pred: the planner's model with this machine's stored calibration (before this run)"
+                      + ("; fitted: the model fitted to this budget's runs" if wide else
+                         "; --json-detail has the fitted model and the roofline"))
     for key in ("per_expert_vs_whole_layer_tg", "per_expert_vs_whole_layer_pp"):
         if key in out:
-            Console().print(f"{key}: {out[key]:.3f}")
+            console.print(f"{key}: {out[key]:.3f}")
 
 
-def _plot(outs: list, path: Path) -> None:
+def _plot(outs: list, path: Path, cpu_only: bool = False) -> None:
+    """Bars of the median tokens/s per placement, error bars from the reps' min to max; a
+    caption when no GPU took part (the numbers then check the mechanics, not the speed-up)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -177,17 +237,25 @@ def _plot(outs: list, path: Path) -> None:
     colors = {"cpu-experts": "#999", "whole-layer": "#5b8", "per-expert": "#36c", "all-gpu": "#c63"}
     rows = [(r["name"] if len(outs) == 1 else f"{r['name']}\n{out['budget_share_of_experts']:.0%}", r)
             for out in outs for r in out["results"] if not r.get("error")]
-    fig, axes = plt.subplots(1, 2, figsize=(max(9, 1.3 * len(rows)), 3.8))
-    for ax, key, title in ((axes[0], "pp_median_ts", "prompt tokens/s"), (axes[1], "tg_median_ts", "decode tokens/s")):
-        vals = [r[key] for _, r in rows]
-        ax.bar([label for label, _ in rows], vals, color=[colors.get(r["name"], "#666") for _, r in rows])
-        ax.set_title(title)
+    fig, axes = plt.subplots(1, 2, figsize=(max(9, 1.3 * len(rows)), 4.2 if cpu_only else 3.8))
+    for ax, kind, title in ((axes[0], "pp", "prompt tokens/s"), (axes[1], "tg", "decode tokens/s")):
+        vals = [r[f"{kind}_median_ts"] for _, r in rows]
+        lo = [max(0.0, v - r.get(f"{kind}_min_ts", v)) for v, (_, r) in zip(vals, rows)]
+        hi = [max(0.0, r.get(f"{kind}_max_ts", v) - v) for v, (_, r) in zip(vals, rows)]
+        ax.bar([label for label, _ in rows], vals, color=[colors.get(r["name"], "#666") for _, r in rows],
+               yerr=[lo, hi], capsize=4, error_kw={"elinewidth": 1, "ecolor": "#333"})
+        ax.set_title(title + " (median, min..max of reps)")
         ax.tick_params(axis="x", rotation=20, labelsize=7)
         for i, v in enumerate(vals):
             if math.isfinite(v):
-                ax.text(i, v, f"{v:.1f}", ha="center", va="bottom", fontsize=7)
+                ax.text(i, v / 2, f"{v:.1f}", ha="center", va="center", fontsize=7, color="white")
     fig.suptitle(Path(outs[0]["model"]).name)
-    fig.tight_layout()
+    if cpu_only:
+        fig.text(0.5, 0.01, "CPU only: no GPU, numbers check the mechanics, not the speed-up",
+                 ha="center", va="bottom", fontsize=9, color="#a33")
+        fig.tight_layout(rect=(0, 0.05, 1, 1))
+    else:
+        fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

@@ -7,9 +7,9 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
-
 from ..sizes import format_size
+from ..tables import new_table
+from .common import model_argument, model_option, resolve
 
 
 def _devices_payload() -> dict:
@@ -30,7 +30,8 @@ def _devices_payload() -> dict:
 
 
 def inspect_command(
-    model: Optional[str] = typer.Argument(None, help="GGUF path or models.yaml alias (default model if omitted)"),
+    model: Optional[str] = model_argument(),
+    model_opt: Optional[str] = model_option(),
     devices: bool = typer.Option(False, "--devices", help="list ggml devices and memory instead"),
     tensors: bool = typer.Option(False, "--tensors", help="also list every tensor"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
@@ -42,9 +43,9 @@ def inspect_command(
         if as_json:
             print(json.dumps(payload, indent=2))
             return
-        table = Table(title="ggml devices")
+        table = new_table(console, "ggml devices")
         for col in ("#", "name", "type", "description", "free", "total"):
-            table.add_column(col)
+            table.add_column(col, no_wrap=col != "description", justify="right" if col in ("free", "total") else "left")
         for d in payload["devices"]:
             table.add_row(str(d["index"]), d["name"], d["type"], d["description"],
                           format_size(d["free_bytes"]), format_size(d["total_bytes"]))
@@ -59,13 +60,11 @@ def inspect_command(
         return
 
     from ..inventory import read_inventory
-    from ..models import resolve_model
-
-    inv = read_inventory(resolve_model(model).path)
+    inv = read_inventory(resolve(model, model_opt).path)
     if as_json:
         print(json.dumps(inv.to_dict(with_tensors=tensors), indent=2))
         return
-    console.print(f"[bold]{inv.path}[/]")
+    console.print(f"[bold]{inv.path}[/]", soft_wrap=True, highlight=False)  # a path is never broken
     console.print(
         f"arch [cyan]{inv.arch}[/], {inv.n_layer} layers, n_embd {inv.n_embd}, "
         f"{inv.n_expert} experts (top-{inv.n_expert_used})"
@@ -77,18 +76,20 @@ def inspect_command(
                   f"KV cache {format_size(inv.kv_bytes_per_token)}/token, fingerprint {inv.fingerprint[:16]}")
     if inv.n_expert == 0:
         console.print("[yellow]no routed experts: a dense model, nothing to place per expert[/]")
-    table = Table(title="layers")
+    table = new_table(console, "layers")
     for col in ("layer", "experts", "used", "expert bytes", "per expert", "layer bytes"):
-        table.add_column(col, justify="right")
+        table.add_column(col, justify="right", no_wrap=True)
     for layer in inv.layers:
         table.add_row(str(layer.index), str(layer.n_expert), str(layer.n_expert_used),
                       format_size(layer.expert_bytes), format_size(layer.per_expert_bytes),
                       format_size(layer.n_bytes))
     console.print(table)
     if tensors:
-        tt = Table(title="tensors")
+        tt = new_table(console, "tensors")
         for col in ("name", "kind", "type", "shape (ne)", "bytes"):
-            tt.add_column(col)
+            # tensor names whole; the kind may be cut short at 80 columns
+            tt.add_column(col, no_wrap=True, overflow="ellipsis" if col == "kind" else "fold",
+                          justify="right" if col == "bytes" else "left")
         for t in inv.tensors:
             tt.add_row(t.name, t.kind, t.ggml_type, "x".join(str(x) for x in t.shape), format_size(t.n_bytes))
         console.print(tt)

@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from ..errors import HybridError
+from .common import ctx_option, model_argument, model_option, resolve
 
 
 def parse_devices(spec: str) -> list:
@@ -29,9 +30,10 @@ def parse_devices(spec: str) -> list:
 def register(app: typer.Typer) -> None:
     @app.command("plan")
     def plan_cmd(
-        model: Path = typer.Argument(..., help="GGUF model file"),
+        model: Optional[str] = model_argument(),
         gpu_budget: str = typer.Option(..., "--gpu-budget", help="GPU memory for this model, e.g. 8GiB"),
-        ctx: int = typer.Option(4096, "--ctx", help="context length to plan for"),
+        model_opt: Optional[str] = model_option(),
+        ctx: Optional[int] = ctx_option("context length to plan for"),
         out: Optional[Path] = typer.Option(None, "--out", help="write the plan YAML here"),
         explain: bool = typer.Option(False, "--explain", help="per-layer and memory breakdown"),
         as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
@@ -72,6 +74,7 @@ def register(app: typer.Typer) -> None:
 
         console = Console(stderr=as_json)
         check_ctx(ctx, "--ctx")
+        model = resolve(model, model_opt).path
         check_batch(n_ubatch, "--ubatch")
         for option, path in (("--out", out), ("--plot", plot)):
             if path is not None and path.is_dir():
@@ -79,6 +82,11 @@ def register(app: typer.Typer) -> None:
             if path is not None and path.parent.exists() and not path.parent.is_dir():
                 raise HybridError(f"{option} {path}: {path.parent} is not a folder")
         budget = parse_size(gpu_budget)
+        if ctx is None:
+            from ..inventory import read_inventory
+            from ..limits import default_ctx
+
+            ctx = default_ctx(read_inventory(model))
         devs = parse_devices(devices_spec) if devices_spec else None
         res = plan_model(model, budget, ctx, profile_path=profile_path, store=store, previous_path=previous,
                          out=out, devices=devs, per_expert=False if whole_tensor else None, measure=measure,
@@ -100,23 +108,43 @@ def register(app: typer.Typer) -> None:
         elif plot is not None:
             raise HybridError("--plot draws the replay: pass --replay TRACE too")
 
+        here = cpu_only_prediction(inv, bw, ctx, n_ubatch)
         if as_json:
             d = plan.to_json_dict()
+            if here is not None:
+                d["here_cpu_only"] = {"decode_tokens_per_s": here.decode_tokens_per_s,
+                                      "prefill_tokens_per_s": here.prefill_tokens_per_s}
             if diff is not None:
                 d["diff"] = diff.to_dict()
             if report is not None:
                 d["replay"] = report.to_dict()
             print(json.dumps(d))
             return
-        print_plan(console, plan, inv, explain)
+        print_plan(console, plan, inv, explain, here)
         if diff is not None:
             console.print(f"vs previous plan: {diff.summary()}")
         if report is not None:
             print_replay(console, report)
         if out is not None:
-            console.print(f"wrote {out}")
+            console.print(f"wrote {out}", soft_wrap=True, highlight=False)
         if plot is not None:
-            console.print(f"wrote {plot}")
+            console.print(f"wrote {plot}", soft_wrap=True, highlight=False)
+
+
+def cpu_only_prediction(inv, bw, n_ctx: int, n_ubatch: int):
+    """On a machine without a GPU: what the model runs at here, all on the CPU (a
+    SpeedPrediction; None when a GPU is visible). Which experts are hot does not matter
+    on the CPU, so no routing profile is needed."""
+    from ..predict import predict_speed
+
+    try:
+        from ..devices import gpu_devices
+
+        if gpu_devices():
+            return None
+    except Exception:  # no llama_cpp: no GPU to use either
+        pass
+    return predict_speed(inv, None, {}, False, bw, n_ctx, n_ubatch)
 
 
 def run_replay(path: Path, inv, plan, budget: int, ctx: int, opts, per_expert: bool, bw):
@@ -156,8 +184,8 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
-def print_plan(console, plan, inv, explain: bool) -> None:
-    from rich.table import Table
+def print_plan(console, plan, inv, explain: bool, here=None) -> None:
+    from ..tables import new_table
 
     from ..sizes import format_size
 
@@ -169,18 +197,25 @@ def print_plan(console, plan, inv, explain: bool) -> None:
     console.print(f"backend: {plan.backend}; {n_hot} hot experts in {len(plan.hot)} layers; "
                   f"{len(whole)} layers' experts whole on the GPU")
     hit = _pct(pr.hit_rate) if inv.is_moe else "n/a (no experts)"
-    console.print(f"predicted: hit rate {hit}, decode {pr.decode_tokens_per_s:.1f} tokens/s, "
+    where = "predicted" if here is None else "predicted on a GPU (none here; default GPU rates)"
+    console.print(f"{where}: hit rate {hit}, decode {pr.decode_tokens_per_s:.1f} tokens/s, "
                   f"prefill {pr.prefill_tokens_per_s:.0f} tokens/s, GPU {format_size(pr.gpu_bytes)}")
+    if here is not None:
+        console.print(f"on this machine (CPU only): decode {here.decode_tokens_per_s:.1f} tokens/s, "
+                      f"prefill {here.prefill_tokens_per_s:.0f} tokens/s")
     for n in plan.notes:
         console.print(f"  note: {n}")
     if not explain:
         return
-    mem = Table(title="memory by device")
-    for col in ("device", "weights", "hot packs", "KV", "compute", "offload scratch", "margin", "total"):
-        mem.add_column(col, justify="right")
-    for dev, m in pr.memory.items():
-        mem.add_row(dev, *(format_size(m.get(k, 0)) for k in
-                           ("weight_bytes", "hot_pack", "kv", "compute", "offload_scratch", "margin", "total")))
+    # parts down, devices across: fits 80 columns for any number of parts
+    mem = new_table(console, "memory by device")
+    mem.add_column("part", no_wrap=True)
+    for dev in pr.memory:
+        mem.add_column(dev, justify="right", no_wrap=True)
+    for key, label in (("weight_bytes", "weights"), ("hot_pack", "hot packs"), ("kv", "KV cache"),
+                       ("compute", "compute"), ("offload_scratch", "offload scratch"), ("margin", "margin"),
+                       ("total", "total")):
+        mem.add_row(label, *(format_size(m.get(key, 0)) for m in pr.memory.values()))
     console.print(mem)
     bw = pr.bandwidth or {}
     if bw:
@@ -190,13 +225,16 @@ def print_plan(console, plan, inv, explain: bool) -> None:
             for k in ("cpu_bytes_per_s", "gpu_bytes_per_s", "gpu_layer_s", "gpu_step_s", "pcie_bytes_per_s", "handoff_s",
                       "handoff_idle_s")
             if k in bw))
-        console.print(f"decode ms/token: {bw.get('decode_ms')}; prefill ms/ubatch: {bw.get('prefill_ms')}")
+        for key, label in (("decode_ms", "decode ms/token"), ("prefill_ms", "prefill ms/ubatch")):
+            parts = bw.get(key) or {}
+            if parts:
+                console.print(f"{label}: " + ", ".join(f"{k} {v:g}" for k, v in parts.items()))
     if plan.n_gpu_layers == 0 or not inv.is_moe:
         return
     gpu = plan.gpu_experts(inv)
-    t = Table(title="experts per layer")
+    t = new_table(console, "experts per layer")
     for col in ("layer", "on GPU", "how", "GPU bytes"):
-        t.add_column(col, justify="right")
+        t.add_column(col, justify="right", no_wrap=True)
     for layer in inv.layers:
         if not layer.is_moe:
             continue
@@ -208,13 +246,15 @@ def print_plan(console, plan, inv, explain: bool) -> None:
 
 
 def print_replay(console, report) -> None:
-    from rich.table import Table
+    from ..tables import new_table
 
-    t = Table(title=f"trace replay: profile {report.n_profile_tokens} tokens, evaluated on {report.n_eval_tokens}")
-    for col in ("budget", "slots", "plan", "static", "oracle", "LRU", "LFU", "LRU loads/token"):
-        t.add_column(col, justify="right")
+    t = new_table(console, f"trace replay: profile {report.n_profile_tokens} tokens, evaluated on "
+                           f"{report.n_eval_tokens}; * this plan's budget")
+    for col in ("budget", "slots", "plan", "static", "oracle", "LRU", "LFU", "LRU ld/tok"):
+        t.add_column(col, justify="right", no_wrap=True)
     for r in report.rows:
-        t.add_row(r.label, str(r.capacity), "-" if r.plan is None else _pct(r.plan), _pct(r.static),
+        label = r.label.replace(" (this plan)", " *")
+        t.add_row(label, str(r.capacity), "-" if r.plan is None else _pct(r.plan), _pct(r.static),
                   _pct(r.oracle), _pct(r.lru), _pct(r.lfu), f"{r.lru_loads_per_token:.2f}")
     console.print(t)
     for v in report.verdicts:

@@ -18,6 +18,7 @@ from typing import Callable, Optional
 import typer
 
 from ..errors import HybridError
+from .common import ctx_option, model_argument, model_option, resolve, threads_option
 
 # per-token routing records kept for routing_stats (one per token and layer; older ones drop)
 TRACE_RECORDS = 1 << 19
@@ -166,19 +167,16 @@ def profile_json(info: ModelInfo, snap, summary: dict, label: str, n_prompts: in
 
 
 def print_summary(console, info: ModelInfo, summary: dict, top_k: int = 4) -> None:
-    from rich.table import Table
+    from ..tables import new_table
 
     slots = summary["slots"]
-    table = Table(title=f"routing: {info.path.name} ({info.n_layer} layers, "
-                        f"{info.n_expert} experts, top-{info.n_expert_used})")
-    table.add_column("layer", justify="right")
-    table.add_column("tokens", justify="right")
-    table.add_column("entropy", justify="right")
-    table.add_column("n50", justify="right")
-    table.add_column("n90", justify="right")
-    for s in slots:
-        table.add_column(f"hit@{s}", justify="right")
-    table.add_column("top experts (share)", no_wrap=True, overflow="ellipsis")
+    console.print(f"routing: {info.path.name} ({info.n_layer} layers, {info.n_expert} experts, "
+                  f"top-{info.n_expert_used})", soft_wrap=True, highlight=False)
+    table = new_table(console)
+    # the numbers keep their width; only the top-experts list is cut short at 80 columns
+    for col in ("layer", "tokens", "entropy", "n50", "n90", *(f"hit@{s}" for s in slots)):
+        table.add_column(col, justify="right", no_wrap=True, min_width=max(len(col), 6 if "@" in col else 0))
+    table.add_column("top experts: share", no_wrap=True, overflow="ellipsis")
 
     def pct(x):
         return "-" if x is None else f"{100 * x:.1f}%"
@@ -197,16 +195,16 @@ def print_summary(console, info: ModelInfo, summary: dict, top_k: int = 4) -> No
 
 def print_routing_stats(console, stats: dict) -> None:
     """The workload's routing in one small table and one sentence."""
-    from rich.table import Table
+    from ..tables import new_table
 
     from ..routing_stats import suitability
 
     def pct(x):
         return "-" if x is None else f"{100 * x:.0f}%"
 
-    table = Table(title="routing of this workload", show_header=True)
+    table = new_table(console, "routing of this workload", show_header=True)
     for col in ("top 10%", "top 25%", "top 50%", "top-1", "adjacent"):
-        table.add_column(col, justify="right")
+        table.add_column(col, justify="right", no_wrap=True)
     cov = stats["coverage"]
     table.add_row(pct(cov["0.1"]), pct(cov["0.25"]), pct(cov["0.5"]), pct(stats["top1_share"]),
                   pct(stats["adjacent_overlap"]))
@@ -298,14 +296,15 @@ def _store_interrupted(err, info: ModelInfo, snap, label: str, store: Optional[P
 def register(app: typer.Typer) -> None:
     @app.command("profile")
     def profile_cmd(
-        model: Path = typer.Argument(..., help="GGUF model file"),
+        model: Optional[str] = model_argument(),
+        model_opt: Optional[str] = model_option(),
         prompts: Optional[Path] = typer.Option(
             None, "--prompts", help="prompts file: one per line, or .jsonl"),
         text: Optional[Path] = typer.Option(None, "--text", help="text file cut into prompts"),
         chunk_chars: int = typer.Option(2000, "--chunk-chars", help="--text chunk size"),
         n_predict: int = typer.Option(64, "-n", "--n-predict", help="tokens generated per prompt"),
-        ctx: int = typer.Option(2048, "--ctx", help="context size"),
-        threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads"),
+        ctx: Optional[int] = ctx_option(),
+        threads: Optional[int] = threads_option(),
         as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
         out: Optional[Path] = typer.Option(None, "--out", help="write this run's profile here"),
         heatmap: Optional[Path] = typer.Option(None, "--heatmap", help="draw a PNG heatmap"),
@@ -333,8 +332,7 @@ def register(app: typer.Typer) -> None:
 
         console = Console(stderr=as_json)
         err = Console(stderr=True)
-        if not model.is_file():
-            raise HybridError(f"model file {model} does not exist")
+        model = resolve(model, model_opt).path
         from ..limits import check_ctx, check_threads
 
         if n_predict < 0:
@@ -365,6 +363,11 @@ def register(app: typer.Typer) -> None:
                 raise HybridError(f"--slots wants integers like 8,32, got {slots!r}") from None
         workload = select_workload(prompts, text, chunk_chars)
         info = model_info(model)
+        if ctx is None:
+            from ..inventory import read_inventory
+            from ..limits import default_ctx
+
+            ctx = default_ctx(read_inventory(model))
         if info.n_expert <= 0 or info.n_expert_used <= 0:
             msg = f"{model.name} has no experts ({info.arch or 'dense'} model): nothing to record"
             if as_json:
@@ -429,10 +432,10 @@ def register(app: typer.Typer) -> None:
         console.print(f"{len(workload.prompts)} prompts, {tokens[0]} prompt + {tokens[1]} "
                       f"generated tokens in {elapsed:.1f} s")
         if stored_path:
-            console.print(f"merged into {stored_path} ({stored_sessions} sessions)")
+            console.print(f"merged into {stored_path} ({stored_sessions} sessions)", soft_wrap=True, highlight=False)
         if out is not None:
-            console.print(f"wrote {out}")
+            console.print(f"wrote {out}", soft_wrap=True, highlight=False)
         if heatmap is not None:
-            console.print(f"wrote {heatmap}")
+            console.print(f"wrote {heatmap}", soft_wrap=True, highlight=False)
         if trace_out is not None and ids is not None:
-            console.print(f"wrote {trace_out} (for `plan --replay`)")
+            console.print(f"wrote {trace_out} (for `plan --replay`)", soft_wrap=True, highlight=False)

@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 from ..errors import HybridError
+from .common import ctx_option, model_argument, model_option, pick_model, threads_option
 
 
 def _notice(console: Console, text: str) -> None:
@@ -18,17 +19,23 @@ def _notice(console: Console, text: str) -> None:
 
 
 def run_command(
-    model: Optional[str] = typer.Argument(None, help="GGUF path or models.yaml alias (default: the bundled model)"),
+    model: Optional[str] = model_argument(),
+    model_opt: Optional[str] = model_option(),
     prompt: Optional[str] = typer.Option(None, "-p", "--prompt", help="prompt; omit for interactive chat"),
     n_predict: int = typer.Option(128, "-n", "--n-predict", help="tokens to generate"),
     temp: float = typer.Option(0.0, "--temp", help="sampling temperature (0 = greedy)"),
     seed: int = typer.Option(0, "--seed"),
-    ctx: Optional[int] = typer.Option(None, "--ctx", help="context length (default: the model's, at most 4096)"),
+    ctx: Optional[int] = ctx_option(),
     gpu_budget: Optional[str] = typer.Option(None, "--gpu-budget", help="VRAM to use, e.g. 8GiB (default: free VRAM)"),
     hot: Optional[str] = typer.Option(None, "--hot", help='per-expert placement by hand: "layer:e,e;layer:e"'),
     plan: Optional[str] = typer.Option(None, "--plan", help="apply a plan YAML from `hybrid-gguf plan`"),
+    n_cpu_moe: Optional[int] = typer.Option(None, "--n-cpu-moe", min=0, show_default=False,
+                                            help="whole layers by hand: experts of the first N layers on the CPU"),
+    cpu_moe: bool = typer.Option(False, "--cpu-moe", help="whole layers by hand: every routed expert on the CPU"),
+    no_repack: bool = typer.Option(False, "--no-repack",
+                                   help="keep CPU weights in plain buffers (no AMX/extra buffer repacking)"),
     no_record: bool = typer.Option(False, "--no-record", help="do not record routing into the profile"),
-    threads: Optional[int] = typer.Option(None, "--threads", "-t"),
+    threads: Optional[int] = threads_option(),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of streaming text"),
     system: Optional[str] = typer.Option(None, "--system", help="system message of the interactive chat"),
     verbose: bool = typer.Option(False, "--verbose", help="show llama.cpp's log"),
@@ -38,8 +45,8 @@ def run_command(
     from ..model import HybridModel
 
     console = Console(stderr=True)
-    if hot and plan:
-        raise HybridError("--hot and --plan both choose the placement; pass one")
+    model = pick_model(model, model_opt)
+    check_placement_flags(hot, plan, n_cpu_moe, cpu_moe)
     if system is not None and prompt is not None:
         raise HybridError("--system is for the chat (run without -p); a -p prompt is raw text")
     limits.check_new_tokens(n_predict, "-n/--n-predict")
@@ -56,7 +63,8 @@ def run_command(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         hm = HybridModel(model, gpu_budget=gpu_budget, hot=hot_map, plan=plan, n_ctx=ctx, seed=seed,
-                         record=not no_record, n_threads=threads, verbose=verbose)
+                         record=not no_record, n_threads=threads, verbose=verbose,
+                         n_cpu_moe=n_cpu_moe, cpu_moe=cpu_moe, repack=not no_repack)
     for w in caught:
         _notice(console, f"warning: {w.message}")
     try:
@@ -79,11 +87,12 @@ def run_command(
             out.write(prompt)
             out.flush()
 
-            def on_text(piece: str) -> None:
-                out.write(piece)
-                out.flush()
-
-            res = hm.stream(prompt, max_tokens=n_predict, temperature=temp, on_text=on_text)
+            pieces = hm.stream(prompt, max_tokens=n_predict, temperature=temp)
+            with pieces:
+                for piece in pieces:
+                    out.write(piece)
+                    out.flush()
+            res = pieces.result
             out.write("\n")
         routing = hm.session_routing()
         with warnings.catch_warnings(record=True) as caught:
@@ -119,6 +128,14 @@ def run_command(
         raise typer.Exit(130)
     finally:
         hm.close(save_profile=False)
+
+
+def check_placement_flags(hot, plan, n_cpu_moe, cpu_moe) -> None:
+    """One way to choose the placement: --hot, --plan, --n-cpu-moe or --cpu-moe."""
+    given = [flag for flag, value in (("--hot", hot), ("--plan", plan), ("--n-cpu-moe", n_cpu_moe is not None),
+                                      ("--cpu-moe", cpu_moe)) if value]
+    if len(given) > 1:
+        raise HybridError(f"{' and '.join(given)} each choose the placement; pass one")
 
 
 def read_stdin_text() -> str:

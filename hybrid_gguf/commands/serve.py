@@ -10,21 +10,29 @@ import typer
 from rich.console import Console
 
 from ..errors import HybridError
+from .common import ctx_option, model_argument, model_option, pick_model, threads_option
+from .run import check_placement_flags
 
 
 def serve_command(
-    model: Optional[str] = typer.Argument(None, help="GGUF path or models.yaml alias (default: the bundled model)"),
+    model: Optional[str] = model_argument(),
+    model_opt: Optional[str] = model_option(),
     host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (the API has no authentication)"),
     port: int = typer.Option(8080, "--port", help="TCP port (0: any free one)"),
-    ctx: Optional[int] = typer.Option(None, "--ctx", help="context length (default: the model's, at most 4096)"),
+    ctx: Optional[int] = ctx_option(),
     gpu_budget: Optional[str] = typer.Option(None, "--gpu-budget", help="VRAM to use, e.g. 8GiB (default: free VRAM)"),
     hot: Optional[str] = typer.Option(None, "--hot", help='per-expert placement by hand: "layer:e,e;layer:e"'),
     plan: Optional[str] = typer.Option(None, "--plan", help="apply a plan YAML from `hybrid-gguf plan`"),
+    n_cpu_moe: Optional[int] = typer.Option(None, "--n-cpu-moe", min=0, show_default=False,
+                                            help="whole layers by hand: experts of the first N layers on the CPU"),
+    cpu_moe: bool = typer.Option(False, "--cpu-moe", help="whole layers by hand: every routed expert on the CPU"),
+    no_repack: bool = typer.Option(False, "--no-repack",
+                                   help="keep CPU weights in plain buffers (no AMX/extra buffer repacking)"),
     no_record: bool = typer.Option(False, "--no-record", help="do not record routing into the profile"),
     save_every: float = typer.Option(30.0, "--save-every",
                                      help="seconds between merges of the recorded routing into the profile"),
     max_queue: int = typer.Option(64, "--max-queue", help="requests waiting at most; more get a 503"),
-    threads: Optional[int] = typer.Option(None, "--threads", "-t"),
+    threads: Optional[int] = threads_option(),
     seed: int = typer.Option(0, "--seed"),
     verbose: bool = typer.Option(False, "--verbose", help="show llama.cpp's log and each request"),
 ) -> None:
@@ -39,8 +47,8 @@ def serve_command(
     def notice(text: str) -> None:
         console.print(f"[dim]{text}[/]", highlight=False, soft_wrap=True)
 
-    if hot and plan:
-        raise HybridError("--hot and --plan both choose the placement; pass one")
+    model = pick_model(model, model_opt)
+    check_placement_flags(hot, plan, n_cpu_moe, cpu_moe)
     if not 0 <= port <= 65535:
         raise HybridError(f"--port must be in 0..65535, got {port}")
     if save_every <= 0:
@@ -51,7 +59,8 @@ def serve_command(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         hm = HybridModel(model, gpu_budget=gpu_budget, hot=hot_map, plan=plan, n_ctx=ctx, seed=seed,
-                         record=not no_record, n_threads=threads, verbose=verbose)
+                         record=not no_record, n_threads=threads, verbose=verbose,
+                         n_cpu_moe=n_cpu_moe, cpu_moe=cpu_moe, repack=not no_repack)
     try:
         for w in caught:
             notice(f"warning: {w.message}")

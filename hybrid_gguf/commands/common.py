@@ -1,0 +1,47 @@
+"""Options every model-taking command shares: MODEL as a positional or -m/--model, -c/--ctx,
+-t/--threads; one resolver (models.resolve_model) and one context default (limits.DEFAULT_CTX)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from ..errors import HybridError
+
+MODEL_HELP = ("GGUF path, models.yaml alias, or a file in the Hugging Face cache "
+              "(org/repo:file.gguf)")
+
+
+def model_argument(help: str = MODEL_HELP):
+    return typer.Argument(None, help=help + " (default: the bundled model)", show_default=False)
+
+
+def model_option():
+    return typer.Option(None, "-m", "--model", help="the model, as an option (same as MODEL)",
+                        show_default=False)
+
+
+def ctx_option(what: str = "context length"):
+    from ..limits import DEFAULT_CTX
+
+    return typer.Option(None, "-c", "--ctx", show_default=False,
+                        help=f"{what} (default: the model's training context, at most {DEFAULT_CTX})")
+
+
+def threads_option():
+    return typer.Option(None, "-t", "--threads", help="CPU threads", show_default=False)
+
+
+def pick_model(positional: Optional[str], option: Optional[str]) -> Optional[str]:
+    """MODEL from the positional or -m/--model; both given and different is an error."""
+    if positional is not None and option is not None and positional != option:
+        raise HybridError(f"MODEL given twice: {positional!r} and -m/--model {option!r}; pass one")
+    return option if option is not None else positional
+
+
+def resolve(positional: Optional[str], option: Optional[str]):
+    """The ResolvedModel of a command's MODEL (positional or -m/--model)."""
+    from ..models import resolve_model
+
+    return resolve_model(pick_model(positional, option))
