@@ -187,30 +187,17 @@ def test_convert_refuses_pickles(tmp_path):
 def test_real_trace_replays_through_the_patch_override(synth_cache, require_patch_v3):
     """The gpt-oss-20b trace drives a model of its shape through the real kernels: the
     recorder sees exactly the trace's routing, and the preset it informs matches it."""
+    from routing_record import record_routing
+
     from hybrid_gguf import routing_process as rp
     from hybrid_gguf import synth
-    from hybrid_gguf.inventory import read_inventory
-    from hybrid_gguf.placement import load_llama
-    from hybrid_gguf.recorder import RoutingRecorder
-    from hybrid_gguf.replay import trace_from_routing
 
     trace = load_trace(DATA / "gpt-oss-20b_mixed10.npz")
     n = 384
     ids = trace.ids[:n]
     path = synth.ensure_synthetic(synth.SynthSpec(n_layer=24, n_expert=32, n_expert_used=4, n_embd=64,
                                                   n_head=2, head_dim=32, n_ff_exp=32, seed=5), synth_cache)
-    inv = read_inventory(path)
-    rec = RoutingRecorder(inv.n_layer, inv.n_expert, 4, trace_capacity=n * inv.n_layer)
-    llm = load_llama(path, None, context_patch=rec.attach(), route_trace=ids, n_ctx=n + 8, n_batch=64,
-                     n_ubatch=64, n_gpu_layers=0, verbose=False).llm
-    try:
-        tokens = [3 + (i * 37) % 250 for i in range(n)]
-        for start in range(0, n, 64):
-            llm.eval(tokens[start:start + 64])
-        seen = trace_from_routing(rec.snapshot().trace, inv.n_layer, inv.n_expert).ids
-    finally:
-        llm.close()
-        rec.close()
+    seen = record_routing(path, n, ids)
     # the last layer routes only kept rows during a prompt: compare the others
     assert np.array_equal(np.sort(seen[:, :-1], axis=2), np.sort(ids[:, :-1], axis=2))
     # the gpt-oss-like preset was fitted to this trace's statistics

@@ -4,10 +4,10 @@ patched llama.cpp (the recorder must see exactly the preset's routing)."""
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
+from routing_record import record_routing
 
 from hybrid_gguf import routing_process as rp
 from hybrid_gguf import synth
@@ -77,28 +77,11 @@ def _routed_spec(routing: str) -> synth.SynthSpec:
 
 
 def _record(path, n_tokens: int, route: bool = True):
-    """Evaluate n_tokens prompt tokens in batches of 64; the recorder's per-token trace."""
+    """What the recorder saw over n_tokens prompt tokens, and the model's trace (or None)."""
     from hybrid_gguf.inventory import read_inventory
-    from hybrid_gguf.placement import load_llama
-    from hybrid_gguf.recorder import RoutingRecorder
-    from hybrid_gguf.replay import trace_from_routing
 
-    inv = read_inventory(path)
-    rec = RoutingRecorder(inv.n_layer, inv.n_expert, 4, trace_capacity=n_tokens * inv.n_layer)
-    trace = rp.model_trace(inv, n_tokens + 8) if route else None
-    # scripts/gpu_eval.sh runs this file with the packs' device set to a GPU: all layers there
-    on_gpu = os.environ.get("HYBRID_GGUF_TEST_PACK_DEVICE", "CPU").upper() != "CPU"
-    llm = load_llama(path, None, context_patch=rec.attach(), route_trace=trace, n_ctx=n_tokens + 8,
-                     n_batch=64, n_ubatch=64, n_gpu_layers=-1 if on_gpu else 0, verbose=False).llm
-    try:
-        tokens = [3 + (i * 37) % 250 for i in range(n_tokens)]
-        for start in range(0, n_tokens, 64):
-            llm.eval(tokens[start:start + 64])
-        ids = trace_from_routing(rec.snapshot().trace, inv.n_layer, inv.n_expert).ids
-    finally:
-        llm.close()
-        rec.close()
-    return ids, trace
+    trace = rp.model_trace(read_inventory(path), n_tokens + 8) if route else None
+    return record_routing(path, n_tokens, trace), trace
 
 
 @pytest.mark.needs_patched
