@@ -33,6 +33,37 @@ def threads_option():
     return typer.Option(None, "-t", "--threads", help="CPU threads", show_default=False)
 
 
+# placement options of the commands that load a model for inference (run, serve)
+
+def gpu_budget_option():
+    return typer.Option(None, "--gpu-budget", help="VRAM to use, e.g. 8GiB (default: free VRAM)")
+
+
+def hot_option():
+    return typer.Option(None, "--hot", help='per-expert placement by hand: "layer:e,e;layer:e"')
+
+
+def plan_option():
+    return typer.Option(None, "--plan", help="apply a plan YAML from `hybrid-gguf plan`")
+
+
+def n_cpu_moe_option():
+    return typer.Option(None, "--n-cpu-moe", min=0, show_default=False,
+                        help="whole layers by hand: experts of the first N layers on the CPU")
+
+
+def cpu_moe_option():
+    return typer.Option(False, "--cpu-moe", help="whole layers by hand: every routed expert on the CPU")
+
+
+def no_repack_option():
+    return typer.Option(False, "--no-repack", help="keep CPU weights in plain buffers (no AMX/extra buffer repacking)")
+
+
+def no_record_option():
+    return typer.Option(False, "--no-record", help="do not record routing into the profile")
+
+
 def pick_model(positional: Optional[str], option: Optional[str]) -> Optional[str]:
     """MODEL from the positional or -m/--model; both given and different is an error."""
     if positional is not None and option is not None and positional != option:

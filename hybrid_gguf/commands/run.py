@@ -11,7 +11,9 @@ import typer
 from rich.console import Console
 
 from ..errors import HybridError
-from .common import ctx_option, model_argument, model_option, pick_model, threads_option
+from .common import (cpu_moe_option, ctx_option, gpu_budget_option, hot_option, model_argument, model_option,
+                     n_cpu_moe_option, no_record_option, no_repack_option, pick_model, plan_option,
+                     threads_option)
 
 
 def _notice(console: Console, text: str) -> None:
@@ -26,15 +28,13 @@ def run_command(
     temp: float = typer.Option(0.0, "--temp", help="sampling temperature (0 = greedy)"),
     seed: int = typer.Option(0, "--seed"),
     ctx: Optional[int] = ctx_option(),
-    gpu_budget: Optional[str] = typer.Option(None, "--gpu-budget", help="VRAM to use, e.g. 8GiB (default: free VRAM)"),
-    hot: Optional[str] = typer.Option(None, "--hot", help='per-expert placement by hand: "layer:e,e;layer:e"'),
-    plan: Optional[str] = typer.Option(None, "--plan", help="apply a plan YAML from `hybrid-gguf plan`"),
-    n_cpu_moe: Optional[int] = typer.Option(None, "--n-cpu-moe", min=0, show_default=False,
-                                            help="whole layers by hand: experts of the first N layers on the CPU"),
-    cpu_moe: bool = typer.Option(False, "--cpu-moe", help="whole layers by hand: every routed expert on the CPU"),
-    no_repack: bool = typer.Option(False, "--no-repack",
-                                   help="keep CPU weights in plain buffers (no AMX/extra buffer repacking)"),
-    no_record: bool = typer.Option(False, "--no-record", help="do not record routing into the profile"),
+    gpu_budget: Optional[str] = gpu_budget_option(),
+    hot: Optional[str] = hot_option(),
+    plan: Optional[str] = plan_option(),
+    n_cpu_moe: Optional[int] = n_cpu_moe_option(),
+    cpu_moe: bool = cpu_moe_option(),
+    no_repack: bool = no_repack_option(),
+    no_record: bool = no_record_option(),
     threads: Optional[int] = threads_option(),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of streaming text"),
     system: Optional[str] = typer.Option(None, "--system", help="system message of the interactive chat"),

@@ -10,7 +10,9 @@ import typer
 from rich.console import Console
 
 from ..errors import HybridError
-from .common import ctx_option, model_argument, model_option, pick_model, threads_option
+from .common import (cpu_moe_option, ctx_option, gpu_budget_option, hot_option, model_argument, model_option,
+                     n_cpu_moe_option, no_record_option, no_repack_option, pick_model, plan_option,
+                     threads_option)
 from .run import check_placement_flags
 
 
@@ -20,15 +22,13 @@ def serve_command(
     host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (the API has no authentication)"),
     port: int = typer.Option(8080, "--port", help="TCP port (0: any free one)"),
     ctx: Optional[int] = ctx_option(),
-    gpu_budget: Optional[str] = typer.Option(None, "--gpu-budget", help="VRAM to use, e.g. 8GiB (default: free VRAM)"),
-    hot: Optional[str] = typer.Option(None, "--hot", help='per-expert placement by hand: "layer:e,e;layer:e"'),
-    plan: Optional[str] = typer.Option(None, "--plan", help="apply a plan YAML from `hybrid-gguf plan`"),
-    n_cpu_moe: Optional[int] = typer.Option(None, "--n-cpu-moe", min=0, show_default=False,
-                                            help="whole layers by hand: experts of the first N layers on the CPU"),
-    cpu_moe: bool = typer.Option(False, "--cpu-moe", help="whole layers by hand: every routed expert on the CPU"),
-    no_repack: bool = typer.Option(False, "--no-repack",
-                                   help="keep CPU weights in plain buffers (no AMX/extra buffer repacking)"),
-    no_record: bool = typer.Option(False, "--no-record", help="do not record routing into the profile"),
+    gpu_budget: Optional[str] = gpu_budget_option(),
+    hot: Optional[str] = hot_option(),
+    plan: Optional[str] = plan_option(),
+    n_cpu_moe: Optional[int] = n_cpu_moe_option(),
+    cpu_moe: bool = cpu_moe_option(),
+    no_repack: bool = no_repack_option(),
+    no_record: bool = no_record_option(),
     save_every: float = typer.Option(30.0, "--save-every",
                                      help="seconds between merges of the recorded routing into the profile"),
     max_queue: int = typer.Option(64, "--max-queue", help="requests waiting at most; more get a 503"),
