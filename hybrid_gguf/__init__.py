@@ -2,9 +2,6 @@
 
 __version__ = "0.1.0"
 
-import sys as _sys
-import types as _types
-
 try:
     # Load libllama before numpy: on the GPU machine's Python 3.12 the reverse order made
     # model loading segfault (a C++ runtime clash; docs/benchmarks.md, 2026-11-30).
@@ -25,11 +22,11 @@ def plan(model=None, gpu_budget=None, n_ctx=None, **kwargs):
     the model's training context, at most limits.DEFAULT_CTX, as every command does).
     Returns autoplan.AutoPlan (.plan, .diff, .notes); the keyword arguments are
     autoplan.plan_model's."""
-    from .autoplan import plan_model
-    from .inventory import read_inventory
-    from .limits import default_ctx
-    from .models import resolve_model
-    from .sizes import parse_size
+    from hybrid_gguf.planning.autoplan import plan_model
+    from hybrid_gguf.header.inventory import read_inventory
+    from hybrid_gguf.limits import default_ctx
+    from hybrid_gguf.models import resolve_model
+    from hybrid_gguf.sizes import parse_size
 
     resolved = resolve_model(None if model is None else str(model))
     budget = None if gpu_budget is None else parse_size(gpu_budget)
@@ -41,15 +38,15 @@ def plan(model=None, gpu_budget=None, n_ctx=None, **kwargs):
 def __getattr__(name):
     # the API's nouns, imported on first use so `import hybrid_gguf` stays cheap
     if name == "HybridModel":
-        from .model import HybridModel
+        from hybrid_gguf.model import HybridModel
 
         return HybridModel
     if name == "inspect":
-        from .inventory import read_inventory
+        from hybrid_gguf.header.inventory import read_inventory
 
         return read_inventory
     if name == "list_devices":
-        from .devices import list_devices
+        from hybrid_gguf.llama.devices import list_devices
 
         return list_devices
     raise AttributeError(f"module 'hybrid_gguf' has no attribute {name!r}")
@@ -57,17 +54,3 @@ def __getattr__(name):
 
 def __dir__():
     return sorted(set(globals()) | set(__all__))
-
-
-class _Package(_types.ModuleType):
-    # Importing the submodule hybrid_gguf.plan (the plan file format) makes the import
-    # system set the package attribute `plan` to that module, which would replace the API
-    # function above after its first use. Keep the function; the module stays reachable
-    # as `from hybrid_gguf.plan import Plan` and through sys.modules.
-    def __setattr__(self, name, value):
-        if name == "plan" and isinstance(value, _types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-_sys.modules[__name__].__class__ = _Package

@@ -134,7 +134,7 @@ def trim_to_fit(template: ChatTemplate, messages: List[dict], n_ctx: int, max_to
 
 
 def history_path() -> Path:
-    from .paths import chat_history_path
+    from hybrid_gguf.paths import chat_history_path
 
     return chat_history_path()
 

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from .errors import HybridError
+from hybrid_gguf.errors import HybridError
 
 app = typer.Typer(
     name="hybrid-gguf",
@@ -31,7 +31,7 @@ _COMMAND_MODULES = ("run", "inspect", "profile", "plan", "bench", "serve", "stat
 
 def _version_callback(value: bool) -> None:
     if value:
-        from . import __version__
+        from hybrid_gguf import __version__
 
         typer.echo(f"hybrid-gguf {__version__}")
         raise typer.Exit()
@@ -76,7 +76,7 @@ def print_error(message: str) -> None:
 
 
 def main() -> None:
-    from .llama_log import set_abort_exit_status
+    from hybrid_gguf.llama.log import set_abort_exit_status
 
     set_abort_exit_status(ABORT_EXIT_STATUS)
     try:

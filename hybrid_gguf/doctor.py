@@ -12,7 +12,7 @@ import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 
-from . import __version__, paths
+from hybrid_gguf import __version__, paths
 
 
 @dataclass
@@ -37,7 +37,7 @@ class Report:
 
 
 def _backend(report: Report) -> None:
-    from . import backend as build
+    from hybrid_gguf import backend as build
 
     info: dict = {"installed": False}
     report.backend = info
@@ -56,7 +56,7 @@ def _backend(report: Report) -> None:
     except metadata.PackageNotFoundError:  # a --dev-tree build on PYTHONPATH
         info["version"] = getattr(llama_cpp, "__version__", "?")
     info["location"] = os.path.dirname(llama_cpp.__file__)
-    from . import hybrid_backend
+    from hybrid_gguf.llama import hybrid as hybrid_backend
 
     cap = hybrid_backend.capability()
     info["patched"] = cap.per_expert
@@ -91,7 +91,7 @@ def _backend(report: Report) -> None:
 
 
 def _cpu(report: Report) -> None:
-    from .cpu_features import cpu_report
+    from hybrid_gguf.llama.cpu_features import cpu_report
 
     report.cpu = cpu_report()
     report.cpu["model"] = _cpu_model()
@@ -112,7 +112,7 @@ def _recorder(report: Report) -> None:
     if not report.backend.get("installed"):
         report.recorder = {"builds": False, "error": "no backend"}
         return
-    from .native import build
+    from hybrid_gguf.llama.native import build
 
     try:
         built = build.build_recorder()
@@ -145,7 +145,7 @@ def _paths(report: Report) -> None:
             f"{old.name} of an older hybrid-gguf are still in the cache ({old})",
             f"mkdir -p {new} && cp -rn {old}/. {new}/ && rm -r {old}"))
     try:
-        from .models import models_yaml_path
+        from hybrid_gguf.models import models_yaml_path
 
         if not models_yaml_path().is_file():
             report.problems.append(Problem(f"models.yaml is missing ({models_yaml_path()})",
@@ -158,7 +158,7 @@ def _devices(report: Report) -> None:
     if not report.backend.get("installed"):
         return
     try:
-        from .devices import list_devices
+        from hybrid_gguf.llama.devices import list_devices
 
         for d in list_devices():
             report.devices.append({"name": d.name, "type": d.type, "description": d.description,

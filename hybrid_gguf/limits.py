@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping, Optional
 
-from .errors import HybridError
+from hybrid_gguf.errors import HybridError
 
 GGML_MAX_N_THREADS = 512
 MIN_CTX = 8
@@ -85,7 +85,7 @@ def check_new_tokens(n: Any, name: str = "max_tokens") -> None:
 
 def available_memory() -> int:
     """Host RAM available plus the free memory of every GPU llama.cpp sees."""
-    from .devices import cpu_ram, gpu_devices
+    from hybrid_gguf.llama.devices import cpu_ram, gpu_devices
 
     total = cpu_ram().available_bytes
     try:
@@ -98,8 +98,8 @@ def available_memory() -> int:
 def check_context_memory(inventory, n_ctx: int, n_ubatch: int = 512, flash_attn: bool = False,
                          type_k: str = "f16", type_v: str = "f16", name: str = "n_ctx") -> None:
     """Refuse a context whose KV cache and compute buffer cannot fit the memory there is."""
-    from .memory_model import estimate_compute_bytes, kv_cache_bytes
-    from .sizes import format_size
+    from hybrid_gguf.planning.memory import estimate_compute_bytes, kv_cache_bytes
+    from hybrid_gguf.sizes import format_size
 
     try:
         kv = kv_cache_bytes(inventory, n_ctx, type_k, type_v)
@@ -122,7 +122,7 @@ def _cache_name(value: Any) -> str:
     if isinstance(value, str):
         return value.lower()
     if _CACHE_NAMES is None:
-        from .memory_model import CACHE_TYPE_IDS
+        from hybrid_gguf.planning.memory import CACHE_TYPE_IDS
 
         _CACHE_NAMES = {v: k for k, v in CACHE_TYPE_IDS.items()}
     return _CACHE_NAMES.get(value, "f16")

@@ -11,12 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
-from . import devices as devices_mod
-from . import hybrid_backend, limits, routing_process
-from .errors import HybridError
-from .inventory import Inventory, read_inventory
-from .models import ResolvedModel, resolve_model
-from .sizes import format_size, parse_size
+from hybrid_gguf.llama import devices as devices_mod
+from hybrid_gguf import limits
+from hybrid_gguf.llama import hybrid as hybrid_backend
+from hybrid_gguf.routing import process as routing_process
+from hybrid_gguf.errors import HybridError
+from hybrid_gguf.header.inventory import Inventory, read_inventory
+from hybrid_gguf.models import ResolvedModel, resolve_model
+from hybrid_gguf.sizes import format_size, parse_size
 
 # Always-on recording observes one decoded token in this many (as bursts of 8 closing every
 # 8 * stride tokens, recorder.DecodeSampler). On the H200 (48 layers, docs/benchmarks.md)
@@ -176,7 +178,7 @@ class HybridModel:
         if self.recorder is not None:
             self._check_profile_store()
 
-        from .placement import load_llama
+        from hybrid_gguf.llama.loader import load_llama
 
         kwargs: dict[str, Any] = dict(n_ctx=n_ctx, n_batch=n_batch, seed=seed, verbose=verbose,
                                       n_gpu_layers=summary.n_gpu_layers)
@@ -208,7 +210,7 @@ class HybridModel:
     # -- placement -----------------------------------------------------------------------
 
     def _choose_placement(self, budget, hot, plan, n_ctx, pack_device, auto_plan):
-        from . import placement as pl
+        from hybrid_gguf.llama import loader as pl
 
         inv = self.inventory
         notices: list[str] = []
@@ -270,7 +272,7 @@ class HybridModel:
 
     def _manual_placement(self, n_cpu, budget):
         """--n-cpu-moe N / --cpu-moe: whole layers' experts on the CPU, chosen by the user."""
-        from . import placement as pl
+        from hybrid_gguf.llama import loader as pl
 
         inv = self.inventory
         flag = "--cpu-moe" if n_cpu is None else f"--n-cpu-moe {n_cpu}"
@@ -294,7 +296,7 @@ class HybridModel:
         return placement, None, _summary(mode, desc, placement.n_gpu_layers, {}, None, notices, None)
 
     def _placement_from_plan(self, plan, notices, gpus):
-        from .plan import Plan
+        from hybrid_gguf.planning.plan import Plan
 
         if isinstance(plan, (str, Path)):
             source = str(plan)
@@ -332,7 +334,7 @@ class HybridModel:
 
     def _auto_plan(self, budget, n_ctx, notices, gpus):
         """Plan from the stored routing profile, keep it for the next session, say what changed."""
-        from .autoplan import default_plan_path, plan_model
+        from hybrid_gguf.planning.autoplan import default_plan_path, plan_model
 
         out = default_plan_path(self.inventory.fingerprint)
         auto = plan_model(self.path, budget, n_ctx, out=out, inventory=self.inventory)
@@ -345,7 +347,7 @@ class HybridModel:
     # -- recording -----------------------------------------------------------------------
 
     def _make_recorder(self):
-        from .recorder import RecorderUnavailable, RoutingRecorder
+        from hybrid_gguf.llama.recorder import RecorderUnavailable, RoutingRecorder
 
         inv = self.inventory
         try:
@@ -358,7 +360,7 @@ class HybridModel:
         """Fail before loading, not after generating, when the session could not be saved:
         a store that is not a directory, or a stored profile of another model. A corrupt
         one is moved aside now (with a notice) rather than at the end."""
-        from .profile import ProfileStore
+        from hybrid_gguf.routing.profile import ProfileStore
 
         store = self._profile_store or ProfileStore()
         with warnings.catch_warnings(record=True) as caught:
@@ -448,7 +450,7 @@ class HybridModel:
     def _save_profile(self) -> Optional[Any]:
         if self.recorder is None:
             return None
-        from .profile import ProfileStore, RoutingProfile
+        from hybrid_gguf.routing.profile import ProfileStore, RoutingProfile
 
         snap = self.recorder.snapshot(trace=False)
         if int(snap.counts.sum()) == 0:
@@ -652,7 +654,7 @@ def _gpu_experts(inv: Inventory, placement, hot: Mapping[int, Sequence[int]], n_
                  pack_device: Optional[str]) -> dict:
     """{layer: experts in GPU memory} of a placement on a machine with a GPU: hot packs on a
     GPU device plus layers whose expert tensors no rule keeps on the host."""
-    from .memory_model import is_host
+    from hybrid_gguf.planning.memory import is_host
 
     on_gpu_pack = pack_device is not None and not is_host(pack_device)
     out = {int(l): [int(e) for e in es] for l, es in hot.items() if es and on_gpu_pack}

@@ -9,7 +9,7 @@ from typing import Optional
 
 import yaml
 
-from .errors import HybridError
+from hybrid_gguf.errors import HybridError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 # bundled `file:` entries are relative to the directory that holds the package (the
@@ -23,7 +23,7 @@ def models_yaml_path() -> Path:
     env = os.environ.get("HYBRID_GGUF_MODELS_YAML")
     if env:
         return Path(env).expanduser()
-    from .paths import package_file
+    from hybrid_gguf.paths import package_file
 
     return package_file("data", "models.yaml")
 
@@ -115,7 +115,7 @@ def _bundled(name: str, entry: dict) -> ResolvedModel:
         if "fallback_synthetic" not in entry:
             raise HybridError(f"bundled model {name!r} is missing its file {path}")
     preset_name = entry.get("synthetic") or entry.get("fallback_synthetic")
-    from .synth import ensure_synthetic, preset
+    from hybrid_gguf.synth import ensure_synthetic, preset
 
     return ResolvedModel(ensure_synthetic(preset(preset_name)), name, "synthetic")
 

@@ -96,7 +96,7 @@ class ModelService:
 
     def __init__(self, hm, *, model_id: Optional[str] = None, save_every: float = 30.0,
                  max_queue: int = 64, profile_store: Any = None) -> None:
-        from .chat import ChatTemplate
+        from hybrid_gguf.chat import ChatTemplate
 
         self.hm = hm
         self.llm = hm.llm
@@ -118,7 +118,7 @@ class ModelService:
         self._meter = _Meter()
         self._install_meter()
         self.on_closed = lambda service: None  # told once the model is freed
-        from .devices import gpu_devices
+        from hybrid_gguf.llama.devices import gpu_devices
 
         self._gpu_names = {g.name for g in gpu_devices()}
 
@@ -261,7 +261,7 @@ class ModelService:
         rec = self.hm.recorder
         if rec is None or self._closed:
             return None
-        from .profile import ProfileStore, RoutingProfile
+        from hybrid_gguf.routing.profile import ProfileStore, RoutingProfile
 
         snap = rec.snapshot(trace=False)
         if int(snap.counts.sum()) == 0:
@@ -329,7 +329,7 @@ class ModelService:
 
     def status(self) -> dict:
         hm = self.hm
-        from .memory_model import is_host
+        from hybrid_gguf.planning.memory import is_host
 
         with self._stats_lock:
             s = self.stats
@@ -350,7 +350,7 @@ class ModelService:
         def rate(hits, sel):
             return hits / sel if sel else None
 
-        from .profile import ProfileStore
+        from hybrid_gguf.routing.profile import ProfileStore
 
         store = self.store or ProfileStore()
         return {
@@ -610,7 +610,7 @@ def serve_forever(service: ModelService, host: str, port: int, *, on_ready=None,
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        from .errors import HybridError
+        from hybrid_gguf.errors import HybridError
 
         raise HybridError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     sock.listen(128)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 
-from .errors import HybridError
+from hybrid_gguf.errors import HybridError
 
 _UNITS = {
     "": 1,

@@ -8,12 +8,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from .errors import HybridError
+from hybrid_gguf.errors import HybridError
 
 
 def _plans(plans_dir: Path) -> dict:
     """{fingerprint: (path, Plan)} of readable plans; the newest file per fingerprint."""
-    from .plan import Plan
+    from hybrid_gguf.planning.plan import Plan
 
     out: dict = {}
     if not plans_dir.is_dir():
@@ -31,7 +31,7 @@ def _plans(plans_dir: Path) -> dict:
 def _hot_per_device(plan) -> dict:
     """{device: experts in its memory}: the hot packs, plus layers kept whole (these need the
     model's header; without the file only the packs are counted)."""
-    from .inventory import read_inventory
+    from hybrid_gguf.header.inventory import read_inventory
 
     default = plan.devices[0].name if plan.devices else "GPU"
     out: dict = {}
@@ -54,8 +54,8 @@ def _hot_per_device(plan) -> dict:
 
 def collect(store_root: Optional[Path] = None, plans_dir: Optional[Path] = None) -> list:
     """One dict per model fingerprint found in the store or the plans directory."""
-    from .paths import plans_dir as default_plans_dir
-    from .profile import ProfileStore
+    from hybrid_gguf.paths import plans_dir as default_plans_dir
+    from hybrid_gguf.routing.profile import ProfileStore
 
     store = ProfileStore(store_root)
     plans = _plans(plans_dir if plans_dir is not None else default_plans_dir())

@@ -38,8 +38,8 @@ from typing import Callable, Optional, Union
 
 import numpy as np
 
-from .atomic import publish
-from .errors import HybridError
+from hybrid_gguf.atomic import publish
+from hybrid_gguf.errors import HybridError
 
 SYNTH_VERSION = 2
 KEY_PREFIX = "hybrid_gguf.synth."
@@ -134,7 +134,7 @@ class SynthSpec:
         if self.zipf < 0 or self.router_noise < 0:
             bad("zipf and router_noise must not be negative")
         if self.routing:
-            from .routing_process import preset as routing_preset
+            from hybrid_gguf.routing.process import preset as routing_preset
 
             if not self.is_moe:
                 bad("a routing preset needs routed experts")
@@ -207,7 +207,7 @@ def designed_logit_offsets(spec: SynthSpec) -> np.ndarray:
 
 def read_popularity(path: Union[str, os.PathLike]) -> Optional[np.ndarray]:
     """The (n_layer, n_expert) popularity table of a synthetic file, or None."""
-    from .inventory import read_inventory  # its header reader is fast on real vocabularies
+    from hybrid_gguf.header.inventory import read_inventory  # its header reader is fast on real vocabularies
 
     meta = read_inventory(path).metadata
     if meta.get(KEY_POPULARITY) is None or meta.get(KEY_SPEC) is None:
@@ -442,7 +442,7 @@ def _add_metadata(writer, spec: SynthSpec, file_type: int) -> None:
     writer.add_string(KEY_SPEC, json.dumps(spec.to_dict(), sort_keys=True))
     writer.add_uint32(KEY_VERSION, SYNTH_VERSION)
     if spec.routing:
-        from .routing_process import ROUTING_KEY
+        from hybrid_gguf.routing.process import ROUTING_KEY
 
         writer.add_string(ROUTING_KEY, spec.routing)
         writer.add_uint32(ROUTING_KEY + ".seed", int(spec.seed) & 0xFFFFFFFF)
@@ -553,7 +553,7 @@ def write_synthetic_moe(path: Union[str, os.PathLike], spec: SynthSpec, *,
 
 
 def default_cache_dir() -> Path:
-    from . import paths
+    from hybrid_gguf import paths
 
     return paths.synth_dir()
 

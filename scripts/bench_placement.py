@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Time expert placements of one model at one or more VRAM budgets (see hybrid_gguf/bench.py).
+"""Time expert placements of one model at one or more VRAM budgets (see hybrid_gguf/bench/runner.py).
 
 Profiles routing on Python stdlib sources of some packages and times on others, then prints
 prompt/decode tokens/s, hit rate and VRAM per placement, and the per-expert / whole-layer ratio.
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import llama_cpp  # noqa: F401  (load libllama before numpy-heavy imports; see the notes)
 
-from hybrid_gguf.bench import run_budgets, stdlib_workloads
-from hybrid_gguf.inventory import read_inventory
+from hybrid_gguf.bench.runner import run_budgets, stdlib_workloads
+from hybrid_gguf.header.inventory import read_inventory
 from hybrid_gguf.sizes import parse_size
 
 def main() -> int:

@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import numpy as np
 
-    from hybrid_gguf.recorder import RoutingRecorder, recorder_status
+    from hybrid_gguf.llama.recorder import RoutingRecorder, recorder_status
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = set(modes) - {"off", "on", "full", "sampled"}

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Convert published per-token MoE routing logs to the project's trace format (.npz).
 
-The output is what hybrid_gguf.replay.load_trace reads: `ids` [n_tokens, n_layer, k]
+The output is what hybrid_gguf.routing.replay.load_trace reads: `ids` [n_tokens, n_layer, k]
 (expert ids, -1 where a layer did not route the token; stored in the smallest signed
 integer type that holds them) and `n_expert`. Several input files are concatenated in the
 order given, as if one server had answered those requests one after the other.
@@ -162,12 +162,12 @@ def trace_stats(ids: np.ndarray, n_expert: int) -> dict:
     """routing_stats.workload_stats of a trace where the project has it; else the same
     quantities computed here (coverage of the top 10/25/50 % of each layer's experts, top-1
     share, adjacent-token overlap, replay at 25 % of the experts resident)."""
-    from hybrid_gguf.replay import Trace, replay
+    from hybrid_gguf.routing.replay import Trace, replay
 
     ids = np.asarray(ids, dtype=np.int32)
     counts, _ = Trace(ids, n_expert).counts()
     try:
-        from hybrid_gguf.routing_stats import workload_stats
+        from hybrid_gguf.routing.stats import workload_stats
     except ImportError:
         workload_stats = None
     if workload_stats is not None:

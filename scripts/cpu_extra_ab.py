@@ -34,8 +34,8 @@ def cpu_flags() -> list[str]:
 def measure(path: str, extra: bool, pp: int, tg: int, reps: int, threads: int | None) -> dict:
     import llama_cpp
 
-    from hybrid_gguf.llama_hooks import construct_llama
-    from hybrid_gguf.llama_log import capture_llama_log
+    from hybrid_gguf.llama.hooks import construct_llama
+    from hybrid_gguf.llama.log import capture_llama_log
 
     def patch(params):
         params.use_extra_bufts = extra

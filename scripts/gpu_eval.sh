@@ -61,7 +61,7 @@ if has build; then
 fi
 [ -d /tmp/lldev/src/llama_cpp/lib ] && export PYTHONPATH=/tmp/lldev/src:$PYTHONPATH
 
-python3 -c "import llama_cpp; from hybrid_gguf import hybrid_backend as h; print('llama_cpp', llama_cpp.__version__, h.capability())"
+python3 -c "import llama_cpp; from hybrid_gguf.llama import hybrid as h; print('llama_cpp', llama_cpp.__version__, h.capability())"
 
 if has diag; then
     log "split diagnostics: which chain differs from a numpy reference"
@@ -126,8 +126,8 @@ if has probeshapes; then
     log "probe shapes: tiny2, deep16, wide8"
     python3 -c "
 import llama_cpp, json
-from hybrid_gguf.gpu_probe import measure_probe
-from hybrid_gguf.bench_model import bench_spec, write_bench_model
+from hybrid_gguf.bench.probe import measure_probe
+from hybrid_gguf.bench.model_maker import bench_spec, write_bench_model
 small = dict(n_embd=1024, n_head=16, n_head_kv=4, head_dim=64, n_expert=32, n_expert_used=8, n_ff_exp=256)
 out = {}
 for name, preset, kw in [('tiny2', 'qwen3-30b-a3b-like', dict(small, n_layer=2)),
@@ -222,11 +222,11 @@ if has plan; then
     if [ -n "${CALIBRATION:-}" ]; then
         # a calibration fitted by "bench" in an earlier call (the machine may be a fresh one
         # of the same kind): stored under this machine's id for `plan`
-        python3 -c "import json, sys; from dataclasses import replace; from hybrid_gguf import predict as p
+        python3 -c "import json, sys; from dataclasses import replace; from hybrid_gguf.planning import speed as p
 bw = p.Bandwidth.from_dict(json.load(open(sys.argv[1]))); p.save_calibration(replace(bw, machine=p.machine_id()))
 print('calibration from', sys.argv[1], bw.machine)" "$CALIBRATION"
     fi
-    python3 -c "from hybrid_gguf.bench import package_text, PROFILE_PACKAGES as P, EVAL_PACKAGES as E
+    python3 -c "from hybrid_gguf.bench.runner import package_text, PROFILE_PACKAGES as P, EVAL_PACKAGES as E
 open('/tmp/prof.txt', 'w').write(package_text(P, 8000)); open('/tmp/eval.txt', 'w').write(package_text(E, 3000))"
     # short prompts and sampled decodes, like the timed runs below (prefill of source text
     # routes differently from sampled tokens of random weights); profiled on the GPU

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Write a large synthetic MoE GGUF for speed benchmarks (see hybrid_gguf/bench_model.py).
+"""Write a large synthetic MoE GGUF for speed benchmarks (see hybrid_gguf/bench/model_maker.py).
 
 Routed experts are random Q4_K / Q8_0 blocks written directly (no float weights,
 no quantizer); everything else, the designed routing skew included, is synth.py's.
@@ -27,11 +27,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hybrid_gguf.bench_model import (  # noqa: E402
+from hybrid_gguf.bench.model_maker import (  # noqa: E402
     EXPERT_TYPES, bench_spec, preset_names, write_bench_model,
 )
 from hybrid_gguf.errors import HybridError  # noqa: E402
-from hybrid_gguf.routing_process import PRESETS as ROUTING_PRESETS  # noqa: E402
+from hybrid_gguf.routing.process import PRESETS as ROUTING_PRESETS  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -20,13 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
-from hybrid_gguf.bench_model import bench_spec
-from hybrid_gguf.inventory import read_inventory
-from hybrid_gguf.memory_model import MemoryOptions
-from hybrid_gguf.plan import DeviceBudget
-from hybrid_gguf.planner import make_plan
-from hybrid_gguf.predict import Bandwidth
-from hybrid_gguf.profile import RoutingProfile
+from hybrid_gguf.bench.model_maker import bench_spec
+from hybrid_gguf.header.inventory import read_inventory
+from hybrid_gguf.planning.memory import MemoryOptions
+from hybrid_gguf.planning.plan import DeviceBudget
+from hybrid_gguf.planning.planner import make_plan
+from hybrid_gguf.planning.speed import Bandwidth
+from hybrid_gguf.routing.profile import RoutingProfile
 from hybrid_gguf.sizes import format_size, parse_size
 from hybrid_gguf.synth import write_synthetic_moe
 

@@ -24,7 +24,7 @@ import argparse
 import json
 from dataclasses import replace
 
-from hybrid_gguf.predict import Bandwidth, RunTerms, fit_decode
+from hybrid_gguf.planning.speed import Bandwidth, RunTerms, fit_decode
 
 
 def bench_terms(budget: dict, totals: dict) -> list:

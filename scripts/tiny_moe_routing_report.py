@@ -4,7 +4,7 @@
     .venv/bin/python scripts/tiny_moe_routing_report.py \
         --png docs/img/tiny-moe-routing.png --json /tmp/tiny-moe-routing.json
 
-Routing comes from the numpy reference forward (hybrid_gguf/tiny_moe_reference.py), which
+Routing comes from the numpy reference forward (scripts/tiny_moe/reference.py), which
 tests/test_tiny_moe.py holds equal to llama.cpp's top-k selections. Each package is read
 as fixed, evenly spread 256-token windows. Prints markdown tables for docs/tiny-model.md.
 """
@@ -21,8 +21,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from hybrid_gguf import stdlib_corpus as corpus  # noqa: E402
-from hybrid_gguf import tiny_moe_reference as ref  # noqa: E402
+from scripts.tiny_moe import corpus  # noqa: E402
+from scripts.tiny_moe import reference as ref  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "hybrid_gguf", "data")
 # Training packages to show next to the held-out ones: large ones of distinct character.

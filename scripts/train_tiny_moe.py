@@ -34,8 +34,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from hybrid_gguf import stdlib_corpus as corpus  # noqa: E402
-from hybrid_gguf.tiny_moe_export import TinyMoeConfig, tensor_shapes, write_gguf  # noqa: E402
+from scripts.tiny_moe import corpus  # noqa: E402
+from scripts.tiny_moe.export import TinyMoeConfig, tensor_shapes, write_gguf  # noqa: E402
 
 # Held-out workloads: never seen in training. Chosen to span kinds of text: async network
 # code, parsers, SQL glue, prose (pydoc_data is the help topics' English text), a CLI
@@ -216,7 +216,7 @@ def eval_bits_per_byte(p, cfg, windows: np.ndarray, rope, batch: int = 16) -> Tu
 
 def check_against_reference(gguf_path: str, p_trained, cfg: TinyMoeConfig, seqs: np.ndarray) -> dict:
     """Numpy reference forward on the GGUF vs this torch forward on the same (F16-rounded) weights."""
-    from hybrid_gguf import tiny_moe_reference as ref
+    from scripts.tiny_moe import reference as ref
 
     model = ref.load(gguf_path)
     p = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in model.weights.items()}

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 
-from hybrid_gguf import paths, synth
+# the repository root: scripts.tiny_moe (the training tools, outside the package)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from hybrid_gguf import paths, synth  # noqa: E402
 
 # Tests never touch the user's profiles and plans: the run gets a data directory of its own.
 # The cache (compiled recorder, synthetic models, wheels) stays shared; fixed before HOME moves.
@@ -66,7 +70,7 @@ def require_patch_v3():
     import os
 
     pytest.importorskip("llama_cpp")
-    from hybrid_gguf import hybrid_backend
+    from hybrid_gguf.llama import hybrid as hybrid_backend
 
     version = hybrid_backend.capability().version
     if version < 3:

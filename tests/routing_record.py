@@ -11,10 +11,10 @@ import numpy as np
 def record_routing(path, n_tokens: int, route_trace=None) -> np.ndarray:
     """Evaluate n_tokens prompt tokens in batches of 64; the recorder's [n_tokens, n_layer, k]
     expert ids (-1 where a layer did not route a token)."""
-    from hybrid_gguf.inventory import read_inventory
-    from hybrid_gguf.placement import load_llama
-    from hybrid_gguf.recorder import RoutingRecorder
-    from hybrid_gguf.replay import trace_from_routing
+    from hybrid_gguf.header.inventory import read_inventory
+    from hybrid_gguf.llama.loader import load_llama
+    from hybrid_gguf.llama.recorder import RoutingRecorder
+    from hybrid_gguf.routing.replay import trace_from_routing
 
     inv = read_inventory(path)
     used = inv.n_expert_used if isinstance(inv.n_expert_used, int) else max(inv.n_expert_used)

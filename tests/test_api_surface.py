@@ -16,8 +16,8 @@ def test_all_lists_the_api():
 
 def test_plan_stays_callable_after_the_plan_module_is_imported(tiny_model, tmp_path, monkeypatch):
     monkeypatch.setenv("HYBRID_GGUF_HOME", str(tmp_path))
-    import hybrid_gguf.plan  # noqa: F401  the plan-file module
-    from hybrid_gguf.plan import Plan
+    import hybrid_gguf.planning.plan  # noqa: F401  the plan-file module
+    from hybrid_gguf.planning.plan import Plan
 
     assert callable(hybrid_gguf.plan) and not isinstance(hybrid_gguf.plan, types.ModuleType)
     first = hybrid_gguf.plan(tiny_model, "8MiB", 512, calibrate=False, measure=False)

@@ -16,10 +16,10 @@ import gguf
 import numpy as np
 import pytest
 
-from hybrid_gguf import bench_model as bm
+from hybrid_gguf.bench import model_maker as bm
 from hybrid_gguf import synth
 from hybrid_gguf.errors import HybridError
-from hybrid_gguf.inventory import read_inventory
+from hybrid_gguf.header.inventory import read_inventory
 
 ROOT = Path(__file__).resolve().parent.parent
 needs_llama = pytest.mark.skipif(llama_cpp is None, reason="llama_cpp is not importable")
@@ -226,7 +226,7 @@ def test_script_cli(tmp_path):
 @needs_llama
 @pytest.mark.parametrize("wt", EXPERT_TYPES)
 def test_llama_cpp_generates_finite_logits(models, wt):
-    from hybrid_gguf.greedy import greedy
+    from greedy import greedy
 
     _, path = models[wt]
     llm = llama_cpp.Llama(str(path), n_ctx=128, n_threads=2, n_gpu_layers=0, verbose=False)

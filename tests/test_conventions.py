@@ -121,7 +121,7 @@ def test_model_given_twice_differently_is_one_line():
 def test_one_context_default(tiny_model):
     from types import SimpleNamespace
 
-    from hybrid_gguf.inventory import read_inventory
+    from hybrid_gguf.header.inventory import read_inventory
     from hybrid_gguf.limits import DEFAULT_CTX, default_ctx
 
     assert DEFAULT_CTX == 4096
@@ -199,7 +199,7 @@ def test_placement_flags_exclude_each_other(args, message):
 
 
 def test_n_cpu_moe_on_a_cpu_only_machine_says_there_is_nothing_to_place(tmp_path):
-    from hybrid_gguf.devices import gpu_devices
+    from hybrid_gguf.llama.devices import gpu_devices
 
     if gpu_devices():
         pytest.skip("a GPU is present")
@@ -212,8 +212,8 @@ def test_n_cpu_moe_on_a_cpu_only_machine_says_there_is_nothing_to_place(tmp_path
 
 
 def test_manual_whole_layer_placement_with_a_gpu(tiny_model_factory, monkeypatch):
-    from hybrid_gguf import devices
-    from hybrid_gguf.inventory import read_inventory
+    from hybrid_gguf.llama import devices
+    from hybrid_gguf.header.inventory import read_inventory
     from hybrid_gguf.model import HybridModel
 
     gpu = devices.Device(index=1, name="CUDA0", description="fake", type="gpu", free_bytes=8 << 30,
@@ -271,8 +271,8 @@ def test_stream_yields_text_pieces(tiny_model):
 
 
 def test_gpu_prefill_pays_the_fixed_times(tiny_model):
-    from hybrid_gguf.inventory import read_inventory
-    from hybrid_gguf.predict import Bandwidth, predict_speed
+    from hybrid_gguf.header.inventory import read_inventory
+    from hybrid_gguf.planning.speed import Bandwidth, predict_speed
 
     inv = read_inventory(tiny_model)
     bw = Bandwidth()
@@ -283,7 +283,7 @@ def test_gpu_prefill_pays_the_fixed_times(tiny_model):
 
 def test_plan_on_a_cpu_only_machine_says_what_runs_here(tmp_path):
     pytest.importorskip("llama_cpp")
-    from hybrid_gguf.devices import gpu_devices
+    from hybrid_gguf.llama.devices import gpu_devices
 
     if gpu_devices():
         pytest.skip("a GPU is present")
@@ -301,9 +301,9 @@ def test_plan_on_a_cpu_only_machine_says_what_runs_here(tmp_path):
 
 def test_a_plan_with_hot_experts_on_a_cpu_only_machine_claims_no_gpu(tiny_model):
     pytest.importorskip("llama_cpp")
-    from hybrid_gguf import hybrid_backend
-    from hybrid_gguf.autoplan import plan_model
-    from hybrid_gguf.devices import gpu_devices
+    from hybrid_gguf.llama import hybrid as hybrid_backend
+    from hybrid_gguf.planning.autoplan import plan_model
+    from hybrid_gguf.llama.devices import gpu_devices
     from hybrid_gguf.model import HybridModel
 
     if gpu_devices():

@@ -49,8 +49,8 @@ _PROBE = textwrap.dedent("""
     import llama_cpp  # before numpy: the other order crashed model loads on one Python 3.12
     import json, sys
     import numpy as np
-    from hybrid_gguf.llama_hooks import construct_llama
-    from hybrid_gguf.llama_log import capture_llama_log
+    from hybrid_gguf.llama.hooks import construct_llama
+    from hybrid_gguf.llama.log import capture_llama_log
 
     path = sys.argv[1]
     out = {}

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from hybrid_gguf import cpu_features
+from hybrid_gguf.llama import cpu_features
 
 
 def test_flags_from_cpuinfo(tmp_path):

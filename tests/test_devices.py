@@ -4,7 +4,8 @@ import pytest
 
 import llama_cpp  # noqa: F401  (load libllama first, as the notes advise)
 
-from hybrid_gguf import devices, ggml_lib
+from hybrid_gguf.llama import devices
+from hybrid_gguf.llama import ggml_lib
 from hybrid_gguf.errors import HybridError
 
 
@@ -74,7 +75,7 @@ def test_inspect_devices_reports_cpu_features_and_extra_buffer_types():
     from typer.testing import CliRunner
 
     from hybrid_gguf.cli import app
-    from hybrid_gguf.cpu_features import cpu_flags
+    from hybrid_gguf.llama.cpu_features import cpu_flags
 
     res = CliRunner().invoke(app, ["inspect", "--devices", "--json"])
     assert res.exit_code == 0, res.output

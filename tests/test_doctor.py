@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from hybrid_gguf import doctor, hybrid_backend
+from hybrid_gguf import doctor
+from hybrid_gguf.llama import hybrid as hybrid_backend
 
 
 @pytest.fixture(autouse=True)

@@ -7,8 +7,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from hybrid_gguf.inventory import read_inventory
-from hybrid_gguf.predict import (Bandwidth, MeasuredRun, fit_bandwidth, fit_decode, layer_busy,
+from hybrid_gguf.header.inventory import read_inventory
+from hybrid_gguf.planning.speed import (Bandwidth, MeasuredRun, fit_bandwidth, fit_decode, layer_busy,
                                  predict_speed, run_terms)
 
 
@@ -127,8 +127,8 @@ def test_fit_without_gpu_only_runs_keeps_the_gpu_fields(tiny_model_factory):
 
 
 def test_busy_handoffs_counts_layers_where_a_token_used_a_host_expert():
-    from hybrid_gguf.bench import busy_handoffs
-    from hybrid_gguf.recorder import RoutingTrace
+    from hybrid_gguf.bench.runner import busy_handoffs
+    from hybrid_gguf.llama.recorder import RoutingTrace
 
     # 3 tokens x 2 layers, k = 2 of 4 experts; GPU holds experts 0, 1 of layer 0 and 2 of layer 1
     ids = np.array([[0, 1], [2, 3], [0, 2], [2, 0], [1, 0], [3, 1]], dtype=np.int32)
@@ -141,8 +141,8 @@ def test_busy_handoffs_counts_layers_where_a_token_used_a_host_expert():
 
 
 def test_bench_refits_once_across_budgets(setup, tmp_path, monkeypatch):
-    from hybrid_gguf.bench import refit_across_budgets
-    from hybrid_gguf.predict import load_calibration
+    from hybrid_gguf.bench.runner import refit_across_budgets
+    from hybrid_gguf.planning.speed import load_calibration
 
     monkeypatch.setenv("HYBRID_GGUF_CACHE", str(tmp_path))
     inv, p, pl = setup

@@ -12,10 +12,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from hybrid_gguf import bench_model as bm
+from hybrid_gguf.bench import model_maker as bm
 from hybrid_gguf.errors import HybridError
-from hybrid_gguf.inventory import read_inventory
-from hybrid_gguf.predict import Bandwidth, MeasuredRun, RunTerms, fit_decode, predict_speed, run_terms
+from hybrid_gguf.header.inventory import read_inventory
+from hybrid_gguf.planning.speed import Bandwidth, MeasuredRun, RunTerms, fit_decode, predict_speed, run_terms
 
 needs_llama = pytest.mark.skipif(llama_cpp is None, reason="llama_cpp is not importable")
 TRUTH = Bandwidth(gpu_bytes_per_s=2.4e12, gpu_layer_s=61e-6, gpu_step_s=97e-6, cpu_bytes_per_s=70e9,
@@ -96,7 +96,7 @@ def test_calibrations_and_terms_saved_before_the_fixed_times_read_as_none():
 
 
 def test_probe_shapes_differ_in_bytes_per_layer():
-    from hybrid_gguf.gpu_probe import PROBES, probe_spec
+    from hybrid_gguf.bench.probe import PROBES, probe_spec
 
     per_layer = {}
     for name in PROBES:
@@ -110,7 +110,8 @@ def test_probe_shapes_differ_in_bytes_per_layer():
 
 
 def test_probe_refuses_without_a_gpu(monkeypatch):
-    from hybrid_gguf import devices, gpu_probe
+    from hybrid_gguf.llama import devices
+    from hybrid_gguf.bench import probe as gpu_probe
 
     monkeypatch.setattr(devices, "gpu_devices", lambda: [])
     with pytest.raises(HybridError, match="needs a GPU"):
@@ -119,7 +120,7 @@ def test_probe_refuses_without_a_gpu(monkeypatch):
 
 @needs_llama
 def test_measure_probe_times_a_real_decode_and_reports_its_terms(tmp_path):
-    from hybrid_gguf.gpu_probe import measure_probe
+    from hybrid_gguf.bench.probe import measure_probe
 
     spec = bm.bench_spec("tiny-q4k", "Q4_K", n_layer=3, n_expert=8)
     path = bm.write_bench_model(tmp_path / "probe.gguf", spec, workers=1).path
@@ -134,7 +135,7 @@ def test_measure_probe_times_a_real_decode_and_reports_its_terms(tmp_path):
 
 
 def test_bench_stores_its_models_gpu_rate_beside_the_probes(shapes, monkeypatch, tmp_path):
-    from hybrid_gguf.predict import fit_bandwidth_terms
+    from hybrid_gguf.planning.speed import fit_bandwidth_terms
 
     deep = shapes[0]
     fast = replace(TRUTH, gpu_bytes_per_s=3.0e12)  # this model's kernels run faster than the probes'
@@ -154,7 +155,9 @@ def test_bench_stores_its_models_gpu_rate_beside_the_probes(shapes, monkeypatch,
 
 
 def test_probe_fits_the_three_shapes_and_drops_stale_model_rates(shapes, monkeypatch, tmp_path):
-    from hybrid_gguf import devices, gpu_probe, predict
+    from hybrid_gguf.llama import devices
+    from hybrid_gguf.bench import probe as gpu_probe
+    from hybrid_gguf.planning import speed as predict
 
     monkeypatch.setenv("HYBRID_GGUF_CACHE", str(tmp_path))
     monkeypatch.setattr(devices, "gpu_devices", lambda: ["fake GPU"])

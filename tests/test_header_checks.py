@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from hybrid_gguf.errors import HybridError
-from hybrid_gguf.inventory import read_inventory
+from hybrid_gguf.header.inventory import read_inventory
 
 from gguf_mutants import ARR, F32, STR, U32, U64, GGUFModel, KV
 
@@ -308,7 +308,7 @@ def test_error_line_is_not_wrapped_and_escapes_control_characters():
 
 
 def test_load_error_detail_keeps_the_cause():
-    from hybrid_gguf.placement import load_error_detail
+    from hybrid_gguf.llama.loader import load_error_detail
 
     errors = ["gguf_init_from_reader: tensor 'blk.0.attn_k.weight' has offset 198656, expected 165888",
               "gguf_init_from_reader: failed to read tensor data",
@@ -320,7 +320,7 @@ def test_load_error_detail_keeps_the_cause():
 
 
 def test_abort_message_is_one_line():
-    from hybrid_gguf.llama_log import abort_message
+    from hybrid_gguf.llama.log import abort_message
 
     msg = abort_message(b"/build/x/ggml/src/ggml-backend.cpp:2533: GGML_ASSERT(p % 32 == 0) failed\n",
                         ["load: something went wrong"])
@@ -342,8 +342,8 @@ def test_an_abort_that_slips_through_is_one_line(make):
     def edit(m):
         m.kvs.insert(0, KV(b"general.alignment", U32, 4))
     path = make(edit)
-    code = ("import sys; from hybrid_gguf import llama_log; llama_log.set_abort_exit_status(3); "
-            "from hybrid_gguf.placement import load_llama; load_llama(sys.argv[1], verbose=False)")
+    code = ("import sys; from hybrid_gguf.llama import log as llama_log; llama_log.set_abort_exit_status(3); "
+            "from hybrid_gguf.llama.loader import load_llama; load_llama(sys.argv[1], verbose=False)")
     env = dict(os.environ, PYTHONPATH=str(REPO))
     res = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
                          env=env, timeout=120)

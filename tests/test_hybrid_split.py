@@ -12,9 +12,9 @@ import random
 import numpy as np
 import pytest
 
-from hybrid_gguf import hybrid_backend
+from hybrid_gguf.llama import hybrid as hybrid_backend
 from hybrid_gguf.errors import HybridError
-from hybrid_gguf.greedy import greedy
+from greedy import greedy
 from hybrid_gguf.synth import preset, write_synthetic_moe
 
 llama_cpp = pytest.importorskip("llama_cpp")
@@ -57,7 +57,7 @@ ON_GPU = PACK_DEVICE != "CPU"
 
 
 def load_with_report(path, hot=None, use_mmap=True):
-    from hybrid_gguf.placement import cpu_moe, load_llama
+    from hybrid_gguf.llama.loader import cpu_moe, load_llama
 
     kwargs = dict(n_ctx=128, n_batch=64, seed=1, verbose=False, use_mmap=use_mmap)
     placement = cpu_moe() if ON_GPU else None
@@ -92,7 +92,7 @@ def gpu_tolerance(path, prompt):
     """On the GPU the hot experts run in CUDA kernels whose F32 matmuls round differently
     from the CPU's; the yardstick is the gap between the two unsplit references (all
     experts on the CPU vs all on the GPU), which the split must not exceed."""
-    from hybrid_gguf.placement import load_llama
+    from hybrid_gguf.llama.loader import load_llama
 
     llm = load_llama(path, None, n_ctx=128, n_batch=64, seed=1, verbose=False).llm
     all_gpu = greedy(llm, prompt, N_GEN)
@@ -161,7 +161,7 @@ def test_gpu_packs_in_vram_and_nothing_else_moved(models):
 
 
 def test_pack_bytes_match_expert_bytes(models):
-    from hybrid_gguf.inventory import read_inventory
+    from hybrid_gguf.header.inventory import read_inventory
 
     path, spec = models["gpt-oss"]  # biases are packed too
     inv = read_inventory(path)

@@ -13,7 +13,7 @@ import pytest
 
 from hybrid_gguf import synth
 from hybrid_gguf.errors import HybridError
-from hybrid_gguf.inventory import KINDS, classify, read_inventory
+from hybrid_gguf.header.inventory import KINDS, classify, read_inventory
 
 from conftest import SYNTH_ARCHS, tiny_spec
 

@@ -44,7 +44,7 @@ def test_llama_kwargs():
 
 
 def test_context_memory(tiny_model, monkeypatch):
-    from hybrid_gguf.inventory import read_inventory
+    from hybrid_gguf.header.inventory import read_inventory
 
     inv = read_inventory(tiny_model)
     monkeypatch.setattr(limits, "available_memory", lambda: 1 << 30)

@@ -8,13 +8,13 @@ import dataclasses
 import pytest
 
 import llama_cpp  # noqa: F401  (load libllama before numpy-heavy imports)
-from hybrid_gguf import hybrid_backend
-from hybrid_gguf import memory_model as mm
+from hybrid_gguf.llama import hybrid as hybrid_backend
+from hybrid_gguf.planning import memory as mm
 from hybrid_gguf.errors import HybridError
-from hybrid_gguf.inventory import read_inventory
-from hybrid_gguf.llama_hooks import construct_llama
-from hybrid_gguf.llama_log import capture_llama_log
-from hybrid_gguf.placement import EXPERT_TENSOR_RE, PlacementRule, TensorPlacement, load_llama
+from hybrid_gguf.header.inventory import read_inventory
+from hybrid_gguf.llama.hooks import construct_llama
+from hybrid_gguf.llama.log import capture_llama_log
+from hybrid_gguf.llama.loader import EXPERT_TENSOR_RE, PlacementRule, TensorPlacement, load_llama
 
 ARCHS = ("qwen3moe", "qwen2moe", "llama", "gpt-oss", "dense")
 # (n_ctx, n_ubatch, flash_attn, cache type)

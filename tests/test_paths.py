@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from hybrid_gguf import autoplan, paths, predict, profile, synth
-from hybrid_gguf.native import build
+from hybrid_gguf import paths, synth
+from hybrid_gguf.planning import autoplan
+from hybrid_gguf.planning import speed as predict
+from hybrid_gguf.routing import profile
+from hybrid_gguf.llama.native import build
 
 
 def test_home_moves_data_and_cache(tmp_path, monkeypatch):

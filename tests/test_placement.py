@@ -8,11 +8,12 @@ import pytest
 
 import llama_cpp  # noqa: F401  (load libllama before numpy-heavy imports)
 
-from hybrid_gguf import devices, ggml_lib
-from hybrid_gguf import placement as P
+from hybrid_gguf.llama import devices
+from hybrid_gguf.llama import ggml_lib
+from hybrid_gguf.llama import loader as P
 from hybrid_gguf.errors import HybridError
-from hybrid_gguf.inventory import read_inventory
-from hybrid_gguf.llama_log import MIB, capture_llama_log, parse_buffer_sizes
+from hybrid_gguf.header.inventory import read_inventory
+from hybrid_gguf.llama.log import MIB, capture_llama_log, parse_buffer_sizes
 
 # llama.cpp prints buffer sizes in MiB with two decimals.
 LOG_ROUNDING = 0.005 * MIB + 1

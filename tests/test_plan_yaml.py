@@ -11,15 +11,15 @@ import typer
 from typer.testing import CliRunner
 
 import llama_cpp  # noqa: F401  (load libllama first)
-from hybrid_gguf import hybrid_backend
-from hybrid_gguf import memory_model as mm
+from hybrid_gguf.llama import hybrid as hybrid_backend
+from hybrid_gguf.planning import memory as mm
 from hybrid_gguf.commands import plan as plan_cmd
 from hybrid_gguf.errors import HybridError
-from hybrid_gguf.inventory import read_inventory
-from hybrid_gguf.plan import Plan
-from hybrid_gguf.planner import make_plan
-from hybrid_gguf.profile import RoutingProfile
-from hybrid_gguf.replay import Trace, save_trace
+from hybrid_gguf.header.inventory import read_inventory
+from hybrid_gguf.planning.plan import Plan
+from hybrid_gguf.planning.planner import make_plan
+from hybrid_gguf.routing.profile import RoutingProfile
+from hybrid_gguf.routing.replay import Trace, save_trace
 
 OPTS = dict(compute_bytes=mm.MIB, margin_bytes=64 * 1024, margin_fraction=0.01)
 
@@ -224,10 +224,10 @@ def test_cli_bad_input(model, tmp_path):
 
 
 def test_autoplan_loop_with_store(model, tmp_path, monkeypatch, tiny_model_factory):
-    from hybrid_gguf.autoplan import default_plan_path, plan_model
-    from hybrid_gguf.placement import load_llama
-    from hybrid_gguf.planner import plan_memory
-    from hybrid_gguf.profile import ProfileStore
+    from hybrid_gguf.planning.autoplan import default_plan_path, plan_model
+    from hybrid_gguf.llama.loader import load_llama
+    from hybrid_gguf.planning.planner import plan_memory
+    from hybrid_gguf.routing.profile import ProfileStore
 
     path, inv = model
     monkeypatch.setenv("HYBRID_GGUF_HOME", str(tmp_path / "home"))
@@ -264,9 +264,9 @@ def test_autoplan_loop_with_store(model, tmp_path, monkeypatch, tiny_model_facto
 def test_autoplan_says_when_its_speed_prediction_rests_on_default_gpu_figures(model, tmp_path, monkeypatch):
     from dataclasses import replace
 
-    from hybrid_gguf.autoplan import plan_model
-    from hybrid_gguf.planner import DeviceBudget
-    from hybrid_gguf.predict import Bandwidth, machine_id, save_calibration
+    from hybrid_gguf.planning.autoplan import plan_model
+    from hybrid_gguf.planning.planner import DeviceBudget
+    from hybrid_gguf.planning.speed import Bandwidth, machine_id, save_calibration
 
     path, _ = model
     monkeypatch.setenv("HYBRID_GGUF_CACHE", str(tmp_path))

@@ -9,16 +9,16 @@ import time
 import numpy as np
 import pytest
 
-from hybrid_gguf import memory_model as mm
+from hybrid_gguf.planning import memory as mm
 from hybrid_gguf import synth
 from hybrid_gguf.errors import HybridError
-from hybrid_gguf.hybrid_backend import STOCK_NOTICE
-from hybrid_gguf.inventory import read_inventory
-from hybrid_gguf.placement import EXPERT_TENSOR_RE, PlacementRule, TensorPlacement
-from hybrid_gguf.plan import DeviceBudget
-from hybrid_gguf.planner import diff_plans, make_plan
-from hybrid_gguf.predict import Bandwidth, hit_rate, profile_probs
-from hybrid_gguf.profile import RoutingProfile
+from hybrid_gguf.llama.hybrid import STOCK_NOTICE
+from hybrid_gguf.header.inventory import read_inventory
+from hybrid_gguf.llama.loader import EXPERT_TENSOR_RE, PlacementRule, TensorPlacement
+from hybrid_gguf.planning.plan import DeviceBudget
+from hybrid_gguf.planning.planner import diff_plans, make_plan
+from hybrid_gguf.planning.speed import Bandwidth, hit_rate, profile_probs
+from hybrid_gguf.routing.profile import RoutingProfile
 
 MIB = mm.MIB
 OPTS = dict(compute_bytes=MIB, margin_bytes=64 * 1024, margin_fraction=0.01)
@@ -348,7 +348,7 @@ def test_previous_plan_of_other_model_or_too_big_is_ignored(tiny_model_factory):
 
 
 def test_speed_model_directions(tiny_model_factory):
-    from hybrid_gguf.predict import predict_speed
+    from hybrid_gguf.planning.speed import predict_speed
 
     inv = read_inventory(tiny_model_factory("qwen3moe", n_layer=4))
     p = profile_probs(make_profile(inv, zipf_probs(4, inv.n_expert)), inv)
@@ -375,7 +375,7 @@ def test_speed_model_directions(tiny_model_factory):
 
 
 def test_calibration_is_measured_once_and_cached(tmp_path):
-    from hybrid_gguf.predict import calibrate_bandwidth, load_calibration, save_calibration
+    from hybrid_gguf.planning.speed import calibrate_bandwidth, load_calibration, save_calibration
 
     path = tmp_path / "calibration.json"
     bw = calibrate_bandwidth(path=path, n_bytes=16 * 2**20)
@@ -394,7 +394,7 @@ def test_calibration_is_measured_once_and_cached(tmp_path):
 
 
 def test_decode_routing_drives_the_plan_when_the_profile_has_decoded_tokens(tiny_model_factory):
-    from hybrid_gguf.predict import DECODE_PRIOR_TOKENS, decode_probs
+    from hybrid_gguf.planning.speed import DECODE_PRIOR_TOKENS, decode_probs
 
     inv = read_inventory(tiny_model_factory("qwen3moe", n_layer=3, n_expert=16))
     opts = mm.MemoryOptions(1024, **OPTS)

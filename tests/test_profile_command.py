@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 import llama_cpp  # noqa: F401  (load libllama first)
 from hybrid_gguf.commands import profile as profile_cmd
 from hybrid_gguf.errors import HybridError
-from hybrid_gguf.inventory import read_inventory
-from hybrid_gguf.profile import ProfileStore, RoutingProfile
-from hybrid_gguf.recorder import recorder_status
-from hybrid_gguf.workload import builtin_workload, chunk_text, load_prompts_file
+from hybrid_gguf.header.inventory import read_inventory
+from hybrid_gguf.routing.profile import ProfileStore, RoutingProfile
+from hybrid_gguf.llama.recorder import recorder_status
+from hybrid_gguf.routing.workload import builtin_workload, chunk_text, load_prompts_file
 
 ok, why = recorder_status()
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from hybrid_gguf.errors import HybridError
-from hybrid_gguf.profile import (
+from hybrid_gguf.routing.profile import (
     SLOW_WRITE_ENV,
     ProfileCorrupt,
     ProfileStore,
@@ -91,7 +91,7 @@ def test_writer_killed_mid_write_leaves_previous_profile(tmp_path):
     before = store.merge_session(make_delta(1))
     code = (
         "import sys; from tests.test_profile_store import make_delta;"
-        "from hybrid_gguf.profile import ProfileStore;"
+        "from hybrid_gguf.routing.profile import ProfileStore;"
         f"ProfileStore(sys.argv[1]).merge_session(make_delta(2))"
     )
     env = dict(os.environ, PYTHONPATH=str(REPO), **{SLOW_WRITE_ENV: "60"})

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hybrid_gguf.replay import Trace, load_trace, replay
+from hybrid_gguf.routing.replay import Trace, load_trace, replay
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data" / "routing"
@@ -102,7 +102,7 @@ def test_plan_replay_on_a_model_of_the_trace_shape(tiny_model_factory, tmp_path)
     from typer.testing import CliRunner
 
     from hybrid_gguf.commands import plan as plan_cmd
-    from hybrid_gguf.inventory import read_inventory
+    from hybrid_gguf.header.inventory import read_inventory
     import typer
 
     n_tokens, n_layer, k, n_expert = TRACES["gpt-oss-20b_mmlu-hs-math.npz"]
@@ -189,7 +189,7 @@ def test_real_trace_replays_through_the_patch_override(synth_cache, require_patc
     recorder sees exactly the trace's routing, and the preset it informs matches it."""
     from routing_record import record_routing
 
-    from hybrid_gguf import routing_process as rp
+    from hybrid_gguf.routing import process as rp
     from hybrid_gguf import synth
 
     trace = load_trace(DATA / "gpt-oss-20b_mixed10.npz")

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 import llama_cpp  # noqa: F401  (load libllama before numpy-heavy work; see the notes)
-from hybrid_gguf import ggml_lib  # noqa: E402
+from hybrid_gguf.llama import ggml_lib  # noqa: E402
 from hybrid_gguf import synth
-from hybrid_gguf.llama_hooks import construct_llama
-from hybrid_gguf.recorder import RoutingRecorder, recorder_status
+from hybrid_gguf.llama.hooks import construct_llama
+from hybrid_gguf.llama.recorder import RoutingRecorder, recorder_status
 
 ok, why = recorder_status()
 pytestmark = pytest.mark.skipif(not ok, reason=why)
@@ -363,7 +363,7 @@ def test_callback_name_matching_and_strided_read():
 
 
 def test_unavailable_without_compiler(tmp_path, monkeypatch):
-    from hybrid_gguf.native import build
+    from hybrid_gguf.llama.native import build
 
     monkeypatch.setenv("HYBRID_GGUF_CACHE", str(tmp_path))
     monkeypatch.delenv("CC", raising=False)
@@ -373,7 +373,7 @@ def test_unavailable_without_compiler(tmp_path, monkeypatch):
 
 
 def test_build_is_cached_and_loads_one_libggml_base(tmp_path, monkeypatch):
-    from hybrid_gguf.native import build
+    from hybrid_gguf.llama.native import build
 
     first = build.build_recorder()
     assert build.build_recorder().path == first.path  # cache hit
@@ -384,7 +384,7 @@ def test_build_is_cached_and_loads_one_libggml_base(tmp_path, monkeypatch):
 
 
 def test_headers_ship_with_the_package(tmp_path, monkeypatch):
-    from hybrid_gguf.native import build
+    from hybrid_gguf.llama.native import build
 
     monkeypatch.delenv("HYBRID_GGUF_GGML_INCLUDE", raising=False)
     inc = build.find_include_dir(build.HEADERS_VERSION + "+hybrid.2")

@@ -7,9 +7,9 @@ import pytest
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
-from hybrid_gguf.inventory import read_inventory  # noqa: E402
-from hybrid_gguf.llama_hooks import construct_llama  # noqa: E402
-from hybrid_gguf.recorder import RoutingRecorder, recorder_status  # noqa: E402
+from hybrid_gguf.header.inventory import read_inventory  # noqa: E402
+from hybrid_gguf.llama.hooks import construct_llama  # noqa: E402
+from hybrid_gguf.llama.recorder import RoutingRecorder, recorder_status  # noqa: E402
 
 if not recorder_status()[0]:
     pytest.skip(recorder_status()[1], allow_module_level=True)
@@ -57,7 +57,7 @@ def test_stride_observes_one_decode_token_in_n(tiny_model_factory):
 
 
 def test_sampler_takes_the_callback_off_skipped_tokens(tiny_model_factory):
-    from hybrid_gguf import hybrid_backend
+    from hybrid_gguf.llama import hybrid as hybrid_backend
 
     if hybrid_backend.eval_callback_setter() is None:
         pytest.skip("needs the hybrid patch, version 2 or later")

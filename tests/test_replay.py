@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from hybrid_gguf.errors import HybridError
-from hybrid_gguf.replay import (Trace, lfu_hits, load_trace, lru_hits, plot_replay, replay, save_trace,
+from hybrid_gguf.routing.replay import (Trace, lfu_hits, load_trace, lru_hits, plot_replay, replay, save_trace,
                                 trace_from_records)
 
 
@@ -166,10 +166,10 @@ def test_recorder_ring_buffer_replays(tiny_model_factory):
     """A trace straight from the recorder's ring buffer: same counts as its histogram."""
     import llama_cpp  # noqa: F401  (libllama before the recorder)
 
-    from hybrid_gguf.greedy import greedy
-    from hybrid_gguf.llama_hooks import construct_llama
-    from hybrid_gguf.recorder import RoutingRecorder, recorder_status
-    from hybrid_gguf.replay import trace_from_routing
+    from greedy import greedy
+    from hybrid_gguf.llama.hooks import construct_llama
+    from hybrid_gguf.llama.recorder import RoutingRecorder, recorder_status
+    from hybrid_gguf.routing.replay import trace_from_routing
 
     ok, why = recorder_status()
     if not ok:

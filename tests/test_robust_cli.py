@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("llama_cpp")
 
-from hybrid_gguf import hybrid_backend  # noqa: E402
+from hybrid_gguf.llama import hybrid as hybrid_backend  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -106,8 +106,8 @@ def test_run_plan_directory(f32_model, tmp_path):
 def test_run_names_a_profile_from_another_model_and_what_to_do(f32_model, tmp_path):
     """A profile stored under this model's name but made for another one: the error names
     the file to move aside, and is reported before anything is generated."""
-    from hybrid_gguf.inventory import read_inventory
-    from hybrid_gguf.profile import ProfileStore, RoutingProfile
+    from hybrid_gguf.header.inventory import read_inventory
+    from hybrid_gguf.routing.profile import ProfileStore, RoutingProfile
 
     fp = read_inventory(f32_model).fingerprint
     store = ProfileStore(tmp_path / "cache" / "profiles")
@@ -143,7 +143,7 @@ def test_profile_heatmap_into_a_directory_is_refused(f32_model, tmp_path):
 
 
 def test_profile_heatmap_reports_the_file_written(f32_model, tmp_path):
-    from hybrid_gguf.recorder import recorder_status
+    from hybrid_gguf.llama.recorder import recorder_status
 
     ok, why = recorder_status()
     if not ok:

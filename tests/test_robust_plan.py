@@ -9,12 +9,12 @@ import time
 import numpy as np
 import pytest
 
-from hybrid_gguf import memory_model as mm
+from hybrid_gguf.planning import memory as mm
 from hybrid_gguf.errors import HybridError
-from hybrid_gguf.inventory import read_inventory
-from hybrid_gguf.plan import MAX_PLAN_BYTES, Plan
-from hybrid_gguf.planner import make_plan
-from hybrid_gguf.profile import RoutingProfile
+from hybrid_gguf.header.inventory import read_inventory
+from hybrid_gguf.planning.plan import MAX_PLAN_BYTES, Plan
+from hybrid_gguf.planning.planner import make_plan
+from hybrid_gguf.routing.profile import RoutingProfile
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +123,7 @@ def test_load_refuses_special_and_huge_files(tmp_path, model):
     os.mkfifo(tmp_path / "fifo")
     code = textwrap.dedent(f"""
         from hybrid_gguf.errors import HybridError
-        from hybrid_gguf.plan import Plan
+        from hybrid_gguf.planning.plan import Plan
         for path in ("/dev/zero", {str(tmp_path)!r}, {str(tmp_path / "fifo")!r}, {str(big)!r}):
             try:
                 Plan.load(path)

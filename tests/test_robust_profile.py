@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from hybrid_gguf.errors import HybridError
-from hybrid_gguf.profile import KEEP_ASIDE, ProfileCorrupt, ProfileStore, RoutingProfile
+from hybrid_gguf.routing.profile import KEEP_ASIDE, ProfileCorrupt, ProfileStore, RoutingProfile
 
 L, E, K = 3, 6, 2
 FP = "synthfp0123"

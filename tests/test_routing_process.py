@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from routing_record import record_routing
 
-from hybrid_gguf import routing_process as rp
+from hybrid_gguf.routing import process as rp
 from hybrid_gguf import synth
 from hybrid_gguf.errors import HybridError
-from hybrid_gguf.routing_stats import adjacent_overlap, lru_hit_rate, workload_stats
+from hybrid_gguf.routing.stats import adjacent_overlap, lru_hit_rate, workload_stats
 
 
 def test_generated_rows_are_distinct_in_range_and_deterministic():
@@ -78,7 +78,7 @@ def _routed_spec(routing: str) -> synth.SynthSpec:
 
 def _record(path, n_tokens: int, route: bool = True):
     """What the recorder saw over n_tokens prompt tokens, and the model's trace (or None)."""
-    from hybrid_gguf.inventory import read_inventory
+    from hybrid_gguf.header.inventory import read_inventory
 
     trace = rp.model_trace(read_inventory(path), n_tokens + 8) if route else None
     return record_routing(path, n_tokens, trace), trace

@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 
-from hybrid_gguf import routing_stats as rs
+from hybrid_gguf.routing import stats as rs
 
 COUNTS = np.array([
     [10, 0, 0, 0],  # one expert does everything

@@ -28,10 +28,10 @@ pytest.importorskip("uvicorn")
 
 from hybrid_gguf.chat import trim_to_fit  # noqa: E402
 from hybrid_gguf import paths  # noqa: E402
-from hybrid_gguf.inventory import read_inventory  # noqa: E402
+from hybrid_gguf.header.inventory import read_inventory  # noqa: E402
 from hybrid_gguf.models import resolve_model  # noqa: E402
-from hybrid_gguf.profile import SLOW_WRITE_ENV, ProfileStore, RoutingProfile  # noqa: E402
-from hybrid_gguf.recorder import recorder_status  # noqa: E402
+from hybrid_gguf.routing.profile import SLOW_WRITE_ENV, ProfileStore, RoutingProfile  # noqa: E402
+from hybrid_gguf.llama.recorder import recorder_status  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ok, why = recorder_status()

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hybrid_gguf import ggml_lib  # noqa: E402
-from hybrid_gguf import stdlib_corpus as corpus
-from hybrid_gguf import tiny_moe_reference as ref
-from hybrid_gguf.tiny_moe_export import read_train_info
+from hybrid_gguf.llama import ggml_lib  # noqa: E402
+from scripts.tiny_moe import corpus
+from scripts.tiny_moe import reference as ref
+from scripts.tiny_moe.export import read_train_info
 
 MODEL = Path(os.environ.get(
     "HYBRID_GGUF_TINY_MOE",
@@ -100,7 +100,7 @@ def reference(model, sequences):
 
 
 def _llama(extra_patch=None, **kw):
-    from hybrid_gguf.llama_hooks import construct_llama
+    from hybrid_gguf.llama.hooks import construct_llama
 
     return construct_llama(
         str(MODEL), context_patch=extra_patch, n_ctx=256, n_batch=256, n_ubatch=256,
@@ -167,7 +167,7 @@ def test_logits_and_routing_match_reference(model, sequences, reference):
 
 
 def test_native_recorder_trace_matches_reference(model, sequences, reference):
-    from hybrid_gguf.recorder import RecorderUnavailable, RoutingRecorder
+    from hybrid_gguf.llama.recorder import RecorderUnavailable, RoutingRecorder
 
     cfg = model.cfg
     try:

@@ -59,9 +59,9 @@ def test_wheel_carries_what_the_checkout_has(project_wheel):
         assert z.read("hybrid_gguf/data/models.yaml") == (REPO / "models.yaml").read_bytes()
         assert z.read("hybrid_gguf/backend/llama-cpp-hybrid.patch") == \
             (REPO / "patches" / "llama-cpp-hybrid.patch").read_bytes()
-    for name in ("hybrid_gguf/native/recorder.c", "hybrid_gguf/native/include/ggml.h",
-                 "hybrid_gguf/native/include/ggml-backend.h", "hybrid_gguf/native/include/ggml-alloc.h",
-                 "hybrid_gguf/native/include/LICENSE", "hybrid_gguf/data/tiny-moe-stdlib.gguf",
+    for name in ("hybrid_gguf/llama/native/recorder.c", "hybrid_gguf/llama/native/include/ggml.h",
+                 "hybrid_gguf/llama/native/include/ggml-backend.h", "hybrid_gguf/llama/native/include/ggml-alloc.h",
+                 "hybrid_gguf/llama/native/include/LICENSE", "hybrid_gguf/data/tiny-moe-stdlib.gguf",
                  "hybrid_gguf/backend/__main__.py", "hybrid_gguf/commands/doctor.py"):
         assert name in names, name
 

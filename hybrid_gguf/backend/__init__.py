@@ -36,8 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from .. import paths
-from ..errors import HybridError
+from hybrid_gguf import paths
+from hybrid_gguf.errors import HybridError
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 DIST_NAME = "llama_cpp_python"
@@ -324,7 +324,7 @@ def retag_wheel(wheel: Path, label: str, info: dict, out_dir: Path) -> Path:
 
 
 def build_info(cfg: BuildConfig) -> dict:
-    from .. import __version__
+    from hybrid_gguf import __version__
 
     return {
         "patched": cfg.patched,

@@ -1,5 +1,5 @@
 import sys
 
-from . import main
+from hybrid_gguf.backend import main
 
 sys.exit(main())

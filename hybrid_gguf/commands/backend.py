@@ -33,8 +33,8 @@ def install_command(
     import shlex
     import subprocess
 
-    from .. import backend
-    from ..errors import HybridError
+    from hybrid_gguf import backend
+    from hybrid_gguf.errors import HybridError
 
     try:
         backend.install(cuda=cuda, cuda_arch=cuda_arch, portable=portable, stock=stock, sdist=sdist,

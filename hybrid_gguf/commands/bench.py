@@ -10,8 +10,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from ..errors import HybridError
-from .common import ctx_option, model_argument, model_option, resolve, threads_option
+from hybrid_gguf.errors import HybridError
+from hybrid_gguf.commands.common import ctx_option, model_argument, model_option, resolve, threads_option
 
 
 def bench_command(
@@ -50,12 +50,12 @@ def bench_command(
     probe_only: bool = typer.Option(False, "--probe-only", help="run the GPU probe and stop (no MODEL needed)"),
 ) -> None:
     """Time all-CPU experts, whole-layer (stock) and per-expert placement at one or more budgets."""
-    from ..bench import run_budgets, stdlib_workloads
-    from ..devices import gpu_devices
-    from ..inventory import read_inventory
-    from ..sizes import parse_size
+    from hybrid_gguf.bench.runner import run_budgets, stdlib_workloads
+    from hybrid_gguf.llama.devices import gpu_devices
+    from hybrid_gguf.header.inventory import read_inventory
+    from hybrid_gguf.sizes import parse_size
 
-    from ..limits import check_ctx, check_threads
+    from hybrid_gguf.limits import check_ctx, check_threads
 
     check_threads(threads, "--threads")
     check_ctx(ctx, "--ctx")
@@ -72,7 +72,7 @@ def bench_command(
         return
     path = resolve(model, model_opt).path
     inv = read_inventory(path)
-    from ..limits import default_ctx
+    from hybrid_gguf.limits import default_ctx
 
     ctx = default_ctx(inv, ctx)
     if inv.n_expert == 0:
@@ -81,7 +81,7 @@ def bench_command(
         raise HybridError("pass --gpu-budget or --budget-share, not both")
     budgets = _budgets(gpu_budget, budget_share, inv.expert_bytes_total, parse_size)
     if routing is not None:
-        from ..routing_process import preset as routing_preset
+        from hybrid_gguf.routing.process import preset as routing_preset
 
         routing_preset(routing)  # an unknown name fails before any work
     pack_device = "CUDA0" if gpu_devices() else "CPU"
@@ -105,7 +105,7 @@ def bench_command(
                                                "combined_fit": outs[0].get("combined_fit")}
         json_detail.write_text(json.dumps(doc, indent=2, default=float) + "\n")
     if as_json:
-        from ..bench import llama_bench_rows
+        from hybrid_gguf.bench.runner import llama_bench_rows
 
         print(json.dumps(llama_bench_rows(outs, threads), indent=2, default=float))
     else:
@@ -152,9 +152,9 @@ class _progress:
 def _maybe_probe(force: bool, refused: bool, no_calibrate: bool, threads: Optional[int], log) -> Optional[dict]:
     """The GPU probe's result when it runs: on request, or with a GPU whose calibration has
     no measured fixed times yet (the fit of one model cannot measure them)."""
-    from ..devices import gpu_devices
-    from ..gpu_probe import probe_gpu
-    from ..predict import calibrate_bandwidth
+    from hybrid_gguf.llama.devices import gpu_devices
+    from hybrid_gguf.bench.probe import probe_gpu
+    from hybrid_gguf.planning.speed import calibrate_bandwidth
 
     if not force and (refused or no_calibrate or not gpu_devices()
                       or {"gpu_layer_s", "gpu_step_s"} <= set(calibrate_bandwidth().measured)):
@@ -185,8 +185,8 @@ def _budgets(gpu_budget: Optional[str], budget_share: Optional[str], expert_byte
 
 
 def _print_table(out: dict, inv, pp: int, tg: int, reps: int) -> None:
-    from ..sizes import format_size
-    from ..tables import fmt_rate, narrow, new_table
+    from hybrid_gguf.sizes import format_size
+    from hybrid_gguf.tables import fmt_rate, narrow, new_table
 
     console = Console()
     wide = not narrow(console, 110)

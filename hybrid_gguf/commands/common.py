@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ..errors import HybridError
+from hybrid_gguf.errors import HybridError
 
 MODEL_HELP = ("GGUF path, models.yaml alias, or a file in the Hugging Face cache "
               "(org/repo:file.gguf)")
@@ -23,7 +23,7 @@ def model_option():
 
 
 def ctx_option(what: str = "context length"):
-    from ..limits import DEFAULT_CTX
+    from hybrid_gguf.limits import DEFAULT_CTX
 
     return typer.Option(None, "-c", "--ctx", show_default=False,
                         help=f"{what} (default: the model's training context, at most {DEFAULT_CTX})")
@@ -73,6 +73,6 @@ def pick_model(positional: Optional[str], option: Optional[str]) -> Optional[str
 
 def resolve(positional: Optional[str], option: Optional[str]):
     """The ResolvedModel of a command's MODEL (positional or -m/--model)."""
-    from ..models import resolve_model
+    from hybrid_gguf.models import resolve_model
 
     return resolve_model(pick_model(positional, option))

@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..sizes import format_size
+from hybrid_gguf.sizes import format_size
 
 
 def doctor_command(
@@ -18,7 +18,7 @@ def doctor_command(
     """Check this installation: backend (patched or stock, CUDA or CPU), CPU features, the
     routing recorder, data paths and sizes, free GPU memory; one line per problem with the
     command that fixes it. Exit status 1 when there is a problem."""
-    from ..doctor import diagnose
+    from hybrid_gguf.doctor import diagnose
 
     report = diagnose(build_recorder=not no_recorder)
     if as_json:

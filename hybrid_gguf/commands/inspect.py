@@ -7,14 +7,14 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from ..sizes import format_size
-from ..tables import new_table
-from .common import model_argument, model_option, resolve
+from hybrid_gguf.sizes import format_size
+from hybrid_gguf.tables import new_table
+from hybrid_gguf.commands.common import model_argument, model_option, resolve
 
 
 def _devices_payload() -> dict:
-    from ..cpu_features import cpu_report
-    from ..devices import cpu_ram, has_cuda, list_devices
+    from hybrid_gguf.llama.cpu_features import cpu_report
+    from hybrid_gguf.llama.devices import cpu_ram, has_cuda, list_devices
 
     ram = cpu_ram()
     return {
@@ -59,7 +59,7 @@ def inspect_command(
                       + (", ".join(cpu["extra_buffer_types"]) or cpu.get("error", "none")))
         return
 
-    from ..inventory import read_inventory
+    from hybrid_gguf.header.inventory import read_inventory
     inv = read_inventory(resolve(model, model_opt).path)
     if as_json:
         print(json.dumps(inv.to_dict(with_tensors=tensors), indent=2))

@@ -9,14 +9,14 @@ from typing import Optional
 
 import typer
 
-from ..errors import HybridError
-from .common import ctx_option, model_argument, model_option, resolve
+from hybrid_gguf.errors import HybridError
+from hybrid_gguf.commands.common import ctx_option, model_argument, model_option, resolve
 
 
 def parse_devices(spec: str) -> list:
     """"CUDA0=20GiB,CUDA1=20GiB" -> [DeviceBudget]."""
-    from ..plan import DeviceBudget
-    from ..sizes import parse_size
+    from hybrid_gguf.planning.plan import DeviceBudget
+    from hybrid_gguf.sizes import parse_size
 
     out = []
     for item in spec.split(","):
@@ -65,12 +65,12 @@ def register(app: typer.Typer) -> None:
         """Plan per-expert GPU/CPU placement for a GPU budget and predict hit rate and speed."""
         from rich.console import Console
 
-        from ..autoplan import plan_model
-        from ..planner import memory_options
-        from ..predict import Bandwidth
-        from ..sizes import parse_size
+        from hybrid_gguf.planning.autoplan import plan_model
+        from hybrid_gguf.planning.planner import memory_options
+        from hybrid_gguf.planning.speed import Bandwidth
+        from hybrid_gguf.sizes import parse_size
 
-        from ..limits import check_batch, check_ctx
+        from hybrid_gguf.limits import check_batch, check_ctx
 
         console = Console(stderr=as_json)
         check_ctx(ctx, "--ctx")
@@ -83,8 +83,8 @@ def register(app: typer.Typer) -> None:
                 raise HybridError(f"{option} {path}: {path.parent} is not a folder")
         budget = parse_size(gpu_budget)
         if ctx is None:
-            from ..inventory import read_inventory
-            from ..limits import default_ctx
+            from hybrid_gguf.header.inventory import read_inventory
+            from hybrid_gguf.limits import default_ctx
 
             ctx = default_ctx(read_inventory(model))
         devs = parse_devices(devices_spec) if devices_spec else None
@@ -102,7 +102,7 @@ def register(app: typer.Typer) -> None:
         if replay_path is not None:
             report = run_replay(replay_path, inv, plan, plan.budget_bytes, ctx, opts, per_expert, bw)
             if plot is not None:
-                from ..replay import plot_replay
+                from hybrid_gguf.routing.replay import plot_replay
 
                 plot_replay(report, plot, title=f"{model.name}")
         elif plot is not None:
@@ -135,10 +135,10 @@ def cpu_only_prediction(inv, bw, n_ctx: int, n_ubatch: int):
     """On a machine without a GPU: what the model runs at here, all on the CPU (a
     SpeedPrediction; None when a GPU is visible). Which experts are hot does not matter
     on the CPU, so no routing profile is needed."""
-    from ..predict import predict_speed
+    from hybrid_gguf.planning.speed import predict_speed
 
     try:
-        from ..devices import gpu_devices
+        from hybrid_gguf.llama.devices import gpu_devices
 
         if gpu_devices():
             return None
@@ -149,12 +149,12 @@ def cpu_only_prediction(inv, bw, n_ctx: int, n_ubatch: int):
 
 def run_replay(path: Path, inv, plan, budget: int, ctx: int, opts, per_expert: bool, bw):
     """Replay the trace against the planner at several budgets (profile from its first half)."""
-    from ..memory_model import predict_memory
-    from ..placement import EXPERT_TENSOR_RE, PlacementRule, TensorPlacement
-    from ..planner import make_plan
-    from ..profile import RoutingProfile
-    from ..replay import load_trace, replay
-    from ..sizes import format_size
+    from hybrid_gguf.planning.memory import predict_memory
+    from hybrid_gguf.llama.loader import EXPERT_TENSOR_RE, PlacementRule, TensorPlacement
+    from hybrid_gguf.planning.planner import make_plan
+    from hybrid_gguf.routing.profile import RoutingProfile
+    from hybrid_gguf.routing.replay import load_trace, replay
+    from hybrid_gguf.sizes import format_size
 
     trace = load_trace(path, n_layer=inv.n_layer, n_expert=inv.n_expert)
     split = trace.n_tokens // 2
@@ -185,9 +185,9 @@ def _pct(x: float) -> str:
 
 
 def print_plan(console, plan, inv, explain: bool, here=None) -> None:
-    from ..tables import new_table
+    from hybrid_gguf.tables import new_table
 
-    from ..sizes import format_size
+    from hybrid_gguf.sizes import format_size
 
     pr = plan.predicted
     n_hot = sum(len(v) for v in plan.hot.values())
@@ -246,7 +246,7 @@ def print_plan(console, plan, inv, explain: bool, here=None) -> None:
 
 
 def print_replay(console, report) -> None:
-    from ..tables import new_table
+    from hybrid_gguf.tables import new_table
 
     t = new_table(console, f"trace replay: profile {report.n_profile_tokens} tokens, evaluated on "
                            f"{report.n_eval_tokens}; * this plan's budget")

@@ -17,8 +17,8 @@ from typing import Callable, Optional
 
 import typer
 
-from ..errors import HybridError
-from .common import ctx_option, model_argument, model_option, resolve, threads_option
+from hybrid_gguf.errors import HybridError
+from hybrid_gguf.commands.common import ctx_option, model_argument, model_option, resolve, threads_option
 
 # per-token routing records kept for routing_stats (one per token and layer; older ones drop)
 TRACE_RECORDS = 1 << 19
@@ -43,7 +43,7 @@ class ModelInfo:
 
 
 def model_info(path: Path) -> ModelInfo:
-    from ..inventory import read_inventory
+    from hybrid_gguf.header.inventory import read_inventory
 
     inv = read_inventory(path)
     return ModelInfo(Path(path), inv.fingerprint, inv.arch, inv.n_layer,
@@ -55,11 +55,11 @@ def build_llama(path: Path, recorder, n_ctx: int, n_threads: Optional[int] = Non
     """The profiled model: on a machine with a GPU, as many whole layers there as free VRAM
     holds (routing does not depend on placement; the GPU makes profiling fast), else all on
     the CPU. Returns (llm, where the weights are, in words)."""
-    from ..devices import gpu_devices
-    from ..inventory import read_inventory
-    from ..model import VRAM_RESERVE
-    from ..placement import fit_n_cpu_moe, load_llama
-    from ..routing_process import STREAM_PROFILE, model_trace
+    from hybrid_gguf.llama.devices import gpu_devices
+    from hybrid_gguf.header.inventory import read_inventory
+    from hybrid_gguf.model import VRAM_RESERVE
+    from hybrid_gguf.llama.loader import fit_n_cpu_moe, load_llama
+    from hybrid_gguf.routing.process import STREAM_PROFILE, model_trace
 
     kwargs = {"n_threads": n_threads, "n_threads_batch": n_threads} if n_threads else {}
     inv = read_inventory(path)
@@ -83,7 +83,7 @@ def build_llama(path: Path, recorder, n_ctx: int, n_threads: Optional[int] = Non
 
 def run_prompt(llm, text: str, n_predict: int, temp: float = 0.0) -> tuple[int, int]:
     """Prefill `text`, then decode up to n_predict tokens (greedy at temp 0); (prompt, generated)."""
-    from ..limits import context_size
+    from hybrid_gguf.limits import context_size
 
     n_ctx = context_size(llm)  # what llama-cpp-python allocated, not llama.cpp's padded size
     room = n_ctx - n_predict - 1
@@ -110,7 +110,7 @@ def profile_model(info: ModelInfo, workload, n_predict: int, n_ctx: int,
                   on_load: Optional[Callable[[str], None]] = None):
     """Run the workload with a fresh recorder; returns the RoutingSnapshot. Ctrl-C raises
     ProfileInterrupted with the snapshot of what was recorded so far."""
-    from ..recorder import RoutingRecorder
+    from hybrid_gguf.llama.recorder import RoutingRecorder
 
     # the per-token trace feeds adjacent overlap and the cache replays of routing_stats
     recorder = RoutingRecorder(info.n_layer, info.n_expert, info.n_expert_used,
@@ -132,7 +132,7 @@ def profile_model(info: ModelInfo, workload, n_predict: int, n_ctx: int,
 
 def snapshot_ids(info: "ModelInfo", snap):
     """The snapshot's trace as [n_tokens, n_layer, k] expert ids (-1: not routed), or None."""
-    from ..replay import trace_from_routing
+    from hybrid_gguf.routing.replay import trace_from_routing
 
     if snap.trace is None or len(snap.trace.token) == 0:
         return None
@@ -167,7 +167,7 @@ def profile_json(info: ModelInfo, snap, summary: dict, label: str, n_prompts: in
 
 
 def print_summary(console, info: ModelInfo, summary: dict, top_k: int = 4) -> None:
-    from ..tables import new_table
+    from hybrid_gguf.tables import new_table
 
     slots = summary["slots"]
     console.print(f"routing: {info.path.name} ({info.n_layer} layers, {info.n_expert} experts, "
@@ -195,9 +195,9 @@ def print_summary(console, info: ModelInfo, summary: dict, top_k: int = 4) -> No
 
 def print_routing_stats(console, stats: dict) -> None:
     """The workload's routing in one small table and one sentence."""
-    from ..tables import new_table
+    from hybrid_gguf.tables import new_table
 
-    from ..routing_stats import suitability
+    from hybrid_gguf.routing.stats import suitability
 
     def pct(x):
         return "-" if x is None else f"{100 * x:.0f}%"
@@ -277,7 +277,7 @@ def _store_interrupted(err, info: ModelInfo, snap, label: str, store: Optional[P
                        decay: float) -> None:
     """Ctrl-C: merge the prompts profiled so far into the store (a second Ctrl-C skips it;
     the store's writes are atomic, so the profile stays as it was)."""
-    from ..profile import ProfileStore, RoutingProfile
+    from hybrid_gguf.routing.profile import ProfileStore, RoutingProfile
 
     recorded = int(snap.counts.sum())
     if no_store or recorded == 0:
@@ -326,14 +326,14 @@ def register(app: typer.Typer) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
         from rich.progress import TimeElapsedColumn
 
-        from .. import routing_stats
-        from ..profile import ProfileStore, RoutingProfile
-        from ..workload import select_workload
+        from hybrid_gguf.routing import stats as routing_stats
+        from hybrid_gguf.routing.profile import ProfileStore, RoutingProfile
+        from hybrid_gguf.routing.workload import select_workload
 
         console = Console(stderr=as_json)
         err = Console(stderr=True)
         model = resolve(model, model_opt).path
-        from ..limits import check_ctx, check_threads
+        from hybrid_gguf.limits import check_ctx, check_threads
 
         if n_predict < 0:
             raise HybridError(f"-n must be >= 0, got {n_predict}")
@@ -364,8 +364,8 @@ def register(app: typer.Typer) -> None:
         workload = select_workload(prompts, text, chunk_chars)
         info = model_info(model)
         if ctx is None:
-            from ..inventory import read_inventory
-            from ..limits import default_ctx
+            from hybrid_gguf.header.inventory import read_inventory
+            from hybrid_gguf.limits import default_ctx
 
             ctx = default_ctx(read_inventory(model))
         if info.n_expert <= 0 or info.n_expert_used <= 0:
@@ -375,7 +375,7 @@ def register(app: typer.Typer) -> None:
             else:
                 console.print(msg)
             raise typer.Exit(0)
-        from ..recorder import recorder_status
+        from hybrid_gguf.llama.recorder import recorder_status
 
         ok, reason = recorder_status()
         if not ok:
@@ -416,7 +416,7 @@ def register(app: typer.Typer) -> None:
         ids = snapshot_ids(info, snap)
         stats = routing_stats.workload_stats(snap.counts, ids)
         if trace_out is not None and ids is not None:
-            from ..replay import Trace, save_trace
+            from hybrid_gguf.routing.replay import Trace, save_trace
 
             save_trace(trace_out, Trace(ids, info.n_expert))
         if heatmap is not None:

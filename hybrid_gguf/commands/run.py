@@ -10,8 +10,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from ..errors import HybridError
-from .common import (cpu_moe_option, ctx_option, gpu_budget_option, hot_option, model_argument, model_option,
+from hybrid_gguf.errors import HybridError
+from hybrid_gguf.commands.common import (cpu_moe_option, ctx_option, gpu_budget_option, hot_option, model_argument, model_option,
                      n_cpu_moe_option, no_record_option, no_repack_option, pick_model, plan_option,
                      threads_option)
 
@@ -41,8 +41,9 @@ def run_command(
     verbose: bool = typer.Option(False, "--verbose", help="show llama.cpp's log"),
 ) -> None:
     """Generate text (or chat) with a MoE model, hot experts on the GPU."""
-    from .. import hybrid_backend, limits
-    from ..model import HybridModel
+    from hybrid_gguf import limits
+    from hybrid_gguf.llama import hybrid as hybrid_backend
+    from hybrid_gguf.model import HybridModel
 
     console = Console(stderr=True)
     model = pick_model(model, model_opt)
@@ -170,7 +171,7 @@ def _save_interrupted(hm, console: Console) -> None:
 
 def _chat(hm, console: Console, n_predict: int, temp: float, system: Optional[str]) -> None:
     """Chat with the model's chat template (hybrid_gguf.chat); old turns are dropped to fit."""
-    from ..chat import chat_loop
+    from hybrid_gguf.chat import chat_loop
 
     console.print("[bold]chat[/] (empty line or Ctrl-D to quit)")
     chat_loop(hm, max_tokens=n_predict, temperature=temp, system=system,

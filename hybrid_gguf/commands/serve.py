@@ -9,11 +9,11 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from ..errors import HybridError
-from .common import (cpu_moe_option, ctx_option, gpu_budget_option, hot_option, model_argument, model_option,
+from hybrid_gguf.errors import HybridError
+from hybrid_gguf.commands.common import (cpu_moe_option, ctx_option, gpu_budget_option, hot_option, model_argument, model_option,
                      n_cpu_moe_option, no_record_option, no_repack_option, pick_model, plan_option,
                      threads_option)
-from .run import check_placement_flags
+from hybrid_gguf.commands.run import check_placement_flags
 
 
 def serve_command(
@@ -37,10 +37,10 @@ def serve_command(
     verbose: bool = typer.Option(False, "--verbose", help="show llama.cpp's log and each request"),
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API, learning its routing as it serves."""
-    from .. import hybrid_backend
-    from ..model import HybridModel
-    from ..profile import ProfileStore
-    from ..server import ModelService, serve_forever
+    from hybrid_gguf.llama import hybrid as hybrid_backend
+    from hybrid_gguf.model import HybridModel
+    from hybrid_gguf.routing.profile import ProfileStore
+    from hybrid_gguf.server import ModelService, serve_forever
 
     console = Console(stderr=True)
 

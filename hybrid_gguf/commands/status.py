@@ -17,8 +17,8 @@ def status_command(
     plans: Optional[Path] = typer.Option(None, "--plans", help="plans directory"),
 ) -> None:
     """Per model: the current plan, hot experts per device, sessions, last hit rate, predicted decode."""
-    from ..status import collect
-    from ..tables import fmt_rate, new_table
+    from hybrid_gguf.status import collect
+    from hybrid_gguf.tables import fmt_rate, new_table
 
     rows = collect(store, plans)
     if as_json:
@@ -26,7 +26,7 @@ def status_command(
         return
     console = Console()
     if not rows:
-        from ..paths import plans_dir, profiles_dir
+        from hybrid_gguf.paths import plans_dir, profiles_dir
 
         console.print(f"no models yet: no profiles in {store or profiles_dir()} and no plans in "
                       f"{plans or plans_dir()}; `hybrid-gguf run` or `profile` starts one", soft_wrap=True)

@@ -25,7 +25,7 @@ from typing import Optional
 
 import numpy as np
 
-from .errors import HybridError
+from hybrid_gguf.errors import HybridError
 
 # GGUF metadata key naming a bench model's routing preset
 ROUTING_KEY = "hybrid_gguf.routing"
@@ -110,7 +110,7 @@ def generate(n_tokens: int, n_layer: int, n_expert: int, n_used: int, s: float, 
 def measure(ids: np.ndarray, n_expert: int) -> dict:
     """Coverage of the top 25 %, LRU hit rate with 25 % of the experts resident (one cache
     for all layers, warmed on the first quarter of the tokens), adjacent-token overlap."""
-    from .routing_stats import adjacent_overlap, lru_hit_rate, overall_hit_rate
+    from hybrid_gguf.routing.stats import adjacent_overlap, lru_hit_rate, overall_hit_rate
 
     counts = counts_of(ids, n_expert)
     q = quarter(n_expert)

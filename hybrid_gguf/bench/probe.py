@@ -23,7 +23,7 @@ from typing import Callable, Mapping, Optional
 
 import numpy as np
 
-from .errors import HybridError
+from hybrid_gguf.errors import HybridError
 
 _SMALL_LAYER = dict(n_embd=1024, n_head=16, n_head_kv=4, head_dim=64, n_expert=32, n_expert_used=8, n_ff_exp=256)
 # (bench preset, overrides): per decode step "deep" and "tiny" read ~6 MB per layer, "wide" ~240 MB
@@ -36,7 +36,7 @@ PROBE_PROMPT = 16
 
 
 def probe_spec(name: str, weight_type: str = "Q4_K"):
-    from .bench_model import bench_spec
+    from hybrid_gguf.bench.model_maker import bench_spec
 
     preset, overrides = PROBES[name]
     return bench_spec(preset, weight_type, **overrides)
@@ -45,8 +45,8 @@ def probe_spec(name: str, weight_type: str = "Q4_K"):
 def ensure_probe_model(name: str, cache_dir: Optional[Path] = None,
                        log: Callable[[str], None] = print) -> Path:
     """The probe model's file in the cache, written when absent (3.4 GB for "wide")."""
-    from .bench_model import write_bench_model
-    from .synth import default_cache_dir
+    from hybrid_gguf.bench.model_maker import write_bench_model
+    from hybrid_gguf.synth import default_cache_dir
 
     spec = probe_spec(name)
     path = Path(cache_dir or default_cache_dir()) / f"gpu-probe-{name}-{spec.key()}.gguf"
@@ -59,10 +59,10 @@ def ensure_probe_model(name: str, cache_dir: Optional[Path] = None,
 def measure_probe(path: Path, n_gen: int = 64, reps: int = 3, n_threads: Optional[int] = None,
                   pack_device: str = "CUDA0"):
     """RunTerms of one model decoded with everything on the GPU (median of reps)."""
-    from . import predict
-    from .bench import Config, load_config, measure_once
-    from .inventory import read_inventory
-    from .synth import VOCAB_SIZE
+    from hybrid_gguf.planning import speed as predict
+    from hybrid_gguf.bench.runner import Config, load_config, measure_once
+    from hybrid_gguf.header.inventory import read_inventory
+    from hybrid_gguf.synth import VOCAB_SIZE
 
     inv = read_inventory(path)
     n_ctx = PROBE_PROMPT + n_gen + 64
@@ -88,8 +88,8 @@ def probe_gpu(cache_dir: Optional[Path] = None, n_gen: int = 64, reps: int = 3,
     save) store them in this machine's calibration. Returns what was measured and fitted.
     The models (4.2 GB) are deleted afterwards unless keep_models: writing them again takes
     seconds, and the probe runs once per machine."""
-    from . import predict
-    from .devices import gpu_devices
+    from hybrid_gguf.planning import speed as predict
+    from hybrid_gguf.llama.devices import gpu_devices
 
     if not gpu_devices():
         raise HybridError("the GPU probe needs a GPU; llama.cpp sees none in this build")

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .errors import HybridError
+from hybrid_gguf.errors import HybridError
 
-BUILTIN_PATH = Path(__file__).parent / "data" / "profile_workload.txt"  # JSONL content
+BUILTIN_PATH = Path(__file__).resolve().parent.parent / "data" / "profile_workload.txt"  # JSONL content
 
 
 @dataclass(frozen=True)

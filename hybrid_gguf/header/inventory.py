@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from .errors import HybridError
-from .header_checks import check_header, check_regular_file
+from hybrid_gguf.errors import HybridError
+from hybrid_gguf.header.checks import check_header, check_regular_file
 
 KINDS = (
     "attention", "norm", "embedding", "output", "router",

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .errors import HybridError
+from hybrid_gguf.errors import HybridError
 
 # enum ggml_backend_dev_type (ggml-backend.h)
 DEV_TYPE_CPU = 0

@@ -18,7 +18,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from .errors import HybridError
+from hybrid_gguf.errors import HybridError
 
 MAX_LAYERS = 512  # LLAMA_MAX_LAYERS
 MAX_EXPERTS = 1024  # LLAMA_MAX_EXPERTS

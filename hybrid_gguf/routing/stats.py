@@ -158,7 +158,7 @@ def lru_hit_rate(ids: np.ndarray, slots_per_layer: int, n_expert: Optional[int] 
                  warm_fraction: float = 0.25) -> Optional[float]:
     """Hit rate of one LRU cache of slots_per_layer * n_layer experts over the trace's
     selections in time order, counted after the first warm_fraction of the tokens."""
-    from .replay import Trace, _accesses, lru_hits
+    from hybrid_gguf.routing.replay import Trace, _accesses, lru_hits
 
     ids = np.asarray(ids, dtype=np.int32)
     n_expert = int(n_expert or ids.max() + 1)
@@ -179,7 +179,7 @@ def workload_stats(counts: np.ndarray, ids: Optional[np.ndarray] = None) -> dict
     out: dict = {"coverage": coverage(counts), "top1_share": _clean(top1_share(counts)),
                  "adjacent_overlap": None, "replay": None}
     if ids is not None and np.asarray(ids).shape[0] >= 4:
-        from .replay import Trace, replay
+        from hybrid_gguf.routing.replay import Trace, replay
 
         ids = np.asarray(ids, dtype=np.int32)
         out["adjacent_overlap"] = _clean(adjacent_overlap(ids))

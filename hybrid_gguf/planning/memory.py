@@ -19,9 +19,9 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Mapping, Optional, Sequence
 
-from .errors import HybridError
-from .inventory import EXPERT_KINDS
-from .placement import EXPERT_TENSOR_RE, TensorPlacement
+from hybrid_gguf.errors import HybridError
+from hybrid_gguf.header.inventory import EXPERT_KINDS
+from hybrid_gguf.llama.loader import EXPERT_TENSOR_RE, TensorPlacement
 
 MIB = 1024 * 1024
 CPU = "CPU"
@@ -216,8 +216,8 @@ def measure_compute_bytes(model_path, n_ctx: int, n_ubatch: int = 512, flash_att
     import llama_cpp
     import llama_cpp.llama_cpp as b
 
-    from .llama_log import capture_llama_log
-    from .placement import model_patch_for
+    from hybrid_gguf.llama.log import capture_llama_log
+    from hybrid_gguf.llama.loader import model_patch_for
 
     llama_cpp.llama_backend_init()
     patch = model_patch_for(placement) if placement is not None and placement.rules else None

@@ -50,7 +50,7 @@ def _cpu_reg(ggml_lib) -> Optional[int]:
 def backend_features() -> dict:
     """{name: value} the CPU backend reports it was built with (ggml_backend_get_features:
     e.g. AVX2, AVX512, AMX_INT8, REPACK), {} when it exports none."""
-    from . import ggml_lib
+    from hybrid_gguf.llama import ggml_lib
 
     reg = _cpu_reg(ggml_lib)
     if reg is None:
@@ -75,7 +75,7 @@ def cpu_report() -> dict:
     cannot be loaded."""
     report: dict = {"flags": cpu_flags(), "extra_buffer_types": [], "backend_features": {}}
     try:
-        from . import ggml_lib
+        from hybrid_gguf.llama import ggml_lib
 
         report["extra_buffer_types"] = [ggml_lib.buft_name(b) for b in ggml_lib.cpu_extra_buffer_types()]
         report["backend_features"] = backend_features()

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Optional
 
-from .errors import HybridError
+from hybrid_gguf.errors import HybridError
 
 # The routed-expert tensors as llama.cpp's --cpu-moe / --n-cpu-moe select them; no end
 # anchor, so gpt-oss's `ffn_*_exps.bias` move with their weights.
@@ -129,7 +129,8 @@ def buffer_type_for(target: str, allow_extra_bufts: bool = False) -> int:
     buffer aborts on a tensor type it cannot repack, and "CPU" already lets llama.cpp
     choose them per tensor where they apply.
     """
-    from . import devices, ggml_lib
+    from hybrid_gguf.llama import devices
+    from hybrid_gguf.llama import ggml_lib
 
     wanted = target.strip()
     low = wanted.lower()
@@ -224,13 +225,13 @@ def load_llama(model_path, placement: Optional[TensorPlacement] = None,
     llama.cpp's load failure (ValueError) becomes a HybridError carrying its last error line.
     """
     if route_trace is not None:
-        from .hybrid_backend import pending_route_trace
+        from hybrid_gguf.llama.hybrid import pending_route_trace
 
         with pending_route_trace(route_trace):
             return load_llama(model_path, placement, model_patch, allow_extra_bufts, inventory, **llama_kwargs)
-    from .limits import check_llama_kwargs
-    from .llama_hooks import construct_llama
-    from .llama_log import capture_llama_log, install_abort_handler
+    from hybrid_gguf.limits import check_llama_kwargs
+    from hybrid_gguf.llama.hooks import construct_llama
+    from hybrid_gguf.llama.log import capture_llama_log, install_abort_handler
 
     check_llama_kwargs(llama_kwargs, inventory)
 

@@ -17,9 +17,10 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from . import hybrid_backend, routing_process
-from .errors import HybridError
-from .inventory import Inventory, read_inventory
+from hybrid_gguf.llama import hybrid as hybrid_backend
+from hybrid_gguf.routing import process as routing_process
+from hybrid_gguf.errors import HybridError
+from hybrid_gguf.header.inventory import Inventory, read_inventory
 
 
 @dataclass
@@ -107,7 +108,7 @@ def hit_rate(counts_decode: np.ndarray, hot: dict[int, list[int]]) -> Optional[f
 
 def build_configs(inv: Inventory, counts: Optional[np.ndarray], budget_bytes: int,
                   include_all_gpu: bool, gpu_free_bytes: int) -> list[Config]:
-    from .placement import cpu_moe, n_cpu_moe
+    from hybrid_gguf.llama.loader import cpu_moe, n_cpu_moe
 
     moe_layers = [l for l in inv.layers if l.is_moe]
     configs = [Config("cpu-experts", cpu_moe())]
@@ -130,7 +131,7 @@ def build_configs(inv: Inventory, counts: Optional[np.ndarray], budget_bytes: in
 def load_config(path: Path, inv: Inventory, cfg: Config, n_ctx: int, n_batch: int, recorder,
                 pack_device: str, n_threads: Optional[int], stream: int = routing_process.STREAM_MEASURED,
                 routing: Optional[str] = None):
-    from .placement import load_llama
+    from hybrid_gguf.llama.loader import load_llama
 
     kwargs = dict(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_gpu_layers=-1, use_mmap=False,
                   verbose=False, seed=0)
@@ -211,8 +212,8 @@ def run_bench(model_path: Path, *, budget_bytes: int, profile_prompts: Sequence[
     """Profile (unless counts are given), then time each placement; returns a JSON-able dict.
     `routing`: a routing preset (routing_process.PRESETS) replayed instead of the model's own.
     `on_progress(more_steps, steps_done)`: first the number of timed reps ahead, then each rep."""
-    from .devices import gpu_devices
-    from .recorder import RoutingRecorder
+    from hybrid_gguf.llama.devices import gpu_devices
+    from hybrid_gguf.llama.recorder import RoutingRecorder
 
     inv = read_inventory(model_path)
     if inv.n_expert == 0:
@@ -323,7 +324,7 @@ def predict_configs(inv: Inventory, counts: np.ndarray, cfgs: Sequence[Config], 
     The fit takes each placement's busy hand-offs from the timed workload's routing trace
     when there is one (what happened), not from the profile's estimate (what `plan` can
     know); both are reported, with each placement's model terms for later refits."""
-    from . import predict
+    from hybrid_gguf.planning import speed as predict
 
     tokens = counts.sum(axis=1) / max(inv.n_expert_used, 1)
     p = predict.selection_probs(counts, tokens, [l.n_expert_used for l in inv.layers])
@@ -382,7 +383,7 @@ def run_budgets(model_path: Path, budgets: Sequence[int], *, profile_prompts, ev
     budgets one decode fit over all of them is the calibration stored for `plan` (it needs
     per-expert runs at different budgets to tell busy from idle hand-offs); each result
     then carries it as "combined_fit"."""
-    from .devices import gpu_devices
+    from hybrid_gguf.llama.devices import gpu_devices
 
     inv = read_inventory(model_path)
     outs: list[dict] = []
@@ -415,7 +416,7 @@ def refit_across_budgets(outs: Sequence[dict], save: bool = True,
     """One decode fit over the placements of several `run_bench` results (budgets) of one
     model: per-expert runs at different budgets are what tell busy from idle hand-offs.
     Returns the fitted calibration and each run's fitted decode next to its measurement."""
-    from . import predict
+    from hybrid_gguf.planning import speed as predict
 
     rows = []
     fingerprints = {out.get("fingerprint") for out in outs}
@@ -451,7 +452,7 @@ def llama_bench_rows(outs: Sequence[dict], n_threads: Optional[int] = None) -> l
     n_gen 0, a generation test with n_prompt 0) and placement, with llama-bench's field names
     (model_type, n_prompt, n_gen, avg_ts, stddev_ts, samples_ts, ...) plus ours (placement,
     budget, hit rate, GPU bytes)."""
-    from . import __version__
+    from hybrid_gguf import __version__
 
     rows = []
     for out in outs:
@@ -490,7 +491,7 @@ def llama_bench_rows(outs: Sequence[dict], n_threads: Optional[int] = None) -> l
 
 
 def _cpu_moe():
-    from .placement import cpu_moe
+    from hybrid_gguf.llama.loader import cpu_moe
 
     return cpu_moe()
 

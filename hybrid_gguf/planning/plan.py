@@ -19,10 +19,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
-from .atomic import atomic_write
-from .errors import HybridError
-from .placement import PlacementRule, TensorPlacement, validate_rules
-from .sizes import format_size
+from hybrid_gguf.atomic import atomic_write
+from hybrid_gguf.errors import HybridError
+from hybrid_gguf.llama.loader import PlacementRule, TensorPlacement, validate_rules
+from hybrid_gguf.sizes import format_size
 
 PLAN_FORMAT = "hybrid-gguf-plan"
 PLAN_VERSION = 1
@@ -116,7 +116,7 @@ class Plan:
     def llama_kwargs(self) -> dict:
         """llama_cpp.Llama keyword arguments the plan was made for (context and KV cache);
         pass them with the placement so the memory prediction holds."""
-        from .memory_model import CACHE_TYPE_IDS
+        from hybrid_gguf.planning.memory import CACHE_TYPE_IDS
 
         m = self.memory
         kw = {"n_ctx": int(self.n_ctx), "n_gpu_layers": int(self.n_gpu_layers)}
@@ -136,14 +136,14 @@ class Plan:
 
     def hybrid_plan_text(self) -> str:
         """The hot packs as the patched llama.cpp's plan text ("" when there are none)."""
-        from .hybrid_backend import plan_text
+        from hybrid_gguf.llama.hybrid import plan_text
 
         return plan_text(self.hot, self.hot_device) if any(self.hot.values()) else ""
 
     def gpu_experts(self, inv) -> dict:
         """{layer: expert ids in GPU memory}: hot packs plus layers whose expert tensors
         the rules leave on (or send to) a GPU."""
-        from .memory_model import is_host
+        from hybrid_gguf.planning.memory import is_host
 
         out = {int(l): list(v) for l, v in self.hot.items() if v}
         if self.n_gpu_layers == 0:

@@ -1,4 +1,4 @@
-"""Python side of the native routing recorder (hybrid_gguf/native/recorder.c).
+"""Python side of the native routing recorder (hybrid_gguf/llama/native/recorder.c).
 
 Usage::
 
@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from .errors import HybridError
+from hybrid_gguf.errors import HybridError
 
 STAT_NAMES = (
     "graphs",
@@ -124,7 +124,7 @@ def load_library() -> ctypes.CDLL:
         if _lib_error is not None:
             raise RecorderUnavailable(_lib_error)
         try:
-            from .native.build import BuildError, build_recorder
+            from hybrid_gguf.llama.native.build import BuildError, build_recorder
 
             try:
                 built = build_recorder()  # imports llama_cpp first: libggml-base is mapped
@@ -335,7 +335,7 @@ class DecodeSampler:
     """
 
     def __init__(self, recorder: RoutingRecorder, ctx: Any, stride: int, burst: int = 8) -> None:
-        from . import hybrid_backend
+        from hybrid_gguf.llama import hybrid as hybrid_backend
 
         self.stride = int(max(1, stride))
         self.burst = int(max(1, burst))

@@ -13,7 +13,7 @@ import ctypes
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Optional, Sequence
 
-from .errors import HybridError
+from hybrid_gguf.errors import HybridError
 
 STOCK_NOTICE = (
     "this llama-cpp-python build lacks the hybrid-gguf patch, so experts are placed per whole "

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from .errors import HybridError
-from .memory_model import MemoryOptions, MIB
+from hybrid_gguf.errors import HybridError
+from hybrid_gguf.planning.memory import MemoryOptions, MIB
 
 PathLike = Union[str, os.PathLike]
 AUTO_BUDGET_FRACTION = 0.9  # of free VRAM when no budget is given
@@ -36,7 +36,7 @@ class AutoPlan:
 
 
 def plans_dir() -> Path:
-    from . import paths
+    from hybrid_gguf import paths
 
     return paths.plans_dir()
 
@@ -49,11 +49,11 @@ def detect_devices(budget: Optional[int]) -> tuple:
     """([DeviceBudget], notes): the first GPU llama.cpp sees, or a stand-in named "GPU".
 
     budget None: AUTO_BUDGET_FRACTION of the GPU's free memory (0 without a GPU)."""
-    from .plan import DeviceBudget
-    from .sizes import format_size
+    from hybrid_gguf.planning.plan import DeviceBudget
+    from hybrid_gguf.sizes import format_size
 
     try:
-        from .devices import gpu_devices
+        from hybrid_gguf.llama.devices import gpu_devices
 
         gpus = gpu_devices()
     except Exception:  # llama_cpp missing or broken: plan for a hypothetical GPU
@@ -77,7 +77,7 @@ def measured_compute_bytes(model_path: PathLike, n_ctx: int, n_ubatch: int, flas
                            gpu_present: bool, notes: list) -> Optional[int]:
     """The GPU compute buffer from a llama.cpp dry run: exact on a GPU machine; on a
     CPU-only machine the CPU graph's buffer + 10% stands in for the GPU's."""
-    from .memory_model import measure_compute_bytes
+    from hybrid_gguf.planning.memory import measure_compute_bytes
 
     try:
         measured = measure_compute_bytes(model_path, n_ctx, n_ubatch, flash_attn, n_gpu_layers=-1)
@@ -114,11 +114,11 @@ def plan_model(model_path: PathLike, gpu_budget: Optional[int], n_ctx: int, *,
       promoted whole when the speed model says the saved hand-off pays (0: any layer;
       default planner.PROMOTE_FROM).
     """
-    from .inventory import read_inventory
-    from .plan import Plan
-    from .planner import PROMOTE_FROM, diff_plans, make_plan
-    from .predict import GPU_DECODE_FIELDS, Bandwidth, calibrate_bandwidth
-    from .profile import ProfileStore, RoutingProfile
+    from hybrid_gguf.header.inventory import read_inventory
+    from hybrid_gguf.planning.plan import Plan
+    from hybrid_gguf.planning.planner import PROMOTE_FROM, diff_plans, make_plan
+    from hybrid_gguf.planning.speed import GPU_DECODE_FIELDS, Bandwidth, calibrate_bandwidth
+    from hybrid_gguf.routing.profile import ProfileStore, RoutingProfile
 
     inv = inventory if inventory is not None else read_inventory(model_path)
     notes: list = []
@@ -140,7 +140,7 @@ def plan_model(model_path: PathLike, gpu_budget: Optional[int], n_ctx: int, *,
 
     if per_expert is None:
         try:
-            from .hybrid_backend import capability
+            from hybrid_gguf.llama.hybrid import capability
 
             per_expert = capability().per_expert
         except Exception:

@@ -41,10 +41,10 @@ from typing import Callable, Optional, Union
 
 import numpy as np
 
-from . import synth
-from .atomic import publish
-from .errors import HybridError
-from .synth import SynthSpec
+from hybrid_gguf import synth
+from hybrid_gguf.atomic import publish
+from hybrid_gguf.errors import HybridError
+from hybrid_gguf.synth import SynthSpec
 
 BENCH_VERSION = 1
 KEY_BENCH_VERSION = "hybrid_gguf.bench.version"
@@ -317,10 +317,10 @@ def _run_parallel(path: Path, spec: SynthSpec, data_start: int, tasks: list, wor
     caller's __main__, nothing forks a process that may hold llama.cpp threads.
     """
     env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])  # the directory holding hybrid_gguf
     env["PYTHONPATH"] = root + os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else root
     env.setdefault("OMP_NUM_THREADS", "1")  # one core per worker; BLAS threads would oversubscribe
-    cmd = [sys.executable, "-c", "from hybrid_gguf.bench_model import _worker_main; _worker_main()"]
+    cmd = [sys.executable, "-c", "from hybrid_gguf.bench.model_maker import _worker_main; _worker_main()"]
     job = json.dumps({"path": str(path), "spec": spec.to_dict(), "data_start": data_start}) + "\n"
     procs, errs = [], []
     todo = list(reversed(tasks))  # pop() from the end = in order

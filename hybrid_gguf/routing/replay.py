@@ -27,7 +27,7 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from .errors import HybridError
+from hybrid_gguf.errors import HybridError
 
 
 @dataclass
@@ -245,7 +245,7 @@ def replay(trace: Trace, capacities: Sequence[int], profile_fraction: float = 0.
     if split < 1 or split >= trace.n_tokens:
         raise HybridError(f"a trace of {trace.n_tokens} tokens is too short to split into profile and "
                           "evaluation parts")
-    from .predict import selection_probs
+    from hybrid_gguf.planning.speed import selection_probs
 
     k = list(n_used) if n_used is not None else [trace.ids.shape[2]] * trace.n_layer
     c_prof, t_prof = trace.counts(0, split)
@@ -282,7 +282,7 @@ def replay(trace: Trace, capacities: Sequence[int], profile_fraction: float = 0.
 
 
 def _verdicts(report: ReplayReport, expert_bytes: Optional[float], margin: float) -> list:
-    from .sizes import format_size
+    from hybrid_gguf.sizes import format_size
 
     out = []
     beaten = False

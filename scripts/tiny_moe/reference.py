@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from hybrid_gguf.tiny_moe_export import ARCH, TinyMoeConfig
+from scripts.tiny_moe.export import ARCH, TinyMoeConfig
 
 
 @dataclass

@@ -41,7 +41,7 @@ class BuiltLibrary:
 
 
 def cache_root() -> Path:
-    from .. import paths
+    from hybrid_gguf import paths
 
     return paths.cache_dir()
 

@@ -29,14 +29,14 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .errors import HybridError
-from .hybrid_backend import STOCK_NOTICE
-from .memory_model import (CPU, MemoryOptions, MemoryPrediction, gpu_alloc_bytes, kv_cells,
+from hybrid_gguf.errors import HybridError
+from hybrid_gguf.llama.hybrid import STOCK_NOTICE
+from hybrid_gguf.planning.memory import (CPU, MemoryOptions, MemoryPrediction, gpu_alloc_bytes, kv_cells,
                            layer_devices, predict_memory, GPU_ALIGN)
-from .placement import EXPERT_TENSOR_RE, PlacementRule, TensorPlacement
-from .plan import DeviceBudget, Plan, Predicted, ProfileSource
-from .predict import Bandwidth, decode_probs, hit_rate, predict_speed, profile_probs
-from .sizes import format_size
+from hybrid_gguf.llama.loader import EXPERT_TENSOR_RE, PlacementRule, TensorPlacement
+from hybrid_gguf.planning.plan import DeviceBudget, Plan, Predicted, ProfileSource
+from hybrid_gguf.planning.speed import Bandwidth, decode_probs, hit_rate, predict_speed, profile_probs
+from hybrid_gguf.sizes import format_size
 
 SMALL_PROFILE_TOKENS = 2000  # routed tokens per layer below which skew is overstated
 SPEED_HYSTERESIS = 0.02  # predicted decode gain that replaces the previous plan even at a lower hit rate
@@ -412,7 +412,7 @@ def plan_memory(plan: Plan, inv) -> MemoryPrediction:
 
 
 def _kv_per_token(inv, opts: MemoryOptions) -> int:
-    from .memory_model import kv_cache_bytes
+    from hybrid_gguf.planning.memory import kv_cache_bytes
 
     return kv_cache_bytes(inv, 256, opts.type_k, opts.type_v) // 256
 

@@ -186,7 +186,7 @@ def install_abort_handler() -> bool:
         if _abort_callback is not None:
             return True
         try:
-            from .ggml_lib import libs
+            from hybrid_gguf.llama.ggml_lib import libs
 
             base = libs().base
             setter = base.ggml_set_abort_callback

@@ -37,8 +37,8 @@ from typing import Iterator, Optional, Union
 
 import numpy as np
 
-from .atomic import SLOW_WRITE_ENV, atomic_write, tmp_prefix  # noqa: F401  (SLOW_WRITE_ENV: tests)
-from .errors import HybridError
+from hybrid_gguf.atomic import SLOW_WRITE_ENV, atomic_write, tmp_prefix  # noqa: F401  (SLOW_WRITE_ENV: tests)
+from hybrid_gguf.errors import HybridError
 
 FORMAT_NAME = "hybrid-gguf-routing-profile"
 FORMAT_VERSION = 1
@@ -312,7 +312,7 @@ def glob_escape(name: str) -> str:
 
 
 def default_store_root() -> Path:
-    from .paths import profiles_dir
+    from hybrid_gguf.paths import profiles_dir
 
     return profiles_dir()
 

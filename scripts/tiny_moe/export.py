@@ -17,7 +17,7 @@ from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 
-from hybrid_gguf import stdlib_corpus as corpus
+from scripts.tiny_moe import corpus
 
 ARCH = "qwen3moe"
 TRAIN_KEY_PREFIX = "hybrid_gguf.train."

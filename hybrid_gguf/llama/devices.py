@@ -6,9 +6,9 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from . import ggml_lib
-from .errors import HybridError
-from .sizes import format_size
+from hybrid_gguf.llama import ggml_lib
+from hybrid_gguf.errors import HybridError
+from hybrid_gguf.sizes import format_size
 
 _TYPE_NAMES = {
     ggml_lib.DEV_TYPE_CPU: "cpu",

@@ -29,8 +29,8 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from .atomic import atomic_write
-from .errors import HybridError
+from hybrid_gguf.atomic import atomic_write
+from hybrid_gguf.errors import HybridError
 
 CALIBRATION_FORMAT = "hybrid-gguf-calibration"
 
@@ -548,7 +548,7 @@ def machine_id() -> str:
 
 
 def calibration_path() -> Path:
-    from . import paths
+    from hybrid_gguf import paths
 
     return paths.calibration_path()
 

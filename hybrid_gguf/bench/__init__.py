@@ -1,0 +1,1 @@
+"""Timing: placements side by side, the per-machine GPU probe, and the models they run on."""

@@ -1,0 +1,1 @@
+"""Inventory + devices + profile -> Plan: memory model, speed model, planner, plan files. Pure: loads nothing."""
