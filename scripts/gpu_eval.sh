@@ -16,6 +16,11 @@
 #   (diag: scripts/split_diag.py, chain-by-chain comparison with a numpy reference)
 #   (routing / routing2: every placement at 10/25/50 % on the realistic, flat and optimistic
 #    routing presets, Q30B-shaped / Mixtral-shaped; ROUTINGS= picks presets)
+#   (coldsplit: the split equivalence tests again with cold=gpu: the GPU reads the cold
+#    experts from pinned host memory, patch v4)
+#   (coldab: one hot set, cold experts on the CPU vs read by the GPU, beside whole layers;
+#    SHARES= and ROUTINGS= pick budgets and presets; TIMERS=1 adds a run with the
+#    scheduler's per-split breakdown, LLAMA_HYBRID_SCHED_TIMERS)
 #   (amx: CPU-only prefill/decode with llama.cpp's extra CPU buffer types on and off)
 # One call does not fit every step in 10 minutes. Measured 2026-11-28 (wall time per call):
 #   "build,diag,split,recorder"  ~5 min (build 203-257 s)
@@ -93,8 +98,19 @@ if has split; then
 fi
 [ -f /tmp/hybrid_variant ] && export LLAMA_HYBRID_MAPS=$(cat /tmp/hybrid_variant) && log "using LLAMA_HYBRID_MAPS=$LLAMA_HYBRID_MAPS"
 
+if has coldsplit; then
+    log "split equivalence on CUDA with cold=gpu (zero-copy cold experts)"
+    if HYBRID_GGUF_TEST_COLD=gpu HYBRID_GGUF_TEST_PACK_DEVICE=CUDA0 HYBRID_GGUF_REQUIRE_PATCHED=1 \
+        python3 -c "import llama_cpp, sys, pytest; sys.exit(pytest.main(['-q', '-rA', '-s', '-p', 'no:cacheprovider', 'tests/test_hybrid_split.py']))" \
+        > "$OUT/split_cuda_coldgpu.txt" 2>&1; then
+        log "cold=gpu split equivalence PASSED"; grep -E "passed|failed" "$OUT/split_cuda_coldgpu.txt" | tail -2
+    else
+        grep -E "^FAILED|passed|failed|Error" "$OUT/split_cuda_coldgpu.txt" | tail -12; failed coldsplit
+    fi
+fi
+
 BIG=/tmp/models/q30b-like-q4k.gguf
-if has recorder || has bench || has plan || has skipab || has threads || has routing; then
+if has recorder || has bench || has plan || has skipab || has threads || has routing || has coldab; then
     log "make the Qwen3-30B-A3B-shaped Q4_K model"
     t0=$(date +%s)
     [ -f "$BIG" ] || python3 scripts/make_bench_model.py --preset qwen3-30b-a3b-like --weight-type Q4_K --workers 16 --out "$BIG" 2>&1 | tail -2
@@ -252,6 +268,20 @@ open('/tmp/prof.txt', 'w').write(package_text(P, 8000)); open('/tmp/eval.txt', '
         python3 -c "import json, sys; json.dump({'plan': json.load(open(sys.argv[1])), 'runs': [json.load(open(f)) for f in sys.argv[3:]]}, open(sys.argv[2], 'w'), indent=1)" \
             "/tmp/plan_${B}_p$P.json" "$OUT/planned_${B}_p$P.json" /tmp/run_${B}_p${P}_1.json /tmp/run_${B}_p${P}_2.json
       done
+    done
+fi
+if has coldab; then
+    for R in ${ROUTINGS:-realistic optimistic}; do
+        for S in ${SHARES:-0.25}; do
+            log "cold on CPU vs GPU-read: $R routing, $S of expert bytes"
+            python3 scripts/cold_gpu_ab.py "$BIG" --share "$S" --routing "$R" --threads 16 --tg 32 --reps 2 \
+                --out "$OUT/coldab_${R}_$S.json" 2>&1 | grep -v "^\[" | tail -6 || failed "coldab $R $S"
+            if [ -n "${TIMERS:-}" ]; then
+                log "the same with the scheduler's timers (slower: a sync per split)"
+                LLAMA_HYBRID_SCHED_TIMERS=32 python3 scripts/cold_gpu_ab.py "$BIG" --share "$S" --routing "$R" \
+                    --threads 16 --tg 32 --reps 1 2>&1 | grep "hybrid-sched\|tg " | tail -12 | tee -a "$OUT/sched_timers.txt"
+            fi
+        done
     done
 fi
 [ -z "$FAILED" ] || { log "done, with failures:$FAILED"; exit 1; }

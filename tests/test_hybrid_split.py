@@ -54,6 +54,10 @@ def models(tmp_path_factory):
 # rest of the model on the GPU and the original experts on the CPU, for both sides.
 PACK_DEVICE = os.environ.get("HYBRID_GGUF_TEST_PACK_DEVICE", "CPU")
 ON_GPU = PACK_DEVICE != "CPU"
+# HYBRID_GGUF_TEST_COLD=gpu (patch version 4): the original experts go to pinned host memory
+# that the GPU reads in place, so both chains run on the GPU. On a CPU-only machine the patch
+# keeps them with the CPU (it needs a CUDA device), which the tests here check too.
+COLD_ON_GPU = os.environ.get("HYBRID_GGUF_TEST_COLD", "cpu") == "gpu"
 
 
 def load_with_report(path, hot=None, use_mmap=True):
@@ -65,7 +69,7 @@ def load_with_report(path, hot=None, use_mmap=True):
         kwargs["n_gpu_layers"] = 0
     if hot is None:
         return load_llama(path, placement, **kwargs)
-    with hybrid_backend.pending_plan(hybrid_backend.plan_text(hot, PACK_DEVICE)):
+    with hybrid_backend.pending_plan(hybrid_backend.plan_text(hot, PACK_DEVICE, cold_on_gpu=COLD_ON_GPU)):
         return load_llama(path, placement, **kwargs)
 
 
@@ -156,8 +160,38 @@ def test_gpu_packs_in_vram_and_nothing_else_moved(models):
     pack = hybrid_backend.pack_bytes(split.llm._model.model)
     lines = [l for l in split.log if "hot-pack buffer size" in l]
     split.llm.close()
-    assert split.buffers.model == ref_model  # the original weights stay where they were
     assert pack > 0 and lines and PACK_DEVICE in lines[-1]
+    if not COLD_ON_GPU:
+        assert split.buffers.model == ref_model  # the original weights stay where they were
+        return
+    # cold=gpu: the host-side expert tensors moved into the GPU's zero-copy buffer, nothing else
+    moved = {k: v for k, v in split.buffers.model.items() if k.endswith("_ZeroCopy")}
+    assert moved, split.buffers.model
+    for name, size in ref_model.items():
+        if not name.startswith("CPU"):
+            assert split.buffers.model.get(name) == size, (name, split.buffers.model)
+    assert abs(sum(split.buffers.model.values()) - sum(ref_model.values())) <= 0.01 * sum(ref_model.values())
+
+
+@pytest.mark.skipif(ON_GPU, reason="checks the fallback of a machine without a GPU")
+def test_cold_on_gpu_without_a_gpu_stays_on_the_cpu(models):
+    if hybrid_backend.capability().version < 4:
+        pytest.skip("needs hybrid patch version 4")
+    from hybrid_gguf.llama.loader import load_llama
+
+    path, spec = models["qwen3moe"]
+    hot = hot_sets(spec.n_layer, spec.n_expert)["half"]
+    ref_llm = load(path, hot)
+    ref = greedy(ref_llm, PROMPT, N_GEN)
+    ref_llm.close()
+    with hybrid_backend.pending_plan(hybrid_backend.plan_text(hot, "CPU", cold_on_gpu=True)):
+        rep = load_llama(path, None, n_ctx=128, n_batch=64, seed=1, verbose=False, n_gpu_layers=0)
+    run = greedy(rep.llm, PROMPT, N_GEN)
+    rep.llm.close()
+    assert any("cold experts stay with the CPU" in line for line in rep.log), rep.log[-5:]
+    assert not any(k.endswith("_ZeroCopy") for k in rep.buffers.model)
+    assert run.tokens == ref.tokens
+    assert float(np.max(np.abs(run.logits - ref.logits))) == 0.0
 
 
 def test_pack_bytes_match_expert_bytes(models):

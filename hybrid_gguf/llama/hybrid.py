@@ -61,11 +61,21 @@ def eval_callback_setter() -> Optional[ctypes._CFuncPtr]:
     return _fn("llama_hybrid_set_eval_callback", None, [ctypes.c_void_p] * 3)
 
 
-def plan_text(hot: Mapping[int, Sequence[int]], buffer_type: Optional[str] = None) -> str:
-    """Serialize {layer: [expert, ...]} as the patch's plan text (slot order = list order)."""
+def plan_text(hot: Mapping[int, Sequence[int]], buffer_type: Optional[str] = None,
+              cold_on_gpu: bool = False) -> str:
+    """Serialize {layer: [expert, ...]} as the patch's plan text (slot order = list order).
+
+    cold_on_gpu (patch version 4): the expert tensors that would live in host memory go to
+    pinned, device-mapped memory that the pack's GPU reads in place, so the GPU computes the
+    cold experts too and a split layer needs no CPU hand-off (docs/backend-patch.md)."""
     # "GPU" means the first GPU, which is also the patch's default
     named = buffer_type and buffer_type.upper() != "GPU"
     parts = [f"buft={buffer_type}"] if named else []
+    if cold_on_gpu:
+        if capability().version < 4:
+            raise HybridError("cold experts on the GPU need hybrid patch version 4; rebuild the backend "
+                              "with `hybrid-gguf backend install`")
+        parts.append("cold=gpu")
     for layer in sorted(hot):
         experts = list(hot[layer])
         if experts:
