@@ -260,15 +260,27 @@ class HybridModel:
             return self._auto_plan(budget, n_ctx, notices, gpus)
         if budget is None:
             budget = max(0, gpus[0].free_bytes - VRAM_RESERVE)
-        fit = pl.fit_n_cpu_moe(inv, budget, n_ctx)
-        if not fit.fits:
-            notices.append("even with every expert on the CPU the rest does not fit the budget")
-        mode = "gpu" if fit.n_cpu_moe == 0 else "whole-tensor"
-        desc = ("everything on the GPU" if fit.n_cpu_moe == 0 else
-                f"experts of the first {fit.n_cpu_moe} of {inv.n_layer} layers on the CPU (--n-cpu-moe {fit.n_cpu_moe})")
-        if inv.n_expert > 0 and fit.n_cpu_moe > 0:
-            notices.append("no routing profile used: run `hybrid-gguf profile` to place experts per expert")
-        return fit.placement, None, _summary(mode, desc, fit.placement.n_gpu_layers, {}, budget, notices, None)
+        return self._whole_layer_placement(budget, n_ctx, notices, gpus[0])
+
+    def _whole_layer_placement(self, budget, n_ctx, notices, gpu):
+        """No profile used (auto_plan=False, or a dense model): the planner's plan without a
+        profile, whole layers' experts on the GPU, the last layers first (like --n-cpu-moe)."""
+        from hybrid_gguf.planning.plan import DeviceBudget
+        from hybrid_gguf.planning.planner import make_plan
+
+        inv = self.inventory
+        plan = make_plan(inv, budget, n_ctx, devices=[DeviceBudget(gpu.name, budget)])
+        notices.extend(plan.notes)
+        n_moe = sum(1 for l in inv.layers if l.is_moe)
+        if plan.n_gpu_layers == 0:
+            mode, desc = "cpu", "all weights on the CPU (the rest of the model does not fit the budget)"
+        elif not plan.rules:
+            mode, desc = "gpu", "everything on the GPU"
+        else:
+            n_host = n_moe - len(plan.whole_layers(inv))
+            mode, desc = "whole-tensor", (f"experts of the first {n_host} of {n_moe} MoE layers on the CPU "
+                                          "(like --n-cpu-moe)")
+        return plan.placement(), None, _summary(mode, desc, plan.n_gpu_layers, {}, budget, notices, None)
 
     def _manual_placement(self, n_cpu, budget):
         """--n-cpu-moe N / --cpu-moe: whole layers' experts on the CPU, chosen by the user."""

@@ -184,6 +184,27 @@ def test_no_profile_whole_layers_last_first(tiny_model_factory):
     assert plan.placement().target_for("blk.3.ffn_up_exps.weight") is None
 
 
+def test_without_a_profile_the_fewest_first_layers_stay_on_the_cpu(tiny_model_factory):
+    """The whole-layer fallback (what --n-cpu-moe would be set to): the plan fits, each smaller
+    budget keeps at least as many layers' experts on the CPU, and one layer fewer would not fit."""
+    from hybrid_gguf.llama.loader import n_cpu_moe
+
+    inv = read_inventory(tiny_model_factory("qwen3moe", n_layer=6))
+    opts = mm.MemoryOptions(1024, **OPTS)
+    every = mm.predict_memory(inv, None, opts, gpus=["GPU"]).gpu_bytes
+    none = mm.predict_memory(inv, n_cpu_moe(6), opts, gpus=["GPU"]).gpu_bytes
+    previous = 0
+    for budget in range(every, none - 1, -(inv.layers[0].expert_bytes // 3)):
+        plan = make_plan(inv, budget, 1024, memory=opts)
+        host = [l for l in range(6) if l not in plan.whole_layers(inv)]
+        assert host == list(range(len(host)))  # the first layers, as --n-cpu-moe N
+        assert plan.predicted.gpu_bytes <= budget and len(host) >= previous
+        if host:
+            assert mm.predict_memory(inv, n_cpu_moe(len(host) - 1), opts, gpus=["GPU"]).gpu_bytes > budget
+        previous = len(host)
+    assert previous == 6
+
+
 def test_stock_backend_whole_tensors_with_notice(tiny_model_factory):
     inv = read_inventory(tiny_model_factory("qwen3moe", n_layer=4))
     prof = make_profile(inv, zipf_probs(4, inv.n_expert))

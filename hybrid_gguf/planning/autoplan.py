@@ -77,7 +77,7 @@ def measured_compute_bytes(model_path: PathLike, n_ctx: int, n_ubatch: int, flas
                            gpu_present: bool, notes: list) -> Optional[int]:
     """The GPU compute buffer from a llama.cpp dry run: exact on a GPU machine; on a
     CPU-only machine the CPU graph's buffer + 10% stands in for the GPU's."""
-    from hybrid_gguf.planning.memory import measure_compute_bytes
+    from hybrid_gguf.llama.dry_run import measure_compute_bytes
 
     try:
         measured = measure_compute_bytes(model_path, n_ctx, n_ubatch, flash_attn, n_gpu_layers=-1)
