@@ -122,7 +122,9 @@ def build_configs(inv: Inventory, counts: Optional[np.ndarray], budget_bytes: in
         hot = hot_from_counts(inv, counts, budget_bytes)
         spent = sum(inv.layers[l].per_expert_bytes * len(es) for l, es in hot.items())
         configs.append(Config("per-expert", cpu_moe(), hot, spent))
-    if include_all_gpu and inv.total_bytes < gpu_free_bytes * 0.9:
+    from hybrid_gguf.planning.budget import usable_budget
+
+    if include_all_gpu and inv.total_bytes <= usable_budget(None, gpu_free_bytes)[0]:
         configs.append(Config("all-gpu", None, {l.index: list(range(l.n_expert)) for l in moe_layers},
                               inv.expert_bytes_total))
     return configs

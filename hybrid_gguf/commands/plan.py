@@ -31,7 +31,9 @@ def register(app: typer.Typer) -> None:
     @app.command("plan")
     def plan_cmd(
         model: Optional[str] = model_argument(),
-        gpu_budget: str = typer.Option(..., "--gpu-budget", help="GPU memory for this model, e.g. 8GiB"),
+        gpu_budget: str = typer.Option(..., "--gpu-budget",
+                                       help="total VRAM for this model, e.g. 8GiB (with a GPU here: at most its "
+                                            "free memory less 512 MiB)"),
         model_opt: Optional[str] = model_option(),
         ctx: Optional[int] = ctx_option("context length to plan for"),
         out: Optional[Path] = typer.Option(None, "--out", help="write the plan YAML here"),

@@ -57,7 +57,7 @@ def build_llama(path: Path, recorder, n_ctx: int, n_threads: Optional[int] = Non
     the CPU. Returns (llm, where the weights are, in words)."""
     from hybrid_gguf.llama.devices import gpu_devices
     from hybrid_gguf.header.inventory import read_inventory
-    from hybrid_gguf.model import VRAM_RESERVE
+    from hybrid_gguf.planning.budget import usable_budget
     from hybrid_gguf.llama.loader import load_llama
     from hybrid_gguf.planning.plan import DeviceBudget
     from hybrid_gguf.planning.planner import make_plan
@@ -68,7 +68,7 @@ def build_llama(path: Path, recorder, n_ctx: int, n_threads: Optional[int] = Non
     gpus = [] if cpu_only else gpu_devices()
     placement, where = None, "all weights on the CPU"
     if gpus:
-        budget = max(0, gpus[0].free_bytes - VRAM_RESERVE)
+        budget, _ = usable_budget(None, gpus[0].free_bytes)
         plan = make_plan(inv, budget, n_ctx, devices=[DeviceBudget(gpus[0].name, budget)])  # no profile: whole layers
         if plan.n_gpu_layers != 0:
             placement = plan.placement()

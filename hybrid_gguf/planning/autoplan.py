@@ -22,7 +22,6 @@ from hybrid_gguf.errors import HybridError
 from hybrid_gguf.planning.memory import MemoryOptions, MIB
 
 PathLike = Union[str, os.PathLike]
-AUTO_BUDGET_FRACTION = 0.9  # of free VRAM when no budget is given
 
 
 @dataclass
@@ -46,11 +45,10 @@ def default_plan_path(fingerprint: str) -> Path:
 
 
 def detect_devices(budget: Optional[int]) -> tuple:
-    """([DeviceBudget], notes): the first GPU llama.cpp sees, or a stand-in named "GPU".
-
-    budget None: AUTO_BUDGET_FRACTION of the GPU's free memory (0 without a GPU)."""
+    """([DeviceBudget], notes): the first GPU llama.cpp sees, or a stand-in named "GPU",
+    with the budget made usable there (planning/budget.py's rule, applied here once)."""
+    from hybrid_gguf.planning.budget import usable_budget
     from hybrid_gguf.planning.plan import DeviceBudget
-    from hybrid_gguf.sizes import format_size
 
     try:
         from hybrid_gguf.llama.devices import gpu_devices
@@ -66,10 +64,9 @@ def detect_devices(budget: Optional[int]) -> tuple:
         notes.append("no GPU visible here: planned for a hypothetical GPU named GPU")
         return [DeviceBudget("GPU", budget)], notes
     g = gpus[0]
-    if budget is None:
-        budget = int(g.free_bytes * AUTO_BUDGET_FRACTION)
-        notes.append(f"no budget given: {format_size(budget)} ({AUTO_BUDGET_FRACTION:.0%} of {g.name}'s "
-                     "free memory)")
+    budget, note = usable_budget(budget, g.free_bytes, g.name)
+    if note:
+        notes.append(note)
     return [DeviceBudget(g.name, budget, free_bytes=g.free_bytes)], notes
 
 
@@ -107,7 +104,10 @@ def plan_model(model_path: PathLike, gpu_budget: Optional[int], n_ctx: int, *,
     profile / profile_path: the routing profile (default: the profile store's entry).
     previous / previous_path: the plan in use (default: `out` if it exists); a plan for
       another model is ignored with a note, never applied.
-    devices: [DeviceBudget] for several GPUs (default: the first GPU, or a stand-in).
+    gpu_budget: total GPU bytes for the model, made usable on the GPU found here
+      (planning/budget.py); None: all that the GPU can give.
+    devices: [DeviceBudget] for several GPUs, budgets taken as given (default: the first
+      GPU, or a stand-in).
     per_expert: None = what this llama.cpp build supports.
     out: write the plan there (YAML).
     promote_from: layers whose hot set covers at least this share of their experts are

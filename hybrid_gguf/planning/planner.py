@@ -224,7 +224,8 @@ def make_plan(inventory, budget_bytes: int, n_ctx: int, profile=None, per_expert
               created: Optional[str] = None) -> Plan:
     """Plan where every tensor and expert of `inventory` lives for a GPU budget.
 
-    budget_bytes: total GPU bytes for this model (split evenly over `devices` given as names).
+    budget_bytes: total GPU bytes for this model (split evenly over `devices` given as names),
+      already usable (planning/budget.py: the entry point applies the rule, not the planner).
     devices: None (one GPU, "GPU"), a list of names, or a list of DeviceBudget.
     profile: a RoutingProfile for this model (None: whole-layer plan).
     per_expert: the backend can build hot packs (False: stock llama.cpp).
@@ -240,11 +241,6 @@ def make_plan(inventory, budget_bytes: int, n_ctx: int, profile=None, per_expert
     bw = bandwidth or Bandwidth()
     devs = _resolve_devices(budget_bytes, devices)
     notes: list = []
-    for i, d in enumerate(devs):
-        if d.free_bytes is not None and d.budget_bytes > d.free_bytes:
-            notes.append(f"budget for {d.name} ({format_size(d.budget_bytes)}) is above its free memory "
-                         f"({format_size(d.free_bytes)}); clamped to the free memory")
-            devs[i] = replace(d, budget_bytes=int(d.free_bytes))
     gpus = [d.name for d in devs]
     budgets = {d.name: int(d.budget_bytes) for d in devs}
     total_budget = sum(budgets.values())
