@@ -151,8 +151,7 @@ def cpu_only_prediction(inv, bw, n_ctx: int, n_ubatch: int):
 
 def run_replay(path: Path, inv, plan, budget: int, ctx: int, opts, per_expert: bool, bw):
     """Replay the trace against the planner at several budgets (profile from its first half)."""
-    from hybrid_gguf.planning.memory import predict_memory
-    from hybrid_gguf.llama.loader import EXPERT_TENSOR_RE, PlacementRule, TensorPlacement
+    from hybrid_gguf.planning.budget import expert_share_budget
     from hybrid_gguf.planning.planner import make_plan
     from hybrid_gguf.routing.profile import RoutingProfile
     from hybrid_gguf.routing.replay import load_trace, replay
@@ -163,11 +162,9 @@ def run_replay(path: Path, inv, plan, budget: int, ctx: int, opts, per_expert: b
     counts, tokens = trace.counts(0, split)
     prof = RoutingProfile(inv.fingerprint, inv.arch, inv.n_layer, inv.n_expert, max(inv.n_expert_used, 1),
                           counts, counts * 0, tokens, tokens * 0, sessions=1)
-    base = predict_memory(inv, TensorPlacement((PlacementRule(EXPERT_TENSOR_RE, "CPU"),)), opts,
-                          gpus=["GPU"]).gpu_bytes
     moe = [l for l in inv.layers if l.is_moe]
     per_expert_bytes = max((l.per_expert_bytes for l in moe), default=1)
-    budgets = sorted({int(base + f * inv.expert_bytes_total) for f in (0.05, 0.1, 0.25, 0.5, 0.75)} | {budget})
+    budgets = sorted({expert_share_budget(inv, f, opts) for f in (0.05, 0.1, 0.25, 0.5, 0.75)} | {budget})
     caps, labels, sets = [], [], []
     for b in budgets:
         p = make_plan(inv, b, ctx, prof, per_expert=per_expert, bandwidth=bw, memory=opts, promote_fraction=2.0)

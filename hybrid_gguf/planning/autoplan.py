@@ -91,6 +91,20 @@ def measured_compute_bytes(model_path: PathLike, n_ctx: int, n_ubatch: int, flas
     return None
 
 
+def memory_options_here(model_path: PathLike, n_ctx: int, *, n_ubatch: int = 512, flash_attn: bool = False,
+                        type_k: str = "f16", type_v: str = "f16", margin_bytes: int = 64 * MIB,
+                        measure: bool = True, gpu_present: bool = True,
+                        notes: Optional[list] = None) -> MemoryOptions:
+    """The MemoryOptions plan_model plans with: with `measure`, the compute buffer from a
+    llama.cpp dry run (measured_compute_bytes), else the analytic estimate."""
+    notes = [] if notes is None else notes
+    compute = measured_compute_bytes(model_path, n_ctx, n_ubatch, flash_attn, gpu_present, notes) \
+        if measure else None
+    return MemoryOptions(n_ctx, n_ubatch=n_ubatch, type_k=type_k, type_v=type_v, flash_attn=flash_attn,
+                         compute_bytes=compute, compute_factor=1.0 if compute is not None else 1.25,
+                         margin_bytes=margin_bytes)
+
+
 def plan_model(model_path: PathLike, gpu_budget: Optional[int], n_ctx: int, *,
                profile=None, profile_path: Optional[PathLike] = None, store: Optional[PathLike] = None,
                previous=None, previous_path: Optional[PathLike] = None, out: Optional[PathLike] = None,
@@ -146,16 +160,14 @@ def plan_model(model_path: PathLike, gpu_budget: Optional[int], n_ctx: int, *,
         except Exception:
             per_expert = False
 
-    compute = measured_compute_bytes(model_path, n_ctx, n_ubatch, flash_attn, gpu_present, notes) \
-        if measure else None
-    opts = MemoryOptions(n_ctx, n_ubatch=n_ubatch, type_k=type_k, type_v=type_v, flash_attn=flash_attn,
-                         compute_bytes=compute, compute_factor=1.0 if compute is not None else 1.25,
-                         margin_bytes=margin_bytes)
+    opts = memory_options_here(model_path, n_ctx, n_ubatch=n_ubatch, flash_attn=flash_attn, type_k=type_k,
+                               type_v=type_v, margin_bytes=margin_bytes, measure=measure,
+                               gpu_present=gpu_present, notes=notes)
     bw = calibrate_bandwidth().for_model(inv.fingerprint) if calibrate else Bandwidth()
     guessed = [f for f in GPU_DECODE_FIELDS if f not in bw.measured]
     if calibrate and gpu_present and guessed:
         notes.append(f"predicted tokens/s rest on default figures for {', '.join(guessed)}; "
-                     "`hybrid-gguf bench MODEL --budget-share 0.1,0.25,0.5` measures them on this machine")
+                     "`hybrid-gguf bench MODEL --expert-share 0.1,0.25,0.5` measures them on this machine")
 
     prev = previous
     prev_file = previous_path or (out if out is not None and Path(out).exists() else None)

@@ -8,8 +8,10 @@ CUDA graphs, fragmentation). No budget given means all of that; a larger request
 lowered to it. Where free memory is not known (no GPU here, planning for another machine),
 a request stands as given and no request means no GPU memory.
 
-Each entry point (a command, HybridModel, autoplan.plan_model) applies the rule once and
-passes the result on; nothing further down clamps again.
+Each entry point (a command, HybridModel, autoplan.plan_model, the bench) applies the rule
+once and passes the result on; nothing further down clamps again. Every `--gpu-budget`
+means this total; a share of the routed-expert bytes (`bench --expert-share`) is converted
+into it once, by expert_share_budget.
 """
 
 from __future__ import annotations
@@ -38,3 +40,26 @@ def usable_budget(requested: Optional[int], free_bytes: Optional[int],
                         f"({format_size(free_bytes)} free less a {format_size(VRAM_RESERVE)} reserve); "
                         f"using {format_size(usable)}")
     return int(requested), None
+
+
+# --- budgets as a share of the routed-expert bytes (bench sweeps, plan --replay) ---------------
+
+
+def expert_base_bytes(inv, memory) -> int:
+    """GPU bytes of the model with every routed expert in host memory (dense weights, KV
+    cache, compute buffers, op-offload scratch, margin): what a budget holds before experts."""
+    from hybrid_gguf.llama.loader import EXPERT_TENSOR_RE, PlacementRule, TensorPlacement
+    from hybrid_gguf.planning.memory import CPU, predict_memory
+
+    host_experts = TensorPlacement((PlacementRule(EXPERT_TENSOR_RE, CPU),))
+    return predict_memory(inv, host_experts, memory, gpus=["GPU"]).gpu_bytes
+
+
+def expert_share_budget(inv, share: float, memory) -> int:
+    """The total VRAM budget that leaves room for `share` of the routed-expert bytes."""
+    return expert_base_bytes(inv, memory) + int(round(share * inv.expert_bytes_total))
+
+
+def expert_share(inv, budget_bytes: int, memory) -> float:
+    """The share of the routed-expert bytes a total VRAM budget leaves room for."""
+    return (int(budget_bytes) - expert_base_bytes(inv, memory)) / max(inv.expert_bytes_total, 1)
