@@ -68,7 +68,6 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
 
         from hybrid_gguf.planning.autoplan import plan_model
-        from hybrid_gguf.planning.planner import memory_options
         from hybrid_gguf.planning.speed import Bandwidth
         from hybrid_gguf.sizes import parse_size
 
@@ -96,9 +95,9 @@ def register(app: typer.Typer) -> None:
                          type_v=type_v, margin_bytes=parse_size(margin), hysteresis=hysteresis,
                          promote_from=promote_from)
         plan, diff, inv = res.plan, res.diff, res.inventory
-        opts = memory_options(plan)
+        opts = plan.memory
         per_expert = plan.backend == "per-expert"
-        bw = Bandwidth.from_dict(plan.predicted.bandwidth) if plan.predicted.bandwidth else Bandwidth()
+        bw = plan.predicted.bandwidth or Bandwidth()
 
         report = None
         if replay_path is not None:
@@ -216,18 +215,16 @@ def print_plan(console, plan, inv, explain: bool, here=None) -> None:
                        ("total", "total")):
         mem.add_row(label, *(format_size(m.get(key, 0)) for m in pr.memory.values()))
     console.print(mem)
-    bw = pr.bandwidth or {}
-    if bw:
-        measured = set(bw.get("measured") or [])
+    bw = pr.bandwidth
+    if bw is not None:
         console.print("bandwidth: " + ", ".join(
-            f"{k} {bw[k]:.3g}{'' if k in measured else ' (default)'}"
+            f"{k} {getattr(bw, k):.3g}{'' if k in bw.measured else ' (default)'}"
             for k in ("cpu_bytes_per_s", "gpu_bytes_per_s", "gpu_layer_s", "gpu_step_s", "pcie_bytes_per_s", "handoff_s",
-                      "handoff_idle_s")
-            if k in bw))
-        for key, label in (("decode_ms", "decode ms/token"), ("prefill_ms", "prefill ms/ubatch")):
-            parts = bw.get(key) or {}
-            if parts:
-                console.print(f"{label}: " + ", ".join(f"{k} {v:g}" for k, v in parts.items()))
+                      "handoff_idle_s")))
+    for key, label in (("decode_ms", "decode ms/token"), ("prefill_ms", "prefill ms/ubatch")):
+        parts = pr.speed_terms.get(key) or {}
+        if parts:
+            console.print(f"{label}: " + ", ".join(f"{k} {v:g}" for k, v in parts.items()))
     if plan.n_gpu_layers == 0 or not inv.is_moe:
         return
     gpu = plan.gpu_experts(inv)

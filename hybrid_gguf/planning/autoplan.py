@@ -101,8 +101,7 @@ def memory_options_here(model_path: PathLike, n_ctx: int, *, n_ubatch: int = 512
     compute = measured_compute_bytes(model_path, n_ctx, n_ubatch, flash_attn, gpu_present, notes) \
         if measure else None
     return MemoryOptions(n_ctx, n_ubatch=n_ubatch, type_k=type_k, type_v=type_v, flash_attn=flash_attn,
-                         compute_bytes=compute, compute_factor=1.0 if compute is not None else 1.25,
-                         margin_bytes=margin_bytes)
+                         compute_bytes=compute, margin_bytes=margin_bytes)
 
 
 def plan_model(model_path: PathLike, gpu_budget: Optional[int], n_ctx: int, *,
