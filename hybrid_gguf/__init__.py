@@ -17,8 +17,9 @@ __all__ = ["HybridModel", "inspect", "plan", "list_devices", "__version__"]
 
 def plan(model=None, gpu_budget=None, n_ctx=None, **kwargs):
     """Plan per-expert placement of `model` (a GGUF path, a models.yaml alias or a Hugging
-    Face cache name org/repo:file.gguf; None: the default model) for `gpu_budget` (bytes, or
-    a size such as "8GiB"; None: what the GPU has free) and a context of n_ctx tokens (None:
+    Face cache name org/repo:file.gguf; None: the default model) for `gpu_budget` (total VRAM
+    in bytes, or a size such as "8GiB"; None and upper bound: what the GPU has free less the
+    reserve of planning/budget.py) and a context of n_ctx tokens (None:
     the model's training context, at most limits.DEFAULT_CTX, as every command does).
     Returns autoplan.AutoPlan (.plan, .diff, .notes); the keyword arguments are
     autoplan.plan_model's."""

@@ -18,6 +18,7 @@ from hybrid_gguf.routing import process as routing_process
 from hybrid_gguf.errors import HybridError
 from hybrid_gguf.header.inventory import Inventory, read_inventory
 from hybrid_gguf.models import ResolvedModel, resolve_model
+from hybrid_gguf.planning.budget import usable_budget
 from hybrid_gguf.sizes import format_size, parse_size
 
 # Always-on recording observes one decoded token in this many (as bursts of 8 closing every
@@ -27,9 +28,6 @@ from hybrid_gguf.sizes import format_size, parse_size
 # of decode time, 1 in 64 2.5 %. Prompt batches are always observed. `hybrid-gguf profile`
 # records every token.
 RUN_DECODE_STRIDE = 64
-
-# VRAM left free for the CUDA context, cuBLAS workspaces and fragmentation.
-VRAM_RESERVE = 512 * 2**20
 
 
 @dataclass
@@ -100,8 +98,9 @@ class HybridModel:
 
     `hot` ({layer: [expert, ...]}) forces a per-expert placement; `plan` applies a Plan (or a
     plan YAML path); otherwise, on a GPU machine, the model is planned from its stored routing
-    profile for `gpu_budget` (default: free VRAM) and the plan is kept for the next session
-    (`auto_plan=False`: fit whole layers like --n-cpu-moe instead). `n_cpu_moe` (experts of
+    profile for `gpu_budget` (total VRAM; default and upper bound: planning/budget.py) and the
+    plan is kept for the next session (`auto_plan=False`: the planner's whole-layer plan,
+    like --n-cpu-moe, instead). `n_cpu_moe` (experts of
     the first N layers on the CPU) or `cpu_moe` (every routed expert on the CPU) choose a
     whole-layer placement by hand, as llama.cpp's flags of those names do. `repack=False`
     keeps weights in plain CPU buffers (llama.cpp's use_extra_bufts off: no repacking into
@@ -217,12 +216,16 @@ class HybridModel:
         gpus = devices_mod.gpu_devices()
         if inv.n_expert == 0:
             notices.append("model has no routed experts: running it as a dense model")
-        if budget is not None and gpus:
-            budget, warning = devices_mod.clamp_budget(budget, gpus[0], reserve_bytes=VRAM_RESERVE)
-            if warning:
-                warnings.warn(warning)
-                notices.append(warning)
-        if budget is not None and not gpus:
+        chosen = None  # how the budget was chosen when none was given
+        if gpus:
+            # the one budget rule (planning/budget.py), applied here once for every placement below
+            requested = budget
+            budget, note = usable_budget(requested, gpus[0].free_bytes, gpus[0].name)
+            if note and requested is not None:
+                warnings.warn(note)
+                notices.append(note)
+            chosen = note if requested is None else None
+        elif budget is not None:
             notices.append("no GPU found: --gpu-budget ignored, everything runs on the CPU")
 
         if plan is not None:
@@ -240,7 +243,7 @@ class HybridModel:
                 # llama.cpp would only fail the load; say how far off the hot set is
                 need = sum(inv.layers[l].per_expert_bytes * len(es) for l, es in hot.items())
                 dense = inv.total_bytes - inv.expert_bytes_total
-                free = max(0, target.free_bytes - VRAM_RESERVE)
+                free, _ = usable_budget(None, target.free_bytes)
                 if need + dense > free:
                     raise HybridError(
                         f"the hot set needs {format_size(need)} of {device} on top of "
@@ -256,19 +259,31 @@ class HybridModel:
 
         if not gpus:
             return None, None, _summary("cpu", "all weights on the CPU", 0, {}, None, notices, None)
+        if chosen:
+            notices.append(chosen)
         if auto_plan and inv.n_expert > 0:
             return self._auto_plan(budget, n_ctx, notices, gpus)
-        if budget is None:
-            budget = max(0, gpus[0].free_bytes - VRAM_RESERVE)
-        fit = pl.fit_n_cpu_moe(inv, budget, n_ctx)
-        if not fit.fits:
-            notices.append("even with every expert on the CPU the rest does not fit the budget")
-        mode = "gpu" if fit.n_cpu_moe == 0 else "whole-tensor"
-        desc = ("everything on the GPU" if fit.n_cpu_moe == 0 else
-                f"experts of the first {fit.n_cpu_moe} of {inv.n_layer} layers on the CPU (--n-cpu-moe {fit.n_cpu_moe})")
-        if inv.n_expert > 0 and fit.n_cpu_moe > 0:
-            notices.append("no routing profile used: run `hybrid-gguf profile` to place experts per expert")
-        return fit.placement, None, _summary(mode, desc, fit.placement.n_gpu_layers, {}, budget, notices, None)
+        return self._whole_layer_placement(budget, n_ctx, notices, gpus[0])
+
+    def _whole_layer_placement(self, budget, n_ctx, notices, gpu):
+        """No profile used (auto_plan=False, or a dense model): the planner's plan without a
+        profile, whole layers' experts on the GPU, the last layers first (like --n-cpu-moe)."""
+        from hybrid_gguf.planning.plan import DeviceBudget
+        from hybrid_gguf.planning.planner import make_plan
+
+        inv = self.inventory
+        plan = make_plan(inv, budget, n_ctx, devices=[DeviceBudget(gpu.name, budget)])
+        notices.extend(plan.notes)
+        n_moe = sum(1 for l in inv.layers if l.is_moe)
+        if plan.n_gpu_layers == 0:
+            mode, desc = "cpu", "all weights on the CPU (the rest of the model does not fit the budget)"
+        elif not plan.rules:
+            mode, desc = "gpu", "everything on the GPU"
+        else:
+            n_host = n_moe - len(plan.whole_layers(inv))
+            mode, desc = "whole-tensor", (f"experts of the first {n_host} of {n_moe} MoE layers on the CPU "
+                                          "(like --n-cpu-moe)")
+        return plan.placement(), None, _summary(mode, desc, plan.n_gpu_layers, {}, budget, notices, None)
 
     def _manual_placement(self, n_cpu, budget):
         """--n-cpu-moe N / --cpu-moe: whole layers' experts on the CPU, chosen by the user."""
@@ -336,8 +351,11 @@ class HybridModel:
         """Plan from the stored routing profile, keep it for the next session, say what changed."""
         from hybrid_gguf.planning.autoplan import default_plan_path, plan_model
 
+        from hybrid_gguf.planning.plan import DeviceBudget
+
         out = default_plan_path(self.inventory.fingerprint)
-        auto = plan_model(self.path, budget, n_ctx, out=out, inventory=self.inventory)
+        gpu = DeviceBudget(gpus[0].name, budget, free_bytes=gpus[0].free_bytes)  # budget: already usable
+        auto = plan_model(self.path, budget, n_ctx, out=out, inventory=self.inventory, devices=[gpu])
         if auto.diff is not None:
             notices.append(auto.diff.summary())
         placement, hot, summary = self._placement_from_plan(auto.plan, notices, gpus)

@@ -20,16 +20,17 @@ from pathlib import Path
 
 import llama_cpp  # noqa: F401  (load libllama before numpy-heavy imports; see the notes)
 
-from hybrid_gguf.bench.runner import run_budgets, stdlib_workloads
-from hybrid_gguf.header.inventory import read_inventory
+from hybrid_gguf.bench.runner import run_budgets, share_budgets, stdlib_workloads
 from hybrid_gguf.sizes import parse_size
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", type=Path)
     ap.add_argument("--budget-share", type=float, nargs="*", default=[0.25],
-                    help="budgets as shares of the routed-expert bytes")
-    ap.add_argument("--gpu-budget", nargs="*", default=[], help="budgets as sizes (expert bytes on the GPU)")
+                    help="budgets as shares of the routed-expert bytes that fit next to the rest of the model "
+                         "(`hybrid-gguf bench --expert-share`)")
+    ap.add_argument("--gpu-budget", nargs="*", default=[], help="budgets as sizes (total VRAM, as `plan` means it)")
     ap.add_argument("--pp", type=int, default=512)
     ap.add_argument("--tg", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
@@ -45,13 +46,13 @@ def main() -> int:
                     help="do not store the fitted bandwidth model as this machine's calibration")
     opts = ap.parse_args()
 
-    inv = read_inventory(opts.model)
     profile_prompts, eval_prompt = stdlib_workloads(opts.model, opts.pp, opts.profile_tokens, n_gen=opts.tg)
-    budgets = [int(s * inv.expert_bytes_total) for s in opts.budget_share]
+    n_ctx = max(2048, opts.pp + opts.tg + 64)
+    budgets = share_budgets(opts.model, opts.budget_share, n_ctx, opts.pp)
     budgets += [parse_size(b) for b in opts.gpu_budget]
 
     runs = run_budgets(opts.model, budgets, profile_prompts=profile_prompts, eval_prompt=eval_prompt,
-                       n_prompt=opts.pp, n_gen=opts.tg, reps=opts.reps, configs=opts.configs,
+                       n_prompt=opts.pp, n_gen=opts.tg, reps=opts.reps, n_ctx=n_ctx, configs=opts.configs,
                        pack_device=opts.pack_device, n_threads=opts.threads,
                        save_calibration=not opts.no_calibrate, routing=opts.routing,
                        log=lambda s: print(s, flush=True))

@@ -33,7 +33,7 @@ from hybrid_gguf.synth import write_synthetic_moe
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("bench_json", help="bench JSON whose first budget holds the profile counts")
+    ap.add_argument("bench_json", help="bench JSON whose first budget holds the profile")
     ap.add_argument("--preset", default="qwen3-30b-a3b-like", help="bench preset of the benched model")
     ap.add_argument("--calibration", required=True, help="calibration JSON (a Bandwidth's fields)")
     ap.add_argument("--budgets", nargs="+", default=["6GiB", "10GiB"])
@@ -43,16 +43,18 @@ def main() -> int:
     opts = ap.parse_args()
 
     bw = Bandwidth.from_dict(json.load(open(opts.calibration)))
-    counts = np.array(json.load(open(opts.bench_json))[0]["prediction"]["profile_counts"], dtype=float)
+    bench = json.load(open(opts.bench_json))[0]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "header.gguf"
         write_synthetic_moe(path, bench_spec(opts.preset, "Q4_K"), zero_data=True)
         inv = read_inventory(path)
     L, E, k = inv.n_layer, inv.n_expert, inv.n_expert_used
-    tokens = counts.sum(axis=1) / k
-    # the bench profiles prompts only; the planner's decode view then falls back to them
-    profile = RoutingProfile(inv.fingerprint, inv.arch, L, E, k, counts, np.zeros((L, E)), tokens,
-                             np.zeros(L), sessions=1)
+    if "profile" in bench:  # the profile the bench's plans were made from
+        profile = RoutingProfile.from_dict({**bench["profile"], "fingerprint": inv.fingerprint})
+    else:  # bench JSON from before: prompt counts only; the decode view falls back to them
+        counts = np.array(bench["prediction"]["profile_counts"], dtype=float)
+        profile = RoutingProfile(inv.fingerprint, inv.arch, L, E, k, counts, np.zeros((L, E)),
+                                 counts.sum(axis=1) / k, np.zeros(L), sessions=1)
     memory = MemoryOptions(opts.ctx, compute_bytes=parse_size(opts.compute))
     print(f"{'budget':>8} {'promote from':>12} {'decode tok/s':>12} {'hit rate':>9} {'GPU':>10}  whole layers")
     for budget in opts.budgets:

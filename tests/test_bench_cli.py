@@ -48,14 +48,53 @@ def test_bench_json_on_cpu(tiny_model_factory, tmp_path):
         # the model's terms are saved for refits; a layer whose experts are all on the host
         # is busy at every decoded token (the trace of the timed workload says so)
         assert set(row["terms"]) >= {"gpu_bytes", "cpu_bytes", "handoffs_busy", "handoffs_idle"}
-        hot = out["prediction"]["hot"][name]
-        host_layers = sum(1 for l in range(out["n_layer"]) if len(hot.get(str(l), [])) < out["n_expert"])
+        gpu = out["prediction"]["gpu_experts"][name]
+        host_layers = sum(1 for l in range(out["n_layer"]) if len(gpu.get(str(l), [])) < out["n_expert"])
         assert row["terms"]["handoffs_busy"] + row["terms"]["handoffs_idle"] == pytest.approx(host_layers)
         assert 0 <= row["busy_handoffs_traced"] <= host_layers
         if name in ("cpu-experts", "whole-layer"):
             assert row["busy_handoffs_traced"] == host_layers
     assert not out["prediction"]["calibration_saved"]  # nothing to fit without a GPU
     assert png.stat().st_size > 1000
+
+
+def test_the_per_expert_row_is_the_plan_that_plan_writes(tiny_model_factory, tmp_path):
+    """Same model, budget (total VRAM) and profile: bench times exactly the plan `plan` writes."""
+    from hybrid_gguf.bench.runner import share_budgets
+    from hybrid_gguf.llama import hybrid as hybrid_backend
+    from hybrid_gguf.planning.plan import Plan
+
+    if not hybrid_backend.capability().per_expert:
+        pytest.skip(hybrid_backend.STOCK_NOTICE)
+    path = tiny_model_factory("qwen3moe", n_layer=4)
+    (budget,) = share_budgets(path, [0.3], 256, 32)  # room for about a third of the experts
+    detail = tmp_path / "detail.json"
+    res = CliRunner().invoke(app, ["bench", str(path), "--gpu-budget", str(budget), "--ctx", "256", "--pp", "32",
+                                   "--tg", "4", "--reps", "1", "--profile-tokens", "256", "--threads", "1",
+                                   "--configs", "whole-layer,per-expert", "--json", "--json-detail", str(detail)])
+    assert res.exit_code == 0, res.output
+    out = json.loads(detail.read_text())
+    assert out["budget_bytes"] == budget  # total VRAM, as `plan --gpu-budget` means it
+    rows = {r["name"]: r for r in out["results"]}
+    # the profile bench recorded, handed to `plan`
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps(out["profile"]))
+    written = tmp_path / "plan.yaml"
+    res = CliRunner().invoke(app, ["plan", str(path), "--gpu-budget", str(budget), "--ctx", "256",
+                                   "--profile", str(profile), "--out", str(written), "--json"])
+    assert res.exit_code == 0, res.output
+    plan = Plan.load(written)
+    timed = rows["per-expert"]["plan"]
+    assert plan.hot and {int(l): v for l, v in timed["hot"].items()} == plan.hot
+    assert sum(map(len, plan.hot.values())) < 4 * 8  # a real choice, not every expert
+    assert timed["rules"] == [{"pattern": r.pattern, "device": r.device} for r in plan.rules]
+    # whole-layer: what `plan --whole-tensor` writes at the same budget
+    res = CliRunner().invoke(app, ["plan", str(path), "--gpu-budget", str(budget), "--ctx", "256", "--whole-tensor",
+                                   "--profile", str(profile), "--out", str(tmp_path / "whole.yaml"), "--json"])
+    assert res.exit_code == 0, res.output
+    whole = Plan.load(tmp_path / "whole.yaml")
+    assert not rows["whole-layer"]["plan"]["hot"] and not whole.hot
+    assert rows["whole-layer"]["plan"]["rules"] == [{"pattern": r.pattern, "device": r.device} for r in whole.rules]
 
 
 def test_cli_usage_errors_are_one_message():
@@ -72,7 +111,7 @@ def test_several_budgets_profile_once_and_time_what_depends_on_the_budget(tiny_m
     path = tiny_model_factory("qwen3moe")
     png = tmp_path / "bench.png"
     detail = tmp_path / "detail.json"
-    res = CliRunner().invoke(app, ["bench", str(path), "--budget-share", "0.2,0.5", "--pp", "32", "--tg", "4",
+    res = CliRunner().invoke(app, ["bench", str(path), "--expert-share", "0.2,0.5", "--pp", "32", "--tg", "4",
                                    "--reps", "1", "--profile-tokens", "256", "--threads", "1", "--json",
                                    "--plot", str(png), "--json-detail", str(detail)])
     assert res.exit_code == 0, res.output
@@ -84,25 +123,25 @@ def test_several_budgets_profile_once_and_time_what_depends_on_the_budget(tiny_m
     assert second["budget_share_of_experts"] == pytest.approx(0.5, abs=1e-6)
     assert second["budget_bytes"] > first["budget_bytes"]
     assert {r["name"] for r in second["results"]} <= {"whole-layer", "per-expert"}
-    # same profile and timed tokens: the per-expert hot set grows with the budget
-    hot1, hot2 = first["prediction"]["hot"]["per-expert"], second["prediction"]["hot"]["per-expert"]
-    assert sum(map(len, hot2.values())) > sum(map(len, hot1.values()))
-    assert first["prediction"]["profile_counts"] == second["prediction"]["profile_counts"]
+    # same profile and timed tokens: the per-expert plan puts more experts on the GPU
+    gpu1, gpu2 = first["prediction"]["gpu_experts"]["per-expert"], second["prediction"]["gpu_experts"]["per-expert"]
+    assert sum(map(len, gpu2.values())) > sum(map(len, gpu1.values()))
+    assert first["profile"] == second["profile"]
     assert doc["combined_fit"] is None  # nothing to fit without a GPU
     assert png.stat().st_size > 1000
 
 
 @pytest.mark.parametrize("share", ["0", "1.5", "a,b"])
 def test_bad_budget_shares_are_one_clear_line(tiny_model_factory, share):
-    res = CliRunner().invoke(app, ["bench", str(tiny_model_factory("qwen3moe")), "--budget-share", share])
+    res = CliRunner().invoke(app, ["bench", str(tiny_model_factory("qwen3moe")), "--expert-share", share])
     from hybrid_gguf.errors import HybridError
 
     # `main` prints a HybridError as one line; the app itself raises it
-    assert isinstance(res.exception, HybridError) and "--budget-share" in str(res.exception)
+    assert isinstance(res.exception, HybridError) and "--expert-share" in str(res.exception)
 
 
 def test_budgets_that_change_no_chosen_placement_are_skipped(tiny_model_factory):
-    res = CliRunner().invoke(app, ["bench", str(tiny_model_factory("qwen3moe")), "--budget-share", "0.2,0.5",
+    res = CliRunner().invoke(app, ["bench", str(tiny_model_factory("qwen3moe")), "--expert-share", "0.2,0.5",
                                    "--configs", "cpu-experts", "--pp", "32", "--tg", "4", "--reps", "1",
                                    "--profile-tokens", "256", "--threads", "1", "--json"])
     assert res.exit_code == 0, res.output

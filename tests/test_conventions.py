@@ -229,6 +229,30 @@ def test_manual_whole_layer_placement_with_a_gpu(tiny_model_factory, monkeypatch
     assert "--cpu-moe" in summary.description and placement.n_cpu_moe is None
 
 
+def test_the_whole_layer_fallback_is_the_planner_without_a_profile(tiny_model_factory):
+    from hybrid_gguf.llama import devices
+    from hybrid_gguf.header.inventory import read_inventory
+    from hybrid_gguf.llama.loader import n_cpu_moe
+    from hybrid_gguf.model import HybridModel
+    from hybrid_gguf.planning.memory import MemoryOptions, predict_memory
+    from hybrid_gguf.planning.plan import DeviceBudget
+    from hybrid_gguf.planning.planner import make_plan
+
+    gpu = devices.Device(index=1, name="CUDA0", description="fake", type="gpu", free_bytes=8 << 30,
+                         total_bytes=8 << 30)
+    hm = HybridModel.__new__(HybridModel)
+    hm.inventory = inv = read_inventory(tiny_model_factory("qwen3moe", n_layer=4))
+    base = predict_memory(inv, n_cpu_moe(4), MemoryOptions(256), gpus=["CUDA0"]).gpu_bytes
+    budget = base + int(2.5 * inv.layers[0].expert_bytes)  # room for two layers' experts
+    placement, hot, summary = hm._whole_layer_placement(budget, 256, [], gpu)
+    plan = make_plan(inv, budget, 256, devices=[DeviceBudget("CUDA0", budget)])
+    assert placement.rules == plan.placement().rules and not hot and plan.whole_layers(inv) == [2, 3]
+    assert summary.mode == "whole-tensor" and "first 2 of 4 MoE layers" in summary.description
+    assert any("no routing profile" in n for n in summary.notices)
+    _, _, everything = hm._whole_layer_placement(8 << 30, 256, [], gpu)
+    assert everything.mode == "gpu"
+
+
 def test_no_repack_keeps_weights_in_plain_cpu_buffers(tiny_model_factory):
     pytest.importorskip("llama_cpp")
     from hybrid_gguf.model import HybridModel

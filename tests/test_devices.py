@@ -59,16 +59,6 @@ def test_only_the_mapped_library_copies_are_used():
     assert ggml_lib.buft_name(ggml_lib.cpu_buffer_type()) == "CPU"
 
 
-def test_clamp_budget():
-    dev = devices.Device(0, "CUDA0", "fake", "gpu", free_bytes=8 << 30, total_bytes=10 << 30)
-    assert devices.clamp_budget(None, dev, reserve_bytes=1 << 30) == (7 << 30, None)
-    assert devices.clamp_budget(4 << 30, dev) == (4 << 30, None)
-    budget, warning = devices.clamp_budget(20 << 30, dev, reserve_bytes=1 << 30)
-    assert budget == 7 << 30 and "exceeds" in warning and "CUDA0" in warning
-    with pytest.raises(HybridError):
-        devices.clamp_budget(-1, dev)
-
-
 def test_inspect_devices_reports_cpu_features_and_extra_buffer_types():
     import json
 

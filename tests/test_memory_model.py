@@ -12,6 +12,7 @@ from hybrid_gguf.llama import hybrid as hybrid_backend
 from hybrid_gguf.planning import memory as mm
 from hybrid_gguf.errors import HybridError
 from hybrid_gguf.header.inventory import read_inventory
+from hybrid_gguf.llama.dry_run import measure_compute_bytes
 from hybrid_gguf.llama.hooks import construct_llama
 from hybrid_gguf.llama.log import capture_llama_log
 from hybrid_gguf.llama.loader import EXPERT_TENSOR_RE, PlacementRule, TensorPlacement, load_llama
@@ -32,7 +33,7 @@ def test_cpu_load_matches_prediction_within_5pct(tiny_model_factory, arch):
     path = tiny_model_factory(arch)
     inv = read_inventory(path)
     for n_ctx, n_ubatch, fa, ctype in CONFIGS:
-        measured = mm.measure_compute_bytes(path, n_ctx, n_ubatch, fa, n_gpu_layers=0,
+        measured = measure_compute_bytes(path, n_ctx, n_ubatch, fa, n_gpu_layers=0,
                                             type_k=ctype, type_v=ctype)
         loaded = _load(path, n_ctx, n_ubatch, fa, ctype)
         try:
@@ -60,7 +61,7 @@ def test_analytic_compute_estimate_close(tiny_model_factory, arch):
     path = tiny_model_factory(arch)
     inv = read_inventory(path)
     for n_ctx, n_ubatch, fa, _ in CONFIGS:
-        measured = mm.measure_compute_bytes(path, n_ctx, n_ubatch, fa, n_gpu_layers=0)["CPU"]
+        measured = measure_compute_bytes(path, n_ctx, n_ubatch, fa, n_gpu_layers=0)["CPU"]
         est = mm.estimate_compute_bytes(inv, n_ctx, n_ubatch, fa)
         assert abs(est - measured) / measured < 0.12, (arch, n_ctx, n_ubatch, fa, est, measured)
 

@@ -160,7 +160,9 @@ def test_cpu_moe_moves_expert_bytes_off_the_gpu(tiny_model_factory):
     split = P.load_llama(path, P.cpu_moe(), **LOAD).buffers
     moved = on_gpu.model[gpu] - split.model[gpu]
     assert abs(moved - inv.expert_bytes_total) <= LOG_ROUNDING * 2 + 256 * len(_experts(inv))
-    predicted = P.predict_gpu_bytes(inv, P.all_on_gpu(), 64, 0)["weights"]
+    from hybrid_gguf.planning.memory import MemoryOptions, predict_memory
+
+    predicted = predict_memory(inv, P.all_on_gpu(), MemoryOptions(64), gpus=[gpu]).devices[gpu].weight_bytes
     assert abs(on_gpu.model[gpu] - predicted) <= LOG_ROUNDING + 256 * len(inv.tensors)
 
 
@@ -191,45 +193,6 @@ def test_load_failure_from_llama_cpp_is_a_hybrid_error(tiny_model_factory, monke
     object.__setattr__(placement, "rules", (P.PlacementRule("blk[", "CPU"),))
     with pytest.raises(HybridError, match="regular expression|regex"):
         P.load_llama(tiny_model_factory("qwen3moe"), placement, **LOAD)
-
-
-# --- fitting N to a budget --------------------------------------------------------------
-
-
-def test_fit_n_cpu_moe(tiny_model_factory):
-    inv = read_inventory(tiny_model_factory("qwen3moe", n_layer=6))
-    n_ctx, compute = 128, 1 * MIB
-    everything = P.fit_n_cpu_moe(inv, 1 << 40, n_ctx, compute_bytes=compute)
-    assert everything.n_cpu_moe == 0 and everything.fits
-    assert everything.breakdown["kv"] == inv.kv_bytes_per_token * n_ctx
-    assert everything.breakdown["weights"] == inv.total_bytes - inv.tensor("token_embd.weight").n_bytes
-    nothing = P.fit_n_cpu_moe(inv, 1, n_ctx, compute_bytes=compute)
-    assert nothing.n_cpu_moe == inv.n_layer and not nothing.fits
-    assert _matched(nothing.placement, inv) == _experts(inv)
-
-    # each extra CPU layer frees exactly that layer's expert bytes
-    weights = [P.predict_gpu_bytes(inv, P.n_cpu_moe(n), n_ctx, compute)["weights"]
-               for n in range(inv.n_layer + 1)]
-    assert [a - b for a, b in zip(weights, weights[1:])] == [layer.expert_bytes for layer in inv.layers]
-
-    previous = 0
-    top = everything.predicted_gpu_bytes
-    for budget in range(top, nothing.predicted_gpu_bytes - 1, -(inv.layers[0].expert_bytes // 3)):
-        fit = P.fit_n_cpu_moe(inv, budget, n_ctx, compute_bytes=compute)
-        assert fit.fits and fit.predicted_gpu_bytes <= budget
-        assert fit.n_cpu_moe >= previous  # smaller budget, more layers on the CPU
-        if fit.n_cpu_moe > 0:  # and it is the smallest N that fits
-            parts = P.predict_gpu_bytes(inv, P.n_cpu_moe(fit.n_cpu_moe - 1), n_ctx, compute)
-            assert sum(parts.values()) > budget
-        previous = fit.n_cpu_moe
-    assert previous == inv.n_layer
-
-
-def test_compute_estimate_grows_with_context(tiny_model_factory):
-    inv = read_inventory(tiny_model_factory("qwen3moe"))
-    small = P.compute_buffer_estimate(inv, 512)
-    assert P.compute_buffer_estimate(inv, 8192) > small > 0
-    assert P.compute_buffer_estimate(inv, 8192, flash_attn=True) < P.compute_buffer_estimate(inv, 8192)
 
 
 # --- the log parser -------------------------------------------------------------------

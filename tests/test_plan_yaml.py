@@ -66,6 +66,25 @@ def test_round_trip(plan, model, tmp_path):
         "blk.0.ffn_down_exps.weight")
 
 
+def test_memory_options_and_calibration_are_typed_until_the_file(plan, model):
+    from hybrid_gguf.planning.speed import Bandwidth
+
+    _, inv = model
+    assert isinstance(plan.memory, mm.MemoryOptions) and plan.memory == mm.MemoryOptions(2048, **OPTS)
+    assert isinstance(plan.predicted.bandwidth, Bandwidth) and set(plan.predicted.speed_terms) == {
+        "decode_ms", "prefill_ms", "decode_handoffs"}
+    back = Plan.from_yaml(plan.to_yaml(), inv)
+    assert back.memory == plan.memory and back.predicted.bandwidth == plan.predicted.bandwidth
+    # the file keeps one block for each, as before
+    d = plan.to_dict()
+    assert d["memory"]["compute_bytes"] == mm.MIB and "n_ctx" not in d["memory"]
+    assert d["predicted"]["bandwidth"]["decode_ms"] == plan.predicted.speed_terms["decode_ms"]
+    assert d["predicted"]["bandwidth"]["cpu_bytes_per_s"] == plan.predicted.bandwidth.cpu_bytes_per_s
+    # a plan without a memory block plans with the defaults for its context
+    bare = Plan.from_yaml(re.sub(r"^memory:\n(  .*\n)+", "", plan.to_yaml(), flags=re.M), inv)
+    assert bare.memory == mm.MemoryOptions(2048)
+
+
 def test_json_has_the_promised_keys(plan):
     d = json.loads(json.dumps(plan.to_json_dict()))
     assert {"hot", "predicted_hit_rate", "predicted_decode_tokens_per_s", "gpu_bytes"} <= set(d)
@@ -111,6 +130,10 @@ def _line_of(text: str, needle: str) -> int:
     (lambda t, l, h: t.replace("type_k: f16", "type_k: f8"), "type_k: f8", "unknown KV cache type"),
     (lambda t, l, h: t.replace("n_ubatch: 512", "n_ubatch: 0"), "n_ubatch: 0", "must be >= 1"),
     (lambda t, l, h: t.replace("backend: per-expert", "backend: magic"), "backend: magic", "unknown backend"),
+    # typed again on reading: MemoryOptions' and the calibration's own checks, pointed at their block
+    (lambda t, l, h: t.replace("type_v: f16", "type_v: q8_0"), "type_v: q8_0", "needs flash attention"),
+    (lambda t, l, h: re.sub(r"cpu_bytes_per_s: \S+", "cpu_bytes_per_s: -1.0", t), "cpu_bytes_per_s: -1.0",
+     "cpu_bytes_per_s must be a positive number"),
 ])
 def test_nonsense_edits_point_at_the_line(plan, model, edit, needle, message):
     _, inv = model

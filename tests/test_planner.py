@@ -184,6 +184,27 @@ def test_no_profile_whole_layers_last_first(tiny_model_factory):
     assert plan.placement().target_for("blk.3.ffn_up_exps.weight") is None
 
 
+def test_without_a_profile_the_fewest_first_layers_stay_on_the_cpu(tiny_model_factory):
+    """The whole-layer fallback (what --n-cpu-moe would be set to): the plan fits, each smaller
+    budget keeps at least as many layers' experts on the CPU, and one layer fewer would not fit."""
+    from hybrid_gguf.llama.loader import n_cpu_moe
+
+    inv = read_inventory(tiny_model_factory("qwen3moe", n_layer=6))
+    opts = mm.MemoryOptions(1024, **OPTS)
+    every = mm.predict_memory(inv, None, opts, gpus=["GPU"]).gpu_bytes
+    none = mm.predict_memory(inv, n_cpu_moe(6), opts, gpus=["GPU"]).gpu_bytes
+    previous = 0
+    for budget in range(every, none - 1, -(inv.layers[0].expert_bytes // 3)):
+        plan = make_plan(inv, budget, 1024, memory=opts)
+        host = [l for l in range(6) if l not in plan.whole_layers(inv)]
+        assert host == list(range(len(host)))  # the first layers, as --n-cpu-moe N
+        assert plan.predicted.gpu_bytes <= budget and len(host) >= previous
+        if host:
+            assert mm.predict_memory(inv, n_cpu_moe(len(host) - 1), opts, gpus=["GPU"]).gpu_bytes > budget
+        previous = len(host)
+    assert previous == 6
+
+
 def test_stock_backend_whole_tensors_with_notice(tiny_model_factory):
     inv = read_inventory(tiny_model_factory("qwen3moe", n_layer=4))
     prof = make_profile(inv, zipf_probs(4, inv.n_expert))
@@ -222,14 +243,30 @@ def test_several_gpus_respect_each_budget(tiny_model_factory):
     assert [d.budget_bytes for d in even.devices] == [devs[1].budget_bytes] * 2
 
 
-def test_budget_clamped_to_free_memory(tiny_model_factory):
-    inv = read_inventory(tiny_model_factory("qwen3moe"))
-    opts = mm.MemoryOptions(1024, **OPTS)
-    plan = make_plan(inv, 10**10, 1024, devices=[DeviceBudget("CUDA0", 10**10, free_bytes=6 * MIB)],
-                     memory=opts)
-    assert plan.budget_bytes == 6 * MIB
-    assert any("clamped" in n for n in plan.notes)
-    assert plan.predicted.gpu_bytes <= 6 * MIB
+def test_one_budget_rule_applied_at_the_entry(tiny_model_factory, monkeypatch):
+    from hybrid_gguf.llama import devices
+    from hybrid_gguf.planning.autoplan import plan_model
+    from hybrid_gguf.planning.budget import VRAM_RESERVE, usable_budget
+
+    free = 6 * MIB + VRAM_RESERVE
+    assert usable_budget(None, free)[0] == 6 * MIB  # no request: the free memory less the reserve
+    assert usable_budget(4 * MIB, free) == (4 * MIB, None)
+    budget, note = usable_budget(7 * MIB, free, "CUDA0")
+    assert budget == 6 * MIB and "exceeds" in note and "CUDA0" in note
+    assert usable_budget(10**10, None) == (10**10, None)  # no GPU here: a plan for another machine
+    assert usable_budget(None, None)[0] == usable_budget(None, VRAM_RESERVE // 2)[0] == 0
+    with pytest.raises(HybridError, match="negative"):
+        usable_budget(-1, free)
+    # plan_model applies it to the GPU it finds; the planner takes the result as given
+    free = 32 * MIB + VRAM_RESERVE
+    gpu = devices.Device(index=1, name="CUDA0", description="fake", type="gpu", free_bytes=free,
+                         total_bytes=1 << 30)
+    monkeypatch.setattr(devices, "gpu_devices", lambda: [gpu])
+    plan = plan_model(tiny_model_factory("qwen3moe"), 10**10, 1024, measure=False, calibrate=False,
+                      margin_bytes=64 * 1024).plan
+    assert plan.budget_bytes == 32 * MIB and [d.budget_bytes for d in plan.devices] == [32 * MIB]
+    assert any("exceeds" in n for n in plan.notes)
+    assert 0 < plan.predicted.gpu_bytes <= 32 * MIB
 
 
 def test_profile_problems(tiny_model_factory):

@@ -1,10 +1,12 @@
 """A/B benchmark of expert placements at one VRAM budget, measured in one process.
 
-Placements: all routed experts on the CPU (`cpu-experts`), stock whole-layer placement at
-the budget (`whole-layer`, what --n-cpu-moe gives), per-expert hot packs at the same budget
-(`per-expert`, needs the patched backend), and everything on the GPU where it fits
-(`all-gpu`). The hot set comes from a routing profile recorded on one workload; the timed
-workload is a different one, so the plan cannot flatter itself.
+Placements: all routed experts on the CPU (`cpu-experts`); the planner's best whole-layer
+plan at the budget (`whole-layer`: `hybrid-gguf plan --whole-tensor`, what --n-cpu-moe
+gives); the plan `hybrid-gguf plan` writes at the same budget (`per-expert`, hot packs, needs
+the patched backend); and everything on the GPU where the planner finds it fits (`all-gpu`).
+The budget is total VRAM, as `plan --gpu-budget` means it. The routing profile the planner
+sees is recorded on one workload; the timed workload is a different one, so the plan cannot
+flatter itself.
 """
 
 from __future__ import annotations
@@ -22,13 +24,39 @@ from hybrid_gguf.routing import process as routing_process
 from hybrid_gguf.errors import HybridError
 from hybrid_gguf.header.inventory import Inventory, read_inventory
 
+BUDGET_CONFIGS = ("whole-layer", "per-expert")  # the placements a budget changes
+
 
 @dataclass
 class Config:
     name: str
-    placement: object            # TensorPlacement or None
-    hot: dict = field(default_factory=dict)
-    gpu_expert_bytes: int = 0    # routed-expert bytes placed on the GPU
+    placement: object            # TensorPlacement or None (everything on the GPU)
+    hot: dict = field(default_factory=dict)          # hot packs llama.cpp builds: layer -> experts
+    gpu_experts: dict = field(default_factory=dict)  # layer -> experts in GPU memory (packs + whole layers)
+    n_gpu_layers: int = -1
+    plan: object = None          # the planner's Plan this placement is, if any
+
+    @classmethod
+    def from_plan(cls, name: str, plan, inv: Inventory) -> "Config":
+        on_gpu = plan.n_gpu_layers != 0
+        return cls(name, plan.placement(), {int(l): list(v) for l, v in plan.hot.items() if v},
+                   plan.gpu_experts(inv) if on_gpu else {}, plan.n_gpu_layers, plan)
+
+    def gpu_expert_bytes(self, inv: Inventory) -> int:
+        return sum(inv.layers[l].per_expert_bytes * len(es) for l, es in self.gpu_experts.items())
+
+    def plan_detail(self, inv: Inventory) -> Optional[dict]:
+        """What the report says about the plan: its hot set, rules and predictions."""
+        if self.plan is None:
+            return None
+        pl = self.plan
+        return {"backend": pl.backend, "budget_bytes": int(pl.budget_bytes), "n_gpu_layers": pl.n_gpu_layers,
+                "hot_device": pl.hot_device, "hot": {str(l): list(v) for l, v in sorted(self.hot.items())},
+                "whole_layers": pl.whole_layers(inv) if pl.n_gpu_layers != 0 else [],
+                "rules": [{"pattern": r.pattern, "device": r.device} for r in pl.rules],
+                "predicted_hit_rate": pl.predicted.hit_rate,
+                "predicted_decode_tokens_per_s": pl.predicted.decode_tokens_per_s,
+                "predicted_gpu_bytes": pl.predicted.gpu_bytes, "notes": list(pl.notes)}
 
 
 @dataclass
@@ -43,6 +71,7 @@ class Result:
     vram_model_bytes: int        # llama.cpp's reported GPU model buffers (+ hot packs)
     load_s: float
     error: Optional[str] = None
+    plan: Optional[dict] = None  # Config.plan_detail: the plan timed
 
     def summary(self) -> dict:
         d = asdict(self)
@@ -56,75 +85,39 @@ class Result:
         return d
 
 
-def layer_expert_bytes(inv: Inventory) -> list[int]:
-    return [l.expert_bytes for l in inv.layers]
-
-
-def hot_from_counts(inv: Inventory, counts: np.ndarray, budget_bytes: int) -> dict[int, list[int]]:
-    """Hot experts chosen globally by expected selections per byte until the budget is spent."""
-    cands = []
-    for layer in inv.layers:
-        if not layer.is_moe or layer.per_expert_bytes <= 0:
-            continue
-        row = counts[layer.index]
-        total = row.sum()
-        for e in range(layer.n_expert):
-            share = row[e] / total if total > 0 else 0.0
-            cands.append((share / layer.per_expert_bytes, layer.index, e, layer.per_expert_bytes))
-    cands.sort(key=lambda c: (-c[0], c[1], c[2]))
-    hot: dict[int, list[int]] = {}
-    spent = 0
-    for score, layer, e, nbytes in cands:
-        if score <= 0:
-            break
-        if spent + nbytes > budget_bytes:
-            continue
-        hot.setdefault(layer, []).append(e)
-        spent += nbytes
-    return hot
-
-
-def whole_layer_gpu_layers(inv: Inventory, budget_bytes: int) -> int:
-    """How many layers' expert tensors fit whole in the budget (taken from the last layers,
-    as --n-cpu-moe keeps the first N on the CPU)."""
-    n, spent = 0, 0
-    for layer in reversed(inv.layers):
-        if not layer.is_moe:
-            continue
-        if spent + layer.expert_bytes > budget_bytes:
-            break
-        spent += layer.expert_bytes
-        n += 1
-    return n
-
-
-def hit_rate(counts_decode: np.ndarray, hot: dict[int, list[int]]) -> Optional[float]:
+def hit_rate(counts_decode: np.ndarray, gpu_experts: dict[int, list[int]]) -> Optional[float]:
     total = counts_decode.sum()
     if total == 0:
         return None
-    on_gpu = sum(counts_decode[l, list(es)].sum() for l, es in hot.items() if es)
+    on_gpu = sum(counts_decode[l, list(es)].sum() for l, es in gpu_experts.items() if es)
     return float(on_gpu / total)
 
 
-def build_configs(inv: Inventory, counts: Optional[np.ndarray], budget_bytes: int,
-                  include_all_gpu: bool, gpu_free_bytes: int) -> list[Config]:
-    from hybrid_gguf.llama.loader import cpu_moe, n_cpu_moe
+def plan_configs(model_path: Path, inv: Inventory, profile, devices: list, n_ctx: int, n_ubatch: int,
+                 wanted: Optional[Sequence[str]] = None, gpu_present: bool = False) -> list[Config]:
+    """The placements to time, made by the planner as `plan` makes them (autoplan.plan_model,
+    same inputs): per-expert = the plan at `devices`' budget with `profile`, whole-layer =
+    the planner with per-expert placement off at the same budget, all-gpu = the plan at all
+    the VRAM the budget rule allows, when it holds every expert."""
+    from hybrid_gguf.llama.loader import cpu_moe
+    from hybrid_gguf.planning.autoplan import detect_devices, plan_model
 
-    moe_layers = [l for l in inv.layers if l.is_moe]
-    configs = [Config("cpu-experts", cpu_moe())]
-    k = whole_layer_gpu_layers(inv, budget_bytes)
-    first_moe = moe_layers[0].index if moe_layers else 0
-    n_cpu = inv.n_layer - k
-    whole_hot = {l.index: list(range(l.n_expert)) for l in moe_layers if l.index >= n_cpu}
-    configs.append(Config("whole-layer", n_cpu_moe(n_cpu) if n_cpu > first_moe else None,
-                          whole_hot, sum(l.expert_bytes for l in moe_layers if l.index >= n_cpu)))
-    if counts is not None and hybrid_backend.capability().per_expert:
-        hot = hot_from_counts(inv, counts, budget_bytes)
-        spent = sum(inv.layers[l].per_expert_bytes * len(es) for l, es in hot.items())
-        configs.append(Config("per-expert", cpu_moe(), hot, spent))
-    if include_all_gpu and inv.total_bytes < gpu_free_bytes * 0.9:
-        configs.append(Config("all-gpu", None, {l.index: list(range(l.n_expert)) for l in moe_layers},
-                              inv.expert_bytes_total))
+    def want(name: str) -> bool:
+        return wanted is None or name in wanted
+
+    def make(devs, per_expert):
+        return plan_model(model_path, None, n_ctx, profile=profile, devices=devs, per_expert=per_expert,
+                          n_ubatch=n_ubatch, inventory=inv).plan
+
+    configs = [Config("cpu-experts", cpu_moe())] if want("cpu-experts") else []
+    if want("whole-layer"):
+        configs.append(Config.from_plan("whole-layer", make(devices, False), inv))
+    if want("per-expert") and hybrid_backend.capability().per_expert:
+        configs.append(Config.from_plan("per-expert", make(devices, None), inv))
+    if want("all-gpu") and gpu_present:
+        every = make(detect_devices(None)[0], None)
+        if every.n_gpu_layers != 0 and not every.rules and not every.hot:
+            configs.append(Config.from_plan("all-gpu", every, inv))
     return configs
 
 
@@ -133,14 +126,14 @@ def load_config(path: Path, inv: Inventory, cfg: Config, n_ctx: int, n_batch: in
                 routing: Optional[str] = None):
     from hybrid_gguf.llama.loader import load_llama
 
-    kwargs = dict(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_gpu_layers=-1, use_mmap=False,
+    kwargs = dict(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_gpu_layers=cfg.n_gpu_layers, use_mmap=False,
                   verbose=False, seed=0)
     if n_threads:
         kwargs.update(n_threads=n_threads, n_threads_batch=n_threads)
     if recorder is not None:
         kwargs["context_patch"] = recorder.attach()
     kwargs["route_trace"] = routing_process.model_trace(inv, n_ctx, stream, routing)
-    if cfg.name == "per-expert":
+    if cfg.hot:
         with hybrid_backend.pending_plan(hybrid_backend.plan_text(cfg.hot, pack_device)):
             return load_llama(path, cfg.placement, inventory=inv, **kwargs)
     return load_llama(path, cfg.placement, inventory=inv, **kwargs)
@@ -177,7 +170,7 @@ def measure_once(llm, prompt: Sequence[int], decode: Sequence[int], recorder) ->
     return pp_ts, tg_ts, counts
 
 
-def busy_handoffs(trace, hot: dict, layers: Sequence[int], n_expert: int) -> Optional[float]:
+def busy_handoffs(trace, gpu_experts: dict, layers: Sequence[int], n_expert: int) -> Optional[float]:
     """Mean over the traced tokens of the hand-offs whose host experts had work: per token,
     the layers (of `layers`, those with host experts) where some selected expert is not in
     that layer's GPU set. None without a trace."""
@@ -190,7 +183,7 @@ def busy_handoffs(trace, hot: dict, layers: Sequence[int], n_expert: int) -> Opt
         if len(rows) == 0:
             continue
         gpu = np.zeros(n_expert, dtype=bool)
-        gpu[[int(e) for e in hot.get(l, ())]] = True
+        gpu[[int(e) for e in gpu_experts.get(l, ())]] = True
         valid = rows >= 0
         host = valid & ~gpu[np.where(valid, rows, 0)]
         busy += int(np.any(host, axis=1).sum())
@@ -202,24 +195,52 @@ def vram_model_bytes(loaded) -> int:
     return int(gpu + hybrid_backend.pack_bytes(loaded.llm._model.model))
 
 
-def run_bench(model_path: Path, *, budget_bytes: int, profile_prompts: Sequence[Sequence[int]],
+def bench_batch(n_prompt: int) -> int:
+    """n_batch = n_ubatch of the timed loads, and the ubatch the plans are made for."""
+    return max(512, int(n_prompt))
+
+
+def bench_memory(model_path: Path, n_ctx: int, n_prompt: int):
+    """The MemoryOptions `plan` would use for the bench's context and batch (a dry run)."""
+    from hybrid_gguf.llama.devices import gpu_devices
+    from hybrid_gguf.planning.autoplan import memory_options_here
+
+    return memory_options_here(model_path, n_ctx, n_ubatch=bench_batch(n_prompt), gpu_present=bool(gpu_devices()))
+
+
+def share_budgets(model_path: Path, shares: Sequence[float], n_ctx: int, n_prompt: int) -> list[int]:
+    """Total VRAM budgets that leave room for each share of the routed-expert bytes on top
+    of the rest of the model (planning/budget.expert_share_budget); converted once, here."""
+    from hybrid_gguf.planning.budget import expert_share_budget
+
+    inv = read_inventory(model_path)
+    memory = bench_memory(model_path, n_ctx, n_prompt)
+    return [expert_share_budget(inv, s, memory) for s in shares]
+
+
+def run_bench(model_path: Path, *, budget_bytes: Optional[int], profile_prompts: Sequence[Sequence[int]],
               eval_prompt: Sequence[int], n_prompt: int, n_gen: int, reps: int, n_ctx: int = 2048,
               configs: Optional[Sequence[str]] = None, pack_device: str = "CUDA0",
-              n_threads: Optional[int] = None, counts: Optional[np.ndarray] = None,
+              n_threads: Optional[int] = None, profile=None,
               eval_counts: Optional[np.ndarray] = None, eval_trace=None, save_calibration: bool = True,
               routing: Optional[str] = None, log: Callable[[str], None] = print,
               on_progress: Optional[Callable[[int, int], None]] = None) -> dict:
-    """Profile (unless counts are given), then time each placement; returns a JSON-able dict.
-    `routing`: a routing preset (routing_process.PRESETS) replayed instead of the model's own.
+    """Profile (unless `profile` is given), plan, then time each placement; returns a
+    JSON-able dict. `budget_bytes`: total VRAM, as `plan --gpu-budget` (None: all the GPU
+    can give), made usable here once (planning/budget.py). `routing`: a routing preset
+    (routing_process.PRESETS) replayed instead of the model's own.
     `on_progress(more_steps, steps_done)`: first the number of timed reps ahead, then each rep."""
     from hybrid_gguf.llama.devices import gpu_devices
     from hybrid_gguf.llama.recorder import RoutingRecorder
+    from hybrid_gguf.planning.autoplan import detect_devices
+    from hybrid_gguf.planning.budget import expert_share
+    from hybrid_gguf.routing.profile import RoutingProfile
+    from hybrid_gguf.sizes import format_size
 
     inv = read_inventory(model_path)
     if inv.n_expert == 0:
         raise HybridError("bench needs a MoE model; this one has no routed experts")
     gpus = gpu_devices()
-    gpu_free = gpus[0].free_bytes if gpus else 0
 
     def new_recorder(trace_capacity=0):
         return RoutingRecorder(inv.n_layer, inv.n_expert, inv.n_expert_used, trace_capacity=trace_capacity)
@@ -231,7 +252,7 @@ def run_bench(model_path: Path, *, budget_bytes: int, profile_prompts: Sequence[
                           f"+ --tg {n_gen}")
     results: list[Result] = []
 
-    if counts is None or eval_counts is None or eval_trace is None:
+    if profile is None or eval_counts is None or eval_trace is None:
         # one recorded load: the profile workload, then the timed workload's routing, so the
         # timed loads below run without a recorder (its syncs would slow every placement)
         rec = new_recorder(trace_capacity=max(n_gen, 1) * inv.n_layer)
@@ -241,7 +262,8 @@ def run_bench(model_path: Path, *, budget_bytes: int, profile_prompts: Sequence[
         for p in profile_prompts:
             loaded.llm.reset()
             loaded.llm.eval(list(p))
-        counts = rec.snapshot(trace=False).counts
+        # the profile the planner sees, as `profile` would record it
+        profile = RoutingProfile.from_snapshot(rec.snapshot(trace=False), inv.fingerprint, inv.arch, "bench")
         if routed:
             # a routing preset maps positions to routing: the timed text needs its own stream,
             # or the profile would know the timed tokens' routing in advance
@@ -253,20 +275,27 @@ def run_bench(model_path: Path, *, budget_bytes: int, profile_prompts: Sequence[
         eval_trace = rec.snapshot(trace=True).trace
         loaded.llm.close()
         rec.close()
-        log(f"profiled {int(counts.sum() / max(inv.n_expert_used, 1) / max(inv.n_layer, 1))} tokens")
+        log(f"profiled {int(np.mean(profile.tokens_per_layer))} tokens")
 
-    all_cfgs = build_configs(inv, counts, budget_bytes, include_all_gpu=True, gpu_free_bytes=gpu_free)
-    if configs:
-        all_cfgs = [c for c in all_cfgs if c.name in configs]
+    devices, budget_notes = detect_devices(budget_bytes)  # the budget rule, applied once
+    for note in budget_notes:
+        log(note)
+    budget = sum(d.budget_bytes for d in devices)
+    share = expert_share(inv, budget, bench_memory(model_path, n_ctx, n_prompt))
+    log(f"budget {format_size(budget)} of VRAM: room for {share:.0%} of the expert bytes next to the rest")
+    all_cfgs = plan_configs(model_path, inv, profile, devices, n_ctx, bench_batch(n_prompt), configs,
+                            gpu_present=bool(gpus))
     step = on_progress or (lambda more, done: None)
     step(len(all_cfgs) * reps, 0)
     for cfg in all_cfgs:
         t0 = time.perf_counter()
+        expert_bytes = cfg.gpu_expert_bytes(inv)
         try:
-            loaded = load_config(model_path, inv, cfg, n_ctx, max(512, n_prompt), None, pack_device, n_threads,
+            loaded = load_config(model_path, inv, cfg, n_ctx, bench_batch(n_prompt), None, pack_device, n_threads,
                                  routing=routing)
         except HybridError as exc:
-            results.append(Result(cfg.name, n_prompt, n_gen, [], [], None, cfg.gpu_expert_bytes, 0, 0.0, str(exc)))
+            results.append(Result(cfg.name, n_prompt, n_gen, [], [], None, expert_bytes, 0, 0.0, str(exc),
+                                  cfg.plan_detail(inv)))
             step(0, reps)
             continue
         load_s = time.perf_counter() - t0
@@ -277,11 +306,12 @@ def run_bench(model_path: Path, *, budget_bytes: int, profile_prompts: Sequence[
             pps.append(pp)
             tgs.append(tg)
             step(0, 1)
-        hit = 0.0 if cfg.name == "cpu-experts" else hit_rate(eval_counts, cfg.hot)
-        res = Result(cfg.name, n_prompt, n_gen, pps, tgs, hit, cfg.gpu_expert_bytes, vram_model_bytes(loaded), load_s)
+        hit = 0.0 if cfg.name == "cpu-experts" else hit_rate(eval_counts, cfg.gpu_experts)
+        res = Result(cfg.name, n_prompt, n_gen, pps, tgs, hit, expert_bytes, vram_model_bytes(loaded), load_s,
+                     plan=cfg.plan_detail(inv))
         log(f"{cfg.name:12s} pp {statistics.median(pps):8.1f} t/s  tg {statistics.median(tgs):7.2f} t/s  "
             f"hit {res.hit_rate if res.hit_rate is not None else float('nan'):.3f}  "
-            f"gpu experts {cfg.gpu_expert_bytes / 2**30:.2f} GiB")
+            f"gpu experts {expert_bytes / 2**30:.2f} GiB")
         results.append(res)
         loaded.llm.close()
 
@@ -292,16 +322,17 @@ def run_bench(model_path: Path, *, budget_bytes: int, profile_prompts: Sequence[
         "n_expert": inv.n_expert,
         "n_expert_used": inv.n_expert_used,
         "expert_bytes_total": inv.expert_bytes_total,
-        "budget_bytes": budget_bytes,
-        "budget_share_of_experts": budget_bytes / inv.expert_bytes_total,
+        "budget_bytes": budget,
+        "budget_share_of_experts": share,
         "fingerprint": inv.fingerprint,
         "routing": routing_process.model_routing(inv, routing) or "optimistic",
         "results": [r.summary() for r in results],
-        "_counts": counts,
+        "profile": profile.to_dict(),
+        "_profile": profile,
         "_eval_counts": eval_counts,
         "_eval_trace": eval_trace,
     }
-    out["prediction"] = predict_configs(inv, counts, all_cfgs, results, n_prompt, n_gen, n_ctx,
+    out["prediction"] = predict_configs(inv, profile, all_cfgs, results, n_prompt, n_gen, n_ctx,
                                         on_gpu=bool(gpus), save=save_calibration, log=log,
                                         eval_trace=eval_trace)
     base = {r.name: r for r in results}
@@ -312,7 +343,7 @@ def run_bench(model_path: Path, *, budget_bytes: int, profile_prompts: Sequence[
     return out
 
 
-def predict_configs(inv: Inventory, counts: np.ndarray, cfgs: Sequence[Config], results: Sequence[Result],
+def predict_configs(inv: Inventory, profile, cfgs: Sequence[Config], results: Sequence[Result],
                     n_prompt: int, n_gen: int, n_ctx: int, on_gpu: bool = True, save: bool = True,
                     log: Callable[[str], None] = print, eval_trace=None) -> dict:
     """The planner's predicted tokens/s of every placement, twice: with this machine's stored
@@ -326,20 +357,20 @@ def predict_configs(inv: Inventory, counts: np.ndarray, cfgs: Sequence[Config], 
     know); both are reported, with each placement's model terms for later refits."""
     from hybrid_gguf.planning import speed as predict
 
-    tokens = counts.sum(axis=1) / max(inv.n_expert_used, 1)
-    p = predict.selection_probs(counts, tokens, [l.n_expert_used for l in inv.layers])
+    p = predict.decode_probs(profile, inv)  # what the planner predicts from
     stored = predict.calibrate_bandwidth()
     before = stored.for_model(inv.fingerprint)
     runs, terms = {}, {}
     for cfg, res in zip(cfgs, results):
         s = res.summary()
         if res.error is None and s["tg_median_ts"] > 0:
-            run = predict.MeasuredRun(cfg.hot, s["tg_median_ts"], s["pp_median_ts"], n_prompt, n_prompt + n_gen // 2)
+            gpu = cfg.gpu_experts
+            run = predict.MeasuredRun(gpu, s["tg_median_ts"], s["pp_median_ts"], n_prompt, n_prompt + n_gen // 2)
             runs[cfg.name] = (cfg, run)
             t = predict.run_terms(inv, p, run, n_ctx)
             host_layers = [l.index for l in inv.layers
-                           if l.is_moe and len(set(cfg.hot.get(l.index, ()))) < l.n_expert]
-            traced = busy_handoffs(eval_trace, cfg.hot, host_layers, inv.n_expert)
+                           if l.is_moe and len(set(gpu.get(l.index, ()))) < l.n_expert]
+            traced = busy_handoffs(eval_trace, gpu, host_layers, inv.n_expert)
             terms[cfg.name] = (t, traced)
     fit_terms = [t if traced is None else replace(t, handoffs_busy=traced, handoffs_idle=t.handoffs - traced)
                  for t, traced in terms.values()] if on_gpu else []
@@ -350,11 +381,11 @@ def predict_configs(inv: Inventory, counts: np.ndarray, cfgs: Sequence[Config], 
     for name, (cfg, run) in runs.items():
         t, traced = terms[name]
         row = {"measured_decode_ts": run.decode_tokens_per_s, "measured_prefill_ts": run.prefill_tokens_per_s,
-               "predicted_hit_rate": predict.hit_rate(p, cfg.hot),
+               "predicted_hit_rate": predict.hit_rate(p, cfg.gpu_experts),
                "busy_handoffs_estimated": t.handoffs_busy, "busy_handoffs_traced": traced,
                "terms": t.to_dict()}
         for key, bw in (("predicted", before), ("fitted", fitted), ("roofline", roof)):
-            sp = predict.predict_speed(inv, p, cfg.hot if on_gpu else {}, on_gpu, bw, n_ctx,
+            sp = predict.predict_speed(inv, p, cfg.gpu_experts if on_gpu else {}, on_gpu, bw, n_ctx,
                                        n_ubatch=n_prompt, kv_fill=run.kv_fill)
             row[f"{key}_decode_ts"] = sp.decode_tokens_per_s
             if key != "roofline":
@@ -370,38 +401,35 @@ def predict_configs(inv: Inventory, counts: np.ndarray, cfgs: Sequence[Config], 
         predict.save_calibration(saved)
     return {"calibration_before": before.to_dict(), "calibration_fitted": fitted.to_dict(),
             "calibration_saved": bool(save and fit_terms), "configs": table,
-            "profile_counts": counts.astype(int).tolist(),
-            "hot": {name: {str(l): list(map(int, es)) for l, es in cfg.hot.items()}
-                    for name, (cfg, _) in runs.items()}}
+            "gpu_experts": {name: {str(l): list(map(int, es)) for l, es in cfg.gpu_experts.items()}
+                            for name, (cfg, _) in runs.items()}}
 
 
-def run_budgets(model_path: Path, budgets: Sequence[int], *, profile_prompts, eval_prompt,
+def run_budgets(model_path: Path, budgets: Sequence[Optional[int]], *, profile_prompts, eval_prompt,
                 configs: Optional[Sequence[str]] = None, save_calibration: bool = True,
                 log: Callable[[str], None] = print, **kwargs) -> list[dict]:
-    """run_bench at each budget, profiling once. Budgets after the first time only the
-    placements that depend on the budget (whole-layer, per-expert). With a GPU and several
-    budgets one decode fit over all of them is the calibration stored for `plan` (it needs
-    per-expert runs at different budgets to tell busy from idle hand-offs); each result
-    then carries it as "combined_fit"."""
+    """run_bench at each budget (total VRAM), profiling once. Budgets after the first time
+    only the placements that depend on the budget (whole-layer, per-expert). With a GPU and
+    several budgets one decode fit over all of them is the calibration stored for `plan` (it
+    needs per-expert runs at different budgets to tell busy from idle hand-offs); each
+    result then carries it as "combined_fit"."""
     from hybrid_gguf.llama.devices import gpu_devices
 
-    inv = read_inventory(model_path)
     outs: list[dict] = []
-    counts = eval_counts = eval_trace = None
-    budget_bound = [c for c in (configs or ("whole-layer", "per-expert")) if c in ("whole-layer", "per-expert")]
+    profile = eval_counts = eval_trace = None
+    budget_bound = [c for c in (configs or BUDGET_CONFIGS) if c in BUDGET_CONFIGS]
     for i, budget in enumerate(budgets):
         if i and not budget_bound:
             log("the other budgets change none of the chosen placements: skipped")
             break
-        log(f"== budget {budget / 2**30:.2f} GiB of expert bytes "
-            f"({100 * budget / inv.expert_bytes_total:.0f}% of {inv.expert_bytes_total / 2**30:.2f} GiB)")
+        log("== budget " + ("all the GPU can give" if budget is None else f"{budget / 2**30:.2f} GiB of VRAM"))
         t0 = time.perf_counter()
         out = run_bench(model_path, budget_bytes=budget, profile_prompts=profile_prompts,
                         eval_prompt=eval_prompt,
                         configs=configs if i == 0 else budget_bound,
-                        counts=counts, eval_counts=eval_counts, eval_trace=eval_trace,
+                        profile=profile, eval_counts=eval_counts, eval_trace=eval_trace,
                         save_calibration=save_calibration and len(budgets) == 1, log=log, **kwargs)
-        counts, eval_counts, eval_trace = out.pop("_counts"), out.pop("_eval_counts"), out.pop("_eval_trace")
+        profile, eval_counts, eval_trace = out.pop("_profile"), out.pop("_eval_counts"), out.pop("_eval_trace")
         out["wall_s"] = time.perf_counter() - t0
         outs.append(out)
     if len(outs) > 1 and gpu_devices():

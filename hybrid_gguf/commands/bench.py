@@ -1,4 +1,5 @@
-"""`hybrid-gguf bench MODEL --gpu-budget B`: placements side by side, measured in one process."""
+"""`hybrid-gguf bench MODEL --gpu-budget B`: the plans `plan` makes at budget B (total VRAM),
+and the all-CPU-experts baseline, side by side, measured in one process."""
 
 from __future__ import annotations
 
@@ -17,11 +18,13 @@ from hybrid_gguf.commands.common import ctx_option, model_argument, model_option
 def bench_command(
     model: Optional[str] = model_argument(),
     model_opt: Optional[str] = model_option(),
-    gpu_budget: Optional[str] = typer.Option(None, "--gpu-budget",
-                                             help="expert bytes on the GPU, e.g. 4GiB, or several: 2GiB,4GiB"),
-    budget_share: Optional[str] = typer.Option(None, "--budget-share",
-                                               help="budget as a share of the routed-expert bytes (default 0.25), "
-                                                    "or several: 0.1,0.25,0.5 (their runs are fitted together)"),
+    gpu_budget: Optional[str] = typer.Option(
+        None, "--gpu-budget", help="total VRAM for the model, as `plan --gpu-budget` means it, e.g. 8GiB, "
+                                   "or several: 6GiB,10GiB"),
+    expert_share: Optional[str] = typer.Option(
+        None, "--expert-share", help="the budget as the share of the routed-expert bytes that fits next to the "
+                                     "rest of the model (dense weights, KV cache, compute buffers), turned into "
+                                     "total VRAM once; default 0.25, or several: 0.1,0.25,0.5 (fitted together)"),
     pp: int = typer.Option(512, "--pp", min=1, help="prompt tokens per rep"),
     tg: int = typer.Option(128, "--tg", min=1, help="decoded tokens per rep"),
     reps: int = typer.Option(5, "--reps", min=1),
@@ -49,8 +52,8 @@ def bench_command(
                                                   "it needs 4.2 GB of disk while it runs)"),
     probe_only: bool = typer.Option(False, "--probe-only", help="run the GPU probe and stop (no MODEL needed)"),
 ) -> None:
-    """Time all-CPU experts, whole-layer (stock) and per-expert placement at one or more budgets."""
-    from hybrid_gguf.bench.runner import run_budgets, stdlib_workloads
+    """Time all-CPU experts and the planner's whole-layer and per-expert plans at one or more budgets."""
+    from hybrid_gguf.bench.runner import run_budgets, share_budgets, stdlib_workloads
     from hybrid_gguf.llama.devices import gpu_devices
     from hybrid_gguf.header.inventory import read_inventory
     from hybrid_gguf.sizes import parse_size
@@ -74,12 +77,15 @@ def bench_command(
     inv = read_inventory(path)
     from hybrid_gguf.limits import default_ctx
 
-    ctx = default_ctx(inv, ctx)
+    n_ctx = max(default_ctx(inv, ctx), pp + tg + 64)
     if inv.n_expert == 0:
         raise HybridError(f"{path} has no routed experts: nothing to place per expert")
-    if gpu_budget is not None and budget_share is not None:
-        raise HybridError("pass --gpu-budget or --budget-share, not both")
-    budgets = _budgets(gpu_budget, budget_share, inv.expert_bytes_total, parse_size)
+    if gpu_budget is not None and expert_share is not None:
+        raise HybridError("pass --gpu-budget or --expert-share, not both")
+    if gpu_budget is not None:
+        budgets = [parse_size(b.strip()) for b in gpu_budget.split(",") if b.strip()]
+    else:
+        budgets = share_budgets(path, _shares(expert_share), n_ctx, pp)
     if routing is not None:
         from hybrid_gguf.routing.process import preset as routing_preset
 
@@ -92,7 +98,7 @@ def bench_command(
                                             [p for p in eval_packages.split(",") if p], n_gen=tg)
     with _progress(console, enabled=not as_json) as on_progress:
         outs = run_budgets(path, budgets, profile_prompts=prompts, eval_prompt=eval_prompt,
-                           n_prompt=pp, n_gen=tg, reps=reps, n_ctx=max(ctx, pp + tg + 64),
+                           n_prompt=pp, n_gen=tg, reps=reps, n_ctx=n_ctx,
                            configs=configs.split(",") if configs else None, pack_device=pack_device,
                            n_threads=threads, save_calibration=not no_calibrate, routing=routing, log=log,
                            on_progress=on_progress)
@@ -110,7 +116,7 @@ def bench_command(
         print(json.dumps(llama_bench_rows(outs, threads), indent=2, default=float))
     else:
         for out in outs:
-            _print_table(out, inv, pp, tg, reps)
+            _print_table(out, pp, tg, reps)
         if json_detail is not None:
             console.print(f"wrote {json_detail}", highlight=False, soft_wrap=True)
     if plot is not None:
@@ -169,22 +175,20 @@ def _maybe_probe(force: bool, refused: bool, no_calibrate: bool, threads: Option
         return None
 
 
-def _budgets(gpu_budget: Optional[str], budget_share: Optional[str], expert_bytes: int, parse_size) -> list[int]:
-    if gpu_budget is not None:
-        return [parse_size(b.strip()) for b in gpu_budget.split(",") if b.strip()]
+def _shares(expert_share: Optional[str]) -> list[float]:
     shares = []
-    for item in (budget_share or "0.25").split(","):
+    for item in (expert_share or "0.25").split(","):
         try:
             share = float(item)
         except ValueError:
-            raise HybridError(f"--budget-share wants numbers like 0.25 or 0.1,0.25, got {budget_share!r}") from None
+            raise HybridError(f"--expert-share wants numbers like 0.25 or 0.1,0.25, got {expert_share!r}") from None
         if not 0.0 < share <= 1.0:
-            raise HybridError(f"--budget-share must be in (0, 1], got {share}")
+            raise HybridError(f"--expert-share must be in (0, 1], got {share}")
         shares.append(share)
-    return [int(s * expert_bytes) for s in shares]
+    return shares
 
 
-def _print_table(out: dict, inv, pp: int, tg: int, reps: int) -> None:
+def _print_table(out: dict, pp: int, tg: int, reps: int) -> None:
     from hybrid_gguf.sizes import format_size
     from hybrid_gguf.tables import fmt_rate, narrow, new_table
 
@@ -192,8 +196,9 @@ def _print_table(out: dict, inv, pp: int, tg: int, reps: int) -> None:
     wide = not narrow(console, 110)
     budget = out["budget_bytes"]
     console.print(f"[bold]{Path(out['model']).name}[/]", soft_wrap=True, highlight=False)
-    table = new_table(console, f"budget {format_size(budget)} ({100 * budget / inv.expert_bytes_total:.0f}% of "
-                               f"expert bytes), {out.get('routing', 'optimistic')} routing, pp {pp}, tg {tg}, "
+    share = out["budget_share_of_experts"]
+    table = new_table(console, f"budget {format_size(budget)} of VRAM (room for {100 * share:.0f}% of the expert "
+                               f"bytes), {out.get('routing', 'optimistic')} routing, pp {pp}, tg {tg}, "
                                f"{reps} reps; t/s are medians")
     cols = ["placement", "hit", "VRAM", "pp t/s", "tg t/s", "tg min..max", "tg pred"]
     if wide:

@@ -36,7 +36,8 @@ def threads_option():
 # placement options of the commands that load a model for inference (run, serve)
 
 def gpu_budget_option():
-    return typer.Option(None, "--gpu-budget", help="VRAM to use, e.g. 8GiB (default: free VRAM)")
+    return typer.Option(None, "--gpu-budget",
+                        help="total VRAM for the model, e.g. 8GiB (default and upper bound: free VRAM less 512 MiB)")
 
 
 def hot_option():

@@ -31,7 +31,9 @@ def register(app: typer.Typer) -> None:
     @app.command("plan")
     def plan_cmd(
         model: Optional[str] = model_argument(),
-        gpu_budget: str = typer.Option(..., "--gpu-budget", help="GPU memory for this model, e.g. 8GiB"),
+        gpu_budget: str = typer.Option(..., "--gpu-budget",
+                                       help="total VRAM for this model, e.g. 8GiB (with a GPU here: at most its "
+                                            "free memory less 512 MiB)"),
         model_opt: Optional[str] = model_option(),
         ctx: Optional[int] = ctx_option("context length to plan for"),
         out: Optional[Path] = typer.Option(None, "--out", help="write the plan YAML here"),
@@ -66,7 +68,6 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
 
         from hybrid_gguf.planning.autoplan import plan_model
-        from hybrid_gguf.planning.planner import memory_options
         from hybrid_gguf.planning.speed import Bandwidth
         from hybrid_gguf.sizes import parse_size
 
@@ -94,9 +95,9 @@ def register(app: typer.Typer) -> None:
                          type_v=type_v, margin_bytes=parse_size(margin), hysteresis=hysteresis,
                          promote_from=promote_from)
         plan, diff, inv = res.plan, res.diff, res.inventory
-        opts = memory_options(plan)
+        opts = plan.memory
         per_expert = plan.backend == "per-expert"
-        bw = Bandwidth.from_dict(plan.predicted.bandwidth) if plan.predicted.bandwidth else Bandwidth()
+        bw = plan.predicted.bandwidth or Bandwidth()
 
         report = None
         if replay_path is not None:
@@ -149,8 +150,7 @@ def cpu_only_prediction(inv, bw, n_ctx: int, n_ubatch: int):
 
 def run_replay(path: Path, inv, plan, budget: int, ctx: int, opts, per_expert: bool, bw):
     """Replay the trace against the planner at several budgets (profile from its first half)."""
-    from hybrid_gguf.planning.memory import predict_memory
-    from hybrid_gguf.llama.loader import EXPERT_TENSOR_RE, PlacementRule, TensorPlacement
+    from hybrid_gguf.planning.budget import expert_share_budget
     from hybrid_gguf.planning.planner import make_plan
     from hybrid_gguf.routing.profile import RoutingProfile
     from hybrid_gguf.routing.replay import load_trace, replay
@@ -161,11 +161,9 @@ def run_replay(path: Path, inv, plan, budget: int, ctx: int, opts, per_expert: b
     counts, tokens = trace.counts(0, split)
     prof = RoutingProfile(inv.fingerprint, inv.arch, inv.n_layer, inv.n_expert, max(inv.n_expert_used, 1),
                           counts, counts * 0, tokens, tokens * 0, sessions=1)
-    base = predict_memory(inv, TensorPlacement((PlacementRule(EXPERT_TENSOR_RE, "CPU"),)), opts,
-                          gpus=["GPU"]).gpu_bytes
     moe = [l for l in inv.layers if l.is_moe]
     per_expert_bytes = max((l.per_expert_bytes for l in moe), default=1)
-    budgets = sorted({int(base + f * inv.expert_bytes_total) for f in (0.05, 0.1, 0.25, 0.5, 0.75)} | {budget})
+    budgets = sorted({expert_share_budget(inv, f, opts) for f in (0.05, 0.1, 0.25, 0.5, 0.75)} | {budget})
     caps, labels, sets = [], [], []
     for b in budgets:
         p = make_plan(inv, b, ctx, prof, per_expert=per_expert, bandwidth=bw, memory=opts, promote_fraction=2.0)
@@ -217,18 +215,16 @@ def print_plan(console, plan, inv, explain: bool, here=None) -> None:
                        ("total", "total")):
         mem.add_row(label, *(format_size(m.get(key, 0)) for m in pr.memory.values()))
     console.print(mem)
-    bw = pr.bandwidth or {}
-    if bw:
-        measured = set(bw.get("measured") or [])
+    bw = pr.bandwidth
+    if bw is not None:
         console.print("bandwidth: " + ", ".join(
-            f"{k} {bw[k]:.3g}{'' if k in measured else ' (default)'}"
+            f"{k} {getattr(bw, k):.3g}{'' if k in bw.measured else ' (default)'}"
             for k in ("cpu_bytes_per_s", "gpu_bytes_per_s", "gpu_layer_s", "gpu_step_s", "pcie_bytes_per_s", "handoff_s",
-                      "handoff_idle_s")
-            if k in bw))
-        for key, label in (("decode_ms", "decode ms/token"), ("prefill_ms", "prefill ms/ubatch")):
-            parts = bw.get(key) or {}
-            if parts:
-                console.print(f"{label}: " + ", ".join(f"{k} {v:g}" for k, v in parts.items()))
+                      "handoff_idle_s")))
+    for key, label in (("decode_ms", "decode ms/token"), ("prefill_ms", "prefill ms/ubatch")):
+        parts = pr.speed_terms.get(key) or {}
+        if parts:
+            console.print(f"{label}: " + ", ".join(f"{k} {v:g}" for k, v in parts.items()))
     if plan.n_gpu_layers == 0 or not inv.is_moe:
         return
     gpu = plan.gpu_experts(inv)

@@ -57,8 +57,10 @@ def build_llama(path: Path, recorder, n_ctx: int, n_threads: Optional[int] = Non
     the CPU. Returns (llm, where the weights are, in words)."""
     from hybrid_gguf.llama.devices import gpu_devices
     from hybrid_gguf.header.inventory import read_inventory
-    from hybrid_gguf.model import VRAM_RESERVE
-    from hybrid_gguf.llama.loader import fit_n_cpu_moe, load_llama
+    from hybrid_gguf.planning.budget import usable_budget
+    from hybrid_gguf.llama.loader import load_llama
+    from hybrid_gguf.planning.plan import DeviceBudget
+    from hybrid_gguf.planning.planner import make_plan
     from hybrid_gguf.routing.process import STREAM_PROFILE, model_trace
 
     kwargs = {"n_threads": n_threads, "n_threads_batch": n_threads} if n_threads else {}
@@ -66,11 +68,13 @@ def build_llama(path: Path, recorder, n_ctx: int, n_threads: Optional[int] = Non
     gpus = [] if cpu_only else gpu_devices()
     placement, where = None, "all weights on the CPU"
     if gpus:
-        fit = fit_n_cpu_moe(inv, max(0, gpus[0].free_bytes - VRAM_RESERVE), n_ctx)
-        if fit.fits:
-            placement = fit.placement
-            where = ("everything on the GPU" if fit.n_cpu_moe == 0 else
-                     f"experts of the first {fit.n_cpu_moe} layers on the CPU, the rest on the GPU")
+        budget, _ = usable_budget(None, gpus[0].free_bytes)
+        plan = make_plan(inv, budget, n_ctx, devices=[DeviceBudget(gpus[0].name, budget)])  # no profile: whole layers
+        if plan.n_gpu_layers != 0:
+            placement = plan.placement()
+            n_host = sum(1 for l in inv.layers if l.is_moe) - len(plan.whole_layers(inv))
+            where = ("everything on the GPU" if not plan.rules else
+                     f"experts of the first {n_host} MoE layers on the CPU, the rest on the GPU")
     if placement is None:
         kwargs["n_gpu_layers"] = 0
     loaded = load_llama(path, placement, context_patch=recorder.attach(), n_ctx=n_ctx, seed=seed,

@@ -8,7 +8,6 @@ from typing import Optional
 
 from hybrid_gguf.llama import ggml_lib
 from hybrid_gguf.errors import HybridError
-from hybrid_gguf.sizes import format_size
 
 _TYPE_NAMES = {
     ggml_lib.DEV_TYPE_CPU: "cpu",
@@ -118,23 +117,3 @@ def _cpu(devices: list[Device]) -> Device:
         if dev.type == "cpu":
             return dev
     raise HybridError("llama.cpp reports no CPU device")
-
-
-def clamp_budget(requested: Optional[int], device: Device,
-                 reserve_bytes: int = 256 * 1024 * 1024) -> tuple[int, Optional[str]]:
-    """(budget bytes, warning or None) for placing weights on `device`.
-
-    No request: the device's free memory minus a reserve (CUDA context, cuBLAS
-    workspace, fragmentation). A request above free memory is clamped, with a warning.
-    """
-    usable = max(0, device.free_bytes - reserve_bytes)
-    if requested is None:
-        return usable, None
-    if requested < 0:
-        raise HybridError(f"GPU budget must not be negative, got {requested}")
-    if requested > device.free_bytes:
-        return usable, (
-            f"GPU budget {format_size(requested)} exceeds the free memory of {device.name} "
-            f"({format_size(device.free_bytes)}); using {format_size(usable)}"
-        )
-    return requested, None

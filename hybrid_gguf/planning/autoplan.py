@@ -22,7 +22,6 @@ from hybrid_gguf.errors import HybridError
 from hybrid_gguf.planning.memory import MemoryOptions, MIB
 
 PathLike = Union[str, os.PathLike]
-AUTO_BUDGET_FRACTION = 0.9  # of free VRAM when no budget is given
 
 
 @dataclass
@@ -46,11 +45,10 @@ def default_plan_path(fingerprint: str) -> Path:
 
 
 def detect_devices(budget: Optional[int]) -> tuple:
-    """([DeviceBudget], notes): the first GPU llama.cpp sees, or a stand-in named "GPU".
-
-    budget None: AUTO_BUDGET_FRACTION of the GPU's free memory (0 without a GPU)."""
+    """([DeviceBudget], notes): the first GPU llama.cpp sees, or a stand-in named "GPU",
+    with the budget made usable there (planning/budget.py's rule, applied here once)."""
+    from hybrid_gguf.planning.budget import usable_budget
     from hybrid_gguf.planning.plan import DeviceBudget
-    from hybrid_gguf.sizes import format_size
 
     try:
         from hybrid_gguf.llama.devices import gpu_devices
@@ -66,10 +64,9 @@ def detect_devices(budget: Optional[int]) -> tuple:
         notes.append("no GPU visible here: planned for a hypothetical GPU named GPU")
         return [DeviceBudget("GPU", budget)], notes
     g = gpus[0]
-    if budget is None:
-        budget = int(g.free_bytes * AUTO_BUDGET_FRACTION)
-        notes.append(f"no budget given: {format_size(budget)} ({AUTO_BUDGET_FRACTION:.0%} of {g.name}'s "
-                     "free memory)")
+    budget, note = usable_budget(budget, g.free_bytes, g.name)
+    if note:
+        notes.append(note)
     return [DeviceBudget(g.name, budget, free_bytes=g.free_bytes)], notes
 
 
@@ -77,7 +74,7 @@ def measured_compute_bytes(model_path: PathLike, n_ctx: int, n_ubatch: int, flas
                            gpu_present: bool, notes: list) -> Optional[int]:
     """The GPU compute buffer from a llama.cpp dry run: exact on a GPU machine; on a
     CPU-only machine the CPU graph's buffer + 10% stands in for the GPU's."""
-    from hybrid_gguf.planning.memory import measure_compute_bytes
+    from hybrid_gguf.llama.dry_run import measure_compute_bytes
 
     try:
         measured = measure_compute_bytes(model_path, n_ctx, n_ubatch, flash_attn, n_gpu_layers=-1)
@@ -94,6 +91,19 @@ def measured_compute_bytes(model_path: PathLike, n_ctx: int, n_ubatch: int, flas
     return None
 
 
+def memory_options_here(model_path: PathLike, n_ctx: int, *, n_ubatch: int = 512, flash_attn: bool = False,
+                        type_k: str = "f16", type_v: str = "f16", margin_bytes: int = 64 * MIB,
+                        measure: bool = True, gpu_present: bool = True,
+                        notes: Optional[list] = None) -> MemoryOptions:
+    """The MemoryOptions plan_model plans with: with `measure`, the compute buffer from a
+    llama.cpp dry run (measured_compute_bytes), else the analytic estimate."""
+    notes = [] if notes is None else notes
+    compute = measured_compute_bytes(model_path, n_ctx, n_ubatch, flash_attn, gpu_present, notes) \
+        if measure else None
+    return MemoryOptions(n_ctx, n_ubatch=n_ubatch, type_k=type_k, type_v=type_v, flash_attn=flash_attn,
+                         compute_bytes=compute, margin_bytes=margin_bytes)
+
+
 def plan_model(model_path: PathLike, gpu_budget: Optional[int], n_ctx: int, *,
                profile=None, profile_path: Optional[PathLike] = None, store: Optional[PathLike] = None,
                previous=None, previous_path: Optional[PathLike] = None, out: Optional[PathLike] = None,
@@ -107,7 +117,10 @@ def plan_model(model_path: PathLike, gpu_budget: Optional[int], n_ctx: int, *,
     profile / profile_path: the routing profile (default: the profile store's entry).
     previous / previous_path: the plan in use (default: `out` if it exists); a plan for
       another model is ignored with a note, never applied.
-    devices: [DeviceBudget] for several GPUs (default: the first GPU, or a stand-in).
+    gpu_budget: total GPU bytes for the model, made usable on the GPU found here
+      (planning/budget.py); None: all that the GPU can give.
+    devices: [DeviceBudget] for several GPUs, budgets taken as given (default: the first
+      GPU, or a stand-in).
     per_expert: None = what this llama.cpp build supports.
     out: write the plan there (YAML).
     promote_from: layers whose hot set covers at least this share of their experts are
@@ -146,16 +159,14 @@ def plan_model(model_path: PathLike, gpu_budget: Optional[int], n_ctx: int, *,
         except Exception:
             per_expert = False
 
-    compute = measured_compute_bytes(model_path, n_ctx, n_ubatch, flash_attn, gpu_present, notes) \
-        if measure else None
-    opts = MemoryOptions(n_ctx, n_ubatch=n_ubatch, type_k=type_k, type_v=type_v, flash_attn=flash_attn,
-                         compute_bytes=compute, compute_factor=1.0 if compute is not None else 1.25,
-                         margin_bytes=margin_bytes)
+    opts = memory_options_here(model_path, n_ctx, n_ubatch=n_ubatch, flash_attn=flash_attn, type_k=type_k,
+                               type_v=type_v, margin_bytes=margin_bytes, measure=measure,
+                               gpu_present=gpu_present, notes=notes)
     bw = calibrate_bandwidth().for_model(inv.fingerprint) if calibrate else Bandwidth()
     guessed = [f for f in GPU_DECODE_FIELDS if f not in bw.measured]
     if calibrate and gpu_present and guessed:
         notes.append(f"predicted tokens/s rest on default figures for {', '.join(guessed)}; "
-                     "`hybrid-gguf bench MODEL --budget-share 0.1,0.25,0.5` measures them on this machine")
+                     "`hybrid-gguf bench MODEL --expert-share 0.1,0.25,0.5` measures them on this machine")
 
     prev = previous
     prev_file = previous_path or (out if out is not None and Path(out).exists() else None)

@@ -4,9 +4,11 @@ buffers, the op-offload scratch copy and a safety margin.
 Weights and the KV cache are computed exactly from the inventory, the way llama.cpp
 allocates them (CUDA pads quantized rows and aligns tensors to 128 bytes; the KV cache
 has n_ctx rounded up to 256 cells). The compute buffer is the one number llama.cpp only
-knows after building the graph: `measure_compute_bytes()` asks llama.cpp itself with a
-no-alloc dry run (header only, milliseconds), and `estimate_compute_bytes()` is an
-analytic fallback fitted to ~800 such dry runs (median error ~0, 90% within 11%).
+knows after building the graph: llama/dry_run.py asks llama.cpp itself with a no-alloc
+dry run (header only, milliseconds) and the caller passes the number in
+(MemoryOptions.compute_bytes); `estimate_compute_bytes()` is the analytic fallback,
+fitted to ~800 such dry runs (median error ~0, 90% within 11%). Nothing here imports
+llama_cpp.
 
 Every device is named as llama.cpp names its buffers: "CPU" for host memory (CPU,
 CPU_Mapped, CUDA_Host, CPU_REPACK buffers all count as "CPU"), "CUDA0", ... for GPUs;
@@ -155,7 +157,7 @@ def estimate_compute_bytes(inv, n_ctx: int, n_ubatch: int = 512, flash_attn: boo
     mask) plus the largest of four phases' live tensors. Coefficients are bytes per token,
     fitted to ~800 no-alloc dry runs of llama.cpp over random shapes (vocab 259..152k,
     n_embd 64..2048, 1..32 heads, 4..128 experts); 90% are within 11%, the worst case
-    under-estimates by 23%. Prefer `measure_compute_bytes` when llama.cpp is at hand.
+    under-estimates by 23%. Prefer llama/dry_run.py's measurement when llama.cpp is at hand.
     """
     T = max(1, min(int(n_ubatch), kv_cells(n_ctx)))
     C = kv_cells(n_ctx)
@@ -200,58 +202,6 @@ def _dense_ff(inv) -> int:
         if t.kind == "dense_ffn" and t.name.endswith("ffn_up.weight") and len(t.shape) >= 2:
             return int(t.shape[1])
     return 0
-
-
-def measure_compute_bytes(model_path, n_ctx: int, n_ubatch: int = 512, flash_attn: bool = False,
-                          placement: Optional[TensorPlacement] = None, n_gpu_layers: int = -1,
-                          type_k: str = "f16", type_v: str = "f16") -> dict:
-    """Compute-buffer bytes per device, from llama.cpp itself: a no-alloc dry run.
-
-    llama.cpp loads only the header (`no_alloc`, load mode "none"), builds the graphs a
-    context would reserve and logs the compute buffer sizes it would allocate; nothing is
-    read or allocated. Exact for this machine's backends and the given placement
-    (host-expert placements include the op-offload scratch copies). Returns
-    {device: bytes}, e.g. {"CUDA0": ..., "CPU": ...}; raises HybridError if llama.cpp fails.
-    """
-    import llama_cpp
-    import llama_cpp.llama_cpp as b
-
-    from hybrid_gguf.llama.log import capture_llama_log
-    from hybrid_gguf.llama.loader import model_patch_for
-
-    llama_cpp.llama_backend_init()
-    patch = model_patch_for(placement) if placement is not None and placement.rules else None
-    with capture_llama_log(forward=False) as cap:
-        mp = b.llama_model_default_params()
-        if patch is not None:
-            patch(mp)
-        mp.n_gpu_layers = n_gpu_layers
-        mp.no_alloc = True
-        mp.load_mode = 0  # no mmap: the dry run refuses mapped buffers
-        model = b.llama_model_load_from_file(str(model_path).encode(), mp)
-        if not model:
-            raise HybridError(f"llama.cpp could not read {model_path} for a dry run: "
-                              + "; ".join(cap.errors()[-2:]))
-        try:
-            cp = b.llama_context_default_params()
-            cp.n_ctx = int(n_ctx)
-            cp.n_batch = max(int(n_ubatch), 1)
-            cp.n_ubatch = max(int(n_ubatch), 1)
-            cp.flash_attn_type = 1 if flash_attn else 0
-            cp.type_k = CACHE_TYPE_IDS[type_k.lower()]
-            cp.type_v = CACHE_TYPE_IDS[type_v.lower()]
-            ctx = b.llama_init_from_model(model, cp)
-            if not ctx:
-                raise HybridError("llama.cpp could not build a context in the dry run: "
-                                  + "; ".join(cap.errors()[-2:]))
-            b.llama_free(ctx)
-        finally:
-            b.llama_model_free(model)
-    out: dict = {}
-    for name, n in cap.buffers().compute.items():
-        dev = device_of_buffer(name)
-        out[dev] = out.get(dev, 0) + n
-    return out
 
 
 # --- placement -> bytes per device ------------------------------------------------------

@@ -6,6 +6,9 @@ Two things are authoritative: `placement` (whole-tensor regex rules, first match
 llama.cpp applies them) and `hot` (layer -> expert ids copied into that layer's GPU hot
 pack, slot order = list order). Everything under `predicted` and `profile` is a record of
 how the plan was made.
+
+In memory a Plan holds typed values (MemoryOptions, the calibration as a Bandwidth); they
+become YAML/JSON only in to_dict and are typed again when a file is parsed.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import os
 import re
 import stat
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
@@ -22,12 +25,20 @@ from typing import Any, Optional
 from hybrid_gguf.atomic import atomic_write
 from hybrid_gguf.errors import HybridError
 from hybrid_gguf.llama.loader import PlacementRule, TensorPlacement, validate_rules
+from hybrid_gguf.planning.memory import CACHE_TYPES, MemoryOptions
+from hybrid_gguf.planning.speed import Bandwidth
 from hybrid_gguf.sizes import format_size
 
 PLAN_FORMAT = "hybrid-gguf-plan"
 PLAN_VERSION = 1
 BACKENDS = ("per-expert", "whole-tensor", "cpu")
-_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl")
+_CACHE_TYPES = tuple(CACHE_TYPES)
+# MemoryOptions fields a plan file records (n_ctx is the plan's own; use_mmap and
+# compute_factor do not change what a plan predicts once compute_bytes is known)
+_MEMORY_FIELDS = ("n_ubatch", "type_k", "type_v", "flash_attn", "op_offload", "compute_bytes", "margin_bytes",
+                  "margin_fraction")
+# the speed model's terms, written next to the calibration under predicted.bandwidth
+_SPEED_TERMS = ("decode_ms", "prefill_ms", "decode_handoffs")
 
 # A plan is read whole and checked before it is composed. The largest real hot set
 # (61 layers x 384 experts, every one listed) is ~120 KB of YAML, so these leave ample room
@@ -63,13 +74,16 @@ class Predicted:
     prefill_tokens_per_s: float = 0.0
     gpu_bytes: int = 0
     memory: dict = field(default_factory=dict)  # device -> {weights, hot_pack, kv, ...}
-    bandwidth: dict = field(default_factory=dict)  # the Bandwidth the speeds rest on
+    bandwidth: Optional[Bandwidth] = None  # the calibration the speeds rest on
+    speed_terms: dict = field(default_factory=dict)  # decode_ms, prefill_ms, decode_handoffs
 
     def to_dict(self) -> dict:
+        bandwidth = self.bandwidth.to_dict() if self.bandwidth is not None else {}
         return {"hit_rate": round(float(self.hit_rate), 6),
                 "decode_tokens_per_s": round(float(self.decode_tokens_per_s), 3),
                 "prefill_tokens_per_s": round(float(self.prefill_tokens_per_s), 3),
-                "gpu_bytes": int(self.gpu_bytes), "memory": self.memory, "bandwidth": self.bandwidth}
+                "gpu_bytes": int(self.gpu_bytes), "memory": self.memory,
+                "bandwidth": {**bandwidth, **self.speed_terms}}
 
 
 @dataclass
@@ -101,11 +115,17 @@ class Plan:
     rules: list = field(default_factory=list)  # [PlacementRule]
     hot: dict = field(default_factory=dict)  # layer -> [expert ids]
     hot_device: Optional[str] = None
-    memory: dict = field(default_factory=dict)  # n_ubatch, type_k, type_v, flash_attn, ...
+    memory: Optional[MemoryOptions] = None  # what the memory prediction assumed; None: the defaults
     predicted: Predicted = field(default_factory=Predicted)
     profile: Optional[ProfileSource] = None
     notes: list = field(default_factory=list)
     created: str = field(default_factory=now_iso)
+
+    def __post_init__(self) -> None:
+        if self.memory is None:
+            self.memory = MemoryOptions(self.n_ctx)
+        elif self.memory.n_ctx != self.n_ctx:
+            self.memory = replace(self.memory, n_ctx=self.n_ctx)
 
     # -- what llama.cpp gets -------------------------------------------------------------
 
@@ -119,16 +139,10 @@ class Plan:
         from hybrid_gguf.planning.memory import CACHE_TYPE_IDS
 
         m = self.memory
-        kw = {"n_ctx": int(self.n_ctx), "n_gpu_layers": int(self.n_gpu_layers)}
-        if m.get("n_ubatch"):
-            kw["n_ubatch"] = int(m["n_ubatch"])
-            kw["n_batch"] = max(int(m["n_ubatch"]), 512)
-        if "flash_attn" in m:
-            kw["flash_attn"] = bool(m["flash_attn"])
-        for key in ("type_k", "type_v"):
-            if m.get(key):
-                kw[key] = CACHE_TYPE_IDS[m[key]]
-        if m.get("op_offload") is False:
+        kw = {"n_ctx": int(self.n_ctx), "n_gpu_layers": int(self.n_gpu_layers),
+              "n_ubatch": int(m.n_ubatch), "n_batch": max(int(m.n_ubatch), 512), "flash_attn": bool(m.flash_attn),
+              "type_k": CACHE_TYPE_IDS[m.type_k.lower()], "type_v": CACHE_TYPE_IDS[m.type_v.lower()]}
+        if not m.op_offload:
             kw["op_offload"] = False
         if self.tensor_split:
             kw["tensor_split"] = [float(x) for x in self.tensor_split]
@@ -191,7 +205,7 @@ class Plan:
             "budget_bytes": int(self.budget_bytes),
             "devices": [d.to_dict() for d in self.devices],
             "n_ctx": int(self.n_ctx),
-            "memory": dict(self.memory),
+            "memory": {k: getattr(self.memory, k) for k in _MEMORY_FIELDS},
             "backend": self.backend,
             "placement": {"n_gpu_layers": int(self.n_gpu_layers), "tensor_split": self.tensor_split,
                           "rules": [{"pattern": r.pattern, "device": r.device} for r in self.rules]},
@@ -515,7 +529,7 @@ def _parse(text: str, source: str, inv) -> Plan:
     if len({d.name for d in devices}) != len(devices):
         raise top["devices"].error("a device is listed twice")
 
-    memory = {}
+    memory, mem = {}, {}
     if "memory" in top and top["memory"].value() is not None:
         mem = top["memory"].mapping(_MEMORY)
         for key, node in mem.items():
@@ -532,6 +546,14 @@ def _parse(text: str, source: str, inv) -> Plan:
                 if v not in _CACHE_TYPES:
                     raise node.error(f"unknown KV cache type {v!r} (known: {', '.join(_CACHE_TYPES)})")
                 memory[key] = v
+    n_ctx = top["n_ctx"].int(1, maximum=2**31 - 1)
+    try:
+        # compute_measured: written by earlier versions, implied by compute_bytes
+        memory_options = MemoryOptions(n_ctx, **{k: v for k, v in memory.items()
+                                                 if k in _MEMORY_FIELDS and v is not None})
+    except HybridError as exc:
+        # each field is checked above; what is left is a quantized V cache without flash attention
+        raise mem.get("type_v", top.get("memory", top["n_ctx"])).error(str(exc)) from None
 
     backend = top["backend"].str() if "backend" in top else "per-expert"
     if backend not in BACKENDS:
@@ -592,8 +614,17 @@ def _parse(text: str, source: str, inv) -> Plan:
             prefill_tokens_per_s=pr["prefill_tokens_per_s"].num() if "prefill_tokens_per_s" in pr else 0.0,
             gpu_bytes=pr["gpu_bytes"].int(0) if "gpu_bytes" in pr else 0,
             memory=pr["memory"].value() or {} if "memory" in pr else {},
-            bandwidth=pr["bandwidth"].value() or {} if "bandwidth" in pr else {},
         )
+        if "bandwidth" in pr and pr["bandwidth"].value():
+            bw = pr["bandwidth"].value()
+            if not isinstance(bw, dict):
+                raise pr["bandwidth"].error("expected a mapping (key: value lines)")
+            predicted.speed_terms = {k: bw[k] for k in _SPEED_TERMS if k in bw}
+            known = {f.name for f in fields(Bandwidth)}
+            try:
+                predicted.bandwidth = Bandwidth.from_dict({k: v for k, v in bw.items() if k in known})
+            except (HybridError, TypeError, ValueError) as exc:
+                raise pr["bandwidth"].error(str(exc)) from None
         if predicted.hit_rate > 1.0:
             raise pr["hit_rate"].error(f"a hit rate is at most 1, got {predicted.hit_rate}")
 
@@ -615,9 +646,9 @@ def _parse(text: str, source: str, inv) -> Plan:
         model_name=(model["name"].str(allow_none=True) or "") if "name" in model else "",
         arch=(model["arch"].str(allow_none=True) or "") if "arch" in model else "",
         n_layer=n_layer, n_expert=n_expert,
-        budget_bytes=top["budget_bytes"].int(0), n_ctx=top["n_ctx"].int(1, maximum=2**31 - 1),
+        budget_bytes=top["budget_bytes"].int(0), n_ctx=n_ctx,
         devices=devices, backend=backend, n_gpu_layers=n_gpu_layers, tensor_split=tensor_split,
         rules=rules, hot=hot,
         hot_device=top["hot_device"].str(allow_none=True) if "hot_device" in top else None,
-        memory=memory, predicted=predicted, profile=profile, notes=notes, created=str(created or ""),
+        memory=memory_options, predicted=predicted, profile=profile, notes=notes, created=str(created or ""),
     )

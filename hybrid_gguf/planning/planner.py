@@ -224,7 +224,8 @@ def make_plan(inventory, budget_bytes: int, n_ctx: int, profile=None, per_expert
               created: Optional[str] = None) -> Plan:
     """Plan where every tensor and expert of `inventory` lives for a GPU budget.
 
-    budget_bytes: total GPU bytes for this model (split evenly over `devices` given as names).
+    budget_bytes: total GPU bytes for this model (split evenly over `devices` given as names),
+      already usable (planning/budget.py: the entry point applies the rule, not the planner).
     devices: None (one GPU, "GPU"), a list of names, or a list of DeviceBudget.
     profile: a RoutingProfile for this model (None: whole-layer plan).
     per_expert: the backend can build hot packs (False: stock llama.cpp).
@@ -240,11 +241,6 @@ def make_plan(inventory, budget_bytes: int, n_ctx: int, profile=None, per_expert
     bw = bandwidth or Bandwidth()
     devs = _resolve_devices(budget_bytes, devices)
     notes: list = []
-    for i, d in enumerate(devs):
-        if d.free_bytes is not None and d.budget_bytes > d.free_bytes:
-            notes.append(f"budget for {d.name} ({format_size(d.budget_bytes)}) is above its free memory "
-                         f"({format_size(d.free_bytes)}); clamped to the free memory")
-            devs[i] = replace(d, budget_bytes=int(d.free_bytes))
     gpus = [d.name for d in devs]
     budgets = {d.name: int(d.budget_bytes) for d in devs}
     total_budget = sum(budgets.values())
@@ -285,7 +281,7 @@ def make_plan(inventory, budget_bytes: int, n_ctx: int, profile=None, per_expert
             arch=inv.arch, n_layer=inv.n_layer, n_expert=inv.n_expert, budget_bytes=int(total_budget),
             n_ctx=int(n_ctx), devices=devs, backend=backend, n_gpu_layers=n_gpu_layers,
             tensor_split=split, rules=list(rules), hot={int(k): list(map(int, v)) for k, v in hot.items() if v},
-            hot_device=hot_device if hot else None, memory=_memory_dict(opts), profile=src,
+            hot_device=hot_device if hot else None, memory=opts, profile=src,
             notes=notes, **({"created": created} if created else {}))
         gpu_exp = plan.gpu_experts(inv) if on_gpu else {}
         speed = predict_speed(inv, p, gpu_exp, on_gpu, bw, n_ctx, opts.n_ubatch,
@@ -294,9 +290,9 @@ def make_plan(inventory, budget_bytes: int, n_ctx: int, profile=None, per_expert
         plan.predicted = Predicted(
             hit_rate=_hit(inv, p, gpu_exp), decode_tokens_per_s=speed.decode_tokens_per_s,
             prefill_tokens_per_s=speed.prefill_tokens_per_s, gpu_bytes=pred.gpu_bytes,
-            memory={n: d.to_dict() for n, d in pred.devices.items()},
-            bandwidth={**bw.to_dict(), "decode_ms": speed.decode_ms, "prefill_ms": speed.prefill_ms,
-                       "decode_handoffs": {k: round(v, 3) for k, v in speed.handoffs.items()}})
+            memory={n: d.to_dict() for n, d in pred.devices.items()}, bandwidth=bw,
+            speed_terms={"decode_ms": speed.decode_ms, "prefill_ms": speed.prefill_ms,
+                         "decode_handoffs": {k: round(v, 3) for k, v in speed.handoffs.items()}})
         return plan
 
     if not gpus or total_budget <= 0:
@@ -385,28 +381,13 @@ def make_plan(inventory, budget_bytes: int, n_ctx: int, profile=None, per_expert
     return finish(rules, hot, "per-expert", hot_device=pack_dev if hot else None)
 
 
-def _memory_dict(opts: MemoryOptions) -> dict:
-    return {"n_ubatch": opts.n_ubatch, "type_k": opts.type_k, "type_v": opts.type_v,
-            "flash_attn": opts.flash_attn, "op_offload": opts.op_offload,
-            "compute_bytes": opts.compute_bytes, "margin_bytes": opts.margin_bytes,
-            "margin_fraction": opts.margin_fraction}
-
-
-def memory_options(plan: Plan) -> MemoryOptions:
-    """The MemoryOptions a plan was made with."""
-    m = plan.memory
-    kw = {k: m[k] for k in ("n_ubatch", "type_k", "type_v", "flash_attn", "op_offload", "compute_bytes",
-                            "margin_bytes", "margin_fraction") if m.get(k) is not None}
-    return MemoryOptions(plan.n_ctx, **kw)
-
-
 def plan_memory(plan: Plan, inv) -> MemoryPrediction:
     """Bytes per device of a (possibly hand-edited) plan, to check it against its budget or
     against llama.cpp's logged buffers (memory_model.compare_with_report)."""
     plan.check_model(inv)
     gpus = [d.name for d in plan.devices] or ["GPU"]
     on_gpu = plan.n_gpu_layers != 0
-    return predict_memory(inv, plan.placement(), memory_options(plan), hot=plan.hot if on_gpu else {},
+    return predict_memory(inv, plan.placement(), plan.memory, hot=plan.hot if on_gpu else {},
                           gpus=gpus if on_gpu else (), hot_device=plan.hot_device,
                           tensor_split=plan.tensor_split)
 
