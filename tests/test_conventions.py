@@ -272,7 +272,8 @@ def test_stream_yields_text_pieces(tiny_model):
 
 def test_gpu_prefill_pays_the_fixed_times(tiny_model):
     from hybrid_gguf.header.inventory import read_inventory
-    from hybrid_gguf.planning.speed import Bandwidth, predict_speed
+    from hybrid_gguf.planning.calibration import Bandwidth
+    from hybrid_gguf.planning.speed import predict_speed
 
     inv = read_inventory(tiny_model)
     bw = Bandwidth()

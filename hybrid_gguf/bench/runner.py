@@ -324,38 +324,41 @@ def predict_configs(inv: Inventory, counts: np.ndarray, cfgs: Sequence[Config], 
     The fit takes each placement's busy hand-offs from the timed workload's routing trace
     when there is one (what happened), not from the profile's estimate (what `plan` can
     know); both are reported, with each placement's model terms for later refits."""
-    from hybrid_gguf.planning import speed as predict
+    from hybrid_gguf.bench.probe import calibrate_bandwidth
+    from hybrid_gguf.planning import calibration
+    from hybrid_gguf.planning.speed import hit_rate, predict_speed
+    from hybrid_gguf.routing.stats import selection_probs
 
     tokens = counts.sum(axis=1) / max(inv.n_expert_used, 1)
-    p = predict.selection_probs(counts, tokens, [l.n_expert_used for l in inv.layers])
-    stored = predict.calibrate_bandwidth()
+    p = selection_probs(counts, tokens, [l.n_expert_used for l in inv.layers])
+    stored = calibrate_bandwidth()
     before = stored.for_model(inv.fingerprint)
     runs, terms = {}, {}
     for cfg, res in zip(cfgs, results):
         s = res.summary()
         if res.error is None and s["tg_median_ts"] > 0:
-            run = predict.MeasuredRun(cfg.hot, s["tg_median_ts"], s["pp_median_ts"], n_prompt, n_prompt + n_gen // 2)
+            run = calibration.MeasuredRun(cfg.hot, s["tg_median_ts"], s["pp_median_ts"], n_prompt, n_prompt + n_gen // 2)
             runs[cfg.name] = (cfg, run)
-            t = predict.run_terms(inv, p, run, n_ctx)
+            t = calibration.run_terms(inv, p, run, n_ctx)
             host_layers = [l.index for l in inv.layers
                            if l.is_moe and len(set(cfg.hot.get(l.index, ()))) < l.n_expert]
             traced = busy_handoffs(eval_trace, cfg.hot, host_layers, inv.n_expert)
             terms[cfg.name] = (t, traced)
     fit_terms = [t if traced is None else replace(t, handoffs_busy=traced, handoffs_idle=t.handoffs - traced)
                  for t, traced in terms.values()] if on_gpu else []
-    saved = predict.fit_bandwidth_terms(fit_terms, stored, inv.fingerprint) if fit_terms else stored
+    saved = calibration.fit_bandwidth_terms(fit_terms, stored, inv.fingerprint) if fit_terms else stored
     fitted = saved.for_model(inv.fingerprint)
     roof = replace(fitted, handoff_s=0.0, handoff_idle_s=0.0)
     table = {}
     for name, (cfg, run) in runs.items():
         t, traced = terms[name]
         row = {"measured_decode_ts": run.decode_tokens_per_s, "measured_prefill_ts": run.prefill_tokens_per_s,
-               "predicted_hit_rate": predict.hit_rate(p, cfg.hot),
+               "predicted_hit_rate": hit_rate(p, cfg.hot),
                "busy_handoffs_estimated": t.handoffs_busy, "busy_handoffs_traced": traced,
                "terms": t.to_dict()}
         for key, bw in (("predicted", before), ("fitted", fitted), ("roofline", roof)):
-            sp = predict.predict_speed(inv, p, cfg.hot if on_gpu else {}, on_gpu, bw, n_ctx,
-                                       n_ubatch=n_prompt, kv_fill=run.kv_fill)
+            sp = predict_speed(inv, p, cfg.hot if on_gpu else {}, on_gpu, bw, n_ctx,
+                               n_ubatch=n_prompt, kv_fill=run.kv_fill)
             row[f"{key}_decode_ts"] = sp.decode_tokens_per_s
             if key != "roofline":
                 row[f"{key}_prefill_ts"] = sp.prefill_tokens_per_s
@@ -367,7 +370,7 @@ def predict_configs(inv: Inventory, counts: np.ndarray, cfgs: Sequence[Config], 
             f"roofline {row['roofline_decode_ts']:7.2f} t/s; busy hand-offs {t.handoffs_busy:.1f} estimated"
             + ("" if traced is None else f", {traced:.1f} traced"))
     if save and fit_terms:
-        predict.save_calibration(saved)
+        calibration.save_calibration(saved)
     return {"calibration_before": before.to_dict(), "calibration_fitted": fitted.to_dict(),
             "calibration_saved": bool(save and fit_terms), "configs": table,
             "profile_counts": counts.astype(int).tolist(),
@@ -416,7 +419,8 @@ def refit_across_budgets(outs: Sequence[dict], save: bool = True,
     """One decode fit over the placements of several `run_bench` results (budgets) of one
     model: per-expert runs at different budgets are what tell busy from idle hand-offs.
     Returns the fitted calibration and each run's fitted decode next to its measurement."""
-    from hybrid_gguf.planning import speed as predict
+    from hybrid_gguf.bench.probe import calibrate_bandwidth
+    from hybrid_gguf.planning import calibration
 
     rows = []
     fingerprints = {out.get("fingerprint") for out in outs}
@@ -424,13 +428,13 @@ def refit_across_budgets(outs: Sequence[dict], save: bool = True,
     for out in outs:
         share = out.get("budget_share_of_experts", 0.0)
         for name, row in out.get("prediction", {}).get("configs", {}).items():
-            t = predict.RunTerms.from_dict(row["terms"])
+            t = calibration.RunTerms.from_dict(row["terms"])
             traced = row.get("busy_handoffs_traced")
             if traced is not None:
                 t = replace(t, handoffs_busy=traced, handoffs_idle=t.handoffs - traced)
             rows.append((f"{name} @ {100 * share:.0f}%", t))
-    stored = predict.calibrate_bandwidth()
-    saved = predict.fit_bandwidth_terms([t for _, t in rows], stored, fingerprint)
+    stored = calibrate_bandwidth()
+    saved = calibration.fit_bandwidth_terms([t for _, t in rows], stored, fingerprint)
     fitted = saved.for_model(fingerprint)
     table = {}
     log(f"one fit over {len(outs)} budgets: gpu {fitted.gpu_bytes_per_s / 1e9:.0f} GB/s, "
@@ -443,7 +447,7 @@ def refit_across_budgets(outs: Sequence[dict], save: bool = True,
         log(f"  {label:22s} measured {t.decode_tokens_per_s:7.2f}  fitted {pred:7.2f}  "
             f"({100 * (pred / t.decode_tokens_per_s - 1):+.1f}%)")
     if save and rows:
-        predict.save_calibration(saved)
+        calibration.save_calibration(saved)
     return {"calibration_fitted": fitted.to_dict(), "calibration_saved": bool(save and rows), "runs": table}
 
 
