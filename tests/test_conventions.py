@@ -221,6 +221,7 @@ def test_manual_whole_layer_placement_with_a_gpu(tiny_model_factory, monkeypatch
     monkeypatch.setattr(devices, "gpu_devices", lambda: [gpu])
     hm = HybridModel.__new__(HybridModel)
     hm.inventory = read_inventory(tiny_model_factory("qwen3moe", n_layer=4))
+    hm.cpu_only = False
     placement, hot, summary = hm._manual_placement(3, None)
     assert placement.n_cpu_moe == 3 and not hot and "--n-cpu-moe 3" in summary.description
     placement, hot, summary = hm._manual_placement(99, 1 << 30)  # capped; the budget is ignored, said so

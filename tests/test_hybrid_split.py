@@ -63,10 +63,7 @@ def load_with_report(path, hot=None, use_mmap=True):
     placement = cpu_moe() if ON_GPU else None
     if not ON_GPU:
         kwargs["n_gpu_layers"] = 0
-    if hot is None:
-        return load_llama(path, placement, **kwargs)
-    with hybrid_backend.pending_plan(hybrid_backend.plan_text(hot, PACK_DEVICE)):
-        return load_llama(path, placement, **kwargs)
+    return load_llama(path, placement, hot=hot, pack_device=PACK_DEVICE, **kwargs)
 
 
 def load(path, hot=None, use_mmap=True):

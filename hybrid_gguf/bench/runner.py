@@ -128,22 +128,19 @@ def build_configs(inv: Inventory, counts: Optional[np.ndarray], budget_bytes: in
     return configs
 
 
-def load_config(path: Path, inv: Inventory, cfg: Config, n_ctx: int, n_batch: int, recorder,
+def load_config(path: Path, inv: Inventory, cfg: Config, n_ctx: int, n_batch: int, record,
                 pack_device: str, n_threads: Optional[int], stream: int = routing_process.STREAM_MEASURED,
                 routing: Optional[str] = None):
+    """`cfg` loaded (`record`: a recorder.Recording, or None)."""
     from hybrid_gguf.llama.loader import load_llama
 
     kwargs = dict(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_gpu_layers=-1, use_mmap=False,
                   verbose=False, seed=0)
     if n_threads:
         kwargs.update(n_threads=n_threads, n_threads_batch=n_threads)
-    if recorder is not None:
-        kwargs["context_patch"] = recorder.attach()
-    kwargs["route_trace"] = routing_process.model_trace(inv, n_ctx, stream, routing)
-    if cfg.name == "per-expert":
-        with hybrid_backend.pending_plan(hybrid_backend.plan_text(cfg.hot, pack_device)):
-            return load_llama(path, cfg.placement, inventory=inv, **kwargs)
-    return load_llama(path, cfg.placement, inventory=inv, **kwargs)
+    return load_llama(path, cfg.placement, hot=cfg.hot if cfg.name == "per-expert" else None,
+                      pack_device=pack_device, record=record,
+                      route_trace=routing_process.model_trace(inv, n_ctx, stream, routing), inventory=inv, **kwargs)
 
 
 def measure_once(llm, prompt: Sequence[int], decode: Sequence[int], recorder) -> tuple[float, float, Optional[np.ndarray]]:
@@ -213,16 +210,13 @@ def run_bench(model_path: Path, *, budget_bytes: int, profile_prompts: Sequence[
     `routing`: a routing preset (routing_process.PRESETS) replayed instead of the model's own.
     `on_progress(more_steps, steps_done)`: first the number of timed reps ahead, then each rep."""
     from hybrid_gguf.llama.devices import gpu_devices
-    from hybrid_gguf.llama.recorder import RoutingRecorder
+    from hybrid_gguf.llama.recorder import Recording
 
     inv = read_inventory(model_path)
     if inv.n_expert == 0:
         raise HybridError("bench needs a MoE model; this one has no routed experts")
     gpus = gpu_devices()
     gpu_free = gpus[0].free_bytes if gpus else 0
-
-    def new_recorder(trace_capacity=0):
-        return RoutingRecorder(inv.n_layer, inv.n_expert, inv.n_expert_used, trace_capacity=trace_capacity)
 
     prompt = list(eval_prompt)[:n_prompt]
     decode = list(eval_prompt)[n_prompt:n_prompt + n_gen]
@@ -234,25 +228,23 @@ def run_bench(model_path: Path, *, budget_bytes: int, profile_prompts: Sequence[
     if counts is None or eval_counts is None or eval_trace is None:
         # one recorded load: the profile workload, then the timed workload's routing, so the
         # timed loads below run without a recorder (its syncs would slow every placement)
-        rec = new_recorder(trace_capacity=max(n_gen, 1) * inv.n_layer)
+        record = Recording(trace_records=max(n_gen, 1) * inv.n_layer)
         routed = routing_process.model_routing(inv, routing) is not None
-        loaded = load_config(model_path, inv, Config("profile", _cpu_moe()), n_ctx, 512, rec,
+        loaded = load_config(model_path, inv, Config("profile", _cpu_moe()), n_ctx, 512, record,
                              pack_device, n_threads, routing_process.STREAM_PROFILE, routing)
         for p in profile_prompts:
             loaded.llm.reset()
             loaded.llm.eval(list(p))
-        counts = rec.snapshot(trace=False).counts
+        counts = loaded.recorder.snapshot(trace=False).counts
         if routed:
             # a routing preset maps positions to routing: the timed text needs its own stream,
             # or the profile would know the timed tokens' routing in advance
-            loaded.llm.close()
-            rec.reset()
-            loaded = load_config(model_path, inv, Config("profile", _cpu_moe()), n_ctx, 512, rec,
+            loaded.close()
+            loaded = load_config(model_path, inv, Config("profile", _cpu_moe()), n_ctx, 512, record,
                                  pack_device, n_threads, routing=routing)
-        _, _, eval_counts = measure_once(loaded.llm, prompt, decode, rec)
-        eval_trace = rec.snapshot(trace=True).trace
-        loaded.llm.close()
-        rec.close()
+        _, _, eval_counts = measure_once(loaded.llm, prompt, decode, loaded.recorder)
+        eval_trace = loaded.recorder.snapshot(trace=True).trace
+        loaded.close()
         log(f"profiled {int(counts.sum() / max(inv.n_expert_used, 1) / max(inv.n_layer, 1))} tokens")
 
     all_cfgs = build_configs(inv, counts, budget_bytes, include_all_gpu=True, gpu_free_bytes=gpu_free)
