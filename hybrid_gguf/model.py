@@ -28,6 +28,9 @@ from hybrid_gguf.sizes import format_size, parse_size
 # of decode time, 1 in 64 2.5 %. Prompt batches are always observed. `hybrid-gguf profile`
 # records every token.
 RUN_DECODE_STRIDE = 64
+# Per-token routing records a profiling session keeps (one per token and layer; older ones
+# drop), for routing_stats' adjacent overlap and cache replays.
+PROFILE_TRACE_RECORDS = 1 << 19
 
 
 @dataclass
@@ -105,6 +108,11 @@ class HybridModel:
     whole-layer placement by hand, as llama.cpp's flags of those names do. `repack=False`
     keeps weights in plain CPU buffers (llama.cpp's use_extra_bufts off: no repacking into
     AMX or other extra buffer types, which can cost prompt speed on some hosts).
+    `cpu_only=True` places as on a machine without a GPU (every weight on the CPU).
+    `profiling=True` is a profiling session (`hybrid-gguf profile`): every decoded token is
+    recorded, with a per-token trace, a bench model replays its profiling routing stream,
+    and nothing is merged into the profile store on close: read `.recorder` instead.
+    `inventory`: the model's header, when the caller has read it already.
     Everything `llama_cpp.Llama` offers stays reachable through `.llm`.
 
     One model serves one call at a time: every method that uses the llama.cpp context holds
@@ -132,6 +140,9 @@ class HybridModel:
         n_cpu_moe: Optional[int] = None,
         cpu_moe: bool = False,
         repack: bool = True,
+        cpu_only: bool = False,
+        profiling: bool = False,
+        inventory: Optional[Inventory] = None,
         verbose: bool = False,
     ) -> None:
         limits.check_threads(n_threads, "n_threads")
@@ -140,13 +151,16 @@ class HybridModel:
         self._lock = threading.RLock()
         self._owner_depth = threading.local()
         self._llm = None
+        self._loaded = None
         self._closed = False
         self.resolved: ResolvedModel = resolve_model(None if model is None else str(model))
         self.path = self.resolved.path
-        self.inventory: Inventory = read_inventory(self.path)
+        self.inventory: Inventory = inventory if inventory is not None else read_inventory(self.path)
         n_ctx = limits.default_ctx(self.inventory, n_ctx)  # the model's, at most DEFAULT_CTX
         self.label = label
         self._profile_store = profile_store
+        self.cpu_only = bool(cpu_only)
+        self.profiling = bool(profiling)
         self.recorder = None
         self.decode_sampler = None
         self.recorder_notice: Optional[str] = None
@@ -172,10 +186,7 @@ class HybridModel:
                                            summary.n_gpu_layers, summary.pack_device)
         self.placement = summary
 
-        if record and self.inventory.n_expert > 0:
-            self.recorder = self._make_recorder()
-        if self.recorder is not None:
-            self._check_profile_store()
+        recording = self._recording() if record and self.inventory.n_expert > 0 else None
 
         from hybrid_gguf.llama.loader import load_llama
 
@@ -185,26 +196,18 @@ class HybridModel:
         if n_threads:
             kwargs["n_threads"] = n_threads
             kwargs["n_threads_batch"] = n_threads
-        if self.recorder is not None:
-            kwargs["context_patch"] = self.recorder.attach()
-        kwargs["route_trace"] = routing_process.model_trace(self.inventory, n_ctx)
         if not self.repack:
             kwargs["model_patch"] = _no_extra_bufts
+        stream = routing_process.STREAM_PROFILE if self.profiling else routing_process.STREAM_MEASURED
         t0 = time.perf_counter()
-        if hot_plan:
-            with hybrid_backend.pending_plan(hybrid_backend.plan_text(hot_plan, summary.pack_device)):
-                loaded = load_llama(self.path, placement, inventory=self.inventory, **kwargs)
-        else:
-            loaded = load_llama(self.path, placement, inventory=self.inventory, **kwargs)
+        loaded = load_llama(self.path, placement, hot=hot_plan, pack_device=summary.pack_device,
+                            record=recording, route_trace=routing_process.model_trace(self.inventory, n_ctx, stream),
+                            inventory=self.inventory, **kwargs)
         self.load_seconds = time.perf_counter() - t0
-        self._llm = loaded.llm
+        self._loaded, self._llm = loaded, loaded.llm
+        self.recorder, self.decode_sampler = loaded.recorder, loaded.decode_sampler
         summary.buffers = _buffer_dict(loaded.buffers)
         summary.hot_pack_bytes = hybrid_backend.pack_bytes(self._llm._model.model)
-        if hot_plan and summary.hot_pack_bytes == 0:
-            self.close(save_profile=False)
-            raise HybridError("llama.cpp loaded the model but built no hot packs")
-        if self.recorder is not None:
-            self._sample_decodes(RUN_DECODE_STRIDE)
 
     # -- placement -----------------------------------------------------------------------
 
@@ -213,7 +216,7 @@ class HybridModel:
 
         inv = self.inventory
         notices: list[str] = []
-        gpus = devices_mod.gpu_devices()
+        gpus = self._gpus()
         if inv.n_expert == 0:
             notices.append("model has no routed experts: running it as a dense model")
         chosen = None  # how the budget was chosen when none was given
@@ -294,7 +297,7 @@ class HybridModel:
         notices: list[str] = []
         if budget is not None:
             notices.append(f"{flag} places by hand: --gpu-budget ignored")
-        if not devices_mod.gpu_devices():
+        if not self._gpus():
             notices.append(f"no GPU: {flag} has nothing to place, every weight stays on the CPU")
             return None, None, _summary("cpu", "all weights on the CPU", 0, {}, None, notices, None)
         if inv.n_expert == 0:
@@ -362,17 +365,23 @@ class HybridModel:
         summary.description = f"auto plan ({out.name}): " + summary.description.split(": ", 1)[-1]
         return placement, hot, summary
 
+    def _gpus(self) -> list:
+        return [] if self.cpu_only else devices_mod.gpu_devices()
+
     # -- recording -----------------------------------------------------------------------
 
-    def _make_recorder(self):
-        from hybrid_gguf.llama.recorder import RecorderUnavailable, RoutingRecorder
+    def _recording(self):
+        """What the loader's recorder keeps, or None (with a notice) where it cannot run."""
+        from hybrid_gguf.llama.recorder import Recording, recorder_status
 
-        inv = self.inventory
-        try:
-            return RoutingRecorder(inv.n_layer, inv.n_expert, _max_used(inv))
-        except RecorderUnavailable as exc:
-            self.recorder_notice = f"routing recording off: {exc}"
+        ok, why = recorder_status()
+        if not ok:
+            self.recorder_notice = f"routing recording off: {why}"
             return None
+        if self.profiling:
+            return Recording(trace_records=PROFILE_TRACE_RECORDS)
+        self._check_profile_store()
+        return Recording(decode_stride=RUN_DECODE_STRIDE)
 
     def _check_profile_store(self) -> None:
         """Fail before loading, not after generating, when the session could not be saved:
@@ -386,20 +395,6 @@ class HybridModel:
             store.load(self.inventory.fingerprint)
         for w in caught:
             warnings.warn(str(w.message), stacklevel=3)
-
-    def _sample_decodes(self, stride: int) -> None:
-        """Observe prompts and 1 decoded token in `stride` (in bursts), told before each eval."""
-        sampler = self.recorder.decode_sampler(self._llm._ctx.ctx, stride)
-        self.decode_sampler = sampler
-        if not sampler.switches_callback:
-            return
-        llm_eval = self._llm.eval  # Llama.generate calls self.eval per prompt and per token
-
-        def eval_sampled(tokens):
-            sampler.before_decode(len(tokens))
-            return llm_eval(tokens)
-
-        self._llm.eval = eval_sampled
 
     # -- one call at a time ----------------------------------------------------------------
 
@@ -606,13 +601,11 @@ class HybridModel:
                                   "close it after the call returns")
             self._closed = True
             try:
-                if save_profile and self._llm is not None:
+                if save_profile and self._llm is not None and not self.profiling:
                     self._save_profile()
             finally:
-                if self._llm is not None:
-                    self._llm.close()
-                if self.recorder is not None:
-                    self.recorder.close()
+                if self._loaded is not None:
+                    self._loaded.close()
 
     def __enter__(self) -> "HybridModel":
         return self
@@ -694,10 +687,3 @@ def _buffer_dict(report) -> dict:
         for name, size in getattr(report, kind, {}).items():
             out[f"{kind} {name}"] = int(size)
     return out
-
-
-def _max_used(inv: Inventory) -> int:
-    used = inv.n_expert_used
-    if isinstance(used, (list, tuple)):
-        return max(int(u) for u in used)
-    return int(used)

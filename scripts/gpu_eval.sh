@@ -238,7 +238,7 @@ if has plan; then
     if [ -n "${CALIBRATION:-}" ]; then
         # a calibration fitted by "bench" in an earlier call (the machine may be a fresh one
         # of the same kind): stored under this machine's id for `plan`
-        python3 -c "import json, sys; from dataclasses import replace; from hybrid_gguf.planning import speed as p
+        python3 -c "import json, sys; from dataclasses import replace; from hybrid_gguf.planning import calibration as p
 bw = p.Bandwidth.from_dict(json.load(open(sys.argv[1]))); p.save_calibration(replace(bw, machine=p.machine_id()))
 print('calibration from', sys.argv[1], bw.machine)" "$CALIBRATION"
     fi

@@ -25,7 +25,7 @@ from hybrid_gguf.header.inventory import read_inventory
 from hybrid_gguf.planning.memory import MemoryOptions
 from hybrid_gguf.planning.plan import DeviceBudget
 from hybrid_gguf.planning.planner import make_plan
-from hybrid_gguf.planning.speed import Bandwidth
+from hybrid_gguf.planning.calibration import Bandwidth
 from hybrid_gguf.routing.profile import RoutingProfile
 from hybrid_gguf.sizes import format_size, parse_size
 from hybrid_gguf.synth import write_synthetic_moe

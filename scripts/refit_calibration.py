@@ -6,7 +6,7 @@ plan --json` with its decode breakdown, `hybrid-gguf run --json`). Each run's mo
 (GPU bytes, CPU expert bytes, busy and idle hand-offs per token) are saved in newer bench
 JSON; for older JSON (one kind of hand-off) they are recovered from the predictions of the
 same run under two calibrations and the roofline. The decode side is fitted as `bench`
-fits it (`predict.fit_decode`) on the runs of the budgets named by --fit, and every run's
+fits it (`calibration.fit_decode`) on the runs of the budgets named by --fit, and every run's
 prediction with that fit is printed next to its measurement: runs outside --fit are out of
 sample.
 
@@ -24,7 +24,7 @@ import argparse
 import json
 from dataclasses import replace
 
-from hybrid_gguf.planning.speed import Bandwidth, RunTerms, fit_decode
+from hybrid_gguf.planning.calibration import Bandwidth, RunTerms, fit_decode
 
 
 def bench_terms(budget: dict, totals: dict) -> list:

@@ -73,11 +73,7 @@ def capture(path, hot, pack_device, prompt, on_gpu):
     if not on_gpu:
         kwargs["n_gpu_layers"] = 0
     placement = cpu_moe() if on_gpu else None
-    if hot:
-        with hybrid_backend.pending_plan(hybrid_backend.plan_text(hot, pack_device)):
-            llm = load_llama(path, placement, **kwargs).llm
-    else:
-        llm = load_llama(path, placement, **kwargs).llm
+    llm = load_llama(path, placement, hot=hot, pack_device=pack_device, **kwargs).llm
     llm.eval(prompt)
     llama_cpp.llama_synchronize(llm._ctx.ctx)
     llm.close()

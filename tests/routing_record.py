@@ -13,21 +13,19 @@ def record_routing(path, n_tokens: int, route_trace=None) -> np.ndarray:
     expert ids (-1 where a layer did not route a token)."""
     from hybrid_gguf.header.inventory import read_inventory
     from hybrid_gguf.llama.loader import load_llama
-    from hybrid_gguf.llama.recorder import RoutingRecorder
+    from hybrid_gguf.llama.recorder import Recording
     from hybrid_gguf.routing.replay import trace_from_routing
 
     inv = read_inventory(path)
-    used = inv.n_expert_used if isinstance(inv.n_expert_used, int) else max(inv.n_expert_used)
-    rec = RoutingRecorder(inv.n_layer, inv.n_expert, used, trace_capacity=n_tokens * inv.n_layer)
     # scripts/gpu_eval.sh runs these tests with the packs' device set to a GPU: all layers there
     on_gpu = os.environ.get("HYBRID_GGUF_TEST_PACK_DEVICE", "CPU").upper() != "CPU"
-    llm = load_llama(path, None, context_patch=rec.attach(), route_trace=route_trace, n_ctx=n_tokens + 8,
-                     n_batch=64, n_ubatch=64, n_gpu_layers=-1 if on_gpu else 0, verbose=False).llm
+    loaded = load_llama(path, None, record=Recording(trace_records=n_tokens * inv.n_layer), route_trace=route_trace,
+                        inventory=inv, n_ctx=n_tokens + 8, n_batch=64, n_ubatch=64,
+                        n_gpu_layers=-1 if on_gpu else 0, verbose=False)
     try:
         tokens = [3 + (i * 37) % 250 for i in range(n_tokens)]
         for start in range(0, n_tokens, 64):
-            llm.eval(tokens[start:start + 64])
-        return trace_from_routing(rec.snapshot().trace, inv.n_layer, inv.n_expert).ids
+            loaded.llm.eval(tokens[start:start + 64])
+        return trace_from_routing(loaded.recorder.snapshot().trace, inv.n_layer, inv.n_expert).ids
     finally:
-        llm.close()
-        rec.close()
+        loaded.close()

@@ -221,6 +221,7 @@ def test_manual_whole_layer_placement_with_a_gpu(tiny_model_factory, monkeypatch
     monkeypatch.setattr(devices, "gpu_devices", lambda: [gpu])
     hm = HybridModel.__new__(HybridModel)
     hm.inventory = read_inventory(tiny_model_factory("qwen3moe", n_layer=4))
+    hm.cpu_only = False
     placement, hot, summary = hm._manual_placement(3, None)
     assert placement.n_cpu_moe == 3 and not hot and "--n-cpu-moe 3" in summary.description
     placement, hot, summary = hm._manual_placement(99, 1 << 30)  # capped; the budget is ignored, said so
@@ -296,7 +297,8 @@ def test_stream_yields_text_pieces(tiny_model):
 
 def test_gpu_prefill_pays_the_fixed_times(tiny_model):
     from hybrid_gguf.header.inventory import read_inventory
-    from hybrid_gguf.planning.speed import Bandwidth, predict_speed
+    from hybrid_gguf.planning.calibration import Bandwidth
+    from hybrid_gguf.planning.speed import predict_speed
 
     inv = read_inventory(tiny_model)
     bw = Bandwidth()

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from hybrid_gguf.header.inventory import read_inventory
-from hybrid_gguf.planning.speed import (Bandwidth, MeasuredRun, fit_bandwidth, fit_decode, layer_busy,
-                                 predict_speed, run_terms)
+from hybrid_gguf.planning.calibration import Bandwidth, MeasuredRun, fit_bandwidth, fit_decode, run_terms
+from hybrid_gguf.planning.speed import layer_busy, predict_speed
 
 
 def runs_from(inv, p, bw, placements, n_ctx=2048, n_prompt=512):
@@ -142,7 +142,7 @@ def test_busy_handoffs_counts_layers_where_a_token_used_a_host_expert():
 
 def test_bench_refits_once_across_budgets(setup, tmp_path, monkeypatch):
     from hybrid_gguf.bench.runner import refit_across_budgets
-    from hybrid_gguf.planning.speed import load_calibration
+    from hybrid_gguf.planning.calibration import load_calibration
 
     monkeypatch.setenv("HYBRID_GGUF_CACHE", str(tmp_path))
     inv, p, pl = setup

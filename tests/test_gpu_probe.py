@@ -15,7 +15,8 @@ import pytest
 from hybrid_gguf.bench import model_maker as bm
 from hybrid_gguf.errors import HybridError
 from hybrid_gguf.header.inventory import read_inventory
-from hybrid_gguf.planning.speed import Bandwidth, MeasuredRun, RunTerms, fit_decode, predict_speed, run_terms
+from hybrid_gguf.planning.calibration import Bandwidth, MeasuredRun, RunTerms, fit_decode, run_terms
+from hybrid_gguf.planning.speed import predict_speed
 
 needs_llama = pytest.mark.skipif(llama_cpp is None, reason="llama_cpp is not importable")
 TRUTH = Bandwidth(gpu_bytes_per_s=2.4e12, gpu_layer_s=61e-6, gpu_step_s=97e-6, cpu_bytes_per_s=70e9,
@@ -135,7 +136,7 @@ def test_measure_probe_times_a_real_decode_and_reports_its_terms(tmp_path):
 
 
 def test_bench_stores_its_models_gpu_rate_beside_the_probes(shapes, monkeypatch, tmp_path):
-    from hybrid_gguf.planning.speed import fit_bandwidth_terms
+    from hybrid_gguf.planning.calibration import fit_bandwidth_terms
 
     deep = shapes[0]
     fast = replace(TRUTH, gpu_bytes_per_s=3.0e12)  # this model's kernels run faster than the probes'
@@ -157,7 +158,7 @@ def test_bench_stores_its_models_gpu_rate_beside_the_probes(shapes, monkeypatch,
 def test_probe_fits_the_three_shapes_and_drops_stale_model_rates(shapes, monkeypatch, tmp_path):
     from hybrid_gguf.llama import devices
     from hybrid_gguf.bench import probe as gpu_probe
-    from hybrid_gguf.planning import speed as predict
+    from hybrid_gguf.planning import calibration
 
     monkeypatch.setenv("HYBRID_GGUF_CACHE", str(tmp_path))
     monkeypatch.setattr(devices, "gpu_devices", lambda: ["fake GPU"])
@@ -170,11 +171,12 @@ def test_probe_fits_the_three_shapes_and_drops_stale_model_rates(shapes, monkeyp
     monkeypatch.setattr(gpu_probe, "ensure_probe_model", fake_model)
     # the measurement is timed on a GPU only; here each probe's decode follows TRUTH
     monkeypatch.setattr(gpu_probe, "measure_probe", lambda path, *a, **k: all_gpu_terms(by_name[path.stem]))
-    predict.save_calibration(replace(Bandwidth(), model_gpu_rates=(("old-model", 1e12),), machine=predict.machine_id()))
+    calibration.save_calibration(replace(Bandwidth(), model_gpu_rates=(("old-model", 1e12),),
+                                         machine=calibration.machine_id()))
     got = gpu_probe.probe_gpu(log=lambda s: None)
     assert got["gpu_layer_s"] == pytest.approx(61e-6, rel=1e-6)
     assert got["gpu_step_s"] == pytest.approx(97e-6, rel=1e-6)
-    stored = predict.load_calibration()
+    stored = calibration.load_calibration()
     assert stored.gpu_bytes_per_s == pytest.approx(2.4e12, rel=1e-6) and stored.model_gpu_rates == ()
     assert {"gpu_bytes_per_s", "gpu_layer_s", "gpu_step_s"} <= set(stored.measured)
     assert not list(tmp_path.glob("*.gguf"))  # the probe models do not stay in the cache

@@ -67,10 +67,7 @@ def load_with_report(path, hot=None, use_mmap=True):
     placement = cpu_moe() if ON_GPU else None
     if not ON_GPU:
         kwargs["n_gpu_layers"] = 0
-    if hot is None:
-        return load_llama(path, placement, **kwargs)
-    with hybrid_backend.pending_plan(hybrid_backend.plan_text(hot, PACK_DEVICE, cold_on_gpu=COLD_ON_GPU)):
-        return load_llama(path, placement, **kwargs)
+    return load_llama(path, placement, hot=hot, pack_device=PACK_DEVICE, cold_on_gpu=COLD_ON_GPU, **kwargs)
 
 
 def load(path, hot=None, use_mmap=True):
@@ -184,8 +181,8 @@ def test_cold_on_gpu_without_a_gpu_stays_on_the_cpu(models):
     ref_llm = load(path, hot)
     ref = greedy(ref_llm, PROMPT, N_GEN)
     ref_llm.close()
-    with hybrid_backend.pending_plan(hybrid_backend.plan_text(hot, "CPU", cold_on_gpu=True)):
-        rep = load_llama(path, None, n_ctx=128, n_batch=64, seed=1, verbose=False, n_gpu_layers=0)
+    rep = load_llama(path, None, hot=hot, pack_device="CPU", cold_on_gpu=True, n_ctx=128, n_batch=64, seed=1,
+                     verbose=False, n_gpu_layers=0)
     run = greedy(rep.llm, PROMPT, N_GEN)
     rep.llm.close()
     assert any("cold experts stay with the CPU" in line for line in rep.log), rep.log[-5:]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from hybrid_gguf import paths, synth
 from hybrid_gguf.planning import autoplan
-from hybrid_gguf.planning import speed as predict
+from hybrid_gguf.planning import calibration
 from hybrid_gguf.routing import profile
 from hybrid_gguf.llama.native import build
 
@@ -18,7 +18,7 @@ def test_home_moves_data_and_cache(tmp_path, monkeypatch):
     # the rebuildable files go to DIR/cache
     assert paths.cache_dir() == tmp_path / "cache"
     assert synth.default_cache_dir() == tmp_path / "cache" / "synth"
-    assert predict.calibration_path() == tmp_path / "cache" / "calibration.json"
+    assert calibration.calibration_path() == tmp_path / "cache" / "calibration.json"
     assert build.cache_root() == tmp_path / "cache"
 
 

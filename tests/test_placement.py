@@ -10,6 +10,7 @@ import llama_cpp  # noqa: F401  (load libllama before numpy-heavy imports)
 
 from hybrid_gguf.llama import devices
 from hybrid_gguf.llama import ggml_lib
+from hybrid_gguf.llama import hybrid
 from hybrid_gguf.llama import loader as P
 from hybrid_gguf.errors import HybridError
 from hybrid_gguf.header.inventory import read_inventory
@@ -193,6 +194,53 @@ def test_load_failure_from_llama_cpp_is_a_hybrid_error(tiny_model_factory, monke
     object.__setattr__(placement, "rules", (P.PlacementRule("blk[", "CPU"),))
     with pytest.raises(HybridError, match="regular expression|regex"):
         P.load_llama(tiny_model_factory("qwen3moe"), placement, **LOAD)
+
+
+def _recorder_ok():
+    from hybrid_gguf.llama.recorder import recorder_status
+
+    return recorder_status()[0]
+
+
+@pytest.mark.skipif(not hybrid.capability().per_expert, reason=hybrid.STOCK_NOTICE)
+@pytest.mark.skipif(not _recorder_ok(), reason="routing recorder unavailable")
+def test_load_llama_hands_over_the_hot_set_and_owns_the_recorder(tiny_model_factory):
+    from hybrid_gguf.llama.recorder import Recording
+
+    path = tiny_model_factory("qwen3moe", n_layer=3)
+    hot = {0: [1, 5], 2: [0]}
+    loaded = P.load_llama(path, None, hot=hot, pack_device="CPU", record=Recording(trace_records=64),
+                          n_gpu_layers=0, **LOAD)
+    try:
+        model = loaded.llm._model.model
+        assert [hybrid.n_hot(model, l) for l in range(3)] == [2, 0, 1] and loaded.hot == hot
+        loaded.llm.eval(loaded.llm.tokenize(b"hello there"))
+        snap = loaded.recorder.snapshot()
+        assert snap.counts_prompt.sum() > 0 and len(snap.trace.token) > 0
+    finally:
+        loaded.close()
+    with pytest.raises(HybridError, match="closed"):
+        loaded.recorder.snapshot()  # freed with the context
+    plain = P.load_llama(path, None, n_gpu_layers=0, **LOAD)  # the hot set was for that load only
+    assert hybrid.pack_bytes(plain.llm._model.model) == 0 and plain.recorder is None
+    plain.close()
+
+
+@pytest.mark.skipif(not hybrid.capability().per_expert, reason=hybrid.STOCK_NOTICE)
+def test_load_llama_refuses_a_load_without_the_hot_packs_it_asked_for(tiny_model_factory, monkeypatch):
+    monkeypatch.setattr(hybrid, "pack_bytes", lambda model: 0)
+    with pytest.raises(HybridError, match="no hot packs"):
+        P.load_llama(tiny_model_factory("qwen3moe"), None, hot={0: [1]}, pack_device="CPU", n_gpu_layers=0, **LOAD)
+
+
+def test_load_llama_takes_a_recorder_or_a_context_patch(tiny_model_factory):
+    from hybrid_gguf.llama.recorder import Recording
+
+    if not _recorder_ok():
+        pytest.skip("routing recorder unavailable")
+    with pytest.raises(HybridError, match="cb_eval"):
+        P.load_llama(tiny_model_factory("qwen3moe"), None, record=Recording(), context_patch=lambda p: None,
+                     n_gpu_layers=0, **LOAD)
 
 
 # --- the log parser -------------------------------------------------------------------

@@ -67,7 +67,7 @@ def test_round_trip(plan, model, tmp_path):
 
 
 def test_memory_options_and_calibration_are_typed_until_the_file(plan, model):
-    from hybrid_gguf.planning.speed import Bandwidth
+    from hybrid_gguf.planning.calibration import Bandwidth
 
     _, inv = model
     assert isinstance(plan.memory, mm.MemoryOptions) and plan.memory == mm.MemoryOptions(2048, **OPTS)
@@ -289,7 +289,7 @@ def test_autoplan_says_when_its_speed_prediction_rests_on_default_gpu_figures(mo
 
     from hybrid_gguf.planning.autoplan import plan_model
     from hybrid_gguf.planning.planner import DeviceBudget
-    from hybrid_gguf.planning.speed import Bandwidth, machine_id, save_calibration
+    from hybrid_gguf.planning.calibration import Bandwidth, machine_id, save_calibration
 
     path, _ = model
     monkeypatch.setenv("HYBRID_GGUF_CACHE", str(tmp_path))

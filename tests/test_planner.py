@@ -17,7 +17,9 @@ from hybrid_gguf.header.inventory import read_inventory
 from hybrid_gguf.llama.loader import EXPERT_TENSOR_RE, PlacementRule, TensorPlacement
 from hybrid_gguf.planning.plan import DeviceBudget
 from hybrid_gguf.planning.planner import diff_plans, make_plan
-from hybrid_gguf.planning.speed import Bandwidth, hit_rate, profile_probs
+from hybrid_gguf.planning.calibration import Bandwidth
+from hybrid_gguf.planning.speed import hit_rate
+from hybrid_gguf.routing.stats import profile_probs
 from hybrid_gguf.routing.profile import RoutingProfile
 
 MIB = mm.MIB
@@ -412,7 +414,8 @@ def test_speed_model_directions(tiny_model_factory):
 
 
 def test_calibration_is_measured_once_and_cached(tmp_path):
-    from hybrid_gguf.planning.speed import calibrate_bandwidth, load_calibration, save_calibration
+    from hybrid_gguf.bench.probe import calibrate_bandwidth
+    from hybrid_gguf.planning.calibration import load_calibration, save_calibration
 
     path = tmp_path / "calibration.json"
     bw = calibrate_bandwidth(path=path, n_bytes=16 * 2**20)
@@ -431,7 +434,7 @@ def test_calibration_is_measured_once_and_cached(tmp_path):
 
 
 def test_decode_routing_drives_the_plan_when_the_profile_has_decoded_tokens(tiny_model_factory):
-    from hybrid_gguf.planning.speed import DECODE_PRIOR_TOKENS, decode_probs
+    from hybrid_gguf.routing.stats import DECODE_PRIOR_TOKENS, decode_probs
 
     inv = read_inventory(tiny_model_factory("qwen3moe", n_layer=3, n_expert=16))
     opts = mm.MemoryOptions(1024, **OPTS)

@@ -130,3 +130,57 @@ def test_workload_parsing(tmp_path):
     text = "para one.\n\n" + "word " * 300 + "\n\nlast"
     chunks = chunk_text(text, 200)
     assert "".join(chunks) == text and all(len(c) <= 200 for c in chunks)
+
+
+@pytest.mark.skipif(not ok, reason=why)
+def test_profile_reads_the_header_once(tiny_model_factory, tmp_path, monkeypatch):
+    from hybrid_gguf import model as model_mod
+    from hybrid_gguf.header import inventory as inventory_mod
+
+    path = tiny_model_factory("qwen3moe", n_layer=2)
+    read = []
+
+    def counted(p, *args, **kwargs):
+        read.append(p)
+        return real(p, *args, **kwargs)
+
+    real = inventory_mod.read_inventory
+    monkeypatch.setattr(inventory_mod, "read_inventory", counted)
+    monkeypatch.setattr(model_mod, "read_inventory", counted)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hello there\n")
+    res = invoke(path, "--prompts", prompts, "-n", 3, "--ctx", 128, "--json", "--no-store")
+    assert res.exit_code == 0, res.output
+    assert len(read) == 1
+
+
+@pytest.mark.skipif(not ok, reason=why)
+def test_a_profiling_session_records_every_token_and_stores_nothing(tiny_model_factory, tmp_path, monkeypatch):
+    from hybrid_gguf.model import HybridModel
+
+    monkeypatch.setenv("HYBRID_GGUF_HOME", str(tmp_path))
+    path = tiny_model_factory("qwen3moe", n_layer=2)
+    hm = HybridModel(path, n_ctx=256, n_threads=1, profiling=True, auto_plan=False)
+    res = hm.generate(list(range(3, 20)), max_tokens=100)
+    snap = hm.recorder.snapshot()
+    hm.close()
+    # every generated token but the last was decoded, and each decode was observed
+    decoded = len(res.tokens) - (res.finish_reason == "length")
+    assert decoded > 64 and snap.tokens_decode.tolist() == [decoded, decoded]
+    assert len(snap.trace.token) > 0
+    assert ProfileStore().load(read_inventory(path).fingerprint) is None  # the caller stores it
+
+
+def test_cpu_only_places_nothing_on_a_gpu(tiny_model_factory, monkeypatch):
+    from hybrid_gguf.llama import devices
+    from hybrid_gguf.model import HybridModel
+
+    gpu = devices.Device(index=1, name="CUDA0", description="fake", type="gpu", free_bytes=8 << 30,
+                         total_bytes=8 << 30)
+    monkeypatch.setattr(devices, "gpu_devices", lambda: [gpu])
+    hm = HybridModel(tiny_model_factory("qwen3moe", n_layer=2), n_ctx=128, n_threads=1, record=False,
+                     cpu_only=True)
+    try:
+        assert hm.placement.mode == "cpu" and hm.placement.n_gpu_layers == 0
+    finally:
+        hm.close()

@@ -43,3 +43,25 @@ def test_summarize_is_json_ready():
     assert s["layers"][2]["entropy"] is None
     assert s["layers"][3]["static_hit"]["2"] == 0.8
     assert s["slots"] == [1, 2]
+
+
+def test_selection_probs_rows_sum_to_k_and_shrink_towards_uniform():
+    counts = np.array([[30.0, 10.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    p = rs.selection_probs(counts, np.array([20.0, 0.0]), [2, 2], prior=1.0)
+    np.testing.assert_allclose(p.sum(axis=1), [2.0, 2.0])
+    assert p[0, 0] < 30 / 20 and p[0, 3] > 0  # the prior pulls the counts towards uniform
+    np.testing.assert_allclose(p[1], 0.5)  # a layer without tokens is uniform
+
+
+def test_routing_imports_neither_planning_nor_llama():
+    import ast
+    from pathlib import Path
+
+    root = Path(rs.__file__).parent
+    for path in root.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for name in names:
+                assert not name.startswith(("hybrid_gguf.planning", "hybrid_gguf.llama", "hybrid_gguf.bench",
+                                            "llama_cpp")), f"{path.name} imports {name}"

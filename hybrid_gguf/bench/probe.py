@@ -1,4 +1,6 @@
-"""The GPU side of the decode model, measured once per machine on three generated models.
+"""This machine's calibration constants, measured: the CPU side in about a second (a
+streaming read and a matmul, no model; `calibrate_bandwidth`), the GPU side once per machine
+on three generated models (`probe_gpu`).
 
 A decode step on the GPU costs the bytes it reads over the GPU's bandwidth plus fixed
 times: one per step (launch, sync, logits) and one per layer (kernel launches and small
@@ -15,7 +17,9 @@ mispredicts another: fitted on a 48-layer Qwen3-30B-shaped model, one GPU rate p
 
 from __future__ import annotations
 
+import os
 import statistics
+import time
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,6 +28,8 @@ from typing import Callable, Mapping, Optional
 import numpy as np
 
 from hybrid_gguf.errors import HybridError
+from hybrid_gguf.planning.calibration import (Bandwidth, MeasuredRun, fit_decode, load_calibration, machine_id,
+                                              run_terms, save_calibration)
 
 _SMALL_LAYER = dict(n_embd=1024, n_head=16, n_head_kv=4, head_dim=64, n_expert=32, n_expert_used=8, n_ff_exp=256)
 # (bench preset, overrides): per decode step "deep" and "tiny" read ~6 MB per layer, "wide" ~240 MB
@@ -59,7 +65,6 @@ def ensure_probe_model(name: str, cache_dir: Optional[Path] = None,
 def measure_probe(path: Path, n_gen: int = 64, reps: int = 3, n_threads: Optional[int] = None,
                   pack_device: str = "CUDA0"):
     """RunTerms of one model decoded with everything on the GPU (median of reps)."""
-    from hybrid_gguf.planning import speed as predict
     from hybrid_gguf.bench.runner import Config, load_config, measure_once
     from hybrid_gguf.header.inventory import read_inventory
     from hybrid_gguf.synth import VOCAB_SIZE
@@ -77,8 +82,8 @@ def measure_probe(path: Path, n_gen: int = 64, reps: int = 3, n_threads: Optiona
     pp = statistics.median(r[0] for r in runs)
     tg = statistics.median(r[1] for r in runs)
     every = {l.index: list(range(l.n_expert)) for l in inv.layers if l.is_moe}
-    run = predict.MeasuredRun(every, tg, pp, PROBE_PROMPT, PROBE_PROMPT + n_gen // 2)
-    return predict.run_terms(inv, None, run, n_ctx)
+    run = MeasuredRun(every, tg, pp, PROBE_PROMPT, PROBE_PROMPT + n_gen // 2)
+    return run_terms(inv, None, run, n_ctx)
 
 
 def probe_gpu(cache_dir: Optional[Path] = None, n_gen: int = 64, reps: int = 3,
@@ -88,7 +93,6 @@ def probe_gpu(cache_dir: Optional[Path] = None, n_gen: int = 64, reps: int = 3,
     save) store them in this machine's calibration. Returns what was measured and fitted.
     The models (4.2 GB) are deleted afterwards unless keep_models: writing them again takes
     seconds, and the probe runs once per machine."""
-    from hybrid_gguf.planning import speed as predict
     from hybrid_gguf.llama.devices import gpu_devices
 
     if not gpu_devices():
@@ -104,8 +108,8 @@ def probe_gpu(cache_dir: Optional[Path] = None, n_gen: int = 64, reps: int = 3,
         t = terms[name]
         log(f"probe {name}: {t.gpu_layers:.0f} layers, {t.gpu_bytes / 1e9:.3f} GB read per token, "
             f"decode {t.decode_tokens_per_s:.1f} tok/s")
-    before = predict.calibrate_bandwidth()
-    fitted = predict.fit_decode(list(terms.values()), before)
+    before = calibrate_bandwidth()
+    fitted = fit_decode(list(terms.values()), before)
     if not fitted.get("gpu_layer_s") or not fitted.get("gpu_step_s"):
         raise HybridError("the probe runs did not separate the GPU's bandwidth from its fixed times "
                           f"(decode {', '.join(f'{n} {t.decode_tokens_per_s:.1f}' for n, t in terms.items())} "
@@ -117,6 +121,59 @@ def probe_gpu(cache_dir: Optional[Path] = None, n_gen: int = 64, reps: int = 3,
     log(f"GPU: {bw.gpu_bytes_per_s / 1e9:.0f} GB/s, {1e6 * bw.gpu_layer_s:.1f} us per layer and "
         f"{1e6 * bw.gpu_step_s:.0f} us per decode step")
     if save:
-        predict.save_calibration(bw)
+        save_calibration(bw)
     return {"gpu_bytes_per_s": bw.gpu_bytes_per_s, "gpu_layer_s": bw.gpu_layer_s, "gpu_step_s": bw.gpu_step_s,
             "probes": {n: t.to_dict() for n, t in terms.items()}, "calibration_saved": save}
+
+
+# --- the CPU side: seconds, no model ------------------------------------------------------
+
+
+def measure_cpu_read(n_bytes: int = 256 * 2**20, repeats: int = 5, threads: Optional[int] = None) -> float:
+    """Bytes/s of a multi-threaded streaming read (numpy reductions release the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = threads or os.cpu_count() or 1
+    a = np.ones(max(n_bytes // 8, threads), dtype=np.int64)
+    chunks = np.array_split(a, threads)
+    best = float("inf")
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(np.add.reduce, chunks))  # fault the pages in first
+        for _ in range(repeats):
+            t = time.perf_counter()
+            list(pool.map(np.add.reduce, chunks))
+            best = min(best, time.perf_counter() - t)
+    return a.nbytes / best
+
+
+def measure_cpu_flops(n: int = 1024, repeats: int = 3) -> float:
+    x = np.ones((n, n), dtype=np.float32)
+    x @ x
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x @ x
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * n**3 / best
+
+
+def calibrate_bandwidth(force: bool = False, path: Optional[Path] = None,
+                        n_bytes: int = 256 * 2**20) -> Bandwidth:
+    """This machine's Bandwidth: the cached entry, or a short measurement (~1 s) of CPU
+    read bandwidth and matmul throughput, stored for next time. GPU fields stay at their
+    defaults until someone measures them and calls save_calibration."""
+    if not force:
+        cached = load_calibration(path)
+        if cached is not None:
+            return cached
+    prev = load_calibration(path)
+    base = prev if prev is not None else Bandwidth()
+    measured = set(base.measured) | {"cpu_bytes_per_s", "cpu_flops"}
+    bw = replace(base, cpu_bytes_per_s=measure_cpu_read(n_bytes), cpu_flops=measure_cpu_flops(),
+                 measured=tuple(sorted(measured)), machine=machine_id(),
+                 measured_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+    try:
+        save_calibration(bw, path)
+    except OSError:
+        pass  # a read-only home still gets the numbers for this run
+    return bw

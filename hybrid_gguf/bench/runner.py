@@ -121,22 +121,18 @@ def plan_configs(model_path: Path, inv: Inventory, profile, devices: list, n_ctx
     return configs
 
 
-def load_config(path: Path, inv: Inventory, cfg: Config, n_ctx: int, n_batch: int, recorder,
+def load_config(path: Path, inv: Inventory, cfg: Config, n_ctx: int, n_batch: int, record,
                 pack_device: str, n_threads: Optional[int], stream: int = routing_process.STREAM_MEASURED,
                 routing: Optional[str] = None):
+    """`cfg` loaded (`record`: a recorder.Recording, or None)."""
     from hybrid_gguf.llama.loader import load_llama
 
     kwargs = dict(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_gpu_layers=cfg.n_gpu_layers, use_mmap=False,
                   verbose=False, seed=0)
     if n_threads:
         kwargs.update(n_threads=n_threads, n_threads_batch=n_threads)
-    if recorder is not None:
-        kwargs["context_patch"] = recorder.attach()
-    kwargs["route_trace"] = routing_process.model_trace(inv, n_ctx, stream, routing)
-    if cfg.hot:
-        with hybrid_backend.pending_plan(hybrid_backend.plan_text(cfg.hot, pack_device)):
-            return load_llama(path, cfg.placement, inventory=inv, **kwargs)
-    return load_llama(path, cfg.placement, inventory=inv, **kwargs)
+    return load_llama(path, cfg.placement, hot=cfg.hot or None, pack_device=pack_device, record=record,
+                      route_trace=routing_process.model_trace(inv, n_ctx, stream, routing), inventory=inv, **kwargs)
 
 
 def measure_once(llm, prompt: Sequence[int], decode: Sequence[int], recorder) -> tuple[float, float, Optional[np.ndarray]]:
@@ -231,7 +227,7 @@ def run_bench(model_path: Path, *, budget_bytes: Optional[int], profile_prompts:
     (routing_process.PRESETS) replayed instead of the model's own.
     `on_progress(more_steps, steps_done)`: first the number of timed reps ahead, then each rep."""
     from hybrid_gguf.llama.devices import gpu_devices
-    from hybrid_gguf.llama.recorder import RoutingRecorder
+    from hybrid_gguf.llama.recorder import Recording
     from hybrid_gguf.planning.autoplan import detect_devices
     from hybrid_gguf.planning.budget import expert_share
     from hybrid_gguf.routing.profile import RoutingProfile
@@ -241,9 +237,6 @@ def run_bench(model_path: Path, *, budget_bytes: Optional[int], profile_prompts:
     if inv.n_expert == 0:
         raise HybridError("bench needs a MoE model; this one has no routed experts")
     gpus = gpu_devices()
-
-    def new_recorder(trace_capacity=0):
-        return RoutingRecorder(inv.n_layer, inv.n_expert, inv.n_expert_used, trace_capacity=trace_capacity)
 
     prompt = list(eval_prompt)[:n_prompt]
     decode = list(eval_prompt)[n_prompt:n_prompt + n_gen]
@@ -255,26 +248,24 @@ def run_bench(model_path: Path, *, budget_bytes: Optional[int], profile_prompts:
     if profile is None or eval_counts is None or eval_trace is None:
         # one recorded load: the profile workload, then the timed workload's routing, so the
         # timed loads below run without a recorder (its syncs would slow every placement)
-        rec = new_recorder(trace_capacity=max(n_gen, 1) * inv.n_layer)
+        record = Recording(trace_records=max(n_gen, 1) * inv.n_layer)
         routed = routing_process.model_routing(inv, routing) is not None
-        loaded = load_config(model_path, inv, Config("profile", _cpu_moe()), n_ctx, 512, rec,
+        loaded = load_config(model_path, inv, Config("profile", _cpu_moe()), n_ctx, 512, record,
                              pack_device, n_threads, routing_process.STREAM_PROFILE, routing)
         for p in profile_prompts:
             loaded.llm.reset()
             loaded.llm.eval(list(p))
         # the profile the planner sees, as `profile` would record it
-        profile = RoutingProfile.from_snapshot(rec.snapshot(trace=False), inv.fingerprint, inv.arch, "bench")
+        profile = RoutingProfile.from_snapshot(loaded.recorder.snapshot(trace=False), inv.fingerprint, inv.arch, "bench")
         if routed:
             # a routing preset maps positions to routing: the timed text needs its own stream,
             # or the profile would know the timed tokens' routing in advance
-            loaded.llm.close()
-            rec.reset()
-            loaded = load_config(model_path, inv, Config("profile", _cpu_moe()), n_ctx, 512, rec,
+            loaded.close()
+            loaded = load_config(model_path, inv, Config("profile", _cpu_moe()), n_ctx, 512, record,
                                  pack_device, n_threads, routing=routing)
-        _, _, eval_counts = measure_once(loaded.llm, prompt, decode, rec)
-        eval_trace = rec.snapshot(trace=True).trace
-        loaded.llm.close()
-        rec.close()
+        _, _, eval_counts = measure_once(loaded.llm, prompt, decode, loaded.recorder)
+        eval_trace = loaded.recorder.snapshot(trace=True).trace
+        loaded.close()
         log(f"profiled {int(np.mean(profile.tokens_per_layer))} tokens")
 
     devices, budget_notes = detect_devices(budget_bytes)  # the budget rule, applied once
@@ -355,38 +346,41 @@ def predict_configs(inv: Inventory, profile, cfgs: Sequence[Config], results: Se
     The fit takes each placement's busy hand-offs from the timed workload's routing trace
     when there is one (what happened), not from the profile's estimate (what `plan` can
     know); both are reported, with each placement's model terms for later refits."""
-    from hybrid_gguf.planning import speed as predict
+    from hybrid_gguf.bench.probe import calibrate_bandwidth
+    from hybrid_gguf.planning import calibration
+    from hybrid_gguf.planning.speed import hit_rate, predict_speed
+    from hybrid_gguf.routing.stats import decode_probs
 
-    p = predict.decode_probs(profile, inv)  # what the planner predicts from
-    stored = predict.calibrate_bandwidth()
+    p = decode_probs(profile, inv)  # what the planner predicts from
+    stored = calibrate_bandwidth()
     before = stored.for_model(inv.fingerprint)
     runs, terms = {}, {}
     for cfg, res in zip(cfgs, results):
         s = res.summary()
         if res.error is None and s["tg_median_ts"] > 0:
             gpu = cfg.gpu_experts
-            run = predict.MeasuredRun(gpu, s["tg_median_ts"], s["pp_median_ts"], n_prompt, n_prompt + n_gen // 2)
+            run = calibration.MeasuredRun(gpu, s["tg_median_ts"], s["pp_median_ts"], n_prompt, n_prompt + n_gen // 2)
             runs[cfg.name] = (cfg, run)
-            t = predict.run_terms(inv, p, run, n_ctx)
+            t = calibration.run_terms(inv, p, run, n_ctx)
             host_layers = [l.index for l in inv.layers
                            if l.is_moe and len(set(gpu.get(l.index, ()))) < l.n_expert]
             traced = busy_handoffs(eval_trace, gpu, host_layers, inv.n_expert)
             terms[cfg.name] = (t, traced)
     fit_terms = [t if traced is None else replace(t, handoffs_busy=traced, handoffs_idle=t.handoffs - traced)
                  for t, traced in terms.values()] if on_gpu else []
-    saved = predict.fit_bandwidth_terms(fit_terms, stored, inv.fingerprint) if fit_terms else stored
+    saved = calibration.fit_bandwidth_terms(fit_terms, stored, inv.fingerprint) if fit_terms else stored
     fitted = saved.for_model(inv.fingerprint)
     roof = replace(fitted, handoff_s=0.0, handoff_idle_s=0.0)
     table = {}
     for name, (cfg, run) in runs.items():
         t, traced = terms[name]
         row = {"measured_decode_ts": run.decode_tokens_per_s, "measured_prefill_ts": run.prefill_tokens_per_s,
-               "predicted_hit_rate": predict.hit_rate(p, cfg.gpu_experts),
+               "predicted_hit_rate": hit_rate(p, cfg.gpu_experts),
                "busy_handoffs_estimated": t.handoffs_busy, "busy_handoffs_traced": traced,
                "terms": t.to_dict()}
         for key, bw in (("predicted", before), ("fitted", fitted), ("roofline", roof)):
-            sp = predict.predict_speed(inv, p, cfg.gpu_experts if on_gpu else {}, on_gpu, bw, n_ctx,
-                                       n_ubatch=n_prompt, kv_fill=run.kv_fill)
+            sp = predict_speed(inv, p, cfg.gpu_experts if on_gpu else {}, on_gpu, bw, n_ctx,
+                               n_ubatch=n_prompt, kv_fill=run.kv_fill)
             row[f"{key}_decode_ts"] = sp.decode_tokens_per_s
             if key != "roofline":
                 row[f"{key}_prefill_ts"] = sp.prefill_tokens_per_s
@@ -398,7 +392,7 @@ def predict_configs(inv: Inventory, profile, cfgs: Sequence[Config], results: Se
             f"roofline {row['roofline_decode_ts']:7.2f} t/s; busy hand-offs {t.handoffs_busy:.1f} estimated"
             + ("" if traced is None else f", {traced:.1f} traced"))
     if save and fit_terms:
-        predict.save_calibration(saved)
+        calibration.save_calibration(saved)
     return {"calibration_before": before.to_dict(), "calibration_fitted": fitted.to_dict(),
             "calibration_saved": bool(save and fit_terms), "configs": table,
             "gpu_experts": {name: {str(l): list(map(int, es)) for l, es in cfg.gpu_experts.items()}
@@ -444,7 +438,8 @@ def refit_across_budgets(outs: Sequence[dict], save: bool = True,
     """One decode fit over the placements of several `run_bench` results (budgets) of one
     model: per-expert runs at different budgets are what tell busy from idle hand-offs.
     Returns the fitted calibration and each run's fitted decode next to its measurement."""
-    from hybrid_gguf.planning import speed as predict
+    from hybrid_gguf.bench.probe import calibrate_bandwidth
+    from hybrid_gguf.planning import calibration
 
     rows = []
     fingerprints = {out.get("fingerprint") for out in outs}
@@ -452,13 +447,13 @@ def refit_across_budgets(outs: Sequence[dict], save: bool = True,
     for out in outs:
         share = out.get("budget_share_of_experts", 0.0)
         for name, row in out.get("prediction", {}).get("configs", {}).items():
-            t = predict.RunTerms.from_dict(row["terms"])
+            t = calibration.RunTerms.from_dict(row["terms"])
             traced = row.get("busy_handoffs_traced")
             if traced is not None:
                 t = replace(t, handoffs_busy=traced, handoffs_idle=t.handoffs - traced)
             rows.append((f"{name} @ {100 * share:.0f}%", t))
-    stored = predict.calibrate_bandwidth()
-    saved = predict.fit_bandwidth_terms([t for _, t in rows], stored, fingerprint)
+    stored = calibrate_bandwidth()
+    saved = calibration.fit_bandwidth_terms([t for _, t in rows], stored, fingerprint)
     fitted = saved.for_model(fingerprint)
     table = {}
     log(f"one fit over {len(outs)} budgets: gpu {fitted.gpu_bytes_per_s / 1e9:.0f} GB/s, "
@@ -471,7 +466,7 @@ def refit_across_budgets(outs: Sequence[dict], save: bool = True,
         log(f"  {label:22s} measured {t.decode_tokens_per_s:7.2f}  fitted {pred:7.2f}  "
             f"({100 * (pred / t.decode_tokens_per_s - 1):+.1f}%)")
     if save and rows:
-        predict.save_calibration(saved)
+        calibration.save_calibration(saved)
     return {"calibration_fitted": fitted.to_dict(), "calibration_saved": bool(save and rows), "runs": table}
 
 

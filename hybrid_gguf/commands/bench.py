@@ -159,8 +159,7 @@ def _maybe_probe(force: bool, refused: bool, no_calibrate: bool, threads: Option
     """The GPU probe's result when it runs: on request, or with a GPU whose calibration has
     no measured fixed times yet (the fit of one model cannot measure them)."""
     from hybrid_gguf.llama.devices import gpu_devices
-    from hybrid_gguf.bench.probe import probe_gpu
-    from hybrid_gguf.planning.speed import calibrate_bandwidth
+    from hybrid_gguf.bench.probe import calibrate_bandwidth, probe_gpu
 
     if not force and (refused or no_calibrate or not gpu_devices()
                       or {"gpu_layer_s", "gpu_step_s"} <= set(calibrate_bandwidth().measured)):

@@ -68,7 +68,7 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
 
         from hybrid_gguf.planning.autoplan import plan_model
-        from hybrid_gguf.planning.speed import Bandwidth
+        from hybrid_gguf.planning.calibration import Bandwidth
         from hybrid_gguf.sizes import parse_size
 
         from hybrid_gguf.limits import check_batch, check_ctx

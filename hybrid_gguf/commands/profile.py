@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -19,9 +18,6 @@ import typer
 
 from hybrid_gguf.errors import HybridError
 from hybrid_gguf.commands.common import ctx_option, model_argument, model_option, resolve, threads_option
-
-# per-token routing records kept for routing_stats (one per token and layer; older ones drop)
-TRACE_RECORDS = 1 << 19
 
 
 class ProfileInterrupted(KeyboardInterrupt):
@@ -32,129 +28,73 @@ class ProfileInterrupted(KeyboardInterrupt):
         self.snapshot = snapshot
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    path: Path
-    fingerprint: str
-    arch: str
-    n_layer: int
-    n_expert: int
-    n_expert_used: int
-
-
-def model_info(path: Path) -> ModelInfo:
-    from hybrid_gguf.header.inventory import read_inventory
-
-    inv = read_inventory(path)
-    return ModelInfo(Path(path), inv.fingerprint, inv.arch, inv.n_layer,
-                     inv.n_expert or 0, inv.n_expert_used or 0)
-
-
-def build_llama(path: Path, recorder, n_ctx: int, n_threads: Optional[int] = None, seed: int = 0,
-                cpu_only: bool = False):
-    """The profiled model: on a machine with a GPU, as many whole layers there as free VRAM
-    holds (routing does not depend on placement; the GPU makes profiling fast), else all on
-    the CPU. Returns (llm, where the weights are, in words)."""
-    from hybrid_gguf.llama.devices import gpu_devices
-    from hybrid_gguf.header.inventory import read_inventory
-    from hybrid_gguf.planning.budget import usable_budget
-    from hybrid_gguf.llama.loader import load_llama
-    from hybrid_gguf.planning.plan import DeviceBudget
-    from hybrid_gguf.planning.planner import make_plan
-    from hybrid_gguf.routing.process import STREAM_PROFILE, model_trace
-
-    kwargs = {"n_threads": n_threads, "n_threads_batch": n_threads} if n_threads else {}
-    inv = read_inventory(path)
-    gpus = [] if cpu_only else gpu_devices()
-    placement, where = None, "all weights on the CPU"
-    if gpus:
-        budget, _ = usable_budget(None, gpus[0].free_bytes)
-        plan = make_plan(inv, budget, n_ctx, devices=[DeviceBudget(gpus[0].name, budget)])  # no profile: whole layers
-        if plan.n_gpu_layers != 0:
-            placement = plan.placement()
-            n_host = sum(1 for l in inv.layers if l.is_moe) - len(plan.whole_layers(inv))
-            where = ("everything on the GPU" if not plan.rules else
-                     f"experts of the first {n_host} MoE layers on the CPU, the rest on the GPU")
-    if placement is None:
-        kwargs["n_gpu_layers"] = 0
-    loaded = load_llama(path, placement, context_patch=recorder.attach(), n_ctx=n_ctx, seed=seed,
-                        verbose=False, inventory=inv, route_trace=model_trace(inv, n_ctx, STREAM_PROFILE),
-                        **kwargs)
-    llm = loaded.llm
-    llm._hybrid_gguf_recorder = recorder  # the C callback points at it: keep it alive
-    return llm, where
-
-
-def run_prompt(llm, text: str, n_predict: int, temp: float = 0.0) -> tuple[int, int]:
-    """Prefill `text`, then decode up to n_predict tokens (greedy at temp 0); (prompt, generated)."""
+def run_prompt(hm, text: str, n_predict: int, temp: float = 0.0) -> tuple[int, int]:
+    """Prefill `text` (cut to leave room), then decode up to n_predict tokens (greedy at
+    temp 0); (prompt tokens, decode steps)."""
     from hybrid_gguf.limits import context_size
 
-    n_ctx = context_size(llm)  # what llama-cpp-python allocated, not llama.cpp's padded size
+    n_ctx = context_size(hm.llm)  # what llama-cpp-python allocated, not llama.cpp's padded size
     room = n_ctx - n_predict - 1
     if room < 1:
         raise HybridError(f"--ctx {n_ctx} leaves no room for a prompt with -n {n_predict}")
-    tokens = llm.tokenize(text.encode("utf-8"), add_bos=True)[:room]
-    llm.reset()
-    llm.eval(tokens)
-    eos = llm.token_eos()
-    generated = 0
-    for _ in range(n_predict):
-        tok = llm.sample(temp=temp)
-        if tok == eos:
-            break
-        llm.eval([tok])
-        generated += 1
-    return len(tokens), generated
+    tokens = hm.tokenize(text)[:room]
+    # a generation evaluates every token it returns but the last: one more token is asked
+    # for, so n_predict decode steps are recorded
+    res = hm.generate(tokens, max_tokens=n_predict + 1, temperature=temp)
+    return len(tokens), min(len(res.tokens), n_predict)
 
 
-def profile_model(info: ModelInfo, workload, n_predict: int, n_ctx: int,
+def profile_model(inv, workload, n_predict: int, n_ctx: int,
                   n_threads: Optional[int] = None,
                   on_prompt: Optional[Callable[[int, int, int], None]] = None,
                   temp: float = 0.0, seed: int = 0, cpu_only: bool = False,
                   on_load: Optional[Callable[[str], None]] = None):
-    """Run the workload with a fresh recorder; returns the RoutingSnapshot. Ctrl-C raises
-    ProfileInterrupted with the snapshot of what was recorded so far."""
-    from hybrid_gguf.llama.recorder import RoutingRecorder
+    """Run the workload in a profiling session of the model (as many whole layers on a GPU
+    as its free memory holds: routing does not depend on placement, the GPU makes profiling
+    fast); returns the RoutingSnapshot. Ctrl-C raises ProfileInterrupted with the snapshot
+    of what was recorded so far."""
+    from hybrid_gguf.model import HybridModel
 
-    # the per-token trace feeds adjacent overlap and the cache replays of routing_stats
-    recorder = RoutingRecorder(info.n_layer, info.n_expert, info.n_expert_used,
-                               trace_capacity=TRACE_RECORDS)
-    llm, where = build_llama(info.path, recorder, n_ctx, n_threads, seed, cpu_only)
+    hm = HybridModel(inv.path, n_ctx=n_ctx, n_threads=n_threads, seed=seed, auto_plan=False,
+                     cpu_only=cpu_only, profiling=True, inventory=inv)
+    if hm.recorder is None:
+        hm.close()
+        raise HybridError(hm.recorder_notice or "routing recording is off")
     if on_load:
-        on_load(where)
+        on_load(hm.placement.description)
     try:
         for prompt in workload.prompts:
-            n_in, n_out = run_prompt(llm, prompt.text, n_predict, temp)
+            n_in, n_out = run_prompt(hm, prompt.text, n_predict, temp)
             if on_prompt:
                 on_prompt(1, n_in, n_out)
-        return recorder.snapshot(trace=True)
+        return hm.recorder.snapshot(trace=True)
     except KeyboardInterrupt:
-        raise ProfileInterrupted(recorder.snapshot(trace=False)) from None
+        raise ProfileInterrupted(hm.recorder.snapshot(trace=False)) from None
     finally:
-        llm.close()
+        hm.close()
 
 
-def snapshot_ids(info: "ModelInfo", snap):
+def snapshot_ids(inv, snap):
     """The snapshot's trace as [n_tokens, n_layer, k] expert ids (-1: not routed), or None."""
     from hybrid_gguf.routing.replay import trace_from_routing
 
     if snap.trace is None or len(snap.trace.token) == 0:
         return None
-    return trace_from_routing(snap.trace, info.n_layer, info.n_expert).ids
+    return trace_from_routing(snap.trace, inv.n_layer, inv.n_expert).ids
 
 
 # -- output -------------------------------------------------------------------
 
 
-def profile_json(info: ModelInfo, snap, summary: dict, label: str, n_prompts: int,
+def profile_json(inv, snap, summary: dict, label: str, n_prompts: int,
                  stored: Optional[Path], stored_sessions: Optional[int], stats: dict) -> dict:
     return {
-        "model": str(info.path),
-        "fingerprint": info.fingerprint,
-        "arch": info.arch,
-        "n_layer": info.n_layer,
-        "n_expert": info.n_expert,
-        "n_expert_used": info.n_expert_used,
+        "model": str(inv.path),
+        "fingerprint": inv.fingerprint,
+        "arch": inv.arch,
+        "n_layer": inv.n_layer,
+        "n_expert": inv.n_expert,
+        "n_expert_used": inv.n_expert_used,
         "label": label,
         "prompts": n_prompts,
         "counts": snap.counts.tolist(),
@@ -170,12 +110,12 @@ def profile_json(info: ModelInfo, snap, summary: dict, label: str, n_prompts: in
     }
 
 
-def print_summary(console, info: ModelInfo, summary: dict, top_k: int = 4) -> None:
+def print_summary(console, inv, summary: dict, top_k: int = 4) -> None:
     from hybrid_gguf.tables import new_table
 
     slots = summary["slots"]
-    console.print(f"routing: {info.path.name} ({info.n_layer} layers, {info.n_expert} experts, "
-                  f"top-{info.n_expert_used})", soft_wrap=True, highlight=False)
+    console.print(f"routing: {Path(inv.path).name} ({inv.n_layer} layers, {inv.n_expert} experts, "
+                  f"top-{inv.n_expert_used})", soft_wrap=True, highlight=False)
     table = new_table(console)
     # the numbers keep their width; only the top-experts list is cut short at 80 columns
     for col in ("layer", "tokens", "entropy", "n50", "n90", *(f"hit@{s}" for s in slots)):
@@ -277,7 +217,7 @@ def draw_heatmap(path: Path, counts, title: str) -> Path:
 # -- command --------------------------------------------------------------------
 
 
-def _store_interrupted(err, info: ModelInfo, snap, label: str, store: Optional[Path], no_store: bool,
+def _store_interrupted(err, inv, snap, label: str, store: Optional[Path], no_store: bool,
                        decay: float) -> None:
     """Ctrl-C: merge the prompts profiled so far into the store (a second Ctrl-C skips it;
     the store's writes are atomic, so the profile stays as it was)."""
@@ -289,7 +229,7 @@ def _store_interrupted(err, info: ModelInfo, snap, label: str, store: Optional[P
         return
     try:
         merged = ProfileStore(store).merge_session(
-            RoutingProfile.from_snapshot(snap, info.fingerprint, info.arch, label), decay=decay)
+            RoutingProfile.from_snapshot(snap, inv.fingerprint, inv.arch, label), decay=decay)
     except KeyboardInterrupt:
         err.print("interrupted twice: nothing stored")
         return
@@ -366,14 +306,13 @@ def register(app: typer.Typer) -> None:
             except ValueError:
                 raise HybridError(f"--slots wants integers like 8,32, got {slots!r}") from None
         workload = select_workload(prompts, text, chunk_chars)
-        info = model_info(model)
-        if ctx is None:
-            from hybrid_gguf.header.inventory import read_inventory
-            from hybrid_gguf.limits import default_ctx
+        from hybrid_gguf.header.inventory import read_inventory
+        from hybrid_gguf.limits import default_ctx
 
-            ctx = default_ctx(read_inventory(model))
-        if info.n_expert <= 0 or info.n_expert_used <= 0:
-            msg = f"{model.name} has no experts ({info.arch or 'dense'} model): nothing to record"
+        inv = read_inventory(model)
+        ctx = default_ctx(inv, ctx)
+        if inv.n_expert <= 0 or inv.n_expert_used <= 0:
+            msg = f"{model.name} has no experts ({inv.arch or 'dense'} model): nothing to record"
             if as_json:
                 print(json.dumps({"model": str(model), "n_expert": 0, "message": msg}))
             else:
@@ -400,38 +339,38 @@ def register(app: typer.Typer) -> None:
                     progress.update(task, advance=n,
                                     tok=f"{tokens[0]} prompt + {tokens[1]} generated tokens")
 
-                snap = profile_model(info, workload, n_predict, ctx, threads, on_prompt, temp, seed,
+                snap = profile_model(inv, workload, n_predict, ctx, threads, on_prompt, temp, seed,
                                      cpu_only, on_load=lambda where: err.print(f"[dim]profiling with {where}[/]"))
         except ProfileInterrupted as stop:
-            _store_interrupted(err, info, stop.snapshot, run_label, store, no_store, decay)
+            _store_interrupted(err, inv, stop.snapshot, run_label, store, no_store, decay)
             raise typer.Exit(130)
         elapsed = time.monotonic() - t0
 
-        session = RoutingProfile.from_snapshot(snap, info.fingerprint, info.arch, run_label)
+        session = RoutingProfile.from_snapshot(snap, inv.fingerprint, inv.arch, run_label)
         stored_path, stored_sessions = None, None
         if not no_store:
             st = ProfileStore(store)
             merged = st.merge_session(session, decay=decay)
-            stored_path, stored_sessions = st.path_for(info.fingerprint), merged.sessions
+            stored_path, stored_sessions = st.path_for(inv.fingerprint), merged.sessions
         if out is not None:
             session.save(out)
         summary = routing_stats.summarize(snap.counts, snap.tokens_per_layer,
-                                          info.n_expert_used, slot_list)
-        ids = snapshot_ids(info, snap)
+                                          inv.n_expert_used, slot_list)
+        ids = snapshot_ids(inv, snap)
         stats = routing_stats.workload_stats(snap.counts, ids)
         if trace_out is not None and ids is not None:
             from hybrid_gguf.routing.replay import Trace, save_trace
 
-            save_trace(trace_out, Trace(ids, info.n_expert))
+            save_trace(trace_out, Trace(ids, inv.n_expert))
         if heatmap is not None:
             heatmap = draw_heatmap(heatmap, snap.counts, f"{model.name}: {run_label}, "
                                                f"{tokens[0] + tokens[1]} tokens")
         if as_json:
-            print(json.dumps(profile_json(info, snap, summary, run_label,
+            print(json.dumps(profile_json(inv, snap, summary, run_label,
                                           len(workload.prompts), stored_path,
                                           stored_sessions, stats)))
             return
-        print_summary(console, info, summary)
+        print_summary(console, inv, summary)
         print_routing_stats(console, stats)
         console.print(f"{len(workload.prompts)} prompts, {tokens[0]} prompt + {tokens[1]} "
                       f"generated tokens in {elapsed:.1f} s")

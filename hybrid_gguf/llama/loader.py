@@ -1,4 +1,8 @@
-"""Whole-tensor placement on stock llama.cpp through `tensor_buft_overrides`.
+"""Loading llama.cpp with a placement: `load_llama` is the package's one way in. It applies
+both parts of a placement (whole-tensor rules, and the per-expert hot set handed to the
+hybrid patch), a bench model's routing trace, and the routing recorder.
+
+Whole-tensor placement works on stock llama.cpp through `tensor_buft_overrides`.
 
 A placement is an ordered list of (regex, target) rules. llama.cpp runs
 `std::regex_search(rule, tensor_name)` for every tensor and the first match wins;
@@ -9,10 +13,11 @@ device name ("CPU", "CUDA0", or "GPU" for the first GPU) or a buffer-type name
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 from hybrid_gguf.errors import HybridError
 
@@ -205,30 +210,45 @@ class LoadedLlama:
     placement: Optional[TensorPlacement]
     buffers: Any  # llama_log.BufferReport
     log: list = field(default_factory=list)
+    hot: dict = field(default_factory=dict)  # {layer: [expert, ...]} the patch packed
+    recorder: Any = None  # the RoutingRecorder on the context, when recording
+    decode_sampler: Any = None  # its DecodeSampler, when it observes some decoded tokens only
+
+    def close(self) -> None:
+        """Free the context, then the recorder its callback points at."""
+        self.llm.close()
+        if self.recorder is not None:
+            self.recorder.close()
 
 
-def load_llama(model_path, placement: Optional[TensorPlacement] = None,
-               model_patch: Optional[Callable[[Any], None]] = None,
-               allow_extra_bufts: bool = False, inventory=None, route_trace=None, **llama_kwargs) -> LoadedLlama:
+def load_llama(model_path, placement: Optional[TensorPlacement] = None, *,
+               hot: Optional[Mapping[int, Sequence[int]]] = None, pack_device: Optional[str] = None,
+               cold_on_gpu: bool = False, record=None, route_trace=None, model_patch: Optional[Callable[[Any], None]] = None,
+               allow_extra_bufts: bool = False, inventory=None, **llama_kwargs) -> LoadedLlama:
     """Construct a Llama with a placement and report where llama.cpp put the buffers.
 
+    The placement comes in two parts: `placement`, the whole-tensor rules (and n_gpu_layers),
+    and `hot` ({layer: [expert, ...]}), the experts the hybrid patch copies into hot packs on
+    `pack_device` (None or "GPU": the first GPU), handed to it for this load only.
+    `cold_on_gpu`: that GPU also computes the cold experts, reading them from pinned host
+    memory (hybrid.plan_text), instead of a CPU hand-off per split layer.
+    `record` (recorder.Recording): attach a routing recorder to the context; it is
+    LoadedLlama.recorder, freed by LoadedLlama.close(). Without it, a `context_patch`
+    keyword may set the context's cb_eval instead.
+    `route_trace` ([n_rows, n_layer, n_used] expert ids): a bench model's routing, replayed
+    by token position instead of the router's choice (routing_process.model_trace).
     `model_patch` (optional) runs after the placement patch, for other raw params.
     Thread counts, context and batch sizes are checked first (limits.check_llama_kwargs;
     with `inventory`, the context's memory too), so llama.cpp never sees absurd ones.
-    `route_trace` ([n_rows, n_layer, n_used] expert ids): a bench model's routing, replayed
-    by token position instead of the router's choice (routing_process.model_trace).
     llama.cpp's load failure (ValueError) becomes a HybridError carrying its last error line.
     """
-    if route_trace is not None:
-        from hybrid_gguf.llama.hybrid import pending_route_trace
-
-        with pending_route_trace(route_trace):
-            return load_llama(model_path, placement, model_patch, allow_extra_bufts, inventory, **llama_kwargs)
     from hybrid_gguf.limits import check_llama_kwargs
+    from hybrid_gguf.llama import hybrid
     from hybrid_gguf.llama.hooks import construct_llama
     from hybrid_gguf.llama.log import capture_llama_log, install_abort_handler
 
     check_llama_kwargs(llama_kwargs, inventory)
+    hot = {int(l): [int(e) for e in es] for l, es in (hot or {}).items() if len(es)}
 
     place_patch = model_patch_for(placement, allow_extra_bufts) if placement is not None else None
 
@@ -242,16 +262,62 @@ def load_llama(model_path, placement: Optional[TensorPlacement] = None,
     if placement is not None:
         for key, value in llama_kwargs_for(placement).items():
             kwargs.setdefault(key, value)  # an explicit caller argument wins
+    recorder = _new_recorder(model_path, inventory, record) if record is not None else None
+    if recorder is not None:
+        if "context_patch" in kwargs:
+            recorder.close()
+            raise HybridError("a recorder and a context_patch both want the context's cb_eval; pass one")
+        kwargs["context_patch"] = recorder.attach()
     install_abort_handler()  # a GGML_ASSERT that slips past the header checks prints one line
-    with capture_llama_log() as cap:
-        try:
-            llm = construct_llama(str(model_path), model_patch=patch, **kwargs)
-        except ValueError as exc:
-            detail = load_error_detail(cap.errors(), str(exc))
-            raise HybridError(f"llama.cpp could not load {model_path}: {detail}") from None
+    try:
+        with contextlib.ExitStack() as handed_over, capture_llama_log() as cap:
+            if hot:
+                handed_over.enter_context(hybrid.pending_plan(hybrid.plan_text(hot, pack_device, cold_on_gpu=cold_on_gpu)))
+            if route_trace is not None:
+                handed_over.enter_context(hybrid.pending_route_trace(route_trace))
+            try:
+                llm = construct_llama(str(model_path), model_patch=patch, **kwargs)
+            except ValueError as exc:
+                detail = load_error_detail(cap.errors(), str(exc))
+                raise HybridError(f"llama.cpp could not load {model_path}: {detail}") from None
+    except BaseException:
+        if recorder is not None:
+            recorder.close()
+        raise
     # The array is only read during loading, but keep it as long as the Llama lives.
     llm._hybrid_placement_keepalive = getattr(place_patch, "keepalive", None)
-    return LoadedLlama(llm=llm, placement=placement, buffers=cap.buffers(), log=cap.lines)
+    llm._hybrid_gguf_recorder = recorder  # the C callback points at it
+    loaded = LoadedLlama(llm=llm, placement=placement, buffers=cap.buffers(), log=cap.lines, hot=hot,
+                         recorder=recorder)
+    if hot and hybrid.pack_bytes(llm._model.model) == 0:
+        loaded.close()
+        raise HybridError("llama.cpp loaded the model but built no hot packs")
+    if recorder is not None and record.decode_stride > 1:
+        loaded.decode_sampler = _sample_decodes(llm, recorder, record.decode_stride)
+    return loaded
+
+
+def _new_recorder(model_path, inventory, record):
+    from hybrid_gguf.header.inventory import read_inventory
+    from hybrid_gguf.llama.recorder import RoutingRecorder
+
+    inv = inventory if inventory is not None else read_inventory(model_path)
+    return RoutingRecorder(inv.n_layer, inv.n_expert, inv.n_expert_used, trace_capacity=record.trace_records)
+
+
+def _sample_decodes(llm, recorder, stride: int):
+    """Observe prompts and 1 decoded token in `stride` (in bursts): the sampler is told
+    before each eval (Llama.generate calls eval once per prompt and once per token)."""
+    sampler = recorder.decode_sampler(llm._ctx.ctx, stride)
+    if sampler.switches_callback:
+        llm_eval = llm.eval
+
+        def eval_sampled(tokens):
+            sampler.before_decode(len(tokens))
+            return llm_eval(tokens)
+
+        llm.eval = eval_sampled
+    return sampler
 
 
 # Error lines llama.cpp logs after the cause, saying only that loading failed.

@@ -2,10 +2,10 @@
 
 Usage::
 
-    rec = RoutingRecorder(n_layer, n_expert, n_expert_used)
-    llm = construct_llama(path, context_patch=rec.attach(), ...)
-    ...generate...
-    snap = rec.snapshot()      # counts by phase, tokens per layer, optional trace
+    loaded = load_llama(path, ..., record=Recording(trace_records=4096))   # llama/loader.py
+    ...generate with loaded.llm...
+    snap = loaded.recorder.snapshot()      # counts by phase, tokens per layer, optional trace
+    loaded.close()
 
 The recorder must outlive every context it is attached to (the C callback holds a
 raw pointer to it); the params struct of the context keeps a reference, and callers
@@ -43,6 +43,16 @@ ABI_VERSION = 2
 
 class RecorderUnavailable(HybridError):
     """The native recorder cannot be built or loaded here; routing recording is off."""
+
+
+@dataclass(frozen=True)
+class Recording:
+    """How load_llama records routing: the newest `trace_records` per-token (token, layer)
+    records are kept (0: counts only), and one decoded token in `decode_stride` is observed
+    (1: every one; more: in bursts, see DecodeSampler). Prompt batches are always observed."""
+
+    trace_records: int = 0
+    decode_stride: int = 1
 
 
 @dataclass

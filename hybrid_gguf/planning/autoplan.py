@@ -130,7 +130,8 @@ def plan_model(model_path: PathLike, gpu_budget: Optional[int], n_ctx: int, *,
     from hybrid_gguf.header.inventory import read_inventory
     from hybrid_gguf.planning.plan import Plan
     from hybrid_gguf.planning.planner import PROMOTE_FROM, diff_plans, make_plan
-    from hybrid_gguf.planning.speed import GPU_DECODE_FIELDS, Bandwidth, calibrate_bandwidth
+    from hybrid_gguf.bench.probe import calibrate_bandwidth
+    from hybrid_gguf.planning.calibration import GPU_DECODE_FIELDS, Bandwidth
     from hybrid_gguf.routing.profile import ProfileStore, RoutingProfile
 
     inv = inventory if inventory is not None else read_inventory(model_path)

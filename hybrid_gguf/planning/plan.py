@@ -26,7 +26,7 @@ from hybrid_gguf.atomic import atomic_write
 from hybrid_gguf.errors import HybridError
 from hybrid_gguf.llama.loader import PlacementRule, TensorPlacement, validate_rules
 from hybrid_gguf.planning.memory import CACHE_TYPES, MemoryOptions
-from hybrid_gguf.planning.speed import Bandwidth
+from hybrid_gguf.planning.calibration import Bandwidth
 from hybrid_gguf.sizes import format_size
 
 PLAN_FORMAT = "hybrid-gguf-plan"

@@ -35,7 +35,9 @@ from hybrid_gguf.planning.memory import (CPU, MemoryOptions, MemoryPrediction, g
                            layer_devices, predict_memory, GPU_ALIGN)
 from hybrid_gguf.llama.loader import EXPERT_TENSOR_RE, PlacementRule, TensorPlacement
 from hybrid_gguf.planning.plan import DeviceBudget, Plan, Predicted, ProfileSource
-from hybrid_gguf.planning.speed import Bandwidth, decode_probs, hit_rate, predict_speed, profile_probs
+from hybrid_gguf.planning.calibration import Bandwidth
+from hybrid_gguf.planning.speed import hit_rate, predict_speed
+from hybrid_gguf.routing.stats import decode_probs, profile_probs
 from hybrid_gguf.sizes import format_size
 
 SMALL_PROFILE_TOKENS = 2000  # routed tokens per layer below which skew is overstated

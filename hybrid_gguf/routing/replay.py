@@ -28,6 +28,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 
 from hybrid_gguf.errors import HybridError
+from hybrid_gguf.routing.stats import selection_probs
 
 
 @dataclass
@@ -245,8 +246,6 @@ def replay(trace: Trace, capacities: Sequence[int], profile_fraction: float = 0.
     if split < 1 or split >= trace.n_tokens:
         raise HybridError(f"a trace of {trace.n_tokens} tokens is too short to split into profile and "
                           "evaluation parts")
-    from hybrid_gguf.planning.speed import selection_probs
-
     k = list(n_used) if n_used is not None else [trace.ids.shape[2]] * trace.n_layer
     c_prof, t_prof = trace.counts(0, split)
     c_eval, t_eval = trace.counts(split)

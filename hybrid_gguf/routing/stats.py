@@ -1,11 +1,12 @@
-"""Summaries of routing counts ([n_layer, n_expert] selection counts).
+"""Summaries of routing counts ([n_layer, n_expert] selection counts), and the per-expert
+selection probabilities they stand for.
 
 Layers without any recorded selection get NaN (entropy, hit rate) or 0 (experts needed).
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -118,6 +119,52 @@ def summarize(counts: np.ndarray, tokens_per_layer: np.ndarray, n_expert_used: i
             "static_hit": {str(s): _clean(overall_hit_rate(counts, s)) for s in slots},
         },
     }
+
+
+# --- counts -> selection probabilities (what the planner's speed model reads) ----------------
+
+
+def selection_probs(counts: np.ndarray, tokens: np.ndarray, n_used: Sequence[int],
+                    prior: float = 1.0) -> np.ndarray:
+    """Expected selections of each expert per token, [n_layer, n_expert]; rows sum to k.
+
+    `prior` pseudo-selections per expert shrink small profiles towards uniform routing
+    (a few hundred tokens make the top experts look hotter than they are). A layer
+    without tokens is uniform.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    tokens = np.asarray(tokens, dtype=np.float64)
+    L, E = counts.shape
+    p = np.zeros((L, E))
+    for l in range(L):
+        k = float(n_used[l]) if l < len(n_used) else 0.0
+        if k <= 0:
+            continue
+        denom = tokens[l] + prior * E / k
+        p[l] = (counts[l] + prior) / denom if denom > 0 else k / E
+    return p
+
+
+def profile_probs(profile, inv=None, prior: float = 1.0) -> np.ndarray:
+    """selection_probs of a RoutingProfile (per-layer k from the inventory when given)."""
+    k = [layer.n_expert_used for layer in inv.layers] if inv is not None else \
+        [profile.n_expert_used] * profile.n_layer
+    return selection_probs(profile.counts, profile.tokens_per_layer, k, prior)
+
+
+# Decode routing is estimated from the profile's decode-phase counts, shrunk towards the
+# whole profile's rates with this many pseudo-tokens: prompts (prefill of the user's text)
+# and the model's own output can route differently, and decode is where the hit rate
+# decides the speed; a profile with few decoded tokens predicts decode from its prompts.
+DECODE_PRIOR_TOKENS = 256
+
+
+def decode_probs(profile, inv=None, prior: float = 1.0,
+                 strength: float = DECODE_PRIOR_TOKENS) -> np.ndarray:
+    """Expected selections per decoded token, [n_layer, n_expert]; rows sum to k."""
+    p_all = profile_probs(profile, inv, prior)
+    td = np.asarray(profile.tokens_decode, dtype=np.float64)[:, None]
+    return (np.asarray(profile.counts_decode, dtype=np.float64) + strength * p_all) / (td + strength)
 
 
 # --- what a workload's routing means for placement (profile --json "routing_stats") -----------
