@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 try:
     # Load libllama before numpy: on the GPU machine's Python 3.12 the reverse order made
-    # model loading segfault (a C++ runtime clash; docs/benchmarks.md, 2026-11-30).
+    # model loading segfault (docs/backend-patch.md, "Import order").
     import llama_cpp as _llama_cpp  # noqa: F401
 except (ImportError, OSError):
     # no backend yet, or a broken one: inventory, synth and `hybrid-gguf backend install`

@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import llama_cpp  # noqa: E402  (load libllama before numpy; see the llama.cpp notes)
+import llama_cpp  # noqa: E402  (load libllama before numpy: docs/backend-patch.md)
 import llama_cpp.llama_cpp as L  # noqa: E402
 
 from hybrid_gguf.model import RUN_DECODE_STRIDE  # noqa: E402

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Compact summary of bench JSON files (scripts/bench_placement.py --json), small enough to
+"""Compact summary of bench JSON files (`hybrid-gguf bench --json-detail`), small enough to
 keep in git: per routing and budget, each placement's median prefill/decode, hit rate, VRAM
 and decode roofline, and per-expert / whole-layer ratios. Prints a Markdown table too.
 

@@ -3,7 +3,7 @@
 #   1. build the hybrid-patched llama-cpp-python for CUDA (sm_90) from the trimmed sdist
 #   2. per-expert split equivalence with the hot packs in VRAM (tests/test_hybrid_split.py)
 #   3. routing-recorder overhead (scripts/bench_recorder.py)
-#   4. placement A/B on a synthetic Qwen3-30B-A3B-shaped Q4_K model (scripts/bench_placement.py)
+#   4. placement A/B on a synthetic Qwen3-30B-A3B-shaped Q4_K model (`hybrid-gguf bench`)
 #   4b. the same A/B on a Mixtral-8x7B-shaped Q4_K model (bench2)
 #   5. planned runs at two budgets: VRAM within budget, predicted vs measured decode (plan);
 #      "bench" before "plan" stores the GPU calibration the plan's prediction uses (the
@@ -49,6 +49,10 @@ log() { echo "[$(date +%T)] $*"; }
 FAILED=""
 failed() { FAILED="$FAILED $1"; log "FAILED: $1"; }
 has() { [[ ",$STEPS," == *",$1,"* ]]; }
+# `hybrid-gguf bench` as the steps below have always run it: context 2048, and no GPU probe
+# inside a bench step (the "probe" step runs it); budget lists are space-separated here
+run_bench() { python3 -m hybrid_gguf.cli bench "$@" --ctx 2048 --no-probe-gpu; }
+commas() { echo "$*" | tr ' ' ,; }
 
 nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv | tee "$OUT/machine.txt"
 nproc >> "$OUT/machine.txt"; free -g >> "$OUT/machine.txt"
@@ -160,15 +164,15 @@ fi
 
 if has bench; then
     log "placement A/B"
-    python3 scripts/bench_placement.py "$BIG" --budget-share ${BUDGETS:-0.25 0.10 0.50} --pp 512 --tg ${TG:-48} \
-        --reps ${REPS:-2} --threads 16 --json "$OUT/bench_q30b.json" 2>&1 | tee "$OUT/bench_q30b.txt" || failed bench
+    run_bench "$BIG" --expert-share "$(commas ${BUDGETS:-0.25 0.10 0.50})" --pp 512 --tg ${TG:-48} \
+        --reps ${REPS:-2} --threads 16 --json-detail "$OUT/bench_q30b.json" 2>&1 | tee "$OUT/bench_q30b.txt" || failed bench
 fi
 if has bench2; then
     MX=/tmp/models/mixtral-like-q4k.gguf
     log "second arch: Mixtral-8x7B-shaped Q4_K (8 large experts, top-2)"
     [ -f "$MX" ] || python3 scripts/make_bench_model.py --preset mixtral-8x7b-like --weight-type Q4_K --workers 16 --out "$MX" 2>&1 | tail -1
-    python3 scripts/bench_placement.py "$MX" --budget-share ${BUDGETS2:-0.25} --pp 512 --tg ${TG:-48} \
-        --reps ${REPS:-2} --threads 16 --no-calibrate --json "$OUT/bench_mixtral.json" 2>&1 | tee "$OUT/bench_mixtral.txt" || failed bench2
+    run_bench "$MX" --expert-share "$(commas ${BUDGETS2:-0.25})" --pp 512 --tg ${TG:-48} \
+        --reps ${REPS:-2} --threads 16 --no-calibrate --json-detail "$OUT/bench_mixtral.json" 2>&1 | tee "$OUT/bench_mixtral.txt" || failed bench2
 fi
 
 if has routing || has routing2; then
@@ -184,8 +188,8 @@ if has routing || has routing2; then
             log "placements on $M, $R routing"
             # the first run of a call stores the GPU calibration for later plans; the rest do not
             CAL=--no-calibrate; [ "$M-$R" = "q30b-realistic" ] && CAL=
-            python3 scripts/bench_placement.py "$MODEL" --routing "$R" --budget-share ${BUDGETS:-0.10 0.25 0.50} \
-                --pp 512 --tg ${TG:-48} --reps ${REPS:-2} --threads 16 $CAL --json "/tmp/routing_${M}_$R.json" 2>&1 \
+            run_bench "$MODEL" --routing "$R" --expert-share "$(commas ${BUDGETS:-0.10 0.25 0.50})" \
+                --pp 512 --tg ${TG:-48} --reps ${REPS:-2} --threads 16 $CAL --json-detail "/tmp/routing_${M}_$R.json" 2>&1 \
                 | grep -E "^(cpu|whole|per|all)-|_vs_|^== |profiled" || failed "routing $M $R"
             # after each run, so a call cut short still returns what it measured
             python3 scripts/bench_summary.py "$OUT/routing_summary.json" /tmp/routing_*.json > "$OUT/routing_summary.md"
@@ -216,8 +220,8 @@ if has threads; then
     # synchronize faster than all 16 (the CUDA launch thread competes with them too)
     for t in ${THREADS_SWEEP:-8 12 16}; do
         log "per-expert vs whole-layer at 25 %, $t CPU threads"
-        python3 scripts/bench_placement.py "$BIG" --budget-share 0.25 --configs whole-layer per-expert \
-            --pp 512 --tg ${TG:-64} --reps 2 --threads "$t" --no-calibrate --json "/tmp/threads_$t.json" 2>&1 | grep -E "^(whole|per)" \
+        run_bench "$BIG" --expert-share 0.25 --configs whole-layer,per-expert \
+            --pp 512 --tg ${TG:-64} --reps 2 --threads "$t" --no-calibrate --json-detail "/tmp/threads_$t.json" 2>&1 | grep -E "^(whole|per)" \
             || failed "threads $t"
     done
     python3 -c "import json, sys; json.dump({t: json.load(open(f'/tmp/threads_{t}.json')) for t in sys.argv[1:]}, open('$OUT/threads.json', 'w'), indent=1)" ${THREADS_SWEEP:-8 12 16}
@@ -227,9 +231,9 @@ if has skipab; then
     # prefill with the GPU chains' unowned slots as weight-0 repeats (=0) or as -1 skips (=1)
     for v in 0 1; do
         log "per-expert vs whole-layer at 25 %, LLAMA_HYBRID_GPU_SKIP=$v"
-        LLAMA_HYBRID_GPU_SKIP=$v python3 scripts/bench_placement.py "$BIG" --budget-share 0.25 \
-            --configs whole-layer per-expert --pp 512 --tg 16 --reps 2 --threads 16 --no-calibrate \
-            --json "$OUT/skipab_$v.json" 2>&1 | grep -E "^(whole|per)|_vs_"
+        LLAMA_HYBRID_GPU_SKIP=$v run_bench "$BIG" --expert-share 0.25 \
+            --configs whole-layer,per-expert --pp 512 --tg 16 --reps 2 --threads 16 --no-calibrate \
+            --json-detail "$OUT/skipab_$v.json" 2>&1 | grep -E "^(whole|per)|_vs_"
     done
 fi
 

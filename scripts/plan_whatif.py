@@ -7,7 +7,7 @@ profile from a bench JSON's profile counts, and the speed model from a saved cal
 Nothing is measured: the output is the planner's prediction, to decide what a GPU call
 should measure.
 
-  python scripts/plan_whatif.py docs/results/h200-2026-11-28c/call4-probe-bench/bench_q30b.json \\
+  python scripts/plan_whatif.py docs/results/h200-2026-11-28c/call4-probe-bench/bench_q30b.slim.json \\
       --calibration docs/results/h200-2026-11-28c/calibration_h200.json --budgets 6GiB 10GiB --promote-from 0.9 0
 """
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Refit the decode side of the bandwidth model from saved results, without the models.
 
-Reads the JSON of `scripts/bench_placement.py` and, optionally, planned runs (`hybrid-gguf
-plan --json` with its decode breakdown, `hybrid-gguf run --json`). Each run's model terms
+Reads bench JSON (a list of budgets, as under docs/results/) and, optionally, planned runs
+(`hybrid-gguf plan --json` with its decode breakdown, `hybrid-gguf run --json`). Each run's model terms
 (GPU bytes, CPU expert bytes, busy and idle hand-offs per token) are saved in newer bench
 JSON; for older JSON (one kind of hand-off) they are recovered from the predictions of the
 same run under two calibrations and the roofline. The decode side is fitted as `bench`

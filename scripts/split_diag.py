@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import llama_cpp  # load libllama before numpy (see the llama.cpp notes)
+import llama_cpp  # load libllama before numpy (docs/backend-patch.md, "Import order")
 
 import numpy as np
 from gguf import GGUFReader

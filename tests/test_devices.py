@@ -2,7 +2,7 @@
 
 import pytest
 
-import llama_cpp  # noqa: F401  (load libllama first, as the notes advise)
+import llama_cpp  # noqa: F401  (load libllama first: docs/backend-patch.md, "Import order")
 
 from hybrid_gguf.llama import devices
 from hybrid_gguf.llama import ggml_lib

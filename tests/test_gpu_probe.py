@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-try:  # load libllama before numpy-heavy work (see the llama.cpp notes)
+try:  # load libllama before numpy-heavy work (docs/backend-patch.md, "Import order")
     import llama_cpp
 except ImportError:
     llama_cpp = None

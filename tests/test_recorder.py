@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 
-import llama_cpp  # noqa: F401  (load libllama before numpy-heavy work; see the notes)
+import llama_cpp  # noqa: F401  (load libllama before numpy-heavy work: docs/backend-patch.md)
 from hybrid_gguf.llama import ggml_lib  # noqa: E402
 from hybrid_gguf import synth
 from hybrid_gguf.llama.hooks import construct_llama

@@ -1,7 +1,7 @@
 """`hybrid-gguf profile MODEL`: run a workload, record expert routing, store the profile.
 
 numpy and llama_cpp are imported lazily: the CLI imports every command module at start,
-and numpy before libllama made model loading crash on one machine (see the notes).
+and numpy before libllama made model loading crash on one machine (docs/backend-patch.md).
 
 A model without experts prints "nothing to record" and exits 0 (it is not an error to
 ask; there is simply no routing).
