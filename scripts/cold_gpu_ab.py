@@ -4,14 +4,18 @@ beside whole layers at the same expert bytes, all in one run.
 
     python scripts/cold_gpu_ab.py MODEL --share 0.25 --routing realistic [--reps 2] [--out ab.json]
 
-Set LLAMA_HYBRID_SCHED_TIMERS=64 for the scheduler's per-split breakdown on stderr (it
-synchronizes at every split boundary, so time the speeds in a run without it).
+LLAMA_HYBRID_SCHED_TIMERS=1000000 prints the scheduler's per-split breakdown of each timed
+decode window on stderr (it synchronizes at every split boundary, so time the speeds in a run
+without it). --offload-decode: llama.cpp's op offload from one token up
+(GGML_OP_OFFLOAD_MIN_BATCH=1) with the host-side weights in pinned memory, so each decode step
+uploads the cold experts it uses to the GPU (no cache), for every placement of the run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -33,7 +37,24 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--configs", default="whole-layer,per-expert,per-expert-cold-gpu")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--offload-decode", action="store_true")
     args = ap.parse_args()
+    if args.offload_decode:
+        # read when the CUDA backend registers and when graphs are built: before any load
+        os.environ["GGML_OP_OFFLOAD_MIN_BATCH"] = "1"
+        from hybrid_gguf.llama import loader
+
+        plain_load = loader.load_llama
+
+        def no_repack(params):
+            params.use_extra_bufts = False  # host-side weights in CUDA_Host (pinned), not CPU_REPACK
+
+        def load_pinned(*a, **kw):
+            first = kw.pop("model_patch", None)
+            kw["model_patch"] = no_repack if first is None else (lambda p: (first(p), no_repack(p)))
+            return plain_load(*a, **kw)
+
+        loader.load_llama = load_pinned
 
     inv = read_inventory(args.model)
     budget = int(args.share * inv.expert_bytes_total)

@@ -20,7 +20,8 @@
 #    experts from pinned host memory, patch v4)
 #   (coldab: one hot set, cold experts on the CPU vs read by the GPU, beside whole layers;
 #    SHARES= and ROUTINGS= pick budgets and presets; TIMERS=1 adds a run with the
-#    scheduler's per-split breakdown, LLAMA_HYBRID_SCHED_TIMERS)
+#    scheduler's per-split breakdown, LLAMA_HYBRID_SCHED_TIMERS; OFFLOAD=1 a run where each
+#    decode step uploads its cold experts, llama.cpp's op offload from one token)
 #   (amx: CPU-only prefill/decode with llama.cpp's extra CPU buffer types on and off)
 # One call does not fit every step in 10 minutes. Measured 2026-11-28 (wall time per call):
 #   "build,diag,split,recorder"  ~5 min (build 203-257 s)
@@ -280,10 +281,16 @@ if has coldab; then
             log "cold on CPU vs GPU-read: $R routing, $S of expert bytes"
             python3 scripts/cold_gpu_ab.py "$BIG" --share "$S" --routing "$R" --threads 16 --tg 32 --reps 2 \
                 --out "$OUT/coldab_${R}_$S.json" 2>&1 | grep -v "^\[" | tail -6 || failed "coldab $R $S"
+            if [ -n "${OFFLOAD:-}" ]; then
+                log "the same with op offload from one token (each decode step uploads its cold experts)"
+                python3 scripts/cold_gpu_ab.py "$BIG" --share "$S" --routing "$R" --threads 16 --tg 32 --reps 2 \
+                    --offload-decode --configs whole-layer,per-expert --out "$OUT/coldab_offload_${R}_$S.json" 2>&1 \
+                    | grep -v "^\[" | tail -4 || failed "coldab offload $R $S"
+            fi
             if [ -n "${TIMERS:-}" ]; then
-                log "the same with the scheduler's timers (slower: a sync per split)"
-                LLAMA_HYBRID_SCHED_TIMERS=32 python3 scripts/cold_gpu_ab.py "$BIG" --share "$S" --routing "$R" \
-                    --threads 16 --tg 32 --reps 1 2>&1 | grep "hybrid-sched\|tg " | tail -12 | tee -a "$OUT/sched_timers.txt"
+                log "the scheduler's timers over each timed decode window (slower: a sync per split)"
+                LLAMA_HYBRID_SCHED_TIMERS=1000000 python3 scripts/cold_gpu_ab.py "$BIG" --share "$S" --routing "$R" \
+                    --threads 16 --tg 32 --reps 1 2>&1 | grep "hybrid-sched\|tg " | tail -12 | tee -a "$OUT/sched_timers_${R}_$S.txt"
             fi
         done
     done

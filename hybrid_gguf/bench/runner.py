@@ -146,6 +146,8 @@ def measure_once(llm, prompt: Sequence[int], decode: Sequence[int], recorder) ->
     differ between placements as soon as float rounding does."""
     import llama_cpp
 
+    from hybrid_gguf.llama.ggml_lib import sched_timers_window
+
     llm.reset()
     llama_cpp.llama_perf_context_reset(llm._ctx.ctx)
     llm.eval(list(prompt))
@@ -155,11 +157,13 @@ def measure_once(llm, prompt: Sequence[int], decode: Sequence[int], recorder) ->
     if recorder is not None:
         recorder.reset()
     llama_cpp.llama_perf_context_reset(llm._ctx.ctx)
+    sched_timers_window("start")  # LLAMA_HYBRID_SCHED_TIMERS: the decode steps' breakdown only
     for tok in decode:
         llm.eval([int(tok)])
         # a decode step ends when its logits are ready (llama.cpp books one-token steps as
         # decode only when each is synchronized on its own)
         llama_cpp.llama_synchronize(llm._ctx.ctx)
+    sched_timers_window("report")
     perf = llama_cpp.llama_perf_context(llm._ctx.ctx)
     tg_ts = perf.n_eval / (perf.t_eval_ms / 1e3) if perf.t_eval_ms > 0 else 0.0
     counts = recorder.snapshot(trace=False).counts_decode if recorder is not None else None

@@ -242,3 +242,16 @@ class GgmlTensor(ctypes.Structure):
         ("extra", ctypes.c_void_p),
         ("padding", ctypes.c_char * 8),
     ]
+
+
+def sched_timers_window(action: str) -> None:
+    """The patch's scheduler timers (LLAMA_HYBRID_SCHED_TIMERS set): "start" clears them,
+    "report" prints them to stderr and clears them. A no-op without the variable or the
+    function (stock builds, patches before version 4)."""
+    if not os.environ.get("LLAMA_HYBRID_SCHED_TIMERS"):
+        return
+    fn = getattr(libs().base, "ggml_hybrid_sched_timers", None)
+    if fn is None:
+        return
+    fn.argtypes, fn.restype = [ctypes.c_int], None
+    fn(1 if action == "report" else 0)

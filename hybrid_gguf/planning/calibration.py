@@ -35,6 +35,13 @@ class Bandwidth:
     cpu_bytes_per_s: float = 50e9  # streaming read of weights by the CPU backend
     gpu_bytes_per_s: float = 1.5e12  # GPU memory read in matmul kernels
     pcie_bytes_per_s: float = 25e9  # host -> GPU copies of pinned memory
+    # GPU kernels reading cold experts in place from pinned host memory (patch v4, cold=gpu):
+    # 24.6 GB/s effective in a realistic-routing decode on the H200 host, 2026-11-30 (well
+    # under its copy engine's 47 GB/s: the matrix-vector kernels' small scattered reads)
+    host_read_bytes_per_s: float = 24e9
+    # extra fixed GPU time of a split layer whose cold chain also runs on the GPU (its id
+    # handling and second expert chain); not measured apart yet
+    gpu_chain_s: float = 15e-6
     cpu_flops: float = 1.0e12
     gpu_flops: float = 100e12  # achieved on quantized prefill matmuls, not the datasheet peak
     handoff_s: float = 60e-6  # per decode step and layer whose host experts have work: sync + copies

@@ -88,8 +88,13 @@ def _elements(t) -> int:
 def predict_speed(inv, p: Optional[np.ndarray], gpu_experts: Mapping[int, Sequence[int]],
                   dense_on_gpu: bool, bw: Bandwidth, n_ctx: int, n_ubatch: int = 512,
                   kv_fill: Optional[int] = None, kv_bytes_per_token: Optional[int] = None,
-                  op_offload: bool = True, p_prefill: Optional[np.ndarray] = None) -> SpeedPrediction:
+                  op_offload: bool = True, p_prefill: Optional[np.ndarray] = None,
+                  cold_on_gpu: bool = False) -> SpeedPrediction:
     """Decode and prefill tokens/s of a placement.
+
+    cold_on_gpu: the GPU computes the host-side experts too, reading them in place from pinned
+    host memory (patch v4, plan `cold: gpu`): no CPU hand-offs, host bytes at
+    bw.host_read_bytes_per_s, and each split layer a second GPU chain.
 
     p: selections per token [n_layer, n_expert] (None: uniform routing); p_prefill the same
     for prompt tokens when they route differently (default: p).
@@ -134,15 +139,19 @@ def predict_speed(inv, p: Optional[np.ndarray], gpu_experts: Mapping[int, Sequen
         if dense_on_gpu and len(set(gpu_experts.get(l, ()))) < layer.n_expert:
             n_busy += busy[l]
             n_idle += 1.0 - busy[l]
+    cold_read = cold_on_gpu and dense_on_gpu
     ms = {
         "dense": 1e3 * dense_bytes / d_bw,
         "kv": 1e3 * kv_read / d_bw,
         "experts_gpu": 1e3 * exp_gpu / bw.gpu_bytes_per_s,
-        "experts_cpu": 1e3 * exp_cpu / bw.cpu_bytes_per_s,
+        "experts_cpu": 0.0 if cold_read else 1e3 * exp_cpu / bw.cpu_bytes_per_s,
         "gpu_layers": 1e3 * (L if dense_on_gpu else 0) * bw.gpu_layer_s,
         "gpu_step": 1e3 * (1 if dense_on_gpu else 0) * bw.gpu_step_s,
-        "handoff": 1e3 * (n_busy * bw.handoff_s + n_idle * bw.handoff_idle_s),
+        "handoff": 0.0 if cold_read else 1e3 * (n_busy * bw.handoff_s + n_idle * bw.handoff_idle_s),
     }
+    if cold_read:
+        ms["experts_host_read"] = 1e3 * exp_cpu / bw.host_read_bytes_per_s
+        ms["cold_chains"] = 1e3 * (n_busy + n_idle) * bw.gpu_chain_s
     decode_s = sum(ms.values()) / 1e3
 
     # prefill: one ubatch of T tokens
@@ -152,7 +161,7 @@ def predict_speed(inv, p: Optional[np.ndarray], gpu_experts: Mapping[int, Sequen
         host_sel = p.sum(axis=1) - gpu_sel
     T = max(1, min(n_ubatch, n_ctx))
     gpu_flop = cpu_flop = 0.0
-    copy_bytes = 0.0
+    copy_bytes = host_read_bytes = 0.0
     offload = op_offload and dense_on_gpu and T >= 32
     dense_flop = 2.0 * dense_elems * T + 4.0 * T * T / 2 * _attn_width(inv)
     if dense_on_gpu:
@@ -167,7 +176,13 @@ def predict_speed(inv, p: Optional[np.ndarray], gpu_experts: Mapping[int, Sequen
         on_gpu = set(int(e) for e in gpu_experts.get(l, ()))
         f_gpu = 2.0 * per_elem * T * gpu_sel[l]
         f_host = 2.0 * per_elem * T * host_sel[l]
-        if offload:
+        if cold_read:
+            # the GPU reads the used host experts of the batch in place
+            host = [e for e in range(layer.n_expert) if e not in on_gpu]
+            used = float(np.sum(1.0 - (1.0 - np.clip(p[l, host], 0, 1)) ** T)) if host else 0.0
+            host_read_bytes += used * layer.per_expert_bytes
+            gpu_flop += f_gpu + f_host
+        elif offload:
             # the scheduler copies the used host experts of the batch and runs them on the GPU
             host = [e for e in range(layer.n_expert) if e not in on_gpu]
             used = float(np.sum(1.0 - (1.0 - np.clip(p[l, host], 0, 1)) ** T)) if host else 0.0
@@ -180,6 +195,7 @@ def predict_speed(inv, p: Optional[np.ndarray], gpu_experts: Mapping[int, Sequen
         "gpu_compute": 1e3 * gpu_flop / bw.gpu_flops,
         "cpu_compute": 1e3 * cpu_flop / bw.cpu_flops,
         "pcie_copies": 1e3 * copy_bytes / bw.pcie_bytes_per_s,
+        "host_reads": 1e3 * host_read_bytes / bw.host_read_bytes_per_s,
         # a ubatch on the GPU pays the per-layer and per-graph fixed times too (decode's); without
         # them a small model's prefill came out at tens of millions of tokens/s
         "gpu_fixed": 1e3 * ((L * bw.gpu_layer_s + bw.gpu_step_s) if dense_on_gpu else 0.0),
