@@ -212,7 +212,7 @@ class HybridModel:
     # -- placement -----------------------------------------------------------------------
 
     def _choose_placement(self, budget, hot, plan, n_ctx, pack_device, auto_plan):
-        from hybrid_gguf.llama import loader as pl
+        from hybrid_gguf.planning import placement as pl
 
         inv = self.inventory
         notices: list[str] = []
@@ -290,7 +290,7 @@ class HybridModel:
 
     def _manual_placement(self, n_cpu, budget):
         """--n-cpu-moe N / --cpu-moe: whole layers' experts on the CPU, chosen by the user."""
-        from hybrid_gguf.llama import loader as pl
+        from hybrid_gguf.planning import placement as pl
 
         inv = self.inventory
         flag = "--cpu-moe" if n_cpu is None else f"--n-cpu-moe {n_cpu}"

@@ -233,7 +233,7 @@ def test_manual_whole_layer_placement_with_a_gpu(tiny_model_factory, monkeypatch
 def test_the_whole_layer_fallback_is_the_planner_without_a_profile(tiny_model_factory):
     from hybrid_gguf.llama import devices
     from hybrid_gguf.header.inventory import read_inventory
-    from hybrid_gguf.llama.loader import n_cpu_moe
+    from hybrid_gguf.planning.placement import n_cpu_moe
     from hybrid_gguf.model import HybridModel
     from hybrid_gguf.planning.memory import MemoryOptions, predict_memory
     from hybrid_gguf.planning.plan import DeviceBudget

@@ -23,6 +23,7 @@ from hybrid_gguf.llama import hybrid as hybrid_backend
 from hybrid_gguf.routing import process as routing_process
 from hybrid_gguf.errors import HybridError
 from hybrid_gguf.header.inventory import Inventory, read_inventory
+from hybrid_gguf.planning.placement import cpu_moe
 
 BUDGET_CONFIGS = ("whole-layer", "per-expert")  # the placements a budget changes
 
@@ -99,7 +100,6 @@ def plan_configs(model_path: Path, inv: Inventory, profile, devices: list, n_ctx
     same inputs): per-expert = the plan at `devices`' budget with `profile`, whole-layer =
     the planner with per-expert placement off at the same budget, all-gpu = the plan at all
     the VRAM the budget rule allows, when it holds every expert."""
-    from hybrid_gguf.llama.loader import cpu_moe
     from hybrid_gguf.planning.autoplan import detect_devices, plan_model
 
     def want(name: str) -> bool:
@@ -250,7 +250,7 @@ def run_bench(model_path: Path, *, budget_bytes: Optional[int], profile_prompts:
         # timed loads below run without a recorder (its syncs would slow every placement)
         record = Recording(trace_records=max(n_gen, 1) * inv.n_layer)
         routed = routing_process.model_routing(inv, routing) is not None
-        loaded = load_config(model_path, inv, Config("profile", _cpu_moe()), n_ctx, 512, record,
+        loaded = load_config(model_path, inv, Config("profile", cpu_moe()), n_ctx, 512, record,
                              pack_device, n_threads, routing_process.STREAM_PROFILE, routing)
         for p in profile_prompts:
             loaded.llm.reset()
@@ -261,7 +261,7 @@ def run_bench(model_path: Path, *, budget_bytes: Optional[int], profile_prompts:
             # a routing preset maps positions to routing: the timed text needs its own stream,
             # or the profile would know the timed tokens' routing in advance
             loaded.close()
-            loaded = load_config(model_path, inv, Config("profile", _cpu_moe()), n_ctx, 512, record,
+            loaded = load_config(model_path, inv, Config("profile", cpu_moe()), n_ctx, 512, record,
                                  pack_device, n_threads, routing=routing)
         _, _, eval_counts = measure_once(loaded.llm, prompt, decode, loaded.recorder)
         eval_trace = loaded.recorder.snapshot(trace=True).trace
@@ -511,12 +511,6 @@ def llama_bench_rows(outs: Sequence[dict], n_threads: Optional[int] = None) -> l
                              "avg_ts": avg, "stddev_ts": sd,
                              "samples_ns": ns, "samples_ts": samples})
     return rows
-
-
-def _cpu_moe():
-    from hybrid_gguf.llama.loader import cpu_moe
-
-    return cpu_moe()
 
 
 def text_workload(texts: Sequence[str], llm_tokenize: Callable[[str], list[int]], n_tokens: int) -> list[list[int]]:
