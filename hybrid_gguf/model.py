@@ -352,7 +352,7 @@ class HybridModel:
 
     def _auto_plan(self, budget, n_ctx, notices, gpus):
         """Plan from the stored routing profile, keep it for the next session, say what changed."""
-        from hybrid_gguf.planning.autoplan import default_plan_path, plan_model
+        from hybrid_gguf.autoplan import default_plan_path, plan_model
 
         from hybrid_gguf.planning.plan import DeviceBudget
 

@@ -328,7 +328,7 @@ def test_plan_on_a_cpu_only_machine_says_what_runs_here(tmp_path):
 def test_a_plan_with_hot_experts_on_a_cpu_only_machine_claims_no_gpu(tiny_model):
     pytest.importorskip("llama_cpp")
     from hybrid_gguf.llama import hybrid as hybrid_backend
-    from hybrid_gguf.planning.autoplan import plan_model
+    from hybrid_gguf.autoplan import plan_model
     from hybrid_gguf.llama.devices import gpu_devices
     from hybrid_gguf.model import HybridModel
 

@@ -52,8 +52,6 @@ FORBIDDEN = {
 KNOWN = {
     ("hybrid_gguf/bench/runner.py", "duties: chooses placement + loads llama.cpp + times runs"),
     ("hybrid_gguf/model.py", "duties: chooses placement + times runs"),
-    ("hybrid_gguf/planning/autoplan.py", "imports hybrid_gguf.bench"),
-    ("hybrid_gguf/planning/autoplan.py", "imports hybrid_gguf.llama"),
 }
 
 

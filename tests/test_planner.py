@@ -246,7 +246,7 @@ def test_several_gpus_respect_each_budget(tiny_model_factory):
 
 def test_one_budget_rule_applied_at_the_entry(tiny_model_factory, monkeypatch):
     from hybrid_gguf.llama import devices
-    from hybrid_gguf.planning.autoplan import plan_model
+    from hybrid_gguf.autoplan import plan_model
     from hybrid_gguf.planning.budget import VRAM_RESERVE, usable_budget
 
     free = 6 * MIB + VRAM_RESERVE

@@ -68,7 +68,7 @@ def test_bad_input_is_one_clear_line(args, message):
 
 
 def test_a_plan_for_another_model_is_refused(tmp_path, tiny_model_factory):
-    from hybrid_gguf.planning.autoplan import plan_model
+    from hybrid_gguf.autoplan import plan_model
 
     other = tiny_model_factory("qwen2moe")
     plan = plan_model(other, 64 * 2**20, 256, out=tmp_path / "other.yaml", measure=False, calibrate=False).plan

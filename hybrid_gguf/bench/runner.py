@@ -100,7 +100,7 @@ def plan_configs(model_path: Path, inv: Inventory, profile, devices: list, n_ctx
     same inputs): per-expert = the plan at `devices`' budget with `profile`, whole-layer =
     the planner with per-expert placement off at the same budget, all-gpu = the plan at all
     the VRAM the budget rule allows, when it holds every expert."""
-    from hybrid_gguf.planning.autoplan import detect_devices, plan_model
+    from hybrid_gguf.autoplan import detect_devices, plan_model
 
     def want(name: str) -> bool:
         return wanted is None or name in wanted
@@ -199,7 +199,7 @@ def bench_batch(n_prompt: int) -> int:
 def bench_memory(model_path: Path, n_ctx: int, n_prompt: int):
     """The MemoryOptions `plan` would use for the bench's context and batch (a dry run)."""
     from hybrid_gguf.llama.devices import gpu_devices
-    from hybrid_gguf.planning.autoplan import memory_options_here
+    from hybrid_gguf.autoplan import memory_options_here
 
     return memory_options_here(model_path, n_ctx, n_ubatch=bench_batch(n_prompt), gpu_present=bool(gpu_devices()))
 
@@ -228,7 +228,7 @@ def run_bench(model_path: Path, *, budget_bytes: Optional[int], profile_prompts:
     `on_progress(more_steps, steps_done)`: first the number of timed reps ahead, then each rep."""
     from hybrid_gguf.llama.devices import gpu_devices
     from hybrid_gguf.llama.recorder import Recording
-    from hybrid_gguf.planning.autoplan import detect_devices
+    from hybrid_gguf.autoplan import detect_devices
     from hybrid_gguf.planning.budget import expert_share
     from hybrid_gguf.routing.profile import RoutingProfile
     from hybrid_gguf.sizes import format_size

@@ -1,6 +1,7 @@
-"""The between-session loop, for `plan` and `run`: gather what the pure planner needs on this
-machine (devices, stored profile, llama.cpp's compute-buffer size, calibrated bandwidth,
-the plan in use), plan, and say what changed.
+"""The between-session loop, for `plan` and `run`: gather what the pure planner (planning/)
+needs on this machine (devices, stored profile, llama.cpp's compute-buffer size, calibrated
+bandwidth, the plan in use), plan, and say what changed. It sits on top of the folders, as
+model.py does: it asks llama/ and bench/ for measurements that planning/ must not make.
 
     res = plan_model("model.gguf", 8 * 2**30, 8192)      # stored profile, cached plan
     res.plan.placement(), res.plan.hybrid_plan_text()     # what llama.cpp gets
