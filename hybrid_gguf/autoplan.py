@@ -9,6 +9,9 @@ model.py does: it asks llama/ and bench/ for measurements that planning/ must no
 
 Plans that `run` makes itself live in <data dir>/plans/<fingerprint>.yaml (paths.py), so the
 next run re-plans against them (hysteresis) and reports promotions/demotions.
+
+`session_plan` is the placement of one HybridModel session: chosen by hand (--n-cpu-moe,
+--cpu-moe, --hot), a plan file, or plan_model's plan; HybridModel then loads and times it.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from hybrid_gguf.errors import HybridError
+from hybrid_gguf.errors import STOCK_NOTICE, HybridError
 from hybrid_gguf.planning.memory import MemoryOptions, MIB
 
 PathLike = Union[str, os.PathLike]
@@ -191,3 +194,259 @@ def plan_model(model_path: PathLike, gpu_budget: Optional[int], n_ctx: int, *,
     if out is not None:
         plan.save(out)
     return AutoPlan(plan, diff, inv, profile, prev, notes)
+
+
+# --- a HybridModel session's placement -----------------------------------------------------
+
+
+@dataclass
+class PlacementSummary:
+    mode: str                      # cpu | gpu | whole-tensor | per-expert
+    description: str
+    n_gpu_layers: int
+    hot: dict = field(default_factory=dict)
+    gpu_budget_bytes: Optional[int] = None
+    notices: list = field(default_factory=list)
+    buffers: dict = field(default_factory=dict)   # llama.cpp's reported buffer sizes
+    hot_pack_bytes: int = 0
+    pack_device: Optional[str] = None
+    predicted: dict = field(default_factory=dict)
+    gpu_experts: dict = field(default_factory=dict)  # {layer: experts in GPU memory}
+
+    def to_dict(self) -> dict:
+        return {
+            "mode": self.mode,
+            "description": self.description,
+            "n_gpu_layers": self.n_gpu_layers,
+            "hot": {str(k): list(v) for k, v in self.hot.items()},
+            "hot_experts": sum(len(v) for v in self.hot.values()),
+            "gpu_budget_bytes": self.gpu_budget_bytes,
+            "hot_pack_bytes": self.hot_pack_bytes,
+            "pack_device": self.pack_device,
+            "predicted": self.predicted,
+            "gpu_experts": sum(len(v) for v in self.gpu_experts.values()),
+            "buffers": self.buffers,
+            "notices": list(self.notices),
+        }
+
+
+@dataclass
+class SessionPlan:
+    """What one session loads (load_llama's two placement parts), the Plan it applies, if
+    any, with that plan's llama.cpp settings, and the summary the session reports."""
+    placement: Optional[object]  # TensorPlacement; None: llama.cpp's default (all on the GPU)
+    hot: Optional[dict]          # {layer: [expert, ...]} packed on summary.pack_device
+    summary: PlacementSummary
+    plan: Optional[object] = None  # Plan
+    llama_kwargs: dict = field(default_factory=dict)  # the plan's, n_ctx left to the caller
+
+
+def session_plan(model_path: PathLike, inv, gpus: Sequence, n_ctx: int, *,
+                 gpu_budget: Union[None, int, str] = None, hot=None, plan=None,
+                 pack_device: Optional[str] = None, auto_plan: bool = True,
+                 n_cpu_moe: Optional[int] = None, cpu_moe: bool = False) -> SessionPlan:
+    """The placement of a HybridModel session (its arguments of the same names) on the GPUs
+    `gpus` (llama.devices.Device; [] places as on a machine without one).
+
+    By hand: `n_cpu_moe`/`cpu_moe` (whole layers' experts on the CPU) or `hot` (a per-expert
+    hot set). Else `plan` (a Plan or a plan YAML path) is applied; else, with a GPU, the
+    model is planned from its stored routing profile for `gpu_budget` (total VRAM; the budget
+    rule of planning/budget.py applied here once) and the plan is kept for the next session
+    (`auto_plan=False`: the planner's whole-layer plan, like --n-cpu-moe, instead)."""
+    from hybrid_gguf.sizes import parse_size
+
+    budget = None if gpu_budget is None else parse_size(gpu_budget)
+    if n_cpu_moe is not None or cpu_moe:
+        if n_cpu_moe is not None and cpu_moe:
+            raise HybridError("--n-cpu-moe and --cpu-moe both choose the placement; pass one")
+        if hot or plan is not None:
+            raise HybridError("--n-cpu-moe/--cpu-moe choose a whole-layer placement by hand; "
+                              "drop --hot/--plan (or them)")
+        if n_cpu_moe is not None and (not isinstance(n_cpu_moe, int) or n_cpu_moe < 0):
+            raise HybridError(f"--n-cpu-moe must be a whole number >= 0, got {n_cpu_moe!r}")
+        chosen = _manual_placement(inv, gpus, n_cpu_moe, budget)
+    else:
+        chosen = _choose_placement(model_path, inv, gpus, budget, hot, plan, n_ctx, pack_device, auto_plan)
+    # without a GPU every branch above leaves n_gpu_layers 0 and packs on the CPU: {}
+    s = chosen.summary
+    s.gpu_experts = _gpu_experts(inv, chosen.placement, chosen.hot or {}, s.n_gpu_layers, s.pack_device)
+    return chosen
+
+
+def _choose_placement(model_path, inv, gpus, budget, hot, plan, n_ctx, pack_device, auto_plan) -> SessionPlan:
+    from hybrid_gguf.llama import hybrid as hybrid_backend
+    from hybrid_gguf.planning import placement as pl
+    from hybrid_gguf.planning.budget import usable_budget
+    from hybrid_gguf.sizes import format_size
+
+    notices: list[str] = []
+    if inv.n_expert == 0:
+        notices.append("model has no routed experts: running it as a dense model")
+    chosen = None  # how the budget was chosen when none was given
+    if gpus:
+        # the one budget rule (planning/budget.py), applied here once for every placement below
+        requested = budget
+        budget, note = usable_budget(requested, gpus[0].free_bytes, gpus[0].name)
+        if note and requested is not None:
+            warnings.warn(note)
+            notices.append(note)
+        chosen = note if requested is None else None
+    elif budget is not None:
+        notices.append("no GPU found: --gpu-budget ignored, everything runs on the CPU")
+
+    if plan is not None:
+        return _placement_from_plan(inv, plan, notices, gpus)
+
+    if hot:
+        cap = hybrid_backend.capability()
+        if not cap.per_expert:
+            raise HybridError(STOCK_NOTICE)
+        hot = {int(k): [int(e) for e in v] for k, v in hot.items()}
+        hybrid_backend.validate_hot(hot, inv.n_layer, lambda l: inv.layers[l].n_expert)
+        device = pack_device or ("CUDA0" if gpus else "CPU")
+        target = next((g for g in gpus if g.name == device), None)
+        if target is not None:
+            # llama.cpp would only fail the load; say how far off the hot set is
+            need = sum(inv.layers[l].per_expert_bytes * len(es) for l, es in hot.items())
+            dense = inv.total_bytes - inv.expert_bytes_total
+            free, _ = usable_budget(None, target.free_bytes)
+            if need + dense > free:
+                raise HybridError(
+                    f"the hot set needs {format_size(need)} of {device} on top of "
+                    f"{format_size(dense)} of dense weights, but {device} has {format_size(free)} "
+                    "free (after a reserve): name fewer hot experts, or use --plan")
+        if not gpus:
+            notices.append("no GPU: hot packs go to a CPU buffer (same results, no speed-up)")
+            return SessionPlan(None, hot, _summary("per-expert", f"hot experts packed on {device}", 0, hot,
+                                                   budget, notices, device))
+        placement = pl.cpu_moe()
+        return SessionPlan(placement, hot, _summary("per-expert", f"hot experts packed on {device}, the rest on CPU",
+                                                    placement.n_gpu_layers, hot, budget, notices, device))
+
+    if not gpus:
+        return SessionPlan(None, None, _summary("cpu", "all weights on the CPU", 0, {}, None, notices, None))
+    if chosen:
+        notices.append(chosen)
+    if auto_plan and inv.n_expert > 0:
+        return _auto_plan(model_path, inv, budget, n_ctx, notices, gpus)
+    return _whole_layer_placement(inv, budget, n_ctx, notices, gpus[0])
+
+
+def _whole_layer_placement(inv, budget, n_ctx, notices, gpu) -> SessionPlan:
+    """No profile used (auto_plan=False, or a dense model): the planner's plan without a
+    profile, whole layers' experts on the GPU, the last layers first (like --n-cpu-moe)."""
+    from hybrid_gguf.planning.plan import DeviceBudget
+    from hybrid_gguf.planning.planner import make_plan
+
+    plan = make_plan(inv, budget, n_ctx, devices=[DeviceBudget(gpu.name, budget)])
+    notices.extend(plan.notes)
+    n_moe = sum(1 for l in inv.layers if l.is_moe)
+    if plan.n_gpu_layers == 0:
+        mode, desc = "cpu", "all weights on the CPU (the rest of the model does not fit the budget)"
+    elif not plan.rules:
+        mode, desc = "gpu", "everything on the GPU"
+    else:
+        n_host = n_moe - len(plan.whole_layers(inv))
+        mode, desc = "whole-tensor", (f"experts of the first {n_host} of {n_moe} MoE layers on the CPU "
+                                      "(like --n-cpu-moe)")
+    return SessionPlan(plan.placement(), None, _summary(mode, desc, plan.n_gpu_layers, {}, budget, notices, None))
+
+
+def _manual_placement(inv, gpus, n_cpu, budget) -> SessionPlan:
+    """--n-cpu-moe N / --cpu-moe: whole layers' experts on the CPU, chosen by the user."""
+    from hybrid_gguf.planning import placement as pl
+
+    flag = "--cpu-moe" if n_cpu is None else f"--n-cpu-moe {n_cpu}"
+    notices: list[str] = []
+    if budget is not None:
+        notices.append(f"{flag} places by hand: --gpu-budget ignored")
+    if not gpus:
+        notices.append(f"no GPU: {flag} has nothing to place, every weight stays on the CPU")
+        return SessionPlan(None, None, _summary("cpu", "all weights on the CPU", 0, {}, None, notices, None))
+    if inv.n_expert == 0:
+        notices.append(f"model has no routed experts: {flag} moves nothing")
+    if n_cpu is None:
+        placement = pl.cpu_moe()
+        desc = "all routed experts on the CPU, the rest on the GPU (--cpu-moe)"
+    else:
+        n_cpu = min(n_cpu, inv.n_layer)
+        placement = pl.n_cpu_moe(n_cpu)
+        desc = ("everything on the GPU (--n-cpu-moe 0)" if n_cpu == 0 else
+                f"experts of the first {n_cpu} of {inv.n_layer} layers on the CPU (--n-cpu-moe {n_cpu})")
+    mode = "gpu" if n_cpu == 0 else "whole-tensor"
+    return SessionPlan(placement, None, _summary(mode, desc, placement.n_gpu_layers, {}, None, notices, None))
+
+
+def _placement_from_plan(inv, plan, notices, gpus) -> SessionPlan:
+    from hybrid_gguf.llama import hybrid as hybrid_backend
+    from hybrid_gguf.planning.plan import Plan
+
+    if isinstance(plan, (str, Path)):
+        source = str(plan)
+        if not Path(plan).exists():
+            raise HybridError(f"plan file not found: {plan}")
+        plan = Plan.load(plan, inv)
+    else:
+        source = "plan"
+    plan.check_model(inv)
+    hot = {int(k): list(v) for k, v in plan.hot.items() if v}
+    if hot and not hybrid_backend.capability().per_expert:
+        notices.append(STOCK_NOTICE + "; using the plan's whole-tensor part only")
+        hot = {}
+    llama_kwargs = {k: v for k, v in plan.llama_kwargs().items() if k != "n_ctx"}
+    if not gpus:
+        llama_kwargs["n_gpu_layers"] = 0
+    n_gpu_layers = llama_kwargs.get("n_gpu_layers", plan.n_gpu_layers)
+    mode = "per-expert" if hot else ("gpu" if not plan.rules else "whole-tensor")
+    n_hot = sum(len(v) for v in hot.values())
+    pack_device = None
+    if hot:
+        named = plan.hot_device if plan.hot_device and plan.hot_device.upper() != "GPU" else None
+        pack_device = (named or "CUDA0") if gpus else "CPU"
+    if hot and not gpus:
+        # the packs are built in a CPU buffer: nothing is on a GPU (same results, no speed-up)
+        desc = f"{source}: {n_hot} hot experts packed on the CPU (no GPU here)"
+        notices.append("no GPU: the plan's hot packs go to a CPU buffer (same results, no speed-up)")
+    else:
+        desc = f"{source}: {n_hot} hot experts" + (f" on {pack_device}" if hot else "")
+    desc += f", {len(plan.rules)} whole-tensor rules" + ("" if gpus else " (ignored: no GPU)")
+    summary = _summary(mode, desc, n_gpu_layers, hot, plan.budget_bytes, notices + list(plan.notes), pack_device)
+    summary.predicted = plan.predicted.to_dict() if hasattr(plan.predicted, "to_dict") else {}
+    return SessionPlan(plan.placement(), hot, summary, plan, llama_kwargs)
+
+
+def _auto_plan(model_path, inv, budget, n_ctx, notices, gpus) -> SessionPlan:
+    """Plan from the stored routing profile, keep it for the next session, say what changed."""
+    from hybrid_gguf.planning.plan import DeviceBudget
+
+    out = default_plan_path(inv.fingerprint)
+    gpu = DeviceBudget(gpus[0].name, budget, free_bytes=gpus[0].free_bytes)  # budget: already usable
+    auto = plan_model(model_path, budget, n_ctx, out=out, inventory=inv, devices=[gpu])
+    if auto.diff is not None:
+        notices.append(auto.diff.summary())
+    chosen = _placement_from_plan(inv, auto.plan, notices, gpus)
+    chosen.summary.description = f"auto plan ({out.name}): " + chosen.summary.description.split(": ", 1)[-1]
+    return chosen
+
+
+def _summary(mode, description, n_gpu_layers, hot, budget, notices, pack_device) -> PlacementSummary:
+    return PlacementSummary(mode, description, n_gpu_layers, dict(hot), budget, list(notices),
+                            pack_device=pack_device)
+
+
+def _gpu_experts(inv, placement, hot, n_gpu_layers: int, pack_device: Optional[str]) -> dict:
+    """{layer: experts in GPU memory} of a placement on a machine with a GPU: hot packs on a
+    GPU device plus layers whose expert tensors no rule keeps on the host."""
+    from hybrid_gguf.planning.memory import is_host
+
+    on_gpu_pack = pack_device is not None and not is_host(pack_device)
+    out = {int(l): [int(e) for e in es] for l, es in hot.items() if es and on_gpu_pack}
+    if n_gpu_layers == 0:
+        return out
+    for layer in inv.layers:
+        if not layer.is_moe:
+            continue
+        targets = [None if placement is None else placement.target_for(n) for n in layer.expert_tensors]
+        if all(t is None or not is_host(t) for t in targets):
+            out[layer.index] = list(range(layer.n_expert))
+    return out

@@ -51,7 +51,6 @@ FORBIDDEN = {
 # being removed by the #14 refactor
 KNOWN = {
     ("hybrid_gguf/bench/runner.py", "duties: chooses placement + loads llama.cpp + times runs"),
-    ("hybrid_gguf/model.py", "duties: chooses placement + times runs"),
 }
 
 

@@ -94,7 +94,7 @@ def test_a_hot_set_larger_than_free_vram_is_refused_before_loading(tiny_model, m
 
 def test_gpu_experts_of_each_kind_of_placement(tiny_model_factory):
     from hybrid_gguf.header.inventory import read_inventory
-    from hybrid_gguf.model import _gpu_experts
+    from hybrid_gguf.autoplan import _gpu_experts
     from hybrid_gguf.planning.placement import cpu_moe, n_cpu_moe
 
     inv = read_inventory(tiny_model_factory("qwen3moe", n_layer=4, n_expert=8))
