@@ -1,24 +1,25 @@
 """A/B benchmark of expert placements at one VRAM budget, measured in one process.
 
-Placements: all routed experts on the CPU (`cpu-experts`); the planner's best whole-layer
-plan at the budget (`whole-layer`: `hybrid-gguf plan --whole-tensor`, what --n-cpu-moe
-gives); the plan `hybrid-gguf plan` writes at the same budget (`per-expert`, hot packs, needs
-the patched backend); and everything on the GPU where the planner finds it fits (`all-gpu`).
-The budget is total VRAM, as `plan --gpu-budget` means it. The routing profile the planner
-sees is recorded on one workload; the timed workload is a different one, so the plan cannot
-flatter itself.
+Placements (made in plans.py): all routed experts on the CPU (`cpu-experts`); the planner's
+best whole-layer plan at the budget (`whole-layer`: `hybrid-gguf plan --whole-tensor`, what
+--n-cpu-moe gives); the plan `hybrid-gguf plan` writes at the same budget (`per-expert`, hot
+packs, needs the patched backend); and everything on the GPU where the planner finds it fits
+(`all-gpu`). The budget is total VRAM, as `plan --gpu-budget` means it. The routing profile
+the planner sees is recorded on one workload; the timed workload is a different one, so the
+plan cannot flatter itself. Loading goes through llama.loader.load_llama; this module times.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from hybrid_gguf.bench.plans import Config, bench_batch, bench_memory, plan_configs
 from hybrid_gguf.llama import hybrid as hybrid_backend
 from hybrid_gguf.routing import process as routing_process
 from hybrid_gguf.errors import HybridError
@@ -26,38 +27,6 @@ from hybrid_gguf.header.inventory import Inventory, read_inventory
 from hybrid_gguf.planning.placement import cpu_moe
 
 BUDGET_CONFIGS = ("whole-layer", "per-expert")  # the placements a budget changes
-
-
-@dataclass
-class Config:
-    name: str
-    placement: object            # TensorPlacement or None (everything on the GPU)
-    hot: dict = field(default_factory=dict)          # hot packs llama.cpp builds: layer -> experts
-    gpu_experts: dict = field(default_factory=dict)  # layer -> experts in GPU memory (packs + whole layers)
-    n_gpu_layers: int = -1
-    plan: object = None          # the planner's Plan this placement is, if any
-
-    @classmethod
-    def from_plan(cls, name: str, plan, inv: Inventory) -> "Config":
-        on_gpu = plan.n_gpu_layers != 0
-        return cls(name, plan.placement(), {int(l): list(v) for l, v in plan.hot.items() if v},
-                   plan.gpu_experts(inv) if on_gpu else {}, plan.n_gpu_layers, plan)
-
-    def gpu_expert_bytes(self, inv: Inventory) -> int:
-        return sum(inv.layers[l].per_expert_bytes * len(es) for l, es in self.gpu_experts.items())
-
-    def plan_detail(self, inv: Inventory) -> Optional[dict]:
-        """What the report says about the plan: its hot set, rules and predictions."""
-        if self.plan is None:
-            return None
-        pl = self.plan
-        return {"backend": pl.backend, "budget_bytes": int(pl.budget_bytes), "n_gpu_layers": pl.n_gpu_layers,
-                "hot_device": pl.hot_device, "hot": {str(l): list(v) for l, v in sorted(self.hot.items())},
-                "whole_layers": pl.whole_layers(inv) if pl.n_gpu_layers != 0 else [],
-                "rules": [{"pattern": r.pattern, "device": r.device} for r in pl.rules],
-                "predicted_hit_rate": pl.predicted.hit_rate,
-                "predicted_decode_tokens_per_s": pl.predicted.decode_tokens_per_s,
-                "predicted_gpu_bytes": pl.predicted.gpu_bytes, "notes": list(pl.notes)}
 
 
 @dataclass
@@ -92,33 +61,6 @@ def hit_rate(counts_decode: np.ndarray, gpu_experts: dict[int, list[int]]) -> Op
         return None
     on_gpu = sum(counts_decode[l, list(es)].sum() for l, es in gpu_experts.items() if es)
     return float(on_gpu / total)
-
-
-def plan_configs(model_path: Path, inv: Inventory, profile, devices: list, n_ctx: int, n_ubatch: int,
-                 wanted: Optional[Sequence[str]] = None, gpu_present: bool = False) -> list[Config]:
-    """The placements to time, made by the planner as `plan` makes them (autoplan.plan_model,
-    same inputs): per-expert = the plan at `devices`' budget with `profile`, whole-layer =
-    the planner with per-expert placement off at the same budget, all-gpu = the plan at all
-    the VRAM the budget rule allows, when it holds every expert."""
-    from hybrid_gguf.autoplan import detect_devices, plan_model
-
-    def want(name: str) -> bool:
-        return wanted is None or name in wanted
-
-    def make(devs, per_expert):
-        return plan_model(model_path, None, n_ctx, profile=profile, devices=devs, per_expert=per_expert,
-                          n_ubatch=n_ubatch, inventory=inv).plan
-
-    configs = [Config("cpu-experts", cpu_moe())] if want("cpu-experts") else []
-    if want("whole-layer"):
-        configs.append(Config.from_plan("whole-layer", make(devices, False), inv))
-    if want("per-expert") and hybrid_backend.capability().per_expert:
-        configs.append(Config.from_plan("per-expert", make(devices, None), inv))
-    if want("all-gpu") and gpu_present:
-        every = make(detect_devices(None)[0], None)
-        if every.n_gpu_layers != 0 and not every.rules and not every.hot:
-            configs.append(Config.from_plan("all-gpu", every, inv))
-    return configs
 
 
 def load_config(path: Path, inv: Inventory, cfg: Config, n_ctx: int, n_batch: int, record,
@@ -189,29 +131,6 @@ def busy_handoffs(trace, gpu_experts: dict, layers: Sequence[int], n_expert: int
 def vram_model_bytes(loaded) -> int:
     gpu = sum(v for k, v in loaded.buffers.model.items() if not k.startswith("CPU") and "Host" not in k)
     return int(gpu + hybrid_backend.pack_bytes(loaded.llm._model.model))
-
-
-def bench_batch(n_prompt: int) -> int:
-    """n_batch = n_ubatch of the timed loads, and the ubatch the plans are made for."""
-    return max(512, int(n_prompt))
-
-
-def bench_memory(model_path: Path, n_ctx: int, n_prompt: int):
-    """The MemoryOptions `plan` would use for the bench's context and batch (a dry run)."""
-    from hybrid_gguf.llama.devices import gpu_devices
-    from hybrid_gguf.autoplan import memory_options_here
-
-    return memory_options_here(model_path, n_ctx, n_ubatch=bench_batch(n_prompt), gpu_present=bool(gpu_devices()))
-
-
-def share_budgets(model_path: Path, shares: Sequence[float], n_ctx: int, n_prompt: int) -> list[int]:
-    """Total VRAM budgets that leave room for each share of the routed-expert bytes on top
-    of the rest of the model (planning/budget.expert_share_budget); converted once, here."""
-    from hybrid_gguf.planning.budget import expert_share_budget
-
-    inv = read_inventory(model_path)
-    memory = bench_memory(model_path, n_ctx, n_prompt)
-    return [expert_share_budget(inv, s, memory) for s in shares]
 
 
 def run_bench(model_path: Path, *, budget_bytes: Optional[int], profile_prompts: Sequence[Sequence[int]],
@@ -548,17 +467,12 @@ def package_text(names: Sequence[str], limit_bytes: int) -> str:
     return "".join(chunks)
 
 
-def tokenizer_for(model: Path) -> Callable[[str], list[int]]:
-    import llama_cpp
-
-    llm = llama_cpp.Llama(model_path=str(model), vocab_only=True, verbose=False)
-    return lambda text: llm.tokenize(text.encode(), add_bos=False, special=False)
-
-
 def stdlib_workloads(model: Path, n_prompt: int, profile_tokens: int,
                      profile_packages: Sequence[str] = PROFILE_PACKAGES,
                      eval_packages: Sequence[str] = EVAL_PACKAGES, n_gen: int = 0):
     """(profile prompts of 512 tokens, the timed prompt): held-out packages for timing."""
+    from hybrid_gguf.llama.loader import tokenizer_for
+
     tok = tokenizer_for(model)
     prof = tok(package_text(profile_packages, profile_tokens * 6))[:profile_tokens]
     prompts = [prof[i:i + 512] for i in range(0, len(prof), 512)]

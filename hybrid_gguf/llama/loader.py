@@ -244,3 +244,11 @@ def load_error_detail(errors: list, fallback: str, keep: int = 2) -> str:
         if len(chosen) == keep:
             break
     return "; ".join(chosen) if chosen else (" ".join(fallback.split()) or "unknown error")
+
+
+def tokenizer_for(model_path) -> Callable[[str], list[int]]:
+    """The model's tokenizer alone (a vocab-only load): text -> token ids, no BOS."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(model_path), vocab_only=True, verbose=False)
+    return lambda text: llm.tokenize(text.encode(), add_bos=False, special=False)
