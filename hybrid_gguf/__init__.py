@@ -23,7 +23,7 @@ def plan(model=None, gpu_budget=None, n_ctx=None, **kwargs):
     the model's training context, at most limits.DEFAULT_CTX, as every command does).
     Returns autoplan.AutoPlan (.plan, .diff, .notes); the keyword arguments are
     autoplan.plan_model's."""
-    from hybrid_gguf.planning.autoplan import plan_model
+    from hybrid_gguf.autoplan import plan_model
     from hybrid_gguf.header.inventory import read_inventory
     from hybrid_gguf.limits import default_ctx
     from hybrid_gguf.models import resolve_model

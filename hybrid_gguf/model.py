@@ -7,19 +7,18 @@ import threading
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from hybrid_gguf.llama import devices as devices_mod
 from hybrid_gguf import limits
+from hybrid_gguf.autoplan import session_plan
 from hybrid_gguf.llama import hybrid as hybrid_backend
 from hybrid_gguf.routing import process as routing_process
 from hybrid_gguf.errors import HybridError
 from hybrid_gguf.header.inventory import Inventory, read_inventory
 from hybrid_gguf.models import ResolvedModel, resolve_model
-from hybrid_gguf.planning.budget import usable_budget
-from hybrid_gguf.sizes import format_size, parse_size
 
 # Always-on recording observes one decoded token in this many (as bursts of 8 closing every
 # 8 * stride tokens, recorder.DecodeSampler). On the H200 (48 layers, docs/benchmarks.md)
@@ -51,49 +50,12 @@ class GenerationResult:
         return self.prompt_tokens / (self.prompt_ms / 1e3) if self.prompt_ms > 0 else 0.0
 
 
-@dataclass
-class PlacementSummary:
-    mode: str                      # cpu | gpu | whole-tensor | per-expert
-    description: str
-    n_gpu_layers: int
-    hot: dict = field(default_factory=dict)
-    gpu_budget_bytes: Optional[int] = None
-    notices: list = field(default_factory=list)
-    buffers: dict = field(default_factory=dict)   # llama.cpp's reported buffer sizes
-    hot_pack_bytes: int = 0
-    pack_device: Optional[str] = None
-    predicted: dict = field(default_factory=dict)
-    gpu_experts: dict = field(default_factory=dict)  # {layer: experts in GPU memory}
-
-    def to_dict(self) -> dict:
-        return {
-            "mode": self.mode,
-            "description": self.description,
-            "n_gpu_layers": self.n_gpu_layers,
-            "hot": {str(k): list(v) for k, v in self.hot.items()},
-            "hot_experts": sum(len(v) for v in self.hot.values()),
-            "gpu_budget_bytes": self.gpu_budget_bytes,
-            "hot_pack_bytes": self.hot_pack_bytes,
-            "pack_device": self.pack_device,
-            "predicted": self.predicted,
-            "gpu_experts": sum(len(v) for v in self.gpu_experts.values()),
-            "buffers": self.buffers,
-            "notices": list(self.notices),
-        }
-
-
 def _perf(llm) -> tuple[float, int, float, int]:
     import llama_cpp
 
     llama_cpp.llama_synchronize(llm._ctx.ctx)  # perf counters are updated on synchronize
     p = llama_cpp.llama_perf_context(llm._ctx.ctx)
     return float(p.t_p_eval_ms), int(p.n_p_eval), float(p.t_eval_ms), int(p.n_eval)
-
-
-def _budget_bytes(gpu_budget: Union[None, int, str]) -> Optional[int]:
-    if gpu_budget is None:
-        return None
-    return parse_size(gpu_budget)
 
 
 class HybridModel:
@@ -165,26 +127,12 @@ class HybridModel:
         self.decode_sampler = None
         self.recorder_notice: Optional[str] = None
 
-        self.plan = None
-        self._plan_kwargs: dict = {}
-        if n_cpu_moe is not None or cpu_moe:
-            if n_cpu_moe is not None and cpu_moe:
-                raise HybridError("--n-cpu-moe and --cpu-moe both choose the placement; pass one")
-            if hot or plan is not None:
-                raise HybridError("--n-cpu-moe/--cpu-moe choose a whole-layer placement by hand; "
-                                  "drop --hot/--plan (or them)")
-            if n_cpu_moe is not None and (not isinstance(n_cpu_moe, int) or n_cpu_moe < 0):
-                raise HybridError(f"--n-cpu-moe must be a whole number >= 0, got {n_cpu_moe!r}")
-            placement, hot_plan, summary = self._manual_placement(
-                n_cpu_moe, _budget_bytes(gpu_budget))
-        else:
-            placement, hot_plan, summary = self._choose_placement(
-                _budget_bytes(gpu_budget), hot, plan, n_ctx, pack_device, auto_plan)
+        gpus = [] if self.cpu_only else devices_mod.gpu_devices()
+        chosen = session_plan(self.path, self.inventory, gpus, n_ctx, gpu_budget=gpu_budget, hot=hot, plan=plan,
+                              pack_device=pack_device, auto_plan=auto_plan, n_cpu_moe=n_cpu_moe, cpu_moe=cpu_moe)
+        self.plan = chosen.plan  # the Plan applied, if any
         self.repack = bool(repack)
-        # without a GPU every branch above leaves n_gpu_layers 0 and packs on the CPU: {}
-        summary.gpu_experts = _gpu_experts(self.inventory, placement, hot_plan or {},
-                                           summary.n_gpu_layers, summary.pack_device)
-        self.placement = summary
+        self.placement = summary = chosen.summary
 
         recording = self._recording() if record and self.inventory.n_expert > 0 else None
 
@@ -192,7 +140,7 @@ class HybridModel:
 
         kwargs: dict[str, Any] = dict(n_ctx=n_ctx, n_batch=n_batch, seed=seed, verbose=verbose,
                                       n_gpu_layers=summary.n_gpu_layers)
-        kwargs.update(self._plan_kwargs)
+        kwargs.update(chosen.llama_kwargs)
         if n_threads:
             kwargs["n_threads"] = n_threads
             kwargs["n_threads_batch"] = n_threads
@@ -200,7 +148,7 @@ class HybridModel:
             kwargs["model_patch"] = _no_extra_bufts
         stream = routing_process.STREAM_PROFILE if self.profiling else routing_process.STREAM_MEASURED
         t0 = time.perf_counter()
-        loaded = load_llama(self.path, placement, hot=hot_plan, pack_device=summary.pack_device,
+        loaded = load_llama(self.path, chosen.placement, hot=chosen.hot, pack_device=summary.pack_device,
                             record=recording, route_trace=routing_process.model_trace(self.inventory, n_ctx, stream),
                             inventory=self.inventory, **kwargs)
         self.load_seconds = time.perf_counter() - t0
@@ -208,165 +156,6 @@ class HybridModel:
         self.recorder, self.decode_sampler = loaded.recorder, loaded.decode_sampler
         summary.buffers = _buffer_dict(loaded.buffers)
         summary.hot_pack_bytes = hybrid_backend.pack_bytes(self._llm._model.model)
-
-    # -- placement -----------------------------------------------------------------------
-
-    def _choose_placement(self, budget, hot, plan, n_ctx, pack_device, auto_plan):
-        from hybrid_gguf.llama import loader as pl
-
-        inv = self.inventory
-        notices: list[str] = []
-        gpus = self._gpus()
-        if inv.n_expert == 0:
-            notices.append("model has no routed experts: running it as a dense model")
-        chosen = None  # how the budget was chosen when none was given
-        if gpus:
-            # the one budget rule (planning/budget.py), applied here once for every placement below
-            requested = budget
-            budget, note = usable_budget(requested, gpus[0].free_bytes, gpus[0].name)
-            if note and requested is not None:
-                warnings.warn(note)
-                notices.append(note)
-            chosen = note if requested is None else None
-        elif budget is not None:
-            notices.append("no GPU found: --gpu-budget ignored, everything runs on the CPU")
-
-        if plan is not None:
-            return self._placement_from_plan(plan, notices, gpus)
-
-        if hot:
-            cap = hybrid_backend.capability()
-            if not cap.per_expert:
-                raise HybridError(hybrid_backend.STOCK_NOTICE)
-            hot = {int(k): [int(e) for e in v] for k, v in hot.items()}
-            hybrid_backend.validate_hot(hot, inv.n_layer, lambda l: inv.layers[l].n_expert)
-            device = pack_device or ("CUDA0" if gpus else "CPU")
-            target = next((g for g in gpus if g.name == device), None)
-            if target is not None:
-                # llama.cpp would only fail the load; say how far off the hot set is
-                need = sum(inv.layers[l].per_expert_bytes * len(es) for l, es in hot.items())
-                dense = inv.total_bytes - inv.expert_bytes_total
-                free, _ = usable_budget(None, target.free_bytes)
-                if need + dense > free:
-                    raise HybridError(
-                        f"the hot set needs {format_size(need)} of {device} on top of "
-                        f"{format_size(dense)} of dense weights, but {device} has {format_size(free)} "
-                        "free (after a reserve): name fewer hot experts, or use --plan")
-            if not gpus:
-                notices.append("no GPU: hot packs go to a CPU buffer (same results, no speed-up)")
-                return None, hot, _summary("per-expert", f"hot experts packed on {device}", 0, hot,
-                                           budget, notices, device)
-            placement = pl.cpu_moe()
-            return placement, hot, _summary("per-expert", f"hot experts packed on {device}, the rest on CPU",
-                                            placement.n_gpu_layers, hot, budget, notices, device)
-
-        if not gpus:
-            return None, None, _summary("cpu", "all weights on the CPU", 0, {}, None, notices, None)
-        if chosen:
-            notices.append(chosen)
-        if auto_plan and inv.n_expert > 0:
-            return self._auto_plan(budget, n_ctx, notices, gpus)
-        return self._whole_layer_placement(budget, n_ctx, notices, gpus[0])
-
-    def _whole_layer_placement(self, budget, n_ctx, notices, gpu):
-        """No profile used (auto_plan=False, or a dense model): the planner's plan without a
-        profile, whole layers' experts on the GPU, the last layers first (like --n-cpu-moe)."""
-        from hybrid_gguf.planning.plan import DeviceBudget
-        from hybrid_gguf.planning.planner import make_plan
-
-        inv = self.inventory
-        plan = make_plan(inv, budget, n_ctx, devices=[DeviceBudget(gpu.name, budget)])
-        notices.extend(plan.notes)
-        n_moe = sum(1 for l in inv.layers if l.is_moe)
-        if plan.n_gpu_layers == 0:
-            mode, desc = "cpu", "all weights on the CPU (the rest of the model does not fit the budget)"
-        elif not plan.rules:
-            mode, desc = "gpu", "everything on the GPU"
-        else:
-            n_host = n_moe - len(plan.whole_layers(inv))
-            mode, desc = "whole-tensor", (f"experts of the first {n_host} of {n_moe} MoE layers on the CPU "
-                                          "(like --n-cpu-moe)")
-        return plan.placement(), None, _summary(mode, desc, plan.n_gpu_layers, {}, budget, notices, None)
-
-    def _manual_placement(self, n_cpu, budget):
-        """--n-cpu-moe N / --cpu-moe: whole layers' experts on the CPU, chosen by the user."""
-        from hybrid_gguf.llama import loader as pl
-
-        inv = self.inventory
-        flag = "--cpu-moe" if n_cpu is None else f"--n-cpu-moe {n_cpu}"
-        notices: list[str] = []
-        if budget is not None:
-            notices.append(f"{flag} places by hand: --gpu-budget ignored")
-        if not self._gpus():
-            notices.append(f"no GPU: {flag} has nothing to place, every weight stays on the CPU")
-            return None, None, _summary("cpu", "all weights on the CPU", 0, {}, None, notices, None)
-        if inv.n_expert == 0:
-            notices.append(f"model has no routed experts: {flag} moves nothing")
-        if n_cpu is None:
-            placement = pl.cpu_moe()
-            desc = "all routed experts on the CPU, the rest on the GPU (--cpu-moe)"
-        else:
-            n_cpu = min(n_cpu, inv.n_layer)
-            placement = pl.n_cpu_moe(n_cpu)
-            desc = ("everything on the GPU (--n-cpu-moe 0)" if n_cpu == 0 else
-                    f"experts of the first {n_cpu} of {inv.n_layer} layers on the CPU (--n-cpu-moe {n_cpu})")
-        mode = "gpu" if n_cpu == 0 else "whole-tensor"
-        return placement, None, _summary(mode, desc, placement.n_gpu_layers, {}, None, notices, None)
-
-    def _placement_from_plan(self, plan, notices, gpus):
-        from hybrid_gguf.planning.plan import Plan
-
-        if isinstance(plan, (str, Path)):
-            source = str(plan)
-            if not Path(plan).exists():
-                raise HybridError(f"plan file not found: {plan}")
-            plan = Plan.load(plan, self.inventory)
-        else:
-            source = "plan"
-        plan.check_model(self.inventory)
-        hot = {int(k): list(v) for k, v in plan.hot.items() if v}
-        if hot and not hybrid_backend.capability().per_expert:
-            notices.append(hybrid_backend.STOCK_NOTICE + "; using the plan's whole-tensor part only")
-            hot = {}
-        self._plan_kwargs = {k: v for k, v in plan.llama_kwargs().items() if k != "n_ctx"}
-        if not gpus:
-            self._plan_kwargs["n_gpu_layers"] = 0
-        n_gpu_layers = self._plan_kwargs.get("n_gpu_layers", plan.n_gpu_layers)
-        mode = "per-expert" if hot else ("gpu" if not plan.rules else "whole-tensor")
-        n_hot = sum(len(v) for v in hot.values())
-        pack_device = None
-        if hot:
-            named = plan.hot_device if plan.hot_device and plan.hot_device.upper() != "GPU" else None
-            pack_device = (named or "CUDA0") if gpus else "CPU"
-        if hot and not gpus:
-            # the packs are built in a CPU buffer: nothing is on a GPU (same results, no speed-up)
-            desc = f"{source}: {n_hot} hot experts packed on the CPU (no GPU here)"
-            notices.append("no GPU: the plan's hot packs go to a CPU buffer (same results, no speed-up)")
-        else:
-            desc = f"{source}: {n_hot} hot experts" + (f" on {pack_device}" if hot else "")
-        desc += f", {len(plan.rules)} whole-tensor rules" + ("" if gpus else " (ignored: no GPU)")
-        summary = _summary(mode, desc, n_gpu_layers, hot, plan.budget_bytes, notices + list(plan.notes), pack_device)
-        summary.predicted = plan.predicted.to_dict() if hasattr(plan.predicted, "to_dict") else {}
-        self.plan = plan
-        return plan.placement(), hot, summary
-
-    def _auto_plan(self, budget, n_ctx, notices, gpus):
-        """Plan from the stored routing profile, keep it for the next session, say what changed."""
-        from hybrid_gguf.planning.autoplan import default_plan_path, plan_model
-
-        from hybrid_gguf.planning.plan import DeviceBudget
-
-        out = default_plan_path(self.inventory.fingerprint)
-        gpu = DeviceBudget(gpus[0].name, budget, free_bytes=gpus[0].free_bytes)  # budget: already usable
-        auto = plan_model(self.path, budget, n_ctx, out=out, inventory=self.inventory, devices=[gpu])
-        if auto.diff is not None:
-            notices.append(auto.diff.summary())
-        placement, hot, summary = self._placement_from_plan(auto.plan, notices, gpus)
-        summary.description = f"auto plan ({out.name}): " + summary.description.split(": ", 1)[-1]
-        return placement, hot, summary
-
-    def _gpus(self) -> list:
-        return [] if self.cpu_only else devices_mod.gpu_devices()
 
     # -- recording -----------------------------------------------------------------------
 
@@ -654,30 +443,6 @@ def _utf8(text: str) -> bytes:
     except UnicodeEncodeError as exc:
         raise HybridError(f"the prompt is not valid UTF-8 text (character {exc.object[exc.start]!r} at "
                           f"position {exc.start} cannot be encoded)") from None
-
-
-def _summary(mode, description, n_gpu_layers, hot, budget, notices, pack_device) -> PlacementSummary:
-    return PlacementSummary(mode, description, n_gpu_layers, dict(hot), budget, list(notices),
-                            pack_device=pack_device)
-
-
-def _gpu_experts(inv: Inventory, placement, hot: Mapping[int, Sequence[int]], n_gpu_layers: int,
-                 pack_device: Optional[str]) -> dict:
-    """{layer: experts in GPU memory} of a placement on a machine with a GPU: hot packs on a
-    GPU device plus layers whose expert tensors no rule keeps on the host."""
-    from hybrid_gguf.planning.memory import is_host
-
-    on_gpu_pack = pack_device is not None and not is_host(pack_device)
-    out = {int(l): [int(e) for e in es] for l, es in hot.items() if es and on_gpu_pack}
-    if n_gpu_layers == 0:
-        return out
-    for layer in inv.layers:
-        if not layer.is_moe:
-            continue
-        targets = [None if placement is None else placement.target_for(n) for n in layer.expert_tensors]
-        if all(t is None or not is_host(t) for t in targets):
-            out[layer.index] = list(range(layer.n_expert))
-    return out
 
 
 def _buffer_dict(report) -> dict:

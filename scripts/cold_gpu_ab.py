@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hybrid_gguf.bench import runner  # noqa: E402
 from hybrid_gguf.header.inventory import read_inventory  # noqa: E402
-from hybrid_gguf.llama import hybrid  # noqa: E402
+from hybrid_gguf.llama import loader  # noqa: E402
 
 
 def main() -> None:
@@ -66,13 +66,13 @@ def main() -> None:
     first = runner.run_bench(args.model, configs=[c for c in wanted if c != "per-expert-cold-gpu"], **common)
     rows = first["results"]
     if "per-expert-cold-gpu" in wanted:
-        plain = hybrid.plan_text
-        hybrid.plan_text = lambda hot, buft=None, cold_on_gpu=False: plain(hot, buft, cold_on_gpu=True)
+        plain = loader.load_llama
+        loader.load_llama = lambda *args, **kwargs: plain(*args, **{**kwargs, "cold_on_gpu": True})
         try:
             second = runner.run_bench(args.model, configs=["per-expert"], counts=first["_counts"],
                                       eval_counts=first["_eval_counts"], eval_trace=first["_eval_trace"], **common)
         finally:
-            hybrid.plan_text = plain
+            loader.load_llama = plain
         for r in second["results"]:
             r["name"] = "per-expert-cold-gpu"
             rows.append(r)

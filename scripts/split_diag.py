@@ -26,7 +26,8 @@ from gguf import GGUFReader
 
 from hybrid_gguf.llama import ggml_lib
 from hybrid_gguf.llama import hybrid as hybrid_backend
-from hybrid_gguf.llama.loader import cpu_moe, load_llama
+from hybrid_gguf.llama.loader import load_llama
+from hybrid_gguf.planning.placement import cpu_moe
 from hybrid_gguf.synth import preset, write_synthetic_moe
 
 WANT = ("ffn_norm", "ffn_moe_topk", "ffn_moe_weights_norm", "ffn_moe_hot_ids", "ffn_moe_cold_ids",

@@ -60,7 +60,7 @@ def test_bench_json_on_cpu(tiny_model_factory, tmp_path):
 
 def test_the_per_expert_row_is_the_plan_that_plan_writes(tiny_model_factory, tmp_path):
     """Same model, budget (total VRAM) and profile: bench times exactly the plan `plan` writes."""
-    from hybrid_gguf.bench.runner import share_budgets
+    from hybrid_gguf.bench.plans import share_budgets
     from hybrid_gguf.llama import hybrid as hybrid_backend
     from hybrid_gguf.planning.plan import Plan
 

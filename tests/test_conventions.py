@@ -211,46 +211,44 @@ def test_n_cpu_moe_on_a_cpu_only_machine_says_there_is_nothing_to_place(tmp_path
     assert "no GPU: --n-cpu-moe 1 has nothing to place" in res.stderr
 
 
-def test_manual_whole_layer_placement_with_a_gpu(tiny_model_factory, monkeypatch):
+def test_manual_whole_layer_placement_with_a_gpu(tiny_model_factory):
+    from hybrid_gguf.autoplan import session_plan
     from hybrid_gguf.llama import devices
     from hybrid_gguf.header.inventory import read_inventory
-    from hybrid_gguf.model import HybridModel
 
     gpu = devices.Device(index=1, name="CUDA0", description="fake", type="gpu", free_bytes=8 << 30,
                          total_bytes=8 << 30)
-    monkeypatch.setattr(devices, "gpu_devices", lambda: [gpu])
-    hm = HybridModel.__new__(HybridModel)
-    hm.inventory = read_inventory(tiny_model_factory("qwen3moe", n_layer=4))
-    hm.cpu_only = False
-    placement, hot, summary = hm._manual_placement(3, None)
-    assert placement.n_cpu_moe == 3 and not hot and "--n-cpu-moe 3" in summary.description
-    placement, hot, summary = hm._manual_placement(99, 1 << 30)  # capped; the budget is ignored, said so
-    assert placement.n_cpu_moe == 4 and any("--gpu-budget ignored" in n for n in summary.notices)
-    placement, _, summary = hm._manual_placement(None, None)
-    assert "--cpu-moe" in summary.description and placement.n_cpu_moe is None
+    path = tiny_model_factory("qwen3moe", n_layer=4)
+    inv = read_inventory(path)
+    s = session_plan(path, inv, [gpu], 256, n_cpu_moe=3)
+    assert s.placement.n_cpu_moe == 3 and not s.hot and "--n-cpu-moe 3" in s.summary.description
+    s = session_plan(path, inv, [gpu], 256, n_cpu_moe=99, gpu_budget=1 << 30)  # capped; the budget is ignored, said so
+    assert s.placement.n_cpu_moe == 4 and any("--gpu-budget ignored" in n for n in s.summary.notices)
+    s = session_plan(path, inv, [gpu], 256, cpu_moe=True)
+    assert "--cpu-moe" in s.summary.description and s.placement.n_cpu_moe is None
 
 
 def test_the_whole_layer_fallback_is_the_planner_without_a_profile(tiny_model_factory):
+    from hybrid_gguf.autoplan import session_plan
     from hybrid_gguf.llama import devices
     from hybrid_gguf.header.inventory import read_inventory
-    from hybrid_gguf.llama.loader import n_cpu_moe
-    from hybrid_gguf.model import HybridModel
+    from hybrid_gguf.planning.placement import n_cpu_moe
     from hybrid_gguf.planning.memory import MemoryOptions, predict_memory
     from hybrid_gguf.planning.plan import DeviceBudget
     from hybrid_gguf.planning.planner import make_plan
 
     gpu = devices.Device(index=1, name="CUDA0", description="fake", type="gpu", free_bytes=8 << 30,
                          total_bytes=8 << 30)
-    hm = HybridModel.__new__(HybridModel)
-    hm.inventory = inv = read_inventory(tiny_model_factory("qwen3moe", n_layer=4))
+    path = tiny_model_factory("qwen3moe", n_layer=4)
+    inv = read_inventory(path)
     base = predict_memory(inv, n_cpu_moe(4), MemoryOptions(256), gpus=["CUDA0"]).gpu_bytes
     budget = base + int(2.5 * inv.layers[0].expert_bytes)  # room for two layers' experts
-    placement, hot, summary = hm._whole_layer_placement(budget, 256, [], gpu)
+    s = session_plan(path, inv, [gpu], 256, gpu_budget=budget, auto_plan=False)
     plan = make_plan(inv, budget, 256, devices=[DeviceBudget("CUDA0", budget)])
-    assert placement.rules == plan.placement().rules and not hot and plan.whole_layers(inv) == [2, 3]
-    assert summary.mode == "whole-tensor" and "first 2 of 4 MoE layers" in summary.description
-    assert any("no routing profile" in n for n in summary.notices)
-    _, _, everything = hm._whole_layer_placement(8 << 30, 256, [], gpu)
+    assert s.placement.rules == plan.placement().rules and not s.hot and plan.whole_layers(inv) == [2, 3]
+    assert s.summary.mode == "whole-tensor" and "first 2 of 4 MoE layers" in s.summary.description
+    assert any("no routing profile" in n for n in s.summary.notices)
+    everything = session_plan(path, inv, [gpu], 256, auto_plan=False).summary  # all the GPU can give
     assert everything.mode == "gpu"
 
 
@@ -328,7 +326,7 @@ def test_plan_on_a_cpu_only_machine_says_what_runs_here(tmp_path):
 def test_a_plan_with_hot_experts_on_a_cpu_only_machine_claims_no_gpu(tiny_model):
     pytest.importorskip("llama_cpp")
     from hybrid_gguf.llama import hybrid as hybrid_backend
-    from hybrid_gguf.planning.autoplan import plan_model
+    from hybrid_gguf.autoplan import plan_model
     from hybrid_gguf.llama.devices import gpu_devices
     from hybrid_gguf.model import HybridModel
 

@@ -61,7 +61,8 @@ COLD_ON_GPU = os.environ.get("HYBRID_GGUF_TEST_COLD", "cpu") == "gpu"
 
 
 def load_with_report(path, hot=None, use_mmap=True):
-    from hybrid_gguf.llama.loader import cpu_moe, load_llama
+    from hybrid_gguf.llama.loader import load_llama
+    from hybrid_gguf.planning.placement import cpu_moe
 
     kwargs = dict(n_ctx=128, n_batch=64, seed=1, verbose=False, use_mmap=use_mmap)
     placement = cpu_moe() if ON_GPU else None

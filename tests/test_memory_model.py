@@ -15,7 +15,8 @@ from hybrid_gguf.header.inventory import read_inventory
 from hybrid_gguf.llama.dry_run import measure_compute_bytes
 from hybrid_gguf.llama.hooks import construct_llama
 from hybrid_gguf.llama.log import capture_llama_log
-from hybrid_gguf.llama.loader import EXPERT_TENSOR_RE, PlacementRule, TensorPlacement, load_llama
+from hybrid_gguf.llama.loader import load_llama
+from hybrid_gguf.planning.placement import EXPERT_TENSOR_RE, PlacementRule, TensorPlacement, plan_text
 
 ARCHS = ("qwen3moe", "qwen2moe", "llama", "gpt-oss", "dense")
 # (n_ctx, n_ubatch, flash_attn, cache type)
@@ -84,7 +85,7 @@ def test_hot_pack_bytes_match_patched_loader(tiny_model_factory):
     inv = read_inventory(path)
     hot = {0: [1, 5, 2], 2: [0]}
     with capture_llama_log(forward=False) as cap:
-        with hybrid_backend.pending_plan(hybrid_backend.plan_text(hot, "CPU")):
+        with hybrid_backend.pending_plan(plan_text(hot, "CPU")):
             llm = construct_llama(str(path), n_ctx=256, n_gpu_layers=0, n_threads=1, verbose=False)
     pack = hybrid_backend.pack_bytes(llm._model.model)
     llm.close()

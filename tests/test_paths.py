@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from hybrid_gguf import paths, synth
-from hybrid_gguf.planning import autoplan
+from hybrid_gguf import autoplan
 from hybrid_gguf.planning import calibration
 from hybrid_gguf.routing import profile
 from hybrid_gguf.llama.native import build

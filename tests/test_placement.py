@@ -12,6 +12,7 @@ from hybrid_gguf.llama import devices
 from hybrid_gguf.llama import ggml_lib
 from hybrid_gguf.llama import hybrid
 from hybrid_gguf.llama import loader as P
+from hybrid_gguf.planning import placement as pl
 from hybrid_gguf.errors import HybridError
 from hybrid_gguf.header.inventory import read_inventory
 from hybrid_gguf.llama.log import MIB, capture_llama_log, parse_buffer_sizes
@@ -41,23 +42,23 @@ def _no_extra_bufts(params):
 @pytest.mark.parametrize("arch", ["qwen3moe", "qwen2moe", "llama", "gpt-oss"])
 def test_cpu_moe_selects_exactly_the_routed_experts(tiny_model_factory, arch):
     inv = read_inventory(tiny_model_factory(arch))
-    assert _matched(P.cpu_moe(), inv) == _experts(inv)
+    assert _matched(pl.cpu_moe(), inv) == _experts(inv)
     if arch == "gpt-oss":  # per-expert biases move with their weights
         assert any(t.kind == "expert_bias" for t in inv.tensors if t.name in _experts(inv))
     if arch == "qwen2moe":  # shared experts stay with the layer
-        assert not any("shexp" in name for name in _matched(P.cpu_moe(), inv))
+        assert not any("shexp" in name for name in _matched(pl.cpu_moe(), inv))
 
 
 def test_n_cpu_moe_regex_selects_layers_below_n(tiny_model_factory):
     inv = read_inventory(tiny_model_factory("qwen3moe", n_layer=12))
     for n in range(0, 13):
-        placement = P.n_cpu_moe(n)
+        placement = pl.n_cpu_moe(n)
         assert len(placement.rules) <= 1  # one alternation, not one pattern per layer
         assert _matched(placement, inv) == _experts(inv, below=n), n
     # "1" must not select layers 10 and 11 (anchored on the dots around the index)
-    assert _matched(P.n_cpu_moe(2), inv) == _experts(inv, below=2)
+    assert _matched(pl.n_cpu_moe(2), inv) == _experts(inv, below=2)
     with pytest.raises(HybridError):
-        P.n_cpu_moe(-1)
+        pl.n_cpu_moe(-1)
 
 
 @pytest.mark.parametrize("pattern, message", [
@@ -67,29 +68,29 @@ def test_n_cpu_moe_regex_selects_layers_below_n(tiny_model_factory):
 ])
 def test_malformed_patterns_raise(pattern, message):
     with pytest.raises(HybridError, match=message):
-        P.TensorPlacement([(pattern, "CPU")])
+        pl.TensorPlacement([(pattern, "CPU")])
 
 
 def test_unknown_targets_raise():
     with pytest.raises(HybridError, match="unknown placement target"):
-        P.build_overrides(P.TensorPlacement([("exps", "TPU0")]))
+        P.build_overrides(pl.TensorPlacement([("exps", "TPU0")]))
     # repack buffers abort on types they cannot repack: only on explicit request
     with pytest.raises(HybridError):
-        P.build_overrides(P.TensorPlacement([("exps", "CPU_REPACK")]))
+        P.build_overrides(pl.TensorPlacement([("exps", "CPU_REPACK")]))
     if not devices.has_cuda():
         with pytest.raises(HybridError, match="CUDA"):
-            P.build_overrides(P.TensorPlacement([("exps", "CUDA0")]))
+            P.build_overrides(pl.TensorPlacement([("exps", "CUDA0")]))
 
 
 def test_override_array_layout():
-    placement = P.TensorPlacement([(r"\.ffn_up_exps", "CPU"), (r"\.ffn_down_exps", "cpu")])
+    placement = pl.TensorPlacement([(r"\.ffn_up_exps", "CPU"), (r"\.ffn_down_exps", "cpu")])
     array, keep = P.build_overrides(placement)
     assert keep is not None and len(array) == 3
     assert ctypes.sizeof(P.TensorBuftOverride) == 2 * ctypes.sizeof(ctypes.c_void_p)
     assert [array[i].pattern for i in range(2)] == [rb"\.ffn_up_exps", rb"\.ffn_down_exps"]
     assert array[0].buft == array[1].buft == ggml_lib.cpu_buffer_type()
     assert array[2].pattern is None and array[2].buft is None
-    assert P.build_overrides(P.all_on_gpu()) == (None, None)
+    assert P.build_overrides(pl.all_on_gpu()) == (None, None)
 
 
 # --- what llama.cpp does with the overrides -------------------------------------------
@@ -99,7 +100,7 @@ def test_llama_cpp_applies_n_cpu_moe_to_exactly_those_tensors(tiny_model_factory
     path = tiny_model_factory("qwen3moe", n_layer=4)
     inv = read_inventory(path)
     for n in (0, 1, 3):
-        loaded = P.load_llama(path, P.n_cpu_moe(n), **LOAD)
+        loaded = P.load_llama(path, pl.n_cpu_moe(n), **LOAD)
         overridden = loaded.buffers.overridden  # from llama.cpp's own debug lines
         assert set(overridden) == _experts(inv, below=n)
         assert set(overridden.values()) <= {"CPU", "CPU_REPACK"}
@@ -109,7 +110,7 @@ def test_llama_cpp_applies_n_cpu_moe_to_exactly_those_tensors(tiny_model_factory
 def test_llama_cpp_moves_gpt_oss_expert_biases(tiny_model_factory):
     path = tiny_model_factory("gpt-oss")
     inv = read_inventory(path)
-    loaded = P.load_llama(path, P.cpu_moe(), **LOAD)
+    loaded = P.load_llama(path, pl.cpu_moe(), **LOAD)
     assert set(loaded.buffers.overridden) == _experts(inv)
     assert any(name.endswith(".bias") for name in loaded.buffers.overridden)
 
@@ -135,12 +136,12 @@ def test_override_moves_expert_bytes_into_another_buffer(tiny_model_factory):
     pattern = "^(" + "|".join(re.escape(t.name) for t in moved) + ")$"
     expected = sum(t.n_bytes for t in moved)
 
-    base = P.load_llama(path, P.all_on_gpu(), model_patch=_no_extra_bufts, **LOAD)
+    base = P.load_llama(path, pl.all_on_gpu(), model_patch=_no_extra_bufts, **LOAD)
     assert "CPU_REPACK" not in base.buffers.model
     assert base.buffers.overridden == {}
     del base
 
-    placement = P.TensorPlacement([(pattern, "CPU_REPACK")], "Q4_K experts repacked")
+    placement = pl.TensorPlacement([(pattern, "CPU_REPACK")], "Q4_K experts repacked")
     loaded = P.load_llama(path, placement, model_patch=_no_extra_bufts, allow_extra_bufts=True, **LOAD)
     buffers = loaded.buffers
     assert set(buffers.overridden) == {t.name for t in moved}
@@ -157,13 +158,13 @@ def test_cpu_moe_moves_expert_bytes_off_the_gpu(tiny_model_factory):
     path = tiny_model_factory("qwen3moe", n_layer=4)
     inv = read_inventory(path)
     gpu = devices.resolve_device("gpu").name
-    on_gpu = P.load_llama(path, P.all_on_gpu(), **LOAD).buffers
-    split = P.load_llama(path, P.cpu_moe(), **LOAD).buffers
+    on_gpu = P.load_llama(path, pl.all_on_gpu(), **LOAD).buffers
+    split = P.load_llama(path, pl.cpu_moe(), **LOAD).buffers
     moved = on_gpu.model[gpu] - split.model[gpu]
     assert abs(moved - inv.expert_bytes_total) <= LOG_ROUNDING * 2 + 256 * len(_experts(inv))
     from hybrid_gguf.planning.memory import MemoryOptions, predict_memory
 
-    predicted = predict_memory(inv, P.all_on_gpu(), MemoryOptions(64), gpus=[gpu]).devices[gpu].weight_bytes
+    predicted = predict_memory(inv, pl.all_on_gpu(), MemoryOptions(64), gpus=[gpu]).devices[gpu].weight_bytes
     assert abs(on_gpu.model[gpu] - predicted) <= LOG_ROUNDING + 256 * len(inv.tensors)
 
 
@@ -181,7 +182,7 @@ def test_placement_generates_the_same_greedy_tokens(tiny_model_factory):
     prompt = plain.tokenize(b"The quick brown fox")
     want = list(_greedy(plain, prompt, 12))
     del plain
-    for placement in (P.cpu_moe(), P.n_cpu_moe(2)):
+    for placement in (pl.cpu_moe(), pl.n_cpu_moe(2)):
         llm = P.load_llama(path, placement, **LOAD).llm
         assert list(_greedy(llm, prompt, 12)) == want, placement.description
         del llm
@@ -190,8 +191,8 @@ def test_placement_generates_the_same_greedy_tokens(tiny_model_factory):
 def test_load_failure_from_llama_cpp_is_a_hybrid_error(tiny_model_factory, monkeypatch):
     # A regex Python accepts but std::regex rejects reaches llama.cpp's loader.
     monkeypatch.setattr(P, "validate_rules", lambda rules: None)
-    placement = P.n_cpu_moe(1)
-    object.__setattr__(placement, "rules", (P.PlacementRule("blk[", "CPU"),))
+    placement = pl.n_cpu_moe(1)
+    object.__setattr__(placement, "rules", (pl.PlacementRule("blk[", "CPU"),))
     with pytest.raises(HybridError, match="regular expression|regex"):
         P.load_llama(tiny_model_factory("qwen3moe"), placement, **LOAD)
 
@@ -231,6 +232,15 @@ def test_load_llama_refuses_a_load_without_the_hot_packs_it_asked_for(tiny_model
     monkeypatch.setattr(hybrid, "pack_bytes", lambda model: 0)
     with pytest.raises(HybridError, match="no hot packs"):
         P.load_llama(tiny_model_factory("qwen3moe"), None, hot={0: [1]}, pack_device="CPU", n_gpu_layers=0, **LOAD)
+
+
+def test_cold_experts_on_the_gpu_need_patch_version_4(monkeypatch):
+    text = pl.plan_text({0: [1, 2]}, "CUDA0", cold_on_gpu=True)
+    assert text == "buft=CUDA0;cold=gpu;0:1,2"  # the text itself is pure; handing it over checks the build
+    monkeypatch.setattr(hybrid, "capability", lambda: hybrid.Capability(True, 3, "older patch"))
+    with pytest.raises(HybridError, match="version 4"):
+        with hybrid.pending_plan(text):
+            pass
 
 
 def test_load_llama_takes_a_recorder_or_a_context_patch(tiny_model_factory):

@@ -247,7 +247,7 @@ def test_cli_bad_input(model, tmp_path):
 
 
 def test_autoplan_loop_with_store(model, tmp_path, monkeypatch, tiny_model_factory):
-    from hybrid_gguf.planning.autoplan import default_plan_path, plan_model
+    from hybrid_gguf.autoplan import default_plan_path, plan_model
     from hybrid_gguf.llama.loader import load_llama
     from hybrid_gguf.planning.planner import plan_memory
     from hybrid_gguf.routing.profile import ProfileStore
@@ -287,7 +287,7 @@ def test_autoplan_loop_with_store(model, tmp_path, monkeypatch, tiny_model_facto
 def test_autoplan_says_when_its_speed_prediction_rests_on_default_gpu_figures(model, tmp_path, monkeypatch):
     from dataclasses import replace
 
-    from hybrid_gguf.planning.autoplan import plan_model
+    from hybrid_gguf.autoplan import plan_model
     from hybrid_gguf.planning.planner import DeviceBudget
     from hybrid_gguf.planning.calibration import Bandwidth, machine_id, save_calibration
 

@@ -11,10 +11,9 @@ import pytest
 
 from hybrid_gguf.planning import memory as mm
 from hybrid_gguf import synth
-from hybrid_gguf.errors import HybridError
-from hybrid_gguf.llama.hybrid import STOCK_NOTICE
+from hybrid_gguf.errors import STOCK_NOTICE, HybridError
 from hybrid_gguf.header.inventory import read_inventory
-from hybrid_gguf.llama.loader import EXPERT_TENSOR_RE, PlacementRule, TensorPlacement
+from hybrid_gguf.planning.placement import EXPERT_TENSOR_RE, PlacementRule, TensorPlacement
 from hybrid_gguf.planning.plan import DeviceBudget
 from hybrid_gguf.planning.planner import diff_plans, make_plan
 from hybrid_gguf.planning.calibration import Bandwidth
@@ -189,7 +188,7 @@ def test_no_profile_whole_layers_last_first(tiny_model_factory):
 def test_without_a_profile_the_fewest_first_layers_stay_on_the_cpu(tiny_model_factory):
     """The whole-layer fallback (what --n-cpu-moe would be set to): the plan fits, each smaller
     budget keeps at least as many layers' experts on the CPU, and one layer fewer would not fit."""
-    from hybrid_gguf.llama.loader import n_cpu_moe
+    from hybrid_gguf.planning.placement import n_cpu_moe
 
     inv = read_inventory(tiny_model_factory("qwen3moe", n_layer=6))
     opts = mm.MemoryOptions(1024, **OPTS)
@@ -247,7 +246,7 @@ def test_several_gpus_respect_each_budget(tiny_model_factory):
 
 def test_one_budget_rule_applied_at_the_entry(tiny_model_factory, monkeypatch):
     from hybrid_gguf.llama import devices
-    from hybrid_gguf.planning.autoplan import plan_model
+    from hybrid_gguf.autoplan import plan_model
     from hybrid_gguf.planning.budget import VRAM_RESERVE, usable_budget
 
     free = 6 * MIB + VRAM_RESERVE

@@ -68,7 +68,7 @@ def test_bad_input_is_one_clear_line(args, message):
 
 
 def test_a_plan_for_another_model_is_refused(tmp_path, tiny_model_factory):
-    from hybrid_gguf.planning.autoplan import plan_model
+    from hybrid_gguf.autoplan import plan_model
 
     other = tiny_model_factory("qwen2moe")
     plan = plan_model(other, 64 * 2**20, 256, out=tmp_path / "other.yaml", measure=False, calibrate=False).plan
@@ -94,8 +94,8 @@ def test_a_hot_set_larger_than_free_vram_is_refused_before_loading(tiny_model, m
 
 def test_gpu_experts_of_each_kind_of_placement(tiny_model_factory):
     from hybrid_gguf.header.inventory import read_inventory
-    from hybrid_gguf.model import _gpu_experts
-    from hybrid_gguf.llama.loader import cpu_moe, n_cpu_moe
+    from hybrid_gguf.autoplan import _gpu_experts
+    from hybrid_gguf.planning.placement import cpu_moe, n_cpu_moe
 
     inv = read_inventory(tiny_model_factory("qwen3moe", n_layer=4, n_expert=8))
     every = list(range(8))

@@ -65,7 +65,8 @@ def ensure_probe_model(name: str, cache_dir: Optional[Path] = None,
 def measure_probe(path: Path, n_gen: int = 64, reps: int = 3, n_threads: Optional[int] = None,
                   pack_device: str = "CUDA0"):
     """RunTerms of one model decoded with everything on the GPU (median of reps)."""
-    from hybrid_gguf.bench.runner import Config, load_config, measure_once
+    from hybrid_gguf.bench.plans import Config
+    from hybrid_gguf.bench.runner import load_config, measure_once
     from hybrid_gguf.header.inventory import read_inventory
     from hybrid_gguf.synth import VOCAB_SIZE
 

@@ -1,62 +1,32 @@
 """A/B benchmark of expert placements at one VRAM budget, measured in one process.
 
-Placements: all routed experts on the CPU (`cpu-experts`); the planner's best whole-layer
-plan at the budget (`whole-layer`: `hybrid-gguf plan --whole-tensor`, what --n-cpu-moe
-gives); the plan `hybrid-gguf plan` writes at the same budget (`per-expert`, hot packs, needs
-the patched backend); and everything on the GPU where the planner finds it fits (`all-gpu`).
-The budget is total VRAM, as `plan --gpu-budget` means it. The routing profile the planner
-sees is recorded on one workload; the timed workload is a different one, so the plan cannot
-flatter itself.
+Placements (made in plans.py): all routed experts on the CPU (`cpu-experts`); the planner's
+best whole-layer plan at the budget (`whole-layer`: `hybrid-gguf plan --whole-tensor`, what
+--n-cpu-moe gives); the plan `hybrid-gguf plan` writes at the same budget (`per-expert`, hot
+packs, needs the patched backend); and everything on the GPU where the planner finds it fits
+(`all-gpu`). The budget is total VRAM, as `plan --gpu-budget` means it. The routing profile
+the planner sees is recorded on one workload; the timed workload is a different one, so the
+plan cannot flatter itself. Loading goes through llama.loader.load_llama; this module times.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from hybrid_gguf.bench.plans import Config, bench_batch, bench_memory, plan_configs
 from hybrid_gguf.llama import hybrid as hybrid_backend
 from hybrid_gguf.routing import process as routing_process
 from hybrid_gguf.errors import HybridError
 from hybrid_gguf.header.inventory import Inventory, read_inventory
+from hybrid_gguf.planning.placement import cpu_moe
 
 BUDGET_CONFIGS = ("whole-layer", "per-expert")  # the placements a budget changes
-
-
-@dataclass
-class Config:
-    name: str
-    placement: object            # TensorPlacement or None (everything on the GPU)
-    hot: dict = field(default_factory=dict)          # hot packs llama.cpp builds: layer -> experts
-    gpu_experts: dict = field(default_factory=dict)  # layer -> experts in GPU memory (packs + whole layers)
-    n_gpu_layers: int = -1
-    plan: object = None          # the planner's Plan this placement is, if any
-
-    @classmethod
-    def from_plan(cls, name: str, plan, inv: Inventory) -> "Config":
-        on_gpu = plan.n_gpu_layers != 0
-        return cls(name, plan.placement(), {int(l): list(v) for l, v in plan.hot.items() if v},
-                   plan.gpu_experts(inv) if on_gpu else {}, plan.n_gpu_layers, plan)
-
-    def gpu_expert_bytes(self, inv: Inventory) -> int:
-        return sum(inv.layers[l].per_expert_bytes * len(es) for l, es in self.gpu_experts.items())
-
-    def plan_detail(self, inv: Inventory) -> Optional[dict]:
-        """What the report says about the plan: its hot set, rules and predictions."""
-        if self.plan is None:
-            return None
-        pl = self.plan
-        return {"backend": pl.backend, "budget_bytes": int(pl.budget_bytes), "n_gpu_layers": pl.n_gpu_layers,
-                "hot_device": pl.hot_device, "hot": {str(l): list(v) for l, v in sorted(self.hot.items())},
-                "whole_layers": pl.whole_layers(inv) if pl.n_gpu_layers != 0 else [],
-                "rules": [{"pattern": r.pattern, "device": r.device} for r in pl.rules],
-                "predicted_hit_rate": pl.predicted.hit_rate,
-                "predicted_decode_tokens_per_s": pl.predicted.decode_tokens_per_s,
-                "predicted_gpu_bytes": pl.predicted.gpu_bytes, "notes": list(pl.notes)}
 
 
 @dataclass
@@ -91,34 +61,6 @@ def hit_rate(counts_decode: np.ndarray, gpu_experts: dict[int, list[int]]) -> Op
         return None
     on_gpu = sum(counts_decode[l, list(es)].sum() for l, es in gpu_experts.items() if es)
     return float(on_gpu / total)
-
-
-def plan_configs(model_path: Path, inv: Inventory, profile, devices: list, n_ctx: int, n_ubatch: int,
-                 wanted: Optional[Sequence[str]] = None, gpu_present: bool = False) -> list[Config]:
-    """The placements to time, made by the planner as `plan` makes them (autoplan.plan_model,
-    same inputs): per-expert = the plan at `devices`' budget with `profile`, whole-layer =
-    the planner with per-expert placement off at the same budget, all-gpu = the plan at all
-    the VRAM the budget rule allows, when it holds every expert."""
-    from hybrid_gguf.llama.loader import cpu_moe
-    from hybrid_gguf.planning.autoplan import detect_devices, plan_model
-
-    def want(name: str) -> bool:
-        return wanted is None or name in wanted
-
-    def make(devs, per_expert):
-        return plan_model(model_path, None, n_ctx, profile=profile, devices=devs, per_expert=per_expert,
-                          n_ubatch=n_ubatch, inventory=inv).plan
-
-    configs = [Config("cpu-experts", cpu_moe())] if want("cpu-experts") else []
-    if want("whole-layer"):
-        configs.append(Config.from_plan("whole-layer", make(devices, False), inv))
-    if want("per-expert") and hybrid_backend.capability().per_expert:
-        configs.append(Config.from_plan("per-expert", make(devices, None), inv))
-    if want("all-gpu") and gpu_present:
-        every = make(detect_devices(None)[0], None)
-        if every.n_gpu_layers != 0 and not every.rules and not every.hot:
-            configs.append(Config.from_plan("all-gpu", every, inv))
-    return configs
 
 
 def load_config(path: Path, inv: Inventory, cfg: Config, n_ctx: int, n_batch: int, record,
@@ -195,29 +137,6 @@ def vram_model_bytes(loaded) -> int:
     return int(gpu + hybrid_backend.pack_bytes(loaded.llm._model.model))
 
 
-def bench_batch(n_prompt: int) -> int:
-    """n_batch = n_ubatch of the timed loads, and the ubatch the plans are made for."""
-    return max(512, int(n_prompt))
-
-
-def bench_memory(model_path: Path, n_ctx: int, n_prompt: int):
-    """The MemoryOptions `plan` would use for the bench's context and batch (a dry run)."""
-    from hybrid_gguf.llama.devices import gpu_devices
-    from hybrid_gguf.planning.autoplan import memory_options_here
-
-    return memory_options_here(model_path, n_ctx, n_ubatch=bench_batch(n_prompt), gpu_present=bool(gpu_devices()))
-
-
-def share_budgets(model_path: Path, shares: Sequence[float], n_ctx: int, n_prompt: int) -> list[int]:
-    """Total VRAM budgets that leave room for each share of the routed-expert bytes on top
-    of the rest of the model (planning/budget.expert_share_budget); converted once, here."""
-    from hybrid_gguf.planning.budget import expert_share_budget
-
-    inv = read_inventory(model_path)
-    memory = bench_memory(model_path, n_ctx, n_prompt)
-    return [expert_share_budget(inv, s, memory) for s in shares]
-
-
 def run_bench(model_path: Path, *, budget_bytes: Optional[int], profile_prompts: Sequence[Sequence[int]],
               eval_prompt: Sequence[int], n_prompt: int, n_gen: int, reps: int, n_ctx: int = 2048,
               configs: Optional[Sequence[str]] = None, pack_device: str = "CUDA0",
@@ -232,7 +151,7 @@ def run_bench(model_path: Path, *, budget_bytes: Optional[int], profile_prompts:
     `on_progress(more_steps, steps_done)`: first the number of timed reps ahead, then each rep."""
     from hybrid_gguf.llama.devices import gpu_devices
     from hybrid_gguf.llama.recorder import Recording
-    from hybrid_gguf.planning.autoplan import detect_devices
+    from hybrid_gguf.autoplan import detect_devices
     from hybrid_gguf.planning.budget import expert_share
     from hybrid_gguf.routing.profile import RoutingProfile
     from hybrid_gguf.sizes import format_size
@@ -254,7 +173,7 @@ def run_bench(model_path: Path, *, budget_bytes: Optional[int], profile_prompts:
         # timed loads below run without a recorder (its syncs would slow every placement)
         record = Recording(trace_records=max(n_gen, 1) * inv.n_layer)
         routed = routing_process.model_routing(inv, routing) is not None
-        loaded = load_config(model_path, inv, Config("profile", _cpu_moe()), n_ctx, 512, record,
+        loaded = load_config(model_path, inv, Config("profile", cpu_moe()), n_ctx, 512, record,
                              pack_device, n_threads, routing_process.STREAM_PROFILE, routing)
         for p in profile_prompts:
             loaded.llm.reset()
@@ -265,7 +184,7 @@ def run_bench(model_path: Path, *, budget_bytes: Optional[int], profile_prompts:
             # a routing preset maps positions to routing: the timed text needs its own stream,
             # or the profile would know the timed tokens' routing in advance
             loaded.close()
-            loaded = load_config(model_path, inv, Config("profile", _cpu_moe()), n_ctx, 512, record,
+            loaded = load_config(model_path, inv, Config("profile", cpu_moe()), n_ctx, 512, record,
                                  pack_device, n_threads, routing=routing)
         _, _, eval_counts = measure_once(loaded.llm, prompt, decode, loaded.recorder)
         eval_trace = loaded.recorder.snapshot(trace=True).trace
@@ -517,12 +436,6 @@ def llama_bench_rows(outs: Sequence[dict], n_threads: Optional[int] = None) -> l
     return rows
 
 
-def _cpu_moe():
-    from hybrid_gguf.llama.loader import cpu_moe
-
-    return cpu_moe()
-
-
 def text_workload(texts: Sequence[str], llm_tokenize: Callable[[str], list[int]], n_tokens: int) -> list[list[int]]:
     """Chunks of n_tokens tokens from texts (for profiling prompts)."""
     out = []
@@ -558,17 +471,12 @@ def package_text(names: Sequence[str], limit_bytes: int) -> str:
     return "".join(chunks)
 
 
-def tokenizer_for(model: Path) -> Callable[[str], list[int]]:
-    import llama_cpp
-
-    llm = llama_cpp.Llama(model_path=str(model), vocab_only=True, verbose=False)
-    return lambda text: llm.tokenize(text.encode(), add_bos=False, special=False)
-
-
 def stdlib_workloads(model: Path, n_prompt: int, profile_tokens: int,
                      profile_packages: Sequence[str] = PROFILE_PACKAGES,
                      eval_packages: Sequence[str] = EVAL_PACKAGES, n_gen: int = 0):
     """(profile prompts of 512 tokens, the timed prompt): held-out packages for timing."""
+    from hybrid_gguf.llama.loader import tokenizer_for
+
     tok = tokenizer_for(model)
     prof = tok(package_text(profile_packages, profile_tokens * 6))[:profile_tokens]
     prompts = [prof[i:i + 512] for i in range(0, len(prof), 512)]

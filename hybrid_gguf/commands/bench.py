@@ -53,7 +53,8 @@ def bench_command(
     probe_only: bool = typer.Option(False, "--probe-only", help="run the GPU probe and stop (no MODEL needed)"),
 ) -> None:
     """Time all-CPU experts and the planner's whole-layer and per-expert plans at one or more budgets."""
-    from hybrid_gguf.bench.runner import run_budgets, share_budgets, stdlib_workloads
+    from hybrid_gguf.bench.plans import share_budgets
+    from hybrid_gguf.bench.runner import run_budgets, stdlib_workloads
     from hybrid_gguf.llama.devices import gpu_devices
     from hybrid_gguf.header.inventory import read_inventory
     from hybrid_gguf.sizes import parse_size

@@ -67,7 +67,7 @@ def register(app: typer.Typer) -> None:
         """Plan per-expert GPU/CPU placement for a GPU budget and predict hit rate and speed."""
         from rich.console import Console
 
-        from hybrid_gguf.planning.autoplan import plan_model
+        from hybrid_gguf.autoplan import plan_model
         from hybrid_gguf.planning.calibration import Bandwidth
         from hybrid_gguf.sizes import parse_size
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 from typing import Optional
 
 from hybrid_gguf.errors import HybridError
-from hybrid_gguf.llama.loader import TensorPlacement, model_patch_for
+from hybrid_gguf.llama.loader import model_patch_for
 from hybrid_gguf.planning.memory import CACHE_TYPE_IDS, device_of_buffer
+from hybrid_gguf.planning.placement import TensorPlacement
 
 
 def measure_compute_bytes(model_path, n_ctx: int, n_ubatch: int = 512, flash_attn: bool = False,

@@ -1,8 +1,8 @@
 """The per-expert channel into the hybrid-patched llama.cpp (hybrid_gguf/backend/llama-cpp-hybrid.patch).
 
 The patch exports `llama_hybrid_*` functions from libllama. A plan is handed over as text
-right before a model load; the loader copies the listed experts into hot packs on the
-chosen buffer type. A stock build lacks the symbols: `capability()` says so and callers
+(planning/placement.py's plan_text) right before a model load; the loader copies the
+listed experts into hot packs on the chosen buffer type. A stock build lacks the symbols: `capability()` says so and callers
 fall back to whole-tensor placement.
 """
 
@@ -13,12 +13,8 @@ import ctypes
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Optional, Sequence
 
-from hybrid_gguf.errors import HybridError
-
-STOCK_NOTICE = (
-    "this llama-cpp-python build lacks the hybrid-gguf patch, so experts are placed per whole "
-    "tensor (layer); run `hybrid-gguf backend install` for per-expert placement"
-)
+from hybrid_gguf.errors import STOCK_NOTICE, HybridError
+from hybrid_gguf.planning.placement import COLD_ON_GPU
 
 
 @dataclass(frozen=True)
@@ -61,28 +57,6 @@ def eval_callback_setter() -> Optional[ctypes._CFuncPtr]:
     return _fn("llama_hybrid_set_eval_callback", None, [ctypes.c_void_p] * 3)
 
 
-def plan_text(hot: Mapping[int, Sequence[int]], buffer_type: Optional[str] = None,
-              cold_on_gpu: bool = False) -> str:
-    """Serialize {layer: [expert, ...]} as the patch's plan text (slot order = list order).
-
-    cold_on_gpu (patch version 4): the expert tensors that would live in host memory go to
-    pinned, device-mapped memory that the pack's GPU reads in place, so the GPU computes the
-    cold experts too and a split layer needs no CPU hand-off (docs/backend-patch.md)."""
-    # "GPU" means the first GPU, which is also the patch's default
-    named = buffer_type and buffer_type.upper() != "GPU"
-    parts = [f"buft={buffer_type}"] if named else []
-    if cold_on_gpu:
-        if capability().version < 4:
-            raise HybridError("cold experts on the GPU need hybrid patch version 4; rebuild the backend "
-                              "with `hybrid-gguf backend install`")
-        parts.append("cold=gpu")
-    for layer in sorted(hot):
-        experts = list(hot[layer])
-        if experts:
-            parts.append(f"{int(layer)}:{','.join(str(int(e)) for e in experts)}")
-    return ";".join(parts)
-
-
 def validate_hot(hot: Mapping[int, Sequence[int]], n_layer: int, n_expert_of_layer) -> None:
     """Clear errors before llama.cpp sees the plan (it would only fail the load)."""
     for layer, experts in hot.items():
@@ -104,7 +78,11 @@ def validate_hot(hot: Mapping[int, Sequence[int]], n_layer: int, n_expert_of_lay
 
 @contextlib.contextmanager
 def pending_plan(text: str) -> Iterator[None]:
-    """Make `text` the plan of the model load inside the block, and clear it afterwards."""
+    """Make `text` (placement.plan_text) the plan of the model load inside the block, and
+    clear it afterwards."""
+    if COLD_ON_GPU in text.split(";") and capability().version < 4:
+        raise HybridError("cold experts on the GPU need hybrid patch version 4; rebuild the backend "
+                          "with `hybrid-gguf backend install`")
     fn = _fn("llama_hybrid_set_plan", ctypes.c_int32, [ctypes.c_char_p])
     if fn is None:
         raise HybridError(STOCK_NOTICE)

@@ -1,14 +1,8 @@
 """Loading llama.cpp with a placement: `load_llama` is the package's one way in. It applies
-both parts of a placement (whole-tensor rules, and the per-expert hot set handed to the
-hybrid patch), a bench model's routing trace, and the routing recorder.
+both parts of a placement (planning/placement.py: whole-tensor rules, and the per-expert
+hot set handed to the hybrid patch), a bench model's routing trace, and the routing recorder.
 
 Whole-tensor placement works on stock llama.cpp through `tensor_buft_overrides`.
-
-A placement is an ordered list of (regex, target) rules. llama.cpp runs
-`std::regex_search(rule, tensor_name)` for every tensor and the first match wins;
-unmatched tensors follow `n_gpu_layers` (all layers on the GPU here). A target is a
-device name ("CPU", "CUDA0", or "GPU" for the first GPU) or a buffer-type name
-("CPU_REPACK", "CUDA_Host").
 """
 
 from __future__ import annotations
@@ -17,101 +11,10 @@ import contextlib
 import ctypes
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from hybrid_gguf.errors import HybridError
-
-# The routed-expert tensors as llama.cpp's --cpu-moe / --n-cpu-moe select them; no end
-# anchor, so gpt-oss's `ffn_*_exps.bias` move with their weights.
-EXPERT_TENSOR_RE = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
-
-
-class PlacementRule(NamedTuple):
-    pattern: str
-    device: str
-
-
-@dataclass(frozen=True)
-class TensorPlacement:
-    rules: tuple[PlacementRule, ...] = ()
-    description: str = "all layers on the GPU"
-    # Layers llama.cpp offloads; -1 = all. Expert overrides only make sense with all.
-    n_gpu_layers: int = -1
-    # Set by n_cpu_moe()/cpu_moe() for reporting: layers whose experts stay on the CPU.
-    n_cpu_moe: Optional[int] = None
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "rules", tuple(PlacementRule(*r) for r in self.rules))
-        validate_rules(self.rules)
-
-    def target_for(self, tensor_name: str) -> Optional[str]:
-        """The rule target llama.cpp will apply to a tensor, or None (default placement)."""
-        for rule in self.rules:
-            if re.search(rule.pattern, tensor_name):
-                return rule.device
-        return None
-
-    def to_dict(self) -> dict:
-        return {
-            "description": self.description,
-            "n_gpu_layers": self.n_gpu_layers,
-            "n_cpu_moe": self.n_cpu_moe,
-            "rules": [{"pattern": r.pattern, "device": r.device} for r in self.rules],
-        }
-
-
-# --- constructors ---------------------------------------------------------------------
-
-
-def all_on_gpu() -> TensorPlacement:
-    return TensorPlacement((), "all layers on the GPU", n_cpu_moe=0)
-
-
-def cpu_moe() -> TensorPlacement:
-    """--cpu-moe: every routed expert tensor in host memory, everything else on the GPU."""
-    return TensorPlacement(
-        (PlacementRule(EXPERT_TENSOR_RE, "CPU"),), "all routed experts on the CPU", n_cpu_moe=None
-    )
-
-
-def n_cpu_moe(n: int) -> TensorPlacement:
-    """--n-cpu-moe N: experts of layers 0..n-1 on the CPU, in one alternation pattern
-    (llama.cpp rebuilds each regex per tensor, so one pattern beats n patterns)."""
-    if n < 0:
-        raise HybridError(f"n_cpu_moe must be >= 0, got {n}")
-    if n == 0:
-        return all_on_gpu()
-    layers = "|".join(str(i) for i in range(n))
-    pattern = rf"^blk\.({layers})\.ffn_(up|down|gate|gate_up)_(ch|)exps"
-    desc = f"experts of layers 0-{n - 1} on the CPU" if n > 1 else "experts of layer 0 on the CPU"
-    return TensorPlacement((PlacementRule(pattern, "CPU"),), desc, n_cpu_moe=n)
-
-
-# --- validation -------------------------------------------------------------------------
-
-# Python-only regex syntax that std::regex (ECMAScript) rejects or reads differently.
-_NON_ECMA = re.compile(r"(?<!\\)\(\?[^:=!]|\\[AZz]")
-
-
-def validate_rules(rules) -> None:
-    """Raise HybridError for patterns llama.cpp would fail on (it aborts the load)."""
-    for rule in rules:
-        pattern, device = rule
-        if not isinstance(pattern, str) or not pattern:
-            raise HybridError(f"placement pattern must be a non-empty string, got {pattern!r}")
-        if not pattern.isascii() or "\0" in pattern:
-            raise HybridError(f"placement pattern {pattern!r} must be printable ASCII")
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise HybridError(f"malformed placement pattern {pattern!r}: {exc}") from None
-        if _NON_ECMA.search(pattern):
-            raise HybridError(
-                f"placement pattern {pattern!r} uses Python-only regex syntax; "
-                "llama.cpp uses ECMAScript std::regex (only (?: (?= (?! groups)"
-            )
-        if not isinstance(device, str) or not device.strip():
-            raise HybridError(f"placement target for {pattern!r} must be a device name")
+from hybrid_gguf.planning.placement import TensorPlacement, plan_text, validate_rules
 
 
 # --- ctypes overrides -------------------------------------------------------------------
@@ -231,7 +134,7 @@ def load_llama(model_path, placement: Optional[TensorPlacement] = None, *,
     and `hot` ({layer: [expert, ...]}), the experts the hybrid patch copies into hot packs on
     `pack_device` (None or "GPU": the first GPU), handed to it for this load only.
     `cold_on_gpu`: that GPU also computes the cold experts, reading them from pinned host
-    memory (hybrid.plan_text), instead of a CPU hand-off per split layer.
+    memory (placement.plan_text), instead of a CPU hand-off per split layer.
     `record` (recorder.Recording): attach a routing recorder to the context; it is
     LoadedLlama.recorder, freed by LoadedLlama.close(). Without it, a `context_patch`
     keyword may set the context's cb_eval instead.
@@ -272,7 +175,7 @@ def load_llama(model_path, placement: Optional[TensorPlacement] = None, *,
     try:
         with contextlib.ExitStack() as handed_over, capture_llama_log() as cap:
             if hot:
-                handed_over.enter_context(hybrid.pending_plan(hybrid.plan_text(hot, pack_device, cold_on_gpu=cold_on_gpu)))
+                handed_over.enter_context(hybrid.pending_plan(plan_text(hot, pack_device, cold_on_gpu=cold_on_gpu)))
             if route_trace is not None:
                 handed_over.enter_context(hybrid.pending_route_trace(route_trace))
             try:
@@ -341,3 +244,11 @@ def load_error_detail(errors: list, fallback: str, keep: int = 2) -> str:
         if len(chosen) == keep:
             break
     return "; ".join(chosen) if chosen else (" ".join(fallback.split()) or "unknown error")
+
+
+def tokenizer_for(model_path) -> Callable[[str], list[int]]:
+    """The model's tokenizer alone (a vocab-only load): text -> token ids, no BOS."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(model_path), vocab_only=True, verbose=False)
+    return lambda text: llm.tokenize(text.encode(), add_bos=False, special=False)

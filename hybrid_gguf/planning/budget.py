@@ -48,7 +48,7 @@ def usable_budget(requested: Optional[int], free_bytes: Optional[int],
 def expert_base_bytes(inv, memory) -> int:
     """GPU bytes of the model with every routed expert in host memory (dense weights, KV
     cache, compute buffers, op-offload scratch, margin): what a budget holds before experts."""
-    from hybrid_gguf.llama.loader import EXPERT_TENSOR_RE, PlacementRule, TensorPlacement
+    from hybrid_gguf.planning.placement import EXPERT_TENSOR_RE, PlacementRule, TensorPlacement
     from hybrid_gguf.planning.memory import CPU, predict_memory
 
     host_experts = TensorPlacement((PlacementRule(EXPERT_TENSOR_RE, CPU),))

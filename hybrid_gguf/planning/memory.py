@@ -23,7 +23,7 @@ from typing import Mapping, Optional, Sequence
 
 from hybrid_gguf.errors import HybridError
 from hybrid_gguf.header.inventory import EXPERT_KINDS
-from hybrid_gguf.llama.loader import EXPERT_TENSOR_RE, TensorPlacement
+from hybrid_gguf.planning.placement import EXPERT_TENSOR_RE, TensorPlacement
 
 MIB = 1024 * 1024
 CPU = "CPU"

@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 from hybrid_gguf.atomic import atomic_write
 from hybrid_gguf.errors import HybridError
-from hybrid_gguf.llama.loader import PlacementRule, TensorPlacement, validate_rules
+from hybrid_gguf.planning.placement import PlacementRule, TensorPlacement, plan_text, validate_rules
 from hybrid_gguf.planning.memory import CACHE_TYPES, MemoryOptions
 from hybrid_gguf.planning.calibration import Bandwidth
 from hybrid_gguf.sizes import format_size
@@ -150,8 +150,6 @@ class Plan:
 
     def hybrid_plan_text(self) -> str:
         """The hot packs as the patched llama.cpp's plan text ("" when there are none)."""
-        from hybrid_gguf.llama.hybrid import plan_text
-
         return plan_text(self.hot, self.hot_device) if any(self.hot.values()) else ""
 
     def gpu_experts(self, inv) -> dict:

@@ -29,11 +29,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from hybrid_gguf.errors import HybridError
-from hybrid_gguf.llama.hybrid import STOCK_NOTICE
+from hybrid_gguf.errors import STOCK_NOTICE, HybridError
 from hybrid_gguf.planning.memory import (CPU, MemoryOptions, MemoryPrediction, gpu_alloc_bytes, kv_cells,
                            layer_devices, predict_memory, GPU_ALIGN)
-from hybrid_gguf.llama.loader import EXPERT_TENSOR_RE, PlacementRule, TensorPlacement
+from hybrid_gguf.planning.placement import EXPERT_TENSOR_RE, PlacementRule, TensorPlacement
 from hybrid_gguf.planning.plan import DeviceBudget, Plan, Predicted, ProfileSource
 from hybrid_gguf.planning.calibration import Bandwidth
 from hybrid_gguf.planning.speed import hit_rate, predict_speed

@@ -1,0 +1,452 @@
+"""The between-session loop, for `plan` and `run`: gather what the pure planner (planning/)
+needs on this machine (devices, stored profile, llama.cpp's compute-buffer size, calibrated
+bandwidth, the plan in use), plan, and say what changed. It sits on top of the folders, as
+model.py does: it asks llama/ and bench/ for measurements that planning/ must not make.
+
+    res = plan_model("model.gguf", 8 * 2**30, 8192)      # stored profile, cached plan
+    res.plan.placement(), res.plan.hybrid_plan_text()     # what llama.cpp gets
+    res.diff.summary() if res.diff else "first plan"
+
+Plans that `run` makes itself live in <data dir>/plans/<fingerprint>.yaml (paths.py), so the
+next run re-plans against them (hysteresis) and reports promotions/demotions.
+
+`session_plan` is the placement of one HybridModel session: chosen by hand (--n-cpu-moe,
+--cpu-moe, --hot), a plan file, or plan_model's plan; HybridModel then loads and times it.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+from hybrid_gguf.errors import STOCK_NOTICE, HybridError
+from hybrid_gguf.planning.memory import MemoryOptions, MIB
+
+PathLike = Union[str, os.PathLike]
+
+
+@dataclass
+class AutoPlan:
+    plan: object  # Plan
+    diff: Optional[object]  # PlanDiff vs the previous plan, None for a first plan
+    inventory: object
+    profile: Optional[object]
+    previous: Optional[object] = None
+    notes: list = field(default_factory=list)  # also prepended to plan.notes
+
+
+def plans_dir() -> Path:
+    from hybrid_gguf import paths
+
+    return paths.plans_dir()
+
+
+def default_plan_path(fingerprint: str) -> Path:
+    return plans_dir() / f"{fingerprint[:32]}.yaml"
+
+
+def detect_devices(budget: Optional[int]) -> tuple:
+    """([DeviceBudget], notes): the first GPU llama.cpp sees, or a stand-in named "GPU",
+    with the budget made usable there (planning/budget.py's rule, applied here once)."""
+    from hybrid_gguf.planning.budget import usable_budget
+    from hybrid_gguf.planning.plan import DeviceBudget
+
+    try:
+        from hybrid_gguf.llama.devices import gpu_devices
+
+        gpus = gpu_devices()
+    except Exception:  # llama_cpp missing or broken: plan for a hypothetical GPU
+        gpus = []
+    notes = []
+    if not gpus:
+        if budget is None:
+            notes.append("no GPU visible here and no budget given: everything on the CPU")
+            return [DeviceBudget("GPU", 0)], notes
+        notes.append("no GPU visible here: planned for a hypothetical GPU named GPU")
+        return [DeviceBudget("GPU", budget)], notes
+    g = gpus[0]
+    budget, note = usable_budget(budget, g.free_bytes, g.name)
+    if note:
+        notes.append(note)
+    return [DeviceBudget(g.name, budget, free_bytes=g.free_bytes)], notes
+
+
+def measured_compute_bytes(model_path: PathLike, n_ctx: int, n_ubatch: int, flash_attn: bool,
+                           gpu_present: bool, notes: list) -> Optional[int]:
+    """The GPU compute buffer from a llama.cpp dry run: exact on a GPU machine; on a
+    CPU-only machine the CPU graph's buffer + 10% stands in for the GPU's."""
+    from hybrid_gguf.llama.dry_run import measure_compute_bytes
+
+    try:
+        measured = measure_compute_bytes(model_path, n_ctx, n_ubatch, flash_attn, n_gpu_layers=-1)
+    except Exception as exc:  # no llama_cpp, or it cannot read the file
+        notes.append(f"compute buffer estimated analytically (dry run failed: {exc})")
+        return None
+    gpu = {d: n for d, n in measured.items() if d != "CPU"}
+    if gpu_present and gpu:
+        notes.append("compute buffer measured by a llama.cpp dry run")
+        return max(gpu.values())
+    if measured.get("CPU"):
+        notes.append("no GPU here: compute buffer from a CPU dry run + 10%")
+        return int(measured["CPU"] * 1.1)
+    return None
+
+
+def memory_options_here(model_path: PathLike, n_ctx: int, *, n_ubatch: int = 512, flash_attn: bool = False,
+                        type_k: str = "f16", type_v: str = "f16", margin_bytes: int = 64 * MIB,
+                        measure: bool = True, gpu_present: bool = True,
+                        notes: Optional[list] = None) -> MemoryOptions:
+    """The MemoryOptions plan_model plans with: with `measure`, the compute buffer from a
+    llama.cpp dry run (measured_compute_bytes), else the analytic estimate."""
+    notes = [] if notes is None else notes
+    compute = measured_compute_bytes(model_path, n_ctx, n_ubatch, flash_attn, gpu_present, notes) \
+        if measure else None
+    return MemoryOptions(n_ctx, n_ubatch=n_ubatch, type_k=type_k, type_v=type_v, flash_attn=flash_attn,
+                         compute_bytes=compute, margin_bytes=margin_bytes)
+
+
+def plan_model(model_path: PathLike, gpu_budget: Optional[int], n_ctx: int, *,
+               profile=None, profile_path: Optional[PathLike] = None, store: Optional[PathLike] = None,
+               previous=None, previous_path: Optional[PathLike] = None, out: Optional[PathLike] = None,
+               devices: Optional[Sequence] = None, per_expert: Optional[bool] = None,
+               measure: bool = True, calibrate: bool = True, n_ubatch: int = 512,
+               flash_attn: bool = False, type_k: str = "f16", type_v: str = "f16",
+               margin_bytes: int = 64 * MIB, hysteresis: float = 0.01, promote_from: Optional[float] = None,
+               inventory=None) -> AutoPlan:
+    """Plan `model_path` on this machine.
+
+    profile / profile_path: the routing profile (default: the profile store's entry).
+    previous / previous_path: the plan in use (default: `out` if it exists); a plan for
+      another model is ignored with a note, never applied.
+    gpu_budget: total GPU bytes for the model, made usable on the GPU found here
+      (planning/budget.py); None: all that the GPU can give.
+    devices: [DeviceBudget] for several GPUs, budgets taken as given (default: the first
+      GPU, or a stand-in).
+    per_expert: None = what this llama.cpp build supports.
+    out: write the plan there (YAML).
+    promote_from: layers whose hot set covers at least this share of their experts are
+      promoted whole when the speed model says the saved hand-off pays (0: any layer;
+      default planner.PROMOTE_FROM).
+    """
+    from hybrid_gguf.header.inventory import read_inventory
+    from hybrid_gguf.planning.plan import Plan
+    from hybrid_gguf.planning.planner import PROMOTE_FROM, diff_plans, make_plan
+    from hybrid_gguf.bench.probe import calibrate_bandwidth
+    from hybrid_gguf.planning.calibration import GPU_DECODE_FIELDS, Bandwidth
+    from hybrid_gguf.routing.profile import ProfileStore, RoutingProfile
+
+    inv = inventory if inventory is not None else read_inventory(model_path)
+    notes: list = []
+    if devices:
+        devs, gpu_present = list(devices), True
+    else:
+        devs, dev_notes = detect_devices(gpu_budget)
+        notes += dev_notes
+        gpu_present = not any("no GPU visible" in n for n in dev_notes)
+    budget = sum(d.budget_bytes for d in devs)
+
+    if profile is None and profile_path is not None:
+        profile = RoutingProfile.load(profile_path, expected_fingerprint=inv.fingerprint)
+    elif profile is None and inv.is_moe:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            profile = ProfileStore(store).load(inv.fingerprint)
+        notes += [str(w.message) for w in caught]
+
+    if per_expert is None:
+        try:
+            from hybrid_gguf.llama.hybrid import capability
+
+            per_expert = capability().per_expert
+        except Exception:
+            per_expert = False
+
+    opts = memory_options_here(model_path, n_ctx, n_ubatch=n_ubatch, flash_attn=flash_attn, type_k=type_k,
+                               type_v=type_v, margin_bytes=margin_bytes, measure=measure,
+                               gpu_present=gpu_present, notes=notes)
+    bw = calibrate_bandwidth().for_model(inv.fingerprint) if calibrate else Bandwidth()
+    guessed = [f for f in GPU_DECODE_FIELDS if f not in bw.measured]
+    if calibrate and gpu_present and guessed:
+        notes.append(f"predicted tokens/s rest on default figures for {', '.join(guessed)}; "
+                     "`hybrid-gguf bench MODEL --expert-share 0.1,0.25,0.5` measures them on this machine")
+
+    prev = previous
+    prev_file = previous_path or (out if out is not None and Path(out).exists() else None)
+    if prev is None and prev_file is not None:
+        try:
+            prev = Plan.load(prev_file, inv)
+        except HybridError as exc:
+            if previous_path is not None and "another model" not in str(exc):
+                raise
+            notes.append(f"not re-using {prev_file} as the previous plan: {exc}")
+    if prev is not None and prev.fingerprint != inv.fingerprint:
+        notes.append("the previous plan is for another model; ignored")
+        prev = None
+
+    plan = make_plan(inv, budget, n_ctx, profile, per_expert=per_expert, devices=devs, bandwidth=bw,
+                     previous=prev, memory=opts, hysteresis=hysteresis,
+                     promote_fraction=PROMOTE_FROM if promote_from is None else promote_from)
+    plan.notes = notes + plan.notes
+    diff = diff_plans(prev, plan, inv, profile) if prev is not None else None
+    if out is not None:
+        plan.save(out)
+    return AutoPlan(plan, diff, inv, profile, prev, notes)
+
+
+# --- a HybridModel session's placement -----------------------------------------------------
+
+
+@dataclass
+class PlacementSummary:
+    mode: str                      # cpu | gpu | whole-tensor | per-expert
+    description: str
+    n_gpu_layers: int
+    hot: dict = field(default_factory=dict)
+    gpu_budget_bytes: Optional[int] = None
+    notices: list = field(default_factory=list)
+    buffers: dict = field(default_factory=dict)   # llama.cpp's reported buffer sizes
+    hot_pack_bytes: int = 0
+    pack_device: Optional[str] = None
+    predicted: dict = field(default_factory=dict)
+    gpu_experts: dict = field(default_factory=dict)  # {layer: experts in GPU memory}
+
+    def to_dict(self) -> dict:
+        return {
+            "mode": self.mode,
+            "description": self.description,
+            "n_gpu_layers": self.n_gpu_layers,
+            "hot": {str(k): list(v) for k, v in self.hot.items()},
+            "hot_experts": sum(len(v) for v in self.hot.values()),
+            "gpu_budget_bytes": self.gpu_budget_bytes,
+            "hot_pack_bytes": self.hot_pack_bytes,
+            "pack_device": self.pack_device,
+            "predicted": self.predicted,
+            "gpu_experts": sum(len(v) for v in self.gpu_experts.values()),
+            "buffers": self.buffers,
+            "notices": list(self.notices),
+        }
+
+
+@dataclass
+class SessionPlan:
+    """What one session loads (load_llama's two placement parts), the Plan it applies, if
+    any, with that plan's llama.cpp settings, and the summary the session reports."""
+    placement: Optional[object]  # TensorPlacement; None: llama.cpp's default (all on the GPU)
+    hot: Optional[dict]          # {layer: [expert, ...]} packed on summary.pack_device
+    summary: PlacementSummary
+    plan: Optional[object] = None  # Plan
+    llama_kwargs: dict = field(default_factory=dict)  # the plan's, n_ctx left to the caller
+
+
+def session_plan(model_path: PathLike, inv, gpus: Sequence, n_ctx: int, *,
+                 gpu_budget: Union[None, int, str] = None, hot=None, plan=None,
+                 pack_device: Optional[str] = None, auto_plan: bool = True,
+                 n_cpu_moe: Optional[int] = None, cpu_moe: bool = False) -> SessionPlan:
+    """The placement of a HybridModel session (its arguments of the same names) on the GPUs
+    `gpus` (llama.devices.Device; [] places as on a machine without one).
+
+    By hand: `n_cpu_moe`/`cpu_moe` (whole layers' experts on the CPU) or `hot` (a per-expert
+    hot set). Else `plan` (a Plan or a plan YAML path) is applied; else, with a GPU, the
+    model is planned from its stored routing profile for `gpu_budget` (total VRAM; the budget
+    rule of planning/budget.py applied here once) and the plan is kept for the next session
+    (`auto_plan=False`: the planner's whole-layer plan, like --n-cpu-moe, instead)."""
+    from hybrid_gguf.sizes import parse_size
+
+    budget = None if gpu_budget is None else parse_size(gpu_budget)
+    if n_cpu_moe is not None or cpu_moe:
+        if n_cpu_moe is not None and cpu_moe:
+            raise HybridError("--n-cpu-moe and --cpu-moe both choose the placement; pass one")
+        if hot or plan is not None:
+            raise HybridError("--n-cpu-moe/--cpu-moe choose a whole-layer placement by hand; "
+                              "drop --hot/--plan (or them)")
+        if n_cpu_moe is not None and (not isinstance(n_cpu_moe, int) or n_cpu_moe < 0):
+            raise HybridError(f"--n-cpu-moe must be a whole number >= 0, got {n_cpu_moe!r}")
+        chosen = _manual_placement(inv, gpus, n_cpu_moe, budget)
+    else:
+        chosen = _choose_placement(model_path, inv, gpus, budget, hot, plan, n_ctx, pack_device, auto_plan)
+    # without a GPU every branch above leaves n_gpu_layers 0 and packs on the CPU: {}
+    s = chosen.summary
+    s.gpu_experts = _gpu_experts(inv, chosen.placement, chosen.hot or {}, s.n_gpu_layers, s.pack_device)
+    return chosen
+
+
+def _choose_placement(model_path, inv, gpus, budget, hot, plan, n_ctx, pack_device, auto_plan) -> SessionPlan:
+    from hybrid_gguf.llama import hybrid as hybrid_backend
+    from hybrid_gguf.planning import placement as pl
+    from hybrid_gguf.planning.budget import usable_budget
+    from hybrid_gguf.sizes import format_size
+
+    notices: list[str] = []
+    if inv.n_expert == 0:
+        notices.append("model has no routed experts: running it as a dense model")
+    chosen = None  # how the budget was chosen when none was given
+    if gpus:
+        # the one budget rule (planning/budget.py), applied here once for every placement below
+        requested = budget
+        budget, note = usable_budget(requested, gpus[0].free_bytes, gpus[0].name)
+        if note and requested is not None:
+            warnings.warn(note)
+            notices.append(note)
+        chosen = note if requested is None else None
+    elif budget is not None:
+        notices.append("no GPU found: --gpu-budget ignored, everything runs on the CPU")
+
+    if plan is not None:
+        return _placement_from_plan(inv, plan, notices, gpus)
+
+    if hot:
+        cap = hybrid_backend.capability()
+        if not cap.per_expert:
+            raise HybridError(STOCK_NOTICE)
+        hot = {int(k): [int(e) for e in v] for k, v in hot.items()}
+        hybrid_backend.validate_hot(hot, inv.n_layer, lambda l: inv.layers[l].n_expert)
+        device = pack_device or ("CUDA0" if gpus else "CPU")
+        target = next((g for g in gpus if g.name == device), None)
+        if target is not None:
+            # llama.cpp would only fail the load; say how far off the hot set is
+            need = sum(inv.layers[l].per_expert_bytes * len(es) for l, es in hot.items())
+            dense = inv.total_bytes - inv.expert_bytes_total
+            free, _ = usable_budget(None, target.free_bytes)
+            if need + dense > free:
+                raise HybridError(
+                    f"the hot set needs {format_size(need)} of {device} on top of "
+                    f"{format_size(dense)} of dense weights, but {device} has {format_size(free)} "
+                    "free (after a reserve): name fewer hot experts, or use --plan")
+        if not gpus:
+            notices.append("no GPU: hot packs go to a CPU buffer (same results, no speed-up)")
+            return SessionPlan(None, hot, _summary("per-expert", f"hot experts packed on {device}", 0, hot,
+                                                   budget, notices, device))
+        placement = pl.cpu_moe()
+        return SessionPlan(placement, hot, _summary("per-expert", f"hot experts packed on {device}, the rest on CPU",
+                                                    placement.n_gpu_layers, hot, budget, notices, device))
+
+    if not gpus:
+        return SessionPlan(None, None, _summary("cpu", "all weights on the CPU", 0, {}, None, notices, None))
+    if chosen:
+        notices.append(chosen)
+    if auto_plan and inv.n_expert > 0:
+        return _auto_plan(model_path, inv, budget, n_ctx, notices, gpus)
+    return _whole_layer_placement(inv, budget, n_ctx, notices, gpus[0])
+
+
+def _whole_layer_placement(inv, budget, n_ctx, notices, gpu) -> SessionPlan:
+    """No profile used (auto_plan=False, or a dense model): the planner's plan without a
+    profile, whole layers' experts on the GPU, the last layers first (like --n-cpu-moe)."""
+    from hybrid_gguf.planning.plan import DeviceBudget
+    from hybrid_gguf.planning.planner import make_plan
+
+    plan = make_plan(inv, budget, n_ctx, devices=[DeviceBudget(gpu.name, budget)])
+    notices.extend(plan.notes)
+    n_moe = sum(1 for l in inv.layers if l.is_moe)
+    if plan.n_gpu_layers == 0:
+        mode, desc = "cpu", "all weights on the CPU (the rest of the model does not fit the budget)"
+    elif not plan.rules:
+        mode, desc = "gpu", "everything on the GPU"
+    else:
+        n_host = n_moe - len(plan.whole_layers(inv))
+        mode, desc = "whole-tensor", (f"experts of the first {n_host} of {n_moe} MoE layers on the CPU "
+                                      "(like --n-cpu-moe)")
+    return SessionPlan(plan.placement(), None, _summary(mode, desc, plan.n_gpu_layers, {}, budget, notices, None))
+
+
+def _manual_placement(inv, gpus, n_cpu, budget) -> SessionPlan:
+    """--n-cpu-moe N / --cpu-moe: whole layers' experts on the CPU, chosen by the user."""
+    from hybrid_gguf.planning import placement as pl
+
+    flag = "--cpu-moe" if n_cpu is None else f"--n-cpu-moe {n_cpu}"
+    notices: list[str] = []
+    if budget is not None:
+        notices.append(f"{flag} places by hand: --gpu-budget ignored")
+    if not gpus:
+        notices.append(f"no GPU: {flag} has nothing to place, every weight stays on the CPU")
+        return SessionPlan(None, None, _summary("cpu", "all weights on the CPU", 0, {}, None, notices, None))
+    if inv.n_expert == 0:
+        notices.append(f"model has no routed experts: {flag} moves nothing")
+    if n_cpu is None:
+        placement = pl.cpu_moe()
+        desc = "all routed experts on the CPU, the rest on the GPU (--cpu-moe)"
+    else:
+        n_cpu = min(n_cpu, inv.n_layer)
+        placement = pl.n_cpu_moe(n_cpu)
+        desc = ("everything on the GPU (--n-cpu-moe 0)" if n_cpu == 0 else
+                f"experts of the first {n_cpu} of {inv.n_layer} layers on the CPU (--n-cpu-moe {n_cpu})")
+    mode = "gpu" if n_cpu == 0 else "whole-tensor"
+    return SessionPlan(placement, None, _summary(mode, desc, placement.n_gpu_layers, {}, None, notices, None))
+
+
+def _placement_from_plan(inv, plan, notices, gpus) -> SessionPlan:
+    from hybrid_gguf.llama import hybrid as hybrid_backend
+    from hybrid_gguf.planning.plan import Plan
+
+    if isinstance(plan, (str, Path)):
+        source = str(plan)
+        if not Path(plan).exists():
+            raise HybridError(f"plan file not found: {plan}")
+        plan = Plan.load(plan, inv)
+    else:
+        source = "plan"
+    plan.check_model(inv)
+    hot = {int(k): list(v) for k, v in plan.hot.items() if v}
+    if hot and not hybrid_backend.capability().per_expert:
+        notices.append(STOCK_NOTICE + "; using the plan's whole-tensor part only")
+        hot = {}
+    llama_kwargs = {k: v for k, v in plan.llama_kwargs().items() if k != "n_ctx"}
+    if not gpus:
+        llama_kwargs["n_gpu_layers"] = 0
+    n_gpu_layers = llama_kwargs.get("n_gpu_layers", plan.n_gpu_layers)
+    mode = "per-expert" if hot else ("gpu" if not plan.rules else "whole-tensor")
+    n_hot = sum(len(v) for v in hot.values())
+    pack_device = None
+    if hot:
+        named = plan.hot_device if plan.hot_device and plan.hot_device.upper() != "GPU" else None
+        pack_device = (named or "CUDA0") if gpus else "CPU"
+    if hot and not gpus:
+        # the packs are built in a CPU buffer: nothing is on a GPU (same results, no speed-up)
+        desc = f"{source}: {n_hot} hot experts packed on the CPU (no GPU here)"
+        notices.append("no GPU: the plan's hot packs go to a CPU buffer (same results, no speed-up)")
+    else:
+        desc = f"{source}: {n_hot} hot experts" + (f" on {pack_device}" if hot else "")
+    desc += f", {len(plan.rules)} whole-tensor rules" + ("" if gpus else " (ignored: no GPU)")
+    summary = _summary(mode, desc, n_gpu_layers, hot, plan.budget_bytes, notices + list(plan.notes), pack_device)
+    summary.predicted = plan.predicted.to_dict() if hasattr(plan.predicted, "to_dict") else {}
+    return SessionPlan(plan.placement(), hot, summary, plan, llama_kwargs)
+
+
+def _auto_plan(model_path, inv, budget, n_ctx, notices, gpus) -> SessionPlan:
+    """Plan from the stored routing profile, keep it for the next session, say what changed."""
+    from hybrid_gguf.planning.plan import DeviceBudget
+
+    out = default_plan_path(inv.fingerprint)
+    gpu = DeviceBudget(gpus[0].name, budget, free_bytes=gpus[0].free_bytes)  # budget: already usable
+    auto = plan_model(model_path, budget, n_ctx, out=out, inventory=inv, devices=[gpu])
+    if auto.diff is not None:
+        notices.append(auto.diff.summary())
+    chosen = _placement_from_plan(inv, auto.plan, notices, gpus)
+    chosen.summary.description = f"auto plan ({out.name}): " + chosen.summary.description.split(": ", 1)[-1]
+    return chosen
+
+
+def _summary(mode, description, n_gpu_layers, hot, budget, notices, pack_device) -> PlacementSummary:
+    return PlacementSummary(mode, description, n_gpu_layers, dict(hot), budget, list(notices),
+                            pack_device=pack_device)
+
+
+def _gpu_experts(inv, placement, hot, n_gpu_layers: int, pack_device: Optional[str]) -> dict:
+    """{layer: experts in GPU memory} of a placement on a machine with a GPU: hot packs on a
+    GPU device plus layers whose expert tensors no rule keeps on the host."""
+    from hybrid_gguf.planning.memory import is_host
+
+    on_gpu_pack = pack_device is not None and not is_host(pack_device)
+    out = {int(l): [int(e) for e in es] for l, es in hot.items() if es and on_gpu_pack}
+    if n_gpu_layers == 0:
+        return out
+    for layer in inv.layers:
+        if not layer.is_moe:
+            continue
+        targets = [None if placement is None else placement.target_for(n) for n in layer.expert_tensors]
+        if all(t is None or not is_host(t) for t in targets):
+            out[layer.index] = list(range(layer.n_expert))
+    return out

@@ -1,0 +1,98 @@
+"""The placements `hybrid-gguf bench` times, made by the planner as `plan` makes them: the
+per-expert plan `plan` writes at the bench's budget and profile, the best whole-layer plan
+at the same VRAM (`plan --whole-tensor`), all routed experts on the CPU, and everything on
+the GPU where that fits. Also the budgets of `--expert-share` sweeps, turned into total
+VRAM once here. runner.py loads and times what these return.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from hybrid_gguf.header.inventory import Inventory, read_inventory
+from hybrid_gguf.llama import hybrid as hybrid_backend
+from hybrid_gguf.planning.placement import cpu_moe
+
+
+@dataclass
+class Config:
+    name: str
+    placement: object            # TensorPlacement or None (everything on the GPU)
+    hot: dict = field(default_factory=dict)          # hot packs llama.cpp builds: layer -> experts
+    gpu_experts: dict = field(default_factory=dict)  # layer -> experts in GPU memory (packs + whole layers)
+    n_gpu_layers: int = -1
+    plan: object = None          # the planner's Plan this placement is, if any
+
+    @classmethod
+    def from_plan(cls, name: str, plan, inv: Inventory) -> "Config":
+        on_gpu = plan.n_gpu_layers != 0
+        return cls(name, plan.placement(), {int(l): list(v) for l, v in plan.hot.items() if v},
+                   plan.gpu_experts(inv) if on_gpu else {}, plan.n_gpu_layers, plan)
+
+    def gpu_expert_bytes(self, inv: Inventory) -> int:
+        return sum(inv.layers[l].per_expert_bytes * len(es) for l, es in self.gpu_experts.items())
+
+    def plan_detail(self, inv: Inventory) -> Optional[dict]:
+        """What the report says about the plan: its hot set, rules and predictions."""
+        if self.plan is None:
+            return None
+        pl = self.plan
+        return {"backend": pl.backend, "budget_bytes": int(pl.budget_bytes), "n_gpu_layers": pl.n_gpu_layers,
+                "hot_device": pl.hot_device, "hot": {str(l): list(v) for l, v in sorted(self.hot.items())},
+                "whole_layers": pl.whole_layers(inv) if pl.n_gpu_layers != 0 else [],
+                "rules": [{"pattern": r.pattern, "device": r.device} for r in pl.rules],
+                "predicted_hit_rate": pl.predicted.hit_rate,
+                "predicted_decode_tokens_per_s": pl.predicted.decode_tokens_per_s,
+                "predicted_gpu_bytes": pl.predicted.gpu_bytes, "notes": list(pl.notes)}
+
+
+def plan_configs(model_path: Path, inv: Inventory, profile, devices: list, n_ctx: int, n_ubatch: int,
+                 wanted: Optional[Sequence[str]] = None, gpu_present: bool = False) -> list[Config]:
+    """The placements to time, made by the planner as `plan` makes them (autoplan.plan_model,
+    same inputs): per-expert = the plan at `devices`' budget with `profile`, whole-layer =
+    the planner with per-expert placement off at the same budget, all-gpu = the plan at all
+    the VRAM the budget rule allows, when it holds every expert."""
+    from hybrid_gguf.autoplan import detect_devices, plan_model
+
+    def want(name: str) -> bool:
+        return wanted is None or name in wanted
+
+    def make(devs, per_expert):
+        return plan_model(model_path, None, n_ctx, profile=profile, devices=devs, per_expert=per_expert,
+                          n_ubatch=n_ubatch, inventory=inv).plan
+
+    configs = [Config("cpu-experts", cpu_moe())] if want("cpu-experts") else []
+    if want("whole-layer"):
+        configs.append(Config.from_plan("whole-layer", make(devices, False), inv))
+    if want("per-expert") and hybrid_backend.capability().per_expert:
+        configs.append(Config.from_plan("per-expert", make(devices, None), inv))
+    if want("all-gpu") and gpu_present:
+        every = make(detect_devices(None)[0], None)
+        if every.n_gpu_layers != 0 and not every.rules and not every.hot:
+            configs.append(Config.from_plan("all-gpu", every, inv))
+    return configs
+
+
+def bench_batch(n_prompt: int) -> int:
+    """n_batch = n_ubatch of the timed loads, and the ubatch the plans are made for."""
+    return max(512, int(n_prompt))
+
+
+def bench_memory(model_path: Path, n_ctx: int, n_prompt: int):
+    """The MemoryOptions `plan` would use for the bench's context and batch (a dry run)."""
+    from hybrid_gguf.llama.devices import gpu_devices
+    from hybrid_gguf.autoplan import memory_options_here
+
+    return memory_options_here(model_path, n_ctx, n_ubatch=bench_batch(n_prompt), gpu_present=bool(gpu_devices()))
+
+
+def share_budgets(model_path: Path, shares: Sequence[float], n_ctx: int, n_prompt: int) -> list[int]:
+    """Total VRAM budgets that leave room for each share of the routed-expert bytes on top
+    of the rest of the model (planning/budget.expert_share_budget); converted once, here."""
+    from hybrid_gguf.planning.budget import expert_share_budget
+
+    inv = read_inventory(model_path)
+    memory = bench_memory(model_path, n_ctx, n_prompt)
+    return [expert_share_budget(inv, s, memory) for s in shares]

@@ -1,0 +1,137 @@
+"""A placement as plain values: what the planner chooses and llama/loader.py applies.
+
+Whole-tensor placement is an ordered list of (regex, target) rules. llama.cpp runs
+`std::regex_search(rule, tensor_name)` for every tensor and the first match wins;
+unmatched tensors follow `n_gpu_layers` (all layers on the GPU here). A target is a
+device name ("CPU", "CUDA0", or "GPU" for the first GPU) or a buffer-type name
+("CPU_REPACK", "CUDA_Host").
+
+Per-expert placement is a hot set ({layer: [expert, ...]}) that the hybrid patch copies
+into hot packs; `plan_text` writes it in the patch's plan text.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Mapping, NamedTuple, Optional, Sequence
+
+from hybrid_gguf.errors import HybridError
+
+# The routed-expert tensors as llama.cpp's --cpu-moe / --n-cpu-moe select them; no end
+# anchor, so gpt-oss's `ffn_*_exps.bias` move with their weights.
+EXPERT_TENSOR_RE = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
+
+
+class PlacementRule(NamedTuple):
+    pattern: str
+    device: str
+
+
+@dataclass(frozen=True)
+class TensorPlacement:
+    rules: tuple[PlacementRule, ...] = ()
+    description: str = "all layers on the GPU"
+    # Layers llama.cpp offloads; -1 = all. Expert overrides only make sense with all.
+    n_gpu_layers: int = -1
+    # Set by n_cpu_moe()/cpu_moe() for reporting: layers whose experts stay on the CPU.
+    n_cpu_moe: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rules", tuple(PlacementRule(*r) for r in self.rules))
+        validate_rules(self.rules)
+
+    def target_for(self, tensor_name: str) -> Optional[str]:
+        """The rule target llama.cpp will apply to a tensor, or None (default placement)."""
+        for rule in self.rules:
+            if re.search(rule.pattern, tensor_name):
+                return rule.device
+        return None
+
+    def to_dict(self) -> dict:
+        return {
+            "description": self.description,
+            "n_gpu_layers": self.n_gpu_layers,
+            "n_cpu_moe": self.n_cpu_moe,
+            "rules": [{"pattern": r.pattern, "device": r.device} for r in self.rules],
+        }
+
+
+# --- constructors ---------------------------------------------------------------------
+
+
+def all_on_gpu() -> TensorPlacement:
+    return TensorPlacement((), "all layers on the GPU", n_cpu_moe=0)
+
+
+def cpu_moe() -> TensorPlacement:
+    """--cpu-moe: every routed expert tensor in host memory, everything else on the GPU."""
+    return TensorPlacement(
+        (PlacementRule(EXPERT_TENSOR_RE, "CPU"),), "all routed experts on the CPU", n_cpu_moe=None
+    )
+
+
+def n_cpu_moe(n: int) -> TensorPlacement:
+    """--n-cpu-moe N: experts of layers 0..n-1 on the CPU, in one alternation pattern
+    (llama.cpp rebuilds each regex per tensor, so one pattern beats n patterns)."""
+    if n < 0:
+        raise HybridError(f"n_cpu_moe must be >= 0, got {n}")
+    if n == 0:
+        return all_on_gpu()
+    layers = "|".join(str(i) for i in range(n))
+    pattern = rf"^blk\.({layers})\.ffn_(up|down|gate|gate_up)_(ch|)exps"
+    desc = f"experts of layers 0-{n - 1} on the CPU" if n > 1 else "experts of layer 0 on the CPU"
+    return TensorPlacement((PlacementRule(pattern, "CPU"),), desc, n_cpu_moe=n)
+
+
+# --- validation -------------------------------------------------------------------------
+
+# Python-only regex syntax that std::regex (ECMAScript) rejects or reads differently.
+_NON_ECMA = re.compile(r"(?<!\\)\(\?[^:=!]|\\[AZz]")
+
+
+def validate_rules(rules) -> None:
+    """Raise HybridError for patterns llama.cpp would fail on (it aborts the load)."""
+    for rule in rules:
+        pattern, device = rule
+        if not isinstance(pattern, str) or not pattern:
+            raise HybridError(f"placement pattern must be a non-empty string, got {pattern!r}")
+        if not pattern.isascii() or "\0" in pattern:
+            raise HybridError(f"placement pattern {pattern!r} must be printable ASCII")
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise HybridError(f"malformed placement pattern {pattern!r}: {exc}") from None
+        if _NON_ECMA.search(pattern):
+            raise HybridError(
+                f"placement pattern {pattern!r} uses Python-only regex syntax; "
+                "llama.cpp uses ECMAScript std::regex (only (?: (?= (?! groups)"
+            )
+        if not isinstance(device, str) or not device.strip():
+            raise HybridError(f"placement target for {pattern!r} must be a device name")
+
+
+# --- the hot set as the patch reads it -------------------------------------------------------
+
+COLD_ON_GPU = "cold=gpu"  # the plan-text item that asks for cold experts on the GPU
+
+
+def plan_text(hot: Mapping[int, Sequence[int]], buffer_type: Optional[str] = None,
+              cold_on_gpu: bool = False) -> str:
+    """Serialize {layer: [expert, ...]} as the patch's plan text (slot order = list order).
+
+    cold_on_gpu (patch version 4; hybrid.pending_plan checks the build): the expert tensors
+    that would live in host memory go to pinned, device-mapped memory that the pack's GPU
+    reads in place, so the GPU computes the cold experts too and a split layer needs no CPU
+    hand-off (docs/backend-patch.md)."""
+    # "GPU" means the first GPU, which is also the patch's default
+    named = buffer_type and buffer_type.upper() != "GPU"
+    parts = [f"buft={buffer_type}"] if named else []
+    if cold_on_gpu:
+        parts.append(COLD_ON_GPU)
+    for layer in sorted(hot):
+        experts = list(hot[layer])
+        if experts:
+            parts.append(f"{int(layer)}:{','.join(str(int(e)) for e in experts)}")
+    return ";".join(parts)
+
