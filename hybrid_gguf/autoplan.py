@@ -48,6 +48,18 @@ def default_plan_path(fingerprint: str) -> Path:
     return plans_dir() / f"{fingerprint[:32]}.yaml"
 
 
+def cold_read_possible(devices: Sequence) -> bool:
+    """Whether the packs' GPU here can compute the cold experts from pinned host memory:
+    a CUDA device and a build with hybrid patch version 4 or later."""
+    try:
+        from hybrid_gguf.llama.hybrid import capability
+
+        version = capability().version
+    except Exception:
+        return False
+    return version >= 4 and any(str(getattr(d, "name", d)).upper().startswith("CUDA") for d in devices)
+
+
 def detect_devices(budget: Optional[int]) -> tuple:
     """([DeviceBudget], notes): the first GPU llama.cpp sees, or a stand-in named "GPU",
     with the budget made usable there (planning/budget.py's rule, applied here once)."""
@@ -115,7 +127,7 @@ def plan_model(model_path: PathLike, gpu_budget: Optional[int], n_ctx: int, *,
                measure: bool = True, calibrate: bool = True, n_ubatch: int = 512,
                flash_attn: bool = False, type_k: str = "f16", type_v: str = "f16",
                margin_bytes: int = 64 * MIB, hysteresis: float = 0.01, promote_from: Optional[float] = None,
-               inventory=None) -> AutoPlan:
+               inventory=None, cold: Optional[str] = None) -> AutoPlan:
     """Plan `model_path` on this machine.
 
     profile / profile_path: the routing profile (default: the profile store's entry).
@@ -127,6 +139,8 @@ def plan_model(model_path: PathLike, gpu_budget: Optional[int], n_ctx: int, *,
       GPU, or a stand-in).
     per_expert: None = what this llama.cpp build supports.
     out: write the plan there (YAML).
+    cold: who computes the experts left in host memory ("cpu", "gpu", "auto"; None: "auto"
+      where this build and a CUDA GPU can let the GPU read them in place, else "cpu").
     promote_from: layers whose hot set covers at least this share of their experts are
       promoted whole when the speed model says the saved hand-off pays (0: any layer;
       default planner.PROMOTE_FROM).
@@ -186,9 +200,11 @@ def plan_model(model_path: PathLike, gpu_budget: Optional[int], n_ctx: int, *,
         notes.append("the previous plan is for another model; ignored")
         prev = None
 
+    if cold is None:
+        cold = "auto" if gpu_present and cold_read_possible(devs) else "cpu"
     plan = make_plan(inv, budget, n_ctx, profile, per_expert=per_expert, devices=devs, bandwidth=bw,
                      previous=prev, memory=opts, hysteresis=hysteresis,
-                     promote_fraction=PROMOTE_FROM if promote_from is None else promote_from)
+                     promote_fraction=PROMOTE_FROM if promote_from is None else promote_from, cold=cold)
     plan.notes = notes + plan.notes
     diff = diff_plans(prev, plan, inv, profile) if prev is not None else None
     if out is not None:
@@ -239,6 +255,7 @@ class SessionPlan:
     summary: PlacementSummary
     plan: Optional[object] = None  # Plan
     llama_kwargs: dict = field(default_factory=dict)  # the plan's, n_ctx left to the caller
+    cold_on_gpu: bool = False    # the plan's `cold: gpu`: the packs' GPU reads the cold experts
 
 
 def session_plan(model_path: PathLike, inv, gpus: Sequence, n_ctx: int, *,
@@ -412,7 +429,10 @@ def _placement_from_plan(inv, plan, notices, gpus) -> SessionPlan:
     desc += f", {len(plan.rules)} whole-tensor rules" + ("" if gpus else " (ignored: no GPU)")
     summary = _summary(mode, desc, n_gpu_layers, hot, plan.budget_bytes, notices + list(plan.notes), pack_device)
     summary.predicted = plan.predicted.to_dict() if hasattr(plan.predicted, "to_dict") else {}
-    return SessionPlan(plan.placement(), hot, summary, plan, llama_kwargs)
+    cold_on_gpu = bool(hot) and bool(gpus) and plan.cold_on_gpu
+    if cold_on_gpu:
+        summary.description += "; cold experts read by the GPU from pinned host memory"
+    return SessionPlan(plan.placement(), hot, summary, plan, llama_kwargs, cold_on_gpu)
 
 
 def _auto_plan(model_path, inv, budget, n_ctx, notices, gpus) -> SessionPlan:

@@ -149,6 +149,7 @@ class HybridModel:
         stream = routing_process.STREAM_PROFILE if self.profiling else routing_process.STREAM_MEASURED
         t0 = time.perf_counter()
         loaded = load_llama(self.path, chosen.placement, hot=chosen.hot, pack_device=summary.pack_device,
+                            cold_on_gpu=chosen.cold_on_gpu,
                             record=recording, route_trace=routing_process.model_trace(self.inventory, n_ctx, stream),
                             inventory=self.inventory, **kwargs)
         self.load_seconds = time.perf_counter() - t0

@@ -18,10 +18,10 @@
 #    routing presets, Q30B-shaped / Mixtral-shaped; ROUTINGS= picks presets)
 #   (coldsplit: the split equivalence tests again with cold=gpu: the GPU reads the cold
 #    experts from pinned host memory, patch v4)
-#   (coldab: one hot set, cold experts on the CPU vs read by the GPU, beside whole layers;
-#    SHARES= and ROUTINGS= pick budgets and presets; TIMERS=1 adds a run with the
-#    scheduler's per-split breakdown, LLAMA_HYBRID_SCHED_TIMERS; OFFLOAD=1 a run where each
-#    decode step uploads its cold experts, llama.cpp's op offload from one token)
+#   (coldab: the planner's per-expert plan with its cold experts on the CPU and read by the
+#    GPU, beside whole layers; SHARES= and ROUTINGS= pick budgets and presets; TIMERS=1 adds a
+#    run with the scheduler's per-split breakdown, LLAMA_HYBRID_SCHED_TIMERS; OFFLOAD=1 a run
+#    where each decode step uploads its cold experts, llama.cpp's op offload from one token)
 #   (amx: CPU-only prefill/decode with llama.cpp's extra CPU buffer types on and off)
 # One call does not fit every step in 10 minutes. Measured 2026-11-28 (wall time per call):
 #   "build,diag,split,recorder"  ~5 min (build 203-257 s)
@@ -276,21 +276,28 @@ open('/tmp/prof.txt', 'w').write(package_text(P, 8000)); open('/tmp/eval.txt', '
     done
 fi
 if has coldab; then
+    # per-expert with the cold experts on the CPU (hand-offs) and read by the GPU, beside whole
+    # layers, at one budget; OFFLOAD=1: op offload from one token with pinned host weights (each
+    # decode step uploads the cold experts it uses, no cache); TIMERS=1: the scheduler's
+    # per-split breakdown of every timed decode window (slower: a sync per split)
     for R in ${ROUTINGS:-realistic optimistic}; do
         for S in ${SHARES:-0.25}; do
-            log "cold on CPU vs GPU-read: $R routing, $S of expert bytes"
-            python3 scripts/cold_gpu_ab.py "$BIG" --share "$S" --routing "$R" --threads 16 --tg 32 --reps 2 \
-                --out "$OUT/coldab_${R}_$S.json" 2>&1 | grep -v "^\[" | tail -6 || failed "coldab $R $S"
+            log "cold on CPU vs read by the GPU: $R routing, $S of the expert bytes"
+            run_bench "$BIG" --routing "$R" --expert-share "$S" --pp 256 --tg 32 --reps 2 --threads 16 --no-calibrate \
+                --configs whole-layer,per-expert,per-expert-cold-cpu,per-expert-cold-gpu \
+                --json-detail "$OUT/coldab_${R}_$S.json" 2>&1 | grep -E "^ *(cpu|whole|per|all)-|_vs_|cold experts" \
+                || failed "coldab $R $S"
             if [ -n "${OFFLOAD:-}" ]; then
-                log "the same with op offload from one token (each decode step uploads its cold experts)"
-                python3 scripts/cold_gpu_ab.py "$BIG" --share "$S" --routing "$R" --threads 16 --tg 32 --reps 2 \
-                    --offload-decode --configs whole-layer,per-expert --out "$OUT/coldab_offload_${R}_$S.json" 2>&1 \
-                    | grep -v "^\[" | tail -4 || failed "coldab offload $R $S"
+                log "the same, op offload from one token (each step uploads its cold experts)"
+                GGML_OP_OFFLOAD_MIN_BATCH=1 run_bench "$BIG" --routing "$R" --expert-share "$S" --pp 256 --tg 32 --reps 2 \
+                    --threads 16 --no-calibrate --no-repack --configs whole-layer,per-expert-cold-cpu \
+                    --json-detail "$OUT/coldab_offload_${R}_$S.json" 2>&1 | grep -E "^ *(whole|per)-" || failed "offload $R $S"
             fi
             if [ -n "${TIMERS:-}" ]; then
-                log "the scheduler's timers over each timed decode window (slower: a sync per split)"
-                LLAMA_HYBRID_SCHED_TIMERS=1000000 python3 scripts/cold_gpu_ab.py "$BIG" --share "$S" --routing "$R" \
-                    --threads 16 --tg 32 --reps 1 2>&1 | grep "hybrid-sched\|tg " | tail -12 | tee -a "$OUT/sched_timers_${R}_$S.txt"
+                log "scheduler timers per decode window"
+                LLAMA_HYBRID_SCHED_TIMERS=1000000 run_bench "$BIG" --routing "$R" --expert-share "$S" --pp 256 --tg 32 \
+                    --reps 1 --threads 16 --no-calibrate --configs whole-layer,per-expert-cold-cpu,per-expert-cold-gpu 2>&1 \
+                    | grep -E "hybrid-sched|^ *(whole|per)-" | tee "$OUT/sched_timers_${R}_$S.txt"
             fi
         done
     done

@@ -31,6 +31,9 @@ def test_bench_json_on_cpu(tiny_model_factory, tmp_path):
                 "samples_ts", "placement", "hit_rate", "budget_bytes"} <= set(row)
         assert (row["n_prompt"], row["n_gen"]) in ((32, 0), (0, 4))
         assert row["avg_ts"] > 0 and row["stddev_ts"] >= 0 and len(row["samples_ts"]) == 2
+        if row["n_gen"] > 0:  # decode rows say what the bandwidths allow for that placement
+            assert row["roofline_tg_ts"] is None or row["roofline_tg_ts"] > 0
+            assert row["roofline_tg_ts"] == out["prediction"]["configs"][row["placement"]]["roofline_decode_ts"]
     by_test = {(r["placement"], r["n_gen"] > 0): r for r in rows}
     assert len(by_test) == len(rows)
     names = [r["name"] for r in out["results"]]

@@ -456,3 +456,33 @@ def test_decode_routing_drives_the_plan_when_the_profile_has_decoded_tokens(tiny
     # the plan holds what decode uses, and says so in its predicted hit rate
     assert hit_rate(out_probs * k, plan.gpu_experts(inv)) > hit_rate(out_probs * k, by_prompt.gpu_experts(inv))
     assert plan.predicted.hit_rate == pytest.approx(hit_rate(pd, plan.gpu_experts(inv)))
+
+
+def test_who_computes_the_cold_experts(tiny_model_factory, tmp_path):
+    """cold: "cpu" keeps the hand-offs, "gpu" lets the packs' GPU read the host experts, and
+    "auto" takes the faster by the speed model; the choice survives the plan file."""
+    from hybrid_gguf.planning.plan import Plan
+
+    inv, prof, opts, budget = uniform_and_skewed(tiny_model_factory, 8.0)
+    slow_handoff = Bandwidth(handoff_s=5e-3, handoff_idle_s=5e-3)
+    slow_link = Bandwidth(handoff_s=1e-6, handoff_idle_s=1e-6, host_read_bytes_per_s=1e3)
+    kw = dict(memory=opts, promote_fraction=2.0)
+    cpu = make_plan(inv, budget, 1024, prof, bandwidth=slow_handoff, cold="cpu", **kw)
+    assert cpu.hot and not cpu.cold_on_gpu and "cold=gpu" not in cpu.hybrid_plan_text()
+    gpu = make_plan(inv, budget, 1024, prof, bandwidth=slow_handoff, cold="gpu", **kw)
+    assert gpu.cold_on_gpu and "cold=gpu" in gpu.hybrid_plan_text() and gpu.hot == cpu.hot
+    assert gpu.predicted.speed_terms["decode_ms"]["handoff"] == 0.0
+    auto = make_plan(inv, budget, 1024, prof, bandwidth=slow_handoff, cold="auto", **kw)
+    assert auto.cold_on_gpu and any("reads them from pinned host memory" in n for n in auto.notes)
+    assert auto.predicted.decode_tokens_per_s > cpu.predicted.decode_tokens_per_s
+    assert not make_plan(inv, budget, 1024, prof, bandwidth=slow_link, cold="auto", **kw).cold_on_gpu
+    # no hot packs, nothing to read: a whole-layer plan stays as it is
+    assert not make_plan(inv, budget, 1024, None, bandwidth=slow_handoff, cold="gpu", **kw).cold_on_gpu
+    path = tmp_path / "p.yaml"
+    gpu.save(path)
+    assert "cold: gpu" in path.read_text() and Plan.load(path, inv).cold_on_gpu
+    path.write_text(path.read_text().replace("cold: gpu", "cold: maybe"))
+    with pytest.raises(HybridError, match="cold must be cpu or gpu"):
+        Plan.load(path, inv)
+    with pytest.raises(HybridError, match="cold must be"):
+        make_plan(inv, budget, 1024, prof, cold="sometimes", **kw)

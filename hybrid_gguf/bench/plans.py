@@ -24,12 +24,14 @@ class Config:
     gpu_experts: dict = field(default_factory=dict)  # layer -> experts in GPU memory (packs + whole layers)
     n_gpu_layers: int = -1
     plan: object = None          # the planner's Plan this placement is, if any
+    cold_on_gpu: bool = False    # the packs' GPU reads the cold experts from pinned host memory
 
     @classmethod
     def from_plan(cls, name: str, plan, inv: Inventory) -> "Config":
         on_gpu = plan.n_gpu_layers != 0
-        return cls(name, plan.placement(), {int(l): list(v) for l, v in plan.hot.items() if v},
-                   plan.gpu_experts(inv) if on_gpu else {}, plan.n_gpu_layers, plan)
+        hot = {int(l): list(v) for l, v in plan.hot.items() if v}
+        return cls(name, plan.placement(), hot, plan.gpu_experts(inv) if on_gpu else {}, plan.n_gpu_layers, plan,
+                   bool(hot) and on_gpu and plan.cold_on_gpu)
 
     def gpu_expert_bytes(self, inv: Inventory) -> int:
         return sum(inv.layers[l].per_expert_bytes * len(es) for l, es in self.gpu_experts.items())
@@ -40,7 +42,7 @@ class Config:
             return None
         pl = self.plan
         return {"backend": pl.backend, "budget_bytes": int(pl.budget_bytes), "n_gpu_layers": pl.n_gpu_layers,
-                "hot_device": pl.hot_device, "hot": {str(l): list(v) for l, v in sorted(self.hot.items())},
+                "hot_device": pl.hot_device, "cold": "gpu" if self.cold_on_gpu else "cpu", "hot": {str(l): list(v) for l, v in sorted(self.hot.items())},
                 "whole_layers": pl.whole_layers(inv) if pl.n_gpu_layers != 0 else [],
                 "rules": [{"pattern": r.pattern, "device": r.device} for r in pl.rules],
                 "predicted_hit_rate": pl.predicted.hit_rate,
@@ -54,20 +56,26 @@ def plan_configs(model_path: Path, inv: Inventory, profile, devices: list, n_ctx
     same inputs): per-expert = the plan at `devices`' budget with `profile`, whole-layer =
     the planner with per-expert placement off at the same budget, all-gpu = the plan at all
     the VRAM the budget rule allows, when it holds every expert."""
-    from hybrid_gguf.autoplan import detect_devices, plan_model
+    from hybrid_gguf.autoplan import cold_read_possible, detect_devices, plan_model
 
     def want(name: str) -> bool:
         return wanted is None or name in wanted
 
-    def make(devs, per_expert):
+    def make(devs, per_expert, cold=None):
         return plan_model(model_path, None, n_ctx, profile=profile, devices=devs, per_expert=per_expert,
-                          n_ubatch=n_ubatch, inventory=inv).plan
+                          n_ubatch=n_ubatch, inventory=inv, cold=cold).plan
 
     configs = [Config("cpu-experts", cpu_moe())] if want("cpu-experts") else []
     if want("whole-layer"):
         configs.append(Config.from_plan("whole-layer", make(devices, False), inv))
     if want("per-expert") and hybrid_backend.capability().per_expert:
-        configs.append(Config.from_plan("per-expert", make(devices, None), inv))
+        chosen = Config.from_plan("per-expert", make(devices, None), inv)
+        configs.append(chosen)
+        # the same budget with the other choice of who computes the cold experts, where this
+        # machine can do both: what the planner's choice is worth
+        other = "cpu" if chosen.cold_on_gpu else "gpu"
+        if chosen.hot and gpu_present and cold_read_possible(devices) and want(f"per-expert-cold-{other}"):
+            configs.append(Config.from_plan(f"per-expert-cold-{other}", make(devices, None, other), inv))
     if want("all-gpu") and gpu_present:
         every = make(detect_devices(None)[0], None)
         if every.n_gpu_layers != 0 and not every.rules and not every.hot:

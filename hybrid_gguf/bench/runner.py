@@ -26,7 +26,8 @@ from hybrid_gguf.errors import HybridError
 from hybrid_gguf.header.inventory import Inventory, read_inventory
 from hybrid_gguf.planning.placement import cpu_moe
 
-BUDGET_CONFIGS = ("whole-layer", "per-expert")  # the placements a budget changes
+# the placements a budget changes
+BUDGET_CONFIGS = ("whole-layer", "per-expert", "per-expert-cold-cpu", "per-expert-cold-gpu")
 
 
 @dataclass
@@ -65,17 +66,25 @@ def hit_rate(counts_decode: np.ndarray, gpu_experts: dict[int, list[int]]) -> Op
 
 def load_config(path: Path, inv: Inventory, cfg: Config, n_ctx: int, n_batch: int, record,
                 pack_device: str, n_threads: Optional[int], stream: int = routing_process.STREAM_MEASURED,
-                routing: Optional[str] = None):
-    """`cfg` loaded (`record`: a recorder.Recording, or None)."""
+                routing: Optional[str] = None, repack: bool = True):
+    """`cfg` loaded (`record`: a recorder.Recording, or None; `repack` False: host weights
+    in plain buffers, llama.cpp's use_extra_bufts off, as `run --no-repack`)."""
     from hybrid_gguf.llama.loader import load_llama
 
     kwargs = dict(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_gpu_layers=cfg.n_gpu_layers, use_mmap=False,
                   verbose=False, seed=0)
     if n_threads:
         kwargs.update(n_threads=n_threads, n_threads_batch=n_threads)
-    return load_llama(path, cfg.placement, hot=cfg.hot or None, pack_device=pack_device, record=record,
+    if not repack:
+        kwargs["model_patch"] = _no_extra_bufts
+    return load_llama(path, cfg.placement, hot=cfg.hot or None, pack_device=pack_device,
+                      cold_on_gpu=cfg.cold_on_gpu, record=record,
                       route_trace=routing_process.model_trace(inv, n_ctx, stream, routing), inventory=inv, **kwargs)
 
+
+
+def _no_extra_bufts(params) -> None:
+    params.use_extra_bufts = False  # CPU weights in plain (or pinned host) buffers, not repacked
 
 def measure_once(llm, prompt: Sequence[int], decode: Sequence[int], recorder) -> tuple[float, float, Optional[np.ndarray]]:
     """(prompt tokens/s, decode tokens/s, decode routing counts when recording).
@@ -143,7 +152,7 @@ def run_bench(model_path: Path, *, budget_bytes: Optional[int], profile_prompts:
               n_threads: Optional[int] = None, profile=None,
               eval_counts: Optional[np.ndarray] = None, eval_trace=None, save_calibration: bool = True,
               routing: Optional[str] = None, log: Callable[[str], None] = print,
-              on_progress: Optional[Callable[[int, int], None]] = None) -> dict:
+              on_progress: Optional[Callable[[int, int], None]] = None, repack: bool = True) -> dict:
     """Profile (unless `profile` is given), plan, then time each placement; returns a
     JSON-able dict. `budget_bytes`: total VRAM, as `plan --gpu-budget` (None: all the GPU
     can give), made usable here once (planning/budget.py). `routing`: a routing preset
@@ -206,7 +215,7 @@ def run_bench(model_path: Path, *, budget_bytes: Optional[int], profile_prompts:
         expert_bytes = cfg.gpu_expert_bytes(inv)
         try:
             loaded = load_config(model_path, inv, cfg, n_ctx, bench_batch(n_prompt), None, pack_device, n_threads,
-                                 routing=routing)
+                                 routing=routing, repack=repack)
         except HybridError as exc:
             results.append(Result(cfg.name, n_prompt, n_gen, [], [], None, expert_bytes, 0, 0.0, str(exc),
                                   cfg.plan_detail(inv)))
@@ -285,15 +294,22 @@ def predict_configs(inv: Inventory, profile, cfgs: Sequence[Config], results: Se
             run = calibration.MeasuredRun(gpu, s["tg_median_ts"], s["pp_median_ts"], n_prompt, n_prompt + n_gen // 2)
             runs[cfg.name] = (cfg, run)
             t = calibration.run_terms(inv, p, run, n_ctx)
+            if cfg.cold_on_gpu:
+                # no CPU hand-offs to fit: this run tells the link's read rate instead (below)
+                terms[cfg.name] = (t, None)
+                continue
             host_layers = [l.index for l in inv.layers
                            if l.is_moe and len(set(gpu.get(l.index, ()))) < l.n_expert]
             traced = busy_handoffs(eval_trace, gpu, host_layers, inv.n_expert)
             terms[cfg.name] = (t, traced)
     fit_terms = [t if traced is None else replace(t, handoffs_busy=traced, handoffs_idle=t.handoffs - traced)
-                 for t, traced in terms.values()] if on_gpu else []
+                 for name, (t, traced) in terms.items() if not runs[name][0].cold_on_gpu] if on_gpu else []
     saved = calibration.fit_bandwidth_terms(fit_terms, stored, inv.fingerprint) if fit_terms else stored
+    cold_runs = [(cfg, run) for cfg, run in runs.values() if cfg.cold_on_gpu]
+    if on_gpu and cold_runs:
+        saved = fit_host_read(inv, p, cold_runs, saved, n_ctx, n_prompt, log)
     fitted = saved.for_model(inv.fingerprint)
-    roof = replace(fitted, handoff_s=0.0, handoff_idle_s=0.0)
+    roof = replace(fitted, handoff_s=0.0, handoff_idle_s=0.0, gpu_chain_s=0.0)
     table = {}
     for name, (cfg, run) in runs.items():
         t, traced = terms[name]
@@ -303,7 +319,7 @@ def predict_configs(inv: Inventory, profile, cfgs: Sequence[Config], results: Se
                "terms": t.to_dict()}
         for key, bw in (("predicted", before), ("fitted", fitted), ("roofline", roof)):
             sp = predict_speed(inv, p, cfg.gpu_experts if on_gpu else {}, on_gpu, bw, n_ctx,
-                               n_ubatch=n_prompt, kv_fill=run.kv_fill)
+                               n_ubatch=n_prompt, kv_fill=run.kv_fill, cold_on_gpu=cfg.cold_on_gpu)
             row[f"{key}_decode_ts"] = sp.decode_tokens_per_s
             if key != "roofline":
                 row[f"{key}_prefill_ts"] = sp.prefill_tokens_per_s
@@ -314,13 +330,39 @@ def predict_configs(inv: Inventory, profile, cfgs: Sequence[Config], results: Se
             f"(stored calibration), {row['fitted_decode_ts']:7.2f} (fitted to this run), "
             f"roofline {row['roofline_decode_ts']:7.2f} t/s; busy hand-offs {t.handoffs_busy:.1f} estimated"
             + ("" if traced is None else f", {traced:.1f} traced"))
-    if save and fit_terms:
+    if save and (fit_terms or (on_gpu and cold_runs)):
         calibration.save_calibration(saved)
     return {"calibration_before": before.to_dict(), "calibration_fitted": fitted.to_dict(),
             "calibration_saved": bool(save and fit_terms), "configs": table,
             "gpu_experts": {name: {str(l): list(map(int, es)) for l, es in cfg.gpu_experts.items()}
                             for name, (cfg, _) in runs.items()}}
 
+
+
+def fit_host_read(inv: Inventory, p, cold_runs, bw, n_ctx: int, n_prompt: int, log) -> object:
+    """The link's read rate (Bandwidth.host_read_bytes_per_s) that explains the decode speed of
+    placements whose GPU reads the cold experts in place: each run's time less the model's
+    other terms is its host bytes over the rate; the rate is their bytes-weighted mean.
+    Unchanged when no run leaves time for the reads."""
+    from hybrid_gguf.planning.speed import predict_speed
+
+    read_bytes = read_s = 0.0
+    for cfg, run in cold_runs:
+        sp = predict_speed(inv, p, cfg.gpu_experts, True, bw, n_ctx, n_ubatch=n_prompt, kv_fill=run.kv_fill,
+                           cold_on_gpu=True)
+        host_ms = sp.decode_ms.get("experts_host_read", 0.0)
+        other_s = (sum(sp.decode_ms.values()) - host_ms) / 1e3
+        left = 1.0 / run.decode_tokens_per_s - other_s
+        if host_ms <= 0 or left <= 0:
+            continue
+        read_bytes += host_ms / 1e3 * bw.host_read_bytes_per_s
+        read_s += left
+    if read_s <= 0:
+        return bw
+    rate = read_bytes / read_s
+    log(f"cold experts read by the GPU over the link: {rate / 1e9:.1f} GB/s effective")
+    measured = tuple(sorted(set(bw.measured) | {"host_read_bytes_per_s"}))
+    return replace(bw, host_read_bytes_per_s=rate, measured=measured)
 
 def run_budgets(model_path: Path, budgets: Sequence[Optional[int]], *, profile_prompts, eval_prompt,
                 configs: Optional[Sequence[str]] = None, save_calibration: bool = True,
@@ -397,16 +439,20 @@ def llama_bench_rows(outs: Sequence[dict], n_threads: Optional[int] = None) -> l
     """`bench` results in llama-bench's JSON shape: one row per test (a prompt test with
     n_gen 0, a generation test with n_prompt 0) and placement, with llama-bench's field names
     (model_type, n_prompt, n_gen, avg_ts, stddev_ts, samples_ts, ...) plus ours (placement,
-    budget, hit rate, GPU bytes)."""
+    budget, hit rate, GPU bytes). Generation rows also carry `roofline_tg_ts`: the decode rate
+    the fitted bandwidths allow for that placement's bytes, without hand-offs or cold-chain
+    fixed times (prediction.configs[...].roofline_decode_ts)."""
     from hybrid_gguf import __version__
 
     rows = []
     for out in outs:
         model = Path(out["model"])
         model_type = f"{out.get('arch', '?')} {out.get('n_expert', 0)}x top-{out.get('n_expert_used', 0)}"
+        predicted = out.get("prediction", {}).get("configs", {})
         for r in out["results"]:
             if r.get("error"):
                 continue
+            roofline = predicted.get(r["name"], {}).get("roofline_decode_ts")
             common = {
                 "build_commit": f"hybrid-gguf {__version__}",
                 "model_filename": str(model),
@@ -428,7 +474,8 @@ def llama_bench_rows(outs: Sequence[dict], n_threads: Optional[int] = None) -> l
                 sd = statistics.stdev(samples) if len(samples) > 1 else 0.0
                 n_tok = n_prompt + n_gen
                 ns = [int(n_tok / v * 1e9) for v in samples]
-                rows.append({**common, "n_prompt": n_prompt, "n_gen": n_gen,
+                extra = {"roofline_tg_ts": roofline} if kind == "tg" else {}
+                rows.append({**common, **extra, "n_prompt": n_prompt, "n_gen": n_gen,
                              "avg_ns": int(statistics.mean(ns)) if ns else 0,
                              "stddev_ns": int(statistics.stdev(ns)) if len(ns) > 1 else 0,
                              "avg_ts": avg, "stddev_ts": sd,

@@ -12,7 +12,8 @@ import typer
 from rich.console import Console
 
 from hybrid_gguf.errors import HybridError
-from hybrid_gguf.commands.common import ctx_option, model_argument, model_option, resolve, threads_option
+from hybrid_gguf.commands.common import (ctx_option, model_argument, model_option, no_repack_option, resolve,
+                                         threads_option)
 
 
 def bench_command(
@@ -33,8 +34,9 @@ def bench_command(
                                          help="stdlib packages whose source is the profiling workload"),
     eval_packages: str = typer.Option("asyncio,xml,concurrent,importlib", "--workload",
                                       help="stdlib packages whose source is the timed (held-out) workload"),
-    configs: Optional[str] = typer.Option(None, "--configs", help="comma list: cpu-experts,whole-layer,per-expert,all-gpu"),
+    configs: Optional[str] = typer.Option(None, "--configs", help="comma list: cpu-experts,whole-layer,per-expert,per-expert-cold-cpu,per-expert-cold-gpu,all-gpu"),
     threads: Optional[int] = threads_option(),
+    no_repack: bool = no_repack_option(),
     routing: Optional[str] = typer.Option(
         None, "--routing", help="routing preset replayed instead of the model's own: realistic, "
                                 "gpt-oss-like, flat, optimistic (docs/routing.md)"),
@@ -102,7 +104,7 @@ def bench_command(
                            n_prompt=pp, n_gen=tg, reps=reps, n_ctx=n_ctx,
                            configs=configs.split(",") if configs else None, pack_device=pack_device,
                            n_threads=threads, save_calibration=not no_calibrate, routing=routing, log=log,
-                           on_progress=on_progress)
+                           on_progress=on_progress, repack=not no_repack)
     for out in outs:
         out["pack_device"] = pack_device
         if probe is not None:

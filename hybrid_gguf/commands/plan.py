@@ -63,6 +63,10 @@ def register(app: typer.Typer) -> None:
             None, "--promote-from", min=0.0, max=1.0,
             help="consider promoting a layer whole (no CPU hand-off) once its hot set covers this share of "
                  "its experts; 0 (the default) lets the speed model weigh every layer"),
+        cold: str = typer.Option("auto", "--cold",
+                                 help="who computes the experts left in host memory: cpu (a hand-off per "
+                                      "split layer), gpu (the packs' GPU reads them from pinned memory; "
+                                      "patch v4, CUDA), auto (the faster by the speed model, where both work)"),
     ) -> None:
         """Plan per-expert GPU/CPU placement for a GPU budget and predict hit rate and speed."""
         from rich.console import Console
@@ -82,6 +86,8 @@ def register(app: typer.Typer) -> None:
                 raise HybridError(f"{option} {path} is a directory; give a file name")
             if path is not None and path.parent.exists() and not path.parent.is_dir():
                 raise HybridError(f"{option} {path}: {path.parent} is not a folder")
+        if cold not in ("auto", "cpu", "gpu"):
+            raise HybridError(f"--cold takes auto, cpu or gpu, got {cold!r}")
         budget = parse_size(gpu_budget)
         if ctx is None:
             from hybrid_gguf.header.inventory import read_inventory
@@ -93,7 +99,7 @@ def register(app: typer.Typer) -> None:
                          out=out, devices=devs, per_expert=False if whole_tensor else None, measure=measure,
                          calibrate=calibrate, n_ubatch=n_ubatch, flash_attn=flash_attn, type_k=type_k,
                          type_v=type_v, margin_bytes=parse_size(margin), hysteresis=hysteresis,
-                         promote_from=promote_from)
+                         promote_from=promote_from, cold=None if cold == "auto" else cold)
         plan, diff, inv = res.plan, res.diff, res.inventory
         opts = plan.memory
         per_expert = plan.backend == "per-expert"

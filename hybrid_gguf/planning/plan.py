@@ -115,6 +115,9 @@ class Plan:
     rules: list = field(default_factory=list)  # [PlacementRule]
     hot: dict = field(default_factory=dict)  # layer -> [expert ids]
     hot_device: Optional[str] = None
+    # the pack's GPU also computes the cold experts, reading them from pinned host memory
+    # (patch v4) instead of handing each split layer to the CPU; YAML `cold: gpu`
+    cold_on_gpu: bool = False
     memory: Optional[MemoryOptions] = None  # what the memory prediction assumed; None: the defaults
     predicted: Predicted = field(default_factory=Predicted)
     profile: Optional[ProfileSource] = None
@@ -150,7 +153,9 @@ class Plan:
 
     def hybrid_plan_text(self) -> str:
         """The hot packs as the patched llama.cpp's plan text ("" when there are none)."""
-        return plan_text(self.hot, self.hot_device) if any(self.hot.values()) else ""
+        if not any(self.hot.values()):
+            return ""
+        return plan_text(self.hot, self.hot_device, cold_on_gpu=self.cold_on_gpu)
 
     def gpu_experts(self, inv) -> dict:
         """{layer: expert ids in GPU memory}: hot packs plus layers whose expert tensors
@@ -208,6 +213,7 @@ class Plan:
             "placement": {"n_gpu_layers": int(self.n_gpu_layers), "tensor_split": self.tensor_split,
                           "rules": [{"pattern": r.pattern, "device": r.device} for r in self.rules]},
             "hot_device": self.hot_device,
+            "cold": "gpu" if self.cold_on_gpu else "cpu",
             "hot": {int(l): [int(e) for e in v] for l, v in sorted(self.hot.items())},
             "predicted": self.predicted.to_dict(),
             "profile": self.profile.to_dict() if self.profile else None,
@@ -430,7 +436,7 @@ class _N:
 
 
 _TOP = ("format", "version", "model", "created", "budget_bytes", "devices", "n_ctx", "memory", "backend",
-        "placement", "hot_device", "hot", "predicted", "profile", "notes")
+        "placement", "hot_device", "cold", "hot", "predicted", "profile", "notes")
 _MEMORY = ("n_ubatch", "type_k", "type_v", "flash_attn", "op_offload", "compute_bytes",
            "compute_measured", "margin_bytes", "margin_fraction")
 
@@ -486,6 +492,15 @@ def _check_events(text: str, source: str) -> None:
         elif isinstance(event, yaml.CollectionEndEvent):
             depth -= 1
 
+
+
+def _cold_on_gpu(node) -> bool:
+    """`cold: cpu` (the CPU computes the experts left in host memory) or `cold: gpu` (the
+    packs' GPU reads them there)."""
+    value = node.str()
+    if value not in ("cpu", "gpu"):
+        raise node.error(f"cold must be cpu or gpu, got {value!r}")
+    return value == "gpu"
 
 def _parse(text: str, source: str, inv) -> Plan:
     import yaml
@@ -648,5 +663,6 @@ def _parse(text: str, source: str, inv) -> Plan:
         devices=devices, backend=backend, n_gpu_layers=n_gpu_layers, tensor_split=tensor_split,
         rules=rules, hot=hot,
         hot_device=top["hot_device"].str(allow_none=True) if "hot_device" in top else None,
+        cold_on_gpu=_cold_on_gpu(top["cold"]) if "cold" in top else False,
         memory=memory_options, predicted=predicted, profile=profile, notes=notes, created=str(created or ""),
     )

@@ -222,7 +222,7 @@ def make_plan(inventory, budget_bytes: int, n_ctx: int, profile=None, per_expert
               devices=None, bandwidth: Optional[Bandwidth] = None, previous: Optional[Plan] = None, *,
               memory: Optional[MemoryOptions] = None, promote_fraction: float = PROMOTE_FROM,
               hysteresis: float = 0.01, prior: float = 1.0, node_limit: int = BB_NODE_LIMIT,
-              created: Optional[str] = None) -> Plan:
+              created: Optional[str] = None, cold: str = "cpu") -> Plan:
     """Plan where every tensor and expert of `inventory` lives for a GPU budget.
 
     budget_bytes: total GPU bytes for this model (split evenly over `devices` given as names),
@@ -232,7 +232,13 @@ def make_plan(inventory, budget_bytes: int, n_ctx: int, profile=None, per_expert
     per_expert: the backend can build hot packs (False: stock llama.cpp).
     memory: MemoryOptions (KV types, ubatch, flash attention, measured compute, margins).
     previous: the plan in use; kept unless the new one beats it by `hysteresis`.
+    cold: who computes the experts left in host memory when there are hot packs: "cpu" (a
+      hand-off per split layer), "gpu" (the packs' GPU reads them in place, patch v4) or
+      "auto" (the faster by the speed model; the caller passes "auto" only where the build
+      and the GPU can do both).
     """
+    if cold not in ("cpu", "gpu", "auto"):
+        raise HybridError(f"cold must be cpu, gpu or auto, got {cold!r}")
     inv = inventory
     if budget_bytes < 0:
         raise HybridError(f"GPU budget must not be negative, got {budget_bytes}")
@@ -285,9 +291,21 @@ def make_plan(inventory, budget_bytes: int, n_ctx: int, profile=None, per_expert
             hot_device=hot_device if hot else None, memory=opts, profile=src,
             notes=notes, **({"created": created} if created else {}))
         gpu_exp = plan.gpu_experts(inv) if on_gpu else {}
-        speed = predict_speed(inv, p, gpu_exp, on_gpu, bw, n_ctx, opts.n_ubatch,
-                              kv_bytes_per_token=_kv_per_token(inv, opts), op_offload=opts.op_offload,
-                              p_prefill=p_prompt)
+
+        def speed_of(cold_on_gpu: bool):
+            return predict_speed(inv, p, gpu_exp, on_gpu, bw, n_ctx, opts.n_ubatch,
+                                 kv_bytes_per_token=_kv_per_token(inv, opts), op_offload=opts.op_offload,
+                                 p_prefill=p_prompt, cold_on_gpu=cold_on_gpu)
+
+        speed = speed_of(False)
+        if plan.hot and on_gpu and cold != "cpu":
+            read = speed_of(True)
+            if cold == "gpu" or read.decode_tokens_per_s > speed.decode_tokens_per_s:
+                if cold == "auto":
+                    notes.append(f"cold experts: the GPU reads them from pinned host memory, predicted "
+                                 f"{read.decode_tokens_per_s:.1f} tokens/s against "
+                                 f"{speed.decode_tokens_per_s:.1f} with a CPU hand-off per split layer")
+                plan.cold_on_gpu, speed = True, read
         plan.predicted = Predicted(
             hit_rate=_hit(inv, p, gpu_exp), decode_tokens_per_s=speed.decode_tokens_per_s,
             prefill_tokens_per_s=speed.prefill_tokens_per_s, gpu_bytes=pred.gpu_bytes,
