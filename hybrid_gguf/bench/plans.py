@@ -68,9 +68,11 @@ def plan_configs(model_path: Path, inv: Inventory, profile, devices: list, n_ctx
     configs = [Config("cpu-experts", cpu_moe())] if want("cpu-experts") else []
     if want("whole-layer"):
         configs.append(Config.from_plan("whole-layer", make(devices, False), inv))
-    if want("per-expert") and hybrid_backend.capability().per_expert:
+    alternatives = ("per-expert-cold-cpu", "per-expert-cold-gpu")
+    if (want("per-expert") or any(want(a) for a in alternatives)) and hybrid_backend.capability().per_expert:
         chosen = Config.from_plan("per-expert", make(devices, None), inv)
-        configs.append(chosen)
+        if want("per-expert"):
+            configs.append(chosen)
         # the same budget with the other choice of who computes the cold experts, where this
         # machine can do both: what the planner's choice is worth
         other = "cpu" if chosen.cold_on_gpu else "gpu"
