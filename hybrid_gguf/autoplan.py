@@ -230,6 +230,7 @@ class PlacementSummary:
     notices: list = field(default_factory=list)
     buffers: dict = field(default_factory=dict)   # llama.cpp's reported buffer sizes
     hot_pack_bytes: int = 0
+    hot_pack_by_device: dict = field(default_factory=dict)  # {device: bytes}, as llama.cpp logged them
     pack_device: Optional[str] = None
     predicted: dict = field(default_factory=dict)
     gpu_experts: dict = field(default_factory=dict)  # {layer: experts in GPU memory}
@@ -243,6 +244,7 @@ class PlacementSummary:
             "hot_experts": sum(len(v) for v in self.hot.values()),
             "gpu_budget_bytes": self.gpu_budget_bytes,
             "hot_pack_bytes": self.hot_pack_bytes,
+            "hot_pack_by_device": dict(self.hot_pack_by_device),
             "pack_device": self.pack_device,
             "predicted": self.predicted,
             "gpu_experts": sum(len(v) for v in self.gpu_experts.values()),
