@@ -331,7 +331,9 @@ def _choose_placement(model_path, inv, gpus, budget, hot, plan, n_ctx, pack_devi
             raise HybridError(STOCK_NOTICE)
         hot = {int(k): [int(e) for e in v] for k, v in hot.items()}
         hybrid_backend.validate_hot(hot, inv.n_layer, lambda l: inv.layers[l].n_expert)
-        device = pack_device or ("CUDA0" if gpus else "CPU")
+        # several GPUs: each layer's pack on its layer's card where the patch can (version 5)
+        default = "auto" if len(gpus) > 1 and cap.version >= 5 else "CUDA0"
+        device = pack_device or (default if gpus else "CPU")
         target = next((g for g in gpus if g.name == device), None)
         if target is not None:
             # llama.cpp would only fail the load; say how far off the hot set is
@@ -348,7 +350,8 @@ def _choose_placement(model_path, inv, gpus, budget, hot, plan, n_ctx, pack_devi
             return SessionPlan(None, hot, _summary("per-expert", f"hot experts packed on {device}", 0, hot,
                                                    budget, notices, device))
         placement = pl.cpu_moe()
-        return SessionPlan(placement, hot, _summary("per-expert", f"hot experts packed on {device}, the rest on CPU",
+        where = "each layer's GPU" if device == "auto" else device
+        return SessionPlan(placement, hot, _summary("per-expert", f"hot experts packed on {where}, the rest on CPU",
                                                     placement.n_gpu_layers, hot, budget, notices, device))
 
     if not gpus:
@@ -449,7 +452,8 @@ def _placement_from_plan(inv, plan, notices, gpus) -> SessionPlan:
         desc = f"{source}: {n_hot} hot experts packed on the CPU (no GPU here)"
         notices.append("no GPU: the plan's hot packs go to a CPU buffer (same results, no speed-up)")
     else:
-        desc = f"{source}: {n_hot} hot experts" + (f" on {pack_device}" if hot else "")
+        where = "each layer's GPU" if pack_device == "auto" else pack_device
+        desc = f"{source}: {n_hot} hot experts" + (f" on {where}" if hot else "")
     desc += f", {len(plan.rules)} whole-tensor rules" + ("" if gpus else " (ignored: no GPU)")
     summary = _summary(mode, desc, n_gpu_layers, hot, plan.budget_bytes, notices + list(plan.notes), pack_device)
     summary.predicted = plan.predicted.to_dict() if hasattr(plan.predicted, "to_dict") else {}

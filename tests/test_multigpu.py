@@ -195,6 +195,19 @@ def test_a_layer_that_does_not_fit_its_card_stays_on_the_cpu(inv):
     assert one.hot_device == "CUDA0" and one.tensor_split is None  # one GPU: as before
 
 
+def test_the_previous_plan_is_kept_on_the_same_gpus_only(inv):
+    fixed = base(inv, [1, 1])
+    devs = [DeviceBudget(g, fixed[g] + inv.layers[0].expert_bytes) for g in TWO]
+    first = make_plan(inv, 0, 1024, profile(inv), devices=devs, memory=OPTS)
+    again = make_plan(inv, 0, 1024, profile(inv, seed=1), devices=devs, memory=OPTS, previous=first,
+                      hysteresis=0.5)
+    assert again.hot == first.hot and any("kept the previous hot set" in n for n in again.notes)
+    check_per_device(again, inv)
+    other = [DeviceBudget("CUDA0", devs[0].budget_bytes), DeviceBudget("CUDA2", devs[1].budget_bytes)]
+    moved = make_plan(inv, 0, 1024, profile(inv), devices=other, memory=OPTS, previous=first, hysteresis=0.5)
+    assert any("previous plan is for other GPUs" in n for n in moved.notes)
+
+
 def test_plan_yaml_keeps_the_devices(inv, tmp_path):
     fixed = base(inv, [1, 1])
     devs = [DeviceBudget("CUDA0", fixed["CUDA0"] + inv.layers[0].expert_bytes, free_bytes=24 * GIB),
@@ -273,7 +286,7 @@ def test_the_layer_split_follows_the_plan_on_any_machine(inv):
 def test_run_plan_refuses_a_machine_with_other_gpus(tiny_model_factory):
     pytest.importorskip("llama_cpp")
     from hybrid_gguf.autoplan import session_plan
-    from hybrid_gguf.llama import devices, hybrid
+    from hybrid_gguf.llama import hybrid
 
     if not hybrid.capability().per_expert:
         pytest.skip(hybrid.STOCK_NOTICE)
@@ -281,16 +294,50 @@ def test_run_plan_refuses_a_machine_with_other_gpus(tiny_model_factory):
     inv = read_inventory(path)
     plan = two_gpu_plan(inv)
 
-    def gpus(*names):
-        return [devices.Device(index=i + 1, name=n, description="fake", type="gpu", free_bytes=70 * GIB,
-                               total_bytes=80 * GIB) for i, n in enumerate(names)]
-
+    gpus = fake_gpus
     with pytest.raises(HybridError, match="the plan is for other GPUs.*CUDA1 not found"):
         session_plan(path, inv, gpus("CUDA0"), 1024, plan=plan)
     chosen = session_plan(path, inv, gpus("CUDA0", "CUDA1", "CUDA2"), 1024, plan=plan)
     assert chosen.llama_kwargs["tensor_split"] == plan.tensor_split + [0.0]
     assert chosen.summary.pack_device == "auto"
     assert set(chosen.summary.gpu_experts) >= {0, 7}
+
+
+def fake_gpus(*names, free=70 * GIB):
+    from hybrid_gguf.llama import devices
+
+    return [devices.Device(index=i + 1, name=n, description="fake", type="gpu", free_bytes=free,
+                           total_bytes=80 * GIB) for i, n in enumerate(names)]
+
+
+def test_a_session_on_two_gpus_splits_its_budget_and_layers(tiny_model_factory, monkeypatch):
+    pytest.importorskip("llama_cpp")
+    from hybrid_gguf.autoplan import session_plan
+    from hybrid_gguf.llama import hybrid
+
+    path = tiny_model_factory("qwen3moe", n_layer=8)
+    inv = read_inventory(path)
+    s = session_plan(path, inv, fake_gpus("CUDA0", "CUDA1"), 1024, gpu_budget="300MiB,200MiB", auto_plan=False)
+    assert s.summary.gpu_budget_bytes == 500 * MIB and s.llama_kwargs["tensor_split"] == [300.0 * MIB, 200.0 * MIB]
+    with pytest.raises(HybridError, match="lists 3 budgets for 2 devices"):
+        session_plan(path, inv, fake_gpus("CUDA0", "CUDA1"), 1024, gpu_budget="1GiB,1GiB,1GiB", auto_plan=False)
+    # hot experts by hand: packs on each layer's card where the patch can
+    monkeypatch.setattr(hybrid, "capability", lambda: hybrid.Capability(True, 5, "v5"))
+    s = session_plan(path, inv, fake_gpus("CUDA0", "CUDA1"), 1024, hot={0: [1], 7: [2]})
+    assert s.summary.pack_device == "auto" and "each layer's GPU" in s.summary.description
+    s = session_plan(path, inv, fake_gpus("CUDA0"), 1024, hot={0: [1], 7: [2]})
+    assert s.summary.pack_device == "CUDA0"  # one GPU: as before
+    monkeypatch.setattr(hybrid, "capability", lambda: hybrid.Capability(True, 4, "v4"))
+    s = session_plan(path, inv, fake_gpus("CUDA0", "CUDA1"), 1024, hot={0: [1], 7: [2]})
+    assert s.summary.pack_device == "CUDA0"
+
+
+def test_a_card_without_budget_takes_no_layers(inv):
+    plan = make_plan(inv, 0, 1024, profile(inv), devices=[DeviceBudget("CUDA0", 64 * MIB), DeviceBudget("CUDA1", 0)],
+                     memory=OPTS)
+    assert plan.device_names() == ["CUDA0"] and plan.tensor_split is None and plan.n_gpu_layers != 0
+    assert any("CUDA1: no GPU budget" in n for n in plan.notes)
+    assert plan.tensor_split_here(TWO) == [1.0, 0.0]
 
 
 def test_plan_assume_devices_cli(tmp_path, tiny_model_factory):

@@ -254,6 +254,11 @@ def make_plan(inventory, budget_bytes: int, n_ctx: int, profile=None, per_expert
     bw = bandwidth or Bandwidth()
     devs = _resolve_devices(budget_bytes, devices)
     notes: list = []
+    if len(devs) > 1 and any(d.budget_bytes <= 0 for d in devs):
+        # a card with nothing to give takes no layers (a layer there would not fit)
+        unused = [d.name for d in devs if d.budget_bytes <= 0]
+        devs = [d for d in devs if d.budget_bytes > 0] or devs[:1]
+        notes.append(f"{', '.join(unused)}: no GPU budget, no layers there")
     gpus = [d.name for d in devs]
     budgets = {d.name: int(d.budget_bytes) for d in devs}
     total_budget = sum(budgets.values())
@@ -570,7 +575,7 @@ def _keep_previous(inv, p, previous: Plan, hot, whole, gpus, budgets, split, opt
         notes.append(f"the previous plan does not match the model ({exc}); ignored")
         return None
     prev_exp = previous.gpu_experts(inv) if previous.n_gpu_layers != 0 else {}
-    prev_whole = _prev_whole(inv, previous, gpus)
+    prev_whole = _prev_whole(inv, previous, gpus, split)
     prev_hot = {int(l): list(v) for l, v in previous.hot.items() if v}
     new_exp = {l: list(v) for l, v in hot.items()}
     for l in whole:
@@ -598,14 +603,16 @@ def _keep_previous(inv, p, previous: Plan, hot, whole, gpus, budgets, split, opt
     return prev_hot, prev_whole
 
 
-def _prev_whole(inv, previous: Plan, gpus) -> dict:
+def _prev_whole(inv, previous: Plan, gpus, split) -> dict:
+    """{layer: GPU} of the previous plan's whole layers: by rule, or their layer's own GPU."""
     out = {}
     if previous.n_gpu_layers == 0:
         return out
     pl = previous.placement()
+    ldev = layer_devices(inv.n_layer, gpus, split)
     for l in previous.whole_layers(inv):
         t = pl.target_for(inv.layers[l].expert_tensors[0])
-        out[l] = t if t in gpus else (gpus[0] if t is None or t.lower() == "gpu" else t)
+        out[l] = t if t in gpus else (ldev[l] if t is None else gpus[0] if t.lower() == "gpu" else t)
     return out
 
 
