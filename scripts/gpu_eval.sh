@@ -27,7 +27,7 @@
 #    layers split over both cards and each layer's pack on its own card (buft=auto), with the
 #    cold experts on the CPU and read by each card; tests/test_multigpu.py)
 #   (multigpu: on a machine with two GPUs: plans at 2 x B over both cards, at 2 x B on one card
-#    and at B on one card (MG_BUDGET=B, default 6GiB), each run twice; decode speed and VRAM
+#    and at B on one card (MG_BUDGET=B, default 4GiB), each run twice; decode speed and VRAM
 #    per card (llama.cpp's buffers, and nvidia-smi's peak) against each card's budget; a
 #    two-card plan on one visible card must be refused. Summary: multigpu_summary.md)
 # One call does not fit every step in 10 minutes. Measured 2026-11-28 (wall time per call):
@@ -327,7 +327,7 @@ fi
 if has multigpu; then
     # B on one card, 2 x B on one card, 2 x B over two cards (B each): same profile, context and
     # prompt; the one-card plans and runs see GPU 0 only
-    B=${MG_BUDGET:-6GiB}
+    B=${MG_BUDGET:-4GiB}
     B2=$(python3 -c "from hybrid_gguf.sizes import parse_size as p; import sys; print(f'{2 * p(sys.argv[1]) // 2**20}MiB')" "$B")
     python3 -c "from hybrid_gguf.bench.runner import package_text, PROFILE_PACKAGES as P, EVAL_PACKAGES as E
 open('/tmp/prof.txt', 'w').write(package_text(P, 8000)); open('/tmp/eval.txt', 'w').write(package_text(E, 3000))"
