@@ -60,10 +60,12 @@ def cold_read_possible(devices: Sequence) -> bool:
     return version >= 4 and any(str(getattr(d, "name", d)).upper().startswith("CUDA") for d in devices)
 
 
-def detect_devices(budget: Optional[int]) -> tuple:
-    """([DeviceBudget], notes): the first GPU llama.cpp sees, or a stand-in named "GPU",
-    with the budget made usable there (planning/budget.py's rule, applied here once)."""
-    from hybrid_gguf.planning.budget import usable_budget
+def detect_devices(budget, all_gpus: bool = False) -> tuple:
+    """([DeviceBudget], notes): the first GPU llama.cpp sees (every GPU with `all_gpus`), or
+    a stand-in named "GPU", with the budget made usable there (planning/budget.py's rule,
+    applied here once). `budget`: None, one total (split over the GPUs by free memory) or a
+    list, one per GPU."""
+    from hybrid_gguf.planning.budget import budget_total, device_budgets
     from hybrid_gguf.planning.plan import DeviceBudget
 
     try:
@@ -74,16 +76,18 @@ def detect_devices(budget: Optional[int]) -> tuple:
         gpus = []
     notes = []
     if not gpus:
+        if isinstance(budget, list):
+            raise HybridError(f"--gpu-budget lists {len(budget)} budgets but no GPU is visible here; plan for "
+                              "other GPUs with --assume-devices CUDA0:20GiB,CUDA1:12GiB")
         if budget is None:
             notes.append("no GPU visible here and no budget given: everything on the CPU")
             return [DeviceBudget("GPU", 0)], notes
         notes.append("no GPU visible here: planned for a hypothetical GPU named GPU")
         return [DeviceBudget("GPU", budget)], notes
-    g = gpus[0]
-    budget, note = usable_budget(budget, g.free_bytes, g.name)
-    if note:
-        notes.append(note)
-    return [DeviceBudget(g.name, budget, free_bytes=g.free_bytes)], notes
+    if not all_gpus:
+        gpus = gpus[:1]
+        budget = budget_total(budget)
+    return device_budgets(budget, [(g.name, g.free_bytes) for g in gpus])
 
 
 def measured_compute_bytes(model_path: PathLike, n_ctx: int, n_ubatch: int, flash_attn: bool,
@@ -120,7 +124,7 @@ def memory_options_here(model_path: PathLike, n_ctx: int, *, n_ubatch: int = 512
                          compute_bytes=compute, margin_bytes=margin_bytes)
 
 
-def plan_model(model_path: PathLike, gpu_budget: Optional[int], n_ctx: int, *,
+def plan_model(model_path: PathLike, gpu_budget: Union[None, int, list], n_ctx: int, *,
                profile=None, profile_path: Optional[PathLike] = None, store: Optional[PathLike] = None,
                previous=None, previous_path: Optional[PathLike] = None, out: Optional[PathLike] = None,
                devices: Optional[Sequence] = None, per_expert: Optional[bool] = None,
@@ -133,10 +137,11 @@ def plan_model(model_path: PathLike, gpu_budget: Optional[int], n_ctx: int, *,
     profile / profile_path: the routing profile (default: the profile store's entry).
     previous / previous_path: the plan in use (default: `out` if it exists); a plan for
       another model is ignored with a note, never applied.
-    gpu_budget: total GPU bytes for the model, made usable on the GPU found here
-      (planning/budget.py); None: all that the GPU can give.
-    devices: [DeviceBudget] for several GPUs, budgets taken as given (default: the first
-      GPU, or a stand-in).
+    gpu_budget: total GPU bytes for the model (or a list, one per GPU), made usable on the
+      GPUs found here (planning/budget.py; a total is split over them by free memory); None:
+      all that they can give.
+    devices: [DeviceBudget], budgets taken as given: GPUs of another machine (plan
+      --assume-devices) or chosen by the caller (default: every GPU here, or a stand-in).
     per_expert: None = what this llama.cpp build supports.
     out: write the plan there (YAML).
     cold: who computes the experts left in host memory ("cpu", "gpu", "auto"; None: "auto"
@@ -157,7 +162,7 @@ def plan_model(model_path: PathLike, gpu_budget: Optional[int], n_ctx: int, *,
     if devices:
         devs, gpu_present = list(devices), True
     else:
-        devs, dev_notes = detect_devices(gpu_budget)
+        devs, dev_notes = detect_devices(gpu_budget, all_gpus=True)
         notes += dev_notes
         gpu_present = not any("no GPU visible" in n for n in dev_notes)
     budget = sum(d.budget_bytes for d in devs)
@@ -225,6 +230,7 @@ class PlacementSummary:
     notices: list = field(default_factory=list)
     buffers: dict = field(default_factory=dict)   # llama.cpp's reported buffer sizes
     hot_pack_bytes: int = 0
+    hot_pack_by_device: dict = field(default_factory=dict)  # {device: bytes}, as llama.cpp logged them
     pack_device: Optional[str] = None
     predicted: dict = field(default_factory=dict)
     gpu_experts: dict = field(default_factory=dict)  # {layer: experts in GPU memory}
@@ -238,6 +244,7 @@ class PlacementSummary:
             "hot_experts": sum(len(v) for v in self.hot.values()),
             "gpu_budget_bytes": self.gpu_budget_bytes,
             "hot_pack_bytes": self.hot_pack_bytes,
+            "hot_pack_by_device": dict(self.hot_pack_by_device),
             "pack_device": self.pack_device,
             "predicted": self.predicted,
             "gpu_experts": sum(len(v) for v in self.gpu_experts.values()),
@@ -270,9 +277,9 @@ def session_plan(model_path: PathLike, inv, gpus: Sequence, n_ctx: int, *,
     model is planned from its stored routing profile for `gpu_budget` (total VRAM; the budget
     rule of planning/budget.py applied here once) and the plan is kept for the next session
     (`auto_plan=False`: the planner's whole-layer plan, like --n-cpu-moe, instead)."""
-    from hybrid_gguf.sizes import parse_size
+    from hybrid_gguf.planning.budget import budget_total, parse_budget
 
-    budget = None if gpu_budget is None else parse_size(gpu_budget)
+    budget = parse_budget(gpu_budget)
     if n_cpu_moe is not None or cpu_moe:
         if n_cpu_moe is not None and cpu_moe:
             raise HybridError("--n-cpu-moe and --cpu-moe both choose the placement; pass one")
@@ -281,7 +288,7 @@ def session_plan(model_path: PathLike, inv, gpus: Sequence, n_ctx: int, *,
                               "drop --hot/--plan (or them)")
         if n_cpu_moe is not None and (not isinstance(n_cpu_moe, int) or n_cpu_moe < 0):
             raise HybridError(f"--n-cpu-moe must be a whole number >= 0, got {n_cpu_moe!r}")
-        chosen = _manual_placement(inv, gpus, n_cpu_moe, budget)
+        chosen = _manual_placement(inv, gpus, n_cpu_moe, budget_total(budget))
     else:
         chosen = _choose_placement(model_path, inv, gpus, budget, hot, plan, n_ctx, pack_device, auto_plan)
     # without a GPU every branch above leaves n_gpu_layers 0 and packs on the CPU: {}
@@ -293,21 +300,25 @@ def session_plan(model_path: PathLike, inv, gpus: Sequence, n_ctx: int, *,
 def _choose_placement(model_path, inv, gpus, budget, hot, plan, n_ctx, pack_device, auto_plan) -> SessionPlan:
     from hybrid_gguf.llama import hybrid as hybrid_backend
     from hybrid_gguf.planning import placement as pl
-    from hybrid_gguf.planning.budget import usable_budget
+    from hybrid_gguf.planning.budget import SPLIT_NOTE, device_budgets, usable_budget
     from hybrid_gguf.sizes import format_size
 
     notices: list[str] = []
     if inv.n_expert == 0:
         notices.append("model has no routed experts: running it as a dense model")
     chosen = None  # how the budget was chosen when none was given
+    devs = []  # [DeviceBudget], one per GPU here
     if gpus:
         # the one budget rule (planning/budget.py), applied here once for every placement below
         requested = budget
-        budget, note = usable_budget(requested, gpus[0].free_bytes, gpus[0].name)
-        if note and requested is not None:
-            warnings.warn(note)
-            notices.append(note)
-        chosen = note if requested is None else None
+        devs, notes = device_budgets(requested, [(g.name, g.free_bytes) for g in gpus])
+        budget = sum(d.budget_bytes for d in devs)
+        for note in notes:
+            if requested is not None:
+                if not note.startswith(SPLIT_NOTE):
+                    warnings.warn(note)
+                notices.append(note)
+        chosen = "; ".join(notes) if requested is None and notes else None
     elif budget is not None:
         notices.append("no GPU found: --gpu-budget ignored, everything runs on the CPU")
 
@@ -320,7 +331,9 @@ def _choose_placement(model_path, inv, gpus, budget, hot, plan, n_ctx, pack_devi
             raise HybridError(STOCK_NOTICE)
         hot = {int(k): [int(e) for e in v] for k, v in hot.items()}
         hybrid_backend.validate_hot(hot, inv.n_layer, lambda l: inv.layers[l].n_expert)
-        device = pack_device or ("CUDA0" if gpus else "CPU")
+        # several GPUs: each layer's pack on its layer's card where the patch can (version 5)
+        default = "auto" if len(gpus) > 1 and cap.version >= 5 else "CUDA0"
+        device = pack_device or (default if gpus else "CPU")
         target = next((g for g in gpus if g.name == device), None)
         if target is not None:
             # llama.cpp would only fail the load; say how far off the hot set is
@@ -337,7 +350,8 @@ def _choose_placement(model_path, inv, gpus, budget, hot, plan, n_ctx, pack_devi
             return SessionPlan(None, hot, _summary("per-expert", f"hot experts packed on {device}", 0, hot,
                                                    budget, notices, device))
         placement = pl.cpu_moe()
-        return SessionPlan(placement, hot, _summary("per-expert", f"hot experts packed on {device}, the rest on CPU",
+        where = "each layer's GPU" if device == "auto" else device
+        return SessionPlan(placement, hot, _summary("per-expert", f"hot experts packed on {where}, the rest on CPU",
                                                     placement.n_gpu_layers, hot, budget, notices, device))
 
     if not gpus:
@@ -345,17 +359,17 @@ def _choose_placement(model_path, inv, gpus, budget, hot, plan, n_ctx, pack_devi
     if chosen:
         notices.append(chosen)
     if auto_plan and inv.n_expert > 0:
-        return _auto_plan(model_path, inv, budget, n_ctx, notices, gpus)
-    return _whole_layer_placement(inv, budget, n_ctx, notices, gpus[0])
+        return _auto_plan(model_path, inv, devs, n_ctx, notices, gpus)
+    return _whole_layer_placement(inv, devs, n_ctx, notices, gpus)
 
 
-def _whole_layer_placement(inv, budget, n_ctx, notices, gpu) -> SessionPlan:
+def _whole_layer_placement(inv, devs, n_ctx, notices, gpus) -> SessionPlan:
     """No profile used (auto_plan=False, or a dense model): the planner's plan without a
     profile, whole layers' experts on the GPU, the last layers first (like --n-cpu-moe)."""
-    from hybrid_gguf.planning.plan import DeviceBudget
     from hybrid_gguf.planning.planner import make_plan
 
-    plan = make_plan(inv, budget, n_ctx, devices=[DeviceBudget(gpu.name, budget)])
+    budget = sum(d.budget_bytes for d in devs)
+    plan = make_plan(inv, budget, n_ctx, devices=devs)
     notices.extend(plan.notes)
     n_moe = sum(1 for l in inv.layers if l.is_moe)
     if plan.n_gpu_layers == 0:
@@ -366,7 +380,12 @@ def _whole_layer_placement(inv, budget, n_ctx, notices, gpu) -> SessionPlan:
         n_host = n_moe - len(plan.whole_layers(inv))
         mode, desc = "whole-tensor", (f"experts of the first {n_host} of {n_moe} MoE layers on the CPU "
                                       "(like --n-cpu-moe)")
-    return SessionPlan(plan.placement(), None, _summary(mode, desc, plan.n_gpu_layers, {}, budget, notices, None))
+    llama_kwargs = {}
+    split = plan.tensor_split_here([g.name for g in gpus])
+    if split is not None and plan.n_gpu_layers != 0:
+        llama_kwargs["tensor_split"] = split
+    return SessionPlan(plan.placement(), None, _summary(mode, desc, plan.n_gpu_layers, {}, budget, notices, None),
+                       llama_kwargs=llama_kwargs)
 
 
 def _manual_placement(inv, gpus, n_cpu, budget) -> SessionPlan:
@@ -413,19 +432,28 @@ def _placement_from_plan(inv, plan, notices, gpus) -> SessionPlan:
     llama_kwargs = {k: v for k, v in plan.llama_kwargs().items() if k != "n_ctx"}
     if not gpus:
         llama_kwargs["n_gpu_layers"] = 0
+    elif plan.n_gpu_layers != 0:
+        plan.check_devices([(g.name, g.total_bytes) for g in gpus])
+        # the layers go where the plan put them, also on a machine with more GPUs than it uses
+        split = plan.tensor_split_here([g.name for g in gpus])
+        if split is not None:
+            llama_kwargs["tensor_split"] = split
     n_gpu_layers = llama_kwargs.get("n_gpu_layers", plan.n_gpu_layers)
     mode = "per-expert" if hot else ("gpu" if not plan.rules else "whole-tensor")
     n_hot = sum(len(v) for v in hot.values())
     pack_device = None
     if hot:
         named = plan.hot_device if plan.hot_device and plan.hot_device.upper() != "GPU" else None
+        # as llama.cpp spells it (the patch matches names exactly; plan --assume-devices may not)
+        named = next((g.name for g in gpus if named and g.name.upper() == named.upper()), named)
         pack_device = (named or "CUDA0") if gpus else "CPU"
     if hot and not gpus:
         # the packs are built in a CPU buffer: nothing is on a GPU (same results, no speed-up)
         desc = f"{source}: {n_hot} hot experts packed on the CPU (no GPU here)"
         notices.append("no GPU: the plan's hot packs go to a CPU buffer (same results, no speed-up)")
     else:
-        desc = f"{source}: {n_hot} hot experts" + (f" on {pack_device}" if hot else "")
+        where = "each layer's GPU" if pack_device == "auto" else pack_device
+        desc = f"{source}: {n_hot} hot experts" + (f" on {where}" if hot else "")
     desc += f", {len(plan.rules)} whole-tensor rules" + ("" if gpus else " (ignored: no GPU)")
     summary = _summary(mode, desc, n_gpu_layers, hot, plan.budget_bytes, notices + list(plan.notes), pack_device)
     summary.predicted = plan.predicted.to_dict() if hasattr(plan.predicted, "to_dict") else {}
@@ -435,13 +463,11 @@ def _placement_from_plan(inv, plan, notices, gpus) -> SessionPlan:
     return SessionPlan(plan.placement(), hot, summary, plan, llama_kwargs, cold_on_gpu)
 
 
-def _auto_plan(model_path, inv, budget, n_ctx, notices, gpus) -> SessionPlan:
+def _auto_plan(model_path, inv, devs, n_ctx, notices, gpus) -> SessionPlan:
     """Plan from the stored routing profile, keep it for the next session, say what changed."""
-    from hybrid_gguf.planning.plan import DeviceBudget
-
     out = default_plan_path(inv.fingerprint)
-    gpu = DeviceBudget(gpus[0].name, budget, free_bytes=gpus[0].free_bytes)  # budget: already usable
-    auto = plan_model(model_path, budget, n_ctx, out=out, inventory=inv, devices=[gpu])
+    budget = sum(d.budget_bytes for d in devs)  # already usable on each GPU
+    auto = plan_model(model_path, budget, n_ctx, out=out, inventory=inv, devices=devs)
     if auto.diff is not None:
         notices.append(auto.diff.summary())
     chosen = _placement_from_plan(inv, auto.plan, notices, gpus)

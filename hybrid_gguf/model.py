@@ -137,6 +137,7 @@ class HybridModel:
         recording = self._recording() if record and self.inventory.n_expert > 0 else None
 
         from hybrid_gguf.llama.loader import load_llama
+        from hybrid_gguf.planning.memory import hot_pack_reported
 
         kwargs: dict[str, Any] = dict(n_ctx=n_ctx, n_batch=n_batch, seed=seed, verbose=verbose,
                                       n_gpu_layers=summary.n_gpu_layers)
@@ -157,6 +158,7 @@ class HybridModel:
         self.recorder, self.decode_sampler = loaded.recorder, loaded.decode_sampler
         summary.buffers = _buffer_dict(loaded.buffers)
         summary.hot_pack_bytes = hybrid_backend.pack_bytes(self._llm._model.model)
+        summary.hot_pack_by_device = hot_pack_reported(loaded.log)
 
     # -- recording -----------------------------------------------------------------------
 

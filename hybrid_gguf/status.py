@@ -33,20 +33,17 @@ def _hot_per_device(plan) -> dict:
     model's header; without the file only the packs are counted)."""
     from hybrid_gguf.header.inventory import read_inventory
 
-    default = plan.devices[0].name if plan.devices else "GPU"
     out: dict = {}
-    n_hot = sum(len(v) for v in plan.hot.values())
-    if n_hot:
-        dev = plan.hot_device if plan.hot_device and plan.hot_device.upper() != "GPU" else default
-        out[dev] = out.get(dev, 0) + n_hot
+    for layer, dev in plan.pack_devices().items():
+        out[dev] = out.get(dev, 0) + len(plan.hot[layer])
     if plan.n_gpu_layers != 0 and plan.model_path and Path(plan.model_path).is_file():
         try:
             inv = read_inventory(plan.model_path)
             if inv.fingerprint == plan.fingerprint:
-                whole = plan.whole_layers(inv)
-                n = sum(inv.layers[l].n_expert for l in whole)
-                if n:
-                    out[default] = out.get(default, 0) + n
+                for dev in plan.per_device(inv):
+                    n = sum(inv.layers[l].n_expert for l in dev["whole_layers"])
+                    if n:
+                        out[dev["name"]] = out.get(dev["name"], 0) + n
         except (HybridError, OSError, IndexError):
             pass
     return out

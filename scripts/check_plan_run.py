@@ -12,9 +12,30 @@ import json
 import sys
 
 
-def gpu_bytes(buffers: dict) -> int:
-    # llama.cpp's reported buffers ("model CUDA0", "kv CUDA0", "compute CUDA0", ...) on a GPU
-    return sum(v for k, v in buffers.items() if "CUDA" in k.split()[-1] and "Host" not in k)
+def gpu_bytes(buffers: dict, device: str = "") -> int:
+    # llama.cpp's reported buffers ("model CUDA0", "kv CUDA0", "compute CUDA0", ...) in VRAM:
+    # not CUDA_Host or CUDA0_ZeroCopy (pinned host memory)
+    total = 0
+    for key, size in buffers.items():
+        name = key.split()[-1]
+        if name.startswith("CUDA") and "_" not in name and (not device or name == device):
+            total += size
+    return total
+
+
+def per_device(plan: dict, placement: dict) -> bool:
+    """Each GPU of a plan for several: reported VRAM (buffers + hot packs) within its budget."""
+    ok = True
+    packs = placement.get("hot_pack_by_device") or {}
+    for d in plan["per_device"]:
+        used = gpu_bytes(placement["buffers"], d["name"]) + packs.get(d["name"], 0)
+        fits = used <= d["budget_bytes"]
+        ok &= fits
+        print(f"  {d['name']}: budget {d['budget_bytes'] / 2**30:.2f} GiB, reported {used / 2**30:.2f} GiB "
+              f"({'within' if fits else 'OVER'}), predicted {d['bytes'] / 2**30:.2f} GiB; layers "
+              f"{d['layers'][0] if d['layers'] else '-'}-{d['layers'][-1] if d['layers'] else '-'}, "
+              f"{d['hot_experts']} hot experts")
+    return ok
 
 
 def main() -> int:
@@ -36,7 +57,8 @@ def main() -> int:
         decode = routing.get("decode_hit_rate")
         print(f"hit rate seen by the recorder: prompt {routing['prompt_hit_rate']:.3f}"
               + ("" if decode is None else f", sampled decode steps {decode:.3f}"))
-    return 0 if used <= budget else 1
+    cards_ok = per_device(plan, placement) if len(plan.get("per_device") or []) > 1 else True
+    return 0 if used <= budget and cards_ok else 1
 
 
 if __name__ == "__main__":

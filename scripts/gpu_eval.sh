@@ -23,6 +23,13 @@
 #    run with the scheduler's per-split breakdown, LLAMA_HYBRID_SCHED_TIMERS; OFFLOAD=1 a run
 #    where each decode step uploads its cold experts, llama.cpp's op offload from one token)
 #   (amx: CPU-only prefill/decode with llama.cpp's extra CPU buffer types on and off)
+#   (multisplit: on a machine with two GPUs, patch v5: the split equivalence tests with the
+#    layers split over both cards and each layer's pack on its own card (buft=auto), with the
+#    cold experts on the CPU and read by each card; tests/test_multigpu.py)
+#   (multigpu: on a machine with two GPUs: plans at 2 x B over both cards, at 2 x B on one card
+#    and at B on one card (MG_BUDGET=B, default 4GiB), each run twice; decode speed and VRAM
+#    per card (llama.cpp's buffers, and nvidia-smi's peak) against each card's budget; a
+#    two-card plan on one visible card must be refused. Summary: multigpu_summary.md)
 # One call does not fit every step in 10 minutes. Measured 2026-11-28 (wall time per call):
 #   "build,diag,split,recorder"  ~5 min (build 203-257 s)
 #   "probe"                      8 s (two shapes; three now)
@@ -115,7 +122,7 @@ if has coldsplit; then
 fi
 
 BIG=/tmp/models/q30b-like-q4k.gguf
-if has recorder || has bench || has plan || has skipab || has threads || has routing || has coldab; then
+if has recorder || has bench || has plan || has skipab || has threads || has routing || has coldab || has multigpu; then
     log "make the Qwen3-30B-A3B-shaped Q4_K model"
     t0=$(date +%s)
     [ -f "$BIG" ] || python3 scripts/make_bench_model.py --preset qwen3-30b-a3b-like --weight-type Q4_K --workers 16 --out "$BIG" 2>&1 | tail -2
@@ -301,6 +308,63 @@ if has coldab; then
             fi
         done
     done
+fi
+if has multisplit; then
+    NGPU=$(nvidia-smi -L | wc -l)
+    [ "$NGPU" -ge 2 ] || log "multisplit: only $NGPU GPU visible; the layers will not be split over cards"
+    for cold in cpu gpu; do
+        log "split equivalence over $NGPU cards, packs on each layer's card, cold experts: $cold"
+        if HYBRID_GGUF_TEST_PACK_DEVICE=auto HYBRID_GGUF_TEST_COLD=$cold HYBRID_GGUF_REQUIRE_PATCHED=1 \
+            python3 -c "import llama_cpp, sys, pytest; sys.exit(pytest.main(['-q', '-rA', '-s', '-p', 'no:cacheprovider', 'tests/test_hybrid_split.py', 'tests/test_routing_process.py', 'tests/test_multigpu.py']))" \
+            > "$OUT/split_multigpu_cold$cold.txt" 2>&1; then
+            log "two-card split equivalence PASSED (cold $cold)"; grep -E "passed|failed" "$OUT/split_multigpu_cold$cold.txt" | tail -2
+        else
+            grep -E "^FAILED|passed|failed|Error" "$OUT/split_multigpu_cold$cold.txt" | tail -12; failed "multisplit $cold"
+        fi
+    done
+fi
+
+if has multigpu; then
+    # B on one card, 2 x B on one card, 2 x B over two cards (B each): same profile, context and
+    # prompt; the one-card plans and runs see GPU 0 only
+    B=${MG_BUDGET:-4GiB}
+    B2=$(python3 -c "from hybrid_gguf.sizes import parse_size as p; import sys; print(f'{2 * p(sys.argv[1]) // 2**20}MiB')" "$B")
+    python3 -c "from hybrid_gguf.bench.runner import package_text, PROFILE_PACKAGES as P, EVAL_PACKAGES as E
+open('/tmp/prof.txt', 'w').write(package_text(P, 8000)); open('/tmp/eval.txt', 'w').write(package_text(E, 3000))"
+    rm -rf /tmp/mgstore /tmp/mg_*
+    log "multigpu: profile on GPU 0"
+    CUDA_VISIBLE_DEVICES=0 python3 -m hybrid_gguf.cli profile "$BIG" --text /tmp/prof.txt --chunk-chars 200 -n 128 \
+        --temp 1.0 --store /tmp/mgstore --json > "$OUT/mg_profile.json" || failed "multigpu profile"
+    plan_for() {  # NAME VISIBLE BUDGET
+        CUDA_VISIBLE_DEVICES=$2 python3 -m hybrid_gguf.cli plan "$BIG" --gpu-budget "$3" --ctx 4096 --store /tmp/mgstore \
+            --out "/tmp/mg_$1.yaml" --json > "/tmp/mg_plan_$1.json" || failed "multigpu plan $1"
+        python3 -c "import json, sys; d = json.load(open(sys.argv[1])); print(sys.argv[2], 'predicted', round(d['predicted_decode_tokens_per_s'], 1), 'tok/s, hit', d['predicted_hit_rate'], [(x['name'], x['budget_bytes'] >> 20, x['bytes'] >> 20, x['hot_experts'], len(x['layers'])) for x in d['per_device']])" "/tmp/mg_plan_$1.json" "$1"
+    }
+    plan_for two 0,1 "$B,$B"
+    plan_for one2b 0 "$B2"
+    plan_for one1b 0 "$B"
+    for rep in 1 2; do
+        for cfg in two:0,1 one2b:0 one1b:0; do
+            name=${cfg%%:*}; vis=${cfg#*:}
+            nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits -lms 200 > "/tmp/mg_smi_${name}_$rep.csv" &
+            SMI=$!
+            CUDA_VISIBLE_DEVICES=$vis python3 -m hybrid_gguf.cli run "$BIG" --plan "/tmp/mg_$name.yaml" --ctx 4096 -n 128 \
+                --temp 1.0 --seed 1 -t 16 --json -p "$(head -c 1500 /tmp/eval.txt)" > "/tmp/mg_run_${name}_$rep.json" \
+                || failed "multigpu run $name"
+            kill $SMI
+            log "$name rep $rep: $(python3 -c "import json, sys; print(round(json.load(open(sys.argv[1]))['gen_tokens_per_s'], 1), 'tok/s')" "/tmp/mg_run_${name}_$rep.json")"
+            python3 scripts/check_plan_run.py "/tmp/mg_plan_$name.json" "/tmp/mg_run_${name}_$rep.json" || failed "multigpu VRAM $name"
+        done
+    done
+    log "a two-card plan where one card is visible: refused in one line"
+    if CUDA_VISIBLE_DEVICES=0 python3 -m hybrid_gguf.cli run "$BIG" --plan /tmp/mg_two.yaml -n 4 -p hi > /tmp/mg_refused.txt 2>&1; then
+        failed "multigpu refusal"
+    else
+        tail -1 /tmp/mg_refused.txt; grep -q "the plan is for other GPUs" /tmp/mg_refused.txt || failed "multigpu refusal message"
+    fi
+    python3 scripts/multigpu_summary.py /tmp "$B" > "$OUT/multigpu_summary.md" || failed "multigpu summary"
+    cat "$OUT/multigpu_summary.md"
+    cp /tmp/mg_two.yaml "$OUT/mg_plan_two.yaml"
 fi
 [ -z "$FAILED" ] || { log "done, with failures:$FAILED"; exit 1; }
 log "done"

@@ -52,8 +52,15 @@ def models(tmp_path_factory):
 
 # On the GPU machine: HYBRID_GGUF_TEST_PACK_DEVICE=CUDA0 puts the hot packs in VRAM, the
 # rest of the model on the GPU and the original experts on the CPU, for both sides.
+# =auto (patch v5): the layers split evenly over every visible GPU, each layer's pack on its
+# layer's GPU (several cards: scripts/gpu_eval.sh multigpu).
 PACK_DEVICE = os.environ.get("HYBRID_GGUF_TEST_PACK_DEVICE", "CPU")
 ON_GPU = PACK_DEVICE != "CPU"
+SPLIT_GPUS = []  # the GPUs the layers are split over with PACK_DEVICE=auto
+if PACK_DEVICE == "auto":
+    from hybrid_gguf.llama.devices import gpu_devices
+
+    SPLIT_GPUS = [g.name for g in gpu_devices()]
 # HYBRID_GGUF_TEST_COLD=gpu (patch version 4): the original experts go to pinned host memory
 # that the GPU reads in place, so both chains run on the GPU. On a CPU-only machine the patch
 # keeps them with the CPU (it needs a CUDA device), which the tests here check too.
@@ -68,6 +75,8 @@ def load_with_report(path, hot=None, use_mmap=True):
     placement = cpu_moe() if ON_GPU else None
     if not ON_GPU:
         kwargs["n_gpu_layers"] = 0
+    if len(SPLIT_GPUS) > 1:
+        kwargs["tensor_split"] = [1.0] * len(SPLIT_GPUS)
     return load_llama(path, placement, hot=hot, pack_device=PACK_DEVICE, cold_on_gpu=COLD_ON_GPU, **kwargs)
 
 
@@ -147,7 +156,7 @@ def test_split_matches_unsplit(models, arch, prompt):
     assert not failures, f"{arch}: " + "; ".join(failures)
 
 
-@pytest.mark.skipif(not ON_GPU, reason="needs HYBRID_GGUF_TEST_PACK_DEVICE=CUDA0 on a GPU machine")
+@pytest.mark.skipif(not ON_GPU, reason="needs HYBRID_GGUF_TEST_PACK_DEVICE=CUDA0 (or auto) on a GPU machine")
 def test_gpu_packs_in_vram_and_nothing_else_moved(models):
     path, spec = models["qwen3moe"]
     ref = load_with_report(path)
@@ -157,8 +166,18 @@ def test_gpu_packs_in_vram_and_nothing_else_moved(models):
     split = load_with_report(path, hot)
     pack = hybrid_backend.pack_bytes(split.llm._model.model)
     lines = [l for l in split.log if "hot-pack buffer size" in l]
+    where = {l: hybrid_backend.pack_buffer_type(split.llm._model.model, l) for l in hot}
     split.llm.close()
-    assert pack > 0 and lines and PACK_DEVICE in lines[-1]
+    if PACK_DEVICE == "auto":
+        # each layer's pack on the GPU that llama.cpp gave the layer, one buffer per GPU used
+        from hybrid_gguf.planning.memory import layer_devices
+
+        ldev = layer_devices(spec.n_layer, SPLIT_GPUS)
+        assert where == {l: ldev[l] for l in hot}, where
+        assert pack > 0 and len(lines) == len(set(where.values()))
+        assert all(any(f" {d} hot-pack" in line for line in lines) for d in where.values()), lines
+    else:
+        assert pack > 0 and lines and PACK_DEVICE in lines[-1]
     if not COLD_ON_GPU:
         assert split.buffers.model == ref_model  # the original weights stay where they were
         return

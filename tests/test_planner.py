@@ -236,9 +236,9 @@ def test_several_gpus_respect_each_budget(tiny_model_factory):
     assert plan.tensor_split and len(plan.tensor_split) == 2
     for d in devs:
         assert plan.predicted.memory[d.name]["total"] <= d.budget_bytes
-    # hot packs live on one GPU (the roomier after the layer split); the other takes whole layers
-    assert plan.hot_device in ("CUDA0", "CUDA1") and plan.hot
-    assert plan.whole_layers(inv)
+    # each layer's experts stay on its own GPU: packs there (buft=auto), no rule moves a layer
+    assert plan.hot_device == "auto" and plan.hot and plan.hybrid_plan_text().startswith("buft=auto;")
+    assert not any(r.device.upper().startswith("CUDA") for r in plan.rules)
     # named devices without budgets split the total evenly
     even = make_plan(inv, 2 * devs[1].budget_bytes, 1024, prof, devices=["CUDA0", "CUDA1"], memory=opts)
     assert [d.budget_bytes for d in even.devices] == [devs[1].budget_bytes] * 2

@@ -37,7 +37,8 @@ def threads_option():
 
 def gpu_budget_option():
     return typer.Option(None, "--gpu-budget",
-                        help="total VRAM for the model, e.g. 8GiB (default and upper bound: free VRAM less 512 MiB)")
+                        help="total VRAM for the model, e.g. 8GiB (several GPUs: split by free memory, or one "
+                             "per GPU, 20GiB,12GiB; default and upper bound: free VRAM less 512 MiB)")
 
 
 def hot_option():

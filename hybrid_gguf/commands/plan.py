@@ -14,26 +14,41 @@ from hybrid_gguf.commands.common import ctx_option, model_argument, model_option
 
 
 def parse_devices(spec: str) -> list:
-    """"CUDA0=20GiB,CUDA1=20GiB" -> [DeviceBudget]."""
-    from hybrid_gguf.planning.plan import DeviceBudget
+    """"CUDA0:24GiB,CUDA1:16GiB" (or NAME=SIZE) -> [(name, bytes)], the GPUs of a machine
+    planned for from elsewhere and what the model may use on each."""
     from hybrid_gguf.sizes import parse_size
 
     out = []
     for item in spec.split(","):
-        name, sep, size = item.strip().partition("=")
-        if not sep or not name.strip():
-            raise HybridError(f"--devices expects NAME=SIZE[,NAME=SIZE], got {item!r}")
-        out.append(DeviceBudget(name.strip(), parse_size(size)))
+        item = item.strip()
+        sep = "=" if "=" in item else ":"
+        name, found, size = item.rpartition(sep)
+        name = name.strip()
+        if not found or not name or name.upper() in ("GPU", "CPU") or any(c in name for c in ";@ "):
+            raise HybridError(f"--assume-devices expects NAME:SIZE[,NAME:SIZE] with llama.cpp's device names "
+                              f"(CUDA0:24GiB,CUDA1:16GiB), got {item!r}")
+        out.append((name, parse_size(size)))
+    if len({n.upper() for n, _ in out}) != len(out):
+        raise HybridError(f"--assume-devices names a device twice: {spec!r}")
     return out
+
+
+def assumed_devices(spec: str, gpu_budget: Optional[str]) -> tuple:
+    """([DeviceBudget], notes) for --assume-devices: each device's stated size is its budget,
+    or --gpu-budget's total is split over them in proportion (or given per device)."""
+    from hybrid_gguf.planning.budget import device_budgets, parse_budget
+
+    return device_budgets(parse_budget(gpu_budget), parse_devices(spec), stated=True)
 
 
 def register(app: typer.Typer) -> None:
     @app.command("plan")
     def plan_cmd(
         model: Optional[str] = model_argument(),
-        gpu_budget: str = typer.Option(..., "--gpu-budget",
-                                       help="total VRAM for this model, e.g. 8GiB (with a GPU here: at most its "
-                                            "free memory less 512 MiB)"),
+        gpu_budget: Optional[str] = typer.Option(
+            None, "--gpu-budget",
+            help="VRAM for this model: one total, e.g. 8GiB (with several GPUs split by their free memory), or "
+                 "one per GPU, e.g. 20GiB,12GiB (with GPUs here: each at most its free memory less 512 MiB)"),
         model_opt: Optional[str] = model_option(),
         ctx: Optional[int] = ctx_option("context length to plan for"),
         out: Optional[Path] = typer.Option(None, "--out", help="write the plan YAML here"),
@@ -46,7 +61,10 @@ def register(app: typer.Typer) -> None:
             None, "--previous", help="plan in use (default: --out if it exists); kept unless beaten"),
         replay_path: Optional[Path] = typer.Option(None, "--replay", help="routing trace (.npz) to replay"),
         plot: Optional[Path] = typer.Option(None, "--plot", help="PNG of replay hit rate vs budget"),
-        devices_spec: Optional[str] = typer.Option(None, "--devices", help="per-GPU budgets: CUDA0=20GiB,CUDA1=20GiB"),
+        devices_spec: Optional[str] = typer.Option(
+            None, "--assume-devices", "--devices",
+            help="plan for these GPUs instead of this machine's: CUDA0:24GiB,CUDA1:16GiB (what the model may use "
+                 "on each; `run --plan` refuses the plan on other GPUs)"),
         n_ubatch: int = typer.Option(512, "--ubatch", help="physical batch size"),
         flash_attn: bool = typer.Option(False, "--flash-attn", help="plan for flash attention"),
         type_k: str = typer.Option("f16", "--cache-type-k", help="KV cache type of K"),
@@ -88,19 +106,26 @@ def register(app: typer.Typer) -> None:
                 raise HybridError(f"{option} {path}: {path.parent} is not a folder")
         if cold not in ("auto", "cpu", "gpu"):
             raise HybridError(f"--cold takes auto, cpu or gpu, got {cold!r}")
-        budget = parse_size(gpu_budget)
+        from hybrid_gguf.planning.budget import parse_budget
+
+        if gpu_budget is None and devices_spec is None:
+            raise HybridError("give --gpu-budget (e.g. 8GiB, or 20GiB,12GiB for two GPUs), or --assume-devices "
+                              "CUDA0:24GiB,CUDA1:16GiB")
         if ctx is None:
             from hybrid_gguf.header.inventory import read_inventory
             from hybrid_gguf.limits import default_ctx
 
             ctx = default_ctx(read_inventory(model))
-        devs = parse_devices(devices_spec) if devices_spec else None
+        devs, dev_notes = assumed_devices(devices_spec, gpu_budget) if devices_spec else (None, [])
+        budget = None if devs else parse_budget(gpu_budget)
         res = plan_model(model, budget, ctx, profile_path=profile_path, store=store, previous_path=previous,
                          out=out, devices=devs, per_expert=False if whole_tensor else None, measure=measure,
                          calibrate=calibrate, n_ubatch=n_ubatch, flash_attn=flash_attn, type_k=type_k,
                          type_v=type_v, margin_bytes=parse_size(margin), hysteresis=hysteresis,
                          promote_from=promote_from, cold=None if cold == "auto" else cold)
         plan, diff, inv = res.plan, res.diff, res.inventory
+        if dev_notes:
+            plan.notes = dev_notes + plan.notes
         opts = plan.memory
         per_expert = plan.backend == "per-expert"
         bw = plan.predicted.bandwidth or Bandwidth()
@@ -118,6 +143,7 @@ def register(app: typer.Typer) -> None:
         here = cpu_only_prediction(inv, bw, ctx, n_ubatch)
         if as_json:
             d = plan.to_json_dict()
+            d["per_device"] = plan.per_device(inv)
             if here is not None:
                 d["here_cpu_only"] = {"decode_tokens_per_s": here.decode_tokens_per_s,
                                       "prefill_tokens_per_s": here.prefill_tokens_per_s}
@@ -184,6 +210,17 @@ def run_replay(path: Path, inv, plan, budget: int, ctx: int, opts, per_expert: b
 # -- output ----------------------------------------------------------------------------------
 
 
+def _ranges(xs) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5"."""
+    out, xs = [], sorted(xs)
+    for x in xs:
+        if out and x == out[-1][1] + 1:
+            out[-1][1] = x
+        else:
+            out.append([x, x])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in out) or "none"
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
@@ -200,6 +237,11 @@ def print_plan(console, plan, inv, explain: bool, here=None) -> None:
                   f"for {format_size(plan.budget_bytes)} of GPU memory, context {plan.n_ctx}")
     console.print(f"backend: {plan.backend}; {n_hot} hot experts in {len(plan.hot)} layers; "
                   f"{len(whole)} layers' experts whole on the GPU")
+    if len(plan.devices) > 1 and plan.n_gpu_layers != 0:
+        for d in plan.per_device(inv):
+            console.print(f"  {d['name']}: {format_size(d['bytes'])} of {format_size(d['budget_bytes'])}; "
+                          f"layers {_ranges(d['layers'])}; {d['hot_experts']} hot experts, "
+                          f"{len(d['whole_layers'])} layers' experts whole", highlight=False)
     hit = _pct(pr.hit_rate) if inv.is_moe else "n/a (no experts)"
     where = "predicted" if here is None else "predicted on a GPU (none here; default GPU rates)"
     console.print(f"{where}: hit rate {hit}, decode {pr.decode_tokens_per_s:.1f} tokens/s, "

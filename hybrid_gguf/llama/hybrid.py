@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Iterator, Mapping, Optional, Sequence
 
 from hybrid_gguf.errors import STOCK_NOTICE, HybridError
-from hybrid_gguf.planning.placement import COLD_ON_GPU
+from hybrid_gguf.planning.placement import COLD_ON_GPU, per_layer_pack_text
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,9 @@ def pending_plan(text: str) -> Iterator[None]:
     if COLD_ON_GPU in text.split(";") and capability().version < 4:
         raise HybridError("cold experts on the GPU need hybrid patch version 4; rebuild the backend "
                           "with `hybrid-gguf backend install`")
+    if per_layer_pack_text(text) and capability().version < 5:
+        raise HybridError("hot packs on each layer's own GPU (several GPUs) need hybrid patch version 5; "
+                          "rebuild the backend with `hybrid-gguf backend install`")
     fn = _fn("llama_hybrid_set_plan", ctypes.c_int32, [ctypes.c_char_p])
     if fn is None:
         raise HybridError(STOCK_NOTICE)
@@ -126,6 +129,16 @@ def pack_bytes(model_ptr) -> int:
 def n_hot(model_ptr, layer: int) -> int:
     fn = _fn("llama_hybrid_model_n_hot", ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32])
     return 0 if fn is None else int(fn(model_ptr, layer))
+
+
+def pack_buffer_type(model_ptr, layer: int) -> Optional[str]:
+    """The buffer type of a loaded layer's hot pack ("CUDA1", "CPU"); None when the layer has
+    no pack or the patch is older than version 5."""
+    if capability().version < 5:
+        return None
+    fn = _fn("llama_hybrid_model_pack_buft", ctypes.c_char_p, [ctypes.c_void_p, ctypes.c_int32])
+    name = None if fn is None else fn(model_ptr, layer)
+    return None if name is None else name.decode()
 
 
 def parse_hot_spec(spec: str) -> dict[int, list[int]]:

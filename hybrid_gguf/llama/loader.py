@@ -11,7 +11,7 @@ import contextlib
 import ctypes
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from hybrid_gguf.errors import HybridError
 from hybrid_gguf.planning.placement import TensorPlacement, plan_text, validate_rules
@@ -125,14 +125,16 @@ class LoadedLlama:
 
 
 def load_llama(model_path, placement: Optional[TensorPlacement] = None, *,
-               hot: Optional[Mapping[int, Sequence[int]]] = None, pack_device: Optional[str] = None,
+               hot: Optional[Mapping[int, Sequence[int]]] = None,
+               pack_device: Union[None, str, Mapping[int, str]] = None,
                cold_on_gpu: bool = False, record=None, route_trace=None, model_patch: Optional[Callable[[Any], None]] = None,
                allow_extra_bufts: bool = False, inventory=None, **llama_kwargs) -> LoadedLlama:
     """Construct a Llama with a placement and report where llama.cpp put the buffers.
 
     The placement comes in two parts: `placement`, the whole-tensor rules (and n_gpu_layers),
     and `hot` ({layer: [expert, ...]}), the experts the hybrid patch copies into hot packs on
-    `pack_device` (None or "GPU": the first GPU), handed to it for this load only.
+    `pack_device` (None or "GPU": the first GPU; "auto": each layer's own GPU; {layer: device}:
+    per layer, the rest on the first GPU), handed to it for this load only.
     `cold_on_gpu`: that GPU also computes the cold experts, reading them from pinned host
     memory (placement.plan_text), instead of a CPU hand-off per split layer.
     `record` (recorder.Recording): attach a routing recorder to the context; it is
@@ -175,7 +177,10 @@ def load_llama(model_path, placement: Optional[TensorPlacement] = None, *,
     try:
         with contextlib.ExitStack() as handed_over, capture_llama_log() as cap:
             if hot:
-                handed_over.enter_context(hybrid.pending_plan(plan_text(hot, pack_device, cold_on_gpu=cold_on_gpu)))
+                per_layer = isinstance(pack_device, Mapping)
+                text = plan_text(hot, None if per_layer else pack_device, cold_on_gpu=cold_on_gpu,
+                                 layer_buffer_types=pack_device if per_layer else None)
+                handed_over.enter_context(hybrid.pending_plan(text))
             if route_trace is not None:
                 handed_over.enter_context(hybrid.pending_route_trace(route_trace))
             try:

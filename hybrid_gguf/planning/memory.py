@@ -23,7 +23,7 @@ from typing import Mapping, Optional, Sequence
 
 from hybrid_gguf.errors import HybridError
 from hybrid_gguf.header.inventory import EXPERT_KINDS
-from hybrid_gguf.planning.placement import EXPERT_TENSOR_RE, TensorPlacement
+from hybrid_gguf.planning.placement import EXPERT_TENSOR_RE, PACK_AUTO, TensorPlacement
 
 MIB = 1024 * 1024
 CPU = "CPU"
@@ -319,7 +319,8 @@ def predict_memory(inv, placement: Optional[TensorPlacement], opts: MemoryOption
                    gpus: Sequence[str] = ("GPU",), hot_device: Optional[str] = None,
                    tensor_split: Optional[Sequence[float]] = None) -> MemoryPrediction:
     """Bytes per device of a load: whole-tensor `placement` rules (first match wins, as
-    llama.cpp applies them) + per-layer `hot` packs on `hot_device`.
+    llama.cpp applies them) + per-layer `hot` packs on `hot_device` (None: the first GPU;
+    PACK_AUTO: each layer's pack on the GPU of its layer, as the patch's `buft=auto`).
 
     gpus=() predicts a CPU-only load (n_gpu_layers ignored). A placement with
     n_gpu_layers == 0 keeps everything on the CPU too.
@@ -371,22 +372,27 @@ def predict_memory(inv, placement: Optional[TensorPlacement], opts: MemoryOption
 
     # hot packs: the hot experts' slices of every expert tensor + three F32 lookup tables
     if hot:
-        pack_dev = CPU if not gpus else _gpu_name(hot_device or gpus[0], gpus)
         by_layer = {}
         for t in inv.tensors:
             if t.is_expert and t.layer is not None:
                 by_layer.setdefault(t.layer, []).append(t)
-        total = 0
         for layer, experts in hot.items():
+            if not gpus:
+                pack_dev = CPU
+            elif hot_device == PACK_AUTO:
+                pack_dev = ldev[layer]
+            else:
+                pack_dev = _gpu_name(hot_device or gpus[0], gpus)
             tensors = by_layer.get(layer, [])
             if not tensors:
                 raise HybridError(f"hot set names layer {layer}, which has no routed experts")
             n_exp = max(t.n_expert for t in tensors)
+            total = 0
             for t in tensors:
                 total += gpu_alloc_bytes(t, len(experts)) if not is_host(pack_dev) else \
                     _align(t.per_expert_bytes * len(experts), CPU_ALIGN)
             total += 3 * _align(4 * n_exp, GPU_ALIGN if not is_host(pack_dev) else CPU_ALIGN)
-        pred.device(pack_dev).hot_pack += total
+            pred.device(pack_dev).hot_pack += total
 
     # KV cache follows its layer's device (offload_kqv)
     for i, n in enumerate(kv_bytes_per_layer(inv, opts.n_ctx, opts.type_k, opts.type_v)):

@@ -114,12 +114,18 @@ def validate_rules(rules) -> None:
 # --- the hot set as the patch reads it -------------------------------------------------------
 
 COLD_ON_GPU = "cold=gpu"  # the plan-text item that asks for cold experts on the GPU
+# A pack device meaning "the GPU that holds the layer" (its router's device), so a layer's
+# hot chain runs on the card of the rest of that layer: the patch's `buft=auto` (version 5).
+PACK_AUTO = "auto"
 
 
 def plan_text(hot: Mapping[int, Sequence[int]], buffer_type: Optional[str] = None,
-              cold_on_gpu: bool = False) -> str:
+              cold_on_gpu: bool = False, layer_buffer_types: Optional[Mapping[int, str]] = None) -> str:
     """Serialize {layer: [expert, ...]} as the patch's plan text (slot order = list order).
 
+    buffer_type: where the packs go (a device or buffer-type name; None or "GPU": the first
+    GPU; PACK_AUTO: each layer's own GPU). layer_buffer_types: {layer: name} for layers whose
+    pack goes elsewhere ("3@CUDA1:..."; patch version 5, as is PACK_AUTO).
     cold_on_gpu (patch version 4; hybrid.pending_plan checks the build): the expert tensors
     that would live in host memory go to pinned, device-mapped memory that the pack's GPU
     reads in place, so the GPU computes the cold experts too and a split layer needs no CPU
@@ -129,9 +135,20 @@ def plan_text(hot: Mapping[int, Sequence[int]], buffer_type: Optional[str] = Non
     parts = [f"buft={buffer_type}"] if named else []
     if cold_on_gpu:
         parts.append(COLD_ON_GPU)
+    own = {int(l): str(d) for l, d in (layer_buffer_types or {}).items()}
+    for name in own.values():
+        if not name.strip() or any(c in name for c in ";@,") or name.upper() == "GPU":
+            raise HybridError(f"pack device {name!r}: give a device or buffer-type name such as CUDA1 or CPU")
     for layer in sorted(hot):
         experts = list(hot[layer])
         if experts:
-            parts.append(f"{int(layer)}:{','.join(str(int(e)) for e in experts)}")
+            where = f"@{own[int(layer)]}" if int(layer) in own else ""
+            parts.append(f"{int(layer)}{where}:{','.join(str(int(e)) for e in experts)}")
     return ";".join(parts)
+
+
+def per_layer_pack_text(text: str) -> bool:
+    """Whether a plan text needs patch version 5 (a pack device per layer, or `buft=auto`)."""
+    items = [i.strip() for i in text.split(";")]
+    return f"buft={PACK_AUTO}" in items or any("@" in i.partition(":")[0] for i in items if ":" in i)
 

@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 from hybrid_gguf.atomic import atomic_write
 from hybrid_gguf.errors import HybridError
-from hybrid_gguf.planning.placement import PlacementRule, TensorPlacement, plan_text, validate_rules
+from hybrid_gguf.planning.placement import PACK_AUTO, PlacementRule, TensorPlacement, plan_text, validate_rules
 from hybrid_gguf.planning.memory import CACHE_TYPES, MemoryOptions
 from hybrid_gguf.planning.calibration import Bandwidth
 from hybrid_gguf.sizes import format_size
@@ -114,6 +114,8 @@ class Plan:
     tensor_split: Optional[list] = None
     rules: list = field(default_factory=list)  # [PlacementRule]
     hot: dict = field(default_factory=dict)  # layer -> [expert ids]
+    # where the packs live: a device name, None/"GPU" (the first GPU), or "auto" (PACK_AUTO:
+    # each layer's pack on the GPU of its layer, the plans for several GPUs)
     hot_device: Optional[str] = None
     # the pack's GPU also computes the cold experts, reading them from pinned host memory
     # (patch v4) instead of handing each split layer to the CPU; YAML `cold: gpu`
@@ -156,6 +158,85 @@ class Plan:
         if not any(self.hot.values()):
             return ""
         return plan_text(self.hot, self.hot_device, cold_on_gpu=self.cold_on_gpu)
+
+    # -- devices ---------------------------------------------------------------------------
+
+    def device_names(self) -> list:
+        return [d.name for d in self.devices] or ["GPU"]
+
+    def layer_devices(self) -> list:
+        """The device of each layer (index n_layer: the output layer) under the plan's layer
+        split, as llama.cpp splits layers over the GPUs."""
+        from hybrid_gguf.planning.memory import CPU, layer_devices
+
+        if self.n_gpu_layers == 0:
+            return [CPU] * (self.n_layer + 1)
+        return layer_devices(self.n_layer, self.device_names(), self.tensor_split)
+
+    def pack_devices(self) -> dict:
+        """{layer: the device of its hot pack}."""
+        ldev = self.layer_devices() if self.hot_device == PACK_AUTO else None
+        named = self.hot_device if self.hot_device and self.hot_device.upper() != "GPU" else None
+        default = named or self.device_names()[0]
+        return {int(l): ldev[int(l)] if ldev else default for l, v in self.hot.items() if v}
+
+    def per_device(self, inv=None) -> list:
+        """Per planned GPU: its budget, predicted bytes, layers, hot experts and (with the
+        inventory) the layers whose experts are all in its memory."""
+        from hybrid_gguf.planning.memory import is_host
+
+        ldev = self.layer_devices()
+        packs = self.pack_devices()
+        whole: dict = {}
+        if inv is not None and self.n_gpu_layers != 0:
+            placement = self.placement()
+            for l in self.whole_layers(inv):
+                target = placement.target_for(inv.layers[l].expert_tensors[0])
+                if target is None:
+                    whole[l] = ldev[l]
+                elif not is_host(target):
+                    whole[l] = self.device_names()[0] if target.upper() == "GPU" else target
+        out = []
+        for name in self.device_names():
+            budget = next((d.budget_bytes for d in self.devices if d.name == name), self.budget_bytes)
+            hot = {l: list(self.hot[l]) for l in sorted(packs) if packs[l] == name}
+            out.append({"name": name, "budget_bytes": int(budget),
+                        "bytes": int((self.predicted.memory.get(name) or {}).get("total", 0)),
+                        "layers": [l for l in range(self.n_layer) if ldev[l] == name],
+                        "hot_experts": sum(len(v) for v in hot.values()),
+                        "hot": {str(l): v for l, v in hot.items()},
+                        **({"whole_layers": sorted(l for l, d in whole.items() if d == name)} if inv is not None else {})})
+        return out
+
+    def check_devices(self, here) -> None:
+        """Refuse to run where the plan's GPUs are not: `here` is [(name, total bytes)] of this
+        machine's GPUs. A plan for the stand-in "GPU" runs on the first GPU of any machine."""
+        names = [d.name for d in self.devices]
+        if self.n_gpu_layers == 0 or not names or names == ["GPU"] or not here:
+            return
+        have = {str(n).upper(): total for n, total in here}
+        missing = [n for n in names if n.upper() not in have]
+        small = [d for d in self.devices if have.get(d.name.upper()) and d.budget_bytes > have[d.name.upper()]]
+        if missing or small:
+            why = (f"{', '.join(missing)} not found" if missing else
+                   "; ".join(f"{d.name} has {format_size(have[d.name.upper()])} in all, the plan gives it "
+                             f"{format_size(d.budget_bytes)}" for d in small))
+            planned = ", ".join(f"{d.name} {format_size(d.budget_bytes)}" for d in self.devices)
+            found = ", ".join(f"{n} ({format_size(t)})" for n, t in here)
+            raise HybridError(f"the plan is for other GPUs ({planned}); this machine has {found}: {why}; "
+                              "re-plan here with `hybrid-gguf plan MODEL --gpu-budget SIZE`")
+
+    def tensor_split_here(self, here: list) -> Optional[list]:
+        """llama.cpp's tensor_split for this machine's GPUs (names, registry order): the plan's
+        layer split, 0 for the GPUs the plan does not use; None on a machine with one GPU."""
+        if len(here) <= 1:
+            return [float(x) for x in self.tensor_split] if self.tensor_split else None
+        names = self.device_names()
+        if names == ["GPU"]:
+            names = [here[0]]
+        shares = self.tensor_split or [1.0] * len(names)
+        by_name = {n.upper(): float(x) for n, x in zip(names, shares)}
+        return [by_name.get(str(h).upper(), 0.0) for h in here]
 
     def gpu_experts(self, inv) -> dict:
         """{layer: expert ids in GPU memory}: hot packs plus layers whose expert tensors

@@ -10,6 +10,10 @@ Order of business:
    choice is "how many experts n_l per layer": a multiple-choice knapsack solved by branch
    and bound (exact on small and usual cases; node-limited, best-found otherwise). A layer
    whose experts are all chosen is placed whole (its tensors on the GPU, no pack).
+   With several GPUs, llama.cpp splits the layers over them (in proportion to their
+   budgets) and each GPU's room goes to the experts of its own layers, one knapsack per
+   GPU: a layer's pack lives on its layer's card (the patch's `buft=auto`), so no token
+   crosses cards for it.
 3. Layers whose hot set is nearly complete are promoted whole when the bandwidth model
    says the freed CPU hand-off is worth the experts it costs.
 4. Hysteresis: the previous plan's hot set is kept unless the new one is predicted to be
@@ -32,7 +36,7 @@ import numpy as np
 from hybrid_gguf.errors import STOCK_NOTICE, HybridError
 from hybrid_gguf.planning.memory import (CPU, MemoryOptions, MemoryPrediction, gpu_alloc_bytes, kv_cells,
                            layer_devices, predict_memory, GPU_ALIGN)
-from hybrid_gguf.planning.placement import EXPERT_TENSOR_RE, PlacementRule, TensorPlacement
+from hybrid_gguf.planning.placement import EXPERT_TENSOR_RE, PACK_AUTO, PlacementRule, TensorPlacement
 from hybrid_gguf.planning.plan import DeviceBudget, Plan, Predicted, ProfileSource
 from hybrid_gguf.planning.calibration import Bandwidth
 from hybrid_gguf.planning.speed import hit_rate, predict_speed
@@ -227,7 +231,9 @@ def make_plan(inventory, budget_bytes: int, n_ctx: int, profile=None, per_expert
 
     budget_bytes: total GPU bytes for this model (split evenly over `devices` given as names),
       already usable (planning/budget.py: the entry point applies the rule, not the planner).
-    devices: None (one GPU, "GPU"), a list of names, or a list of DeviceBudget.
+    devices: None (one GPU, "GPU"), a list of names, or a list of DeviceBudget (each its own
+      budget; the layers are split over them in proportion, and each plans its own layers'
+      experts into its own budget).
     profile: a RoutingProfile for this model (None: whole-layer plan).
     per_expert: the backend can build hot packs (False: stock llama.cpp).
     memory: MemoryOptions (KV types, ubatch, flash attention, measured compute, margins).
@@ -248,6 +254,11 @@ def make_plan(inventory, budget_bytes: int, n_ctx: int, profile=None, per_expert
     bw = bandwidth or Bandwidth()
     devs = _resolve_devices(budget_bytes, devices)
     notes: list = []
+    if len(devs) > 1 and any(d.budget_bytes <= 0 for d in devs):
+        # a card with nothing to give takes no layers (a layer there would not fit)
+        unused = [d.name for d in devs if d.budget_bytes <= 0]
+        devs = [d for d in devs if d.budget_bytes > 0] or devs[:1]
+        notes.append(f"{', '.join(unused)}: no GPU budget, no layers there")
     gpus = [d.name for d in devs]
     budgets = {d.name: int(d.budget_bytes) for d in devs}
     total_budget = sum(budgets.values())
@@ -359,45 +370,42 @@ def make_plan(inventory, budget_bytes: int, n_ctx: int, profile=None, per_expert
         rules = _rules_for(inv, whole, ldev, n_moe)
         return finish(rules, {}, "per-expert" if per_expert else "whole-tensor")
 
-    pack_dev = max(gpus, key=lambda g: rooms[g])
-    layers = _layers(inv, p)
+    # each GPU's room goes to the experts of its own layers: a layer's pack lives on the card
+    # that holds the layer (its router's output is there), so no token crosses cards for it
+    hot_device = gpus[0] if len(gpus) == 1 else PACK_AUTO
+    hot: dict = {}
     whole: dict = {}
-    if len(gpus) > 1:
-        # other GPUs take whole layers (their own layers first); packs live on one device
-        for g in gpus:
-            if g == pack_dev:
-                continue
-            for ly in sorted(layers, key=lambda x: (ldev[x.index] != g, -x.index)):
-                if ly.index not in whole and ly.whole_bytes <= rooms[g]:
-                    whole[ly.index] = g
-                    rooms[g] -= ly.whole_bytes
-        layers = [ly for ly in layers if ly.index not in whole]
+    all_layers = _layers(inv, p)
+    gaps = []
+    for g in gpus:
+        layers = [ly for ly in all_layers if ldev[ly.index] == g]
+        if not layers:
+            continue
+        counts, value, exact, upper = choose_counts(layers, rooms[g], node_limit)
+        if not exact:
+            gaps.append((upper - value) / max(float(p.sum()), 1e-12))
+        for ly, c in zip(layers, counts):
+            if c == ly.n_expert:
+                whole[ly.index] = g
+            elif c:
+                hot[ly.index] = list(ly.order[:c])
 
-    room = rooms[pack_dev]
-    counts, value, exact, upper = choose_counts(layers, room, node_limit)
-    gap = (upper - value) / max(float(p.sum()), 1e-12)
-    if not exact and gap > 5e-4:
-        notes.append(f"expert choice is within {gap:.2%} hit rate of the optimum "
+        # 4. promote nearly-complete layers when the bandwidth model says it pays
+        if promote_fraction <= 1.0:
+            hot, whole = _promote(inv, p, layers, hot, whole, g, rooms[g], promote_fraction, bw, opts, notes)
+    if gaps and sum(gaps) > 5e-4:
+        notes.append(f"expert choice is within {sum(gaps):.2%} hit rate of the optimum "
                      f"(search stopped after {node_limit} nodes)")
-    hot = {}
-    for ly, c in zip(layers, counts):
-        if c == ly.n_expert:
-            whole[ly.index] = pack_dev
-        elif c:
-            hot[ly.index] = list(ly.order[:c])
-
-    # 4. promote nearly-complete layers when the bandwidth model says it pays
-    if promote_fraction <= 1.0:
-        hot, whole = _promote(inv, p, layers, hot, whole, pack_dev, room, promote_fraction, bw, opts, notes)
 
     # 5. hysteresis against the previous plan
     if previous is not None:
-        kept = _keep_previous(inv, p, previous, hot, whole, gpus, budgets, split, opts, hysteresis, bw, notes)
+        kept = _keep_previous(inv, p, previous, hot, whole, gpus, budgets, split, opts, hysteresis, bw, notes,
+                              hot_device)
         if kept is not None:
             hot, whole = kept
 
     rules = _rules_for(inv, whole, ldev, n_moe)
-    return finish(rules, hot, "per-expert", hot_device=pack_dev if hot else None)
+    return finish(rules, hot, "per-expert", hot_device=hot_device if hot else None)
 
 
 def plan_memory(plan: Plan, inv) -> MemoryPrediction:
@@ -467,19 +475,23 @@ def _explain_no_fit(inv, base: MemoryPrediction, budgets: dict, opts: MemoryOpti
 
 
 def _whole_layers(inv, ldev: list, rooms: dict, scratch: int) -> dict:
-    """Whole layers' experts on their own GPU, last layers first (like --n-cpu-moe)."""
+    """Whole layers' experts on their own GPU, each GPU's last layers first (like
+    --n-cpu-moe on each card)."""
     whole = {}
     rooms = dict(rooms)
+    full = set()  # GPUs whose next layer did not fit
     moe = [l for l in inv.layers if l.is_moe]
     for layer in reversed(moe):
         dev = ldev[layer.index]
+        if dev in full:
+            continue
         cost = sum(gpu_alloc_bytes(inv.tensor(n)) for n in layer.expert_tensors)
         last = len(whole) == len(moe) - 1
         if cost <= rooms[dev] + (scratch if last else 0):
             whole[layer.index] = dev
             rooms[dev] -= cost
         else:
-            break
+            full.add(dev)
     return whole
 
 
@@ -501,12 +513,13 @@ def _rules_for(inv, whole: dict, ldev: list, n_moe: int) -> list:
 
 
 def _promote(inv, p, layers, hot, whole, pack_dev, room, frac, bw, opts, notes):
-    """Promote layers whose hot set covers >= frac of their experts to whole layers, paying
-    with the least valuable hot experts elsewhere, when predicted decode speed improves."""
+    """Promote layers of `layers` (those on pack_dev, whose room is `room`) whose hot set
+    covers >= frac of their experts to whole layers, paying with the least valuable hot
+    experts of the same device, when predicted decode speed improves."""
     by_index = {ly.index: ly for ly in layers}
 
     def used(h, w) -> int:
-        c = sum(by_index[l].cost[len(es)] for l, es in h.items())
+        c = sum(by_index[l].cost[len(es)] for l, es in h.items() if l in by_index)
         c += sum(by_index[l].whole_bytes for l, d in w.items() if l in by_index and d == pack_dev)
         return c
 
@@ -518,7 +531,7 @@ def _promote(inv, p, layers, hot, whole, pack_dev, room, frac, bw, opts, notes):
                              op_offload=opts.op_offload).decode_tokens_per_s
 
     promoted = []
-    for l in sorted(hot, key=lambda l: -len(hot[l]) / by_index[l].n_expert):
+    for l in sorted((l for l in hot if l in by_index), key=lambda l: -len(hot[l]) / by_index[l].n_expert):
         ly = by_index[l]
         if len(hot.get(l, [])) < frac * ly.n_expert:
             continue
@@ -528,7 +541,7 @@ def _promote(inv, p, layers, hot, whole, pack_dev, room, frac, bw, opts, notes):
         free = room
         # demote the cheapest hot experts elsewhere until it fits
         while used(h, w) > free:
-            cands = [(by_index[k].values[len(v) - 1], k) for k, v in h.items() if v]
+            cands = [(by_index[k].values[len(v) - 1], k) for k, v in h.items() if v and k in by_index]
             if not cands:
                 break
             _, k = min(cands)
@@ -547,9 +560,14 @@ def _promote(inv, p, layers, hot, whole, pack_dev, room, frac, bw, opts, notes):
     return hot, whole
 
 
-def _keep_previous(inv, p, previous: Plan, hot, whole, gpus, budgets, split, opts, threshold, bw, notes):
+def _keep_previous(inv, p, previous: Plan, hot, whole, gpus, budgets, split, opts, threshold, bw, notes,
+                   hot_device):
     if previous.fingerprint != inv.fingerprint:
         notes.append("the previous plan is for another model; ignored")
+        return None
+    prev_gpus = [d.name for d in previous.devices]
+    if len(gpus) > 1 and prev_gpus != list(gpus):
+        notes.append(f"the previous plan is for other GPUs ({', '.join(prev_gpus) or 'GPU'}); ignored")
         return None
     try:
         previous.check_model(inv)
@@ -557,7 +575,7 @@ def _keep_previous(inv, p, previous: Plan, hot, whole, gpus, budgets, split, opt
         notes.append(f"the previous plan does not match the model ({exc}); ignored")
         return None
     prev_exp = previous.gpu_experts(inv) if previous.n_gpu_layers != 0 else {}
-    prev_whole = _prev_whole(inv, previous, gpus)
+    prev_whole = _prev_whole(inv, previous, gpus, split)
     prev_hot = {int(l): list(v) for l, v in previous.hot.items() if v}
     new_exp = {l: list(v) for l, v in hot.items()}
     for l in whole:
@@ -575,7 +593,8 @@ def _keep_previous(inv, p, previous: Plan, hot, whole, gpus, budgets, split, opt
     placement = TensorPlacement(tuple(_rules_for(inv, prev_whole, layer_devices(inv.n_layer, gpus, split),
                                                  sum(1 for l in inv.layers if l.is_moe))), n_gpu_layers=-1)
     pred = predict_memory(inv, placement, opts, hot=prev_hot, gpus=gpus,
-                          hot_device=previous.hot_device or gpus[0], tensor_split=split)
+                          hot_device=hot_device if len(gpus) > 1 else previous.hot_device or gpus[0],
+                          tensor_split=split)
     if any(d.total > budgets[n] for n, d in pred.devices.items() if n in budgets):
         notes.append("the previous plan no longer fits the budget; re-planned")
         return None
@@ -584,14 +603,16 @@ def _keep_previous(inv, p, previous: Plan, hot, whole, gpus, budgets, split, opt
     return prev_hot, prev_whole
 
 
-def _prev_whole(inv, previous: Plan, gpus) -> dict:
+def _prev_whole(inv, previous: Plan, gpus, split) -> dict:
+    """{layer: GPU} of the previous plan's whole layers: by rule, or their layer's own GPU."""
     out = {}
     if previous.n_gpu_layers == 0:
         return out
     pl = previous.placement()
+    ldev = layer_devices(inv.n_layer, gpus, split)
     for l in previous.whole_layers(inv):
         t = pl.target_for(inv.layers[l].expert_tensors[0])
-        out[l] = t if t in gpus else (gpus[0] if t is None or t.lower() == "gpu" else t)
+        out[l] = t if t in gpus else (ldev[l] if t is None else gpus[0] if t.lower() == "gpu" else t)
     return out
 
 
