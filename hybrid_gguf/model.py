@@ -106,6 +106,7 @@ class HybridModel:
         profiling: bool = False,
         inventory: Optional[Inventory] = None,
         verbose: bool = False,
+        cache: Any = None,
     ) -> None:
         limits.check_threads(n_threads, "n_threads")
         limits.check_ctx(n_ctx, "n_ctx")
@@ -133,6 +134,13 @@ class HybridModel:
         self.plan = chosen.plan  # the Plan applied, if any
         self.repack = bool(repack)
         self.placement = summary = chosen.summary
+        self.cache = _cache_options(cache)
+        if self.cache.active and not chosen.hot:
+            summary.notices.append(f"cache {self.cache.policy}: this placement has no hot packs to adapt; "
+                                   "the session runs without a cache")
+            self.cache = _cache_options(None)
+        elif self.cache.active:
+            summary.description += f"; in-session cache {self.cache.policy} (at most {self.cache.quota} uploads per step)"
 
         recording = self._recording() if record and self.inventory.n_expert > 0 else None
 
@@ -150,7 +158,7 @@ class HybridModel:
         stream = routing_process.STREAM_PROFILE if self.profiling else routing_process.STREAM_MEASURED
         t0 = time.perf_counter()
         loaded = load_llama(self.path, chosen.placement, hot=chosen.hot, pack_device=summary.pack_device,
-                            cold_on_gpu=chosen.cold_on_gpu,
+                            cold_on_gpu=chosen.cold_on_gpu, cache=self.cache if self.cache.active else None,
                             record=recording, route_trace=routing_process.model_trace(self.inventory, n_ctx, stream),
                             inventory=self.inventory, **kwargs)
         self.load_seconds = time.perf_counter() - t0
@@ -214,6 +222,15 @@ class HybridModel:
                 yield self._llm
             finally:
                 self._owner_depth.n = depth
+
+    def cache_stats(self) -> Optional[dict]:
+        """The in-session cache's counters (policy, hits, misses, hit_rate, uploads,
+        upload_bytes, evictions, steps) over the layers with hot packs; None without a cache."""
+        with self._using() as llm:
+            if not self.cache.active:
+                return None
+            stats = hybrid_backend.cache_stats(llm._model.model)
+        return None if stats is None else {"policy": self.cache.policy, **stats}
 
     def routing_snapshot(self):
         with self._using():
@@ -455,3 +472,14 @@ def _buffer_dict(report) -> dict:
         for name, size in getattr(report, kind, {}).items():
             out[f"{kind} {name}"] = int(size)
     return out
+
+
+def _cache_options(cache):
+    """HybridModel's `cache`: None or "static" (no cache), a policy name, or CacheOptions."""
+    from hybrid_gguf.planning.placement import CacheOptions
+
+    if cache is None:
+        return CacheOptions()
+    if isinstance(cache, CacheOptions):
+        return cache
+    return CacheOptions(policy=str(cache))

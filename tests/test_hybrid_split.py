@@ -67,7 +67,7 @@ if PACK_DEVICE == "auto":
 COLD_ON_GPU = os.environ.get("HYBRID_GGUF_TEST_COLD", "cpu") == "gpu"
 
 
-def load_with_report(path, hot=None, use_mmap=True):
+def load_with_report(path, hot=None, use_mmap=True, cache=None):
     from hybrid_gguf.llama.loader import load_llama
     from hybrid_gguf.planning.placement import cpu_moe
 
@@ -77,7 +77,8 @@ def load_with_report(path, hot=None, use_mmap=True):
         kwargs["n_gpu_layers"] = 0
     if len(SPLIT_GPUS) > 1:
         kwargs["tensor_split"] = [1.0] * len(SPLIT_GPUS)
-    return load_llama(path, placement, hot=hot, pack_device=PACK_DEVICE, cold_on_gpu=COLD_ON_GPU, **kwargs)
+    return load_llama(path, placement, hot=hot, pack_device=PACK_DEVICE, cold_on_gpu=COLD_ON_GPU, cache=cache,
+                      **kwargs)
 
 
 def load(path, hot=None, use_mmap=True):
@@ -297,3 +298,94 @@ def test_parse_hot_spec():
         hybrid_backend.parse_hot_spec("0-1")
     with pytest.raises(HybridError):
         hybrid_backend.parse_hot_spec("0:1;0:2")
+
+
+# --- the in-session cache (patch version 5) ---------------------------------------------
+
+
+def _needs_cache():
+    if hybrid_backend.capability().version < 5:
+        pytest.skip("needs hybrid patch version 5 (the in-session cache)")
+
+
+CACHE_GEN = 24  # decode steps: every one of them uploads and evicts with one slot per layer
+
+
+@pytest.mark.parametrize("prompt", [PROMPT, LONG_PROMPT], ids=["short", "long"])
+@pytest.mark.parametrize("policy", ["lru", "lfu", "seeded"])
+@pytest.mark.parametrize("arch", ["qwen3moe", "gpt-oss", "qwen3moe-q8", "llama"])
+def test_cache_computes_the_same_function(models, arch, policy, prompt):
+    """The packs' slots change between ubatches (uploads, evictions, new lookup tables); the
+    model must compute what the unsplit one does at every step: a stale slot or a stale
+    table would change the logits of the step that reads it."""
+    from hybrid_gguf.planning.placement import CacheOptions
+
+    _needs_cache()
+    path, spec = models[arch]
+    ref_llm = load(path)
+    ref = greedy(ref_llm, prompt, CACHE_GEN)
+    ref_llm.close()
+    tol = 1e-3
+    if ON_GPU:
+        all_gpu = gpu_tolerance(path, prompt)
+        tol = max(1e-3, 2.0 * float(np.max(np.abs(all_gpu.logits - ref.logits))))
+    slots = 2 if policy == "seeded" else 1  # seeded pins one of two
+    hot = {l: list(range(spec.n_expert - slots, spec.n_expert)) for l in range(spec.n_layer)}
+    rep = load_with_report(path, hot, cache=CacheOptions(policy, quota=1000))
+    run = greedy(rep.llm, prompt, CACHE_GEN)
+    stats = hybrid_backend.cache_stats(rep.llm._model.model)
+    rep.llm.close()
+    assert any("in-session cache" in line for line in rep.log)
+    assert stats is not None and stats["steps"] >= CACHE_GEN
+    # LRU evicts whenever a slot's resident went unselected (qwen3moe's tiny router spreads its
+    # choices, so there nearly every step; gpt-oss's keeps choosing the resident); LFU only
+    # for a more used expert
+    assert stats["uploads"] > (CACHE_GEN // 4 if policy == "lru" and arch == "qwen3moe" else 0), stats
+    assert stats["evictions"] == stats["uploads"], stats
+    assert stats["upload_bytes"] > 0 and stats["hits"] + stats["misses"] > 0
+    delta = float(np.max(np.abs(run.logits - ref.logits)))
+    assert run.tokens == ref.tokens, f"{arch}/{policy}: greedy tokens differ"
+    assert delta <= tol, f"{arch}/{policy}: max |logit delta| {delta:.3g} > {tol:.3g}"
+
+
+def test_cache_respects_its_quota_and_pinned_slots(models):
+    from hybrid_gguf.planning.placement import CacheOptions
+
+    _needs_cache()
+    path, spec = models["qwen3moe"]
+    hot = {l: [0, 1, 2, 3] for l in range(spec.n_layer)}
+    none = load_with_report(path, hot, cache=CacheOptions("lru", quota=0))
+    greedy(none.llm, PROMPT, 8)
+    stats = hybrid_backend.cache_stats(none.llm._model.model)
+    none.llm.close()
+    assert stats["uploads"] == 0 and stats["steps"] > 0  # a quota of 0 observes only
+    one = load_with_report(path, hot, cache=CacheOptions("lru", quota=1))
+    greedy(one.llm, PROMPT, 8)
+    stats = hybrid_backend.cache_stats(one.llm._model.model)
+    one.llm.close()
+    assert 0 < stats["uploads"] <= stats["steps"]
+    # all four slots pinned: the seeded policy never evicts
+    pinned = load_with_report(path, hot, cache=CacheOptions("seeded", quota=100, pinned=1.0))
+    greedy(pinned.llm, PROMPT, 8)
+    stats = hybrid_backend.cache_stats(pinned.llm._model.model)
+    pinned.llm.close()
+    assert stats["uploads"] == 0 and stats["hits"] + stats["misses"] > 0
+
+
+def test_static_packs_have_no_cache(models):
+    _needs_cache()
+    path, spec = models["qwen3moe"]
+    llm = load(path, {0: [1, 2]})
+    assert hybrid_backend.cache_stats(llm._model.model) is None
+    llm.close()
+
+
+def test_cache_options_and_plan_text():
+    from hybrid_gguf.planning.placement import CacheOptions, plan_text
+
+    assert CacheOptions().plan_tokens() == [] and not CacheOptions().active
+    assert plan_text({0: [1]}, "CPU", cache=CacheOptions("lru", quota=3)) == "buft=CPU;cache=lru;quota=3;pinned=0;0:1"
+    assert "cache=lfu;quota=4;pinned=0.5" in plan_text({0: [1]}, cache=CacheOptions("seeded"))
+    for bad in (dict(policy="fifo"), dict(quota=-1), dict(pinned=1.5)):
+        with pytest.raises(HybridError):
+            CacheOptions(**bad)

@@ -52,6 +52,28 @@ def test_hot_by_hand_gives_the_same_tokens(tmp_path):
     assert split["tokens"] == plain["tokens"]
 
 
+@pytest.mark.skipif(hybrid_backend.capability().version < 5, reason="needs hybrid patch version 5 (the cache)")
+def test_run_with_an_in_session_cache_reports_it(tmp_path):
+    env = {"HYBRID_GGUF_HOME": str(tmp_path)}
+    plain = json.loads(run_cli("-p", "import os", "-n", "12", "--json", "--no-record", "--threads", "1",
+                               env_extra=env).stdout)
+    res = run_cli("-p", "import os", "-n", "12", "--json", "--no-record", "--threads", "1",
+                  "--hot", "0:1;1:2;2:0", "--cache", "lru", "--cache-quota", "100", env_extra=env)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    cache = out["cache"]
+    assert cache["policy"] == "lru" and cache["uploads"] > 0 and cache["evictions"] == cache["uploads"]
+    assert cache["hits"] + cache["misses"] > 0 and 0.0 <= cache["hit_rate"] <= 1.0
+    assert "in-session cache lru" in out["placement"]["description"]
+    assert out["tokens"] == plain["tokens"]
+    # the line a person reads at the end of the session
+    text = run_cli("-p", "import os", "-n", "4", "--no-record", "--threads", "1", "--hot", "0:1",
+                   "--cache", "seeded", env_extra=env)
+    assert text.returncode == 0 and "in-session cache seeded" in text.stderr
+    bad = run_cli("-p", "x", "--hot", "0:1", "--cache", "fifo", env_extra=env)
+    assert bad.returncode == 2 and "cache policy" in bad.stderr and "Traceback" not in bad.stderr
+
+
 @pytest.mark.parametrize("args, message", [
     (["/no/such/model.gguf", "-p", "x"], "not found"),
     (["-p", "x", "--gpu-budget", "8QB"], "size"),

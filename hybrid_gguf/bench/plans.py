@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 from hybrid_gguf.header.inventory import Inventory, read_inventory
 from hybrid_gguf.llama import hybrid as hybrid_backend
-from hybrid_gguf.planning.placement import cpu_moe
+from hybrid_gguf.planning.placement import CacheOptions, cpu_moe
 
 
 @dataclass
@@ -25,6 +25,7 @@ class Config:
     n_gpu_layers: int = -1
     plan: object = None          # the planner's Plan this placement is, if any
     cold_on_gpu: bool = False    # the packs' GPU reads the cold experts from pinned host memory
+    cache: object = None         # placement.CacheOptions of an in-session cache over the packs
 
     @classmethod
     def from_plan(cls, name: str, plan, inv: Inventory) -> "Config":
@@ -69,7 +70,9 @@ def plan_configs(model_path: Path, inv: Inventory, profile, devices: list, n_ctx
     if want("whole-layer"):
         configs.append(Config.from_plan("whole-layer", make(devices, False), inv))
     alternatives = ("per-expert-cold-cpu", "per-expert-cold-gpu")
-    if (want("per-expert") or any(want(a) for a in alternatives)) and hybrid_backend.capability().per_expert:
+    # the plan's packs as an in-session cache: only when asked for by name (--configs)
+    caches = [name for name in wanted or () if name.startswith("per-expert-cache-")]
+    if (want("per-expert") or any(want(a) for a in alternatives) or caches) and hybrid_backend.capability().per_expert:
         chosen = Config.from_plan("per-expert", make(devices, None), inv)
         if want("per-expert"):
             configs.append(chosen)
@@ -78,6 +81,11 @@ def plan_configs(model_path: Path, inv: Inventory, profile, devices: list, n_ctx
         other = "cpu" if chosen.cold_on_gpu else "gpu"
         if chosen.hot and gpu_present and cold_read_possible(devices) and want(f"per-expert-cold-{other}"):
             configs.append(Config.from_plan(f"per-expert-cold-{other}", make(devices, None, other), inv))
+        for name in caches:
+            if chosen.hot and hybrid_backend.capability().version >= 5:
+                cached = Config.from_plan(name, chosen.plan, inv)
+                cached.cache = CacheOptions(policy=name[len("per-expert-cache-"):])
+                configs.append(cached)
     if want("all-gpu") and gpu_present:
         every = make(detect_devices(None)[0], None)
         if every.n_gpu_layers != 0 and not every.rules and not every.hot:

@@ -27,7 +27,8 @@ from hybrid_gguf.header.inventory import Inventory, read_inventory
 from hybrid_gguf.planning.placement import cpu_moe
 
 # the placements a budget changes
-BUDGET_CONFIGS = ("whole-layer", "per-expert", "per-expert-cold-cpu", "per-expert-cold-gpu")
+BUDGET_CONFIGS = ("whole-layer", "per-expert", "per-expert-cold-cpu", "per-expert-cold-gpu",
+                  "per-expert-cache-lru", "per-expert-cache-lfu", "per-expert-cache-seeded")
 
 
 @dataclass
@@ -43,6 +44,7 @@ class Result:
     load_s: float
     error: Optional[str] = None
     plan: Optional[dict] = None  # Config.plan_detail: the plan timed
+    cache: Optional[dict] = None  # the in-session cache's counters over the whole load (cache rows)
 
     def summary(self) -> dict:
         d = asdict(self)
@@ -78,7 +80,7 @@ def load_config(path: Path, inv: Inventory, cfg: Config, n_ctx: int, n_batch: in
     if not repack:
         kwargs["model_patch"] = _no_extra_bufts
     return load_llama(path, cfg.placement, hot=cfg.hot or None, pack_device=pack_device,
-                      cold_on_gpu=cfg.cold_on_gpu, record=record,
+                      cold_on_gpu=cfg.cold_on_gpu, cache=cfg.cache, record=record,
                       route_trace=routing_process.model_trace(inv, n_ctx, stream, routing), inventory=inv, **kwargs)
 
 
@@ -230,8 +232,11 @@ def run_bench(model_path: Path, *, budget_bytes: Optional[int], profile_prompts:
             tgs.append(tg)
             step(0, 1)
         hit = 0.0 if cfg.name == "cpu-experts" else hit_rate(eval_counts, cfg.gpu_experts)
+        cache = hybrid_backend.cache_stats(loaded.llm._model.model) if cfg.cache is not None else None
+        if cache is not None and cache["hit_rate"] is not None:
+            hit = cache["hit_rate"]  # what the slots served, warm-up and prompts included
         res = Result(cfg.name, n_prompt, n_gen, pps, tgs, hit, expert_bytes, vram_model_bytes(loaded), load_s,
-                     plan=cfg.plan_detail(inv))
+                     plan=cfg.plan_detail(inv), cache=cache)
         log(f"{cfg.name:12s} pp {statistics.median(pps):8.1f} t/s  tg {statistics.median(tgs):7.2f} t/s  "
             f"hit {res.hit_rate if res.hit_rate is not None else float('nan'):.3f}  "
             f"gpu experts {expert_bytes / 2**30:.2f} GiB")

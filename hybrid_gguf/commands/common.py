@@ -58,6 +58,17 @@ def cpu_moe_option():
     return typer.Option(False, "--cpu-moe", help="whole layers by hand: every routed expert on the CPU")
 
 
+def cache_option():
+    return typer.Option("static", "--cache",
+                        help="in-session expert cache over the hot packs: static (the plan's hot set all session), "
+                             "lru, lfu, seeded (lfu with half of each layer's slots pinned to the plan's first "
+                             "experts); needs hybrid patch version 5")
+
+
+def cache_quota_option():
+    return typer.Option(4, "--cache-quota", min=0, max=4096, help="at most this many expert uploads per step")
+
+
 def no_repack_option():
     return typer.Option(False, "--no-repack", help="keep CPU weights in plain buffers (no AMX/extra buffer repacking)")
 

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 
 from hybrid_gguf.errors import HybridError
-from hybrid_gguf.commands.common import (cpu_moe_option, ctx_option, gpu_budget_option, hot_option, model_argument, model_option,
+from hybrid_gguf.commands.common import (cache_option, cache_quota_option, cpu_moe_option, ctx_option, gpu_budget_option, hot_option, model_argument, model_option,
                      n_cpu_moe_option, no_record_option, no_repack_option, pick_model, plan_option,
                      threads_option)
 
@@ -35,6 +35,8 @@ def run_command(
     cpu_moe: bool = cpu_moe_option(),
     no_repack: bool = no_repack_option(),
     no_record: bool = no_record_option(),
+    cache: str = cache_option(),
+    cache_quota: int = cache_quota_option(),
     threads: Optional[int] = threads_option(),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of streaming text"),
     system: Optional[str] = typer.Option(None, "--system", help="system message of the interactive chat"),
@@ -44,6 +46,7 @@ def run_command(
     from hybrid_gguf import limits
     from hybrid_gguf.llama import hybrid as hybrid_backend
     from hybrid_gguf.model import HybridModel
+    from hybrid_gguf.planning.placement import CacheOptions
 
     console = Console(stderr=True)
     model = pick_model(model, model_opt)
@@ -65,7 +68,8 @@ def run_command(
         warnings.simplefilter("always")
         hm = HybridModel(model, gpu_budget=gpu_budget, hot=hot_map, plan=plan, n_ctx=ctx, seed=seed,
                          record=not no_record, n_threads=threads, verbose=verbose,
-                         n_cpu_moe=n_cpu_moe, cpu_moe=cpu_moe, repack=not no_repack)
+                         n_cpu_moe=n_cpu_moe, cpu_moe=cpu_moe, repack=not no_repack,
+                         cache=CacheOptions(cache, cache_quota))
     for w in caught:
         _notice(console, f"warning: {w.message}")
     try:
@@ -115,6 +119,7 @@ def run_command(
                 "placement": hm.placement.to_dict(),
                 "profile_sessions": None if profile is None else profile.sessions,
                 "routing": routing,
+                "cache": hm.cache_stats(),
             }, indent=2))
         else:
             _notice(console, f"prompt {res.prompt_tokens} tok at {res.prompt_tokens_per_s:.1f} tok/s, "
@@ -124,6 +129,11 @@ def run_command(
                 _notice(console, f"expert selections served from GPU memory: {routing['prompt_hit_rate']:.1%} "
                                  "of the prompt's" + ("" if routing["decode_hit_rate"] is None else
                                                       f", {routing['decode_hit_rate']:.1%} of sampled decode steps'"))
+            stats = hm.cache_stats()
+            if stats and stats["hit_rate"] is not None:
+                _notice(console, f"in-session cache {stats['policy']}: {stats['hit_rate']:.1%} of the split layers' "
+                                 f"selections served by a resident expert; {stats['uploads']} uploads "
+                                 f"({stats['upload_bytes'] / 2**20:.1f} MiB), {stats['evictions']} evictions")
     except KeyboardInterrupt:
         _save_interrupted(hm, console)
         raise typer.Exit(130)

@@ -11,7 +11,7 @@ from rich.console import Console
 
 from hybrid_gguf.errors import HybridError
 from hybrid_gguf.commands.common import (cpu_moe_option, ctx_option, gpu_budget_option, hot_option, model_argument, model_option,
-                     n_cpu_moe_option, no_record_option, no_repack_option, pick_model, plan_option,
+                     n_cpu_moe_option, no_record_option, no_repack_option, cache_option, cache_quota_option, pick_model, plan_option,
                      threads_option)
 from hybrid_gguf.commands.run import check_placement_flags
 
@@ -28,6 +28,8 @@ def serve_command(
     n_cpu_moe: Optional[int] = n_cpu_moe_option(),
     cpu_moe: bool = cpu_moe_option(),
     no_repack: bool = no_repack_option(),
+    cache: str = cache_option(),
+    cache_quota: int = cache_quota_option(),
     no_record: bool = no_record_option(),
     save_every: float = typer.Option(30.0, "--save-every",
                                      help="seconds between merges of the recorded routing into the profile"),
@@ -39,6 +41,7 @@ def serve_command(
     """Serve the model over an OpenAI-compatible HTTP API, learning its routing as it serves."""
     from hybrid_gguf.llama import hybrid as hybrid_backend
     from hybrid_gguf.model import HybridModel
+    from hybrid_gguf.planning.placement import CacheOptions
     from hybrid_gguf.routing.profile import ProfileStore
     from hybrid_gguf.server import ModelService, serve_forever
 
@@ -60,7 +63,8 @@ def serve_command(
         warnings.simplefilter("always")
         hm = HybridModel(model, gpu_budget=gpu_budget, hot=hot_map, plan=plan, n_ctx=ctx, seed=seed,
                          record=not no_record, n_threads=threads, verbose=verbose,
-                         n_cpu_moe=n_cpu_moe, cpu_moe=cpu_moe, repack=not no_repack)
+                         n_cpu_moe=n_cpu_moe, cpu_moe=cpu_moe, repack=not no_repack,
+                         cache=CacheOptions(cache, cache_quota))
     try:
         for w in caught:
             notice(f"warning: {w.message}")

@@ -83,6 +83,9 @@ def pending_plan(text: str) -> Iterator[None]:
     if COLD_ON_GPU in text.split(";") and capability().version < 4:
         raise HybridError("cold experts on the GPU need hybrid patch version 4; rebuild the backend "
                           "with `hybrid-gguf backend install`")
+    if any(item.startswith("cache=") for item in text.split(";")) and capability().version < 5:
+        raise HybridError("the in-session expert cache needs hybrid patch version 5; rebuild the backend "
+                          "with `hybrid-gguf backend install`")
     if per_layer_pack_text(text) and capability().version < 5:
         raise HybridError("hot packs on each layer's own GPU (several GPUs) need hybrid patch version 5; "
                           "rebuild the backend with `hybrid-gguf backend install`")
@@ -124,6 +127,28 @@ def pending_route_trace(ids) -> Iterator[None]:
 def pack_bytes(model_ptr) -> int:
     fn = _fn("llama_hybrid_model_pack_bytes", ctypes.c_size_t, [ctypes.c_void_p])
     return 0 if fn is None else int(fn(model_ptr))
+
+
+class _CacheStats(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int64) for name in ("hits", "misses", "uploads", "upload_bytes", "evictions", "steps")]
+
+
+def cache_stats(model_ptr) -> Optional[dict]:
+    """The in-session cache's counters since load (patch version 5): routed selections of the
+    layers with packs served by a resident expert (hits) or not (misses), uploads, their
+    bytes, evictions and steps (ubatches); None when the model has no cache."""
+    if capability().version < 5:
+        return None
+    fn = _fn("llama_hybrid_model_cache_stats", ctypes.c_int32, [ctypes.c_void_p, ctypes.POINTER(_CacheStats)])
+    if fn is None:
+        return None
+    out = _CacheStats()
+    if fn(model_ptr, ctypes.byref(out)) != 0:
+        return None
+    d = {name: int(getattr(out, name)) for name, _ in _CacheStats._fields_}
+    served = d["hits"] + d["misses"]
+    d["hit_rate"] = d["hits"] / served if served else None
+    return d
 
 
 def n_hot(model_ptr, layer: int) -> int:

@@ -119,8 +119,44 @@ COLD_ON_GPU = "cold=gpu"  # the plan-text item that asks for cold experts on the
 PACK_AUTO = "auto"
 
 
+CACHE_POLICIES = ("static", "lru", "lfu", "seeded")
+
+
+@dataclass(frozen=True)
+class CacheOptions:
+    """The in-session expert cache (patch version 5): the hot packs' slots adapt between
+    ubatches. `policy`: static (the plan's hot set all session), lru, lfu (selection counts
+    with a 128-step half-life; an upload must beat the resident it evicts) or seeded (lfu with
+    `pinned` of each layer's slots, the profile's most used experts first in the plan, never
+    evicted). `quota`: at most that many expert uploads per ubatch."""
+    policy: str = "static"
+    quota: int = 4
+    pinned: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.policy not in CACHE_POLICIES:
+            raise HybridError(f"cache policy must be one of {', '.join(CACHE_POLICIES)}, got {self.policy!r}")
+        if not 0 <= int(self.quota) <= 4096:
+            raise HybridError(f"cache quota must be 0..4096 uploads per ubatch, got {self.quota}")
+        if not 0.0 <= float(self.pinned) <= 1.0:
+            raise HybridError(f"cache pinned share must be within 0..1, got {self.pinned}")
+
+    @property
+    def active(self) -> bool:
+        return self.policy != "static"
+
+    def plan_tokens(self) -> list:
+        """The patch's plan-text items (none for static)."""
+        if not self.active:
+            return []
+        policy = "lfu" if self.policy == "seeded" else self.policy
+        pinned = self.pinned if self.policy == "seeded" else 0.0
+        return [f"cache={policy}", f"quota={int(self.quota)}", f"pinned={float(pinned):g}"]
+
+
 def plan_text(hot: Mapping[int, Sequence[int]], buffer_type: Optional[str] = None,
-              cold_on_gpu: bool = False, layer_buffer_types: Optional[Mapping[int, str]] = None) -> str:
+              cold_on_gpu: bool = False, layer_buffer_types: Optional[Mapping[int, str]] = None,
+              cache: Optional[CacheOptions] = None) -> str:
     """Serialize {layer: [expert, ...]} as the patch's plan text (slot order = list order).
 
     buffer_type: where the packs go (a device or buffer-type name; None or "GPU": the first
@@ -129,12 +165,15 @@ def plan_text(hot: Mapping[int, Sequence[int]], buffer_type: Optional[str] = Non
     cold_on_gpu (patch version 4; hybrid.pending_plan checks the build): the expert tensors
     that would live in host memory go to pinned, device-mapped memory that the pack's GPU
     reads in place, so the GPU computes the cold experts too and a split layer needs no CPU
-    hand-off (docs/backend-patch.md)."""
+    hand-off (docs/backend-patch.md).
+    cache (patch version 5): the in-session cache's items, CacheOptions.plan_tokens."""
     # "GPU" means the first GPU, which is also the patch's default
     named = buffer_type and buffer_type.upper() != "GPU"
     parts = [f"buft={buffer_type}"] if named else []
     if cold_on_gpu:
         parts.append(COLD_ON_GPU)
+    if cache is not None:
+        parts += cache.plan_tokens()
     own = {int(l): str(d) for l, d in (layer_buffer_types or {}).items()}
     for name in own.values():
         if not name.strip() or any(c in name for c in ";@,") or name.upper() == "GPU":
