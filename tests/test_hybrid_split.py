@@ -389,3 +389,39 @@ def test_cache_options_and_plan_text():
     for bad in (dict(policy="fifo"), dict(quota=-1), dict(pinned=1.5)):
         with pytest.raises(HybridError):
             CacheOptions(**bad)
+
+
+@pytest.mark.parametrize("policy, quota", [("lru", 1000), ("lru", 1), ("lfu", 1000), ("seeded", 2)])
+def test_cache_replay_predicts_the_patch_counts(models, policy, quota):
+    """routing/cache_sim.py replays the patch's cache rules on the recorded routing: the same
+    hits, misses and uploads (LRU exactly; LFU within a rounding of its decay)."""
+    from hybrid_gguf.llama.recorder import Recording
+    from hybrid_gguf.llama.loader import load_llama
+    from hybrid_gguf.planning.placement import CacheOptions, cpu_moe
+    from hybrid_gguf.routing.cache_sim import simulate_cache, steps_from_trace
+    from hybrid_gguf.routing.replay import trace_from_routing
+
+    _needs_cache()
+    path, spec = models["qwen3moe"]
+    hot = {l: [1, 4] for l in range(spec.n_layer)}
+    opts = CacheOptions(policy, quota=quota)
+    kwargs = dict(n_ctx=128, n_batch=64, seed=1, verbose=False)
+    if not ON_GPU:
+        kwargs["n_gpu_layers"] = 0
+    rep = load_llama(path, cpu_moe() if ON_GPU else None, hot=hot, pack_device=PACK_DEVICE, cache=opts,
+                     record=Recording(trace_records=4096), **kwargs)
+    run = greedy(rep.llm, LONG_PROMPT, 16)
+    got = hybrid_backend.cache_stats(rep.llm._model.model)
+    trace = trace_from_routing(rep.recorder.snapshot(trace=True).trace, spec.n_layer, spec.n_expert)
+    rep.close()
+    assert len(run.tokens) == 16
+    # the last ubatch's routing is read at the next one, which never comes
+    steps = steps_from_trace(trace, prompt_tokens=len(LONG_PROMPT), n_ubatch=64)[:-1]  # n_batch 64
+    sim = simulate_cache(steps, hot, spec.n_expert, "lfu" if policy == "seeded" else policy, quota,
+                         opts.pinned if policy == "seeded" else 0.0)
+    assert got["steps"] == sim.steps
+    assert (got["hits"], got["misses"]) == (sim.hits, sim.misses)
+    if policy == "lru":
+        assert (got["uploads"], got["evictions"]) == (sim.uploads, sim.evictions)
+    else:
+        assert abs(got["uploads"] - sim.uploads) <= max(1, sim.uploads // 10)

@@ -381,7 +381,9 @@ def run_budgets(model_path: Path, budgets: Sequence[Optional[int]], *, profile_p
 
     outs: list[dict] = []
     profile = eval_counts = eval_trace = None
-    budget_bound = [c for c in (configs or BUDGET_CONFIGS) if c in BUDGET_CONFIGS]
+    # cache rows only when named (they are extra loads of the same plan)
+    budget_bound = [c for c in (configs or BUDGET_CONFIGS) if c in BUDGET_CONFIGS
+                    and (configs or not c.startswith("per-expert-cache-"))]
     for i, budget in enumerate(budgets):
         if i and not budget_bound:
             log("the other budgets change none of the chosen placements: skipped")
