@@ -151,3 +151,27 @@ def test_budgets_that_change_no_chosen_placement_are_skipped(tiny_model_factory)
     rows = json.loads(res.stdout[res.stdout.index("["):])
     assert {r["placement"] for r in rows} == {"cpu-experts"}  # one budget timed
     assert len(rows) == 2  # a prompt test and a generation test
+
+
+def test_bench_times_the_plan_as_an_in_session_cache_when_asked(tiny_model_factory, tmp_path):
+    from hybrid_gguf.llama import hybrid
+
+    if hybrid.capability().version < 5:
+        pytest.skip("needs hybrid patch version 5 (the in-session cache)")
+    from hybrid_gguf.bench.plans import share_budgets
+
+    path = tiny_model_factory("qwen3moe", n_layer=4)
+    (budget,) = share_budgets(path, [0.3], 256, 32)  # room for about a third of the experts
+    detail = tmp_path / "detail.json"
+    res = CliRunner().invoke(app, ["bench", str(path), "--pp", "32", "--tg", "4", "--reps", "1", "--gpu-budget",
+                                   str(budget), "--ctx", "256", "--profile-tokens", "256", "--threads", "1",
+                                   "--no-calibrate", "--configs", "per-expert,per-expert-cache-lru",
+                                   "--json-detail", str(detail)])
+    assert res.exit_code == 0, res.output
+    rows = {r["name"]: r for r in json.loads(detail.read_text())["results"]}
+    assert rows["per-expert"]["plan"]["hot"]  # the plan has packs to turn into a cache
+    cached = rows["per-expert-cache-lru"]
+    assert cached["plan"]["hot"] == rows["per-expert"]["plan"]["hot"]  # the same plan, as a cache
+    assert cached["cache"]["steps"] > 0 and cached["cache"]["hits"] + cached["cache"]["misses"] > 0
+    assert cached["hit_rate"] == cached["cache"]["hit_rate"]
+    assert rows["per-expert"]["cache"] is None
