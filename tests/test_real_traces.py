@@ -128,6 +128,16 @@ def test_plan_replay_on_a_model_of_the_trace_shape(tiny_model_factory, tmp_path)
     assert len(rep["rows"]) >= 5 and any("this plan" in row["label"] for row in rep["rows"])
     for row in rep["rows"]:
         assert 0.0 <= row["static"] <= row["oracle"] + 1e-9 <= 1.0 + 1e-9
+    # this plan's packs as an in-session cache, on the same real decode tokens
+    cache = rep["cache"]
+    assert cache, "the replay's plan at this budget has hot packs"
+    if cache:
+        assert set(cache) == {"static", "lru", "lfu", "seeded"}
+        assert cache["static"]["uploads_per_token"] == 0.0
+        assert all(0.0 <= c["hit_rate"] <= 1.0 for c in cache.values())
+        assert 0 < cache["lru"]["uploads_per_token"] <= 4  # the default quota per step
+        # real routing's short-term reuse: a cache beats the static packs on these tokens
+        assert cache["lru"]["hit_rate"] > cache["static"]["hit_rate"]
 
 
 def test_load_rejects_a_trace_of_another_shape():

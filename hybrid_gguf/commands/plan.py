@@ -132,7 +132,8 @@ def register(app: typer.Typer) -> None:
 
         report = None
         if replay_path is not None:
-            report = run_replay(replay_path, inv, plan, plan.budget_bytes, ctx, opts, per_expert, bw)
+            report, replay_hot = run_replay(replay_path, inv, plan, plan.budget_bytes, ctx, opts, per_expert, bw)
+            cache = replay_cache(replay_path, inv, replay_hot)
             if plot is not None:
                 from hybrid_gguf.routing.replay import plot_replay
 
@@ -151,6 +152,7 @@ def register(app: typer.Typer) -> None:
                 d["diff"] = diff.to_dict()
             if report is not None:
                 d["replay"] = report.to_dict()
+                d["replay"]["cache"] = cache
             print(json.dumps(d))
             return
         print_plan(console, plan, inv, explain, here)
@@ -158,6 +160,7 @@ def register(app: typer.Typer) -> None:
             console.print(f"vs previous plan: {diff.summary()}")
         if report is not None:
             print_replay(console, report)
+            print_cache_replay(console, cache)
         if out is not None:
             console.print(f"wrote {out}", soft_wrap=True, highlight=False)
         if plot is not None:
@@ -180,6 +183,17 @@ def cpu_only_prediction(inv, bw, n_ctx: int, n_ubatch: int):
     return predict_speed(inv, None, {}, False, bw, n_ctx, n_ubatch)
 
 
+def replay_cache(path: Path, inv, hot: dict) -> dict:
+    """The hot packs of the replay's plan at this budget (profiled on the trace's first half)
+    as an in-session cache (`run --cache`), replayed on the trace's second half."""
+    from hybrid_gguf.routing.cache_sim import predict_cache
+    from hybrid_gguf.routing.replay import load_trace
+
+    trace = load_trace(path, n_layer=inv.n_layer, n_expert=inv.n_expert)
+    sizes = {l.index: l.per_expert_bytes for l in inv.layers if l.is_moe}
+    return predict_cache(trace, hot, inv.n_expert, sizes, start=trace.n_tokens // 2)
+
+
 def run_replay(path: Path, inv, plan, budget: int, ctx: int, opts, per_expert: bool, bw):
     """Replay the trace against the planner at several budgets (profile from its first half)."""
     from hybrid_gguf.planning.budget import expert_share_budget
@@ -197,14 +211,18 @@ def run_replay(path: Path, inv, plan, budget: int, ctx: int, opts, per_expert: b
     per_expert_bytes = max((l.per_expert_bytes for l in moe), default=1)
     budgets = sorted({expert_share_budget(inv, f, opts) for f in (0.05, 0.1, 0.25, 0.5, 0.75)} | {budget})
     caps, labels, sets = [], [], []
+    hot_here: dict = {}
     for b in budgets:
         p = make_plan(inv, b, ctx, prof, per_expert=per_expert, bandwidth=bw, memory=opts, promote_fraction=2.0)
         gpu = p.gpu_experts(inv) if p.n_gpu_layers != 0 else {}
+        if b == budget:
+            hot_here = dict(p.hot)
         caps.append(sum(len(v) for v in gpu.values()))
         labels.append(format_size(b) + (" (this plan)" if b == budget else ""))
         sets.append(gpu)
-    return replay(trace, caps, 0.5, labels, sets, budget_bytes=budgets, expert_bytes=per_expert_bytes,
-                  n_used=[l.n_expert_used for l in inv.layers])
+    report = replay(trace, caps, 0.5, labels, sets, budget_bytes=budgets, expert_bytes=per_expert_bytes,
+                    n_used=[l.n_expert_used for l in inv.layers])
+    return report, hot_here
 
 
 # -- output ----------------------------------------------------------------------------------
@@ -286,6 +304,20 @@ def print_plan(console, plan, inv, explain: bool, here=None) -> None:
         how = "whole" if layer.index in whole else ("hot pack" if es else "CPU")
         t.add_row(str(layer.index), f"{len(es)}/{layer.n_expert}", how,
                   format_size(len(es) * layer.per_expert_bytes))
+    console.print(t)
+
+
+def print_cache_replay(console, cache: dict) -> None:
+    if not cache:
+        console.print("  in-session cache: this plan has no hot packs to adapt")
+        return
+    from hybrid_gguf.tables import new_table
+
+    t = new_table(console, "the replay's plan at this budget as an in-session cache (run --cache), same tokens")
+    for col in ("policy", "hit rate", "uploads/token", "MiB/token"):
+        t.add_column(col, justify="right", no_wrap=True)
+    for name, r in cache.items():
+        t.add_row(name, _pct(r["hit_rate"]), f"{r['uploads_per_token']:.2f}", f"{r['upload_bytes_per_token'] / 2**20:.2f}")
     console.print(t)
 
 

@@ -131,3 +131,23 @@ def steps_from_trace(trace, prompt_tokens: int = 0, n_ubatch: int = 512, max_row
     for t in range(prompt_tokens, ids.shape[0]):
         steps.append(step(ids[t:t + 1]))
     return steps
+
+
+def predict_cache(trace, hot: Mapping[int, Sequence[int]], n_expert: int, expert_bytes: Mapping[int, int],
+                  start: int = 0, quota: int = 4, pinned: float = 0.5) -> dict:
+    """What an in-session cache over `hot` (the plan's packs: slots and first residents) would
+    do on the decode tokens of `trace` from `start`, one step per token, for each policy of
+    CacheOptions: {policy: {hit_rate, uploads_per_token, upload_bytes_per_token}}, beside the
+    static hot set's hit rate. `expert_bytes`: {layer: bytes of one expert}."""
+    ids = np.asarray(trace.ids)[start:]
+    if ids.shape[0] == 0 or not any(len(v) for v in hot.values()):
+        return {}
+    steps = [{l: ids[t, l] for l in range(ids.shape[1])} for t in range(ids.shape[0])]
+    out = {}
+    for policy, sim_policy, share in (("static", "lru", 0.0), ("lru", "lru", 0.0), ("lfu", "lfu", 0.0),
+                                      ("seeded", "lfu", pinned)):
+        res = simulate_cache(steps, hot, n_expert, sim_policy, 0 if policy == "static" else quota, share)
+        moved = sum(n * expert_bytes.get(l, 0) for l, n in res.upload_experts.items())
+        out[policy] = {"hit_rate": res.hit_rate, "uploads_per_token": res.uploads / len(steps),
+                       "upload_bytes_per_token": moved / len(steps)}
+    return out
