@@ -22,6 +22,9 @@
 #    GPU, beside whole layers; SHARES= and ROUTINGS= pick budgets and presets; TIMERS=1 adds a
 #    run with the scheduler's per-split breakdown, LLAMA_HYBRID_SCHED_TIMERS; OFFLOAD=1 a run
 #    where each decode step uploads its cold experts, llama.cpp's op offload from one token)
+#   (cachesplit: the in-session cache's equivalence tests on CUDA, cold experts on the CPU
+#    and read by the GPU; cacheab: the planner's plan static and as lru/lfu/seeded caches beside
+#    whole layers, ROUTINGS= SHARES= TG=)
 #   (amx: CPU-only prefill/decode with llama.cpp's extra CPU buffer types on and off)
 #   (multisplit: on a machine with two GPUs, patch v5: the split equivalence tests with the
 #    layers split over both cards and each layer's pack on its own card (buft=auto), with the
@@ -122,7 +125,7 @@ if has coldsplit; then
 fi
 
 BIG=/tmp/models/q30b-like-q4k.gguf
-if has recorder || has bench || has plan || has skipab || has threads || has routing || has coldab || has multigpu; then
+if has recorder || has bench || has plan || has skipab || has threads || has routing || has coldab || has cacheab || has multigpu; then
     log "make the Qwen3-30B-A3B-shaped Q4_K model"
     t0=$(date +%s)
     [ -f "$BIG" ] || python3 scripts/make_bench_model.py --preset qwen3-30b-a3b-like --weight-type Q4_K --workers 16 --out "$BIG" 2>&1 | tail -2
@@ -365,6 +368,30 @@ open('/tmp/prof.txt', 'w').write(package_text(P, 8000)); open('/tmp/eval.txt', '
     python3 scripts/multigpu_summary.py /tmp "$B" > "$OUT/multigpu_summary.md" || failed "multigpu summary"
     cat "$OUT/multigpu_summary.md"
     cp /tmp/mg_two.yaml "$OUT/mg_plan_two.yaml"
+fi
+if has cachesplit; then
+    # the in-session cache's equivalence tests with the packs in VRAM (slots change between
+    # ubatches; the id sinks in zero-copy memory), cold experts on the CPU and read by the GPU
+    for COLD in cpu gpu; do
+        log "cache split equivalence on CUDA, cold=$COLD"
+        HYBRID_GGUF_TEST_COLD=$COLD HYBRID_GGUF_TEST_PACK_DEVICE=CUDA0 HYBRID_GGUF_REQUIRE_PATCHED=1 \
+            python3 -c "import llama_cpp, sys, pytest; sys.exit(pytest.main(['-q', '-rA', '-p', 'no:cacheprovider', '-k', 'cache', 'tests/test_hybrid_split.py']))" \
+            > "$OUT/split_cuda_cache_$COLD.txt" 2>&1 && grep -E "passed|failed" "$OUT/split_cuda_cache_$COLD.txt" | tail -1 \
+            || { grep -E "^FAILED|passed|failed" "$OUT/split_cuda_cache_$COLD.txt" | tail -8; failed "cachesplit $COLD"; }
+    done
+fi
+
+if has cacheab; then
+    # the planner's per-expert plan static and as an in-session cache, beside whole layers, at
+    # the same budget (ROUTINGS=, SHARES=); the cache rows report its hit rate and uploads
+    for R in ${ROUTINGS:-realistic optimistic}; do
+        for S in ${SHARES:-0.25}; do
+            log "in-session cache: $R routing, $S of the expert bytes"
+            run_bench "$BIG" --routing "$R" --expert-share "$S" --pp 256 --tg ${TG:-64} --reps 2 --threads 16 --no-calibrate \
+                --configs whole-layer,per-expert,per-expert-cache-lru,per-expert-cache-lfu,per-expert-cache-seeded \
+                --json-detail "$OUT/cacheab_${R}_$S.json" 2>&1 | grep -E "^ *(whole|per)-|_vs_" || failed "cacheab $R $S"
+        done
+    done
 fi
 [ -z "$FAILED" ] || { log "done, with failures:$FAILED"; exit 1; }
 log "done"
