@@ -100,35 +100,41 @@ def hot_sets(n_layer, n_expert):
     }
 
 
-def gpu_tolerance(path, prompt):
+def gpu_tolerance(path, prompt, n_gen=N_GEN):
     """On the GPU the hot experts run in CUDA kernels whose F32 matmuls round differently
     from the CPU's; the yardstick is the gap between the two unsplit references (all
     experts on the CPU vs all on the GPU), which the split must not exceed."""
     from hybrid_gguf.llama.loader import load_llama
 
     llm = load_llama(path, None, n_ctx=128, n_batch=64, seed=1, verbose=False).llm
-    all_gpu = greedy(llm, prompt, N_GEN)
+    all_gpu = greedy(llm, prompt, n_gen)
     llm.close()
     return all_gpu
+
+
+def reference(path, prompt, n_gen=N_GEN):
+    """(the unsplit model's greedy run, the logit tolerance a split run must meet, the
+    all-on-GPU run on a GPU machine or None)."""
+    ref_llm = load(path)
+    ref = greedy(ref_llm, prompt, n_gen)
+    ref_llm.close()
+    if not ON_GPU:
+        return ref, 1e-3, None
+    all_gpu = gpu_tolerance(path, prompt, n_gen)
+    assert all_gpu.tokens == ref.tokens
+    # Twice the gap that moving the experts to the GPU opens in stock llama.cpp. The GPU
+    # rounds activations (TF32 in the F32 matmuls, q8_1 for quantized weights), which
+    # turns last-bit differences of summation order or kernel fusion into ~1e-3 (F32)
+    # or ~1e-2 (Q8_0) at the logits. A real fault is larger: the CUDA launch-size bug of
+    # repeated experts gave 0.2-1.9 at a single layer's output.
+    return ref, max(1e-3, 2.0 * float(np.max(np.abs(all_gpu.logits - ref.logits)))), all_gpu
 
 
 @pytest.mark.parametrize("prompt", [PROMPT, LONG_PROMPT], ids=["short", "long"])
 @pytest.mark.parametrize("arch", list(ARCH_PRESETS))
 def test_split_matches_unsplit(models, arch, prompt):
     path, spec = models[arch]
-    ref_llm = load(path)
-    ref = greedy(ref_llm, prompt, N_GEN)
-    ref_llm.close()
-    tol = 1e-3
-    if ON_GPU:
-        all_gpu = gpu_tolerance(path, prompt)
-        assert all_gpu.tokens == ref.tokens
-        # Twice the gap that moving the experts to the GPU opens in stock llama.cpp. The GPU
-        # rounds activations (TF32 in the F32 matmuls, q8_1 for quantized weights), which
-        # turns last-bit differences of summation order or kernel fusion into ~1e-3 (F32)
-        # or ~1e-2 (Q8_0) at the logits. A real fault is larger: the CUDA launch-size bug of
-        # repeated experts gave 0.2-1.9 at a single layer's output.
-        tol = max(1e-3, 2.0 * float(np.max(np.abs(all_gpu.logits - ref.logits))))
+    ref, tol, all_gpu = reference(path, prompt)
     failures = []  # every hot set is checked, so one GPU run reports them all
     for label, hot in hot_sets(spec.n_layer, spec.n_expert).items():
         llm = load(path, hot)
@@ -322,13 +328,7 @@ def test_cache_computes_the_same_function(models, arch, policy, prompt):
 
     _needs_cache()
     path, spec = models[arch]
-    ref_llm = load(path)
-    ref = greedy(ref_llm, prompt, CACHE_GEN)
-    ref_llm.close()
-    tol = 1e-3
-    if ON_GPU:
-        all_gpu = gpu_tolerance(path, prompt)
-        tol = max(1e-3, 2.0 * float(np.max(np.abs(all_gpu.logits - ref.logits))))
+    ref, tol, _ = reference(path, prompt, CACHE_GEN)
     slots = 2 if policy == "seeded" else 1  # seeded pins one of two
     hot = {l: list(range(spec.n_expert - slots, spec.n_expert)) for l in range(spec.n_layer)}
     rep = load_with_report(path, hot, cache=CacheOptions(policy, quota=1000))
