@@ -138,6 +138,8 @@ def test_plan_replay_on_a_model_of_the_trace_shape(tiny_model_factory, tmp_path)
         assert 0 < cache["lru"]["uploads_per_token"] <= 4  # the default quota per step
         # real routing's short-term reuse: a cache beats the static packs on these tokens
         assert cache["lru"]["hit_rate"] > cache["static"]["hit_rate"]
+        for c in cache.values():
+            assert c["predicted_decode_tokens_per_s"] > 0
 
 
 def test_load_rejects_a_trace_of_another_shape():

@@ -39,3 +39,16 @@ def test_cold_on_gpu_needs_the_dense_part_on_the_gpu(tiny_model_factory):
     a = predict_speed(inv, None, {}, False, bw, 512)
     b = predict_speed(inv, None, {}, False, bw, 512, cold_on_gpu=True)
     assert a.decode_tokens_per_s == b.decode_tokens_per_s  # no GPU: nothing to read the host with
+
+
+def test_cache_decode_estimate_trades_misses_for_uploads():
+    from hybrid_gguf.planning.speed import cache_decode_tokens_per_s
+
+    bw = Bandwidth()
+    ms = {"dense": 1.0, "experts_gpu": 1.0, "experts_cpu": 8.0, "handoff": 2.0}
+    static = cache_decode_tokens_per_s(ms, 0.5, 0.5, 0.0, bw)
+    assert abs(static - 1e3 / sum(ms.values())) < 1e-9  # the static plan as predicted
+    better = cache_decode_tokens_per_s(ms, 0.5, 0.75, 0.0, bw)
+    assert better > static  # fewer host bytes at the same hand-offs
+    costly = cache_decode_tokens_per_s(ms, 0.5, 0.75, 1e9, bw)
+    assert costly < static  # a gigabyte of uploads per token is not worth it

@@ -132,8 +132,8 @@ def register(app: typer.Typer) -> None:
 
         report = None
         if replay_path is not None:
-            report, replay_hot = run_replay(replay_path, inv, plan, plan.budget_bytes, ctx, opts, per_expert, bw)
-            cache = replay_cache(replay_path, inv, replay_hot)
+            report, replay_plan = run_replay(replay_path, inv, plan, plan.budget_bytes, ctx, opts, per_expert, bw)
+            cache = replay_cache(replay_path, inv, replay_plan, bw)
             if plot is not None:
                 from hybrid_gguf.routing.replay import plot_replay
 
@@ -183,15 +183,26 @@ def cpu_only_prediction(inv, bw, n_ctx: int, n_ubatch: int):
     return predict_speed(inv, None, {}, False, bw, n_ctx, n_ubatch)
 
 
-def replay_cache(path: Path, inv, hot: dict) -> dict:
+def replay_cache(path: Path, inv, replay_plan, bw) -> dict:
     """The hot packs of the replay's plan at this budget (profiled on the trace's first half)
-    as an in-session cache (`run --cache`), replayed on the trace's second half."""
+    as an in-session cache (`run --cache`), replayed on the trace's second half, with the
+    decode speed the speed model gives each policy (planning/speed.cache_decode_tokens_per_s)."""
+    from hybrid_gguf.planning.speed import cache_decode_tokens_per_s
     from hybrid_gguf.routing.cache_sim import predict_cache
     from hybrid_gguf.routing.replay import load_trace
 
+    if replay_plan is None:
+        return {}
     trace = load_trace(path, n_layer=inv.n_layer, n_expert=inv.n_expert)
     sizes = {l.index: l.per_expert_bytes for l in inv.layers if l.is_moe}
-    return predict_cache(trace, hot, inv.n_expert, sizes, start=trace.n_tokens // 2)
+    out = predict_cache(trace, replay_plan.hot, inv.n_expert, sizes, start=trace.n_tokens // 2)
+    decode_ms = (replay_plan.predicted.speed_terms or {}).get("decode_ms")
+    if out and decode_ms:
+        static_hit = out["static"]["hit_rate"]
+        for row in out.values():
+            row["predicted_decode_tokens_per_s"] = cache_decode_tokens_per_s(
+                decode_ms, static_hit, row["hit_rate"], row["upload_bytes_per_token"], bw)
+    return out
 
 
 def run_replay(path: Path, inv, plan, budget: int, ctx: int, opts, per_expert: bool, bw):
@@ -211,18 +222,18 @@ def run_replay(path: Path, inv, plan, budget: int, ctx: int, opts, per_expert: b
     per_expert_bytes = max((l.per_expert_bytes for l in moe), default=1)
     budgets = sorted({expert_share_budget(inv, f, opts) for f in (0.05, 0.1, 0.25, 0.5, 0.75)} | {budget})
     caps, labels, sets = [], [], []
-    hot_here: dict = {}
+    plan_here = None
     for b in budgets:
         p = make_plan(inv, b, ctx, prof, per_expert=per_expert, bandwidth=bw, memory=opts, promote_fraction=2.0)
         gpu = p.gpu_experts(inv) if p.n_gpu_layers != 0 else {}
         if b == budget:
-            hot_here = dict(p.hot)
+            plan_here = p
         caps.append(sum(len(v) for v in gpu.values()))
         labels.append(format_size(b) + (" (this plan)" if b == budget else ""))
         sets.append(gpu)
     report = replay(trace, caps, 0.5, labels, sets, budget_bytes=budgets, expert_bytes=per_expert_bytes,
                     n_used=[l.n_expert_used for l in inv.layers])
-    return report, hot_here
+    return report, plan_here
 
 
 # -- output ----------------------------------------------------------------------------------
@@ -314,10 +325,12 @@ def print_cache_replay(console, cache: dict) -> None:
     from hybrid_gguf.tables import new_table
 
     t = new_table(console, "the replay's plan at this budget as an in-session cache (run --cache), same tokens")
-    for col in ("policy", "hit rate", "uploads/token", "MiB/token"):
+    for col in ("policy", "hit rate", "uploads/token", "MiB/token", "tg pred"):
         t.add_column(col, justify="right", no_wrap=True)
     for name, r in cache.items():
-        t.add_row(name, _pct(r["hit_rate"]), f"{r['uploads_per_token']:.2f}", f"{r['upload_bytes_per_token'] / 2**20:.2f}")
+        pred = r.get("predicted_decode_tokens_per_s")
+        t.add_row(name, _pct(r["hit_rate"]), f"{r['uploads_per_token']:.2f}", f"{r['upload_bytes_per_token'] / 2**20:.2f}",
+                  "-" if pred is None else f"{pred:.1f}")
     console.print(t)
 
 

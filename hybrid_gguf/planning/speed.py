@@ -214,3 +214,23 @@ def _attn_width(inv) -> float:
     """Sum over layers of n_head * head_dim (QK^T and PV flops per token pair / 2)."""
     heads = inv.n_head if isinstance(inv.n_head, list) else [inv.n_head] * inv.n_layer
     return float(sum(int(h) for h in heads) * (inv.head_dim_k or 0))
+
+
+def cache_decode_tokens_per_s(decode_ms: dict, static_hit: float, cache_hit: float,
+                              upload_bytes_per_token: float, bw: Bandwidth) -> float:
+    """Decode tokens/s of a plan whose hot packs run as an in-session cache, from the plan's
+    static decode terms (SpeedPrediction.decode_ms): the expert bytes served from the packs
+    and from host memory scale with the cache's hit rate instead of the static one, and each
+    token also waits for its uploads (the patch's first cache uploads synchronously between
+    steps, at the pinned copy rate bw.pcie_bytes_per_s). Hand-off terms stay as they are: a
+    split layer hands off whether or not the cache hit."""
+    ms = dict(decode_ms)
+    if static_hit > 0:
+        ms["experts_gpu"] = ms.get("experts_gpu", 0.0) * cache_hit / static_hit
+    miss_scale = (1.0 - cache_hit) / (1.0 - static_hit) if static_hit < 1.0 else 1.0
+    for key in ("experts_cpu", "experts_host_read"):
+        if key in ms:
+            ms[key] = ms[key] * miss_scale
+    ms["uploads"] = 1e3 * upload_bytes_per_token / bw.pcie_bytes_per_s
+    total_s = sum(ms.values()) / 1e3
+    return 1.0 / total_s if total_s > 0 else float("inf")
