@@ -425,3 +425,23 @@ def test_cache_replay_predicts_the_patch_counts(models, policy, quota):
         assert (got["uploads"], got["evictions"]) == (sim.uploads, sim.evictions)
     else:
         assert abs(got["uploads"] - sim.uploads) <= max(1, sim.uploads // 10)
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "gpt-oss", "qwen3moe-q8"])
+def test_cache_uploads_read_from_the_file_too(models, arch, monkeypatch):
+    """A repacked CPU buffer holds another layout, so the cache reads those experts from the
+    GGUF file; LLAMA_HYBRID_DEBUG_CACHE_FROM_FILE takes that path for every tensor."""
+    from hybrid_gguf.planning.placement import CacheOptions
+
+    _needs_cache()
+    path, spec = models[arch]
+    ref, tol, _ = reference(path, LONG_PROMPT, CACHE_GEN)
+    monkeypatch.setenv("LLAMA_HYBRID_DEBUG_CACHE_FROM_FILE", "1")
+    hot = {l: [spec.n_expert - 1] for l in range(spec.n_layer)}
+    rep = load_with_report(path, hot, cache=CacheOptions("lru", quota=1000))
+    run = greedy(rep.llm, LONG_PROMPT, CACHE_GEN)
+    stats = hybrid_backend.cache_stats(rep.llm._model.model)
+    rep.llm.close()
+    assert stats["uploads"] > 0
+    assert run.tokens == ref.tokens
+    assert float(np.max(np.abs(run.logits - ref.logits))) <= tol
