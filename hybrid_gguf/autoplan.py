@@ -131,7 +131,8 @@ def plan_model(model_path: PathLike, gpu_budget: Union[None, int, list], n_ctx: 
                measure: bool = True, calibrate: bool = True, n_ubatch: int = 512,
                flash_attn: bool = False, type_k: str = "f16", type_v: str = "f16",
                margin_bytes: int = 64 * MIB, hysteresis: float = 0.01, promote_from: Optional[float] = None,
-               inventory=None, cold: Optional[str] = None) -> AutoPlan:
+               inventory=None, cold: Optional[str] = None, cache: str = "static",
+               cache_quota: int = 4) -> AutoPlan:
     """Plan `model_path` on this machine.
 
     profile / profile_path: the routing profile (default: the profile store's entry).
@@ -146,6 +147,8 @@ def plan_model(model_path: PathLike, gpu_budget: Union[None, int, list], n_ctx: 
     out: write the plan there (YAML).
     cold: who computes the experts left in host memory ("cpu", "gpu", "auto"; None: "auto"
       where this build and a CUDA GPU can let the GPU read them in place, else "cpu").
+    cache: the in-session cache the plan's runs use ("static", a policy, or "auto": the
+      fastest, replayed on the model's routing trace in the profile store).
     promote_from: layers whose hot set covers at least this share of their experts are
       promoted whole when the speed model says the saved hand-off pays (0: any layer;
       default planner.PROMOTE_FROM).
@@ -207,9 +210,16 @@ def plan_model(model_path: PathLike, gpu_budget: Union[None, int, list], n_ctx: 
 
     if cold is None:
         cold = "auto" if gpu_present and cold_read_possible(devs) else "cpu"
+    cache_trace = None
+    if cache == "auto" and inv.is_moe:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cache_trace = ProfileStore(store).load_trace(inv.fingerprint, inv.n_layer, inv.n_expert)
+        notes += [str(w.message) for w in caught]
     plan = make_plan(inv, budget, n_ctx, profile, per_expert=per_expert, devices=devs, bandwidth=bw,
                      previous=prev, memory=opts, hysteresis=hysteresis,
-                     promote_fraction=PROMOTE_FROM if promote_from is None else promote_from, cold=cold)
+                     promote_fraction=PROMOTE_FROM if promote_from is None else promote_from, cold=cold,
+                     cache=cache, cache_trace=cache_trace, cache_quota=cache_quota)
     plan.notes = notes + plan.notes
     diff = diff_plans(prev, plan, inv, profile) if prev is not None else None
     if out is not None:
@@ -263,6 +273,7 @@ class SessionPlan:
     plan: Optional[object] = None  # Plan
     llama_kwargs: dict = field(default_factory=dict)  # the plan's, n_ctx left to the caller
     cold_on_gpu: bool = False    # the plan's `cold: gpu`: the packs' GPU reads the cold experts
+    cache: Optional[object] = None  # the plan's in-session cache (placement.CacheOptions), if any
 
 
 def session_plan(model_path: PathLike, inv, gpus: Sequence, n_ctx: int, *,
@@ -460,7 +471,8 @@ def _placement_from_plan(inv, plan, notices, gpus) -> SessionPlan:
     cold_on_gpu = bool(hot) and bool(gpus) and plan.cold_on_gpu
     if cold_on_gpu:
         summary.description += "; cold experts read by the GPU from pinned host memory"
-    return SessionPlan(plan.placement(), hot, summary, plan, llama_kwargs, cold_on_gpu)
+    return SessionPlan(plan.placement(), hot, summary, plan, llama_kwargs, cold_on_gpu,
+                       plan.cache if hot and plan.cache.active else None)
 
 
 def _auto_plan(model_path, inv, devs, n_ctx, notices, gpus) -> SessionPlan:

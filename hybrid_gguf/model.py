@@ -134,7 +134,8 @@ class HybridModel:
         self.plan = chosen.plan  # the Plan applied, if any
         self.repack = bool(repack)
         self.placement = summary = chosen.summary
-        self.cache = _cache_options(cache)
+        # an explicit `cache` wins; else the plan's (`cache:` in a plan file)
+        self.cache = _cache_options(cache if cache is not None else chosen.cache)
         if self.cache.active and not chosen.hot:
             summary.notices.append(f"cache {self.cache.policy}: this placement has no hot packs to adapt; "
                                    "the session runs without a cache")

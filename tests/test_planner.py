@@ -486,3 +486,64 @@ def test_who_computes_the_cold_experts(tiny_model_factory, tmp_path):
         Plan.load(path, inv)
     with pytest.raises(HybridError, match="cold must be"):
         make_plan(inv, budget, 1024, prof, cold="sometimes", **kw)
+
+
+def _bursty_trace(inv, n_tokens=400, burst=40, seed=0):
+    """Routing with short-term reuse: each burst of tokens keeps choosing from a few experts."""
+    from hybrid_gguf.routing.replay import Trace
+
+    rng = np.random.default_rng(seed)
+    k = inv.n_expert_used
+    ids = np.zeros((n_tokens, inv.n_layer, k), dtype=np.int32)
+    for start in range(0, n_tokens, burst):
+        for l in range(inv.n_layer):
+            pool = rng.choice(inv.n_expert, size=k + 1, replace=False)
+            for t in range(start, min(start + burst, n_tokens)):
+                ids[t, l] = rng.choice(pool, size=k, replace=False)
+    return Trace(ids, inv.n_expert)
+
+
+def test_the_planner_picks_an_in_session_cache_when_the_replay_says_it_pays(tiny_model_factory, tmp_path):
+    from hybrid_gguf.planning.plan import Plan
+
+    inv, prof, opts, budget = uniform_and_skewed(tiny_model_factory, 8.0)
+    trace = _bursty_trace(inv)
+    kw = dict(memory=opts, promote_fraction=2.0, devices=["GPU"])
+    # host reads slow enough that hits matter; uploads cost nothing: the hits decide
+    cheap = Bandwidth(pcie_bytes_per_s=1e15, cpu_bytes_per_s=1e6)
+    plan = make_plan(inv, budget, 1024, prof, bandwidth=cheap, cache="auto", cache_trace=trace, **kw)
+    assert plan.hot and plan.cache.active, plan.notes
+    assert any("in-session cache: " + plan.cache.policy in n for n in plan.notes)
+    replayed = plan.predicted.speed_terms["cache_replay"]
+    assert replayed[plan.cache.policy]["hit_rate"] > replayed["static"]["hit_rate"]
+    costly = Bandwidth(pcie_bytes_per_s=1e3, cpu_bytes_per_s=1e6)  # an upload costs more than a miss
+    plan2 = make_plan(inv, budget, 1024, prof, bandwidth=costly, cache="auto", cache_trace=trace, **kw)
+    assert not plan2.cache.active and any("cache: static" in n for n in plan2.notes)
+    none = make_plan(inv, budget, 1024, prof, bandwidth=cheap, cache="auto", cache_trace=None, **kw)
+    assert not none.cache.active and any("no stored routing trace" in n for n in none.notes)
+    fixed = make_plan(inv, budget, 1024, prof, cache="seeded", cache_quota=2, **kw)
+    assert (fixed.cache.policy, fixed.cache.quota) == ("seeded", 2)
+    # the choice travels with the plan file, and a bad one is refused at its line
+    path = tmp_path / "p.yaml"
+    plan.save(path)
+    assert Plan.load(path, inv).cache == plan.cache
+    path.write_text(path.read_text().replace(f"policy: {plan.cache.policy}", "policy: fifo"))
+    with pytest.raises(HybridError, match="cache policy"):
+        Plan.load(path, inv)
+    with pytest.raises(HybridError, match="cache must be"):
+        make_plan(inv, budget, 1024, prof, cache="sometimes", **kw)
+
+
+def test_the_profile_store_keeps_the_newest_trace(tmp_path, tiny_model_factory):
+    from hybrid_gguf.routing.profile import ProfileStore
+
+    inv = read_inventory(tiny_model_factory("qwen3moe", n_layer=2, n_expert=16))
+    store = ProfileStore(tmp_path)
+    assert store.load_trace(inv.fingerprint, inv.n_layer, inv.n_expert) is None
+    trace = _bursty_trace(inv, n_tokens=ProfileStore.TRACE_TOKENS + 100)
+    store.save_trace(inv.fingerprint, trace)
+    back = store.load_trace(inv.fingerprint, inv.n_layer, inv.n_expert)
+    assert back.n_tokens == ProfileStore.TRACE_TOKENS  # the newest tokens only
+    assert np.array_equal(back.ids, trace.ids[-ProfileStore.TRACE_TOKENS:])
+    with pytest.warns(UserWarning, match="not used"):
+        assert store.load_trace(inv.fingerprint, inv.n_layer + 1, inv.n_expert) is None

@@ -59,10 +59,10 @@ def cpu_moe_option():
 
 
 def cache_option():
-    return typer.Option("static", "--cache",
+    return typer.Option(None, "--cache",
                         help="in-session expert cache over the hot packs: static (the plan's hot set all session), "
                              "lru, lfu, seeded (lfu with half of each layer's slots pinned to the plan's first "
-                             "experts); needs hybrid patch version 5")
+                             "experts); default: the plan's `cache:`, else static; needs hybrid patch version 5")
 
 
 def cache_quota_option():

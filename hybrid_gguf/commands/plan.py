@@ -81,6 +81,11 @@ def register(app: typer.Typer) -> None:
             None, "--promote-from", min=0.0, max=1.0,
             help="consider promoting a layer whole (no CPU hand-off) once its hot set covers this share of "
                  "its experts; 0 (the default) lets the speed model weigh every layer"),
+        cache: str = typer.Option("static", "--cache",
+                                  help="the in-session cache the plan's runs use: static, lru, lfu, seeded, or "
+                                       "auto (the fastest by the speed model, each replayed on the routing trace "
+                                       "`profile` stored); patch version 5"),
+        cache_quota: int = typer.Option(4, "--cache-quota", min=0, max=4096, help="expert uploads per step"),
         cold: str = typer.Option("auto", "--cold",
                                  help="who computes the experts left in host memory: cpu (a hand-off per "
                                       "split layer), gpu (the packs' GPU reads them from pinned memory; "
@@ -122,7 +127,8 @@ def register(app: typer.Typer) -> None:
                          out=out, devices=devs, per_expert=False if whole_tensor else None, measure=measure,
                          calibrate=calibrate, n_ubatch=n_ubatch, flash_attn=flash_attn, type_k=type_k,
                          type_v=type_v, margin_bytes=parse_size(margin), hysteresis=hysteresis,
-                         promote_from=promote_from, cold=None if cold == "auto" else cold)
+                         promote_from=promote_from, cold=None if cold == "auto" else cold, cache=cache,
+                         cache_quota=cache_quota)
         plan, diff, inv = res.plan, res.diff, res.inventory
         if dev_notes:
             plan.notes = dev_notes + plan.notes

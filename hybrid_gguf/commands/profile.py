@@ -347,16 +347,20 @@ def register(app: typer.Typer) -> None:
         elapsed = time.monotonic() - t0
 
         session = RoutingProfile.from_snapshot(snap, inv.fingerprint, inv.arch, run_label)
+        ids = snapshot_ids(inv, snap)
         stored_path, stored_sessions = None, None
         if not no_store:
+            from hybrid_gguf.routing.replay import Trace
+
             st = ProfileStore(store)
             merged = st.merge_session(session, decay=decay)
             stored_path, stored_sessions = st.path_for(inv.fingerprint), merged.sessions
+            if ids is not None:  # the newest routing, for `plan --cache auto`
+                st.save_trace(inv.fingerprint, Trace(ids, inv.n_expert))
         if out is not None:
             session.save(out)
         summary = routing_stats.summarize(snap.counts, snap.tokens_per_layer,
                                           inv.n_expert_used, slot_list)
-        ids = snapshot_ids(inv, snap)
         stats = routing_stats.workload_stats(snap.counts, ids)
         if trace_out is not None and ids is not None:
             from hybrid_gguf.routing.replay import Trace, save_trace

@@ -35,7 +35,7 @@ def run_command(
     cpu_moe: bool = cpu_moe_option(),
     no_repack: bool = no_repack_option(),
     no_record: bool = no_record_option(),
-    cache: str = cache_option(),
+    cache: Optional[str] = cache_option(),
     cache_quota: int = cache_quota_option(),
     threads: Optional[int] = threads_option(),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of streaming text"),
@@ -69,7 +69,7 @@ def run_command(
         hm = HybridModel(model, gpu_budget=gpu_budget, hot=hot_map, plan=plan, n_ctx=ctx, seed=seed,
                          record=not no_record, n_threads=threads, verbose=verbose,
                          n_cpu_moe=n_cpu_moe, cpu_moe=cpu_moe, repack=not no_repack,
-                         cache=CacheOptions(cache, cache_quota))
+                         cache=None if cache is None else CacheOptions(cache, cache_quota))
     for w in caught:
         _notice(console, f"warning: {w.message}")
     try:

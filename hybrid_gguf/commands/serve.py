@@ -28,7 +28,7 @@ def serve_command(
     n_cpu_moe: Optional[int] = n_cpu_moe_option(),
     cpu_moe: bool = cpu_moe_option(),
     no_repack: bool = no_repack_option(),
-    cache: str = cache_option(),
+    cache: Optional[str] = cache_option(),
     cache_quota: int = cache_quota_option(),
     no_record: bool = no_record_option(),
     save_every: float = typer.Option(30.0, "--save-every",
@@ -64,7 +64,7 @@ def serve_command(
         hm = HybridModel(model, gpu_budget=gpu_budget, hot=hot_map, plan=plan, n_ctx=ctx, seed=seed,
                          record=not no_record, n_threads=threads, verbose=verbose,
                          n_cpu_moe=n_cpu_moe, cpu_moe=cpu_moe, repack=not no_repack,
-                         cache=CacheOptions(cache, cache_quota))
+                         cache=None if cache is None else CacheOptions(cache, cache_quota))
     try:
         for w in caught:
             notice(f"warning: {w.message}")

@@ -24,7 +24,8 @@ from typing import Any, Optional
 
 from hybrid_gguf.atomic import atomic_write
 from hybrid_gguf.errors import HybridError
-from hybrid_gguf.planning.placement import PACK_AUTO, PlacementRule, TensorPlacement, plan_text, validate_rules
+from hybrid_gguf.planning.placement import (PACK_AUTO, CacheOptions, PlacementRule, TensorPlacement, plan_text,
+                                            validate_rules)
 from hybrid_gguf.planning.memory import CACHE_TYPES, MemoryOptions
 from hybrid_gguf.planning.calibration import Bandwidth
 from hybrid_gguf.sizes import format_size
@@ -120,6 +121,9 @@ class Plan:
     # the pack's GPU also computes the cold experts, reading them from pinned host memory
     # (patch v4) instead of handing each split layer to the CPU; YAML `cold: gpu`
     cold_on_gpu: bool = False
+    # the in-session cache the runs of this plan use by default (`run --cache` overrides);
+    # YAML `cache: {policy: lru, quota: 4, pinned: 0.5}`
+    cache: CacheOptions = field(default_factory=CacheOptions)
     memory: Optional[MemoryOptions] = None  # what the memory prediction assumed; None: the defaults
     predicted: Predicted = field(default_factory=Predicted)
     profile: Optional[ProfileSource] = None
@@ -295,6 +299,7 @@ class Plan:
                           "rules": [{"pattern": r.pattern, "device": r.device} for r in self.rules]},
             "hot_device": self.hot_device,
             "cold": "gpu" if self.cold_on_gpu else "cpu",
+            "cache": {"policy": self.cache.policy, "quota": int(self.cache.quota), "pinned": float(self.cache.pinned)},
             "hot": {int(l): [int(e) for e in v] for l, v in sorted(self.hot.items())},
             "predicted": self.predicted.to_dict(),
             "profile": self.profile.to_dict() if self.profile else None,
@@ -317,6 +322,7 @@ class Plan:
         d = self.to_dict()
         d["devices"] = [_Flow(x) for x in d["devices"]]
         d["placement"]["rules"] = [_Flow(x) for x in d["placement"]["rules"]]
+        d["cache"] = _Flow(d["cache"])
         bwd = d["predicted"].get("bandwidth") or {}
         for key in ("decode_ms", "prefill_ms", "decode_handoffs"):
             if isinstance(bwd.get(key), dict):
@@ -517,7 +523,7 @@ class _N:
 
 
 _TOP = ("format", "version", "model", "created", "budget_bytes", "devices", "n_ctx", "memory", "backend",
-        "placement", "hot_device", "cold", "hot", "predicted", "profile", "notes")
+        "placement", "hot_device", "cold", "cache", "hot", "predicted", "profile", "notes")
 _MEMORY = ("n_ubatch", "type_k", "type_v", "flash_attn", "op_offload", "compute_bytes",
            "compute_measured", "margin_bytes", "margin_fraction")
 
@@ -573,6 +579,16 @@ def _check_events(text: str, source: str) -> None:
         elif isinstance(event, yaml.CollectionEndEvent):
             depth -= 1
 
+
+
+def _cache(node) -> CacheOptions:
+    m = node.mapping(("policy", "quota", "pinned"))
+    try:
+        return CacheOptions(policy=m["policy"].str() if "policy" in m else "static",
+                            quota=m["quota"].int(0, maximum=4096) if "quota" in m else 4,
+                            pinned=m["pinned"].num() if "pinned" in m else 0.5)
+    except HybridError as exc:
+        raise node.error(str(exc)) from None
 
 
 def _cold_on_gpu(node) -> bool:
@@ -745,5 +761,6 @@ def _parse(text: str, source: str, inv) -> Plan:
         rules=rules, hot=hot,
         hot_device=top["hot_device"].str(allow_none=True) if "hot_device" in top else None,
         cold_on_gpu=_cold_on_gpu(top["cold"]) if "cold" in top else False,
+        cache=_cache(top["cache"]) if "cache" in top else CacheOptions(),
         memory=memory_options, predicted=predicted, profile=profile, notes=notes, created=str(created or ""),
     )

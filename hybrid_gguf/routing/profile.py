@@ -423,6 +423,39 @@ class ProfileStore:
         with self._locked(fingerprint) as path:
             return self._read(path, fingerprint)
 
+    TRACE_TOKENS = 2048  # tokens of the newest trace kept per model
+
+    def trace_path_for(self, fingerprint: str) -> Path:
+        return self.path_for(fingerprint).with_suffix(".trace.npz")
+
+    def save_trace(self, fingerprint: str, trace) -> Path:
+        """Keep `trace` (replay.Trace, time order) as the model's newest routing trace: its
+        last TRACE_TOKENS tokens, written atomically; the planner replays an in-session cache
+        on it (`plan --cache auto`)."""
+        import io
+
+        ids = np.asarray(trace.ids, dtype=np.int32)[-self.TRACE_TOKENS:]
+        buf = io.BytesIO()
+        np.savez_compressed(buf, ids=ids, n_expert=np.int64(trace.n_expert))
+        with self._locked(fingerprint) as path:
+            target = path.with_suffix(".trace.npz")
+            atomic_write(target, buf.getvalue())
+        return target
+
+    def load_trace(self, fingerprint: str, n_layer: int, n_expert: int):
+        """The model's newest stored routing trace (replay.Trace), or None when there is none
+        or it does not fit the model (a warning says so)."""
+        from hybrid_gguf.routing.replay import load_trace
+
+        path = self.trace_path_for(fingerprint)
+        if not path.exists():
+            return None
+        try:
+            return load_trace(path, n_layer=n_layer, n_expert=n_expert)
+        except HybridError as exc:
+            warnings.warn(f"stored routing trace {path} not used: {exc}")
+            return None
+
     def merge_session(self, delta: RoutingProfile, decay: float = 1.0) -> RoutingProfile:
         """stored * decay + delta, written back atomically under the lock; returns it."""
         with self._locked(delta.fingerprint) as path:
