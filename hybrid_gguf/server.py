@@ -382,8 +382,20 @@ class ModelService:
                         "save_every_s": self.save_every, "saves": st["saves"],
                         "last_save": st["last_save"], "last_save_error": st["last_save_error"],
                         "sessions": st["sessions"]},
+            "cache": self._cache_status(),
             "uptime_s": time.time() - self.started,
         }
+
+    def _cache_status(self) -> Optional[dict]:
+        """The in-session cache's counters, read without waiting for a running request (the
+        patch publishes them under its own lock after each step); None without a cache."""
+        hm = self.hm
+        if not hm.cache.active or hm.closed:
+            return None
+        from hybrid_gguf.llama import hybrid as hybrid_backend
+
+        stats = hybrid_backend.cache_stats(hm.llm._model.model)
+        return None if stats is None else {"policy": hm.cache.policy, **stats}
 
 
 # -- the HTTP app -----------------------------------------------------------------------

@@ -486,3 +486,20 @@ def test_serve_bad_options_are_one_clear_line(tmp_path, args, message):
     res = subprocess.run([sys.executable, "-m", "hybrid_gguf.cli", "serve", *args], capture_output=True,
                          text=True, env=_env(tmp_path), cwd=str(REPO), timeout=120)
     assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
+
+
+def test_the_status_page_reports_the_in_session_cache(tmp_path):
+    from hybrid_gguf.llama import hybrid as hybrid_backend
+
+    if hybrid_backend.capability().version < 5:
+        pytest.skip("needs hybrid patch version 5 (the in-session cache)")
+    server = Server(tmp_path / "cache", "--hot", "0:1;1:2;2:0", "--cache", "lru", "--cache-quota", "100",
+                    "--no-record")
+    try:
+        assert server.get("/hybrid/status")["cache"]["steps"] == 0
+        server.client().completions.create(model="m", prompt="def f():", max_tokens=8)
+        cache = server.get("/hybrid/status")["cache"]
+        assert cache["policy"] == "lru" and cache["steps"] > 0 and cache["uploads"] > 0
+        assert cache["hits"] + cache["misses"] > 0
+    finally:
+        server.kill()

@@ -138,8 +138,11 @@ def register(app: typer.Typer) -> None:
 
         report = None
         if replay_path is not None:
-            report, replay_plan = run_replay(replay_path, inv, plan, plan.budget_bytes, ctx, opts, per_expert, bw)
-            cache = replay_cache(replay_path, inv, replay_plan, bw)
+            from hybrid_gguf.routing.replay import load_trace
+
+            trace = load_trace(replay_path, n_layer=inv.n_layer, n_expert=inv.n_expert)
+            report, replay_plan = run_replay(trace, inv, plan.budget_bytes, ctx, opts, per_expert, bw)
+            cache = replay_cache(trace, inv, replay_plan, bw)
             if plot is not None:
                 from hybrid_gguf.routing.replay import plot_replay
 
@@ -189,17 +192,15 @@ def cpu_only_prediction(inv, bw, n_ctx: int, n_ubatch: int):
     return predict_speed(inv, None, {}, False, bw, n_ctx, n_ubatch)
 
 
-def replay_cache(path: Path, inv, replay_plan, bw) -> dict:
+def replay_cache(trace, inv, replay_plan, bw) -> dict:
     """The hot packs of the replay's plan at this budget (profiled on the trace's first half)
     as an in-session cache (`run --cache`), replayed on the trace's second half, with the
     decode speed the speed model gives each policy (planning/speed.cache_decode_tokens_per_s)."""
     from hybrid_gguf.planning.speed import cache_decode_tokens_per_s
     from hybrid_gguf.routing.cache_sim import predict_cache
-    from hybrid_gguf.routing.replay import load_trace
 
     if replay_plan is None:
         return {}
-    trace = load_trace(path, n_layer=inv.n_layer, n_expert=inv.n_expert)
     sizes = {l.index: l.per_expert_bytes for l in inv.layers if l.is_moe}
     out = predict_cache(trace, replay_plan.hot, inv.n_expert, sizes, start=trace.n_tokens // 2)
     decode_ms = (replay_plan.predicted.speed_terms or {}).get("decode_ms")
@@ -211,15 +212,15 @@ def replay_cache(path: Path, inv, replay_plan, bw) -> dict:
     return out
 
 
-def run_replay(path: Path, inv, plan, budget: int, ctx: int, opts, per_expert: bool, bw):
-    """Replay the trace against the planner at several budgets (profile from its first half)."""
+def run_replay(trace, inv, budget: int, ctx: int, opts, per_expert: bool, bw):
+    """Replay the trace against the planner at several budgets (profile from its first half);
+    (the report, the plan made at `budget`)."""
     from hybrid_gguf.planning.budget import expert_share_budget
     from hybrid_gguf.planning.planner import make_plan
     from hybrid_gguf.routing.profile import RoutingProfile
-    from hybrid_gguf.routing.replay import load_trace, replay
+    from hybrid_gguf.routing.replay import replay
     from hybrid_gguf.sizes import format_size
 
-    trace = load_trace(path, n_layer=inv.n_layer, n_expert=inv.n_expert)
     split = trace.n_tokens // 2
     counts, tokens = trace.counts(0, split)
     prof = RoutingProfile(inv.fingerprint, inv.arch, inv.n_layer, inv.n_expert, max(inv.n_expert_used, 1),
