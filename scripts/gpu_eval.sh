@@ -25,6 +25,10 @@
 #   (cachesplit: the in-session cache's equivalence tests on CUDA, cold experts on the CPU
 #    and read by the GPU; cacheab: the planner's plan static and as lru/lfu/seeded caches beside
 #    whole layers, ROUTINGS= SHARES= TG=)
+#   (upstream: upstream llama.cpp b11549's own GPU expert cache, --moe-cache-mib, and its
+#    --n-cpu-moe on the Q30B-shaped model at SHARES= of the expert bytes, with its own router
+#    (= optimistic); built from .upstream/ (scripts/prepare_upstream.sh) into /tmp/upstream-build;
+#    UPSTREAM_ARGS= adds flags to every upstream run, UP_WINDOWS= the decode windows per run)
 #   (amx: CPU-only prefill/decode with llama.cpp's extra CPU buffer types on and off)
 #   (multisplit: on a machine with two GPUs, patch v5: the split equivalence tests with the
 #    layers split over both cards and each layer's pack on its own card (buft=auto), with the
@@ -54,7 +58,10 @@ STEPS=${1:-build,diag,split,recorder,probe,bench,plan}
 OUT=${OUT:-/tmp/hybrid-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HYBRID_GGUF_HOME=/tmp/hgcache
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/whl/*.whl || exit 1
+# a call that carries only .upstream/ reuses the wheels an earlier call of this warm machine installed
+if [ -d .device/whl ] || [ ! -d /tmp/site ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/whl/*.whl || exit 1
+fi
 export PYTHONPATH=/tmp/site:$PWD
 log() { echo "[$(date +%T)] $*"; }
 FAILED=""
@@ -125,7 +132,8 @@ if has coldsplit; then
 fi
 
 BIG=/tmp/models/q30b-like-q4k.gguf
-if has recorder || has bench || has plan || has skipab || has threads || has routing || has coldab || has cacheab || has multigpu; then
+if has recorder || has bench || has plan || has skipab || has threads || has routing || has coldab || has cacheab || has multigpu \
+    || has upstream; then
     log "make the Qwen3-30B-A3B-shaped Q4_K model"
     t0=$(date +%s)
     [ -f "$BIG" ] || python3 scripts/make_bench_model.py --preset qwen3-30b-a3b-like --weight-type Q4_K --workers 16 --out "$BIG" 2>&1 | tail -2
@@ -392,6 +400,65 @@ if has cacheab; then
                 --json-detail "$OUT/cacheab_${R}_$S.json" 2>&1 | grep -E "^ *(whole|per)-|_vs_" || failed "cacheab $R $S"
         done
     done
+fi
+if has upstream; then
+    # the anchor of issue 16: upstream llama.cpp b11549's own GPU expert cache (--moe-cache-mib:
+    # one LRU over each device's layers, every decode miss uploaded) and its --n-cpu-moe, on $BIG
+    # at the expert-byte shares of coldab/cacheab (SHARES=). llama-bench has no --moe-cache-mib
+    # in b11549; llama-batched-bench takes every common flag and prints its timings as JSON lines.
+    # Upstream runs the model's own router: on this synthetic model that is our "optimistic"
+    # preset (the --routing presets replay through our patch only), so compare with the
+    # optimistic rows. Built once per warm machine into /tmp/upstream-build (a build cut short
+    # goes on in the next call); .upstream/ comes from scripts/prepare_upstream.sh.
+    UPB=/tmp/upstream-build
+    UPSRC=/tmp/upstream-src/llama.cpp-b11549
+    if [ ! -f "$UPSRC/CMakeLists.txt" ]; then
+        mkdir -p /tmp/upstream-src && tar xzf .upstream/llama.cpp-b11549-trimmed.tar.gz -C /tmp/upstream-src
+    fi
+    log "upstream: llama-batched-bench of llama.cpp b11549 for CUDA sm_90"
+    t0=$(date +%s)
+    # CPU flags as our CUDA build (GGML_NATIVE=OFF); no downloads, no server
+    { [ -f $UPB/CMakeCache.txt ] || cmake -S "$UPSRC" -B $UPB -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON \
+          -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_NATIVE=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
+          -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_TOOLS=ON; } \
+        > "$OUT/upstream_build.log" 2>&1 && cmake --build $UPB --target llama-batched-bench -j "$(nproc)" >> "$OUT/upstream_build.log" 2>&1
+    if [ -x $UPB/bin/llama-batched-bench ]; then
+        log "upstream built (or up to date) in $(( $(date +%s) - t0 )) s"
+        read -r EXPERT_BYTES N_LAYER < <(python3 -c "from hybrid_gguf.header.inventory import read_inventory
+import sys; i = read_inventory(sys.argv[1]); print(i.expert_bytes_total, i.n_layer)" "$BIG")
+        # the first timed window starts with an empty cache (the 16-token warm-up and the 256-token
+        # prefills are large batches, which only read it); the later windows see it warm
+        WINDOWS=$(python3 -c "print(','.join(['${TG:-64}'] * ${UP_WINDOWS:-3}))")
+        rm -f /tmp/up_runs.tsv
+        up_run() {  # NAME KIND SHARE MIB NCMOE, then llama-batched-bench flags
+            local name=$1 kind=$2 share=$3 mib=$4 ncmoe=$5; shift 5
+            nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i 0 -lms 200 > "/tmp/up_$name.csv" &
+            local smi=$!
+            # context, batch and threads as run_bench loads its timed runs (ctx 2048, n_batch =
+            # n_ubatch = 512 for a 256-token prompt, 16 threads); fit off: the flags are the placement
+            $UPB/bin/llama-batched-bench -m "$BIG" -c 2048 -b 512 -ub 512 -npp 256 -ntg "$WINDOWS" -npl 1 \
+                -t 16 -ngl 99 -fit off --output-format jsonl "$@" ${UPSTREAM_ARGS:-} \
+                > "/tmp/up_$name.out" 2> "/tmp/up_$name.err" || { tail -5 "/tmp/up_$name.err"; failed "upstream $name"; }
+            kill $smi
+            printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$kind" "$share" "$mib" "$ncmoe" "/tmp/up_$name" >> /tmp/up_runs.tsv
+            grep -h "MoE cache size\|hit rate\|MoE cache is disabled\|not cached" "/tmp/up_$name.err"
+            python3 scripts/upstream_summary.py "$OUT/upstream_summary.json" /tmp/up_runs.tsv > "$OUT/upstream_summary.md"
+        }
+        # every expert in host memory, no cache: the floor
+        up_run cpu-moe cpu-moe 0 - - --cpu-moe
+        for S in ${SHARES:-0.10 0.25 0.50}; do
+            MIB=$(python3 -c "import sys; print(int(float(sys.argv[1]) * int(sys.argv[2]) / 2**20))" "$S" "$EXPERT_BYTES")
+            NCMOE=$(python3 -c "import sys; print(round(int(sys.argv[2]) * (1 - float(sys.argv[1]))))" "$S" "$N_LAYER")
+            log "upstream at $S of the expert bytes: --moe-cache-mib $MIB; --n-cpu-moe $NCMOE"
+            # the cache takes the layers whose experts all lie in host buffers: with a GPU, upstream
+            # puts CPU weights in its pinned host buffer before any repacked one (unless --no-host)
+            up_run "cache_$S" moe-cache "$S" "$MIB" - --cpu-moe --moe-cache-mib "$MIB"
+            up_run "ncmoe_$S" n-cpu-moe "$S" - "$NCMOE" --n-cpu-moe "$NCMOE"
+        done
+        cat "$OUT/upstream_summary.md"
+    else
+        tail -30 "$OUT/upstream_build.log"; failed "upstream build"
+    fi
 fi
 [ -z "$FAILED" ] || { log "done, with failures:$FAILED"; exit 1; }
 log "done"
