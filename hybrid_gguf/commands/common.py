@@ -65,6 +65,13 @@ def cache_option():
                              "experts); default: the plan's `cache:`, else static; needs hybrid patch version 5")
 
 
+def cache_choice(cache: Optional[str], quota: int):
+    """--cache/--cache-quota as HybridModel's `cache`: None (the plan's) or CacheOptions."""
+    from hybrid_gguf.planning.placement import CacheOptions
+
+    return None if cache is None else CacheOptions(cache, quota)
+
+
 def cache_quota_option():
     return typer.Option(4, "--cache-quota", min=0, max=4096, help="at most this many expert uploads per step")
 

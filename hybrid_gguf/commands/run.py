@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 
 from hybrid_gguf.errors import HybridError
-from hybrid_gguf.commands.common import (cache_option, cache_quota_option, cpu_moe_option, ctx_option, gpu_budget_option, hot_option, model_argument, model_option,
+from hybrid_gguf.commands.common import (cache_choice, cache_option, cache_quota_option, cpu_moe_option, ctx_option, gpu_budget_option, hot_option, model_argument, model_option,
                      n_cpu_moe_option, no_record_option, no_repack_option, pick_model, plan_option,
                      threads_option)
 
@@ -46,7 +46,6 @@ def run_command(
     from hybrid_gguf import limits
     from hybrid_gguf.llama import hybrid as hybrid_backend
     from hybrid_gguf.model import HybridModel
-    from hybrid_gguf.planning.placement import CacheOptions
 
     console = Console(stderr=True)
     model = pick_model(model, model_opt)
@@ -69,7 +68,7 @@ def run_command(
         hm = HybridModel(model, gpu_budget=gpu_budget, hot=hot_map, plan=plan, n_ctx=ctx, seed=seed,
                          record=not no_record, n_threads=threads, verbose=verbose,
                          n_cpu_moe=n_cpu_moe, cpu_moe=cpu_moe, repack=not no_repack,
-                         cache=None if cache is None else CacheOptions(cache, cache_quota))
+                         cache=cache_choice(cache, cache_quota))
     for w in caught:
         _notice(console, f"warning: {w.message}")
     try:

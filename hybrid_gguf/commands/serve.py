@@ -11,7 +11,7 @@ from rich.console import Console
 
 from hybrid_gguf.errors import HybridError
 from hybrid_gguf.commands.common import (cpu_moe_option, ctx_option, gpu_budget_option, hot_option, model_argument, model_option,
-                     n_cpu_moe_option, no_record_option, no_repack_option, cache_option, cache_quota_option, pick_model, plan_option,
+                     n_cpu_moe_option, no_record_option, no_repack_option, cache_choice, cache_option, cache_quota_option, pick_model, plan_option,
                      threads_option)
 from hybrid_gguf.commands.run import check_placement_flags
 
@@ -41,7 +41,6 @@ def serve_command(
     """Serve the model over an OpenAI-compatible HTTP API, learning its routing as it serves."""
     from hybrid_gguf.llama import hybrid as hybrid_backend
     from hybrid_gguf.model import HybridModel
-    from hybrid_gguf.planning.placement import CacheOptions
     from hybrid_gguf.routing.profile import ProfileStore
     from hybrid_gguf.server import ModelService, serve_forever
 
@@ -64,7 +63,7 @@ def serve_command(
         hm = HybridModel(model, gpu_budget=gpu_budget, hot=hot_map, plan=plan, n_ctx=ctx, seed=seed,
                          record=not no_record, n_threads=threads, verbose=verbose,
                          n_cpu_moe=n_cpu_moe, cpu_moe=cpu_moe, repack=not no_repack,
-                         cache=None if cache is None else CacheOptions(cache, cache_quota))
+                         cache=cache_choice(cache, cache_quota))
     try:
         for w in caught:
             notice(f"warning: {w.message}")
