@@ -226,7 +226,8 @@ class HybridModel:
 
     def cache_stats(self) -> Optional[dict]:
         """The in-session cache's counters (policy, hits, misses, hit_rate, uploads,
-        upload_bytes, evictions, steps) over the layers with hot packs; None without a cache."""
+        upload_bytes, evictions, steps, blocking_uploads, page_locked_bytes, step_us) over the
+        layers with hot packs (llama.hybrid.cache_stats); None without a cache."""
         with self._using() as llm:
             if not self.cache.active:
                 return None

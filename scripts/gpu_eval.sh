@@ -24,7 +24,8 @@
 #    where each decode step uploads its cold experts, llama.cpp's op offload from one token)
 #   (cachesplit: the in-session cache's equivalence tests on CUDA, cold experts on the CPU
 #    and read by the GPU; cacheab: the planner's plan static and as lru/lfu/seeded caches beside
-#    whole layers, ROUTINGS= SHARES= TG=)
+#    whole layers, ROUTINGS= SHARES= TG=; CACHE_CONFIGS= names the cache rows, e.g.
+#    per-expert-cache-lru-q64 for 64 uploads per step)
 #   (upstream: upstream llama.cpp b11549's own GPU expert cache, --moe-cache-mib, and its
 #    --n-cpu-moe on the Q30B-shaped model at SHARES= of the expert bytes, with its own router
 #    (= optimistic); built from .upstream/ (scripts/prepare_upstream.sh) into /tmp/upstream-build;
@@ -396,7 +397,7 @@ if has cacheab; then
         for S in ${SHARES:-0.25}; do
             log "in-session cache: $R routing, $S of the expert bytes"
             run_bench "$BIG" --routing "$R" --expert-share "$S" --pp 256 --tg ${TG:-64} --reps 2 --threads 16 --no-calibrate \
-                --configs whole-layer,per-expert,per-expert-cache-lru,per-expert-cache-lfu,per-expert-cache-seeded \
+                --configs whole-layer,per-expert,${CACHE_CONFIGS:-per-expert-cache-lru,per-expert-cache-lfu,per-expert-cache-seeded} \
                 --json-detail "$OUT/cacheab_${R}_$S.json" 2>&1 | grep -E "^ *(whole|per)-|_vs_" || failed "cacheab $R $S"
         done
     done

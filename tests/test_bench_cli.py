@@ -175,3 +175,15 @@ def test_bench_times_the_plan_as_an_in_session_cache_when_asked(tiny_model_facto
     assert cached["cache"]["steps"] > 0 and cached["cache"]["hits"] + cached["cache"]["misses"] > 0
     assert cached["hit_rate"] == cached["cache"]["hit_rate"]
     assert rows["per-expert"]["cache"] is None
+
+
+def test_cache_rows_name_their_policy_and_quota():
+    from hybrid_gguf.bench.plans import cache_config
+    from hybrid_gguf.errors import HybridError
+    from hybrid_gguf.planning.placement import CacheOptions
+
+    assert cache_config("per-expert-cache-lru") == CacheOptions("lru")
+    assert cache_config("per-expert-cache-seeded-q64") == CacheOptions("seeded", quota=64)
+    for bad in ("per-expert-cache-", "per-expert-cache-lru-qx", "per-expert-cache-mru", "per-expert-cache-lru-q9999"):
+        with pytest.raises(HybridError):
+            cache_config(bad)

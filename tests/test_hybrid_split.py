@@ -343,6 +343,12 @@ def test_cache_computes_the_same_function(models, arch, policy, prompt):
     assert stats["uploads"] > (CACHE_GEN // 4 if policy == "lru" and arch == "qwen3moe" else 0), stats
     assert stats["evictions"] == stats["uploads"], stats
     assert stats["upload_bytes"] > 0 and stats["hits"] + stats["misses"] > 0
+    if ON_GPU:
+        # the sources (the mmap, page-locked; or cold=gpu's pinned buffer) upload beside decode
+        assert stats["blocking_uploads"] == 0, stats
+        assert (stats["page_locked_bytes"] > 0) != COLD_ON_GPU, stats
+    else:
+        assert stats["blocking_uploads"] == stats["uploads"] and stats["page_locked_bytes"] == 0, stats
     delta = float(np.max(np.abs(run.logits - ref.logits)))
     assert run.tokens == ref.tokens, f"{arch}/{policy}: greedy tokens differ"
     assert delta <= tol, f"{arch}/{policy}: max |logit delta| {delta:.3g} > {tol:.3g}"

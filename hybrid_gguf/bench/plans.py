@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from hybrid_gguf.errors import HybridError
 from hybrid_gguf.header.inventory import Inventory, read_inventory
 from hybrid_gguf.llama import hybrid as hybrid_backend
 from hybrid_gguf.planning.placement import CacheOptions, cpu_moe
@@ -71,7 +72,9 @@ def plan_configs(model_path: Path, inv: Inventory, profile, devices: list, n_ctx
         configs.append(Config.from_plan("whole-layer", make(devices, False), inv))
     alternatives = ("per-expert-cold-cpu", "per-expert-cold-gpu")
     # the plan's packs as an in-session cache: only when asked for by name (--configs)
-    caches = [name for name in wanted or () if name.startswith("per-expert-cache-")]
+    caches = [name for name in wanted or () if name.startswith(CACHE_PREFIX)]
+    for name in caches:
+        cache_config(name)  # a malformed name fails before anything loads
     if (want("per-expert") or any(want(a) for a in alternatives) or caches) and hybrid_backend.capability().per_expert:
         chosen = Config.from_plan("per-expert", make(devices, None), inv)
         if want("per-expert"):
@@ -84,13 +87,26 @@ def plan_configs(model_path: Path, inv: Inventory, profile, devices: list, n_ctx
         for name in caches:
             if chosen.hot and hybrid_backend.capability().version >= 5:
                 cached = Config.from_plan(name, chosen.plan, inv)
-                cached.cache = CacheOptions(policy=name[len("per-expert-cache-"):])
+                cached.cache = cache_config(name)
                 configs.append(cached)
     if want("all-gpu") and gpu_present:
         every = make(detect_devices(None)[0], None)
         if every.n_gpu_layers != 0 and not every.rules and not every.hot:
             configs.append(Config.from_plan("all-gpu", every, inv))
     return configs
+
+
+CACHE_PREFIX = "per-expert-cache-"
+
+
+def cache_config(name: str) -> CacheOptions:
+    """The cache of a bench row named `per-expert-cache-POLICY` or `per-expert-cache-POLICY-qN`
+    (N uploads per step; else CacheOptions' default)."""
+    rest = name[len(CACHE_PREFIX):] if name.startswith(CACHE_PREFIX) else ""
+    policy, _, quota = rest.partition("-q")
+    if not policy or (quota and not quota.isdigit()):
+        raise HybridError(f"bench config {name!r}: expected {CACHE_PREFIX}POLICY or {CACHE_PREFIX}POLICY-qN")
+    return CacheOptions(policy=policy, quota=int(quota)) if quota else CacheOptions(policy=policy)
 
 
 def bench_batch(n_prompt: int) -> int:

@@ -19,7 +19,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from hybrid_gguf.bench.plans import Config, bench_batch, bench_memory, plan_configs
+from hybrid_gguf.bench.plans import CACHE_PREFIX, Config, bench_batch, bench_memory, plan_configs
 from hybrid_gguf.llama import hybrid as hybrid_backend
 from hybrid_gguf.routing import process as routing_process
 from hybrid_gguf.errors import HybridError
@@ -382,8 +382,9 @@ def run_budgets(model_path: Path, budgets: Sequence[Optional[int]], *, profile_p
     outs: list[dict] = []
     profile = eval_counts = eval_trace = None
     # cache rows only when named (they are extra loads of the same plan)
-    budget_bound = [c for c in (configs or BUDGET_CONFIGS) if c in BUDGET_CONFIGS
-                    and (configs or not c.startswith("per-expert-cache-"))]
+    budget_bound = [c for c in (configs or BUDGET_CONFIGS)
+                    if c in BUDGET_CONFIGS or (configs and c.startswith(CACHE_PREFIX))]
+    budget_bound = [c for c in budget_bound if configs or not c.startswith(CACHE_PREFIX)]
     for i, budget in enumerate(budgets):
         if i and not budget_bound:
             log("the other budgets change none of the chosen placements: skipped")

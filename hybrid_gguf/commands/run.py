@@ -132,7 +132,9 @@ def run_command(
             if stats and stats["hit_rate"] is not None:
                 _notice(console, f"in-session cache {stats['policy']}: {stats['hit_rate']:.1%} of the split layers' "
                                  f"selections served by a resident expert; {stats['uploads']} uploads "
-                                 f"({stats['upload_bytes'] / 2**20:.1f} MiB), {stats['evictions']} evictions")
+                                 f"({stats['upload_bytes'] / 2**20:.1f} MiB"
+                                 + (f", {stats['blocking_uploads']} of them synchronous" if stats.get("blocking_uploads") else "")
+                                 + f"), {stats['evictions']} evictions")
     except KeyboardInterrupt:
         _save_interrupted(hm, console)
         raise typer.Exit(130)

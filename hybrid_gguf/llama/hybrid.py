@@ -130,13 +130,17 @@ def pack_bytes(model_ptr) -> int:
 
 
 class _CacheStats(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_int64) for name in ("hits", "misses", "uploads", "upload_bytes", "evictions", "steps")]
+    _fields_ = [(name, ctypes.c_int64) for name in ("hits", "misses", "uploads", "upload_bytes", "evictions", "steps",
+                                                    "blocking_uploads", "page_locked_bytes", "step_us")]
 
 
 def cache_stats(model_ptr) -> Optional[dict]:
     """The in-session cache's counters since load (patch version 5): routed selections of the
     layers with packs served by a resident expert (hits) or not (misses), uploads, their
-    bytes, evictions and steps (ubatches); None when the model has no cache."""
+    bytes, evictions and steps (ubatches); blocking_uploads (those the step waited for: on the
+    CPU all, on CUDA those from pageable memory), page_locked_bytes (host memory locked so
+    that uploads run beside decode) and step_us (host time the steps took); None when the
+    model has no cache."""
     if capability().version < 5:
         return None
     fn = _fn("llama_hybrid_model_cache_stats", ctypes.c_int32, [ctypes.c_void_p, ctypes.POINTER(_CacheStats)])
