@@ -381,12 +381,14 @@ fi
 if has cachesplit; then
     # the in-session cache's equivalence tests with the packs in VRAM (slots change between
     # ubatches; the id sinks in zero-copy memory), cold experts on the CPU and read by the GPU
-    for COLD in cpu gpu; do
-        log "cache split equivalence on CUDA, cold=$COLD"
-        HYBRID_GGUF_TEST_COLD=$COLD HYBRID_GGUF_TEST_PACK_DEVICE=CUDA0 HYBRID_GGUF_REQUIRE_PATCHED=1 \
+    # (uploads queued ahead of the next ubatch, and in the background with cold=cpu)
+    for RUN in cpu:ordered gpu:ordered cpu:background; do
+        COLD=${RUN%%:*} UPLOADS=${RUN##*:}
+        log "cache split equivalence on CUDA, cold=$COLD, $UPLOADS uploads"
+        HYBRID_GGUF_TEST_COLD=$COLD HYBRID_GGUF_TEST_CACHE_UPLOADS=$UPLOADS HYBRID_GGUF_TEST_PACK_DEVICE=CUDA0 HYBRID_GGUF_REQUIRE_PATCHED=1 \
             python3 -c "import llama_cpp, sys, pytest; sys.exit(pytest.main(['-q', '-rA', '-p', 'no:cacheprovider', '-k', 'cache', 'tests/test_hybrid_split.py']))" \
-            > "$OUT/split_cuda_cache_$COLD.txt" 2>&1 && grep -E "passed|failed" "$OUT/split_cuda_cache_$COLD.txt" | tail -1 \
-            || { grep -E "^FAILED|passed|failed" "$OUT/split_cuda_cache_$COLD.txt" | tail -8; failed "cachesplit $COLD"; }
+            > "$OUT/split_cuda_cache_${COLD}_$UPLOADS.txt" 2>&1 && grep -E "passed|failed" "$OUT/split_cuda_cache_${COLD}_$UPLOADS.txt" | tail -1 \
+            || { grep -E "^FAILED|passed|failed" "$OUT/split_cuda_cache_${COLD}_$UPLOADS.txt" | tail -8; failed "cachesplit $RUN"; }
     done
 fi
 

@@ -184,6 +184,8 @@ def test_cache_rows_name_their_policy_and_quota():
 
     assert cache_config("per-expert-cache-lru") == CacheOptions("lru")
     assert cache_config("per-expert-cache-seeded-q64") == CacheOptions("seeded", quota=64)
+    assert cache_config("per-expert-cache-lru-q8-bg") == CacheOptions("lru", quota=8, background=True)
+    assert CacheOptions("lru", background=True).plan_tokens()[-1] == "uploads=background"
     for bad in ("per-expert-cache-", "per-expert-cache-lru-qx", "per-expert-cache-mru", "per-expert-cache-lru-q9999"):
         with pytest.raises(HybridError):
             cache_config(bad)

@@ -65,6 +65,8 @@ if PACK_DEVICE == "auto":
 # that the GPU reads in place, so both chains run on the GPU. On a CPU-only machine the patch
 # keeps them with the CPU (it needs a CUDA device), which the tests here check too.
 COLD_ON_GPU = os.environ.get("HYBRID_GGUF_TEST_COLD", "cpu") == "gpu"
+# the in-session cache's uploads on a GPU: queued ahead of the next ubatch, or "background"
+CACHE_BACKGROUND = os.environ.get("HYBRID_GGUF_TEST_CACHE_UPLOADS", "ordered") == "background"
 
 
 def load_with_report(path, hot=None, use_mmap=True, cache=None):
@@ -331,7 +333,7 @@ def test_cache_computes_the_same_function(models, arch, policy, prompt):
     ref, tol, _ = reference(path, prompt, CACHE_GEN)
     slots = 2 if policy == "seeded" else 1  # seeded pins one of two
     hot = {l: list(range(spec.n_expert - slots, spec.n_expert)) for l in range(spec.n_layer)}
-    rep = load_with_report(path, hot, cache=CacheOptions(policy, quota=1000))
+    rep = load_with_report(path, hot, cache=CacheOptions(policy, quota=1000, background=CACHE_BACKGROUND))
     run = greedy(rep.llm, prompt, CACHE_GEN)
     stats = hybrid_backend.cache_stats(rep.llm._model.model)
     rep.llm.close()

@@ -100,13 +100,14 @@ CACHE_PREFIX = "per-expert-cache-"
 
 
 def cache_config(name: str) -> CacheOptions:
-    """The cache of a bench row named `per-expert-cache-POLICY` or `per-expert-cache-POLICY-qN`
-    (N uploads per step; else CacheOptions' default)."""
+    """The cache of a bench row named `per-expert-cache-POLICY[-qN][-bg]`: N uploads per step
+    (else CacheOptions' default), -bg for background uploads."""
     rest = name[len(CACHE_PREFIX):] if name.startswith(CACHE_PREFIX) else ""
-    policy, _, quota = rest.partition("-q")
+    background = rest.endswith("-bg")
+    policy, _, quota = rest[:-3 if background else None].partition("-q")
     if not policy or (quota and not quota.isdigit()):
-        raise HybridError(f"bench config {name!r}: expected {CACHE_PREFIX}POLICY or {CACHE_PREFIX}POLICY-qN")
-    return CacheOptions(policy=policy, quota=int(quota)) if quota else CacheOptions(policy=policy)
+        raise HybridError(f"bench config {name!r}: expected {CACHE_PREFIX}POLICY[-qN][-bg]")
+    return CacheOptions(policy=policy, quota=int(quota) if quota else CacheOptions.quota, background=background)
 
 
 def bench_batch(n_prompt: int) -> int:

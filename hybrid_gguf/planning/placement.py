@@ -128,10 +128,13 @@ class CacheOptions:
     ubatches. `policy`: static (the plan's hot set all session), lru, lfu (selection counts
     with a 128-step half-life; an upload must beat the resident it evicts) or seeded (lfu with
     `pinned` of each layer's slots, the profile's most used experts first in the plan, never
-    evicted). `quota`: at most that many expert uploads per ubatch."""
+    evicted). `quota`: at most that many expert uploads per ubatch. `background`: on a GPU,
+    copy on a stream of its own so that no ubatch waits, the expert serving a step later;
+    else (the default) the copies are queued ahead of the next ubatch, which serves from them."""
     policy: str = "static"
     quota: int = 4
     pinned: float = 0.5
+    background: bool = False
 
     def __post_init__(self) -> None:
         if self.policy not in CACHE_POLICIES:
@@ -151,7 +154,8 @@ class CacheOptions:
             return []
         policy = "lfu" if self.policy == "seeded" else self.policy
         pinned = self.pinned if self.policy == "seeded" else 0.0
-        return [f"cache={policy}", f"quota={int(self.quota)}", f"pinned={float(pinned):g}"]
+        return [f"cache={policy}", f"quota={int(self.quota)}", f"pinned={float(pinned):g}"] + (
+            ["uploads=background"] if self.background else [])
 
 
 def plan_text(hot: Mapping[int, Sequence[int]], buffer_type: Optional[str] = None,

@@ -45,6 +45,7 @@ class _Layer:
         self.score = [0.0] * n_expert
         self.score_step = [0] * n_expert
         self.n_pinned = n_pinned
+        self.incoming: dict = {}  # slot -> expert whose upload is in flight
 
     def score_at(self, e: int, step: int) -> float:
         self.score[e] *= 2.0 ** (-(step - self.score_step[e]) / HALF_LIFE_STEPS)
@@ -53,10 +54,14 @@ class _Layer:
 
 
 def simulate_cache(steps: Iterable[Mapping[int, np.ndarray]], hot: Mapping[int, Sequence[int]], n_expert: int,
-                   policy: str = "lru", quota: int = 4, pinned: float = 0.0) -> CacheSimResult:
+                   policy: str = "lru", quota: int = 4, pinned: float = 0.0,
+                   asynchronous: bool = False) -> CacheSimResult:
     """Replay the cache. `steps`: per ubatch, {layer: expert ids selected in it (any shape)};
     `hot`: {layer: the plan's experts in slot order} (the slots and their first residents);
-    `policy`: "lru" or "lfu" ("seeded" is lfu with `pinned` > 0, as CacheOptions sends it)."""
+    `policy`: "lru" or "lfu" ("seeded" is lfu with `pinned` > 0, as CacheOptions sends it).
+    `asynchronous`: uploads as on CUDA, where the victim leaves at once and the new expert
+    serves from the step after next (its copy runs beside the next ubatch); else as on the CPU,
+    where it serves the next ubatch."""
     if policy not in ("lru", "lfu"):
         raise ValueError(f"policy must be lru or lfu, got {policy!r}")
     lfu = policy == "lfu"
@@ -83,6 +88,11 @@ def simulate_cache(steps: Iterable[Mapping[int, np.ndarray]], hot: Mapping[int, 
                 cl.score_at(e, step)
                 cl.score[e] += 1.0
                 cl.last_use[e] = step
+            # the uploads issued one step ago have completed during this step's ubatch, which
+            # ran without them: they serve from the next one
+            for slot, e in cl.incoming.items():
+                cl.expert_slot[e] = slot
+            cl.incoming.clear()
             for e in range(n_expert):
                 if misses_now[e] > 0:
                     candidates.append((l, e, cl.score[e] if lfu else misses_now[e] + 1e-6 * cl.score[e]))
@@ -95,7 +105,7 @@ def simulate_cache(steps: Iterable[Mapping[int, np.ndarray]], hot: Mapping[int, 
             victim_slot, victim_key = -1, 0.0
             for s in range(cl.n_pinned, len(cl.slot_expert)):
                 v = cl.slot_expert[s]
-                if cl.last_use[v] == step:
+                if cl.last_use[v] == step or s in cl.incoming:
                     continue
                 key = cl.score_at(v, step) if lfu else float(cl.last_use[v])
                 if victim_slot < 0 or key < victim_key:
@@ -106,7 +116,10 @@ def simulate_cache(steps: Iterable[Mapping[int, np.ndarray]], hot: Mapping[int, 
                 continue
             victim = cl.slot_expert[victim_slot]
             cl.expert_slot[victim] = -1
-            cl.expert_slot[e] = victim_slot
+            if asynchronous:
+                cl.incoming[victim_slot] = e
+            else:
+                cl.expert_slot[e] = victim_slot
             cl.slot_expert[victim_slot] = e
             out.uploads += 1
             out.evictions += 1
