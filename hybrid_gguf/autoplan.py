@@ -132,7 +132,7 @@ def plan_model(model_path: PathLike, gpu_budget: Union[None, int, list], n_ctx: 
                flash_attn: bool = False, type_k: str = "f16", type_v: str = "f16",
                margin_bytes: int = 64 * MIB, hysteresis: float = 0.01, promote_from: Optional[float] = None,
                inventory=None, cold: Optional[str] = None, cache: str = "static",
-               cache_quota: int = 4) -> AutoPlan:
+               cache_quota: Optional[int] = None) -> AutoPlan:
     """Plan `model_path` on this machine.
 
     profile / profile_path: the routing profile (default: the profile store's entry).

@@ -132,12 +132,13 @@ def test_plan_replay_on_a_model_of_the_trace_shape(tiny_model_factory, tmp_path)
     cache = rep["cache"]
     assert cache, "the replay's plan at this budget has hot packs"
     if cache:
-        assert set(cache) == {"static", "lru", "lfu", "seeded"}
+        assert set(cache) == {"static"} | {f"{p} q{q}" for p in ("lru", "lfu", "seeded") for q in (4, 16, 64)}
         assert cache["static"]["uploads_per_token"] == 0.0
         assert all(0.0 <= c["hit_rate"] <= 1.0 for c in cache.values())
-        assert 0 < cache["lru"]["uploads_per_token"] <= 4  # the default quota per step
+        for q in (4, 16, 64):
+            assert 0 < cache[f"lru q{q}"]["uploads_per_token"] <= q  # the quota per step
         # real routing's short-term reuse: a cache beats the static packs on these tokens
-        assert cache["lru"]["hit_rate"] > cache["static"]["hit_rate"]
+        assert cache["static"]["hit_rate"] < cache["lru q4"]["hit_rate"]
         for c in cache.values():
             assert c["predicted_decode_tokens_per_s"] > 0
 

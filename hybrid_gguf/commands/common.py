@@ -65,15 +65,20 @@ def cache_option():
                              "experts); default: the plan's `cache:`, else static; needs hybrid patch version 5")
 
 
-def cache_choice(cache: Optional[str], quota: int):
+def cache_choice(cache: Optional[str], quota: Optional[int]):
     """--cache/--cache-quota as HybridModel's `cache`: None (the plan's) or CacheOptions."""
     from hybrid_gguf.planning.placement import CacheOptions
 
-    return None if cache is None else CacheOptions(cache, quota)
+    if cache is None:
+        if quota is not None:
+            raise HybridError("--cache-quota goes with --cache POLICY (a plan's cache keeps the plan's quota)")
+        return None
+    return CacheOptions(cache, CacheOptions.quota if quota is None else quota)
 
 
 def cache_quota_option():
-    return typer.Option(4, "--cache-quota", min=0, max=4096, help="at most this many expert uploads per step")
+    return typer.Option(None, "--cache-quota", min=0, max=4096,
+                        help="with --cache: at most this many expert uploads per step (default 16)")
 
 
 def no_repack_option():

@@ -85,7 +85,9 @@ def register(app: typer.Typer) -> None:
                                   help="the in-session cache the plan's runs use: static, lru, lfu, seeded, or "
                                        "auto (the fastest by the speed model, each replayed on the routing trace "
                                        "`profile` stored); patch version 5"),
-        cache_quota: int = typer.Option(4, "--cache-quota", min=0, max=4096, help="expert uploads per step"),
+        cache_quota: Optional[int] = typer.Option(None, "--cache-quota", min=0, max=4096,
+                                                  help="expert uploads per step (default: with --cache auto the "
+                                                       "replay's best of 4, 16, 64; else 16)"),
         cold: str = typer.Option("auto", "--cold",
                                  help="who computes the experts left in host memory: cpu (a hand-off per "
                                       "split layer), gpu (the packs' GPU reads them from pinned memory; "
@@ -194,22 +196,14 @@ def cpu_only_prediction(inv, bw, n_ctx: int, n_ubatch: int):
 
 def replay_cache(trace, inv, replay_plan, bw) -> dict:
     """The hot packs of the replay's plan at this budget (profiled on the trace's first half)
-    as an in-session cache (`run --cache`), replayed on the trace's second half, with the
-    decode speed the speed model gives each policy (planning/speed.cache_decode_tokens_per_s)."""
-    from hybrid_gguf.planning.speed import cache_decode_tokens_per_s
-    from hybrid_gguf.routing.cache_sim import predict_cache
+    as an in-session cache (`run --cache`), each policy and quota replayed on the trace's
+    second half with its predicted decode speed (planning/cache_choice.rank_caches)."""
+    from hybrid_gguf.planning.cache_choice import rank_caches
 
     if replay_plan is None:
         return {}
-    sizes = {l.index: l.per_expert_bytes for l in inv.layers if l.is_moe}
-    out = predict_cache(trace, replay_plan.hot, inv.n_expert, sizes, start=trace.n_tokens // 2)
     decode_ms = (replay_plan.predicted.speed_terms or {}).get("decode_ms")
-    if out and decode_ms:
-        static_hit = out["static"]["hit_rate"]
-        for row in out.values():
-            row["predicted_decode_tokens_per_s"] = cache_decode_tokens_per_s(
-                decode_ms, static_hit, row["hit_rate"], row["upload_bytes_per_token"], bw)
-    return out
+    return rank_caches(trace, replay_plan.hot, inv, decode_ms, bw, start=trace.n_tokens // 2)
 
 
 def run_replay(trace, inv, budget: int, ctx: int, opts, per_expert: bool, bw):
@@ -332,7 +326,7 @@ def print_cache_replay(console, cache: dict) -> None:
     from hybrid_gguf.tables import new_table
 
     t = new_table(console, "the replay's plan at this budget as an in-session cache (run --cache), same tokens")
-    for col in ("policy", "hit rate", "uploads/token", "MiB/token", "tg pred"):
+    for col in ("cache", "hit rate", "uploads/token", "MiB/token", "tg pred"):
         t.add_column(col, justify="right", no_wrap=True)
     for name, r in cache.items():
         pred = r.get("predicted_decode_tokens_per_s")

@@ -36,7 +36,7 @@ def run_command(
     no_repack: bool = no_repack_option(),
     no_record: bool = no_record_option(),
     cache: Optional[str] = cache_option(),
-    cache_quota: int = cache_quota_option(),
+    cache_quota: Optional[int] = cache_quota_option(),
     threads: Optional[int] = threads_option(),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of streaming text"),
     system: Optional[str] = typer.Option(None, "--system", help="system message of the interactive chat"),

@@ -29,7 +29,7 @@ def serve_command(
     cpu_moe: bool = cpu_moe_option(),
     no_repack: bool = no_repack_option(),
     cache: Optional[str] = cache_option(),
-    cache_quota: int = cache_quota_option(),
+    cache_quota: Optional[int] = cache_quota_option(),
     no_record: bool = no_record_option(),
     save_every: float = typer.Option(30.0, "--save-every",
                                      help="seconds between merges of the recorded routing into the profile"),

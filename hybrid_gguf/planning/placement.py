@@ -132,7 +132,7 @@ class CacheOptions:
     copy on a stream of its own so that no ubatch waits, the expert serving a step later;
     else (the default) the copies are queued ahead of the next ubatch, which serves from them."""
     policy: str = "static"
-    quota: int = 4
+    quota: int = 16
     pinned: float = 0.5
     background: bool = False
 

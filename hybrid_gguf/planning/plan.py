@@ -585,7 +585,7 @@ def _cache(node) -> CacheOptions:
     m = node.mapping(("policy", "quota", "pinned"))
     try:
         return CacheOptions(policy=m["policy"].str() if "policy" in m else "static",
-                            quota=m["quota"].int(0, maximum=4096) if "quota" in m else 4,
+                            quota=m["quota"].int(0, maximum=4096) if "quota" in m else CacheOptions.quota,
                             pinned=m["pinned"].num() if "pinned" in m else 0.5)
     except HybridError as exc:
         raise node.error(str(exc)) from None

@@ -38,6 +38,7 @@ from hybrid_gguf.planning.memory import (CPU, MemoryOptions, MemoryPrediction, g
                            layer_devices, predict_memory, GPU_ALIGN)
 from hybrid_gguf.planning.placement import (CACHE_POLICIES, EXPERT_TENSOR_RE, PACK_AUTO, CacheOptions, PlacementRule,
                                             TensorPlacement)
+from hybrid_gguf.planning.cache_choice import choose_cache
 from hybrid_gguf.planning.plan import DeviceBudget, Plan, Predicted, ProfileSource
 from hybrid_gguf.planning.calibration import Bandwidth
 from hybrid_gguf.planning.speed import hit_rate, predict_speed
@@ -228,7 +229,7 @@ def make_plan(inventory, budget_bytes: int, n_ctx: int, profile=None, per_expert
               memory: Optional[MemoryOptions] = None, promote_fraction: float = PROMOTE_FROM,
               hysteresis: float = 0.01, prior: float = 1.0, node_limit: int = BB_NODE_LIMIT,
               created: Optional[str] = None, cold: str = "cpu", cache: str = "static", cache_trace=None,
-              cache_quota: int = 4) -> Plan:
+              cache_quota: Optional[int] = None) -> Plan:
     """Plan where every tensor and expert of `inventory` lives for a GPU budget.
 
     budget_bytes: total GPU bytes for this model (split evenly over `devices` given as names),
@@ -246,8 +247,8 @@ def make_plan(inventory, budget_bytes: int, n_ctx: int, profile=None, per_expert
       and the GPU can do both).
     cache: the in-session cache the plan's runs use when it has hot packs: a policy of
       placement.CACHE_POLICIES, or "auto" (the fastest of them by the speed model, each
-      replayed on `cache_trace`, a replay.Trace of this model's routing), with at most
-      `cache_quota` uploads per step.
+      replayed on `cache_trace`, a replay.Trace of this model's routing, at `cache_quota`
+      uploads per step or else at each of cache_sim.REPLAY_QUOTAS).
     """
     if cold not in ("cpu", "gpu", "auto"):
         raise HybridError(f"cold must be cpu, gpu or auto, got {cold!r}")
@@ -328,9 +329,10 @@ def make_plan(inventory, budget_bytes: int, n_ctx: int, profile=None, per_expert
         cache_detail = None
         if plan.hot and on_gpu and cache != "static":
             if cache == "auto":
-                plan.cache, cache_detail = _choose_cache(inv, plan.hot, speed, cache_trace, cache_quota, bw, notes)
+                plan.cache, cache_detail = choose_cache(inv, plan.hot, speed.decode_ms, cache_trace, bw, notes,
+                                                        quota=cache_quota)
             else:
-                plan.cache = CacheOptions(cache, cache_quota)
+                plan.cache = CacheOptions(cache, CacheOptions.quota if cache_quota is None else cache_quota)
         plan.predicted = Predicted(
             hit_rate=_hit(inv, p, gpu_exp), decode_tokens_per_s=speed.decode_tokens_per_s,
             prefill_tokens_per_s=speed.prefill_tokens_per_s, gpu_bytes=pred.gpu_bytes,
@@ -423,37 +425,6 @@ def make_plan(inventory, budget_bytes: int, n_ctx: int, profile=None, per_expert
     return finish(rules, hot, "per-expert", hot_device=hot_device if hot else None)
 
 
-
-def _choose_cache(inv, hot: dict, speed, trace, quota: int, bw: Bandwidth, notes: list) -> tuple:
-    """(CacheOptions, what the replay predicted per policy or None): the in-session cache
-    policy the speed model says decodes fastest, each replayed with the patch's rules on
-    `trace` (routing/cache_sim.py); static unless one wins by 2 %."""
-    from hybrid_gguf.planning.speed import cache_decode_tokens_per_s
-    from hybrid_gguf.routing.cache_sim import predict_cache
-
-    if trace is None:
-        notes.append("no stored routing trace for this model: the in-session cache stays static "
-                     "(`hybrid-gguf profile MODEL` stores one)")
-        return CacheOptions(), None
-    sizes = {l.index: l.per_expert_bytes for l in inv.layers if l.is_moe}
-    rows = predict_cache(trace, hot, inv.n_expert, sizes, quota=quota)
-    if not rows:
-        return CacheOptions(), None
-    static_hit = rows["static"]["hit_rate"]
-    rates = {name: cache_decode_tokens_per_s(speed.decode_ms, static_hit, r["hit_rate"],
-                                             r["upload_bytes_per_token"], bw) for name, r in rows.items()}
-    for name, r in rows.items():
-        r["predicted_decode_tokens_per_s"] = rates[name]
-    best = max(rates, key=lambda name: rates[name])
-    if best == "static" or rates[best] < 1.02 * rates["static"]:
-        notes.append(f"in-session cache: static (replayed on {trace.n_tokens} stored tokens, no policy beats the "
-                     f"static packs' {static_hit:.1%} hit rate by enough to pay its uploads)")
-        return CacheOptions(), rows
-    r = rows[best]
-    notes.append(f"in-session cache: {best}, replayed on {trace.n_tokens} stored tokens: hit rate "
-                 f"{static_hit:.1%} -> {r['hit_rate']:.1%} at {r['uploads_per_token']:.2f} uploads per token, "
-                 f"predicted {rates['static']:.1f} -> {rates[best]:.1f} tokens/s")
-    return CacheOptions(best, quota), rows
 
 def plan_memory(plan: Plan, inv) -> MemoryPrediction:
     """Bytes per device of a (possibly hand-edited) plan, to check it against its budget or

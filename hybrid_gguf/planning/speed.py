@@ -221,10 +221,11 @@ def cache_decode_tokens_per_s(decode_ms: dict, static_hit: float, cache_hit: flo
     """Decode tokens/s of a plan whose hot packs run as an in-session cache, from the plan's
     static decode terms (SpeedPrediction.decode_ms): the expert bytes served from the packs
     and from host memory scale with the cache's hit rate instead of the static one, and each
-    token pays for its uploads at the pinned copy rate bw.pcie_bytes_per_s: in full, the
-    cautious reading (on the CPU the copies precede the step; on CUDA they run beside decode
-    but share the link and the host's memory with it). Hand-off terms stay as they are: a
-    split layer hands off whether or not the cache hit."""
+    token pays for its uploads at the pinned copy rate bw.pcie_bytes_per_s, in full: on the
+    CPU the copies precede the step, and on a GPU the default stream-ordered uploads run
+    ahead of the next ubatch, which waits for them there (CacheOptions.background ones run
+    beside decode but still share the link and the host's memory with it). Hand-off terms
+    stay as they are: a split layer hands off whether or not the cache hit."""
     ms = dict(decode_ms)
     if static_hit > 0:
         ms["experts_gpu"] = ms.get("experts_gpu", 0.0) * cache_hit / static_hit

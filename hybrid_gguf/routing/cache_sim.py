@@ -146,21 +146,33 @@ def steps_from_trace(trace, prompt_tokens: int = 0, n_ubatch: int = 512, max_row
     return steps
 
 
+# the upload quotas a replay tries: each policy's best is what the planner compares
+REPLAY_QUOTAS = (4, 16, 64)
+
+
 def predict_cache(trace, hot: Mapping[int, Sequence[int]], n_expert: int, expert_bytes: Mapping[int, int],
-                  start: int = 0, quota: int = 4, pinned: float = 0.5) -> dict:
+                  start: int = 0, quotas: Sequence[int] = REPLAY_QUOTAS, pinned: float = 0.5,
+                  background: bool = False) -> dict:
     """What an in-session cache over `hot` (the plan's packs: slots and first residents) would
-    do on the decode tokens of `trace` from `start`, one step per token, for each policy of
-    CacheOptions: {policy: {hit_rate, uploads_per_token, upload_bytes_per_token}}, beside the
-    static hot set's hit rate. `expert_bytes`: {layer: bytes of one expert}."""
+    do on the decode tokens of `trace` from `start`, one step per token: {name: {policy, quota,
+    hit_rate, uploads_per_token, upload_bytes_per_token}} for the static hot set ("static")
+    and each policy of CacheOptions at each quota ("lru q16", ...). `expert_bytes`: {layer:
+    bytes of one expert}; `background`: the uploads run as CacheOptions.background's."""
     ids = np.asarray(trace.ids)[start:]
     if ids.shape[0] == 0 or not any(len(v) for v in hot.values()):
         return {}
     steps = [{l: ids[t, l] for l in range(ids.shape[1])} for t in range(ids.shape[0])]
-    out = {}
-    for policy, sim_policy, share in (("static", "lru", 0.0), ("lru", "lru", 0.0), ("lfu", "lfu", 0.0),
-                                      ("seeded", "lfu", pinned)):
-        res = simulate_cache(steps, hot, n_expert, sim_policy, 0 if policy == "static" else quota, share)
+
+    def row(policy: str, quota: int) -> dict:
+        sim_policy, share = ("lfu", pinned) if policy == "seeded" else (policy, 0.0)
+        res = simulate_cache(steps, hot, n_expert, "lru" if policy == "static" else sim_policy,
+                             0 if policy == "static" else quota, share, asynchronous=background)
         moved = sum(n * expert_bytes.get(l, 0) for l, n in res.upload_experts.items())
-        out[policy] = {"hit_rate": res.hit_rate, "uploads_per_token": res.uploads / len(steps),
-                       "upload_bytes_per_token": moved / len(steps)}
+        return {"policy": policy, "quota": quota, "hit_rate": res.hit_rate,
+                "uploads_per_token": res.uploads / len(steps), "upload_bytes_per_token": moved / len(steps)}
+
+    out = {"static": row("static", 0)}
+    for policy in ("lru", "lfu", "seeded"):
+        for quota in quotas:
+            out[f"{policy} q{int(quota)}"] = row(policy, int(quota))
     return out
