@@ -412,7 +412,7 @@ def test_cache_replay_predicts_the_patch_counts(models, policy, quota):
     _needs_cache()
     path, spec = models["qwen3moe"]
     hot = {l: [1, 4] for l in range(spec.n_layer)}
-    opts = CacheOptions(policy, quota=quota)
+    opts = CacheOptions(policy, quota=quota, background=CACHE_BACKGROUND)
     kwargs = dict(n_ctx=128, n_batch=64, seed=1, verbose=False)
     if not ON_GPU:
         kwargs["n_gpu_layers"] = 0
@@ -425,8 +425,9 @@ def test_cache_replay_predicts_the_patch_counts(models, policy, quota):
     assert len(run.tokens) == 16
     # the last ubatch's routing is read at the next one, which never comes
     steps = steps_from_trace(trace, prompt_tokens=len(LONG_PROMPT), n_ubatch=64)[:-1]  # n_batch 64
+    # background uploads (a GPU's) serve a step later; a tiny model's copies finish within a step
     sim = simulate_cache(steps, hot, spec.n_expert, "lfu" if policy == "seeded" else policy, quota,
-                         opts.pinned if policy == "seeded" else 0.0)
+                         opts.pinned if policy == "seeded" else 0.0, asynchronous=ON_GPU and CACHE_BACKGROUND)
     assert got["steps"] == sim.steps
     assert (got["hits"], got["misses"]) == (sim.hits, sim.misses)
     if policy == "lru":
