@@ -182,3 +182,12 @@ def test_options_validation():
     with pytest.raises(HybridError, match="flash attention"):
         mm.MemoryOptions(512, type_k="q8_0", type_v="q8_0")
     mm.MemoryOptions(512, type_k="q8_0", type_v="q8_0", flash_attn=True)
+
+
+def test_host_buffers_are_not_vram():
+    from hybrid_gguf.planning.memory import device_of_buffer, is_host
+
+    for name in ("CPU", "CPU_Mapped", "CPU_REPACK", "CUDA_Host", "CUDA0_ZeroCopy"):
+        assert is_host(name) and device_of_buffer(name) == "CPU", name
+    for name in ("CUDA0", "CUDA1", "Vulkan0"):
+        assert not is_host(name) and device_of_buffer(name) == name

@@ -144,7 +144,9 @@ def busy_handoffs(trace, gpu_experts: dict, layers: Sequence[int], n_expert: int
 
 
 def vram_model_bytes(loaded) -> int:
-    gpu = sum(v for k, v in loaded.buffers.model.items() if not k.startswith("CPU") and "Host" not in k)
+    from hybrid_gguf.planning.memory import is_host
+
+    gpu = sum(v for k, v in loaded.buffers.model.items() if not is_host(k))
     return int(gpu + hybrid_backend.pack_bytes(loaded.llm._model.model))
 
 

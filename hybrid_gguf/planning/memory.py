@@ -58,8 +58,10 @@ def _align(n: int, a: int) -> int:
 
 
 def is_host(device: str) -> bool:
+    """A buffer or device in host memory: the CPU's, a GPU's pinned one (CUDA_Host) or the one
+    a GPU reads in place (CUDA0_ZeroCopy, `cold: gpu`)."""
     low = device.lower()
-    return low == "cpu" or low.startswith("cpu_") or low.endswith("_host")
+    return low == "cpu" or low.startswith("cpu_") or low.endswith("_host") or low.endswith("_zerocopy")
 
 
 def device_of_buffer(buffer_name: str) -> str:
