@@ -166,6 +166,12 @@ PRESETS: dict[str, SynthSpec] = {
     "qwen3-30b-a3b-like": SynthSpec(n_layer=48, n_embd=2048, n_head=32, n_head_kv=4,
                                     head_dim=128, n_expert=128, n_expert_used=8,
                                     n_ff_exp=768, n_ctx_train=32768, weight_type="Q8_0"),
+    # gpt-oss-20b's expert geometry (24 layers, 32 experts top-4, width 2880, here 2816 so
+    # that Q4_K rows fit) on the qwen3moe graph: a bench model that the real gpt-oss-20b
+    # traces of tests/data/routing can drive (bench --routing trace:FILE)
+    "gpt-oss-20b-shaped": SynthSpec(n_layer=24, n_embd=2816, n_head=64, n_head_kv=8, head_dim=64,
+                                    n_expert=32, n_expert_used=4, n_ff_exp=2816, n_ctx_train=32768,
+                                    weight_type="Q8_0"),
     # Shapes of Mixtral-8x7B (32 layers, 8 experts top-2, width 14336): few, large experts.
     "mixtral-8x7b-like": SynthSpec(arch="llama", n_layer=32, n_embd=4096, n_head=32, n_head_kv=8,
                                    head_dim=128, n_expert=8, n_expert_used=2, n_ff_exp=14336,

@@ -25,7 +25,8 @@
 #   (cachesplit: the in-session cache's equivalence tests on CUDA, cold experts on the CPU
 #    and read by the GPU; cacheab: the planner's plan static and as lru/lfu/seeded caches beside
 #    whole layers, ROUTINGS= SHARES= TG=; CACHE_CONFIGS= names the cache rows, e.g.
-#    per-expert-cache-lru-q64 for 64 uploads per step)
+#    per-expert-cache-lru-q64 for 64 uploads per step; realtrace: the same on a gpt-oss-20b-shaped
+#    model driven by the real gpt-oss-20b trace of tests/data/routing, SHARES= TG= CACHE_CONFIGS=)
 #   (upstream: upstream llama.cpp b11549's own GPU expert cache, --moe-cache-mib, and its
 #    --n-cpu-moe on the Q30B-shaped model at SHARES= of the expert bytes, with its own router
 #    (= optimistic); built from .upstream/ (scripts/prepare_upstream.sh) into /tmp/upstream-build;
@@ -389,6 +390,21 @@ if has cachesplit; then
             python3 -c "import llama_cpp, sys, pytest; sys.exit(pytest.main(['-q', '-rA', '-p', 'no:cacheprovider', '-k', 'cache', 'tests/test_hybrid_split.py']))" \
             > "$OUT/split_cuda_cache_${COLD}_$UPLOADS.txt" 2>&1 && grep -E "passed|failed" "$OUT/split_cuda_cache_${COLD}_$UPLOADS.txt" | tail -1 \
             || { grep -E "^FAILED|passed|failed" "$OUT/split_cuda_cache_${COLD}_$UPLOADS.txt" | tail -8; failed "cachesplit $RUN"; }
+    done
+fi
+
+if has realtrace; then
+    # the cache on real routing: a gpt-oss-20b-shaped Q4_K model driven by the real gpt-oss-20b
+    # decode trace (tests/data/routing; first half profiles, second half is timed)
+    OSS=/tmp/models/gpt-oss-20b-shaped-q4k.gguf
+    [ -f "$OSS" ] || python3 scripts/make_bench_model.py --preset gpt-oss-20b-shaped --weight-type Q4_K --workers 16 \
+        --out "$OSS" 2>&1 | tail -1
+    for S in ${SHARES:-0.25}; do
+        log "in-session cache on the real gpt-oss-20b trace, $S of the expert bytes"
+        run_bench "$OSS" --routing trace:tests/data/routing/gpt-oss-20b_mixed10.npz --expert-share "$S" --pp 256 \
+            --tg ${TG:-128} --reps 2 --threads 16 --no-calibrate \
+            --configs whole-layer,per-expert,${CACHE_CONFIGS:-per-expert-cache-lru-q4,per-expert-cache-lru-q16,per-expert-cache-lfu-q16,per-expert-cache-seeded-q16} \
+            --json-detail "$OUT/realtrace_$S.json" 2>&1 | grep -E "^ *(whole|per)-|_vs_" || failed "realtrace $S"
     done
 fi
 

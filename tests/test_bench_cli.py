@@ -189,3 +189,42 @@ def test_cache_rows_name_their_policy_and_quota():
     for bad in ("per-expert-cache-", "per-expert-cache-lru-qx", "per-expert-cache-mru", "per-expert-cache-lru-q9999"):
         with pytest.raises(HybridError):
             cache_config(bad)
+
+
+def test_bench_replays_a_recorded_trace_file(tiny_model_factory, tmp_path, require_patch_v3):
+    """--routing trace:FILE: the first half profiles, the second half is what the timed runs
+    route. A trace that moves from experts 0,1 to 6,7 halfway must leave the plan's packs
+    (made from 0,1) without a single hit."""
+    import numpy as np
+
+    from hybrid_gguf.bench.plans import share_budgets
+
+    path = tiny_model_factory("qwen3moe", n_layer=4)
+    n = 400
+    ids = np.empty((n, 4, 2), dtype=np.int8)
+    ids[: n // 2] = [0, 1]
+    ids[n // 2:] = [6, 7]
+    trace = tmp_path / "moves.npz"
+    np.savez(trace, ids=ids, n_expert=np.int64(8))
+    (budget,) = share_budgets(path, [0.3], 256, 32)
+    detail = tmp_path / "detail.json"
+    res = CliRunner().invoke(app, ["bench", str(path), "--pp", "32", "--tg", "4", "--reps", "1", "--gpu-budget",
+                                   str(budget), "--ctx", "256", "--profile-tokens", "256", "--threads", "1",
+                                   "--no-calibrate", "--configs", "per-expert", "--routing", f"trace:{trace}",
+                                   "--json-detail", str(detail)])
+    assert res.exit_code == 0, res.output
+    out = json.loads(detail.read_text())
+    assert out["routing"] == f"trace:{trace}"
+    (row,) = out["results"]
+    assert all({0, 1} <= set(es) for es in row["plan"]["hot"].values()), row["plan"]["hot"]
+    assert all(not {6, 7} & set(es) for es in row["plan"]["hot"].values()), row["plan"]["hot"]
+    assert row["hit_rate"] == 0.0
+
+    # a trace of another shape is one clear line before anything loads
+    import subprocess
+    import sys
+
+    wrong = subprocess.run([sys.executable, "-m", "hybrid_gguf.cli", "bench", str(path), "--routing",
+                            "trace:tests/data/routing/gpt-oss-20b_mmlu-law.npz"], capture_output=True, text=True)
+    assert wrong.returncode != 0 and "Traceback" not in wrong.stderr
+    assert "24 layers" in wrong.stderr and len(wrong.stderr.strip().splitlines()) == 1, wrong.stderr

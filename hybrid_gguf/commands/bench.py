@@ -38,8 +38,9 @@ def bench_command(
     threads: Optional[int] = threads_option(),
     no_repack: bool = no_repack_option(),
     routing: Optional[str] = typer.Option(
-        None, "--routing", help="routing preset replayed instead of the model's own: realistic, "
-                                "gpt-oss-like, flat, optimistic (docs/routing.md)"),
+        None, "--routing", help="routing replayed instead of the model's own: a preset (realistic, "
+                                "gpt-oss-like, flat, optimistic; docs/routing.md) or trace:FILE, a recorded "
+                                "trace of the model's shape (first half profiles, second half is timed)"),
     ctx: Optional[int] = ctx_option("context length (raised to fit pp + tg)"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG bar chart"),
     as_json: bool = typer.Option(False, "--json",
@@ -89,10 +90,11 @@ def bench_command(
         budgets = [parse_size(b.strip()) for b in gpu_budget.split(",") if b.strip()]
     else:
         budgets = share_budgets(path, _shares(expert_share), n_ctx, pp)
-    if routing is not None:
-        from hybrid_gguf.routing.process import preset as routing_preset
+    if routing is not None:  # an unknown name or a trace of another shape fails before any work
+        from hybrid_gguf.header.inventory import read_inventory
+        from hybrid_gguf.routing.process import model_trace
 
-        routing_preset(routing)  # an unknown name fails before any work
+        model_trace(read_inventory(path), 2, override=routing)
     pack_device = "CUDA0" if gpu_devices() else "CPU"
     if pack_device == "CPU":
         console.print("[dim]no GPU: hot packs go to a CPU buffer; numbers check the mechanics, not the speed-up[/]")

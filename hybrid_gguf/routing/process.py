@@ -173,13 +173,33 @@ def trace_for(name: str, n_rows: int, n_layer: int, n_expert: int, n_used: int,
     return generate(n_rows, n_layer, n_expert, n_used, s, r, seed=seed, stream=stream)
 
 
+# a bench's --routing trace:FILE replays a recorded trace (routing/replay.py's .npz format)
+TRACE_PREFIX = "trace:"
+
+
+def file_trace(name: str, n_layer: int, n_expert: int, n_used: int) -> np.ndarray:
+    """The ids of a `trace:FILE` routing, checked against the model's shape."""
+    from hybrid_gguf.routing.replay import load_trace
+
+    trace = load_trace(name[len(TRACE_PREFIX):], n_layer=n_layer, n_expert=n_expert)
+    ids = np.asarray(trace.ids)
+    if ids.ndim != 3 or ids.shape[2] != n_used or ids.shape[0] < 2:
+        raise HybridError(f"{name}: a trace of {ids.shape[0]} tokens x top-{ids.shape[-1]} cannot drive a top-{n_used} "
+                          f"model (it needs top-{n_used} and at least 2 tokens)")
+    if (ids < 0).any():
+        raise HybridError(f"{name}: the trace has tokens a layer did not route; a routing replay needs every one")
+    return ids
+
+
 def model_routing(inventory, override: Optional[str] = None) -> Optional[str]:
-    """The routing preset to replay: `override` (a bench's --routing) or the one a bench
-    model carries in its metadata; None for the model's own routing."""
+    """The routing to replay: `override` (a bench's --routing: a preset name or trace:FILE) or
+    the preset a bench model carries in its metadata; None for the model's own routing."""
     name = override or inventory.metadata.get(ROUTING_KEY)
     if not name:
         return None
     name = str(name)
+    if name.startswith(TRACE_PREFIX):
+        return name
     preset(name)
     return None if PRESETS[name].coverage_25 is None else name
 
@@ -195,6 +215,12 @@ def model_trace(inventory, n_rows: int, stream: int = STREAM_MEASURED,
         raise HybridError("a routing preset needs a model with routed experts")
     used = inventory.n_expert_used
     used = max(used) if isinstance(used, (list, tuple)) else int(used)
+    if name.startswith(TRACE_PREFIX):
+        # the first half profiles, the second is the measured session; a longer run wraps
+        ids = file_trace(name, inventory.n_layer, inventory.n_expert, used)
+        half = ids.shape[0] // 2
+        part = ids[:half] if stream == STREAM_PROFILE else ids[half:]
+        return np.ascontiguousarray(part[np.arange(max(1, int(n_rows))) % part.shape[0]], dtype=np.int32)
     seed = int(inventory.metadata.get(ROUTING_KEY + ".seed", 0) or 0)
     return trace_for(name, max(1, int(n_rows)), inventory.n_layer, inventory.n_expert, used,
                      seed=seed, stream=stream)
