@@ -520,6 +520,8 @@ def test_the_planner_picks_an_in_session_cache_when_the_replay_says_it_pays(tiny
     assert (chosen["policy"], chosen["quota"]) == (plan.cache.policy, plan.cache.quota)
     assert plan.cache.quota in (4, 16, 64)  # the replay's quotas
     assert any(f"up to {plan.cache.quota} uploads per step" in n for n in plan.notes)
+    assert plan.to_json_dict()["predicted_cache"] == chosen  # plan --json: the dynamic hit rate and speed
+    assert chosen["predicted_decode_tokens_per_s"] > replayed["static"]["predicted_decode_tokens_per_s"]
     costly = Bandwidth(pcie_bytes_per_s=1e3, cpu_bytes_per_s=1e6)  # an upload costs more than a miss
     plan2 = make_plan(inv, budget, 1024, prof, bandwidth=costly, cache="auto", cache_trace=trace, **kw)
     assert not plan2.cache.active and any("cache: static" in n for n in plan2.notes)

@@ -314,7 +314,17 @@ class Plan:
         d["predicted_decode_tokens_per_s"] = d["predicted"]["decode_tokens_per_s"]
         d["predicted_prefill_tokens_per_s"] = d["predicted"]["prefill_tokens_per_s"]
         d["gpu_bytes"] = d["predicted"]["gpu_bytes"]
+        d["predicted_cache"] = self.predicted_cache()
         return d
+
+    def predicted_cache(self) -> Optional[dict]:
+        """The replay's row for this plan's in-session cache (policy, quota, hit_rate,
+        uploads_per_token, upload_bytes_per_token, predicted_decode_tokens_per_s), where the
+        planner chose it by replay (`plan --cache auto`); else None."""
+        if not self.cache.active:
+            return None
+        rows = (self.predicted.speed_terms or {}).get("cache_replay") or {}
+        return rows.get(f"{self.cache.policy} q{int(self.cache.quota)}")
 
     def to_yaml(self) -> str:
         import yaml
