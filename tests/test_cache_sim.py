@@ -35,3 +35,11 @@ def test_quota_zero_is_the_static_hot_set():
     steps = _steps(1, 3, 2, 3, 1)
     res = simulate_cache(steps, hot, 8, "lru", quota=0)
     assert (res.hits, res.misses, res.uploads) == (3, 2, 0)
+
+
+def test_a_background_upload_that_lands_is_not_uploaded_again():
+    hot = {0: [0, 1]}
+    # 5 misses at step 1 (upload issued), misses again at step 2 while in flight (it lands
+    # after step 2's count): no second copy of 5 in the other slot
+    res = simulate_cache(_steps(5, 5, 5, 5), hot, 8, "lru", quota=4, asynchronous=True)
+    assert res.uploads == 1 and (res.hits, res.misses) == (2, 2)

@@ -75,16 +75,15 @@ def simulate_cache(steps: Iterable[Mapping[int, np.ndarray]], hot: Mapping[int, 
         candidates = []
         for l in sorted(layers):
             cl = layers[l]
-            misses_now = [0] * n_expert
-            for e in np.asarray(ids_by_layer.get(l, ()), dtype=np.int64).ravel():
-                e = int(e)
+            misses_now: dict = {}
+            for e in np.asarray(ids_by_layer.get(l, ()), dtype=np.int64).ravel().tolist():
                 if not 0 <= e < n_expert:
                     continue
                 if cl.expert_slot[e] >= 0:
                     out.hits += 1
                 else:
                     out.misses += 1
-                    misses_now[e] += 1
+                    misses_now[e] = misses_now.get(e, 0) + 1
                 cl.score_at(e, step)
                 cl.score[e] += 1.0
                 cl.last_use[e] = step
@@ -93,8 +92,9 @@ def simulate_cache(steps: Iterable[Mapping[int, np.ndarray]], hot: Mapping[int, 
             for slot, e in cl.incoming.items():
                 cl.expert_slot[e] = slot
             cl.incoming.clear()
-            for e in range(n_expert):
-                if misses_now[e] > 0:
+            # in expert order, as the patch scans them; not one that became resident just now
+            for e in sorted(misses_now):
+                if cl.expert_slot[e] < 0:
                     candidates.append((l, e, cl.score[e] if lfu else misses_now[e] + 1e-6 * cl.score[e]))
         candidates.sort(key=lambda c: -c[2])  # stable, as the patch's std::stable_sort
         uploads = 0
