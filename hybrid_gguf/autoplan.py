@@ -227,6 +227,23 @@ def plan_model(model_path: PathLike, gpu_budget: Union[None, int, list], n_ctx: 
     return AutoPlan(plan, diff, inv, profile, prev, notes)
 
 
+def next_session_plan(plan, inv, profile):
+    """The plan the same settings give with an updated routing profile (what the next session
+    that re-plans will use), and its diff against `plan` (planner.PlanDiff); (None, None) when
+    there is nothing to re-plan from. Pure: `plan`'s own budget, devices, memory options,
+    calibration and cache, no llama.cpp."""
+    from hybrid_gguf.planning.calibration import Bandwidth
+    from hybrid_gguf.planning.planner import diff_plans, make_plan
+
+    if plan is None or profile is None or plan.backend != "per-expert" or not plan.hot:
+        return None, None
+    bw = plan.predicted.bandwidth if plan.predicted.bandwidth is not None else Bandwidth()
+    new = make_plan(inv, plan.budget_bytes, plan.n_ctx, profile, devices=plan.devices or None, bandwidth=bw,
+                    previous=plan, memory=plan.memory, cold="gpu" if plan.cold_on_gpu else "cpu",
+                    cache=plan.cache.policy, cache_quota=plan.cache.quota)
+    return new, diff_plans(plan, new, inv, profile)
+
+
 # --- a HybridModel session's placement -----------------------------------------------------
 
 

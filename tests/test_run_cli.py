@@ -159,3 +159,38 @@ def test_a_plan_file_carries_its_cache_to_the_run(tmp_path, tiny_model_factory):
     res = run_cli(*base, "--cache", "static", env_extra=env)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["cache"] is None
+
+
+def test_the_end_of_a_session_says_what_the_next_plan_changes(tmp_path, tiny_model_factory):
+    """A run of a per-expert plan re-plans with its updated profile (pure, no reload) and
+    says what the next plan would change: --json `next_plan`, and a line on stderr."""
+    import numpy as np
+
+    from hybrid_gguf.header.inventory import read_inventory
+    from hybrid_gguf.planning.planner import make_plan
+    from hybrid_gguf.routing.profile import RoutingProfile
+
+    if not hybrid_backend.capability().per_expert:
+        pytest.skip("needs the hybrid patch (per-expert plans)")
+    path = tiny_model_factory("qwen3moe", n_layer=3)
+    inv = read_inventory(path)
+    # a profile that favours the last experts; the run's own routing will disagree somewhere
+    counts = np.tile(np.arange(1, inv.n_expert + 1, dtype=float), (inv.n_layer, 1)) * 100
+    prof = RoutingProfile(inv.fingerprint, inv.arch, inv.n_layer, inv.n_expert, inv.n_expert_used, counts,
+                          np.zeros_like(counts), np.full(inv.n_layer, counts[0].sum() / inv.n_expert_used),
+                          np.zeros(inv.n_layer), sessions=1)
+    for mib in range(4, 256, 4):
+        plan = make_plan(inv, mib << 20, 256, prof, devices=["GPU"], promote_fraction=2.0)
+        if plan.hot:
+            break
+    file = tmp_path / "plan.yaml"
+    plan.save(file)
+    env = {"HYBRID_GGUF_HOME": str(tmp_path)}
+    base = ["-m", str(path), "-p", "def main():", "-n", "8", "--threads", "1", "--ctx", "256", "--plan", str(file)]
+    res = run_cli(*base, "--json", env_extra=env)
+    assert res.returncode == 0, res.stderr
+    nxt = json.loads(res.stdout)["next_plan"]
+    assert nxt is not None and "predicted hit rate" in nxt["summary"]
+    assert set(nxt) >= {"promoted", "demoted", "hit_before", "hit_after"}
+    res = run_cli(*base, env_extra=env)
+    assert res.returncode == 0 and "re-planned with this session's routing" in res.stderr, res.stderr

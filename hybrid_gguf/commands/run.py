@@ -104,6 +104,7 @@ def run_command(
             profile = hm.save_profile()
         for w in caught:  # e.g. a stored profile moved aside
             _notice(console, f"warning: {w.message}")
+        next_plan = _next_plan(hm, profile)
         if as_json:
             print(json.dumps({
                 "model": str(hm.path),
@@ -119,6 +120,7 @@ def run_command(
                 "profile_sessions": None if profile is None else profile.sessions,
                 "routing": routing,
                 "cache": hm.cache_stats(),
+                "next_plan": None if next_plan is None else {"summary": next_plan.summary(), **next_plan.to_dict()},
             }, indent=2))
         else:
             _notice(console, f"prompt {res.prompt_tokens} tok at {res.prompt_tokens_per_s:.1f} tok/s, "
@@ -135,6 +137,9 @@ def run_command(
                                  f"({stats['upload_bytes'] / 2**20:.1f} MiB"
                                  + (f", {stats['blocking_uploads']} of them synchronous" if stats.get("blocking_uploads") else "")
                                  + f"), {stats['evictions']} evictions")
+            if next_plan is not None:
+                _notice(console, "re-planned with this session's routing (what `hybrid-gguf plan` and the next "
+                                 "auto-planned run will use): " + next_plan.summary())
     except KeyboardInterrupt:
         _save_interrupted(hm, console)
         raise typer.Exit(130)
@@ -167,6 +172,17 @@ def check_text(text: str, what: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise HybridError(f"{what} is not valid UTF-8 text (at character {exc.start})") from None
+
+
+def _next_plan(hm, profile):
+    """The diff between this session's plan and the one its updated profile gives (None
+    without a per-expert plan or a profile)."""
+    from hybrid_gguf.autoplan import next_session_plan
+
+    try:
+        return next_session_plan(hm.plan, hm.inventory, profile)[1]
+    except HybridError:
+        return None
 
 
 def _save_interrupted(hm, console: Console) -> None:
