@@ -128,7 +128,7 @@ def plan_model(model_path: PathLike, gpu_budget: Union[None, int, list], n_ctx: 
                profile=None, profile_path: Optional[PathLike] = None, store: Optional[PathLike] = None,
                previous=None, previous_path: Optional[PathLike] = None, out: Optional[PathLike] = None,
                devices: Optional[Sequence] = None, per_expert: Optional[bool] = None,
-               measure: bool = True, calibrate: bool = True, n_ubatch: int = 512,
+               measure: bool = True, calibrate: bool = True, n_ubatch: Union[int, str] = 512,
                flash_attn: bool = False, type_k: str = "f16", type_v: str = "f16",
                margin_bytes: int = 64 * MIB, hysteresis: float = 0.01, promote_from: Optional[float] = None,
                inventory=None, cold: Optional[str] = None, cache: str = "static",
@@ -152,6 +152,10 @@ def plan_model(model_path: PathLike, gpu_budget: Union[None, int, list], n_ctx: 
     promote_from: layers whose hot set covers at least this share of their experts are
       promoted whole when the speed model says the saved hand-off pays (0: any layer;
       default planner.PROMOTE_FROM).
+    n_ubatch: the physical batch, or "auto": each of UBATCH_CHOICES that the context holds is
+      planned (its compute buffer comes out of the budget) and the one with the fastest
+      predicted prefill is kept among those whose predicted decode is within UBATCH_DECODE_LOSS
+      of the best (a larger ubatch spreads op offload's expert uploads over more tokens).
     """
     from hybrid_gguf.header.inventory import read_inventory
     from hybrid_gguf.planning.plan import Plan
@@ -186,9 +190,13 @@ def plan_model(model_path: PathLike, gpu_budget: Union[None, int, list], n_ctx: 
         except Exception:
             per_expert = False
 
-    opts = memory_options_here(model_path, n_ctx, n_ubatch=n_ubatch, flash_attn=flash_attn, type_k=type_k,
-                               type_v=type_v, margin_bytes=margin_bytes, measure=measure,
-                               gpu_present=gpu_present, notes=notes)
+    def options(ubatch: int, into: list):
+        return memory_options_here(model_path, n_ctx, n_ubatch=ubatch, flash_attn=flash_attn, type_k=type_k,
+                                   type_v=type_v, margin_bytes=margin_bytes, measure=measure,
+                                   gpu_present=gpu_present, notes=into)
+
+    ubatches = _ubatch_choices(n_ubatch, n_ctx)
+    opts = options(ubatches[0], notes)
     bw = calibrate_bandwidth().for_model(inv.fingerprint) if calibrate else Bandwidth()
     guessed = [f for f in GPU_DECODE_FIELDS if f not in bw.measured]
     if calibrate and gpu_present and guessed:
@@ -216,10 +224,15 @@ def plan_model(model_path: PathLike, gpu_budget: Union[None, int, list], n_ctx: 
             warnings.simplefilter("always")
             cache_trace = ProfileStore(store).load_trace(inv.fingerprint, inv.n_layer, inv.n_expert)
         notes += [str(w.message) for w in caught]
-    plan = make_plan(inv, budget, n_ctx, profile, per_expert=per_expert, devices=devs, bandwidth=bw,
-                     previous=prev, memory=opts, hysteresis=hysteresis,
-                     promote_fraction=PROMOTE_FROM if promote_from is None else promote_from, cold=cold,
-                     cache=cache, cache_trace=cache_trace, cache_quota=cache_quota)
+    def plan_with(memory):
+        return make_plan(inv, budget, n_ctx, profile, per_expert=per_expert, devices=devs, bandwidth=bw,
+                         previous=prev, memory=memory, hysteresis=hysteresis,
+                         promote_fraction=PROMOTE_FROM if promote_from is None else promote_from, cold=cold,
+                         cache=cache, cache_trace=cache_trace, cache_quota=cache_quota)
+
+    plan = plan_with(opts)
+    if len(ubatches) > 1:
+        plan = _best_ubatch(plan, [plan_with(options(u, [])) for u in ubatches[1:]], notes)
     plan.notes = notes + plan.notes
     diff = diff_plans(prev, plan, inv, profile) if prev is not None else None
     if out is not None:
@@ -242,6 +255,30 @@ def next_session_plan(plan, inv, profile):
                     previous=plan, memory=plan.memory, cold="gpu" if plan.cold_on_gpu else "cpu",
                     cache=plan.cache.policy, cache_quota=plan.cache.quota)
     return new, diff_plans(plan, new, inv, profile)
+
+
+UBATCH_CHOICES = (512, 1024, 2048, 4096)
+UBATCH_DECODE_LOSS = 0.02  # decode given up for a faster prefill, at most
+
+
+def _ubatch_choices(n_ubatch: Union[int, str], n_ctx: int) -> list:
+    if n_ubatch != "auto":
+        return [int(n_ubatch)]
+    return [u for u in UBATCH_CHOICES if u <= max(n_ctx, UBATCH_CHOICES[0])]
+
+
+def _best_ubatch(first, others: list, notes: list):
+    """The plan of UBATCH_CHOICES with the fastest predicted prefill among those within
+    UBATCH_DECODE_LOSS of the best predicted decode."""
+    plans = [first] + list(others)
+    best_decode = max(p.predicted.decode_tokens_per_s for p in plans)
+    fine = [p for p in plans if p.predicted.decode_tokens_per_s >= (1 - UBATCH_DECODE_LOSS) * best_decode]
+    chosen = max(fine, key=lambda p: p.predicted.prefill_tokens_per_s)
+    rows = ", ".join(f"{p.memory.n_ubatch}: {p.predicted.prefill_tokens_per_s:.0f} / "
+                     f"{p.predicted.decode_tokens_per_s:.1f}" for p in plans)
+    notes.append(f"ubatch {chosen.memory.n_ubatch} (predicted prefill / decode tokens/s per ubatch: {rows}; "
+                 f"the fastest prefill within {UBATCH_DECODE_LOSS:.0%} of the best decode)")
+    return chosen
 
 
 # --- a HybridModel session's placement -----------------------------------------------------

@@ -553,3 +553,41 @@ def test_the_profile_store_keeps_the_newest_trace(tmp_path, tiny_model_factory):
     assert np.array_equal(back.ids, trace.ids[-ProfileStore.TRACE_TOKENS:])
     with pytest.warns(UserWarning, match="not used"):
         assert store.load_trace(inv.fingerprint, inv.n_layer + 1, inv.n_expert) is None
+
+
+def test_the_planner_picks_the_ubatch_by_predicted_prefill_and_decode(tmp_path, tiny_model_factory):
+    """plan --ubatch auto: each ubatch the context holds is planned (its compute buffer out of
+    the budget); the fastest predicted prefill wins among plans within 2 % of the best decode."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    from hybrid_gguf.autoplan import UBATCH_DECODE_LOSS, _best_ubatch, _ubatch_choices
+
+    assert _ubatch_choices("auto", 1500) == [512, 1024]
+    assert _ubatch_choices("auto", 256) == [512] and _ubatch_choices(768, 4096) == [768]
+
+    def fake(u, prefill, decode):
+        return SimpleNamespace(memory=SimpleNamespace(n_ubatch=u),
+                               predicted=SimpleNamespace(prefill_tokens_per_s=prefill, decode_tokens_per_s=decode))
+
+    notes: list = []
+    # 2048 prefills fastest but gives up 5 % of decode; 1024 gives up 1 %: 1024
+    chosen = _best_ubatch(fake(512, 100, 50.0), [fake(1024, 150, 49.5), fake(2048, 200, 47.5)], notes)
+    assert chosen.memory.n_ubatch == 1024 and "ubatch 1024" in notes[0]
+    assert UBATCH_DECODE_LOSS == 0.02
+
+    path = tiny_model_factory("qwen3moe", n_layer=4)
+    env = dict(os.environ, HYBRID_GGUF_HOME=str(tmp_path))
+    res = subprocess.run([sys.executable, "-m", "hybrid_gguf.cli", "plan", str(path), "--ctx", "2048", "--ubatch", "auto",
+                          "--no-measure", "--no-calibrate", "--assume-devices", "CUDA0:64MiB", "--json"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    d = json.loads(res.stdout)
+    assert d["memory"]["n_ubatch"] in (512, 1024, 2048)
+    assert any(n.startswith(f"ubatch {d['memory']['n_ubatch']} (predicted") for n in d["notes"]), d["notes"]
+    bad = subprocess.run([sys.executable, "-m", "hybrid_gguf.cli", "plan", str(path), "--ubatch", "big",
+                          "--assume-devices", "CUDA0:64MiB"], capture_output=True, text=True, env=env, timeout=60)
+    assert bad.returncode != 0 and "--ubatch takes a number or auto" in bad.stderr and "Traceback" not in bad.stderr

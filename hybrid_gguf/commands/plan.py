@@ -65,7 +65,8 @@ def register(app: typer.Typer) -> None:
             None, "--assume-devices", "--devices",
             help="plan for these GPUs instead of this machine's: CUDA0:24GiB,CUDA1:16GiB (what the model may use "
                  "on each; `run --plan` refuses the plan on other GPUs)"),
-        n_ubatch: int = typer.Option(512, "--ubatch", help="physical batch size"),
+        n_ubatch: str = typer.Option("512", "--ubatch", help="physical batch size, or auto: the planner's pick of "
+                                                             "512..4096 by predicted prefill and decode"),
         flash_attn: bool = typer.Option(False, "--flash-attn", help="plan for flash attention"),
         type_k: str = typer.Option("f16", "--cache-type-k", help="KV cache type of K"),
         type_v: str = typer.Option("f16", "--cache-type-v", help="KV cache type of V"),
@@ -105,7 +106,11 @@ def register(app: typer.Typer) -> None:
         console = Console(stderr=as_json)
         check_ctx(ctx, "--ctx")
         model = resolve(model, model_opt).path
-        check_batch(n_ubatch, "--ubatch")
+        if n_ubatch != "auto":
+            if not n_ubatch.isdigit():
+                raise HybridError(f"--ubatch takes a number or auto, got {n_ubatch!r}")
+            n_ubatch = int(n_ubatch)
+            check_batch(n_ubatch, "--ubatch")
         for option, path in (("--out", out), ("--plot", plot)):
             if path is not None and path.is_dir():
                 raise HybridError(f"{option} {path} is a directory; give a file name")
@@ -152,7 +157,7 @@ def register(app: typer.Typer) -> None:
         elif plot is not None:
             raise HybridError("--plot draws the replay: pass --replay TRACE too")
 
-        here = cpu_only_prediction(inv, bw, ctx, n_ubatch)
+        here = cpu_only_prediction(inv, bw, ctx, plan.memory.n_ubatch)
         if as_json:
             d = plan.to_json_dict()
             d["per_device"] = plan.per_device(inv)
