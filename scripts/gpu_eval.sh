@@ -27,6 +27,8 @@
 #    whole layers, ROUTINGS= SHARES= TG=; CACHE_CONFIGS= names the cache rows, e.g.
 #    per-expert-cache-lru-q64 for 64 uploads per step; realtrace: the same on a gpt-oss-20b-shaped
 #    model driven by the real gpt-oss-20b trace of tests/data/routing, SHARES= TG= CACHE_CONFIGS=)
+#   (prefill: prompts of PROMPTS= tokens (512 2048 8192) at ubatch 512 and at the whole prompt
+#    (at most 4096), whole-layer and per-expert plans made for each, SHARES=, ROUTINGS=)
 #   (upstream: upstream llama.cpp b11549's own GPU expert cache, --moe-cache-mib, and its
 #    --n-cpu-moe on the Q30B-shaped model at SHARES= of the expert bytes, with its own router
 #    (= optimistic); built from .upstream/ (scripts/prepare_upstream.sh) into /tmp/upstream-build;
@@ -390,6 +392,24 @@ if has cachesplit; then
             python3 -c "import llama_cpp, sys, pytest; sys.exit(pytest.main(['-q', '-rA', '-p', 'no:cacheprovider', '-k', 'cache', 'tests/test_hybrid_split.py']))" \
             > "$OUT/split_cuda_cache_${COLD}_$UPLOADS.txt" 2>&1 && grep -E "passed|failed" "$OUT/split_cuda_cache_${COLD}_$UPLOADS.txt" | tail -1 \
             || { grep -E "^FAILED|passed|failed" "$OUT/split_cuda_cache_${COLD}_$UPLOADS.txt" | tail -8; failed "cachesplit $RUN"; }
+    done
+fi
+
+if has prefill; then
+    # the prompt's micro-batch: prompts of PROMPTS tokens timed at ubatch 512 (what `run` uses
+    # by default) and at the whole prompt (at most 4096), per-expert and whole-layer plans made
+    # for that ubatch, at SHARES; issue 20's prefill target is >= 1.3x at 2048+ tokens
+    for S in ${SHARES:-0.25}; do
+        for P in ${PROMPTS:-512 2048 8192}; do
+            for U in 512 $(( P < 4096 ? P : 4096 )); do
+                log "prefill: $P-token prompt in ubatches of $U, $S of the expert bytes (${ROUTINGS:-realistic})"
+                run_bench "$BIG" --routing ${ROUTINGS:-realistic} --expert-share "$S" --pp "$P" --tg 16 --reps 2 \
+                    --threads 16 --no-calibrate --ubatch "$U" --profile-tokens 2048 --configs whole-layer,per-expert \
+                    --json-detail "$OUT/prefill_${S}_p${P}_u$U.json" 2>&1 | grep -E "^ *(whole|per)-" \
+                    || failed "prefill $S $P $U"
+                [ "$P" = 512 ] && break  # one ubatch for the 512-token prompt
+            done
+        done
     done
 fi
 

@@ -228,3 +228,18 @@ def test_bench_replays_a_recorded_trace_file(tiny_model_factory, tmp_path, requi
                             "trace:tests/data/routing/gpt-oss-20b_mmlu-law.npz"], capture_output=True, text=True)
     assert wrong.returncode != 0 and "Traceback" not in wrong.stderr
     assert "24 layers" in wrong.stderr and len(wrong.stderr.strip().splitlines()) == 1, wrong.stderr
+
+
+def test_bench_times_the_prompt_in_the_given_micro_batches(tiny_model_factory, tmp_path):
+    """--ubatch: the plans are made for it, the loads use it, and the report says it (the
+    default is the whole prompt)."""
+    path = tiny_model_factory("qwen3moe", n_layer=2)
+    detail = tmp_path / "detail.json"
+    res = CliRunner().invoke(app, ["bench", str(path), "--pp", "96", "--tg", "4", "--reps", "1", "--ubatch", "32",
+                                   "--ctx", "256", "--profile-tokens", "128", "--threads", "1", "--no-calibrate",
+                                   "--configs", "whole-layer", "--json-detail", str(detail)])
+    assert res.exit_code == 0, res.output
+    out = json.loads(detail.read_text())
+    assert out["n_ubatch"] == 32 and out["results"][0]["pp_ts"][0] > 0
+    res = CliRunner().invoke(app, ["bench", str(path), "--ubatch", "0"])
+    assert res.exit_code != 0 and "--ubatch must be between" in str(res.exception)

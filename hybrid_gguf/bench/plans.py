@@ -110,24 +110,32 @@ def cache_config(name: str) -> CacheOptions:
     return CacheOptions(policy=policy, quota=int(quota) if quota else CacheOptions.quota, background=background)
 
 
-def bench_batch(n_prompt: int) -> int:
-    """n_batch = n_ubatch of the timed loads, and the ubatch the plans are made for."""
+def bench_n_batch(n_prompt: int) -> int:
+    """n_batch of the timed loads: the whole prompt goes to llama.cpp in one call."""
     return max(512, int(n_prompt))
 
 
-def bench_memory(model_path: Path, n_ctx: int, n_prompt: int):
+def bench_batch(n_prompt: int, n_ubatch: Optional[int] = None) -> int:
+    """n_ubatch of the timed loads, and the ubatch the plans are made for: `n_ubatch` (bench
+    --ubatch) or the whole prompt (at least 512)."""
+    return bench_n_batch(n_prompt) if not n_ubatch else min(int(n_ubatch), bench_n_batch(n_prompt))
+
+
+def bench_memory(model_path: Path, n_ctx: int, n_prompt: int, n_ubatch: Optional[int] = None):
     """The MemoryOptions `plan` would use for the bench's context and batch (a dry run)."""
     from hybrid_gguf.llama.devices import gpu_devices
     from hybrid_gguf.autoplan import memory_options_here
 
-    return memory_options_here(model_path, n_ctx, n_ubatch=bench_batch(n_prompt), gpu_present=bool(gpu_devices()))
+    return memory_options_here(model_path, n_ctx, n_ubatch=bench_batch(n_prompt, n_ubatch),
+                               gpu_present=bool(gpu_devices()))
 
 
-def share_budgets(model_path: Path, shares: Sequence[float], n_ctx: int, n_prompt: int) -> list[int]:
+def share_budgets(model_path: Path, shares: Sequence[float], n_ctx: int, n_prompt: int,
+                  n_ubatch: Optional[int] = None) -> list[int]:
     """Total VRAM budgets that leave room for each share of the routed-expert bytes on top
     of the rest of the model (planning/budget.expert_share_budget); converted once, here."""
     from hybrid_gguf.planning.budget import expert_share_budget
 
     inv = read_inventory(model_path)
-    memory = bench_memory(model_path, n_ctx, n_prompt)
+    memory = bench_memory(model_path, n_ctx, n_prompt, n_ubatch)
     return [expert_share_budget(inv, s, memory) for s in shares]

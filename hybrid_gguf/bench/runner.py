@@ -19,7 +19,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from hybrid_gguf.bench.plans import CACHE_PREFIX, Config, bench_batch, bench_memory, plan_configs
+from hybrid_gguf.bench.plans import CACHE_PREFIX, Config, bench_batch, bench_memory, bench_n_batch, plan_configs
 from hybrid_gguf.llama import hybrid as hybrid_backend
 from hybrid_gguf.routing import process as routing_process
 from hybrid_gguf.errors import HybridError
@@ -68,12 +68,12 @@ def hit_rate(counts_decode: np.ndarray, gpu_experts: dict[int, list[int]]) -> Op
 
 def load_config(path: Path, inv: Inventory, cfg: Config, n_ctx: int, n_batch: int, record,
                 pack_device: str, n_threads: Optional[int], stream: int = routing_process.STREAM_MEASURED,
-                routing: Optional[str] = None, repack: bool = True):
+                routing: Optional[str] = None, repack: bool = True, n_ubatch: Optional[int] = None):
     """`cfg` loaded (`record`: a recorder.Recording, or None; `repack` False: host weights
     in plain buffers, llama.cpp's use_extra_bufts off, as `run --no-repack`)."""
     from hybrid_gguf.llama.loader import load_llama
 
-    kwargs = dict(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_gpu_layers=cfg.n_gpu_layers, use_mmap=False,
+    kwargs = dict(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch or n_batch, n_gpu_layers=cfg.n_gpu_layers, use_mmap=False,
                   verbose=False, seed=0)
     if n_threads:
         kwargs.update(n_threads=n_threads, n_threads_batch=n_threads)
@@ -156,11 +156,13 @@ def run_bench(model_path: Path, *, budget_bytes: Optional[int], profile_prompts:
               n_threads: Optional[int] = None, profile=None,
               eval_counts: Optional[np.ndarray] = None, eval_trace=None, save_calibration: bool = True,
               routing: Optional[str] = None, log: Callable[[str], None] = print,
-              on_progress: Optional[Callable[[int, int], None]] = None, repack: bool = True) -> dict:
+              on_progress: Optional[Callable[[int, int], None]] = None, repack: bool = True,
+              n_ubatch: Optional[int] = None) -> dict:
     """Profile (unless `profile` is given), plan, then time each placement; returns a
     JSON-able dict. `budget_bytes`: total VRAM, as `plan --gpu-budget` (None: all the GPU
     can give), made usable here once (planning/budget.py). `routing`: a routing preset
-    (routing_process.PRESETS) replayed instead of the model's own.
+    (routing_process.PRESETS) or trace:FILE replayed instead of the model's own. `n_ubatch`:
+    the prompt's micro-batch, planned for and loaded (default: the whole prompt).
     `on_progress(more_steps, steps_done)`: first the number of timed reps ahead, then each rep."""
     from hybrid_gguf.llama.devices import gpu_devices
     from hybrid_gguf.llama.recorder import Recording
@@ -208,9 +210,10 @@ def run_bench(model_path: Path, *, budget_bytes: Optional[int], profile_prompts:
     for note in budget_notes:
         log(note)
     budget = sum(d.budget_bytes for d in devices)
-    share = expert_share(inv, budget, bench_memory(model_path, n_ctx, n_prompt))
+    ubatch = bench_batch(n_prompt, n_ubatch)
+    share = expert_share(inv, budget, bench_memory(model_path, n_ctx, n_prompt, n_ubatch))
     log(f"budget {format_size(budget)} of VRAM: room for {share:.0%} of the expert bytes next to the rest")
-    all_cfgs = plan_configs(model_path, inv, profile, devices, n_ctx, bench_batch(n_prompt), configs,
+    all_cfgs = plan_configs(model_path, inv, profile, devices, n_ctx, ubatch, configs,
                             gpu_present=bool(gpus))
     step = on_progress or (lambda more, done: None)
     step(len(all_cfgs) * reps, 0)
@@ -218,8 +221,8 @@ def run_bench(model_path: Path, *, budget_bytes: Optional[int], profile_prompts:
         t0 = time.perf_counter()
         expert_bytes = cfg.gpu_expert_bytes(inv)
         try:
-            loaded = load_config(model_path, inv, cfg, n_ctx, bench_batch(n_prompt), None, pack_device, n_threads,
-                                 routing=routing, repack=repack)
+            loaded = load_config(model_path, inv, cfg, n_ctx, bench_n_batch(n_prompt), None, pack_device, n_threads,
+                                 routing=routing, repack=repack, n_ubatch=ubatch)
         except HybridError as exc:
             results.append(Result(cfg.name, n_prompt, n_gen, [], [], None, expert_bytes, 0, 0.0, str(exc),
                                   cfg.plan_detail(inv)))
@@ -256,6 +259,7 @@ def run_bench(model_path: Path, *, budget_bytes: Optional[int], profile_prompts:
         "budget_share_of_experts": share,
         "fingerprint": inv.fingerprint,
         "routing": routing_process.model_routing(inv, routing) or "optimistic",
+        "n_ubatch": ubatch,
         "results": [r.summary() for r in results],
         "profile": profile.to_dict(),
         "_profile": profile,
@@ -264,7 +268,7 @@ def run_bench(model_path: Path, *, budget_bytes: Optional[int], profile_prompts:
     }
     out["prediction"] = predict_configs(inv, profile, all_cfgs, results, n_prompt, n_gen, n_ctx,
                                         on_gpu=bool(gpus), save=save_calibration, log=log,
-                                        eval_trace=eval_trace)
+                                        eval_trace=eval_trace, n_ubatch=ubatch)
     base = {r.name: r for r in results}
     if "whole-layer" in base and "per-expert" in base and base["whole-layer"].tg_ts:
         wl, pe = base["whole-layer"].summary(), base["per-expert"].summary()
@@ -275,7 +279,7 @@ def run_bench(model_path: Path, *, budget_bytes: Optional[int], profile_prompts:
 
 def predict_configs(inv: Inventory, profile, cfgs: Sequence[Config], results: Sequence[Result],
                     n_prompt: int, n_gen: int, n_ctx: int, on_gpu: bool = True, save: bool = True,
-                    log: Callable[[str], None] = print, eval_trace=None) -> dict:
+                    log: Callable[[str], None] = print, eval_trace=None, n_ubatch: Optional[int] = None) -> dict:
     """The planner's predicted tokens/s of every placement, twice: with this machine's stored
     calibration (what `plan` predicted before this run: out of sample), and with the model
     fitted to this run's placements (in sample), which `plan` uses from then on when `save`.
@@ -284,7 +288,9 @@ def predict_configs(inv: Inventory, profile, cfgs: Sequence[Config], results: Se
 
     The fit takes each placement's busy hand-offs from the timed workload's routing trace
     when there is one (what happened), not from the profile's estimate (what `plan` can
-    know); both are reported, with each placement's model terms for later refits."""
+    know); both are reported, with each placement's model terms for later refits. Prefill is
+    modelled per ubatch: `n_ubatch` tokens (default and at most the prompt)."""
+    t_ubatch = min(int(n_ubatch or n_prompt), int(n_prompt))
     from hybrid_gguf.bench.probe import calibrate_bandwidth
     from hybrid_gguf.planning import calibration
     from hybrid_gguf.planning.speed import hit_rate, predict_speed
@@ -298,7 +304,7 @@ def predict_configs(inv: Inventory, profile, cfgs: Sequence[Config], results: Se
         s = res.summary()
         if res.error is None and s["tg_median_ts"] > 0:
             gpu = cfg.gpu_experts
-            run = calibration.MeasuredRun(gpu, s["tg_median_ts"], s["pp_median_ts"], n_prompt, n_prompt + n_gen // 2)
+            run = calibration.MeasuredRun(gpu, s["tg_median_ts"], s["pp_median_ts"], t_ubatch, n_prompt + n_gen // 2)
             runs[cfg.name] = (cfg, run)
             t = calibration.run_terms(inv, p, run, n_ctx)
             if cfg.cold_on_gpu:
@@ -314,7 +320,7 @@ def predict_configs(inv: Inventory, profile, cfgs: Sequence[Config], results: Se
     saved = calibration.fit_bandwidth_terms(fit_terms, stored, inv.fingerprint) if fit_terms else stored
     cold_runs = [(cfg, run) for cfg, run in runs.values() if cfg.cold_on_gpu]
     if on_gpu and cold_runs:
-        saved = fit_host_read(inv, p, cold_runs, saved, n_ctx, n_prompt, log)
+        saved = fit_host_read(inv, p, cold_runs, saved, n_ctx, t_ubatch, log)
     fitted = saved.for_model(inv.fingerprint)
     roof = replace(fitted, handoff_s=0.0, handoff_idle_s=0.0, gpu_chain_s=0.0)
     table = {}
@@ -326,7 +332,7 @@ def predict_configs(inv: Inventory, profile, cfgs: Sequence[Config], results: Se
                "terms": t.to_dict()}
         for key, bw in (("predicted", before), ("fitted", fitted), ("roofline", roof)):
             sp = predict_speed(inv, p, cfg.gpu_experts if on_gpu else {}, on_gpu, bw, n_ctx,
-                               n_ubatch=n_prompt, kv_fill=run.kv_fill, cold_on_gpu=cfg.cold_on_gpu)
+                               n_ubatch=t_ubatch, kv_fill=run.kv_fill, cold_on_gpu=cfg.cold_on_gpu)
             row[f"{key}_decode_ts"] = sp.decode_tokens_per_s
             if key != "roofline":
                 row[f"{key}_prefill_ts"] = sp.prefill_tokens_per_s

@@ -28,6 +28,8 @@ def bench_command(
                                      "total VRAM once; default 0.25, or several: 0.1,0.25,0.5 (fitted together)"),
     pp: int = typer.Option(512, "--pp", min=1, help="prompt tokens per rep"),
     tg: int = typer.Option(128, "--tg", min=1, help="decoded tokens per rep"),
+    ubatch: Optional[int] = typer.Option(None, "--ubatch", help="the prompt's micro-batch, planned for and loaded "
+                                                               "(default: the whole prompt, at least 512)"),
     reps: int = typer.Option(5, "--reps", min=1),
     profile_tokens: int = typer.Option(4096, "--profile-tokens", min=1, help="tokens of the profiling workload"),
     profile_packages: str = typer.Option("email,json,http,logging,unittest", "--profile-workload",
@@ -62,10 +64,11 @@ def bench_command(
     from hybrid_gguf.header.inventory import read_inventory
     from hybrid_gguf.sizes import parse_size
 
-    from hybrid_gguf.limits import check_ctx, check_threads
+    from hybrid_gguf.limits import check_batch, check_ctx, check_threads
 
     check_threads(threads, "--threads")
     check_ctx(ctx, "--ctx")
+    check_batch(ubatch, "--ubatch")
     for option, file in (("--plot", plot), ("--json-detail", json_detail)):
         if file is not None and file.is_dir():
             raise HybridError(f"{option} {file} is a directory; give a file name")
@@ -89,7 +92,7 @@ def bench_command(
     if gpu_budget is not None:
         budgets = [parse_size(b.strip()) for b in gpu_budget.split(",") if b.strip()]
     else:
-        budgets = share_budgets(path, _shares(expert_share), n_ctx, pp)
+        budgets = share_budgets(path, _shares(expert_share), n_ctx, pp, ubatch)
     if routing is not None:  # an unknown name or a trace of another shape fails before any work
         from hybrid_gguf.header.inventory import read_inventory
         from hybrid_gguf.routing.process import model_trace
@@ -106,7 +109,7 @@ def bench_command(
                            n_prompt=pp, n_gen=tg, reps=reps, n_ctx=n_ctx,
                            configs=configs.split(",") if configs else None, pack_device=pack_device,
                            n_threads=threads, save_calibration=not no_calibrate, routing=routing, log=log,
-                           on_progress=on_progress, repack=not no_repack)
+                           on_progress=on_progress, repack=not no_repack, n_ubatch=ubatch)
     for out in outs:
         out["pack_device"] = pack_device
         if probe is not None:
