@@ -218,3 +218,25 @@ def test_real_trace_replays_through_the_patch_override(synth_cache, require_patc
     target = rp.preset("gpt-oss-like")
     assert abs(real["coverage_25"] - target.coverage_25) <= 0.03
     assert abs(real["lru_25"] - target.lru_25) <= 0.03
+
+
+def test_a_trace_file_is_bounded_before_it_is_read(tmp_path):
+    """An .npz whose header declares a huge array fails with one line, before allocating."""
+    import zipfile
+
+    from hybrid_gguf.errors import HybridError
+
+    bad = tmp_path / "huge.npz"
+    header = {"descr": "<i4", "fortran_order": False, "shape": (10**9, 48, 8)}
+    import io
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, header)
+    with zipfile.ZipFile(bad, "w") as z:
+        z.writestr("ids.npy", buf.getvalue())  # the header only: reading the data would fail anyway
+    with pytest.raises(HybridError, match="larger than a routing trace"):
+        load_trace(bad)
+    plain = tmp_path / "plain.npy"
+    np.save(plain, np.zeros((2, 2, 2), dtype=np.int32))
+    with pytest.raises(HybridError, match="npz"):
+        load_trace(plain)

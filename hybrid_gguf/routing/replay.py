@@ -101,6 +101,20 @@ def _checked(trace: Trace) -> Trace:
     return trace
 
 
+# a trace file's arrays are bounded before they are read: 64 M entries (a 2-million-token
+# trace of a 48-layer top-8 model needs 0.8 M per thousand tokens)
+MAX_TRACE_ENTRIES = 1 << 26
+
+
+def _npz_entries(data, key: str) -> int:
+    """Entries of array `key` of an open .npz, from its header alone."""
+    with data.zip.open(key + ".npy") as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape = read(f)[0]
+    return int(np.prod(shape, dtype=object))
+
+
 def load_trace(path, n_layer: Optional[int] = None, n_expert: Optional[int] = None) -> Trace:
     path = Path(path)
     try:
@@ -109,8 +123,17 @@ def load_trace(path, n_layer: Optional[int] = None, n_expert: Optional[int] = No
         raise HybridError(f"trace file {path} does not exist") from None
     except (OSError, ValueError) as exc:
         raise HybridError(f"cannot read trace {path}: {exc}") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise HybridError(f"{path}: a routing trace is an .npz archive")
     with data:
         keys = set(data.files)
+        try:
+            for key in keys:
+                if _npz_entries(data, key) > MAX_TRACE_ENTRIES:
+                    raise HybridError(f"{path}: array {key!r} is larger than a routing trace can be "
+                                      f"({MAX_TRACE_ENTRIES} entries)")
+        except (OSError, ValueError, KeyError) as exc:
+            raise HybridError(f"cannot read trace {path}: {exc}") from None
         if "n_expert" in keys and n_expert is None:
             n_expert = int(data["n_expert"])
         if "token" in keys and "layer" in keys and "ids" in keys:
