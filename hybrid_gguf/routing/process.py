@@ -199,6 +199,8 @@ def model_routing(inventory, override: Optional[str] = None) -> Optional[str]:
         return None
     name = str(name)
     if name.startswith(TRACE_PREFIX):
+        if not override:  # a file's metadata does not get to name a file to read
+            raise HybridError("this model's metadata names a routing trace file; only bench --routing may")
         return name
     preset(name)
     return None if PRESETS[name].coverage_25 is None else name
