@@ -420,7 +420,8 @@ def test_chat_trims_turns_takes_system_and_ctrl_c_saves_with_130(tmp_path):
 def test_profile_ctrl_c_stores_what_was_recorded(tmp_path):
     cache = tmp_path / "cache"
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("".join(f"def function_{i}(x):\n" for i in range(400)))
+    # ~1 minute of work on a 2-core machine (400 prompts took 6 s, too close to the 4 s below)
+    prompts.write_text("".join(f"def function_{i}(x):\n" for i in range(4000)))
     store = tmp_path / "store"
     proc = subprocess.Popen([sys.executable, "-m", "hybrid_gguf.cli", "profile", str(resolve_model(None).path),
                              "--prompts", str(prompts), "-n", "32", "--ctx", "128", "--threads", "1",
