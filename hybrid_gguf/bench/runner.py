@@ -88,8 +88,11 @@ def load_config(path: Path, inv: Inventory, cfg: Config, n_ctx: int, n_batch: in
 def _no_extra_bufts(params) -> None:
     params.use_extra_bufts = False  # CPU weights in plain (or pinned host) buffers, not repacked
 
-def measure_once(llm, prompt: Sequence[int], decode: Sequence[int], recorder) -> tuple[float, float, Optional[np.ndarray]]:
+def measure_once(llm, prompt: Sequence[int], decode: Sequence[int], recorder,
+                 after_first_decode: Optional[Callable[[], None]] = None) -> tuple[float, float, Optional[np.ndarray]]:
     """(prompt tokens/s, decode tokens/s, decode routing counts when recording).
+    `after_first_decode`: called once the first decode step is done (an in-session cache has
+    then counted the prompt's routing, and counts only decode steps' from there on).
 
     The decode steps are teacher-forced: each step evaluates the next token of `decode`
     (the held-out text after the prompt), one at a time, as a decode step does. Every
@@ -111,16 +114,35 @@ def measure_once(llm, prompt: Sequence[int], decode: Sequence[int], recorder) ->
         recorder.reset()
     llama_cpp.llama_perf_context_reset(llm._ctx.ctx)
     sched_timers_window("start")  # LLAMA_HYBRID_SCHED_TIMERS: the decode steps' breakdown only
-    for tok in decode:
+    for i, tok in enumerate(decode):
         llm.eval([int(tok)])
         # a decode step ends when its logits are ready (llama.cpp books one-token steps as
         # decode only when each is synchronized on its own)
         llama_cpp.llama_synchronize(llm._ctx.ctx)
+        if i == 0 and after_first_decode is not None:
+            after_first_decode()
     sched_timers_window("report")
     perf = llama_cpp.llama_perf_context(llm._ctx.ctx)
     tg_ts = perf.n_eval / (perf.t_eval_ms / 1e3) if perf.t_eval_ms > 0 else 0.0
     counts = recorder.snapshot(trace=False).counts_decode if recorder is not None else None
     return pp_ts, tg_ts, counts
+
+
+def decode_window(marks: Sequence[Optional[dict]]) -> dict:
+    """The cache's counters summed over (start, end) pairs of decode windows: hits, misses,
+    uploads, upload_bytes, steps, step_us and the hit rate (the decode steps after the first of
+    each rep, whose step counted the prompt's routing; the last step's routing is counted by
+    the next rep's prompt step)."""
+    keys = ("hits", "misses", "uploads", "upload_bytes", "steps", "step_us")
+    out = dict.fromkeys(keys, 0)
+    for start, end in zip(marks[0::2], marks[1::2]):
+        if start is None or end is None:
+            continue
+        for k in keys:
+            out[k] += int(end.get(k, 0)) - int(start.get(k, 0))
+    served = out["hits"] + out["misses"]
+    out["hit_rate"] = out["hits"] / served if served else None
+    return out
 
 
 def busy_handoffs(trace, gpu_experts: dict, layers: Sequence[int], n_expert: int) -> Optional[float]:
@@ -231,15 +253,22 @@ def run_bench(model_path: Path, *, budget_bytes: Optional[int], profile_prompts:
         load_s = time.perf_counter() - t0
         measure_once(loaded.llm, prompt[:32], decode[:4], None)  # warm-up: graphs, CUDA kernels
         pps, tgs = [], []
+        model_ptr = loaded.llm._model.model
+        window: list = []  # the cache's counters over each rep's decode steps
         for _ in range(reps):
-            pp, tg, _ = measure_once(loaded.llm, prompt, decode, None)
+            mark = (lambda: window.append(hybrid_backend.cache_stats(model_ptr))) if cfg.cache is not None else None
+            pp, tg, _ = measure_once(loaded.llm, prompt, decode, None, after_first_decode=mark)
+            if mark is not None:
+                window.append(hybrid_backend.cache_stats(model_ptr))
             pps.append(pp)
             tgs.append(tg)
             step(0, 1)
         hit = 0.0 if cfg.name == "cpu-experts" else hit_rate(eval_counts, cfg.gpu_experts)
-        cache = hybrid_backend.cache_stats(loaded.llm._model.model) if cfg.cache is not None else None
-        if cache is not None and cache["hit_rate"] is not None:
-            hit = cache["hit_rate"]  # what the slots served, warm-up and prompts included
+        cache = hybrid_backend.cache_stats(model_ptr) if cfg.cache is not None else None
+        if cache is not None:
+            cache["decode"] = decode_window(window)
+            if cache["decode"]["hit_rate"] is not None:
+                hit = cache["decode"]["hit_rate"]  # what the slots served the decode steps, as `hit_rate` counts
         res = Result(cfg.name, n_prompt, n_gen, pps, tgs, hit, expert_bytes, vram_model_bytes(loaded), load_s,
                      plan=cfg.plan_detail(inv), cache=cache)
         log(f"{cfg.name:12s} pp {statistics.median(pps):8.1f} t/s  tg {statistics.median(tgs):7.2f} t/s  "
