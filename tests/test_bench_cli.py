@@ -247,3 +247,21 @@ def test_bench_times_the_prompt_in_the_given_micro_batches(tiny_model_factory, t
     assert out["n_ubatch"] == 32 and out["results"][0]["pp_ts"][0] > 0
     res = CliRunner().invoke(app, ["bench", str(path), "--ubatch", "0"])
     assert res.exit_code != 0 and "--ubatch must be between" in str(res.exception)
+
+
+def test_the_cache_step_time_is_fitted_from_the_cache_rows_decode_steps():
+    from types import SimpleNamespace
+
+    from hybrid_gguf.bench.runner import fit_cache_step
+    from hybrid_gguf.planning.calibration import Bandwidth
+    from hybrid_gguf.planning.placement import CacheOptions
+
+    def row(cache, decode):
+        return SimpleNamespace(cache=cache), SimpleNamespace(cache=None if decode is None else {"decode": decode})
+
+    rows = [row(None, None),  # a static row tells nothing
+            row(CacheOptions("lru"), {"steps": 100, "step_us": 30_000}),
+            row(CacheOptions("lfu"), {"steps": 300, "step_us": 50_000})]
+    bw = fit_cache_step(rows, Bandwidth(), lambda s: None)
+    assert abs(bw.cache_step_s - 80_000 / 400 / 1e6) < 1e-12 and "cache_step_s" in bw.measured
+    assert fit_cache_step(rows[:1], Bandwidth(), lambda s: None) == Bandwidth()

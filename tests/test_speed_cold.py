@@ -46,8 +46,10 @@ def test_cache_decode_estimate_trades_misses_for_uploads():
 
     bw = Bandwidth()
     ms = {"dense": 1.0, "experts_gpu": 1.0, "experts_cpu": 8.0, "handoff": 2.0}
-    static = cache_decode_tokens_per_s(ms, 0.5, 0.5, 0.0, bw)
+    static = cache_decode_tokens_per_s(ms, 0.5, 0.5, 0.0, bw, active=False)
     assert abs(static - 1e3 / sum(ms.values())) < 1e-9  # the static plan as predicted
+    same_hits = cache_decode_tokens_per_s(ms, 0.5, 0.5, 0.0, bw)
+    assert abs(1e3 / same_hits - 1e3 / static - 1e3 * bw.cache_step_s) < 1e-9  # a cache's step costs host time
     better = cache_decode_tokens_per_s(ms, 0.5, 0.75, 0.0, bw)
     assert better > static  # fewer host bytes at the same hand-offs
     costly = cache_decode_tokens_per_s(ms, 0.5, 0.75, 1e9, bw)

@@ -344,9 +344,14 @@ def predict_configs(inv: Inventory, profile, cfgs: Sequence[Config], results: Se
                            if l.is_moe and len(set(gpu.get(l.index, ()))) < l.n_expert]
             traced = busy_handoffs(eval_trace, gpu, host_layers, inv.n_expert)
             terms[cfg.name] = (t, traced)
-    fit_terms = [t if traced is None else replace(t, handoffs_busy=traced, handoffs_idle=t.handoffs - traced)
-                 for name, (t, traced) in terms.items() if not runs[name][0].cold_on_gpu] if on_gpu else []
+    # a cache row's experts on the GPU change as it runs: it tells the cache's step time, not
+    # the bandwidths (its static hot set would mislead their fit)
+    static = [name for name in terms if not runs[name][0].cold_on_gpu and not _is_cache(runs[name][0])]
+    fit_terms = [replace(t, handoffs_busy=traced, handoffs_idle=t.handoffs - traced) if traced is not None else t
+                 for name, (t, traced) in terms.items() if name in static] if on_gpu else []
     saved = calibration.fit_bandwidth_terms(fit_terms, stored, inv.fingerprint) if fit_terms else stored
+    if on_gpu:
+        saved = fit_cache_step(zip(cfgs, results), saved, log)
     cold_runs = [(cfg, run) for cfg, run in runs.values() if cfg.cold_on_gpu]
     if on_gpu and cold_runs:
         saved = fit_host_read(inv, p, cold_runs, saved, n_ctx, t_ubatch, log)
@@ -379,6 +384,28 @@ def predict_configs(inv: Inventory, profile, cfgs: Sequence[Config], results: Se
             "gpu_experts": {name: {str(l): list(map(int, es)) for l, es in cfg.gpu_experts.items()}
                             for name, (cfg, _) in runs.items()}}
 
+
+
+def _is_cache(cfg) -> bool:
+    return cfg.cache is not None and cfg.cache.active
+
+
+def fit_cache_step(rows, bw, log) -> object:
+    """Bandwidth.cache_step_s from the cache rows' host step time over their decode steps
+    (their `cache.decode` counters): the mean per step, weighted by steps. Unchanged without
+    cache rows."""
+    us = steps = 0
+    for cfg, res in rows:
+        window = (res.cache or {}).get("decode") if _is_cache(cfg) else None
+        if window and window.get("steps"):
+            us += window["step_us"]
+            steps += window["steps"]
+    if steps == 0:
+        return bw
+    per_step = us / steps / 1e6
+    log(f"in-session cache: {1e3 * per_step:.2f} ms of host time per decode step")
+    measured = tuple(sorted(set(bw.measured) | {"cache_step_s"}))
+    return replace(bw, cache_step_s=max(per_step, 1e-7), measured=measured)
 
 
 def fit_host_read(inv: Inventory, p, cold_runs, bw, n_ctx: int, n_prompt: int, log) -> object:

@@ -9,7 +9,7 @@ from typing import Mapping, Optional, Sequence
 from hybrid_gguf.planning.placement import CacheOptions
 
 # a policy must beat the static packs by this much to be chosen: the replay and the speed
-# model are estimates, and a cache costs host time per step that neither counts
+# model (with the cache's host step, Bandwidth.cache_step_s) are estimates
 MIN_GAIN = 1.02
 
 
@@ -25,7 +25,8 @@ def rank_caches(trace, hot: Mapping[int, Sequence[int]], inv, decode_ms: Optiona
     static_hit = rows["static"]["hit_rate"] if rows else 0.0
     for r in rows.values():
         r["predicted_decode_tokens_per_s"] = (
-            cache_decode_tokens_per_s(decode_ms, static_hit, r["hit_rate"], r["upload_bytes_per_token"], bw)
+            cache_decode_tokens_per_s(decode_ms, static_hit, r["hit_rate"], r["upload_bytes_per_token"], bw,
+                                      active=r["policy"] != "static")
             if decode_ms else None)
     return rows
 

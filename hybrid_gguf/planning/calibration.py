@@ -50,6 +50,10 @@ class Bandwidth:
     # (gpu_probe, docs/benchmarks.md)
     gpu_layer_s: float = 50e-6
     gpu_step_s: float = 100e-6
+    # host time of an in-session cache's step per decoded token (reading the routing, choosing,
+    # queueing uploads and tables): 0.9-2.4 ms on the H200 host with the first (background)
+    # uploads, 2026-11-30; `bench` fits it from its cache rows' `step_us`
+    cache_step_s: float = 1.0e-3
     measured: tuple = ()  # names of the fields measured on this machine
     machine: str = ""
     measured_at: str = ""

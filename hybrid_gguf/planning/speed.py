@@ -217,7 +217,7 @@ def _attn_width(inv) -> float:
 
 
 def cache_decode_tokens_per_s(decode_ms: dict, static_hit: float, cache_hit: float,
-                              upload_bytes_per_token: float, bw: Bandwidth) -> float:
+                              upload_bytes_per_token: float, bw: Bandwidth, active: bool = True) -> float:
     """Decode tokens/s of a plan whose hot packs run as an in-session cache, from the plan's
     static decode terms (SpeedPrediction.decode_ms): the expert bytes served from the packs
     and from host memory scale with the cache's hit rate instead of the static one, and each
@@ -225,7 +225,8 @@ def cache_decode_tokens_per_s(decode_ms: dict, static_hit: float, cache_hit: flo
     CPU the copies precede the step, and on a GPU the default stream-ordered uploads run
     ahead of the next ubatch, which waits for them there (CacheOptions.background ones run
     beside decode but still share the link and the host's memory with it). Hand-off terms
-    stay as they are: a split layer hands off whether or not the cache hit."""
+    stay as they are: a split layer hands off whether or not the cache hit. An `active` cache
+    also pays its host step per token (bw.cache_step_s); the static packs do not."""
     ms = dict(decode_ms)
     if static_hit > 0:
         ms["experts_gpu"] = ms.get("experts_gpu", 0.0) * cache_hit / static_hit
@@ -234,5 +235,6 @@ def cache_decode_tokens_per_s(decode_ms: dict, static_hit: float, cache_hit: flo
         if key in ms:
             ms[key] = ms[key] * miss_scale
     ms["uploads"] = 1e3 * upload_bytes_per_token / bw.pcie_bytes_per_s
+    ms["cache_step"] = 1e3 * bw.cache_step_s if active else 0.0
     total_s = sum(ms.values()) / 1e3
     return 1.0 / total_s if total_s > 0 else float("inf")
