@@ -137,7 +137,7 @@ fi
 
 BIG=/tmp/models/q30b-like-q4k.gguf
 if has recorder || has bench || has plan || has skipab || has threads || has routing || has coldab || has cacheab || has multigpu \
-    || has upstream; then
+    || has upstream || has prefill; then
     log "make the Qwen3-30B-A3B-shaped Q4_K model"
     t0=$(date +%s)
     [ -f "$BIG" ] || python3 scripts/make_bench_model.py --preset qwen3-30b-a3b-like --weight-type Q4_K --workers 16 --out "$BIG" 2>&1 | tail -2
