@@ -28,7 +28,8 @@
 #    per-expert-cache-lru-q64 for 64 uploads per step; realtrace: the same on a gpt-oss-20b-shaped
 #    model driven by the real gpt-oss-20b trace of tests/data/routing, SHARES= TG= CACHE_CONFIGS=)
 #   (prefill: prompts of PROMPTS= tokens (512 2048 8192) at ubatch 512 and at the whole prompt
-#    (at most 4096), whole-layer and per-expert plans made for each, SHARES=, ROUTINGS=)
+#    (at most 4096), whole-layer and per-expert plans made for each at one total VRAM per prompt
+#    (SHARES= of the expert bytes at ubatch 512), ROUTINGS=)
 #   (upstream: upstream llama.cpp b11549's own GPU expert cache, --moe-cache-mib, and its
 #    --n-cpu-moe on the Q30B-shaped model at SHARES= of the expert bytes, with its own router
 #    (= optimistic); built from .upstream/ (scripts/prepare_upstream.sh) into /tmp/upstream-build;
@@ -399,11 +400,14 @@ if has prefill; then
     # the prompt's micro-batch: prompts of PROMPTS tokens timed at ubatch 512 (what `run` uses
     # by default) and at the whole prompt (at most 4096), per-expert and whole-layer plans made
     # for that ubatch, at SHARES; issue 20's prefill target is >= 1.3x at 2048+ tokens
+    # (one total VRAM per prompt for both ubatches: the share's budget at ubatch 512, so the
+    # larger ubatch pays its bigger compute buffer out of the same memory)
     for S in ${SHARES:-0.25}; do
         for P in ${PROMPTS:-512 2048 8192}; do
+            B=$(python3 -c "from hybrid_gguf.bench.plans import share_budgets; print(share_budgets('$BIG', [$S], max(2048, $P + 80), $P, 512)[0])")
             for U in 512 $(( P < 4096 ? P : 4096 )); do
-                log "prefill: $P-token prompt in ubatches of $U, $S of the expert bytes (${ROUTINGS:-realistic})"
-                run_bench "$BIG" --routing ${ROUTINGS:-realistic} --expert-share "$S" --pp "$P" --tg 16 --reps 2 \
+                log "prefill: $P-token prompt in ubatches of $U, $B bytes of VRAM ($S of the expert bytes at ubatch 512; ${ROUTINGS:-realistic})"
+                run_bench "$BIG" --routing ${ROUTINGS:-realistic} --gpu-budget "$B" --pp "$P" --tg 16 --reps 2 \
                     --threads 16 --no-calibrate --ubatch "$U" --profile-tokens 2048 --configs whole-layer,per-expert \
                     --json-detail "$OUT/prefill_${S}_p${P}_u$U.json" 2>&1 | grep -E "^ *(whole|per)-" \
                     || failed "prefill $S $P $U"
