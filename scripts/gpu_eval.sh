@@ -39,7 +39,7 @@
 #    layers split over both cards and each layer's pack on its own card (buft=auto), with the
 #    cold experts on the CPU and read by each card; tests/test_multigpu.py)
 #   (multigpu: on a machine with two GPUs: plans at 2 x B over both cards, at 2 x B on one card
-#    and at B on one card (MG_BUDGET=B, default 4GiB), each run twice; decode speed and VRAM
+#    and at B on one card (MG_BUDGET=B, default 4GiB), each run MG_REPS times (2); decode speed and VRAM
 #    per card (llama.cpp's buffers, and nvidia-smi's peak) against each card's budget; a
 #    two-card plan on one visible card must be refused. Summary: multigpu_summary.md)
 # One call does not fit every step in 10 minutes. Measured 2026-11-28 (wall time per call):
@@ -359,7 +359,7 @@ open('/tmp/prof.txt', 'w').write(package_text(P, 8000)); open('/tmp/eval.txt', '
     plan_for two 0,1 "$B,$B"
     plan_for one2b 0 "$B2"
     plan_for one1b 0 "$B"
-    for rep in 1 2; do
+    for rep in $(seq ${MG_REPS:-2}); do
         for cfg in two:0,1 one2b:0 one1b:0; do
             name=${cfg%%:*}; vis=${cfg#*:}
             nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits -lms 200 > "/tmp/mg_smi_${name}_$rep.csv" &

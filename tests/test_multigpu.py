@@ -395,13 +395,18 @@ LOAD = dict(n_ctx=128, n_batch=64, seed=1, verbose=False, n_gpu_layers=0)
 def test_each_layer_gets_its_own_pack_buffer_type(patch_v5, tiny_model_factory):
     from hybrid_gguf.llama.loader import load_llama
 
+    from hybrid_gguf.llama.devices import gpu_devices
+
+    # a layer the mapping leaves out goes to the first GPU (the CPU where there is none);
+    # "auto" follows the layer's router, on the CPU here (n_gpu_layers=0)
+    first = gpu_devices()[0].name if gpu_devices() else "CPU"
     path = tiny_model_factory("qwen3moe", n_layer=3)
     hot = {0: [1, 2], 2: [0]}
-    for pack_device in ({0: "CPU"}, {0: "CPU", 2: "CPU"}, "auto", "CPU"):
+    for pack_device, last in (({0: "CPU"}, first), ({0: "CPU", 2: "CPU"}, "CPU"), ("auto", "CPU"), ("CPU", "CPU")):
         loaded = load_llama(path, None, hot=hot, pack_device=pack_device, **LOAD)
         try:
             model = loaded.llm._model.model
-            assert [patch_v5.pack_buffer_type(model, l) for l in range(3)] == ["CPU", None, "CPU"]
+            assert [patch_v5.pack_buffer_type(model, l) for l in range(3)] == ["CPU", None, last]
             assert [patch_v5.n_hot(model, l) for l in range(3)] == [2, 0, 1]
             assert any("3 hot experts in 2 layers" in line for line in loaded.log)
         finally:
