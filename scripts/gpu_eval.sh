@@ -26,10 +26,12 @@
 #    and read by the GPU; cacheab: the planner's plan static and as lru/lfu/seeded caches beside
 #    whole layers, ROUTINGS= SHARES= TG=; CACHE_CONFIGS= names the cache rows, e.g.
 #    per-expert-cache-lru-q64 for 64 uploads per step; realtrace: the same on a gpt-oss-20b-shaped
-#    model driven by the real gpt-oss-20b trace of tests/data/routing, SHARES= TG= CACHE_CONFIGS=)
+#    model driven by the real gpt-oss-20b trace of tests/data/routing, SHARES= TG= CACHE_CONFIGS=;
+#    TIMERS=1 adds a run with the scheduler's per-split breakdown)
 #   (prefill: prompts of PROMPTS= tokens (512 2048 8192) at ubatch 512 and at the whole prompt
 #    (at most 4096), whole-layer and per-expert plans made for each at one total VRAM per prompt
-#    (SHARES= of the expert bytes at ubatch 512), ROUTINGS=)
+#    (SHARES= of the expert bytes at ubatch 512), ROUTINGS=; UBATCHES="512 2048" picks the
+#    ubatches, FLASH=1 plans and loads with flash attention (budgets then measured with it))
 #   (upstream: upstream llama.cpp b11549's own GPU expert cache, --moe-cache-mib, and its
 #    --n-cpu-moe on the Q30B-shaped model at SHARES= of the expert bytes, with its own router
 #    (= optimistic); built from .upstream/ (scripts/prepare_upstream.sh) into /tmp/upstream-build;
@@ -404,14 +406,16 @@ if has prefill; then
     # larger ubatch pays its bigger compute buffer out of the same memory)
     for S in ${SHARES:-0.25}; do
         for P in ${PROMPTS:-512 2048 8192}; do
-            B=$(python3 -c "from hybrid_gguf.bench.plans import share_budgets; print(share_budgets('$BIG', [$S], max(2048, $P + 80), $P, 512)[0])")
-            for U in 512 $(( P < 4096 ? P : 4096 )); do
-                log "prefill: $P-token prompt in ubatches of $U, $B bytes of VRAM ($S of the expert bytes at ubatch 512; ${ROUTINGS:-realistic})"
+            FA=$([ -n "${FLASH:-}" ] && echo True || echo False)
+            B=$(python3 -c "from hybrid_gguf.bench.plans import share_budgets; print(share_budgets('$BIG', [$S], max(2048, $P + 80), $P, 512, $FA)[0])")
+            for U in ${UBATCHES:-512 $(( P < 4096 ? P : 4096 ))}; do
+                [ "$U" -gt "$P" ] && continue
+                log "prefill: $P-token prompt in ubatches of $U, $B bytes of VRAM ($S of the expert bytes at ubatch 512; ${ROUTINGS:-realistic}${FLASH:+; flash attention})"
                 run_bench "$BIG" --routing ${ROUTINGS:-realistic} --gpu-budget "$B" --pp "$P" --tg 16 --reps 2 \
                     --threads 16 --no-calibrate --ubatch "$U" --profile-tokens 2048 --configs whole-layer,per-expert \
-                    --json-detail "$OUT/prefill_${S}_p${P}_u$U.json" 2>&1 | grep -E "^ *(whole|per)-" \
-                    || failed "prefill $S $P $U"
-                [ "$P" = 512 ] && break  # one ubatch for the 512-token prompt
+                    ${FLASH:+--flash-attn} --json-detail "$OUT/prefill_${S}_p${P}_u$U${FLASH:+_fa}.json" 2>&1 \
+                    | grep -E "^ *(whole|per)-" || failed "prefill $S $P $U"
+                [ "$P" = 512 ] && [ -z "${UBATCHES:-}" ] && break  # one ubatch for the 512-token prompt
             done
         done
     done
@@ -429,6 +433,15 @@ if has realtrace; then
             --tg ${TG:-128} --reps 2 --threads 16 --no-calibrate \
             --configs whole-layer,per-expert,${CACHE_CONFIGS:-per-expert-cache-lru-q4,per-expert-cache-lru-q16,per-expert-cache-lfu-q16,per-expert-cache-seeded-q16} \
             --json-detail "$OUT/realtrace_$S.json" 2>&1 | grep -E "^ *(whole|per)-|_vs_" || failed "realtrace $S"
+        if [ -n "${TIMERS:-}" ]; then
+            # where a split layer's time goes with and without the cache: does the CPU's part
+            # shrink with its cold experts? (fourth lease: 10 more hits per token saved 0.35 ms)
+            log "scheduler timers per decode window, real trace"
+            LLAMA_HYBRID_SCHED_TIMERS=1000000 run_bench "$OSS" --routing trace:tests/data/routing/gpt-oss-20b_mixed10.npz \
+                --expert-share "$S" --pp 256 --tg 64 --reps 1 --threads 16 --no-calibrate \
+                --configs whole-layer,per-expert,${CACHE_CONFIGS:-per-expert-cache-lfu-q16} 2>&1 \
+                | grep -E "hybrid-sched|^ *(whole|per)-" | tee "$OUT/sched_timers_realtrace_$S.txt"
+        fi
     done
 fi
 

@@ -249,6 +249,37 @@ def test_bench_times_the_prompt_in_the_given_micro_batches(tiny_model_factory, t
     assert res.exit_code != 0 and "--ubatch must be between" in str(res.exception)
 
 
+def test_bench_flash_attention_reaches_the_plans_and_the_timed_loads(tiny_model_factory, tmp_path, monkeypatch):
+    """--flash-attn: the plans are made for it (their compute buffers), the timed loads use it,
+    the profiling load does not, and the report says it."""
+    import hybrid_gguf.autoplan as autoplan
+    import hybrid_gguf.llama.loader as loader
+
+    planned, loaded = [], []
+    plan_model, load_llama = autoplan.plan_model, loader.load_llama
+
+    def spy_plan(*args, **kwargs):
+        planned.append(kwargs.get("flash_attn"))
+        return plan_model(*args, **kwargs)
+
+    def spy_load(*args, **kwargs):
+        loaded.append(kwargs.get("flash_attn"))
+        return load_llama(*args, **kwargs)
+
+    monkeypatch.setattr(autoplan, "plan_model", spy_plan)
+    monkeypatch.setattr(loader, "load_llama", spy_load)
+    path = tiny_model_factory("qwen3moe", n_layer=2)
+    detail = tmp_path / "detail.json"
+    res = CliRunner().invoke(app, ["bench", str(path), "--pp", "64", "--tg", "4", "--reps", "1", "--flash-attn",
+                                   "--ctx", "256", "--profile-tokens", "128", "--threads", "1", "--no-calibrate",
+                                   "--configs", "whole-layer", "--json-detail", str(detail)])
+    assert res.exit_code == 0, res.output
+    out = json.loads(detail.read_text())
+    assert out["flash_attn"] is True and out["results"][0]["pp_ts"][0] > 0 and out["results"][0]["error"] is None
+    assert planned and all(f is True for f in planned)
+    assert loaded[0] is False and loaded[1:] and all(f is True for f in loaded[1:])  # profile load, then timed
+
+
 def test_the_cache_step_time_is_fitted_from_the_cache_rows_decode_steps():
     from types import SimpleNamespace
 

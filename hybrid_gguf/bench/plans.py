@@ -53,7 +53,8 @@ class Config:
 
 
 def plan_configs(model_path: Path, inv: Inventory, profile, devices: list, n_ctx: int, n_ubatch: int,
-                 wanted: Optional[Sequence[str]] = None, gpu_present: bool = False) -> list[Config]:
+                 wanted: Optional[Sequence[str]] = None, gpu_present: bool = False,
+                 flash_attn: bool = False) -> list[Config]:
     """The placements to time, made by the planner as `plan` makes them (autoplan.plan_model,
     same inputs): per-expert = the plan at `devices`' budget with `profile`, whole-layer =
     the planner with per-expert placement off at the same budget, all-gpu = the plan at all
@@ -65,7 +66,7 @@ def plan_configs(model_path: Path, inv: Inventory, profile, devices: list, n_ctx
 
     def make(devs, per_expert, cold=None):
         return plan_model(model_path, None, n_ctx, profile=profile, devices=devs, per_expert=per_expert,
-                          n_ubatch=n_ubatch, inventory=inv, cold=cold).plan
+                          n_ubatch=n_ubatch, flash_attn=flash_attn, inventory=inv, cold=cold).plan
 
     configs = [Config("cpu-experts", cpu_moe())] if want("cpu-experts") else []
     if want("whole-layer"):
@@ -121,21 +122,22 @@ def bench_batch(n_prompt: int, n_ubatch: Optional[int] = None) -> int:
     return bench_n_batch(n_prompt) if not n_ubatch else min(int(n_ubatch), bench_n_batch(n_prompt))
 
 
-def bench_memory(model_path: Path, n_ctx: int, n_prompt: int, n_ubatch: Optional[int] = None):
+def bench_memory(model_path: Path, n_ctx: int, n_prompt: int, n_ubatch: Optional[int] = None,
+                 flash_attn: bool = False):
     """The MemoryOptions `plan` would use for the bench's context and batch (a dry run)."""
     from hybrid_gguf.llama.devices import gpu_devices
     from hybrid_gguf.autoplan import memory_options_here
 
-    return memory_options_here(model_path, n_ctx, n_ubatch=bench_batch(n_prompt, n_ubatch),
+    return memory_options_here(model_path, n_ctx, n_ubatch=bench_batch(n_prompt, n_ubatch), flash_attn=flash_attn,
                                gpu_present=bool(gpu_devices()))
 
 
 def share_budgets(model_path: Path, shares: Sequence[float], n_ctx: int, n_prompt: int,
-                  n_ubatch: Optional[int] = None) -> list[int]:
+                  n_ubatch: Optional[int] = None, flash_attn: bool = False) -> list[int]:
     """Total VRAM budgets that leave room for each share of the routed-expert bytes on top
     of the rest of the model (planning/budget.expert_share_budget); converted once, here."""
     from hybrid_gguf.planning.budget import expert_share_budget
 
     inv = read_inventory(model_path)
-    memory = bench_memory(model_path, n_ctx, n_prompt, n_ubatch)
+    memory = bench_memory(model_path, n_ctx, n_prompt, n_ubatch, flash_attn)
     return [expert_share_budget(inv, s, memory) for s in shares]

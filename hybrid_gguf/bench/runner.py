@@ -68,13 +68,14 @@ def hit_rate(counts_decode: np.ndarray, gpu_experts: dict[int, list[int]]) -> Op
 
 def load_config(path: Path, inv: Inventory, cfg: Config, n_ctx: int, n_batch: int, record,
                 pack_device: str, n_threads: Optional[int], stream: int = routing_process.STREAM_MEASURED,
-                routing: Optional[str] = None, repack: bool = True, n_ubatch: Optional[int] = None):
+                routing: Optional[str] = None, repack: bool = True, n_ubatch: Optional[int] = None,
+                flash_attn: bool = False):
     """`cfg` loaded (`record`: a recorder.Recording, or None; `repack` False: host weights
     in plain buffers, llama.cpp's use_extra_bufts off, as `run --no-repack`)."""
     from hybrid_gguf.llama.loader import load_llama
 
     kwargs = dict(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch or n_batch, n_gpu_layers=cfg.n_gpu_layers, use_mmap=False,
-                  verbose=False, seed=0)
+                  verbose=False, seed=0, flash_attn=bool(flash_attn))
     if n_threads:
         kwargs.update(n_threads=n_threads, n_threads_batch=n_threads)
     if not repack:
@@ -179,12 +180,13 @@ def run_bench(model_path: Path, *, budget_bytes: Optional[int], profile_prompts:
               eval_counts: Optional[np.ndarray] = None, eval_trace=None, save_calibration: bool = True,
               routing: Optional[str] = None, log: Callable[[str], None] = print,
               on_progress: Optional[Callable[[int, int], None]] = None, repack: bool = True,
-              n_ubatch: Optional[int] = None) -> dict:
+              n_ubatch: Optional[int] = None, flash_attn: bool = False) -> dict:
     """Profile (unless `profile` is given), plan, then time each placement; returns a
     JSON-able dict. `budget_bytes`: total VRAM, as `plan --gpu-budget` (None: all the GPU
     can give), made usable here once (planning/budget.py). `routing`: a routing preset
     (routing_process.PRESETS) or trace:FILE replayed instead of the model's own. `n_ubatch`:
-    the prompt's micro-batch, planned for and loaded (default: the whole prompt).
+    the prompt's micro-batch, planned for and loaded (default: the whole prompt); `flash_attn`
+    likewise (the plans' compute buffers and the timed loads; the profiling load never).
     `on_progress(more_steps, steps_done)`: first the number of timed reps ahead, then each rep."""
     from hybrid_gguf.llama.devices import gpu_devices
     from hybrid_gguf.llama.recorder import Recording
@@ -233,10 +235,10 @@ def run_bench(model_path: Path, *, budget_bytes: Optional[int], profile_prompts:
         log(note)
     budget = sum(d.budget_bytes for d in devices)
     ubatch = bench_batch(n_prompt, n_ubatch)
-    share = expert_share(inv, budget, bench_memory(model_path, n_ctx, n_prompt, n_ubatch))
+    share = expert_share(inv, budget, bench_memory(model_path, n_ctx, n_prompt, n_ubatch, flash_attn))
     log(f"budget {format_size(budget)} of VRAM: room for {share:.0%} of the expert bytes next to the rest")
     all_cfgs = plan_configs(model_path, inv, profile, devices, n_ctx, ubatch, configs,
-                            gpu_present=bool(gpus))
+                            gpu_present=bool(gpus), flash_attn=flash_attn)
     step = on_progress or (lambda more, done: None)
     step(len(all_cfgs) * reps, 0)
     for cfg in all_cfgs:
@@ -244,7 +246,7 @@ def run_bench(model_path: Path, *, budget_bytes: Optional[int], profile_prompts:
         expert_bytes = cfg.gpu_expert_bytes(inv)
         try:
             loaded = load_config(model_path, inv, cfg, n_ctx, bench_n_batch(n_prompt), None, pack_device, n_threads,
-                                 routing=routing, repack=repack, n_ubatch=ubatch)
+                                 routing=routing, repack=repack, n_ubatch=ubatch, flash_attn=flash_attn)
         except HybridError as exc:
             results.append(Result(cfg.name, n_prompt, n_gen, [], [], None, expert_bytes, 0, 0.0, str(exc),
                                   cfg.plan_detail(inv)))
@@ -289,6 +291,7 @@ def run_bench(model_path: Path, *, budget_bytes: Optional[int], profile_prompts:
         "fingerprint": inv.fingerprint,
         "routing": routing_process.model_routing(inv, routing) or "optimistic",
         "n_ubatch": ubatch,
+        "flash_attn": bool(flash_attn),
         "results": [r.summary() for r in results],
         "profile": profile.to_dict(),
         "_profile": profile,

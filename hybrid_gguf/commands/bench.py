@@ -30,6 +30,8 @@ def bench_command(
     tg: int = typer.Option(128, "--tg", min=1, help="decoded tokens per rep"),
     ubatch: Optional[int] = typer.Option(None, "--ubatch", help="the prompt's micro-batch, planned for and loaded "
                                                                "(default: the whole prompt, at least 512)"),
+    flash_attn: bool = typer.Option(False, "-fa", "--flash-attn", help="flash attention in the plans (their "
+                                                                       "compute buffers) and the timed loads"),
     reps: int = typer.Option(5, "--reps", min=1),
     profile_tokens: int = typer.Option(4096, "--profile-tokens", min=1, help="tokens of the profiling workload"),
     profile_packages: str = typer.Option("email,json,http,logging,unittest", "--profile-workload",
@@ -92,7 +94,7 @@ def bench_command(
     if gpu_budget is not None:
         budgets = [parse_size(b.strip()) for b in gpu_budget.split(",") if b.strip()]
     else:
-        budgets = share_budgets(path, _shares(expert_share), n_ctx, pp, ubatch)
+        budgets = share_budgets(path, _shares(expert_share), n_ctx, pp, ubatch, flash_attn)
     if routing is not None:  # an unknown name or a trace of another shape fails before any work
         from hybrid_gguf.header.inventory import read_inventory
         from hybrid_gguf.routing.process import model_trace
@@ -109,7 +111,8 @@ def bench_command(
                            n_prompt=pp, n_gen=tg, reps=reps, n_ctx=n_ctx,
                            configs=configs.split(",") if configs else None, pack_device=pack_device,
                            n_threads=threads, save_calibration=not no_calibrate, routing=routing, log=log,
-                           on_progress=on_progress, repack=not no_repack, n_ubatch=ubatch)
+                           on_progress=on_progress, repack=not no_repack, n_ubatch=ubatch,
+                           flash_attn=flash_attn)
     for out in outs:
         out["pack_device"] = pack_device
         if probe is not None:
