@@ -21,6 +21,7 @@ from hybrid_gguf.planning import memory as mm
 from hybrid_gguf.planning.budget import VRAM_RESERVE, device_budgets, parse_budget, usable_budget
 from hybrid_gguf.planning.placement import EXPERT_TENSOR_RE, PlacementRule, TensorPlacement, plan_text
 from hybrid_gguf.planning.plan import DeviceBudget, Plan
+from hybrid_gguf.planning.calibration import Bandwidth
 from hybrid_gguf.planning.planner import _layer_costs, make_plan
 from hybrid_gguf.routing.profile import RoutingProfile
 
@@ -198,9 +199,11 @@ def test_a_layer_that_does_not_fit_its_card_stays_on_the_cpu(inv):
 def test_the_previous_plan_is_kept_on_the_same_gpus_only(inv):
     fixed = base(inv, [1, 1])
     devs = [DeviceBudget(g, fixed[g] + inv.layers[0].expert_bytes) for g in TWO]
-    first = make_plan(inv, 0, 1024, profile(inv), devices=devs, memory=OPTS)
+    # cheap hand-offs: the hit-rate hysteresis decides here, not the speed model's promotions
+    bw = Bandwidth(handoff_s=20e-6, handoff_idle_s=20e-6)
+    first = make_plan(inv, 0, 1024, profile(inv), devices=devs, memory=OPTS, bandwidth=bw)
     again = make_plan(inv, 0, 1024, profile(inv, seed=1), devices=devs, memory=OPTS, previous=first,
-                      hysteresis=0.5)
+                      hysteresis=0.5, bandwidth=bw)
     assert again.hot == first.hot and any("kept the previous hot set" in n for n in again.notes)
     check_per_device(again, inv)
     other = [DeviceBudget("CUDA0", devs[0].budget_bytes), DeviceBudget("CUDA2", devs[1].budget_bytes)]

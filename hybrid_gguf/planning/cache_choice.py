@@ -9,7 +9,8 @@ from typing import Mapping, Optional, Sequence
 from hybrid_gguf.planning.placement import CacheOptions
 
 # a policy must beat the static packs by this much to be chosen: the replay and the speed
-# model (with the cache's host step, Bandwidth.cache_step_s) are estimates
+# model (with the cache's host step and per-layer cost, Bandwidth.cache_step_s and
+# cache_layer_s) are estimates
 MIN_GAIN = 1.02
 
 
@@ -26,7 +27,7 @@ def rank_caches(trace, hot: Mapping[int, Sequence[int]], inv, decode_ms: Optiona
     for r in rows.values():
         r["predicted_decode_tokens_per_s"] = (
             cache_decode_tokens_per_s(decode_ms, static_hit, r["hit_rate"], r["upload_bytes_per_token"], bw,
-                                      active=r["policy"] != "static")
+                                      active=r["policy"] != "static", n_cache_layers=len(hot))
             if decode_ms else None)
     return rows
 

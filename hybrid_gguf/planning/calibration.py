@@ -44,16 +44,26 @@ class Bandwidth:
     gpu_chain_s: float = 15e-6
     cpu_flops: float = 1.0e12
     gpu_flops: float = 100e12  # achieved on quantized prefill matmuls, not the datasheet peak
-    handoff_s: float = 60e-6  # per decode step and layer whose host experts have work: sync + copies
-    handoff_idle_s: float = 60e-6  # the same when the token selected none of the layer's host experts
+    # per decode step and layer whose host experts have work (the sync, the copies, the CPU's
+    # fixed costs), and the same when the token selected none of them: 184 and 113 us fitted on
+    # the H200 host (bench, 2026-11-28; docs/results/h200-2026-11-28c/calibration_h200.json;
+    # the scheduler timers there showed ~175 us per split layer besides the expert bytes)
+    handoff_s: float = 184e-6
+    handoff_idle_s: float = 113e-6
     # fixed GPU times of a decode step, per layer and per step; 50 and 97 us on an H200
     # (gpu_probe, docs/benchmarks.md)
     gpu_layer_s: float = 50e-6
     gpu_step_s: float = 100e-6
     # host time of an in-session cache's step per decoded token (reading the routing, choosing,
-    # queueing uploads and tables): 0.9-2.4 ms on the H200 host with the first (background)
-    # uploads, 2026-11-30; `bench` fits it from its cache rows' `step_us`
-    cache_step_s: float = 1.0e-3
+    # queueing uploads and tables): 0.07-0.44 ms on the H200 host with ordered uploads (0.9-2.4
+    # with the first, background ones), 2026-11-30; `bench` fits it from its cache rows' `step_us`
+    cache_step_s: float = 0.2e-3
+    # the rest of an active cache's fixed cost, per cached layer and decoded token, on the GPU
+    # side (each layer's routing written to host memory, the synchronize before the step):
+    # at equal hit rates the cache rows decoded 0.48 and 0.63 ms per token slower than the
+    # static packs over 48 layers, less their uploads and host step (H200, 2026-11-30, fourth
+    # lease); not measured apart, so `bench` does not fit it
+    cache_layer_s: float = 6e-6
     measured: tuple = ()  # names of the fields measured on this machine
     machine: str = ""
     measured_at: str = ""
