@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU evaluation on the lent H200 machine, by steps:
 #   1. build the hybrid-patched llama-cpp-python for CUDA (sm_90) from the trimmed sdist
-#   2. per-expert split equivalence with the hot packs in VRAM (tests/test_hybrid_split.py)
+#   2. per-expert split equivalence with the hot packs in VRAM (tests/test_hybrid_split.py;
+#      HYBRID_GGUF_TEST_FLASH_ATTN=1 runs all of it with flash attention)
 #   3. routing-recorder overhead (scripts/bench_recorder.py)
 #   4. placement A/B on a synthetic Qwen3-30B-A3B-shaped Q4_K model (`hybrid-gguf bench`)
 #   4b. the same A/B on a Mixtral-8x7B-shaped Q4_K model (bench2)

@@ -67,13 +67,17 @@ if PACK_DEVICE == "auto":
 COLD_ON_GPU = os.environ.get("HYBRID_GGUF_TEST_COLD", "cpu") == "gpu"
 # the in-session cache's uploads on a GPU: queued ahead of the next ubatch, or "background"
 CACHE_BACKGROUND = os.environ.get("HYBRID_GGUF_TEST_CACHE_UPLOADS", "ordered") == "background"
+# HYBRID_GGUF_TEST_FLASH_ATTN=1: every load here with flash attention (run/serve -fa); one
+# test below checks it on every machine
+FLASH_ATTN = os.environ.get("HYBRID_GGUF_TEST_FLASH_ATTN", "0") == "1"
 
 
-def load_with_report(path, hot=None, use_mmap=True, cache=None):
+def load_with_report(path, hot=None, use_mmap=True, cache=None, flash_attn=None):
     from hybrid_gguf.llama.loader import load_llama
     from hybrid_gguf.planning.placement import cpu_moe
 
-    kwargs = dict(n_ctx=128, n_batch=64, seed=1, verbose=False, use_mmap=use_mmap)
+    kwargs = dict(n_ctx=128, n_batch=64, seed=1, verbose=False, use_mmap=use_mmap,
+                  flash_attn=FLASH_ATTN if flash_attn is None else flash_attn)
     placement = cpu_moe() if ON_GPU else None
     if not ON_GPU:
         kwargs["n_gpu_layers"] = 0
@@ -83,9 +87,9 @@ def load_with_report(path, hot=None, use_mmap=True, cache=None):
                       **kwargs)
 
 
-def load(path, hot=None, use_mmap=True):
+def load(path, hot=None, use_mmap=True, flash_attn=None):
     try:
-        return load_with_report(path, hot, use_mmap).llm
+        return load_with_report(path, hot, use_mmap, flash_attn=flash_attn).llm
     except HybridError as exc:
         raise ValueError(str(exc)) from None
 
@@ -102,27 +106,28 @@ def hot_sets(n_layer, n_expert):
     }
 
 
-def gpu_tolerance(path, prompt, n_gen=N_GEN):
+def gpu_tolerance(path, prompt, n_gen=N_GEN, flash_attn=None):
     """On the GPU the hot experts run in CUDA kernels whose F32 matmuls round differently
     from the CPU's; the yardstick is the gap between the two unsplit references (all
     experts on the CPU vs all on the GPU), which the split must not exceed."""
     from hybrid_gguf.llama.loader import load_llama
 
-    llm = load_llama(path, None, n_ctx=128, n_batch=64, seed=1, verbose=False).llm
+    llm = load_llama(path, None, n_ctx=128, n_batch=64, seed=1, verbose=False,
+                     flash_attn=FLASH_ATTN if flash_attn is None else flash_attn).llm
     all_gpu = greedy(llm, prompt, n_gen)
     llm.close()
     return all_gpu
 
 
-def reference(path, prompt, n_gen=N_GEN):
+def reference(path, prompt, n_gen=N_GEN, flash_attn=None):
     """(the unsplit model's greedy run, the logit tolerance a split run must meet, the
     all-on-GPU run on a GPU machine or None)."""
-    ref_llm = load(path)
+    ref_llm = load(path, flash_attn=flash_attn)
     ref = greedy(ref_llm, prompt, n_gen)
     ref_llm.close()
     if not ON_GPU:
         return ref, 1e-3, None
-    all_gpu = gpu_tolerance(path, prompt, n_gen)
+    all_gpu = gpu_tolerance(path, prompt, n_gen, flash_attn)
     assert all_gpu.tokens == ref.tokens
     # Twice the gap that moving the experts to the GPU opens in stock llama.cpp. The GPU
     # rounds activations (TF32 in the F32 matmuls, q8_1 for quantized weights), which
@@ -163,6 +168,23 @@ def test_split_matches_unsplit(models, arch, prompt):
             if not gdelta <= tol:
                 failures.append(f"all vs all-GPU: {gdelta:.3g} > {tol:.3g}")
     assert not failures, f"{arch}: " + "; ".join(failures)
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "gpt-oss"])
+def test_split_matches_unsplit_with_flash_attention(models, arch):
+    """Flash attention (run/serve -fa) changes the attention kernels, not the expert split:
+    a split model with it computes what the unsplit model with it does (gpt-oss: with its
+    attention sinks and sliding window)."""
+    path, spec = models[arch]
+    ref, tol, _ = reference(path, LONG_PROMPT, flash_attn=True)
+    for label in ("half", "all_but_one"):
+        llm = load(path, hot_sets(spec.n_layer, spec.n_expert)[label], flash_attn=True)
+        assert llm.context_params.flash_attn_type == 1  # LLAMA_FLASH_ATTN_TYPE_ENABLED
+        run = greedy(llm, LONG_PROMPT, N_GEN)
+        llm.close()
+        delta = float(np.max(np.abs(run.logits - ref.logits)))
+        assert run.tokens == ref.tokens, f"{arch}/{label}: greedy tokens differ with flash attention"
+        assert delta <= tol, f"{arch}/{label}: max |logit delta| {delta:.3g} > {tol:.3g} with flash attention"
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs HYBRID_GGUF_TEST_PACK_DEVICE=CUDA0 (or auto) on a GPU machine")
