@@ -10,7 +10,7 @@ Bounds:
   threads       1 .. min(512, 4 per CPU core, at least 4); 512 is GGML_MAX_N_THREADS
   context       8 .. 2**31 - 1 tokens, and KV cache + compute buffer (estimated) must fit
                 the memory available (host RAM available + free GPU memory)
-  batch/ubatch  1 .. 65536
+  batch/ubatch  1 .. 65536; a ubatch asked for (run/serve --ubatch) at most the context
   new tokens    >= 1
 """
 
@@ -76,6 +76,20 @@ def check_batch(n: Optional[int], name: str = "n_batch") -> None:
         return
     if not _whole(n) or not 1 <= n <= MAX_BATCH:
         raise HybridError(f"{name} must be between 1 and {MAX_BATCH}, got {n!r}")
+
+
+def check_ubatch(n: Any, n_ctx: Optional[int] = None, name: str = "n_ubatch") -> None:
+    """A prompt micro-batch asked for: None (the default) or "auto" (the planner's pick), or
+    a whole number in check_batch's bounds and, with `n_ctx`, no larger than the context
+    (llama.cpp would quietly cut it to the context)."""
+    if n is None or n == "auto":
+        return
+    if not _whole(n) or n < 1:
+        raise HybridError(f"{name} must be a positive integer or auto, got {n!r}")
+    check_batch(n, name)
+    if n_ctx is not None and n > n_ctx:
+        raise HybridError(f"{name} {n} exceeds the context of {n_ctx} tokens; pass a smaller ubatch or a "
+                          "larger context (-c/--ctx)")
 
 
 def check_new_tokens(n: Any, name: str = "max_tokens") -> None:

@@ -590,4 +590,4 @@ def test_the_planner_picks_the_ubatch_by_predicted_prefill_and_decode(tmp_path, 
     assert any(n.startswith(f"ubatch {d['memory']['n_ubatch']} (predicted") for n in d["notes"]), d["notes"]
     bad = subprocess.run([sys.executable, "-m", "hybrid_gguf.cli", "plan", str(path), "--ubatch", "big",
                           "--assume-devices", "CUDA0:64MiB"], capture_output=True, text=True, env=env, timeout=60)
-    assert bad.returncode != 0 and "--ubatch takes a number or auto" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode != 0 and "--ubatch must be a positive integer or auto" in bad.stderr and "Traceback" not in bad.stderr

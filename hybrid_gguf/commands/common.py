@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import typer
 
@@ -56,6 +56,30 @@ def n_cpu_moe_option():
 
 def cpu_moe_option():
     return typer.Option(False, "--cpu-moe", help="whole layers by hand: every routed expert on the CPU")
+
+
+def ubatch_option(help: str = "prompt micro-batch, as llama.cpp's -ub: tokens per compute step (larger: faster "
+                                "prefill, a larger compute buffer), or auto: the planner's pick of 512..4096 "
+                                "(default 512; with --plan, the plan's)"):
+    return typer.Option(None, "-ub", "--ubatch", metavar="N|auto", show_default=False, help=help)
+
+
+def flash_attn_option(help: str = "flash attention, as llama.cpp's -fa (a smaller compute buffer at long "
+                                  "contexts; default off; with --plan, the plan's)"):
+    return typer.Option(False, "-fa", "--flash-attn", help=help)
+
+
+def ubatch_choice(text: Optional[str], n_ctx: Optional[int] = None) -> Union[None, int, str]:
+    """-ub/--ubatch as HybridModel's and plan_model's n_ubatch: None (not given), "auto", or
+    a whole number (limits.check_ubatch: a batch size no larger than `n_ctx`, if given)."""
+    from hybrid_gguf.limits import check_ubatch
+
+    if text is None:
+        return None
+    value = text.strip().lower()
+    choice: Union[int, str] = int(value) if value.isascii() and value.isdigit() else value
+    check_ubatch(choice, n_ctx, "--ubatch")
+    return choice
 
 
 def cache_option():

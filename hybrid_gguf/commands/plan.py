@@ -10,7 +10,8 @@ from typing import Optional
 import typer
 
 from hybrid_gguf.errors import HybridError
-from hybrid_gguf.commands.common import ctx_option, model_argument, model_option, resolve
+from hybrid_gguf.commands.common import (ctx_option, flash_attn_option, model_argument, model_option, resolve,
+                                        ubatch_choice, ubatch_option)
 
 
 def parse_devices(spec: str) -> list:
@@ -65,9 +66,10 @@ def register(app: typer.Typer) -> None:
             None, "--assume-devices", "--devices",
             help="plan for these GPUs instead of this machine's: CUDA0:24GiB,CUDA1:16GiB (what the model may use "
                  "on each; `run --plan` refuses the plan on other GPUs)"),
-        n_ubatch: str = typer.Option("512", "--ubatch", help="physical batch size, or auto: the planner's pick of "
-                                                             "512..4096 by predicted prefill and decode"),
-        flash_attn: bool = typer.Option(False, "--flash-attn", help="plan for flash attention"),
+        n_ubatch: Optional[str] = ubatch_option(help="prompt micro-batch (llama.cpp's -ub) to plan for, or auto: "
+                                                     "the planner's pick of 512..4096 by predicted prefill and "
+                                                     "decode (default 512)"),
+        flash_attn: bool = flash_attn_option(help="plan for flash attention (llama.cpp's -fa)"),
         type_k: str = typer.Option("f16", "--cache-type-k", help="KV cache type of K"),
         type_v: str = typer.Option("f16", "--cache-type-v", help="KV cache type of V"),
         margin: str = typer.Option("64MiB", "--margin", help="fixed safety margin per GPU"),
@@ -101,16 +103,12 @@ def register(app: typer.Typer) -> None:
         from hybrid_gguf.planning.calibration import Bandwidth
         from hybrid_gguf.sizes import parse_size
 
-        from hybrid_gguf.limits import check_batch, check_ctx
+        from hybrid_gguf.limits import check_ctx, check_ubatch
 
         console = Console(stderr=as_json)
         check_ctx(ctx, "--ctx")
         model = resolve(model, model_opt).path
-        if n_ubatch != "auto":
-            if not n_ubatch.isdigit():
-                raise HybridError(f"--ubatch takes a number or auto, got {n_ubatch!r}")
-            n_ubatch = int(n_ubatch)
-            check_batch(n_ubatch, "--ubatch")
+        n_ubatch = ubatch_choice(n_ubatch)  # None: not given (512)
         for option, path in (("--out", out), ("--plot", plot)):
             if path is not None and path.is_dir():
                 raise HybridError(f"{option} {path} is a directory; give a file name")
@@ -128,6 +126,8 @@ def register(app: typer.Typer) -> None:
             from hybrid_gguf.limits import default_ctx
 
             ctx = default_ctx(read_inventory(model))
+        check_ubatch(n_ubatch, ctx, "--ubatch")
+        n_ubatch = 512 if n_ubatch is None else n_ubatch
         devs, dev_notes = assumed_devices(devices_spec, gpu_budget) if devices_spec else (None, [])
         budget = None if devs else parse_budget(gpu_budget)
         res = plan_model(model, budget, ctx, profile_path=profile_path, store=store, previous_path=previous,
