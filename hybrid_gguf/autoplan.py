@@ -7,8 +7,9 @@ model.py does: it asks llama/ and bench/ for measurements that planning/ must no
     res.plan.placement(), res.plan.hybrid_plan_text()     # what llama.cpp gets
     res.diff.summary() if res.diff else "first plan"
 
-Plans that `run` makes itself live in <data dir>/plans/<fingerprint>.yaml (paths.py), so the
-next run re-plans against them (hysteresis) and reports promotions/demotions.
+Plans that `run` makes itself live in <data dir>/plans/<fingerprint>.yaml (paths.py; one file
+per ubatch and flash-attention setting, default_plan_path), so the next run with the same
+settings re-plans against them (hysteresis) and reports promotions/demotions.
 
 `session_plan` is the placement of one HybridModel session: chosen by hand (--n-cpu-moe,
 --cpu-moe, --hot), a plan file, or plan_model's plan; HybridModel then loads and times it.
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from hybrid_gguf.errors import STOCK_NOTICE, HybridError
-from hybrid_gguf.planning.memory import MemoryOptions, MIB
+from hybrid_gguf.planning.memory import MemoryOptions, MIB, batch_kwargs
 
 PathLike = Union[str, os.PathLike]
 
@@ -44,8 +45,15 @@ def plans_dir() -> Path:
     return paths.plans_dir()
 
 
-def default_plan_path(fingerprint: str) -> Path:
-    return plans_dir() / f"{fingerprint[:32]}.yaml"
+def default_plan_path(fingerprint: str, n_ubatch: Union[int, str] = 512, flash_attn: bool = False) -> Path:
+    """The plan file a session's automatic plan is kept in, the previous plan of the next
+    session asking for the same settings. Keyed by the model and the memory settings the
+    request fixes: a plan made for another ubatch or flash attention had another compute
+    buffer out of its budget (so another hot set), and is never the previous plan of this one.
+    The defaults (ubatch 512, no flash attention) keep the plain <fingerprint>.yaml."""
+    key = "" if (n_ubatch, bool(flash_attn)) == (512, False) else \
+        f"-ub{n_ubatch}" + ("-fa" if flash_attn else "")
+    return plans_dir() / f"{fingerprint[:32]}{key}.yaml"
 
 
 def cold_read_possible(devices: Sequence) -> bool:
@@ -298,6 +306,10 @@ class PlacementSummary:
     pack_device: Optional[str] = None
     predicted: dict = field(default_factory=dict)
     gpu_experts: dict = field(default_factory=dict)  # {layer: experts in GPU memory}
+    # the context's batch settings as llama.cpp took them (filled in once it is loaded)
+    n_ubatch: Optional[int] = None
+    n_batch: Optional[int] = None
+    flash_attn: Optional[bool] = None
 
     def to_dict(self) -> dict:
         return {
@@ -313,6 +325,9 @@ class PlacementSummary:
             "predicted": self.predicted,
             "gpu_experts": sum(len(v) for v in self.gpu_experts.values()),
             "buffers": self.buffers,
+            "n_ubatch": self.n_ubatch,
+            "n_batch": self.n_batch,
+            "flash_attn": self.flash_attn,
             "notices": list(self.notices),
         }
 
@@ -333,7 +348,8 @@ class SessionPlan:
 def session_plan(model_path: PathLike, inv, gpus: Sequence, n_ctx: int, *,
                  gpu_budget: Union[None, int, str] = None, hot=None, plan=None,
                  pack_device: Optional[str] = None, auto_plan: bool = True,
-                 n_cpu_moe: Optional[int] = None, cpu_moe: bool = False) -> SessionPlan:
+                 n_cpu_moe: Optional[int] = None, cpu_moe: bool = False,
+                 n_ubatch: Union[None, int, str] = None, flash_attn: Optional[bool] = None) -> SessionPlan:
     """The placement of a HybridModel session (its arguments of the same names) on the GPUs
     `gpus` (llama.devices.Device; [] places as on a machine without one).
 
@@ -341,9 +357,21 @@ def session_plan(model_path: PathLike, inv, gpus: Sequence, n_ctx: int, *,
     hot set). Else `plan` (a Plan or a plan YAML path) is applied; else, with a GPU, the
     model is planned from its stored routing profile for `gpu_budget` (total VRAM; the budget
     rule of planning/budget.py applied here once) and the plan is kept for the next session
-    (`auto_plan=False`: the planner's whole-layer plan, like --n-cpu-moe, instead)."""
+    (`auto_plan=False`: the planner's whole-layer plan, like --n-cpu-moe, instead).
+
+    `n_ubatch` (a number, or "auto": plan_model's pick) and `flash_attn`: the prompt
+    micro-batch and flash attention, None: not asked for (a plan's own, else 512 and off).
+    The plans made here are made for them (their compute buffer comes out of the budget); a
+    plan file fixes its own, and asking for others is an error; the placements that are not
+    planned pass them to llama.cpp as given ("auto": 512). The result's llama_kwargs always
+    hold n_ubatch, n_batch and flash_attn."""
+    from hybrid_gguf.limits import check_ubatch
     from hybrid_gguf.planning.budget import budget_total, parse_budget
 
+    check_ubatch(n_ubatch, None, "n_ubatch")
+    if flash_attn is not None and not isinstance(flash_attn, bool):
+        raise HybridError(f"flash_attn must be True, False or None, got {flash_attn!r}")
+    asked = (n_ubatch, flash_attn)
     budget = parse_budget(gpu_budget)
     if n_cpu_moe is not None or cpu_moe:
         if n_cpu_moe is not None and cpu_moe:
@@ -355,14 +383,20 @@ def session_plan(model_path: PathLike, inv, gpus: Sequence, n_ctx: int, *,
             raise HybridError(f"--n-cpu-moe must be a whole number >= 0, got {n_cpu_moe!r}")
         chosen = _manual_placement(inv, gpus, n_cpu_moe, budget_total(budget))
     else:
-        chosen = _choose_placement(model_path, inv, gpus, budget, hot, plan, n_ctx, pack_device, auto_plan)
-    # without a GPU every branch above leaves n_gpu_layers 0 and packs on the CPU: {}
+        chosen = _choose_placement(model_path, inv, gpus, budget, hot, plan, n_ctx, pack_device, auto_plan, asked)
     s = chosen.summary
+    if "n_ubatch" not in chosen.llama_kwargs:  # a placement that is not planned: as asked
+        ubatch = min(512, n_ctx) if n_ubatch in (None, "auto") else n_ubatch  # llama.cpp's default
+        if n_ubatch == "auto":
+            s.notices.append(f"--ubatch auto is the planner's pick and this placement is not planned: ubatch {ubatch}")
+        chosen.llama_kwargs.update(batch_kwargs(ubatch, bool(flash_attn)))
+    # without a GPU every branch above leaves n_gpu_layers 0 and packs on the CPU: {}
     s.gpu_experts = _gpu_experts(inv, chosen.placement, chosen.hot or {}, s.n_gpu_layers, s.pack_device)
     return chosen
 
 
-def _choose_placement(model_path, inv, gpus, budget, hot, plan, n_ctx, pack_device, auto_plan) -> SessionPlan:
+def _choose_placement(model_path, inv, gpus, budget, hot, plan, n_ctx, pack_device, auto_plan,
+                      asked=(None, None)) -> SessionPlan:
     from hybrid_gguf.llama import hybrid as hybrid_backend
     from hybrid_gguf.planning import placement as pl
     from hybrid_gguf.planning.budget import SPLIT_NOTE, device_budgets, usable_budget
@@ -388,7 +422,7 @@ def _choose_placement(model_path, inv, gpus, budget, hot, plan, n_ctx, pack_devi
         notices.append("no GPU found: --gpu-budget ignored, everything runs on the CPU")
 
     if plan is not None:
-        return _placement_from_plan(inv, plan, notices, gpus)
+        return _placement_from_plan(inv, plan, notices, gpus, asked)
 
     if hot:
         cap = hybrid_backend.capability()
@@ -424,17 +458,22 @@ def _choose_placement(model_path, inv, gpus, budget, hot, plan, n_ctx, pack_devi
     if chosen:
         notices.append(chosen)
     if auto_plan and inv.n_expert > 0:
-        return _auto_plan(model_path, inv, devs, n_ctx, notices, gpus)
-    return _whole_layer_placement(inv, devs, n_ctx, notices, gpus)
+        return _auto_plan(model_path, inv, devs, n_ctx, notices, gpus, asked)
+    return _whole_layer_placement(inv, devs, n_ctx, notices, gpus, asked)
 
 
-def _whole_layer_placement(inv, devs, n_ctx, notices, gpus) -> SessionPlan:
+def _whole_layer_placement(inv, devs, n_ctx, notices, gpus, asked=(None, None)) -> SessionPlan:
     """No profile used (auto_plan=False, or a dense model): the planner's plan without a
-    profile, whole layers' experts on the GPU, the last layers first (like --n-cpu-moe)."""
+    profile, whole layers' experts on the GPU, the last layers first (like --n-cpu-moe),
+    for the ubatch and flash attention asked for ("auto": _best_ubatch's pick)."""
     from hybrid_gguf.planning.planner import make_plan
 
     budget = sum(d.budget_bytes for d in devs)
-    plan = make_plan(inv, budget, n_ctx, devices=devs)
+    n_ubatch, flash_attn = asked
+    plans = [make_plan(inv, budget, n_ctx, devices=devs,
+                       memory=MemoryOptions(n_ctx, n_ubatch=u, flash_attn=bool(flash_attn)))
+             for u in _ubatch_choices(512 if n_ubatch is None else n_ubatch, n_ctx)]
+    plan = plans[0] if len(plans) == 1 else _best_ubatch(plans[0], plans[1:], notices)
     notices.extend(plan.notes)
     n_moe = sum(1 for l in inv.layers if l.is_moe)
     if plan.n_gpu_layers == 0:
@@ -445,7 +484,7 @@ def _whole_layer_placement(inv, devs, n_ctx, notices, gpus) -> SessionPlan:
         n_host = n_moe - len(plan.whole_layers(inv))
         mode, desc = "whole-tensor", (f"experts of the first {n_host} of {n_moe} MoE layers on the CPU "
                                       "(like --n-cpu-moe)")
-    llama_kwargs = {}
+    llama_kwargs = batch_kwargs(plan.memory.n_ubatch, plan.memory.flash_attn)
     split = plan.tensor_split_here([g.name for g in gpus])
     if split is not None and plan.n_gpu_layers != 0:
         llama_kwargs["tensor_split"] = split
@@ -478,7 +517,10 @@ def _manual_placement(inv, gpus, n_cpu, budget) -> SessionPlan:
     return SessionPlan(placement, None, _summary(mode, desc, placement.n_gpu_layers, {}, None, notices, None))
 
 
-def _placement_from_plan(inv, plan, notices, gpus) -> SessionPlan:
+def _placement_from_plan(inv, plan, notices, gpus, asked=(None, None)) -> SessionPlan:
+    """A plan's placement and llama.cpp settings; `asked`: the (n_ubatch, flash_attn) the
+    session asked for, which must be the plan's where given (the plan's memory prediction,
+    and so its hot set, rests on them)."""
     from hybrid_gguf.llama import hybrid as hybrid_backend
     from hybrid_gguf.planning.plan import Plan
 
@@ -490,6 +532,7 @@ def _placement_from_plan(inv, plan, notices, gpus) -> SessionPlan:
     else:
         source = "plan"
     plan.check_model(inv)
+    _check_plan_batch(plan, source, *asked)
     hot = {int(k): list(v) for k, v in plan.hot.items() if v}
     if hot and not hybrid_backend.capability().per_expert:
         notices.append(STOCK_NOTICE + "; using the plan's whole-tensor part only")
@@ -529,11 +572,27 @@ def _placement_from_plan(inv, plan, notices, gpus) -> SessionPlan:
                        plan.cache if hot and plan.cache.active else None)
 
 
-def _auto_plan(model_path, inv, devs, n_ctx, notices, gpus) -> SessionPlan:
-    """Plan from the stored routing profile, keep it for the next session, say what changed."""
-    out = default_plan_path(inv.fingerprint)
+def _check_plan_batch(plan, source: str, n_ubatch, flash_attn) -> None:
+    m = plan.memory
+    if (n_ubatch is None or n_ubatch == m.n_ubatch) and (flash_attn is None or bool(flash_attn) == m.flash_attn):
+        return
+    asked = " and ".join(part for part in (
+        None if n_ubatch is None else f"--ubatch {n_ubatch}",
+        None if flash_attn is None else f"flash attention {'on' if flash_attn else 'off'}") if part)
+    raise HybridError(f"{source} fixes ubatch {m.n_ubatch} and flash attention {'on' if m.flash_attn else 'off'}, "
+                      f"not {asked}: drop --ubatch/--flash-attn, or re-plan with `hybrid-gguf plan ... --ubatch N "
+                      "[--flash-attn]`")
+
+
+def _auto_plan(model_path, inv, devs, n_ctx, notices, gpus, asked=(None, None)) -> SessionPlan:
+    """Plan from the stored routing profile for the ubatch and flash attention asked for,
+    keep it for the next session with the same settings, say what changed."""
+    n_ubatch = 512 if asked[0] is None else asked[0]
+    flash_attn = bool(asked[1])
+    out = default_plan_path(inv.fingerprint, n_ubatch, flash_attn)
     budget = sum(d.budget_bytes for d in devs)  # already usable on each GPU
-    auto = plan_model(model_path, budget, n_ctx, out=out, inventory=inv, devices=devs)
+    auto = plan_model(model_path, budget, n_ctx, out=out, inventory=inv, devices=devs, n_ubatch=n_ubatch,
+                      flash_attn=flash_attn)
     if auto.diff is not None:
         notices.append(auto.diff.summary())
     chosen = _placement_from_plan(inv, auto.plan, notices, gpus)

@@ -71,6 +71,13 @@ class HybridModel:
     keeps weights in plain CPU buffers (llama.cpp's use_extra_bufts off: no repacking into
     AMX or other extra buffer types, which can cost prompt speed on some hosts).
     `cpu_only=True` places as on a machine without a GPU (every weight on the CPU).
+    `n_ubatch` (llama.cpp's -ub: prompt tokens per compute step, at most `n_ctx`; "auto": the
+    planner's pick of autoplan.UBATCH_CHOICES) and `flash_attn`: the automatic plan is made
+    for them (a larger ubatch prefills faster but its compute buffer leaves less VRAM for
+    experts), the placements chosen by hand get them as they are ("auto": 512), and a `plan`
+    fixes its own (asking for others is an error). None: the plan's, else 512 and off. The
+    logical batch (llama.cpp's -b) is the ubatch, at least 512; `.placement` reports all
+    three as llama.cpp took them.
     `profiling=True` is a profiling session (`hybrid-gguf profile`): every decoded token is
     recorded, with a per-token trace, a bench model replays its profiling routing stream,
     and nothing is merged into the profile store on close: read `.recorder` instead.
@@ -91,7 +98,8 @@ class HybridModel:
         hot: Optional[Mapping[int, Sequence[int]]] = None,
         plan: Any = None,
         n_ctx: Optional[int] = None,
-        n_batch: int = 512,
+        n_ubatch: Union[None, int, str] = None,
+        flash_attn: Optional[bool] = None,
         n_threads: Optional[int] = None,
         seed: int = 0,
         record: bool = True,
@@ -110,7 +118,7 @@ class HybridModel:
     ) -> None:
         limits.check_threads(n_threads, "n_threads")
         limits.check_ctx(n_ctx, "n_ctx")
-        limits.check_batch(n_batch, "n_batch")
+        limits.check_ubatch(n_ubatch, None, "n_ubatch (--ubatch)")
         self._lock = threading.RLock()
         self._owner_depth = threading.local()
         self._llm = None
@@ -120,6 +128,7 @@ class HybridModel:
         self.path = self.resolved.path
         self.inventory: Inventory = inventory if inventory is not None else read_inventory(self.path)
         n_ctx = limits.default_ctx(self.inventory, n_ctx)  # the model's, at most DEFAULT_CTX
+        limits.check_ubatch(n_ubatch, n_ctx, "n_ubatch (--ubatch)")
         self.label = label
         self._profile_store = profile_store
         self.cpu_only = bool(cpu_only)
@@ -130,7 +139,8 @@ class HybridModel:
 
         gpus = [] if self.cpu_only else devices_mod.gpu_devices()
         chosen = session_plan(self.path, self.inventory, gpus, n_ctx, gpu_budget=gpu_budget, hot=hot, plan=plan,
-                              pack_device=pack_device, auto_plan=auto_plan, n_cpu_moe=n_cpu_moe, cpu_moe=cpu_moe)
+                              pack_device=pack_device, auto_plan=auto_plan, n_cpu_moe=n_cpu_moe, cpu_moe=cpu_moe,
+                              n_ubatch=n_ubatch, flash_attn=flash_attn)
         self.plan = chosen.plan  # the Plan applied, if any
         self.repack = bool(repack)
         self.placement = summary = chosen.summary
@@ -148,9 +158,8 @@ class HybridModel:
         from hybrid_gguf.llama.loader import load_llama
         from hybrid_gguf.planning.memory import hot_pack_reported
 
-        kwargs: dict[str, Any] = dict(n_ctx=n_ctx, n_batch=n_batch, seed=seed, verbose=verbose,
-                                      n_gpu_layers=summary.n_gpu_layers)
-        kwargs.update(chosen.llama_kwargs)
+        kwargs: dict[str, Any] = dict(n_ctx=n_ctx, seed=seed, verbose=verbose, n_gpu_layers=summary.n_gpu_layers)
+        kwargs.update(chosen.llama_kwargs)  # with n_ubatch, n_batch and flash_attn
         if n_threads:
             kwargs["n_threads"] = n_threads
             kwargs["n_threads_batch"] = n_threads
@@ -168,6 +177,7 @@ class HybridModel:
         summary.buffers = _buffer_dict(loaded.buffers)
         summary.hot_pack_bytes = hybrid_backend.pack_bytes(self._llm._model.model)
         summary.hot_pack_by_device = hot_pack_reported(loaded.log)
+        summary.n_ubatch, summary.n_batch, summary.flash_attn = _batch_settings(self._llm)
 
     # -- recording -----------------------------------------------------------------------
 
@@ -452,6 +462,16 @@ class TextStream:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _batch_settings(llm) -> tuple:
+    """(n_ubatch, n_batch, flash_attn) of a loaded Llama's context, as llama.cpp took them."""
+    import llama_cpp
+
+    ctx = llm._ctx.ctx
+    fa = getattr(llm.context_params, "flash_attn_type", None)
+    return (int(llama_cpp.llama_n_ubatch(ctx)), int(llama_cpp.llama_n_batch(ctx)),
+            None if fa is None else fa == llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED)
 
 
 def _no_extra_bufts(params) -> None:

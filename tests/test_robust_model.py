@@ -140,7 +140,7 @@ def test_a_prompt_longer_than_the_requested_context_is_a_clear_error(f32_model):
     (dict(n_ctx=2**40), "context"),
     (dict(n_ctx=10_000_000), "memory"),
     (dict(n_ctx=0), "context"),
-    (dict(n_batch=0), "batch"),
+    (dict(n_ubatch=0), "batch"),
 ])
 def test_sizes_are_checked_before_loading(f32_model, tmp_path, kwargs, message):
     res = run_child(f"""

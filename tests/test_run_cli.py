@@ -10,6 +10,7 @@ import pytest
 
 pytest.importorskip("llama_cpp")
 
+from hybrid_gguf.errors import HybridError  # noqa: E402
 from hybrid_gguf.llama import hybrid as hybrid_backend  # noqa: E402
 
 
@@ -80,6 +81,10 @@ def test_run_with_an_in_session_cache_reports_it(tmp_path):
     (["-p", "x", "--hot", "0:99"], "expert 99"),
     (["-p", "x", "--hot", "zz"], "--hot"),
     (["-p", "x", "--plan", "/no/such/plan.yaml"], "not found"),
+    (["-p", "x", "-ub", "big"], "--ubatch must be a positive integer or auto"),
+    (["-p", "x", "--ubatch", "0"], "--ubatch must be a positive integer or auto"),
+    (["-p", "x", "-ub", "100000"], "--ubatch must be between 1 and 65536"),
+    (["-p", "x", "-c", "256", "-ub", "1024"], "--ubatch 1024 exceeds the context of 256 tokens"),
 ])
 def test_bad_input_is_one_clear_line(args, message):
     res = run_cli(*args)
@@ -194,3 +199,136 @@ def test_the_end_of_a_session_says_what_the_next_plan_changes(tmp_path, tiny_mod
     assert set(nxt) >= {"promoted", "demoted", "hit_before", "hit_after"}
     res = run_cli(*base, env_extra=env)
     assert res.returncode == 0 and "re-planned with this session's routing" in res.stderr, res.stderr
+
+
+# --- the prompt micro-batch and flash attention (-ub/--ubatch, -fa/--flash-attn) ---------------
+
+
+def _diff_notices(notices) -> list:
+    """An auto plan's 'what changed since the last session' line (autoplan._auto_plan)."""
+    return [n for n in notices if n.startswith("plan unchanged") or " promoted in " in n]
+
+
+def test_ubatch_and_flash_attn_reach_llama_cpp(tiny_model_factory):
+    import llama_cpp
+
+    from hybrid_gguf.model import HybridModel
+
+    path = str(tiny_model_factory("qwen3moe", n_layer=2))
+    with HybridModel(path, n_ctx=512, n_threads=1, record=False, n_ubatch=64, flash_attn=True) as hm:
+        params = hm.llm.context_params
+        assert params.n_ubatch == 64 and llama_cpp.llama_n_ubatch(hm.llm._ctx.ctx) == 64
+        assert params.flash_attn_type == llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        placement = hm.placement.to_dict()
+        assert (placement["n_ubatch"], placement["n_batch"], placement["flash_attn"]) == (64, 512, True)
+        assert len(hm.generate("def main():", max_tokens=3).tokens) == 3
+    with HybridModel(path, n_ctx=1024, n_threads=1, record=False) as hm:  # the defaults, as before
+        assert (hm.placement.n_ubatch, hm.placement.n_batch, hm.placement.flash_attn) == (512, 512, False)
+    with HybridModel(path, n_ctx=2048, n_threads=1, record=False, n_ubatch=1024) as hm:
+        assert (hm.placement.n_ubatch, hm.placement.n_batch) == (1024, 1024)
+    with pytest.raises(HybridError, match="positive integer or auto"):
+        HybridModel(path, n_ctx=256, record=False, n_ubatch="big")
+    with pytest.raises(HybridError, match="exceeds the context of 256"):
+        HybridModel(path, n_ctx=256, record=False, n_ubatch=512)
+
+
+def test_run_json_reports_the_ubatch_and_flash_attn_used(tmp_path, tiny_model_factory):
+    path = tiny_model_factory("qwen3moe", n_layer=2)
+    base = ["-m", str(path), "-p", "def main():", "-n", "3", "--json", "--no-record", "-t", "1", "-c", "256"]
+    env = {"HYBRID_GGUF_HOME": str(tmp_path)}
+    res = run_cli(*base, "-ub", "32", "-fa", env_extra=env)
+    assert res.returncode == 0, res.stderr
+    placement = json.loads(res.stdout)["placement"]
+    assert (placement["n_ubatch"], placement["flash_attn"]) == (32, True)
+    res = run_cli(*base[:-2], "--ctx", "256", "--ubatch", "auto", env_extra=env)  # not planned here: 512, cut to 256
+    assert res.returncode == 0, res.stderr
+    placement = json.loads(res.stdout)["placement"]
+    assert (placement["n_ubatch"], placement["flash_attn"]) == (256, False)
+    assert any("--ubatch auto" in n and "not planned" in n for n in placement["notices"])
+
+
+def test_a_plan_file_fixes_the_ubatch_and_flash_attn(tmp_path, tiny_model_factory):
+    from hybrid_gguf.autoplan import plan_model
+
+    path = tiny_model_factory("qwen3moe", n_layer=3)
+    file = tmp_path / "plan.yaml"
+    plan_model(path, 64 * 2**20, 256, out=file, measure=False, calibrate=False, n_ubatch=128)
+    env = {"HYBRID_GGUF_HOME": str(tmp_path)}
+    base = ["-m", str(path), "-p", "x", "-n", "1", "--json", "--no-record", "-t", "1", "-c", "256", "--plan", str(file)]
+    res = run_cli(*base, env_extra=env)
+    assert res.returncode == 0, res.stderr
+    placement = json.loads(res.stdout)["placement"]
+    assert (placement["n_ubatch"], placement["flash_attn"]) == (128, False)
+    assert run_cli(*base, "-ub", "128", env_extra=env).returncode == 0  # the plan's own: fine
+    for extra in (["-ub", "64"], ["--ubatch", "auto"], ["-fa"]):
+        res = run_cli(*base, *extra, env_extra=env)
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+        assert "fixes ubatch 128 and flash attention off" in res.stderr and "hybrid-gguf plan" in res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_placements_that_are_not_planned_take_the_ubatch_as_given(tiny_model_factory):
+    from hybrid_gguf.autoplan import session_plan
+    from hybrid_gguf.header.inventory import read_inventory
+    from hybrid_gguf.llama import devices
+
+    gpu = devices.Device(index=1, name="CUDA0", description="fake", type="gpu", free_bytes=8 << 30,
+                         total_bytes=8 << 30)
+    path = tiny_model_factory("qwen3moe", n_layer=4)
+    inv = read_inventory(path)
+    want = {"n_ubatch": 128, "n_batch": 512, "flash_attn": True}
+    for kw in (dict(n_cpu_moe=2), dict(cpu_moe=True), dict(auto_plan=False)):
+        s = session_plan(path, inv, [gpu], 1024, n_ubatch=128, flash_attn=True, **kw)
+        assert {k: s.llama_kwargs[k] for k in want} == want, kw
+    s = session_plan(path, inv, [], 1024, n_ubatch=2048, flash_attn=True)  # no GPU
+    assert {k: s.llama_kwargs[k] for k in want} == {"n_ubatch": 2048, "n_batch": 2048, "flash_attn": True}
+    s = session_plan(path, inv, [gpu], 1024, n_cpu_moe=1)  # nothing asked: llama.cpp's defaults
+    assert {k: s.llama_kwargs[k] for k in want} == {"n_ubatch": 512, "n_batch": 512, "flash_attn": False}
+    # the whole-layer plan is a plan: auto is the planner's pick there
+    s = session_plan(path, inv, [gpu], 2048, n_ubatch="auto", auto_plan=False)
+    assert s.llama_kwargs["n_ubatch"] in (512, 1024, 2048)
+    assert any(n.startswith(f"ubatch {s.llama_kwargs['n_ubatch']} (predicted") for n in s.summary.notices)
+
+
+def test_a_stored_session_plan_is_kept_per_ubatch_and_flash_attn(tmp_path, monkeypatch, tiny_model_factory):
+    """The plan a session keeps for the next is the previous plan of a session asking for the
+    same ubatch and flash attention only: one made for ubatch 512 is not re-used for 1024."""
+    from hybrid_gguf import paths
+    from hybrid_gguf.autoplan import default_plan_path, session_plan
+    from hybrid_gguf.header.inventory import read_inventory
+    from hybrid_gguf.llama import devices
+    from hybrid_gguf.planning.plan import Plan
+    import numpy as np
+
+    from hybrid_gguf.routing.profile import ProfileStore, RoutingProfile
+
+    monkeypatch.setenv("HYBRID_GGUF_CACHE", str(paths.cache_dir()))  # the calibration, measured once
+    monkeypatch.setenv("HYBRID_GGUF_HOME", str(tmp_path))
+    gpu = devices.Device(index=1, name="CUDA0", description="fake", type="gpu", free_bytes=8 << 30,
+                         total_bytes=8 << 30)
+    path = tiny_model_factory("qwen3moe", n_layer=3, n_expert=8)
+    inv = read_inventory(path)
+    counts = np.tile(1.0 / np.arange(1, inv.n_expert + 1), (inv.n_layer, 1)) * 3000  # a skewed profile
+    ProfileStore().merge_session(RoutingProfile(inv.fingerprint, inv.arch, inv.n_layer, inv.n_expert, inv.n_expert_used,
+                                                counts, np.zeros_like(counts), np.full(inv.n_layer, 3000.0),
+                                                np.zeros(inv.n_layer), sessions=1))
+
+    def session(**kw):
+        return session_plan(path, inv, [gpu], 2048, gpu_budget="24MiB", **kw)
+
+    first = session()
+    f512 = default_plan_path(inv.fingerprint)
+    assert f512 == default_plan_path(inv.fingerprint, 512, False) and f512.name == f"{inv.fingerprint[:32]}.yaml"
+    assert f512.exists() and not _diff_notices(first.summary.notices)
+    assert _diff_notices(session(n_ubatch=512).summary.notices)  # the same settings: re-used
+    other = session(n_ubatch=1024)
+    f1024 = default_plan_path(inv.fingerprint, 1024)
+    assert f1024 != f512 and f1024.exists() and f1024.name.endswith("-ub1024.yaml")
+    assert not _diff_notices(other.summary.notices)  # a first plan for 1024, not a diff against 512's
+    assert other.plan.memory.n_ubatch == other.llama_kwargs["n_ubatch"] == 1024
+    assert Plan.load(f512, inv).memory.n_ubatch == 512 and Plan.load(f1024, inv).memory.n_ubatch == 1024
+    assert _diff_notices(session(n_ubatch=1024).summary.notices)  # and 1024's is re-used for 1024
+    fa = session(flash_attn=True)
+    assert not _diff_notices(fa.summary.notices) and fa.llama_kwargs["flash_attn"] is True
+    assert default_plan_path(inv.fingerprint, 512, True).name.endswith("-ub512-fa.yaml")
+    assert Plan.load(default_plan_path(inv.fingerprint, 512, True), inv).memory.flash_attn

@@ -482,6 +482,8 @@ def test_system_without_chat_is_refused(tmp_path):
     (["--port", "70000"], "--port"),
     (["--save-every", "0"], "--save-every"),
     (["--hot", "0:1", "--plan", "p.yaml"], "pass one"),
+    (["-ub", "big"], "--ubatch must be a positive integer or auto"),
+    (["-c", "256", "--ubatch", "1024"], "--ubatch 1024 exceeds the context of 256 tokens"),
 ])
 def test_serve_bad_options_are_one_clear_line(tmp_path, args, message):
     res = subprocess.run([sys.executable, "-m", "hybrid_gguf.cli", "serve", *args], capture_output=True,
@@ -502,5 +504,17 @@ def test_the_status_page_reports_the_in_session_cache(tmp_path):
         cache = server.get("/hybrid/status")["cache"]
         assert cache["policy"] == "lru" and cache["steps"] > 0 and cache["uploads"] > 0
         assert cache["hits"] + cache["misses"] > 0
+    finally:
+        server.kill()
+
+
+def test_serve_takes_the_ubatch_and_flash_attn(tmp_path):
+    """-ub/-fa reach the served model's llama.cpp context; /hybrid/status says what it took."""
+    server = Server(tmp_path / "cache", "-ub", "32", "-fa", "--no-record", "-c", "256")
+    try:
+        placement = server.get("/hybrid/status")["placement"]
+        assert (placement["n_ubatch"], placement["flash_attn"]) == (32, True)
+        reply = server.client().completions.create(model="m", prompt="def f():", max_tokens=4)
+        assert reply.usage.completion_tokens > 0
     finally:
         server.kill()

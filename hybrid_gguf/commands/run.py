@@ -11,9 +11,10 @@ import typer
 from rich.console import Console
 
 from hybrid_gguf.errors import HybridError
-from hybrid_gguf.commands.common import (cache_choice, cache_option, cache_quota_option, cpu_moe_option, ctx_option, gpu_budget_option, hot_option, model_argument, model_option,
-                     n_cpu_moe_option, no_record_option, no_repack_option, pick_model, plan_option,
-                     threads_option)
+from hybrid_gguf.commands.common import (cache_choice, cache_option, cache_quota_option, cpu_moe_option, ctx_option,
+                                        flash_attn_option, gpu_budget_option, hot_option, model_argument,
+                                        model_option, n_cpu_moe_option, no_record_option, no_repack_option,
+                                        pick_model, plan_option, threads_option, ubatch_choice, ubatch_option)
 
 
 def _notice(console: Console, text: str) -> None:
@@ -28,6 +29,8 @@ def run_command(
     temp: float = typer.Option(0.0, "--temp", help="sampling temperature (0 = greedy)"),
     seed: int = typer.Option(0, "--seed"),
     ctx: Optional[int] = ctx_option(),
+    ubatch: Optional[str] = ubatch_option(),
+    flash_attn: bool = flash_attn_option(),
     gpu_budget: Optional[str] = gpu_budget_option(),
     hot: Optional[str] = hot_option(),
     plan: Optional[str] = plan_option(),
@@ -55,6 +58,7 @@ def run_command(
     limits.check_new_tokens(n_predict, "-n/--n-predict")
     limits.check_threads(threads, "--threads")
     limits.check_ctx(ctx, "--ctx")
+    n_ubatch = ubatch_choice(ubatch, ctx)
     hot_map = hybrid_backend.parse_hot_spec(hot) if hot else None
     if prompt is None and (as_json or not sys.stdin.isatty()):
         if not sys.stdin.isatty():
@@ -68,7 +72,8 @@ def run_command(
         hm = HybridModel(model, gpu_budget=gpu_budget, hot=hot_map, plan=plan, n_ctx=ctx, seed=seed,
                          record=not no_record, n_threads=threads, verbose=verbose,
                          n_cpu_moe=n_cpu_moe, cpu_moe=cpu_moe, repack=not no_repack,
-                         cache=cache_choice(cache, cache_quota))
+                         cache=cache_choice(cache, cache_quota), n_ubatch=n_ubatch,
+                         flash_attn=True if flash_attn else None)
     for w in caught:
         _notice(console, f"warning: {w.message}")
     try:

@@ -10,9 +10,11 @@ import typer
 from rich.console import Console
 
 from hybrid_gguf.errors import HybridError
-from hybrid_gguf.commands.common import (cpu_moe_option, ctx_option, gpu_budget_option, hot_option, model_argument, model_option,
-                     n_cpu_moe_option, no_record_option, no_repack_option, cache_choice, cache_option, cache_quota_option, pick_model, plan_option,
-                     threads_option)
+from hybrid_gguf.commands.common import (cpu_moe_option, ctx_option, flash_attn_option, gpu_budget_option,
+                                        hot_option, model_argument, model_option, n_cpu_moe_option,
+                                        no_record_option, no_repack_option, cache_choice, cache_option,
+                                        cache_quota_option, pick_model, plan_option, threads_option, ubatch_choice,
+                                        ubatch_option)
 from hybrid_gguf.commands.run import check_placement_flags
 
 
@@ -22,6 +24,8 @@ def serve_command(
     host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (the API has no authentication)"),
     port: int = typer.Option(8080, "--port", help="TCP port (0: any free one)"),
     ctx: Optional[int] = ctx_option(),
+    ubatch: Optional[str] = ubatch_option(),
+    flash_attn: bool = flash_attn_option(),
     gpu_budget: Optional[str] = gpu_budget_option(),
     hot: Optional[str] = hot_option(),
     plan: Optional[str] = plan_option(),
@@ -39,6 +43,7 @@ def serve_command(
     verbose: bool = typer.Option(False, "--verbose", help="show llama.cpp's log and each request"),
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API, learning its routing as it serves."""
+    from hybrid_gguf import limits
     from hybrid_gguf.llama import hybrid as hybrid_backend
     from hybrid_gguf.model import HybridModel
     from hybrid_gguf.routing.profile import ProfileStore
@@ -57,13 +62,16 @@ def serve_command(
         raise HybridError(f"--save-every must be positive, got {save_every}")
     if max_queue < 1:
         raise HybridError(f"--max-queue must be at least 1, got {max_queue}")
+    limits.check_ctx(ctx, "--ctx")
+    n_ubatch = ubatch_choice(ubatch, ctx)
     hot_map = hybrid_backend.parse_hot_spec(hot) if hot else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         hm = HybridModel(model, gpu_budget=gpu_budget, hot=hot_map, plan=plan, n_ctx=ctx, seed=seed,
                          record=not no_record, n_threads=threads, verbose=verbose,
                          n_cpu_moe=n_cpu_moe, cpu_moe=cpu_moe, repack=not no_repack,
-                         cache=cache_choice(cache, cache_quota))
+                         cache=cache_choice(cache, cache_quota), n_ubatch=n_ubatch,
+                         flash_attn=True if flash_attn else None)
     try:
         for w in caught:
             notice(f"warning: {w.message}")

@@ -296,6 +296,12 @@ class MemoryOptions:
         return int(est * self.compute_factor)
 
 
+def batch_kwargs(n_ubatch: int, flash_attn: bool) -> dict:
+    """The llama_cpp.Llama arguments of a prompt micro-batch and flash attention: the logical
+    batch is the ubatch, at least 512 (llama-cpp-python cuts both to the context)."""
+    return {"n_ubatch": int(n_ubatch), "n_batch": max(int(n_ubatch), 512), "flash_attn": bool(flash_attn)}
+
+
 def layer_devices(n_layer: int, gpus: Sequence[str], tensor_split: Optional[Sequence[float]] = None) -> list:
     """Device of each layer (index n_layer = the output layer) under llama.cpp's layer
     split with all layers offloaded: layer i goes to the first GPU j whose cumulative
