@@ -20,7 +20,8 @@
 #   (coldsplit: the split equivalence tests again with cold=gpu: the GPU reads the cold
 #    experts from pinned host memory, patch v4)
 #   (coldab: the planner's per-expert plan with its cold experts on the CPU and read by the
-#    GPU, beside whole layers; SHARES= and ROUTINGS= pick budgets and presets; TIMERS=1 adds a
+#    GPU, beside whole layers; SHARES= and ROUTINGS= pick budgets and presets; GATHER=1 adds
+#    the cold=gpu plan with and without LLAMA_HYBRID_COLD_GATHER=1, twice each; TIMERS=1 adds a
 #    run with the scheduler's per-split breakdown, LLAMA_HYBRID_SCHED_TIMERS; OFFLOAD=1 a run
 #    where each decode step uploads its cold experts, llama.cpp's op offload from one token)
 #   (cachesplit: the in-session cache's equivalence tests on CUDA, cold experts on the CPU
@@ -318,6 +319,17 @@ if has coldab; then
                 GGML_OP_OFFLOAD_MIN_BATCH=1 run_bench "$BIG" --routing "$R" --expert-share "$S" --pp 256 --tg 32 --reps 2 \
                     --threads 16 --no-calibrate --no-repack --configs whole-layer,per-expert-cold-cpu \
                     --json-detail "$OUT/coldab_offload_${R}_$S.json" 2>&1 | grep -E "^ *(whole|per)-" || failed "offload $R $S"
+            fi
+            if [ -n "${GATHER:-}" ]; then
+                # the same cold=gpu plan with its cold chain gathering the selected experts into
+                # VRAM first (LLAMA_HYBRID_COLD_GATHER=1) against reading them in place
+                log "cold=gpu: gathering the selected cold experts first, against reading them in place"
+                for G in 0 1 0 1; do
+                    LLAMA_HYBRID_COLD_GATHER=$G run_bench "$BIG" --routing "$R" --expert-share "$S" --pp 256 --tg 32 \
+                        --reps 2 --threads 16 --no-calibrate --configs per-expert-cold-gpu \
+                        --json-detail "$OUT/gather${G}_${R}_$S.json" 2>&1 | grep -E "^ *per-" | sed "s/^/gather=$G /" \
+                        || failed "gather $G $R $S"
+                done
             fi
             if [ -n "${TIMERS:-}" ]; then
                 log "scheduler timers per decode window"
