@@ -170,6 +170,30 @@ def test_split_matches_unsplit(models, arch, prompt):
     assert not failures, f"{arch}: " + "; ".join(failures)
 
 
+@pytest.mark.parametrize("arch", ["qwen3moe", "gpt-oss", "qwen3moe-q8"])
+def test_cold_chain_gathering_its_experts_computes_the_same(models, arch, monkeypatch):
+    """LLAMA_HYBRID_COLD_GATHER: the cold chain first copies the experts its slots select
+    (raw bytes, GET_ROWS on an I32 view; skipped slots copy nothing) and runs on that copy.
+    On a GPU machine it applies to cold=gpu (HYBRID_GGUF_TEST_COLD=gpu); "force" runs the same
+    graph where the CPU computes the cold experts, so every machine checks its views, slot ids
+    and biases (gpt-oss), for decode steps and for a prompt batch at the token limit."""
+    mode = "1" if COLD_ON_GPU else "force"
+    if ON_GPU and not COLD_ON_GPU:
+        pytest.skip("the gather applies to cold experts read by the GPU (HYBRID_GGUF_TEST_COLD=gpu)")
+    path, spec = models[arch]
+    ref, tol, _ = reference(path, LONG_PROMPT)
+    for max_tokens in ("4", str(len(LONG_PROMPT))):
+        monkeypatch.setenv("LLAMA_HYBRID_COLD_GATHER", mode)
+        monkeypatch.setenv("LLAMA_HYBRID_GATHER_MAX_TOKENS", max_tokens)
+        llm = load(path, hot_sets(spec.n_layer, spec.n_expert)["half"])
+        run = greedy(llm, LONG_PROMPT, N_GEN)
+        llm.close()
+        monkeypatch.delenv("LLAMA_HYBRID_COLD_GATHER")
+        delta = float(np.max(np.abs(run.logits - ref.logits)))
+        assert run.tokens == ref.tokens, f"{arch}: greedy tokens differ with the cold chain gathering"
+        assert delta <= tol, f"{arch}: max |logit delta| {delta:.3g} > {tol:.3g} with the cold chain gathering"
+
+
 @pytest.mark.parametrize("arch", ["qwen3moe", "gpt-oss"])
 def test_split_matches_unsplit_with_flash_attention(models, arch):
     """Flash attention (run/serve -fa) changes the attention kernels, not the expert split:
