@@ -169,6 +169,23 @@ def test_context_too_large_says_what_fits(tiny_model_factory):
     assert ok.backend != "cpu"
 
 
+def test_a_large_ubatch_that_does_not_fit_names_what_would(tiny_model_factory):
+    """A micro-batch whose attention scratch overflows the budget: the note says that
+    ubatch 512 or flash attention would fit the same context."""
+    inv = read_inventory(tiny_model_factory("qwen3moe"))
+    host = TensorPlacement((PlacementRule(EXPERT_TENSOR_RE, "CPU"),))
+    small = mm.MemoryOptions(8192, margin_bytes=64 * 1024, margin_fraction=0.01)  # estimated compute buffers
+    budget = mm.predict_memory(inv, host, small, gpus=["GPU"]).gpu_bytes
+    big = dataclasses.replace(small, n_ubatch=4096)
+    assert mm.predict_memory(inv, host, big, gpus=["GPU"]).gpu_bytes > budget
+    plan = make_plan(inv, budget, 8192, memory=big)
+    note = next(n for n in plan.notes if "context 8192" in n)
+    assert plan.backend == "cpu" and "ubatch 512 (-ub 512)" in note and note.endswith("everything stays on the CPU")
+    fa = mm.predict_memory(inv, host, dataclasses.replace(big, flash_attn=True), gpus=["GPU"]).gpu_bytes
+    assert ("flash attention (-fa)" in note) == (fa <= budget)
+    assert make_plan(inv, budget, 8192, memory=small).backend != "cpu"
+
+
 def test_no_profile_whole_layers_last_first(tiny_model_factory):
     inv = read_inventory(tiny_model_factory("qwen3moe", n_layer=4))
     opts = mm.MemoryOptions(1024, **OPTS)

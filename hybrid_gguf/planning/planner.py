@@ -485,11 +485,25 @@ def _explain_no_fit(inv, base: MemoryPrediction, budgets: dict, opts: MemoryOpti
                          f"{format_size(d.compute + d.offload_scratch)} of compute buffers on {name} next to "
                          f"{format_size(fixed)} of dense weights; that exceeds {format_size(budget)}"
                          + (f"; a context of {ctx} would fit" if ctx else "")
+                         + _smaller_compute_hint(inv, opts, name, budget, list(budgets))
                          + ": everything stays on the CPU")
         return True
     notes.append("the dense weights, KV cache and compute buffers do not fit the budget: "
                  "everything stays on the CPU")
     return True
+
+
+def _smaller_compute_hint(inv, opts: MemoryOptions, name: str, budget: int, gpus: list) -> str:
+    """"; with ... the context fits" when a smaller micro-batch or flash attention would shrink
+    the compute buffer enough (by the estimate: a measured buffer was for these settings)."""
+    host = TensorPlacement((PlacementRule(EXPERT_TENSOR_RE, CPU),))
+    ways = []
+    if not opts.flash_attn:
+        ways.append(("flash attention (-fa)", replace(opts, flash_attn=True, compute_bytes=None)))
+    if opts.n_ubatch > 512:
+        ways.append(("ubatch 512 (-ub 512)", replace(opts, n_ubatch=512, compute_bytes=None)))
+    fits = [label for label, o in ways if predict_memory(inv, host, o, gpus=gpus).devices[name].total <= budget]
+    return f"; with {' or '.join(fits)} the whole context fits" if fits else ""
 
 
 def _whole_layers(inv, ldev: list, rooms: dict, scratch: int) -> dict:
