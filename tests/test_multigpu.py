@@ -161,6 +161,10 @@ def test_uneven_budgets_fill_each_card_with_its_own_layers(inv):
     assert plan.hot_device == "auto" and plan.hybrid_plan_text().startswith("buft=auto;")
     per = check_per_device(plan, inv)
     assert all(d["hot_experts"] or d["whole_layers"] for d in per)  # both cards hold experts
+    # a decode step passes once from CUDA0's layers to CUDA1's; one card never does
+    assert plan.predicted.speed_terms["decode_ms"]["card_hops"] == 1e3 * Bandwidth().gpu_hop_s
+    one = make_plan(inv, 0, 1024, prof, devices=devs[:1], memory=OPTS, promote_fraction=2.0)
+    assert "card_hops" not in one.predicted.speed_terms["decode_ms"]
     # no card leaves room for one more expert of its own layers (the knapsack spent it)
     ldev = plan.layer_devices()
     whole = {l for d in per for l in d["whole_layers"]}

@@ -64,6 +64,10 @@ class Bandwidth:
     # static packs over 48 layers, less their uploads and host step (H200, 2026-11-30, fourth
     # lease); not measured apart, so `bench` does not fit it
     cache_layer_s: float = 6e-6
+    # a decode step passing from one GPU's layers to the next card's (the hidden state's copy
+    # and the two streams' sync): two cards at 2 x 4 GiB decoded 0.09-0.25 ms per token slower
+    # than one card at 8 GiB with the same hit rate (2 x H200, 2026-11-30); not fitted
+    gpu_hop_s: float = 0.1e-3
     measured: tuple = ()  # names of the fields measured on this machine
     machine: str = ""
     measured_at: str = ""

@@ -312,10 +312,12 @@ def make_plan(inventory, budget_bytes: int, n_ctx: int, profile=None, per_expert
             notes=notes, **({"created": created} if created else {}))
         gpu_exp = plan.gpu_experts(inv) if on_gpu else {}
 
+        cards = {d for d in layer_devices(inv.n_layer, gpus, split) if d != CPU} if on_gpu else set()
+
         def speed_of(cold_on_gpu: bool):
             return predict_speed(inv, p, gpu_exp, on_gpu, bw, n_ctx, opts.n_ubatch,
                                  kv_bytes_per_token=_kv_per_token(inv, opts), op_offload=opts.op_offload,
-                                 p_prefill=p_prompt, cold_on_gpu=cold_on_gpu)
+                                 p_prefill=p_prompt, cold_on_gpu=cold_on_gpu, card_hops=max(len(cards) - 1, 0))
 
         speed = speed_of(False)
         if plan.hot and on_gpu and cold != "cpu":

@@ -89,7 +89,7 @@ def predict_speed(inv, p: Optional[np.ndarray], gpu_experts: Mapping[int, Sequen
                   dense_on_gpu: bool, bw: Bandwidth, n_ctx: int, n_ubatch: int = 512,
                   kv_fill: Optional[int] = None, kv_bytes_per_token: Optional[int] = None,
                   op_offload: bool = True, p_prefill: Optional[np.ndarray] = None,
-                  cold_on_gpu: bool = False) -> SpeedPrediction:
+                  cold_on_gpu: bool = False, card_hops: int = 0) -> SpeedPrediction:
     """Decode and prefill tokens/s of a placement.
 
     cold_on_gpu: the GPU computes the host-side experts too, reading them in place from pinned
@@ -101,6 +101,8 @@ def predict_speed(inv, p: Optional[np.ndarray], gpu_experts: Mapping[int, Sequen
     gpu_experts: {layer: experts in GPU memory} (hot packs and whole layers alike).
     dense_on_gpu: attention/norm/router/shared/output weights and the KV cache on the GPU.
     kv_fill: context tokens attended per decode step (default n_ctx // 2).
+    card_hops: times a decode step passes from one GPU's layers to the next's (cards - 1),
+    each bw.gpu_hop_s.
     """
     L = inv.n_layer
     if p is None:
@@ -152,6 +154,8 @@ def predict_speed(inv, p: Optional[np.ndarray], gpu_experts: Mapping[int, Sequen
     if cold_read:
         ms["experts_host_read"] = 1e3 * exp_cpu / bw.host_read_bytes_per_s
         ms["cold_chains"] = 1e3 * (n_busy + n_idle) * bw.gpu_chain_s
+    if card_hops and dense_on_gpu:
+        ms["card_hops"] = 1e3 * card_hops * bw.gpu_hop_s
     decode_s = sum(ms.values()) / 1e3
 
     # prefill: one ubatch of T tokens
