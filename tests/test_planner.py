@@ -608,3 +608,32 @@ def test_the_planner_picks_the_ubatch_by_predicted_prefill_and_decode(tmp_path, 
     bad = subprocess.run([sys.executable, "-m", "hybrid_gguf.cli", "plan", str(path), "--ubatch", "big",
                           "--assume-devices", "CUDA0:64MiB"], capture_output=True, text=True, env=env, timeout=60)
     assert bad.returncode != 0 and "--ubatch must be a positive integer or auto" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_plan_takes_the_cache_types_by_llama_cpp_names(tmp_path, tiny_model_factory):
+    """plan -ctk/-ctv (and the long --cache-type-k/--cache-type-v, any case) plan the KV cache
+    asked for; a bad type and a quantized V without --flash-attn are one line each."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    path = tiny_model_factory("qwen3moe", n_layer=2)
+    env = dict(os.environ, HYBRID_GGUF_HOME=str(tmp_path))
+
+    def plan(*args):
+        return subprocess.run([sys.executable, "-m", "hybrid_gguf.cli", "plan", str(path), "--ctx", "512",
+                               "--no-measure", "--no-calibrate", "--assume-devices", "CUDA0:64MiB", *args],
+                              capture_output=True, text=True, env=env, timeout=120)
+
+    for args, want in ((["-ctk", "q8_0", "-ctv", "q8_0", "-fa"], ("q8_0", "q8_0")),
+                       (["--cache-type-k", "Q4_0"], ("q4_0", "f16")), ([], ("f16", "f16"))):
+        res = plan(*args, "--json")
+        assert res.returncode == 0, res.stderr
+        memory = json.loads(res.stdout)["memory"]
+        assert (memory["type_k"], memory["type_v"]) == want
+    for args, message in ((["-ctk", "f8"], "--cache-type-k: unknown KV cache type 'f8'; known: f32, f16"),
+                          (["--cache-type-v", "q8_0"], "a quantized V cache (q8_0) needs flash attention (-fa")):
+        res = plan(*args)
+        assert res.returncode == 2 and message in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr

@@ -82,6 +82,31 @@ def ubatch_choice(text: Optional[str], n_ctx: Optional[int] = None) -> Union[Non
     return choice
 
 
+def _cache_type_help(which: str) -> str:
+    from hybrid_gguf.planning.memory import CACHE_TYPES
+
+    return (f"KV cache type of {which}, as llama.cpp's -ct{which.lower()}: {', '.join(CACHE_TYPES)} (default f16; "
+            + ("a quantized V needs -fa; " if which == "V" else "") + "with --plan, the plan's)")
+
+
+def cache_type_k_option(help: Optional[str] = None):
+    return typer.Option(None, "-ctk", "--cache-type-k", metavar="TYPE", show_default=False,
+                        help=help or _cache_type_help("K"))
+
+
+def cache_type_v_option(help: Optional[str] = None):
+    return typer.Option(None, "-ctv", "--cache-type-v", metavar="TYPE", show_default=False,
+                        help=help or _cache_type_help("V"))
+
+
+def cache_type_choice(text: Optional[str], option: str) -> Optional[str]:
+    """-ctk/--cache-type-k or -ctv/--cache-type-v as HybridModel's and plan_model's type_k/
+    type_v: None (not given), else the type as memory.CACHE_TYPES spells it (any case)."""
+    from hybrid_gguf.planning.memory import cache_type
+
+    return None if text is None else cache_type(text.strip(), option)
+
+
 def cache_option():
     return typer.Option(None, "--cache",
                         help="in-session expert cache over the hot packs: static (the plan's hot set all session), "

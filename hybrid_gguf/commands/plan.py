@@ -10,8 +10,9 @@ from typing import Optional
 import typer
 
 from hybrid_gguf.errors import HybridError
-from hybrid_gguf.commands.common import (ctx_option, flash_attn_option, model_argument, model_option, resolve,
-                                        ubatch_choice, ubatch_option)
+from hybrid_gguf.commands.common import (cache_type_choice, cache_type_k_option, cache_type_v_option, ctx_option,
+                                        flash_attn_option, model_argument, model_option, resolve, ubatch_choice,
+                                        ubatch_option)
 
 
 def parse_devices(spec: str) -> list:
@@ -70,8 +71,10 @@ def register(app: typer.Typer) -> None:
                                                      "the planner's pick of 512..4096 by predicted prefill and "
                                                      "decode (default 512)"),
         flash_attn: bool = flash_attn_option(help="plan for flash attention (llama.cpp's -fa)"),
-        type_k: str = typer.Option("f16", "--cache-type-k", help="KV cache type of K"),
-        type_v: str = typer.Option("f16", "--cache-type-v", help="KV cache type of V"),
+        type_k: Optional[str] = cache_type_k_option(help="KV cache type of K to plan for (llama.cpp's -ctk; "
+                                                         "default f16)"),
+        type_v: Optional[str] = cache_type_v_option(help="KV cache type of V to plan for (llama.cpp's -ctv; "
+                                                         "default f16; a quantized V needs --flash-attn)"),
         margin: str = typer.Option("64MiB", "--margin", help="fixed safety margin per GPU"),
         whole_tensor: bool = typer.Option(False, "--whole-tensor",
                                           help="plan for stock llama.cpp (whole expert tensors)"),
@@ -101,6 +104,7 @@ def register(app: typer.Typer) -> None:
 
         from hybrid_gguf.autoplan import plan_model
         from hybrid_gguf.planning.calibration import Bandwidth
+        from hybrid_gguf.planning.memory import check_cache_types
         from hybrid_gguf.sizes import parse_size
 
         from hybrid_gguf.limits import check_ctx, check_ubatch
@@ -109,6 +113,9 @@ def register(app: typer.Typer) -> None:
         check_ctx(ctx, "--ctx")
         model = resolve(model, model_opt).path
         n_ubatch = ubatch_choice(n_ubatch)  # None: not given (512)
+        type_k = cache_type_choice(type_k, "--cache-type-k") or "f16"
+        type_v = cache_type_choice(type_v, "--cache-type-v") or "f16"
+        check_cache_types(type_k, type_v, flash_attn)
         for option, path in (("--out", out), ("--plot", plot)):
             if path is not None and path.is_dir():
                 raise HybridError(f"{option} {path} is a directory; give a file name")

@@ -281,11 +281,7 @@ class MemoryOptions:
             raise HybridError(f"context length must be positive, got {self.n_ctx}")
         if self.n_ubatch <= 0:
             raise HybridError(f"n_ubatch must be positive, got {self.n_ubatch}")
-        for t in (self.type_k, self.type_v):
-            if t.lower() not in CACHE_TYPES:
-                raise HybridError(f"unknown KV cache type {t!r}; known: {', '.join(CACHE_TYPES)}")
-        if self.type_v.lower() not in ("f32", "f16", "bf16") and not self.flash_attn:
-            raise HybridError(f"a quantized V cache ({self.type_v}) needs flash attention (llama.cpp refuses it)")
+        check_cache_types(self.type_k, self.type_v, self.flash_attn)
         if self.margin_bytes < 0 or self.margin_fraction < 0 or self.compute_factor <= 0:
             raise HybridError("safety margins must not be negative")
 
@@ -294,6 +290,29 @@ class MemoryOptions:
             return int(self.compute_bytes)
         est = estimate_compute_bytes(inv, self.n_ctx, self.n_ubatch, self.flash_attn)
         return int(est * self.compute_factor)
+
+
+def cache_type(name: str, option: str = "") -> str:
+    """A KV cache type as CACHE_TYPES spells it (any case given); `option` names where it came
+    from in the error."""
+    value = name.lower() if isinstance(name, str) else None
+    if value not in CACHE_TYPES:
+        where = f"{option}: " if option else ""
+        raise HybridError(f"{where}unknown KV cache type {name!r}; known: {', '.join(CACHE_TYPES)}")
+    return value
+
+
+def check_cache_types(type_k: str, type_v: str, flash_attn: bool) -> None:
+    """KV cache types llama.cpp takes: known ones, and a quantized V only with flash attention."""
+    cache_type(type_k)
+    if cache_type(type_v) not in ("f32", "f16", "bf16") and not flash_attn:
+        raise HybridError(f"a quantized V cache ({type_v}) needs flash attention (-fa/--flash-attn; llama.cpp "
+                          "refuses it without)")
+
+
+def cache_kwargs(type_k: str, type_v: str) -> dict:
+    """The llama_cpp.Llama arguments of the KV cache types (ggml type ids)."""
+    return {"type_k": CACHE_TYPE_IDS[cache_type(type_k)], "type_v": CACHE_TYPE_IDS[cache_type(type_v)]}
 
 
 def batch_kwargs(n_ubatch: int, flash_attn: bool) -> dict:

@@ -145,12 +145,11 @@ class Plan:
     def llama_kwargs(self) -> dict:
         """llama_cpp.Llama keyword arguments the plan was made for (context and KV cache);
         pass them with the placement so the memory prediction holds."""
-        from hybrid_gguf.planning.memory import CACHE_TYPE_IDS, batch_kwargs
+        from hybrid_gguf.planning.memory import batch_kwargs, cache_kwargs
 
         m = self.memory
         kw = {"n_ctx": int(self.n_ctx), "n_gpu_layers": int(self.n_gpu_layers),
-              **batch_kwargs(m.n_ubatch, m.flash_attn),
-              "type_k": CACHE_TYPE_IDS[m.type_k.lower()], "type_v": CACHE_TYPE_IDS[m.type_v.lower()]}
+              **batch_kwargs(m.n_ubatch, m.flash_attn), **cache_kwargs(m.type_k, m.type_v)}
         if not m.op_offload:
             kw["op_offload"] = False
         if self.tensor_split:
