@@ -8,8 +8,8 @@ model.py does: it asks llama/ and bench/ for measurements that planning/ must no
     res.diff.summary() if res.diff else "first plan"
 
 Plans that `run` makes itself live in <data dir>/plans/<fingerprint>.yaml (paths.py; one file
-per ubatch and flash-attention setting, default_plan_path), so the next run with the same
-settings re-plans against them (hysteresis) and reports promotions/demotions.
+per ubatch, flash-attention and KV cache type setting, default_plan_path), so the next run with
+the same settings re-plans against them (hysteresis) and reports promotions/demotions.
 
 `session_plan` is the placement of one HybridModel session: chosen by hand (--n-cpu-moe,
 --cpu-moe, --hot), a plan file, or plan_model's plan; HybridModel then loads and times it.
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from hybrid_gguf.errors import STOCK_NOTICE, HybridError
-from hybrid_gguf.planning.memory import MemoryOptions, MIB, batch_kwargs
+from hybrid_gguf.planning.memory import MemoryOptions, MIB, batch_kwargs, cache_kwargs
 
 PathLike = Union[str, os.PathLike]
 
@@ -45,14 +45,18 @@ def plans_dir() -> Path:
     return paths.plans_dir()
 
 
-def default_plan_path(fingerprint: str, n_ubatch: Union[int, str] = 512, flash_attn: bool = False) -> Path:
+def default_plan_path(fingerprint: str, n_ubatch: Union[int, str] = 512, flash_attn: bool = False,
+                      type_k: str = "f16", type_v: str = "f16") -> Path:
     """The plan file a session's automatic plan is kept in, the previous plan of the next
     session asking for the same settings. Keyed by the model and the memory settings the
-    request fixes: a plan made for another ubatch or flash attention had another compute
-    buffer out of its budget (so another hot set), and is never the previous plan of this one.
-    The defaults (ubatch 512, no flash attention) keep the plain <fingerprint>.yaml."""
-    key = "" if (n_ubatch, bool(flash_attn)) == (512, False) else \
-        f"-ub{n_ubatch}" + ("-fa" if flash_attn else "")
+    request fixes: a plan made for another ubatch, flash attention or KV cache type had
+    another compute buffer or KV cache out of its budget (so another hot set), and is never
+    the previous plan of this one. The defaults (ubatch 512, no flash attention, an f16
+    cache) keep the plain <fingerprint>.yaml; a cache type other than f16 adds -ctk/-ctv."""
+    type_k, type_v = type_k.lower(), type_v.lower()
+    key = "" if (n_ubatch, bool(flash_attn), type_k, type_v) == (512, False, "f16", "f16") else \
+        f"-ub{n_ubatch}" + ("-fa" if flash_attn else "") + ("" if type_k == "f16" else f"-ctk{type_k}") + \
+        ("" if type_v == "f16" else f"-ctv{type_v}")
     return plans_dir() / f"{fingerprint[:32]}{key}.yaml"
 
 
@@ -310,6 +314,8 @@ class PlacementSummary:
     n_ubatch: Optional[int] = None
     n_batch: Optional[int] = None
     flash_attn: Optional[bool] = None
+    type_k: Optional[str] = None  # the KV cache types, as memory.CACHE_TYPES names them
+    type_v: Optional[str] = None
 
     def to_dict(self) -> dict:
         return {
@@ -328,6 +334,8 @@ class PlacementSummary:
             "n_ubatch": self.n_ubatch,
             "n_batch": self.n_batch,
             "flash_attn": self.flash_attn,
+            "type_k": self.type_k,
+            "type_v": self.type_v,
             "notices": list(self.notices),
         }
 
@@ -349,7 +357,8 @@ def session_plan(model_path: PathLike, inv, gpus: Sequence, n_ctx: int, *,
                  gpu_budget: Union[None, int, str] = None, hot=None, plan=None,
                  pack_device: Optional[str] = None, auto_plan: bool = True,
                  n_cpu_moe: Optional[int] = None, cpu_moe: bool = False,
-                 n_ubatch: Union[None, int, str] = None, flash_attn: Optional[bool] = None) -> SessionPlan:
+                 n_ubatch: Union[None, int, str] = None, flash_attn: Optional[bool] = None,
+                 type_k: Optional[str] = None, type_v: Optional[str] = None) -> SessionPlan:
     """The placement of a HybridModel session (its arguments of the same names) on the GPUs
     `gpus` (llama.devices.Device; [] places as on a machine without one).
 
@@ -363,15 +372,23 @@ def session_plan(model_path: PathLike, inv, gpus: Sequence, n_ctx: int, *,
     micro-batch and flash attention, None: not asked for (a plan's own, else 512 and off).
     The plans made here are made for them (their compute buffer comes out of the budget); a
     plan file fixes its own, and asking for others is an error; the placements that are not
-    planned pass them to llama.cpp as given ("auto": 512). The result's llama_kwargs always
-    hold n_ubatch, n_batch and flash_attn."""
+    planned pass them to llama.cpp as given ("auto": 512). `type_k`/`type_v`: the KV cache
+    types (memory.CACHE_TYPES, any case), None: not asked for (a plan's own, else f16), the
+    same way: planned for (the cache comes out of the budget), fixed by a plan file, passed
+    as given otherwise; a quantized V needs flash attention. The result's llama_kwargs always
+    hold n_ubatch, n_batch, flash_attn, type_k and type_v."""
     from hybrid_gguf.limits import check_ubatch
     from hybrid_gguf.planning.budget import budget_total, parse_budget
+    from hybrid_gguf.planning.memory import cache_type, check_cache_types
 
     check_ubatch(n_ubatch, None, "n_ubatch")
     if flash_attn is not None and not isinstance(flash_attn, bool):
         raise HybridError(f"flash_attn must be True, False or None, got {flash_attn!r}")
-    asked = (n_ubatch, flash_attn)
+    type_k = None if type_k is None else cache_type(type_k, "type_k")
+    type_v = None if type_v is None else cache_type(type_v, "type_v")
+    if plan is None:  # a plan file fixes its own (_check_plan_batch)
+        check_cache_types(type_k or "f16", type_v or "f16", bool(flash_attn))
+    asked = (n_ubatch, flash_attn, type_k, type_v)
     budget = parse_budget(gpu_budget)
     if n_cpu_moe is not None or cpu_moe:
         if n_cpu_moe is not None and cpu_moe:
@@ -390,13 +407,15 @@ def session_plan(model_path: PathLike, inv, gpus: Sequence, n_ctx: int, *,
         if n_ubatch == "auto":
             s.notices.append(f"--ubatch auto is the planner's pick and this placement is not planned: ubatch {ubatch}")
         chosen.llama_kwargs.update(batch_kwargs(ubatch, bool(flash_attn)))
+    if "type_k" not in chosen.llama_kwargs:  # likewise: the cache types asked for, else f16
+        chosen.llama_kwargs.update(cache_kwargs(type_k or "f16", type_v or "f16"))
     # without a GPU every branch above leaves n_gpu_layers 0 and packs on the CPU: {}
     s.gpu_experts = _gpu_experts(inv, chosen.placement, chosen.hot or {}, s.n_gpu_layers, s.pack_device)
     return chosen
 
 
 def _choose_placement(model_path, inv, gpus, budget, hot, plan, n_ctx, pack_device, auto_plan,
-                      asked=(None, None)) -> SessionPlan:
+                      asked=(None, None, None, None)) -> SessionPlan:
     from hybrid_gguf.llama import hybrid as hybrid_backend
     from hybrid_gguf.planning import placement as pl
     from hybrid_gguf.planning.budget import SPLIT_NOTE, device_budgets, usable_budget
@@ -462,16 +481,17 @@ def _choose_placement(model_path, inv, gpus, budget, hot, plan, n_ctx, pack_devi
     return _whole_layer_placement(inv, devs, n_ctx, notices, gpus, asked)
 
 
-def _whole_layer_placement(inv, devs, n_ctx, notices, gpus, asked=(None, None)) -> SessionPlan:
+def _whole_layer_placement(inv, devs, n_ctx, notices, gpus, asked=(None, None, None, None)) -> SessionPlan:
     """No profile used (auto_plan=False, or a dense model): the planner's plan without a
     profile, whole layers' experts on the GPU, the last layers first (like --n-cpu-moe),
-    for the ubatch and flash attention asked for ("auto": _best_ubatch's pick)."""
+    for the ubatch, flash attention and KV cache types asked for ("auto": _best_ubatch's pick)."""
     from hybrid_gguf.planning.planner import make_plan
 
     budget = sum(d.budget_bytes for d in devs)
-    n_ubatch, flash_attn = asked
+    n_ubatch, flash_attn, type_k, type_v = asked
     plans = [make_plan(inv, budget, n_ctx, devices=devs,
-                       memory=MemoryOptions(n_ctx, n_ubatch=u, flash_attn=bool(flash_attn)))
+                       memory=MemoryOptions(n_ctx, n_ubatch=u, flash_attn=bool(flash_attn), type_k=type_k or "f16",
+                                            type_v=type_v or "f16"))
              for u in _ubatch_choices(512 if n_ubatch is None else n_ubatch, n_ctx)]
     plan = plans[0] if len(plans) == 1 else _best_ubatch(plans[0], plans[1:], notices)
     notices.extend(plan.notes)
@@ -484,7 +504,8 @@ def _whole_layer_placement(inv, devs, n_ctx, notices, gpus, asked=(None, None)) 
         n_host = n_moe - len(plan.whole_layers(inv))
         mode, desc = "whole-tensor", (f"experts of the first {n_host} of {n_moe} MoE layers on the CPU "
                                       "(like --n-cpu-moe)")
-    llama_kwargs = batch_kwargs(plan.memory.n_ubatch, plan.memory.flash_attn)
+    llama_kwargs = {**batch_kwargs(plan.memory.n_ubatch, plan.memory.flash_attn),
+                    **cache_kwargs(plan.memory.type_k, plan.memory.type_v)}
     split = plan.tensor_split_here([g.name for g in gpus])
     if split is not None and plan.n_gpu_layers != 0:
         llama_kwargs["tensor_split"] = split
@@ -517,10 +538,10 @@ def _manual_placement(inv, gpus, n_cpu, budget) -> SessionPlan:
     return SessionPlan(placement, None, _summary(mode, desc, placement.n_gpu_layers, {}, None, notices, None))
 
 
-def _placement_from_plan(inv, plan, notices, gpus, asked=(None, None)) -> SessionPlan:
-    """A plan's placement and llama.cpp settings; `asked`: the (n_ubatch, flash_attn) the
-    session asked for, which must be the plan's where given (the plan's memory prediction,
-    and so its hot set, rests on them)."""
+def _placement_from_plan(inv, plan, notices, gpus, asked=(None, None, None, None)) -> SessionPlan:
+    """A plan's placement and llama.cpp settings; `asked`: the (n_ubatch, flash_attn, type_k,
+    type_v) the session asked for, which must be the plan's where given (the plan's memory
+    prediction, and so its hot set, rests on them)."""
     from hybrid_gguf.llama import hybrid as hybrid_backend
     from hybrid_gguf.planning.plan import Plan
 
@@ -572,27 +593,33 @@ def _placement_from_plan(inv, plan, notices, gpus, asked=(None, None)) -> Sessio
                        plan.cache if hot and plan.cache.active else None)
 
 
-def _check_plan_batch(plan, source: str, n_ubatch, flash_attn) -> None:
+def _check_plan_batch(plan, source: str, n_ubatch, flash_attn, type_k=None, type_v=None) -> None:
     m = plan.memory
-    if (n_ubatch is None or n_ubatch == m.n_ubatch) and (flash_attn is None or bool(flash_attn) == m.flash_attn):
+    if (n_ubatch is None or n_ubatch == m.n_ubatch) and (flash_attn is None or bool(flash_attn) == m.flash_attn) \
+            and (type_k is None or type_k.lower() == m.type_k.lower()) \
+            and (type_v is None or type_v.lower() == m.type_v.lower()):
         return
     asked = " and ".join(part for part in (
         None if n_ubatch is None else f"--ubatch {n_ubatch}",
-        None if flash_attn is None else f"flash attention {'on' if flash_attn else 'off'}") if part)
-    raise HybridError(f"{source} fixes ubatch {m.n_ubatch} and flash attention {'on' if m.flash_attn else 'off'}, "
-                      f"not {asked}: drop --ubatch/--flash-attn, or re-plan with `hybrid-gguf plan ... --ubatch N "
-                      "[--flash-attn]`")
+        None if flash_attn is None else f"flash attention {'on' if flash_attn else 'off'}",
+        None if type_k is None else f"--cache-type-k {type_k}",
+        None if type_v is None else f"--cache-type-v {type_v}") if part)
+    raise HybridError(f"{source} fixes ubatch {m.n_ubatch} and flash attention {'on' if m.flash_attn else 'off'} "
+                      f"(KV cache K {m.type_k.lower()}, V {m.type_v.lower()}), not {asked}: drop "
+                      "--ubatch/--flash-attn/--cache-type-k/--cache-type-v, or re-plan with `hybrid-gguf plan ... "
+                      "--ubatch N [--flash-attn] [-ctk TYPE] [-ctv TYPE]`")
 
 
-def _auto_plan(model_path, inv, devs, n_ctx, notices, gpus, asked=(None, None)) -> SessionPlan:
-    """Plan from the stored routing profile for the ubatch and flash attention asked for,
-    keep it for the next session with the same settings, say what changed."""
+def _auto_plan(model_path, inv, devs, n_ctx, notices, gpus, asked=(None, None, None, None)) -> SessionPlan:
+    """Plan from the stored routing profile for the ubatch, flash attention and KV cache
+    types asked for, keep it for the next session with the same settings, say what changed."""
     n_ubatch = 512 if asked[0] is None else asked[0]
     flash_attn = bool(asked[1])
-    out = default_plan_path(inv.fingerprint, n_ubatch, flash_attn)
+    type_k, type_v = asked[2] or "f16", asked[3] or "f16"
+    out = default_plan_path(inv.fingerprint, n_ubatch, flash_attn, type_k, type_v)
     budget = sum(d.budget_bytes for d in devs)  # already usable on each GPU
     auto = plan_model(model_path, budget, n_ctx, out=out, inventory=inv, devices=devs, n_ubatch=n_ubatch,
-                      flash_attn=flash_attn)
+                      flash_attn=flash_attn, type_k=type_k, type_v=type_v)
     if auto.diff is not None:
         notices.append(auto.diff.summary())
     chosen = _placement_from_plan(inv, auto.plan, notices, gpus)

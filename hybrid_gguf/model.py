@@ -77,7 +77,10 @@ class HybridModel:
     experts), the placements chosen by hand get them as they are ("auto": 512), and a `plan`
     fixes its own (asking for others is an error). None: the plan's, else 512 and off. The
     logical batch (llama.cpp's -b) is the ubatch, at least 512; `.placement` reports all
-    three as llama.cpp took them.
+    three as llama.cpp took them. `type_k`/`type_v` (llama.cpp's -ctk/-ctv: the KV cache
+    types of planning.memory.CACHE_TYPES, any case; a quantized V needs flash attention) go
+    the same way: planned for, passed as given, or fixed by a `plan`; None: the plan's, else
+    f16; `.placement` reports them as llama.cpp took them.
     `profiling=True` is a profiling session (`hybrid-gguf profile`): every decoded token is
     recorded, with a per-token trace, a bench model replays its profiling routing stream,
     and nothing is merged into the profile store on close: read `.recorder` instead.
@@ -100,6 +103,8 @@ class HybridModel:
         n_ctx: Optional[int] = None,
         n_ubatch: Union[None, int, str] = None,
         flash_attn: Optional[bool] = None,
+        type_k: Optional[str] = None,
+        type_v: Optional[str] = None,
         n_threads: Optional[int] = None,
         seed: int = 0,
         record: bool = True,
@@ -140,7 +145,7 @@ class HybridModel:
         gpus = [] if self.cpu_only else devices_mod.gpu_devices()
         chosen = session_plan(self.path, self.inventory, gpus, n_ctx, gpu_budget=gpu_budget, hot=hot, plan=plan,
                               pack_device=pack_device, auto_plan=auto_plan, n_cpu_moe=n_cpu_moe, cpu_moe=cpu_moe,
-                              n_ubatch=n_ubatch, flash_attn=flash_attn)
+                              n_ubatch=n_ubatch, flash_attn=flash_attn, type_k=type_k, type_v=type_v)
         self.plan = chosen.plan  # the Plan applied, if any
         self.repack = bool(repack)
         self.placement = summary = chosen.summary
@@ -159,7 +164,7 @@ class HybridModel:
         from hybrid_gguf.planning.memory import hot_pack_reported
 
         kwargs: dict[str, Any] = dict(n_ctx=n_ctx, seed=seed, verbose=verbose, n_gpu_layers=summary.n_gpu_layers)
-        kwargs.update(chosen.llama_kwargs)  # with n_ubatch, n_batch and flash_attn
+        kwargs.update(chosen.llama_kwargs)  # with n_ubatch, n_batch, flash_attn, type_k and type_v
         if n_threads:
             kwargs["n_threads"] = n_threads
             kwargs["n_threads_batch"] = n_threads
@@ -178,6 +183,7 @@ class HybridModel:
         summary.hot_pack_bytes = hybrid_backend.pack_bytes(self._llm._model.model)
         summary.hot_pack_by_device = hot_pack_reported(loaded.log)
         summary.n_ubatch, summary.n_batch, summary.flash_attn = _batch_settings(self._llm)
+        summary.type_k, summary.type_v = _cache_types(self._llm)
 
     # -- recording -----------------------------------------------------------------------
 
@@ -472,6 +478,16 @@ def _batch_settings(llm) -> tuple:
     fa = getattr(llm.context_params, "flash_attn_type", None)
     return (int(llama_cpp.llama_n_ubatch(ctx)), int(llama_cpp.llama_n_batch(ctx)),
             None if fa is None else fa == llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED)
+
+
+def _cache_types(llm) -> tuple:
+    """(type_k, type_v) of a loaded Llama's context as llama.cpp took them (its context
+    parameters; llama.cpp has no getter), named as planning.memory.CACHE_TYPES names them."""
+    from hybrid_gguf.planning.memory import CACHE_TYPE_IDS
+
+    names = {v: k for k, v in CACHE_TYPE_IDS.items()}
+    params = llm.context_params
+    return tuple(names.get(int(t), f"ggml type {int(t)}") for t in (params.type_k, params.type_v))
 
 
 def _no_extra_bufts(params) -> None:

@@ -85,6 +85,10 @@ def test_run_with_an_in_session_cache_reports_it(tmp_path):
     (["-p", "x", "--ubatch", "0"], "--ubatch must be a positive integer or auto"),
     (["-p", "x", "-ub", "100000"], "--ubatch must be between 1 and 65536"),
     (["-p", "x", "-c", "256", "-ub", "1024"], "--ubatch 1024 exceeds the context of 256 tokens"),
+    (["-p", "x", "-ctk", "f8"], "--cache-type-k: unknown KV cache type 'f8'; known: f32, f16, bf16, q8_0"),
+    (["-p", "x", "--cache-type-v", "q9"], "--cache-type-v: unknown KV cache type 'q9'; known: f32, f16"),
+    (["-p", "x", "-ctv", "q8_0"], "a quantized V cache (q8_0) needs flash attention (-fa/--flash-attn"),
+    (["-p", "x", "-ctk", "q8_0", "-ctv", "Q4_0", "--cpu-moe"], "a quantized V cache (q4_0) needs flash attention"),
 ])
 def test_bad_input_is_one_clear_line(args, message):
     res = run_cli(*args)
@@ -332,3 +336,158 @@ def test_a_stored_session_plan_is_kept_per_ubatch_and_flash_attn(tmp_path, monke
     assert not _diff_notices(fa.summary.notices) and fa.llama_kwargs["flash_attn"] is True
     assert default_plan_path(inv.fingerprint, 512, True).name.endswith("-ub512-fa.yaml")
     assert Plan.load(default_plan_path(inv.fingerprint, 512, True), inv).memory.flash_attn
+
+
+# --- the KV cache types (-ctk/--cache-type-k, -ctv/--cache-type-v) ------------------------------
+
+
+def _kv_bytes(placement: dict) -> int:
+    return sum(v for k, v in placement["buffers"].items() if k.startswith("kv "))
+
+
+def test_cache_types_reach_llama_cpp(tiny_model_factory):
+    """A placement that is not planned (no GPU here) passes the types to llama.cpp: its context
+    has them, its KV buffer shrinks, and a q8_0 cache (K and V, with flash attention) generates."""
+    import llama_cpp
+
+    from hybrid_gguf.model import HybridModel
+
+    path = str(tiny_model_factory("qwen3moe", n_layer=2))
+    with HybridModel(path, n_ctx=512, n_threads=1, record=False) as hm:  # the default: f16, as before
+        params = hm.llm.context_params
+        assert (params.type_k, params.type_v) == (llama_cpp.GGML_TYPE_F16, llama_cpp.GGML_TYPE_F16)
+        assert (hm.placement.type_k, hm.placement.type_v) == ("f16", "f16")
+        f16_kv = _kv_bytes(hm.placement.to_dict())
+        f16_tokens = hm.generate("def main():", max_tokens=6).tokens
+    with HybridModel(path, n_ctx=512, n_threads=1, record=False, type_k="Q8_0", type_v="q8_0",
+                     flash_attn=True) as hm:
+        params = hm.llm.context_params
+        assert (params.type_k, params.type_v) == (llama_cpp.GGML_TYPE_Q8_0, llama_cpp.GGML_TYPE_Q8_0)
+        placement = hm.placement.to_dict()
+        assert (placement["type_k"], placement["type_v"], placement["flash_attn"]) == ("q8_0", "q8_0", True)
+        assert 0 < _kv_bytes(placement) < 0.6 * f16_kv  # 34 bytes per 32 values instead of 64
+        tokens = hm.generate("def main():", max_tokens=6).tokens
+        assert len(tokens) == 6 and tokens[:2] == f16_tokens[:2]
+    with HybridModel(path, n_ctx=512, n_threads=1, record=False, type_k="q4_0") as hm:  # a quantized K alone
+        assert (hm.llm.context_params.type_k, hm.llm.context_params.type_v) == (llama_cpp.GGML_TYPE_Q4_0,
+                                                                                 llama_cpp.GGML_TYPE_F16)
+        assert (hm.placement.type_k, hm.placement.type_v, hm.placement.flash_attn) == ("q4_0", "f16", False)
+        assert len(hm.generate("def main():", max_tokens=2).tokens) == 2
+    with pytest.raises(HybridError, match="needs flash attention"):
+        HybridModel(path, n_ctx=256, record=False, type_v="q8_0")
+    with pytest.raises(HybridError, match="unknown KV cache type 'f8'"):
+        HybridModel(path, n_ctx=256, record=False, type_k="f8")
+
+
+def test_run_json_reports_the_cache_types_used(tmp_path, tiny_model_factory):
+    path = tiny_model_factory("qwen3moe", n_layer=2)
+    base = ["-m", str(path), "-p", "def main():", "-n", "3", "--json", "--no-record", "-t", "1", "-c", "256"]
+    env = {"HYBRID_GGUF_HOME": str(tmp_path)}
+    res = run_cli(*base, "-ctk", "q8_0", "-ctv", "Q8_0", "-fa", env_extra=env)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert (out["placement"]["type_k"], out["placement"]["type_v"]) == ("q8_0", "q8_0") and out["gen_tokens"] == 3
+    res = run_cli(*base, "--cache-type-k", "bf16", "--cpu-moe", env_extra=env)  # the long name; --cpu-moe
+    assert res.returncode == 0, res.stderr
+    assert (json.loads(res.stdout)["placement"]["type_k"], json.loads(res.stdout)["placement"]["type_v"]) == \
+        ("bf16", "f16")
+    res = run_cli(*base, env_extra=env)
+    assert res.returncode == 0, res.stderr
+    assert (json.loads(res.stdout)["placement"]["type_k"], json.loads(res.stdout)["placement"]["type_v"]) == \
+        ("f16", "f16")
+
+
+def test_a_plan_file_fixes_the_cache_types(tmp_path, tiny_model_factory):
+    """A planned placement loads with its plan's KV cache types; asking for others is one line."""
+    from hybrid_gguf.autoplan import plan_model
+
+    path = tiny_model_factory("qwen3moe", n_layer=3)
+    file = tmp_path / "plan.yaml"
+    plan_model(path, 64 * 2**20, 256, out=file, measure=False, calibrate=False, type_k="q8_0", type_v="q4_0",
+               flash_attn=True)
+    env = {"HYBRID_GGUF_HOME": str(tmp_path)}
+    base = ["-m", str(path), "-p", "def main():", "-n", "2", "--json", "--no-record", "-t", "1", "-c", "256",
+            "--plan", str(file)]
+    res = run_cli(*base, env_extra=env)
+    assert res.returncode == 0, res.stderr
+    placement = json.loads(res.stdout)["placement"]
+    assert (placement["type_k"], placement["type_v"], placement["flash_attn"]) == ("q8_0", "q4_0", True)
+    # the plan's own types (any case), and its quantized V without -fa: the plan has flash attention
+    assert run_cli(*base, "-ctk", "Q8_0", "-ctv", "q4_0", env_extra=env).returncode == 0
+    for extra in (["-ctk", "f16"], ["--cache-type-v", "q8_0"], ["-ctk", "q8_0", "-ctv", "f16"]):
+        res = run_cli(*base, *extra, env_extra=env)
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+        assert "fixes ubatch 512 and flash attention on (KV cache K q8_0, V q4_0), not --cache-type" in res.stderr
+        assert "-ctk TYPE" in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_placements_that_are_not_planned_take_the_cache_types_as_given(tiny_model_factory):
+    from hybrid_gguf.autoplan import session_plan
+    from hybrid_gguf.header.inventory import read_inventory
+    from hybrid_gguf.llama import devices
+    from hybrid_gguf.planning.memory import CACHE_TYPE_IDS
+
+    gpu = devices.Device(index=1, name="CUDA0", description="fake", type="gpu", free_bytes=8 << 30,
+                         total_bytes=8 << 30)
+    path = tiny_model_factory("qwen3moe", n_layer=4)
+    inv = read_inventory(path)
+    q8 = CACHE_TYPE_IDS["q8_0"]
+    f16 = CACHE_TYPE_IDS["f16"]
+    for gpus, kw in (([gpu], dict(n_cpu_moe=2)), ([gpu], dict(cpu_moe=True)), ([gpu], dict(hot={0: [1]})),
+                     ([], {})):  # no GPU
+        if "hot" in kw and not hybrid_backend.capability().per_expert:
+            continue
+        s = session_plan(path, inv, gpus, 1024, type_k="q8_0", type_v="q8_0", flash_attn=True, **kw)
+        assert (s.llama_kwargs["type_k"], s.llama_kwargs["type_v"], s.llama_kwargs["flash_attn"]) == (q8, q8, True)
+        s = session_plan(path, inv, gpus, 1024, **kw)  # nothing asked: f16
+        assert (s.llama_kwargs["type_k"], s.llama_kwargs["type_v"]) == (f16, f16), kw
+        with pytest.raises(HybridError, match="needs flash attention"):
+            session_plan(path, inv, gpus, 1024, type_v="q8_0", **kw)
+    # the whole-layer plan is a plan: made for the cache asked for
+    s = session_plan(path, inv, [gpu], 1024, type_k="q4_0", auto_plan=False)
+    assert (s.llama_kwargs["type_k"], s.llama_kwargs["type_v"]) == (CACHE_TYPE_IDS["q4_0"], CACHE_TYPE_IDS["f16"])
+
+
+def test_a_stored_session_plan_is_kept_per_cache_type(tmp_path, monkeypatch, tiny_model_factory):
+    """The automatic plan is made for the KV cache types asked for (a q8_0 cache leaves more of
+    the budget to experts) and kept apart from the f16 one."""
+    from hybrid_gguf import paths
+    from hybrid_gguf.autoplan import default_plan_path, session_plan
+    from hybrid_gguf.header.inventory import read_inventory
+    from hybrid_gguf.llama import devices
+    from hybrid_gguf.planning.memory import CACHE_TYPE_IDS, kv_cache_bytes, predict_memory
+    from hybrid_gguf.planning.plan import Plan
+    import numpy as np
+
+    from hybrid_gguf.routing.profile import ProfileStore, RoutingProfile
+
+    monkeypatch.setenv("HYBRID_GGUF_CACHE", str(paths.cache_dir()))
+    monkeypatch.setenv("HYBRID_GGUF_HOME", str(tmp_path))
+    gpu = devices.Device(index=1, name="CUDA0", description="fake", type="gpu", free_bytes=8 << 30,
+                         total_bytes=8 << 30)
+    path = tiny_model_factory("qwen3moe", n_layer=3, n_expert=8)
+    inv = read_inventory(path)
+    counts = np.tile(1.0 / np.arange(1, inv.n_expert + 1), (inv.n_layer, 1)) * 3000
+    ProfileStore().merge_session(RoutingProfile(inv.fingerprint, inv.arch, inv.n_layer, inv.n_expert, inv.n_expert_used,
+                                                counts, np.zeros_like(counts), np.full(inv.n_layer, 3000.0),
+                                                np.zeros(inv.n_layer), sessions=1))
+
+    def session(**kw):
+        return session_plan(path, inv, [gpu], 2048, gpu_budget="24MiB", **kw)
+
+    plain = session()
+    f16 = default_plan_path(inv.fingerprint)
+    assert f16 == default_plan_path(inv.fingerprint, 512, False, "f16", "f16") and f16.exists()
+    q8 = session(type_k="q8_0", type_v="Q8_0", flash_attn=True)
+    fq8 = default_plan_path(inv.fingerprint, 512, True, "q8_0", "q8_0")
+    assert fq8.name == f"{inv.fingerprint[:32]}-ub512-fa-ctkq8_0-ctvq8_0.yaml" and fq8.exists()
+    assert not _diff_notices(q8.summary.notices)  # a first plan for q8_0, not a diff against f16's
+    assert (q8.plan.memory.type_k, q8.plan.memory.type_v) == ("q8_0", "q8_0")
+    assert (q8.llama_kwargs["type_k"], q8.llama_kwargs["type_v"]) == (CACHE_TYPE_IDS["q8_0"],) * 2
+    assert (plain.llama_kwargs["type_k"], plain.llama_kwargs["type_v"]) == (CACHE_TYPE_IDS["f16"],) * 2
+    assert Plan.load(fq8, inv).memory.type_v == "q8_0" and Plan.load(f16, inv).memory.type_v == "f16"
+    # the plan's memory prediction (its budget) counts the smaller cache
+    kv = [predict_memory(inv, None, s.plan.memory).devices["GPU"].kv for s in (plain, q8)]
+    assert kv == [kv_cache_bytes(inv, 2048), kv_cache_bytes(inv, 2048, "q8_0", "q8_0")] and kv[1] < kv[0]
+    assert _diff_notices(session(type_k="q8_0", type_v="q8_0", flash_attn=True).summary.notices)  # re-used
+    assert default_plan_path(inv.fingerprint, 512, False, "q4_0").name.endswith("-ub512-ctkq4_0.yaml")

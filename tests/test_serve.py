@@ -484,11 +484,15 @@ def test_system_without_chat_is_refused(tmp_path):
     (["--hot", "0:1", "--plan", "p.yaml"], "pass one"),
     (["-ub", "big"], "--ubatch must be a positive integer or auto"),
     (["-c", "256", "--ubatch", "1024"], "--ubatch 1024 exceeds the context of 256 tokens"),
+    (["-ctk", "q3"], "--cache-type-k: unknown KV cache type 'q3'; known: f32, f16, bf16, q8_0"),
+    (["--cache-type-v", "q8_0"], "a quantized V cache (q8_0) needs flash attention (-fa/--flash-attn"),
 ])
 def test_serve_bad_options_are_one_clear_line(tmp_path, args, message):
     res = subprocess.run([sys.executable, "-m", "hybrid_gguf.cli", "serve", *args], capture_output=True,
                          text=True, env=_env(tmp_path), cwd=str(REPO), timeout=120)
     assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
+    if "-ctk" in args or "--cache-type-v" in args:
+        assert len(res.stderr.strip().splitlines()) == 1, res.stderr
 
 
 def test_the_status_page_reports_the_in_session_cache(tmp_path):
@@ -514,6 +518,18 @@ def test_serve_takes_the_ubatch_and_flash_attn(tmp_path):
     try:
         placement = server.get("/hybrid/status")["placement"]
         assert (placement["n_ubatch"], placement["flash_attn"]) == (32, True)
+        reply = server.client().completions.create(model="m", prompt="def f():", max_tokens=4)
+        assert reply.usage.completion_tokens > 0
+    finally:
+        server.kill()
+
+
+def test_serve_takes_the_cache_types(tmp_path):
+    """-ctk/-ctv reach the served model's llama.cpp context; /hybrid/status says what it took."""
+    server = Server(tmp_path / "cache", "-ctk", "q8_0", "-ctv", "q8_0", "-fa", "--no-record", "-c", "256")
+    try:
+        placement = server.get("/hybrid/status")["placement"]
+        assert (placement["type_k"], placement["type_v"], placement["flash_attn"]) == ("q8_0", "q8_0", True)
         reply = server.client().completions.create(model="m", prompt="def f():", max_tokens=4)
         assert reply.usage.completion_tokens > 0
     finally:

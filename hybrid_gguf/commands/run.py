@@ -11,7 +11,8 @@ import typer
 from rich.console import Console
 
 from hybrid_gguf.errors import HybridError
-from hybrid_gguf.commands.common import (cache_choice, cache_option, cache_quota_option, cpu_moe_option, ctx_option,
+from hybrid_gguf.commands.common import (cache_choice, cache_option, cache_quota_option, cache_type_choice,
+                                        cache_type_k_option, cache_type_v_option, cpu_moe_option, ctx_option,
                                         flash_attn_option, gpu_budget_option, hot_option, model_argument,
                                         model_option, n_cpu_moe_option, no_record_option, no_repack_option,
                                         pick_model, plan_option, threads_option, ubatch_choice, ubatch_option)
@@ -31,6 +32,8 @@ def run_command(
     ctx: Optional[int] = ctx_option(),
     ubatch: Optional[str] = ubatch_option(),
     flash_attn: bool = flash_attn_option(),
+    cache_type_k: Optional[str] = cache_type_k_option(),
+    cache_type_v: Optional[str] = cache_type_v_option(),
     gpu_budget: Optional[str] = gpu_budget_option(),
     hot: Optional[str] = hot_option(),
     plan: Optional[str] = plan_option(),
@@ -59,6 +62,8 @@ def run_command(
     limits.check_threads(threads, "--threads")
     limits.check_ctx(ctx, "--ctx")
     n_ubatch = ubatch_choice(ubatch, ctx)
+    type_k = cache_type_choice(cache_type_k, "--cache-type-k")
+    type_v = cache_type_choice(cache_type_v, "--cache-type-v")
     hot_map = hybrid_backend.parse_hot_spec(hot) if hot else None
     if prompt is None and (as_json or not sys.stdin.isatty()):
         if not sys.stdin.isatty():
@@ -73,7 +78,7 @@ def run_command(
                          record=not no_record, n_threads=threads, verbose=verbose,
                          n_cpu_moe=n_cpu_moe, cpu_moe=cpu_moe, repack=not no_repack,
                          cache=cache_choice(cache, cache_quota), n_ubatch=n_ubatch,
-                         flash_attn=True if flash_attn else None)
+                         flash_attn=True if flash_attn else None, type_k=type_k, type_v=type_v)
     for w in caught:
         _notice(console, f"warning: {w.message}")
     try:

@@ -10,7 +10,8 @@ import typer
 from rich.console import Console
 
 from hybrid_gguf.errors import HybridError
-from hybrid_gguf.commands.common import (cpu_moe_option, ctx_option, flash_attn_option, gpu_budget_option,
+from hybrid_gguf.commands.common import (cache_type_choice, cache_type_k_option, cache_type_v_option,
+                                        cpu_moe_option, ctx_option, flash_attn_option, gpu_budget_option,
                                         hot_option, model_argument, model_option, n_cpu_moe_option,
                                         no_record_option, no_repack_option, cache_choice, cache_option,
                                         cache_quota_option, pick_model, plan_option, threads_option, ubatch_choice,
@@ -26,6 +27,8 @@ def serve_command(
     ctx: Optional[int] = ctx_option(),
     ubatch: Optional[str] = ubatch_option(),
     flash_attn: bool = flash_attn_option(),
+    cache_type_k: Optional[str] = cache_type_k_option(),
+    cache_type_v: Optional[str] = cache_type_v_option(),
     gpu_budget: Optional[str] = gpu_budget_option(),
     hot: Optional[str] = hot_option(),
     plan: Optional[str] = plan_option(),
@@ -64,6 +67,8 @@ def serve_command(
         raise HybridError(f"--max-queue must be at least 1, got {max_queue}")
     limits.check_ctx(ctx, "--ctx")
     n_ubatch = ubatch_choice(ubatch, ctx)
+    type_k = cache_type_choice(cache_type_k, "--cache-type-k")
+    type_v = cache_type_choice(cache_type_v, "--cache-type-v")
     hot_map = hybrid_backend.parse_hot_spec(hot) if hot else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -71,7 +76,7 @@ def serve_command(
                          record=not no_record, n_threads=threads, verbose=verbose,
                          n_cpu_moe=n_cpu_moe, cpu_moe=cpu_moe, repack=not no_repack,
                          cache=cache_choice(cache, cache_quota), n_ubatch=n_ubatch,
-                         flash_attn=True if flash_attn else None)
+                         flash_attn=True if flash_attn else None, type_k=type_k, type_v=type_v)
     try:
         for w in caught:
             notice(f"warning: {w.message}")
