@@ -165,9 +165,10 @@ def plan_model(model_path: PathLike, gpu_budget: Union[None, int, list], n_ctx: 
       promoted whole when the speed model says the saved hand-off pays (0: any layer;
       default planner.PROMOTE_FROM).
     n_ubatch: the physical batch, or "auto": each of UBATCH_CHOICES that the context holds is
-      planned (its compute buffer comes out of the budget) and the one with the fastest
-      predicted prefill is kept among those whose predicted decode is within UBATCH_DECODE_LOSS
-      of the best (a larger ubatch spreads op offload's expert uploads over more tokens).
+      planned (its compute buffer comes out of the budget) and _best_ubatch keeps one: the
+      least predicted time for the profile's mix of prompt and decoded tokens, or without one,
+      the fastest prefill within UBATCH_DECODE_LOSS of the best decode (a larger ubatch spreads
+      op offload's expert uploads over more tokens).
     """
     from hybrid_gguf.header.inventory import read_inventory
     from hybrid_gguf.planning.plan import Plan
@@ -244,7 +245,8 @@ def plan_model(model_path: PathLike, gpu_budget: Union[None, int, list], n_ctx: 
 
     plan = plan_with(opts)
     if len(ubatches) > 1:
-        plan = _best_ubatch(plan, [plan_with(options(u, [])) for u in ubatches[1:]], notes)
+        plan = _best_ubatch(plan, [plan_with(options(u, [])) for u in ubatches[1:]], notes,
+                            prompt_share(profile))
     plan.notes = notes + plan.notes
     diff = diff_plans(prev, plan, inv, profile) if prev is not None else None
     if out is not None:
@@ -279,17 +281,39 @@ def _ubatch_choices(n_ubatch: Union[int, str], n_ctx: int) -> list:
     return [u for u in UBATCH_CHOICES if u <= max(n_ctx, UBATCH_CHOICES[0])]
 
 
-def _best_ubatch(first, others: list, notes: list):
-    """The plan of UBATCH_CHOICES with the fastest predicted prefill among those within
-    UBATCH_DECODE_LOSS of the best predicted decode."""
+UBATCH_MAX_DECODE_LOSS = 0.10  # decode a prompt-heavy workload may give up, at most
+
+
+def prompt_share(profile) -> Optional[float]:
+    """The share of prompt tokens among the tokens a routing profile saw (None without any)."""
+    if profile is None:
+        return None
+    prompt, total = float(profile.tokens_prompt.sum()), float(profile.tokens_per_layer.sum())
+    return prompt / total if total > 0 else None
+
+
+def _best_ubatch(first, others: list, notes: list, share: Optional[float] = None):
+    """The plan of UBATCH_CHOICES to keep. With the workload's prompt share (`share`, from
+    the profile): the least predicted seconds per token of that mix, share / prefill +
+    (1 - share) / decode, among plans within UBATCH_MAX_DECODE_LOSS of the best decode. The
+    mix does not say how long the prompts are, and a prompt shorter than the ubatch gains
+    nothing from it; but long prompts are what make a mix prompt-heavy. Without a share: the
+    fastest prefill within UBATCH_DECODE_LOSS of the best decode."""
     plans = [first] + list(others)
     best_decode = max(p.predicted.decode_tokens_per_s for p in plans)
-    fine = [p for p in plans if p.predicted.decode_tokens_per_s >= (1 - UBATCH_DECODE_LOSS) * best_decode]
-    chosen = max(fine, key=lambda p: p.predicted.prefill_tokens_per_s)
+    loss = UBATCH_DECODE_LOSS if share is None else UBATCH_MAX_DECODE_LOSS
+    fine = [p for p in plans if p.predicted.decode_tokens_per_s >= (1 - loss) * best_decode]
+    if share is None:
+        chosen = max(fine, key=lambda p: p.predicted.prefill_tokens_per_s)
+        why = f"the fastest prefill within {loss:.0%} of the best decode"
+    else:
+        chosen = min(fine, key=lambda p: share / p.predicted.prefill_tokens_per_s
+                     + (1 - share) / p.predicted.decode_tokens_per_s)
+        why = (f"the least time for the profile's mix, {share:.0%} prompt tokens, within {loss:.0%} "
+               f"of the best decode")
     rows = ", ".join(f"{p.memory.n_ubatch}: {p.predicted.prefill_tokens_per_s:.0f} / "
                      f"{p.predicted.decode_tokens_per_s:.1f}" for p in plans)
-    notes.append(f"ubatch {chosen.memory.n_ubatch} (predicted prefill / decode tokens/s per ubatch: {rows}; "
-                 f"the fastest prefill within {UBATCH_DECODE_LOSS:.0%} of the best decode)")
+    notes.append(f"ubatch {chosen.memory.n_ubatch} (predicted prefill / decode tokens/s per ubatch: {rows}; {why})")
     return chosen
 
 

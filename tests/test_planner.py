@@ -595,6 +595,21 @@ def test_the_planner_picks_the_ubatch_by_predicted_prefill_and_decode(tmp_path, 
     chosen = _best_ubatch(fake(512, 100, 50.0), [fake(1024, 150, 49.5), fake(2048, 200, 47.5)], notes)
     assert chosen.memory.n_ubatch == 1024 and "ubatch 1024" in notes[0]
     assert UBATCH_DECODE_LOSS == 0.02
+    # with the profile's prompt share: the least time for that mix (the H200's measured 2048-token
+    # prompt: ubatch 2048 prefilled 2.6x faster for 4 % of decode), never 10 % of decode or more
+    h200 = [fake(512, 1480.0, 50.21), fake(2048, 3841.0, 47.98)]
+    assert _best_ubatch(h200[0], h200[1:], [], share=0.94).memory.n_ubatch == 2048  # long prompts
+    assert _best_ubatch(h200[0], h200[1:], [], share=0.2).memory.n_ubatch == 512  # chat turns
+    notes = []
+    assert _best_ubatch(h200[0], [fake(2048, 9000.0, 44.0)], notes, share=0.99).memory.n_ubatch == 512
+    assert "99% prompt tokens" in notes[0]
+    from hybrid_gguf.autoplan import prompt_share
+
+    prof = RoutingProfile.empty("f" * 64, "qwen3moe", 2, 4, 2)
+    assert prompt_share(None) is None and prompt_share(prof) is None
+    prof.tokens_prompt[:] = 300.0
+    prof.tokens_decode[:] = 100.0
+    assert prompt_share(prof) == 0.75
 
     path = tiny_model_factory("qwen3moe", n_layer=4)
     env = dict(os.environ, HYBRID_GGUF_HOME=str(tmp_path))
