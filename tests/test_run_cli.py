@@ -294,17 +294,15 @@ def test_placements_that_are_not_planned_take_the_ubatch_as_given(tiny_model_fac
     assert any(n.startswith(f"ubatch {s.llama_kwargs['n_ubatch']} (predicted") for n in s.summary.notices)
 
 
-def test_a_stored_session_plan_is_kept_per_ubatch_and_flash_attn(tmp_path, monkeypatch, tiny_model_factory):
-    """The plan a session keeps for the next is the previous plan of a session asking for the
-    same ubatch and flash attention only: one made for ubatch 512 is not re-used for 1024."""
+def _sessions_on_a_fake_gpu(tmp_path, monkeypatch, tiny_model_factory):
+    """(inventory, session(**kw)): session_plan on one fake 8 GiB GPU at a 24 MiB budget, for
+    a tiny model with a skewed stored profile; plans and profiles under tmp_path."""
     from hybrid_gguf import paths
-    from hybrid_gguf.autoplan import default_plan_path, session_plan
+    from hybrid_gguf.autoplan import session_plan
     from hybrid_gguf.header.inventory import read_inventory
     from hybrid_gguf.llama import devices
-    from hybrid_gguf.planning.plan import Plan
-    import numpy as np
-
     from hybrid_gguf.routing.profile import ProfileStore, RoutingProfile
+    import numpy as np
 
     monkeypatch.setenv("HYBRID_GGUF_CACHE", str(paths.cache_dir()))  # the calibration, measured once
     monkeypatch.setenv("HYBRID_GGUF_HOME", str(tmp_path))
@@ -319,6 +317,17 @@ def test_a_stored_session_plan_is_kept_per_ubatch_and_flash_attn(tmp_path, monke
 
     def session(**kw):
         return session_plan(path, inv, [gpu], 2048, gpu_budget="24MiB", **kw)
+
+    return inv, session
+
+
+def test_a_stored_session_plan_is_kept_per_ubatch_and_flash_attn(tmp_path, monkeypatch, tiny_model_factory):
+    """The plan a session keeps for the next is the previous plan of a session asking for the
+    same ubatch and flash attention only: one made for ubatch 512 is not re-used for 1024."""
+    from hybrid_gguf.autoplan import default_plan_path
+    from hybrid_gguf.planning.plan import Plan
+
+    inv, session = _sessions_on_a_fake_gpu(tmp_path, monkeypatch, tiny_model_factory)
 
     first = session()
     f512 = default_plan_path(inv.fingerprint)
@@ -451,29 +460,11 @@ def test_placements_that_are_not_planned_take_the_cache_types_as_given(tiny_mode
 def test_a_stored_session_plan_is_kept_per_cache_type(tmp_path, monkeypatch, tiny_model_factory):
     """The automatic plan is made for the KV cache types asked for (a q8_0 cache leaves more of
     the budget to experts) and kept apart from the f16 one."""
-    from hybrid_gguf import paths
-    from hybrid_gguf.autoplan import default_plan_path, session_plan
-    from hybrid_gguf.header.inventory import read_inventory
-    from hybrid_gguf.llama import devices
+    from hybrid_gguf.autoplan import default_plan_path
     from hybrid_gguf.planning.memory import CACHE_TYPE_IDS, kv_cache_bytes, predict_memory
     from hybrid_gguf.planning.plan import Plan
-    import numpy as np
 
-    from hybrid_gguf.routing.profile import ProfileStore, RoutingProfile
-
-    monkeypatch.setenv("HYBRID_GGUF_CACHE", str(paths.cache_dir()))
-    monkeypatch.setenv("HYBRID_GGUF_HOME", str(tmp_path))
-    gpu = devices.Device(index=1, name="CUDA0", description="fake", type="gpu", free_bytes=8 << 30,
-                         total_bytes=8 << 30)
-    path = tiny_model_factory("qwen3moe", n_layer=3, n_expert=8)
-    inv = read_inventory(path)
-    counts = np.tile(1.0 / np.arange(1, inv.n_expert + 1), (inv.n_layer, 1)) * 3000
-    ProfileStore().merge_session(RoutingProfile(inv.fingerprint, inv.arch, inv.n_layer, inv.n_expert, inv.n_expert_used,
-                                                counts, np.zeros_like(counts), np.full(inv.n_layer, 3000.0),
-                                                np.zeros(inv.n_layer), sessions=1))
-
-    def session(**kw):
-        return session_plan(path, inv, [gpu], 2048, gpu_budget="24MiB", **kw)
+    inv, session = _sessions_on_a_fake_gpu(tmp_path, monkeypatch, tiny_model_factory)
 
     plain = session()
     f16 = default_plan_path(inv.fingerprint)
