@@ -179,6 +179,12 @@ def test_bench_times_the_plan_as_an_in_session_cache_when_asked(tiny_model_facto
     assert decode["steps"] == 4 - 1 and decode["hits"] + decode["misses"] > 0
     assert cached["hit_rate"] == decode["hit_rate"]
     assert rows["per-expert"]["cache"] is None
+    # the planner's cache pricing, checked against the row: from its measured hit rate and uploads
+    table = json.loads(detail.read_text())["prediction"]["configs"]
+    check = table["per-expert-cache-lru"]
+    assert check["cache_model_decode_ts"] > 0 and "cache_model_decode_ts" not in table["per-expert"]
+    assert abs(check["cache_model_decode_error"]
+               - (check["cache_model_decode_ts"] / check["measured_decode_ts"] - 1.0)) < 1e-9
 
 
 def test_cache_rows_name_their_policy_and_quota():

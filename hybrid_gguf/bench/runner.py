@@ -360,6 +360,7 @@ def predict_configs(inv: Inventory, profile, cfgs: Sequence[Config], results: Se
         saved = fit_host_read(inv, p, cold_runs, saved, n_ctx, t_ubatch, log)
     fitted = saved.for_model(inv.fingerprint)
     roof = replace(fitted, handoff_s=0.0, handoff_idle_s=0.0, gpu_chain_s=0.0)
+    by_name = {cfg.name: res for cfg, res in zip(cfgs, results)}
     table = {}
     for name, (cfg, run) in runs.items():
         t, traced = terms[name]
@@ -375,6 +376,7 @@ def predict_configs(inv: Inventory, profile, cfgs: Sequence[Config], results: Se
                 row[f"{key}_prefill_ts"] = sp.prefill_tokens_per_s
         row["predicted_decode_error"] = row["predicted_decode_ts"] / run.decode_tokens_per_s - 1.0
         row["fitted_decode_error"] = row["fitted_decode_ts"] / run.decode_tokens_per_s - 1.0
+        row.update(_cache_model_check(inv, p, cfg, run, by_name, fitted, n_ctx, t_ubatch, on_gpu, log))
         table[name] = row
         log(f"{name:12s} decode measured {run.decode_tokens_per_s:7.2f}, predicted {row['predicted_decode_ts']:7.2f} "
             f"(stored calibration), {row['fitted_decode_ts']:7.2f} (fitted to this run), "
@@ -391,6 +393,29 @@ def predict_configs(inv: Inventory, profile, cfgs: Sequence[Config], results: Se
 
 def _is_cache(cfg) -> bool:
     return cfg.cache is not None and cfg.cache.active
+
+
+def _cache_model_check(inv, p, cfg, run, by_name: dict, bw, n_ctx: int, n_ubatch: int, on_gpu: bool, log) -> dict:
+    """For a cache row: the decode speed the planner's cache pricing (speed.cache_decode_tokens_per_s,
+    what `plan --cache auto` ranks by) gives it from what this run measured, its decode hit
+    rate and uploads against the static row's ("per-expert", the same plan) hit rate, with the
+    fitted bandwidths; and that over the measured speed. Empty for other rows, or without a
+    static row or decode counters."""
+    from hybrid_gguf.planning.speed import cache_decode_tokens_per_s, predict_speed
+
+    res, static = by_name.get(cfg.name), by_name.get("per-expert")
+    window = ((res.cache or {}).get("decode") or {}) if res is not None else {}
+    if (not _is_cache(cfg) or static is None or static.hit_rate is None or res.hit_rate is None
+            or not window.get("steps")):
+        return {}
+    sp = predict_speed(inv, p, cfg.gpu_experts if on_gpu else {}, on_gpu, bw, n_ctx, n_ubatch=n_ubatch,
+                       kv_fill=run.kv_fill, cold_on_gpu=cfg.cold_on_gpu)
+    ts = cache_decode_tokens_per_s(sp.decode_ms, static.hit_rate, res.hit_rate,
+                                   window["upload_bytes"] / window["steps"], bw, n_cache_layers=len(cfg.hot))
+    log(f"{cfg.name}: the cache pricing gives {ts:.2f} t/s for hit rate {static.hit_rate:.3f} -> {res.hit_rate:.3f} "
+        f"and {window['upload_bytes'] / window['steps'] / 2**20:.1f} MiB uploaded per step; measured "
+        f"{run.decode_tokens_per_s:.2f}")
+    return {"cache_model_decode_ts": ts, "cache_model_decode_error": ts / run.decode_tokens_per_s - 1.0}
 
 
 def fit_cache_step(rows, bw, log) -> object:
