@@ -78,7 +78,8 @@ failed() { FAILED="$FAILED $1"; log "FAILED: $1"; }
 has() { [[ ",$STEPS," == *",$1,"* ]]; }
 # `hybrid-gguf bench` as the steps below have always run it: context 2048, and no GPU probe
 # inside a bench step (the "probe" step runs it); budget lists are space-separated here
-run_bench() { python3 -m hybrid_gguf.cli bench "$@" --ctx 2048 --no-probe-gpu; }
+# (REVERSE=1: every bench times its placements last to first, against drift within a call)
+run_bench() { python3 -m hybrid_gguf.cli bench "$@" --ctx 2048 --no-probe-gpu ${REVERSE:+--reverse}; }
 commas() { echo "$*" | tr ' ' ,; }
 
 nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv | tee "$OUT/machine.txt"

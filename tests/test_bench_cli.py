@@ -286,6 +286,27 @@ def test_bench_flash_attention_reaches_the_plans_and_the_timed_loads(tiny_model_
     assert loaded[0] is False and loaded[1:] and all(f is True for f in loaded[1:])  # profile load, then timed
 
 
+def test_bench_reverse_times_last_to_first_and_reports_in_order(tiny_model_factory, tmp_path, monkeypatch):
+    import hybrid_gguf.bench.runner as runner
+
+    timed, load_config = [], runner.load_config
+
+    def spy(path, inv, cfg, *args, **kwargs):
+        if cfg.name != "profile":
+            timed.append(cfg.name)
+        return load_config(path, inv, cfg, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "load_config", spy)
+    path = tiny_model_factory("qwen3moe", n_layer=2)
+    detail = tmp_path / "detail.json"
+    res = CliRunner().invoke(app, ["bench", str(path), "--pp", "32", "--tg", "4", "--reps", "1", "--reverse",
+                                   "--ctx", "256", "--profile-tokens", "128", "--threads", "1", "--no-calibrate",
+                                   "--configs", "cpu-experts,whole-layer", "--json-detail", str(detail)])
+    assert res.exit_code == 0, res.output
+    names = [r["name"] for r in json.loads(detail.read_text())["results"]]
+    assert timed == names[::-1] and names == ["cpu-experts", "whole-layer"]
+
+
 def test_the_cache_step_time_is_fitted_from_the_cache_rows_decode_steps():
     from types import SimpleNamespace
 

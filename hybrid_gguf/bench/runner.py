@@ -180,13 +180,15 @@ def run_bench(model_path: Path, *, budget_bytes: Optional[int], profile_prompts:
               eval_counts: Optional[np.ndarray] = None, eval_trace=None, save_calibration: bool = True,
               routing: Optional[str] = None, log: Callable[[str], None] = print,
               on_progress: Optional[Callable[[int, int], None]] = None, repack: bool = True,
-              n_ubatch: Optional[int] = None, flash_attn: bool = False) -> dict:
+              n_ubatch: Optional[int] = None, flash_attn: bool = False, reverse: bool = False) -> dict:
     """Profile (unless `profile` is given), plan, then time each placement; returns a
     JSON-able dict. `budget_bytes`: total VRAM, as `plan --gpu-budget` (None: all the GPU
     can give), made usable here once (planning/budget.py). `routing`: a routing preset
     (routing_process.PRESETS) or trace:FILE replayed instead of the model's own. `n_ubatch`:
     the prompt's micro-batch, planned for and loaded (default: the whole prompt); `flash_attn`
     likewise (the plans' compute buffers and the timed loads; the profiling load never).
+    `reverse`: time the placements last to first (the report keeps their order), so a second
+    call shows whether the machine drifted during the first.
     `on_progress(more_steps, steps_done)`: first the number of timed reps ahead, then each rep."""
     from hybrid_gguf.llama.devices import gpu_devices
     from hybrid_gguf.llama.recorder import Recording
@@ -241,7 +243,7 @@ def run_bench(model_path: Path, *, budget_bytes: Optional[int], profile_prompts:
                             gpu_present=bool(gpus), flash_attn=flash_attn)
     step = on_progress or (lambda more, done: None)
     step(len(all_cfgs) * reps, 0)
-    for cfg in all_cfgs:
+    for cfg in (all_cfgs[::-1] if reverse else all_cfgs):
         t0 = time.perf_counter()
         expert_bytes = cfg.gpu_expert_bytes(inv)
         try:
@@ -278,6 +280,8 @@ def run_bench(model_path: Path, *, budget_bytes: Optional[int], profile_prompts:
             f"gpu experts {expert_bytes / 2**30:.2f} GiB")
         results.append(res)
         loaded.llm.close()
+    order = {cfg.name: i for i, cfg in enumerate(all_cfgs)}
+    results.sort(key=lambda r: order[r.name])  # the report's order, however they were timed
 
     out = {
         "model": str(model_path),

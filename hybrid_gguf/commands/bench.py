@@ -33,6 +33,8 @@ def bench_command(
     flash_attn: bool = typer.Option(False, "-fa", "--flash-attn", help="flash attention in the plans (their "
                                                                        "compute buffers) and the timed loads"),
     reps: int = typer.Option(5, "--reps", min=1),
+    reverse: bool = typer.Option(False, "--reverse", help="time the placements last to first (the table keeps "
+                                                         "its order): beside a forward call, shows drift"),
     profile_tokens: int = typer.Option(4096, "--profile-tokens", min=1, help="tokens of the profiling workload"),
     profile_packages: str = typer.Option("email,json,http,logging,unittest", "--profile-workload",
                                          help="stdlib packages whose source is the profiling workload"),
@@ -112,7 +114,7 @@ def bench_command(
                            configs=configs.split(",") if configs else None, pack_device=pack_device,
                            n_threads=threads, save_calibration=not no_calibrate, routing=routing, log=log,
                            on_progress=on_progress, repack=not no_repack, n_ubatch=ubatch,
-                           flash_attn=flash_attn)
+                           flash_attn=flash_attn, reverse=reverse)
     for out in outs:
         out["pack_device"] = pack_device
         if probe is not None:
