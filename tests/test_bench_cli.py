@@ -240,18 +240,23 @@ def test_bench_replays_a_recorded_trace_file(tiny_model_factory, tmp_path, requi
     assert "24 layers" in wrong.stderr and len(wrong.stderr.strip().splitlines()) == 1, wrong.stderr
 
 
+def _tiny_bench(tiny_model_factory, tmp_path, *args) -> dict:
+    """`bench` on a 2-layer tiny model, one rep, no calibration stored: its --json-detail."""
+    path = tiny_model_factory("qwen3moe", n_layer=2)
+    detail = tmp_path / "detail.json"
+    res = CliRunner().invoke(app, ["bench", str(path), "--tg", "4", "--reps", "1", "--ctx", "256",
+                                   "--profile-tokens", "128", "--threads", "1", "--no-calibrate",
+                                   "--json-detail", str(detail), *args])
+    assert res.exit_code == 0, res.output
+    return json.loads(detail.read_text())
+
+
 def test_bench_times_the_prompt_in_the_given_micro_batches(tiny_model_factory, tmp_path):
     """--ubatch: the plans are made for it, the loads use it, and the report says it (the
     default is the whole prompt)."""
-    path = tiny_model_factory("qwen3moe", n_layer=2)
-    detail = tmp_path / "detail.json"
-    res = CliRunner().invoke(app, ["bench", str(path), "--pp", "96", "--tg", "4", "--reps", "1", "--ubatch", "32",
-                                   "--ctx", "256", "--profile-tokens", "128", "--threads", "1", "--no-calibrate",
-                                   "--configs", "whole-layer", "--json-detail", str(detail)])
-    assert res.exit_code == 0, res.output
-    out = json.loads(detail.read_text())
+    out = _tiny_bench(tiny_model_factory, tmp_path, "--pp", "96", "--ubatch", "32", "--configs", "whole-layer")
     assert out["n_ubatch"] == 32 and out["results"][0]["pp_ts"][0] > 0
-    res = CliRunner().invoke(app, ["bench", str(path), "--ubatch", "0"])
+    res = CliRunner().invoke(app, ["bench", str(tiny_model_factory("qwen3moe", n_layer=2)), "--ubatch", "0"])
     assert res.exit_code != 0 and "--ubatch must be between" in str(res.exception)
 
 
@@ -274,13 +279,7 @@ def test_bench_flash_attention_reaches_the_plans_and_the_timed_loads(tiny_model_
 
     monkeypatch.setattr(autoplan, "plan_model", spy_plan)
     monkeypatch.setattr(loader, "load_llama", spy_load)
-    path = tiny_model_factory("qwen3moe", n_layer=2)
-    detail = tmp_path / "detail.json"
-    res = CliRunner().invoke(app, ["bench", str(path), "--pp", "64", "--tg", "4", "--reps", "1", "--flash-attn",
-                                   "--ctx", "256", "--profile-tokens", "128", "--threads", "1", "--no-calibrate",
-                                   "--configs", "whole-layer", "--json-detail", str(detail)])
-    assert res.exit_code == 0, res.output
-    out = json.loads(detail.read_text())
+    out = _tiny_bench(tiny_model_factory, tmp_path, "--pp", "64", "--flash-attn", "--configs", "whole-layer")
     assert out["flash_attn"] is True and out["results"][0]["pp_ts"][0] > 0 and out["results"][0]["error"] is None
     assert planned and all(f is True for f in planned)
     assert loaded[0] is False and loaded[1:] and all(f is True for f in loaded[1:])  # profile load, then timed
@@ -297,13 +296,8 @@ def test_bench_reverse_times_last_to_first_and_reports_in_order(tiny_model_facto
         return load_config(path, inv, cfg, *args, **kwargs)
 
     monkeypatch.setattr(runner, "load_config", spy)
-    path = tiny_model_factory("qwen3moe", n_layer=2)
-    detail = tmp_path / "detail.json"
-    res = CliRunner().invoke(app, ["bench", str(path), "--pp", "32", "--tg", "4", "--reps", "1", "--reverse",
-                                   "--ctx", "256", "--profile-tokens", "128", "--threads", "1", "--no-calibrate",
-                                   "--configs", "cpu-experts,whole-layer", "--json-detail", str(detail)])
-    assert res.exit_code == 0, res.output
-    names = [r["name"] for r in json.loads(detail.read_text())["results"]]
+    out = _tiny_bench(tiny_model_factory, tmp_path, "--pp", "32", "--reverse", "--configs", "cpu-experts,whole-layer")
+    names = [r["name"] for r in out["results"]]
     assert timed == names[::-1] and names == ["cpu-experts", "whole-layer"]
 
 
