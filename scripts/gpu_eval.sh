@@ -17,11 +17,13 @@
 #   (diag: scripts/split_diag.py, chain-by-chain comparison with a numpy reference)
 #   (routing / routing2: every placement at 10/25/50 % on the realistic, flat and optimistic
 #    routing presets, Q30B-shaped / Mixtral-shaped; ROUTINGS= picks presets)
+#   (workersplit: the split equivalence tests with LLAMA_HYBRID_WORKER=1, patch v6)
 #   (coldsplit: the split equivalence tests again with cold=gpu: the GPU reads the cold
 #    experts from pinned host memory, patch v4)
 #   (coldab: the planner's per-expert plan with its cold experts on the CPU and read by the
 #    GPU, beside whole layers; SHARES= and ROUTINGS= pick budgets and presets; GATHER=1 adds
-#    the cold=gpu plan with and without LLAMA_HYBRID_COLD_GATHER=1, twice each; TIMERS=1 adds a
+#    the cold=gpu plan with and without LLAMA_HYBRID_COLD_GATHER=1, twice each; WORKER=1 adds the
+#    plan's cold=cpu variant with the CPU worker (patch v6) to the same bench; TIMERS=1 adds a
 #    run with the scheduler's per-split breakdown, LLAMA_HYBRID_SCHED_TIMERS; OFFLOAD=1 a run
 #    where each decode step uploads its cold experts, llama.cpp's op offload from one token)
 #   (cachesplit: the in-session cache's equivalence tests on CUDA, cold experts on the CPU
@@ -129,6 +131,20 @@ if has split; then
     [ $split_ok = 1 ] || failed split
 fi
 [ -f /tmp/hybrid_variant ] && export LLAMA_HYBRID_MAPS=$(cat /tmp/hybrid_variant) && log "using LLAMA_HYBRID_MAPS=$LLAMA_HYBRID_MAPS"
+
+if has workersplit; then
+    # patch v6: every split test with the cold chains on the CPU worker (LLAMA_HYBRID_WORKER=1:
+    # decode steps, and the short prompt where a test raises the token limit)
+    log "split equivalence on CUDA with the CPU worker"
+    if LLAMA_HYBRID_WORKER=1 HYBRID_GGUF_TEST_PACK_DEVICE=CUDA0 HYBRID_GGUF_REQUIRE_PATCHED=1 \
+        python3 -c "import llama_cpp, sys, pytest; sys.exit(pytest.main(['-q', '-rA', '-s', '-p', 'no:cacheprovider', 'tests/test_hybrid_split.py']))" \
+        > "$OUT/split_cuda_worker.txt" 2>&1; then
+        log "worker split equivalence PASSED"; grep -E "passed|failed" "$OUT/split_cuda_worker.txt" | tail -2
+    else
+        grep -E "^FAILED|passed|failed|Error" "$OUT/split_cuda_worker.txt" | tail -12; failed workersplit
+    fi
+    grep -E "worker \(max" "$OUT/split_cuda_worker.txt" | head -6
+fi
 
 if has coldsplit; then
     log "split equivalence on CUDA with cold=gpu (zero-copy cold experts)"
@@ -312,7 +328,7 @@ if has coldab; then
         for S in ${SHARES:-0.25}; do
             log "cold on CPU vs read by the GPU: $R routing, $S of the expert bytes"
             run_bench "$BIG" --routing "$R" --expert-share "$S" --pp 256 --tg 32 --reps 2 --threads 16 --no-calibrate \
-                --configs whole-layer,per-expert,per-expert-cold-cpu,per-expert-cold-gpu \
+                --configs whole-layer,per-expert,per-expert-cold-cpu,per-expert-cold-gpu${WORKER:+,per-expert-worker} \
                 --json-detail "$OUT/coldab_${R}_$S.json" 2>&1 | grep -E "^ *(cpu|whole|per|all)-|_vs_|cold experts" \
                 || failed "coldab $R $S"
             if [ -n "${OFFLOAD:-}" ]; then
@@ -335,7 +351,7 @@ if has coldab; then
             if [ -n "${TIMERS:-}" ]; then
                 log "scheduler timers per decode window"
                 LLAMA_HYBRID_SCHED_TIMERS=1000000 run_bench "$BIG" --routing "$R" --expert-share "$S" --pp 256 --tg 32 \
-                    --reps 1 --threads 16 --no-calibrate --configs whole-layer,per-expert-cold-cpu,per-expert-cold-gpu 2>&1 \
+                    --reps 1 --threads 16 --no-calibrate --configs whole-layer,per-expert-cold-cpu,per-expert-cold-gpu${WORKER:+,per-expert-worker} 2>&1 \
                     | grep -E "hybrid-sched|^ *(whole|per)-" | tee "$OUT/sched_timers_${R}_$S.txt"
             fi
         done

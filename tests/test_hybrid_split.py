@@ -72,7 +72,7 @@ CACHE_BACKGROUND = os.environ.get("HYBRID_GGUF_TEST_CACHE_UPLOADS", "ordered") =
 FLASH_ATTN = os.environ.get("HYBRID_GGUF_TEST_FLASH_ATTN", "0") == "1"
 
 
-def load_with_report(path, hot=None, use_mmap=True, cache=None, flash_attn=None):
+def load_with_report(path, hot=None, use_mmap=True, cache=None, flash_attn=None, worker=False):
     from hybrid_gguf.llama.loader import load_llama
     from hybrid_gguf.planning.placement import cpu_moe
 
@@ -84,7 +84,7 @@ def load_with_report(path, hot=None, use_mmap=True, cache=None, flash_attn=None)
     if len(SPLIT_GPUS) > 1:
         kwargs["tensor_split"] = [1.0] * len(SPLIT_GPUS)
     return load_llama(path, placement, hot=hot, pack_device=PACK_DEVICE, cold_on_gpu=COLD_ON_GPU, cache=cache,
-                      **kwargs)
+                      worker=worker, **kwargs)
 
 
 def load(path, hot=None, use_mmap=True, flash_attn=None):
@@ -192,6 +192,54 @@ def test_cold_chain_gathering_its_experts_computes_the_same(models, arch, monkey
         delta = float(np.max(np.abs(run.logits - ref.logits)))
         assert run.tokens == ref.tokens, f"{arch}: greedy tokens differ with the cold chain gathering"
         assert delta <= tol, f"{arch}: max |logit delta| {delta:.3g} > {tol:.3g} with the cold chain gathering"
+
+
+@pytest.mark.parametrize("arch", list(ARCH_PRESETS))
+def test_cpu_worker_computes_the_same(models, arch, monkeypatch):
+    """LLAMA_HYBRID_WORKER=1 (patch version 6): a split layer's cold chain runs on the
+    context's CPU worker, handed over through a mailbox slot instead of a graph split. Decode
+    steps (and, with the token limit raised, the short prompt's batch) go through it; the hot
+    sets give busy layers, layers whose tokens chose no cold expert (idle) and a mix. The worker
+    must have served hand-offs: a run that silently kept the old path fails."""
+    path, spec = models[arch]
+    for prompt, max_tokens in ((LONG_PROMPT, "4"), (PROMPT, "64")):
+        ref, tol, _ = reference(path, prompt)
+        monkeypatch.setenv("LLAMA_HYBRID_WORKER", "1")
+        monkeypatch.setenv("LLAMA_HYBRID_WORKER_MAX_TOKENS", max_tokens)
+        for label in ("one", "half", "all_but_one"):
+            llm = load(path, hot_sets(spec.n_layer, spec.n_expert)[label])
+            run = greedy(llm, prompt, N_GEN)
+            stats = hybrid_backend.worker_stats(llm.ctx)
+            llm.close()
+            delta = float(np.max(np.abs(run.logits - ref.logits)))
+            print(f"{arch}/{label} worker (max {max_tokens} tokens): {stats}, max |logit delta| {delta:.2e}")
+            assert stats is not None and stats["busy"] + stats["idle"] > 0, f"{arch}/{label}: no hand-off"
+            if label == "one":  # seven of eight experts cold: every token has cold work
+                assert stats["busy"] > 0, f"{arch}/one: the worker computed nothing"
+            if label == "all_but_one":  # a token rarely picks the one cold expert
+                assert stats["idle"] > 0, f"{arch}/all_but_one: no hand-off was idle"
+            assert run.tokens == ref.tokens, f"{arch}/{label}: greedy tokens differ with the CPU worker"
+            assert delta <= tol, f"{arch}/{label}: max |logit delta| {delta:.3g} > {tol:.3g} with the CPU worker"
+        monkeypatch.delenv("LLAMA_HYBRID_WORKER")
+
+
+def test_cpu_worker_is_the_plans_choice(models, monkeypatch):
+    """Off by default; the plan's handoff=worker (load_llama(worker=True)) turns it on, and
+    LLAMA_HYBRID_WORKER=0 turns it off whatever the plan says."""
+    path, spec = models["qwen3moe"]
+    monkeypatch.delenv("LLAMA_HYBRID_WORKER", raising=False)
+    hot = hot_sets(spec.n_layer, spec.n_expert)["half"]
+    ref = None
+    for worker, env, expect in ((False, None, False), (True, None, True), (True, "0", False)):
+        if env is not None:
+            monkeypatch.setenv("LLAMA_HYBRID_WORKER", env)
+        llm = load_with_report(path, hot, worker=worker).llm
+        run = greedy(llm, PROMPT, 4)
+        stats = hybrid_backend.worker_stats(llm.ctx)
+        llm.close()
+        assert (stats is not None and stats["busy"] > 0) == expect, (worker, env, stats)
+        ref = ref or run
+        assert run.tokens == ref.tokens
 
 
 @pytest.mark.parametrize("arch", ["qwen3moe", "gpt-oss"])

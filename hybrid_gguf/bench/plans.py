@@ -27,6 +27,7 @@ class Config:
     plan: object = None          # the planner's Plan this placement is, if any
     cold_on_gpu: bool = False    # the packs' GPU reads the cold experts from pinned host memory
     cache: object = None         # placement.CacheOptions of an in-session cache over the packs
+    worker: bool = False         # decode hands the cold experts to a CPU worker (plan handoff=worker)
 
     @classmethod
     def from_plan(cls, name: str, plan, inv: Inventory) -> "Config":
@@ -71,7 +72,7 @@ def plan_configs(model_path: Path, inv: Inventory, profile, devices: list, n_ctx
     configs = [Config("cpu-experts", cpu_moe())] if want("cpu-experts") else []
     if want("whole-layer"):
         configs.append(Config.from_plan("whole-layer", make(devices, False), inv))
-    alternatives = ("per-expert-cold-cpu", "per-expert-cold-gpu")
+    alternatives = ("per-expert-cold-cpu", "per-expert-cold-gpu", WORKER_CONFIG)
     # the plan's packs as an in-session cache: only when asked for by name (--configs)
     caches = [name for name in wanted or () if name.startswith(CACHE_PREFIX)]
     for name in caches:
@@ -85,10 +86,18 @@ def plan_configs(model_path: Path, inv: Inventory, profile, devices: list, n_ctx
         other = "cpu" if chosen.cold_on_gpu else "gpu"
         if chosen.hot and gpu_present and cold_read_possible(devices) and want(f"per-expert-cold-{other}"):
             configs.append(Config.from_plan(f"per-expert-cold-{other}", make(devices, None, other), inv))
+        if chosen.hot and WORKER_CONFIG in (wanted or ()) and hybrid_backend.capability().version >= 6:
+            # (asked for by name) the plan with its cold experts on the CPU, handed to the CPU worker
+            worker = Config.from_plan(WORKER_CONFIG, chosen.plan if not chosen.cold_on_gpu else make(devices, None, "cpu"), inv)
+            worker.worker = True
+            configs.append(worker)
         for name in caches:
             if chosen.hot and hybrid_backend.capability().version >= 5:
                 cached = Config.from_plan(name, chosen.plan, inv)
                 cached.cache = cache_config(name)
+                cached.worker = name.endswith(WORKER_SUFFIX)
+                if cached.worker and (cached.cold_on_gpu or hybrid_backend.capability().version < 6):
+                    continue  # the worker computes cold experts on the CPU only
                 configs.append(cached)
     if want("all-gpu") and gpu_present:
         every = make(detect_devices(None)[0], None)
@@ -98,16 +107,20 @@ def plan_configs(model_path: Path, inv: Inventory, profile, devices: list, n_ctx
 
 
 CACHE_PREFIX = "per-expert-cache-"
+WORKER_CONFIG = "per-expert-worker"
+WORKER_SUFFIX = "-worker"
 
 
 def cache_config(name: str) -> CacheOptions:
-    """The cache of a bench row named `per-expert-cache-POLICY[-qN][-bg]`: N uploads per step
-    (else CacheOptions' default), -bg for background uploads."""
+    """The cache of a bench row named `per-expert-cache-POLICY[-qN][-bg][-worker]`: N uploads
+    per step (else CacheOptions' default), -bg for background uploads (-worker: the row also
+    hands its cold experts to the CPU worker)."""
     rest = name[len(CACHE_PREFIX):] if name.startswith(CACHE_PREFIX) else ""
+    rest = rest[:-len(WORKER_SUFFIX)] if rest.endswith(WORKER_SUFFIX) else rest
     background = rest.endswith("-bg")
     policy, _, quota = rest[:-3 if background else None].partition("-q")
     if not policy or (quota and not quota.isdigit()):
-        raise HybridError(f"bench config {name!r}: expected {CACHE_PREFIX}POLICY[-qN][-bg]")
+        raise HybridError(f"bench config {name!r}: expected {CACHE_PREFIX}POLICY[-qN][-bg][{WORKER_SUFFIX}]")
     return CacheOptions(policy=policy, quota=int(quota) if quota else CacheOptions.quota, background=background)
 
 

@@ -19,7 +19,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from hybrid_gguf.bench.plans import CACHE_PREFIX, Config, bench_batch, bench_memory, bench_n_batch, plan_configs
+from hybrid_gguf.bench.plans import CACHE_PREFIX, WORKER_CONFIG, Config, bench_batch, bench_memory, bench_n_batch, plan_configs
 from hybrid_gguf.llama import hybrid as hybrid_backend
 from hybrid_gguf.routing import process as routing_process
 from hybrid_gguf.errors import HybridError
@@ -81,7 +81,7 @@ def load_config(path: Path, inv: Inventory, cfg: Config, n_ctx: int, n_batch: in
     if not repack:
         kwargs["model_patch"] = _no_extra_bufts
     return load_llama(path, cfg.placement, hot=cfg.hot or None, pack_device=pack_device,
-                      cold_on_gpu=cfg.cold_on_gpu, cache=cfg.cache, record=record,
+                      cold_on_gpu=cfg.cold_on_gpu, cache=cfg.cache, worker=cfg.worker, record=record,
                       route_trace=routing_process.model_trace(inv, n_ctx, stream, routing), inventory=inv, **kwargs)
 
 
@@ -352,8 +352,10 @@ def predict_configs(inv: Inventory, profile, cfgs: Sequence[Config], results: Se
             traced = busy_handoffs(eval_trace, gpu, host_layers, inv.n_expert)
             terms[cfg.name] = (t, traced)
     # a cache row's experts on the GPU change as it runs: it tells the cache's step time, not
-    # the bandwidths (its static hot set would mislead their fit)
-    static = [name for name in terms if not runs[name][0].cold_on_gpu and not _is_cache(runs[name][0])]
+    # the bandwidths (its static hot set would mislead their fit); a worker row has other
+    # hand-off costs than the ones fitted here
+    static = [name for name in terms
+              if not runs[name][0].cold_on_gpu and not _is_cache(runs[name][0]) and not runs[name][0].worker]
     fit_terms = [replace(t, handoffs_busy=traced, handoffs_idle=t.handoffs - traced) if traced is not None else t
                  for name, (t, traced) in terms.items() if name in static] if on_gpu else []
     saved = calibration.fit_bandwidth_terms(fit_terms, stored, inv.fingerprint) if fit_terms else stored
@@ -479,7 +481,7 @@ def run_budgets(model_path: Path, budgets: Sequence[Optional[int]], *, profile_p
     profile = eval_counts = eval_trace = None
     # cache rows only when named (they are extra loads of the same plan)
     budget_bound = [c for c in (configs or BUDGET_CONFIGS)
-                    if c in BUDGET_CONFIGS or (configs and c.startswith(CACHE_PREFIX))]
+                    if c in BUDGET_CONFIGS or (configs and (c.startswith(CACHE_PREFIX) or c == WORKER_CONFIG))]
     budget_bound = [c for c in budget_bound if configs or not c.startswith(CACHE_PREFIX)]
     for i, budget in enumerate(budgets):
         if i and not budget_bound:

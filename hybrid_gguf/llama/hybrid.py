@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Iterator, Mapping, Optional, Sequence
 
 from hybrid_gguf.errors import STOCK_NOTICE, HybridError
-from hybrid_gguf.planning.placement import COLD_ON_GPU, per_layer_pack_text
+from hybrid_gguf.planning.placement import COLD_ON_GPU, HANDOFF_WORKER, per_layer_pack_text
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,9 @@ def pending_plan(text: str) -> Iterator[None]:
     if per_layer_pack_text(text) and capability().version < 5:
         raise HybridError("hot packs on each layer's own GPU (several GPUs) need hybrid patch version 5; "
                           "rebuild the backend with `hybrid-gguf backend install`")
+    if HANDOFF_WORKER in text.split(";") and capability().version < 6:
+        raise HybridError("the CPU worker hand-off needs hybrid patch version 6; rebuild the backend "
+                          "with `hybrid-gguf backend install`")
     fn = _fn("llama_hybrid_set_plan", ctypes.c_int32, [ctypes.c_char_p])
     if fn is None:
         raise HybridError(STOCK_NOTICE)
@@ -153,6 +156,25 @@ def cache_stats(model_ptr) -> Optional[dict]:
     served = d["hits"] + d["misses"]
     d["hit_rate"] = d["hits"] / served if served else None
     return d
+
+
+class _WorkerStats(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int64) for name in ("busy", "idle", "compute_us")]
+
+
+def worker_stats(ctx_ptr) -> Optional[dict]:
+    """The counters of a context's CPU worker (patch version 6, LLAMA_HYBRID_WORKER=1): hand-offs
+    it computed (busy), hand-offs that named no cold expert (idle) and its compute time; None
+    when the context has no worker."""
+    if capability().version < 6:
+        return None
+    fn = _fn("llama_hybrid_context_worker_stats", ctypes.c_int32, [ctypes.c_void_p, ctypes.POINTER(_WorkerStats)])
+    if fn is None:
+        return None
+    out = _WorkerStats()
+    if fn(ctx_ptr, ctypes.byref(out)) != 0:
+        return None
+    return {name: int(getattr(out, name)) for name, _ in _WorkerStats._fields_}
 
 
 def n_hot(model_ptr, layer: int) -> int:

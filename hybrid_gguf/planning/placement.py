@@ -114,6 +114,7 @@ def validate_rules(rules) -> None:
 # --- the hot set as the patch reads it -------------------------------------------------------
 
 COLD_ON_GPU = "cold=gpu"  # the plan-text item that asks for cold experts on the GPU
+HANDOFF_WORKER = "handoff=worker"  # the plan-text item that gives cold chains to a CPU worker
 # A pack device meaning "the GPU that holds the layer" (its router's device), so a layer's
 # hot chain runs on the card of the rest of that layer: the patch's `buft=auto` (version 5).
 PACK_AUTO = "auto"
@@ -160,7 +161,7 @@ class CacheOptions:
 
 def plan_text(hot: Mapping[int, Sequence[int]], buffer_type: Optional[str] = None,
               cold_on_gpu: bool = False, layer_buffer_types: Optional[Mapping[int, str]] = None,
-              cache: Optional[CacheOptions] = None) -> str:
+              cache: Optional[CacheOptions] = None, worker: bool = False) -> str:
     """Serialize {layer: [expert, ...]} as the patch's plan text (slot order = list order).
 
     buffer_type: where the packs go (a device or buffer-type name; None or "GPU": the first
@@ -170,7 +171,9 @@ def plan_text(hot: Mapping[int, Sequence[int]], buffer_type: Optional[str] = Non
     that would live in host memory go to pinned, device-mapped memory that the pack's GPU
     reads in place, so the GPU computes the cold experts too and a split layer needs no CPU
     hand-off (docs/backend-patch.md).
-    cache (patch version 5): the in-session cache's items, CacheOptions.plan_tokens."""
+    cache (patch version 5): the in-session cache's items, CacheOptions.plan_tokens.
+    worker (patch version 6): decode steps hand each split layer's cold experts to a CPU worker
+    thread through mapped memory instead of cutting the graph there (docs/backend-patch.md)."""
     # "GPU" means the first GPU, which is also the patch's default
     named = buffer_type and buffer_type.upper() != "GPU"
     parts = [f"buft={buffer_type}"] if named else []
@@ -178,6 +181,8 @@ def plan_text(hot: Mapping[int, Sequence[int]], buffer_type: Optional[str] = Non
         parts.append(COLD_ON_GPU)
     if cache is not None:
         parts += cache.plan_tokens()
+    if worker:
+        parts.append(HANDOFF_WORKER)
     own = {int(l): str(d) for l, d in (layer_buffer_types or {}).items()}
     for name in own.values():
         if not name.strip() or any(c in name for c in ";@,") or name.upper() == "GPU":
