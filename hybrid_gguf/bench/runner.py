@@ -45,6 +45,7 @@ class Result:
     error: Optional[str] = None
     plan: Optional[dict] = None  # Config.plan_detail: the plan timed
     cache: Optional[dict] = None  # the in-session cache's counters over the whole load (cache rows)
+    worker: Optional[dict] = None  # the CPU worker's counters over the whole load (worker rows)
 
     def summary(self) -> dict:
         d = asdict(self)
@@ -273,11 +274,14 @@ def run_bench(model_path: Path, *, budget_bytes: Optional[int], profile_prompts:
             cache["decode"] = decode_window(window)
             if cache["decode"]["hit_rate"] is not None:
                 hit = cache["decode"]["hit_rate"]  # what the slots served the decode steps, as `hit_rate` counts
+        worker = hybrid_backend.worker_stats(loaded.llm.ctx) if cfg.worker else None
         res = Result(cfg.name, n_prompt, n_gen, pps, tgs, hit, expert_bytes, vram_model_bytes(loaded), load_s,
-                     plan=cfg.plan_detail(inv), cache=cache)
+                     plan=cfg.plan_detail(inv), cache=cache, worker=worker)
         log(f"{cfg.name:12s} pp {statistics.median(pps):8.1f} t/s  tg {statistics.median(tgs):7.2f} t/s  "
             f"hit {res.hit_rate if res.hit_rate is not None else float('nan'):.3f}  "
-            f"gpu experts {expert_bytes / 2**30:.2f} GiB")
+            f"gpu experts {expert_bytes / 2**30:.2f} GiB"
+            + (f"  worker: {worker['busy']} busy, {worker['idle']} idle hand-offs, "
+               f"{worker['compute_us'] / max(worker['busy'], 1):.0f} us per busy one" if worker else ""))
         results.append(res)
         loaded.llm.close()
     order = {cfg.name: i for i, cfg in enumerate(all_cfgs)}
