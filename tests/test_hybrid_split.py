@@ -202,7 +202,7 @@ def test_cpu_worker_computes_the_same(models, arch, monkeypatch):
     sets give busy layers, layers whose tokens chose no cold expert (idle) and a mix. The worker
     must have served hand-offs: a run that silently kept the old path fails."""
     path, spec = models[arch]
-    for prompt, max_tokens in ((LONG_PROMPT, "4"), (PROMPT, "64")):
+    for prompt, max_tokens in ((LONG_PROMPT, "4"), (PROMPT, "32")):
         ref, tol, _ = reference(path, prompt)
         monkeypatch.setenv("LLAMA_HYBRID_WORKER", "1")
         monkeypatch.setenv("LLAMA_HYBRID_WORKER_MAX_TOKENS", max_tokens)
@@ -221,6 +221,64 @@ def test_cpu_worker_computes_the_same(models, arch, monkeypatch):
             assert run.tokens == ref.tokens, f"{arch}/{label}: greedy tokens differ with the CPU worker"
             assert delta <= tol, f"{arch}/{label}: max |logit delta| {delta:.3g} > {tol:.3g} with the CPU worker"
         monkeypatch.delenv("LLAMA_HYBRID_WORKER")
+
+
+def test_cpu_worker_with_many_batch_sizes(models, monkeypatch):
+    """Batches of 1 to 6 tokens, in turn: each size gets its own cold graph, and the worker keeps
+    at most four per layer, so graphs are dropped and rebuilt while the context decodes. The
+    yardstick is the same split without the worker (the same kernels on the same devices)."""
+    from greedy import last_logits
+
+    path, spec = models["qwen3moe"]
+    tokens = LONG_PROMPT
+    chunks = [1, 2, 3, 4, 5, 6, 1, 5, 2, 6, 3, 4, 1, 1, 2, 3, 4, 5, 6]
+
+    def run(llm):
+        llm.reset()
+        rows, at = [], 0
+        for n in chunks:
+            llm.eval(tokens[at:at + n])
+            rows.append(last_logits(llm))
+            at += n
+        return np.stack(rows)
+
+    hot = hot_sets(spec.n_layer, spec.n_expert)["half"]
+    monkeypatch.setenv("LLAMA_HYBRID_WORKER", "0")
+    ref_llm = load(path, hot)
+    ref = run(ref_llm)
+    ref_llm.close()
+    monkeypatch.setenv("LLAMA_HYBRID_WORKER", "1")
+    monkeypatch.setenv("LLAMA_HYBRID_WORKER_MAX_TOKENS", "6")
+    llm = load(path, hot)
+    got = run(llm)
+    stats = hybrid_backend.worker_stats(llm.ctx)
+    llm.close()
+    assert stats is not None and stats["busy"] > 0
+    delta = float(np.max(np.abs(got - ref)))
+    assert delta <= 1e-3, f"max |logit delta| {delta:.3g} over batch sizes 1-6"
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "gpt-oss"])
+def test_cpu_worker_takes_over_a_held_up_decode(models, arch, monkeypatch):
+    """The decoding thread answers the hand-offs itself once its compute call has queued the
+    GPU's work; when that call is held up (here: the CPU backend computes the whole graph and
+    waits for the answers, as LLAMA_HYBRID_WORKER_INLINE=force arranges), the worker thread must
+    take over, or the decode would hang."""
+    path, spec = models[arch]
+    ref, tol, _ = reference(path, PROMPT)
+    monkeypatch.setenv("LLAMA_HYBRID_WORKER", "1")
+    monkeypatch.setenv("LLAMA_HYBRID_WORKER_INLINE", "force")
+    monkeypatch.setenv("LLAMA_HYBRID_WORKER_TAKEOVER_US", "200")
+    llm = load(path, hot_sets(spec.n_layer, spec.n_expert)["one"])
+    run = greedy(llm, PROMPT, N_GEN)
+    stats = hybrid_backend.worker_stats(llm.ctx)
+    llm.close()
+    on_cpu_backend = not ON_GPU
+    assert stats is not None and stats["busy"] > 0
+    if on_cpu_backend:
+        assert stats["takeovers"] > 0, stats
+    assert run.tokens == ref.tokens
+    assert float(np.max(np.abs(run.logits - ref.logits))) <= tol
 
 
 def test_cpu_worker_is_the_plans_choice(models, monkeypatch):

@@ -159,12 +159,13 @@ def cache_stats(model_ptr) -> Optional[dict]:
 
 
 class _WorkerStats(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_int64) for name in ("busy", "idle", "compute_us")]
+    _fields_ = [(name, ctypes.c_int64) for name in ("busy", "idle", "compute_us", "takeovers")]
 
 
 def worker_stats(ctx_ptr) -> Optional[dict]:
-    """The counters of a context's CPU worker (patch version 6, LLAMA_HYBRID_WORKER=1): hand-offs
-    it computed (busy), hand-offs that named no cold expert (idle) and its compute time; None
+    """The counters of a context's CPU worker (patch version 6, plan handoff=worker): hand-offs
+    it computed (busy), hand-offs that named no cold expert (idle), its compute time, and the
+    graphs whose answers its own thread took over from the decoding thread (takeovers); None
     when the context has no worker."""
     if capability().version < 6:
         return None
