@@ -17,7 +17,9 @@
 #   (diag: scripts/split_diag.py, chain-by-chain comparison with a numpy reference)
 #   (routing / routing2: every placement at 10/25/50 % on the realistic, flat and optimistic
 #    routing presets, Q30B-shaped / Mixtral-shaped; ROUTINGS= picks presets)
-#   (workersplit: the split equivalence tests with LLAMA_HYBRID_WORKER=1, patch v6)
+#   (workersplit: the split equivalence tests with LLAMA_HYBRID_WORKER=1, patch v6;
+#    workerab: the plan's scheduler hand-offs against the CPU worker, answered by the decoding
+#    thread and by the worker thread, ROUTINGS= SHARES=)
 #   (coldsplit: the split equivalence tests again with cold=gpu: the GPU reads the cold
 #    experts from pinned host memory, patch v4)
 #   (coldab: the planner's per-expert plan with its cold experts on the CPU and read by the
@@ -158,7 +160,7 @@ if has coldsplit; then
 fi
 
 BIG=/tmp/models/q30b-like-q4k.gguf
-if has recorder || has bench || has plan || has skipab || has threads || has routing || has coldab || has cacheab || has multigpu \
+if has recorder || has bench || has plan || has skipab || has threads || has routing || has coldab || has cacheab || has multigpu || has workerab \
     || has upstream || has prefill; then
     log "make the Qwen3-30B-A3B-shaped Q4_K model"
     t0=$(date +%s)
@@ -354,6 +356,23 @@ if has coldab; then
                     --reps 1 --threads 16 --no-calibrate --configs whole-layer,per-expert-cold-cpu,per-expert-cold-gpu${WORKER:+,per-expert-worker} 2>&1 \
                     | grep -E "hybrid-sched|^ *(whole|per)-" | tee "$OUT/sched_timers_${R}_$S.txt"
             fi
+        done
+    done
+fi
+if has workerab; then
+    # patch v6: the planner's plan with its cold experts on the CPU, hand-offs through the
+    # scheduler (per-expert-cold-cpu or per-expert) against the CPU worker, answered by the
+    # decoding thread (default) and, in a second process, by the worker thread alone
+    # (LLAMA_HYBRID_WORKER_INLINE=0). The bench logs the worker's counters per row.
+    for R in ${ROUTINGS:-realistic optimistic}; do
+        for S in ${SHARES:-0.25}; do
+            for MODE in default 0; do
+                log "worker A/B: $R routing, $S of the expert bytes, LLAMA_HYBRID_WORKER_INLINE=$MODE"
+                LLAMA_HYBRID_WORKER_INLINE=$MODE run_bench "$BIG" --routing "$R" --expert-share "$S" --pp 256 --tg 32 \
+                    --reps 2 --threads 16 --no-calibrate --configs whole-layer,per-expert,per-expert-cold-cpu,per-expert-worker \
+                    --json-detail "$OUT/workerab_${MODE}_${R}_$S.json" 2>&1 | grep -E "^ *(whole|per)-|CPU worker" | cut -c1-200 \
+                    || failed "workerab $MODE $R $S"
+            done
         done
     done
 fi

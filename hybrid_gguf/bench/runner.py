@@ -279,9 +279,11 @@ def run_bench(model_path: Path, *, budget_bytes: Optional[int], profile_prompts:
                      plan=cfg.plan_detail(inv), cache=cache, worker=worker)
         log(f"{cfg.name:12s} pp {statistics.median(pps):8.1f} t/s  tg {statistics.median(tgs):7.2f} t/s  "
             f"hit {res.hit_rate if res.hit_rate is not None else float('nan'):.3f}  "
-            f"gpu experts {expert_bytes / 2**30:.2f} GiB"
-            + (f"  worker: {worker['busy']} busy, {worker['idle']} idle hand-offs, "
-               f"{worker['compute_us'] / max(worker['busy'], 1):.0f} us per busy one" if worker else ""))
+            f"gpu experts {expert_bytes / 2**30:.2f} GiB")
+        if worker:
+            log(f"{cfg.name}: CPU worker {worker['busy']} busy and {worker['idle']} idle hand-offs, "
+                f"{worker['compute_us'] / max(worker['busy'], 1):.0f} us of compute per busy one, "
+                f"{worker['takeovers']} graphs taken over from the decoding thread")
         results.append(res)
         loaded.llm.close()
     order = {cfg.name: i for i, cfg in enumerate(all_cfgs)}
