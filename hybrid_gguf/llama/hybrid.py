@@ -144,15 +144,9 @@ def cache_stats(model_ptr) -> Optional[dict]:
     CPU all, on CUDA those from pageable memory), page_locked_bytes (host memory locked so
     that uploads run beside decode) and step_us (host time the steps took); None when the
     model has no cache."""
-    if capability().version < 5:
+    d = _counters("llama_hybrid_model_cache_stats", _CacheStats, model_ptr, 5)
+    if d is None:
         return None
-    fn = _fn("llama_hybrid_model_cache_stats", ctypes.c_int32, [ctypes.c_void_p, ctypes.POINTER(_CacheStats)])
-    if fn is None:
-        return None
-    out = _CacheStats()
-    if fn(model_ptr, ctypes.byref(out)) != 0:
-        return None
-    d = {name: int(getattr(out, name)) for name, _ in _CacheStats._fields_}
     served = d["hits"] + d["misses"]
     d["hit_rate"] = d["hits"] / served if served else None
     return d
@@ -167,15 +161,21 @@ def worker_stats(ctx_ptr) -> Optional[dict]:
     it computed (busy), hand-offs that named no cold expert (idle), its compute time, and the
     graphs whose answers its own thread took over from the decoding thread (takeovers); None
     when the context has no worker."""
-    if capability().version < 6:
+    return _counters("llama_hybrid_context_worker_stats", _WorkerStats, ctx_ptr, 6)
+
+
+def _counters(fn_name: str, struct, ptr, min_version: int) -> Optional[dict]:
+    """`fn_name(ptr, &struct)` of a patch of `min_version` or later as {field: int}; None where
+    the build lacks it or the function says there is nothing (it returns non-zero)."""
+    if capability().version < min_version:
         return None
-    fn = _fn("llama_hybrid_context_worker_stats", ctypes.c_int32, [ctypes.c_void_p, ctypes.POINTER(_WorkerStats)])
+    fn = _fn(fn_name, ctypes.c_int32, [ctypes.c_void_p, ctypes.POINTER(struct)])
     if fn is None:
         return None
-    out = _WorkerStats()
-    if fn(ctx_ptr, ctypes.byref(out)) != 0:
+    out = struct()
+    if fn(ptr, ctypes.byref(out)) != 0:
         return None
-    return {name: int(getattr(out, name)) for name, _ in _WorkerStats._fields_}
+    return {name: int(getattr(out, name)) for name, _ in struct._fields_}
 
 
 def n_hot(model_ptr, layer: int) -> int:
