@@ -195,6 +195,8 @@ def test_cache_rows_name_their_policy_and_quota():
     assert cache_config("per-expert-cache-lru") == CacheOptions("lru")
     assert cache_config("per-expert-cache-seeded-q64") == CacheOptions("seeded", quota=64)
     assert cache_config("per-expert-cache-lru-q8-bg") == CacheOptions("lru", quota=8, background=True)
+    # a -worker row is the same cache with the CPU worker's hand-off
+    assert cache_config("per-expert-cache-lru-q16-worker") == CacheOptions("lru", quota=16)
     assert CacheOptions("lru", background=True).plan_tokens()[-1] == "uploads=background"
     for bad in ("per-expert-cache-", "per-expert-cache-lru-qx", "per-expert-cache-mru", "per-expert-cache-lru-q9999"):
         with pytest.raises(HybridError):

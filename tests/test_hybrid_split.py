@@ -546,6 +546,7 @@ def test_cache_options_and_plan_text():
     assert CacheOptions().plan_tokens() == [] and not CacheOptions().active
     assert plan_text({0: [1]}, "CPU", cache=CacheOptions("lru", quota=3)) == "buft=CPU;cache=lru;quota=3;pinned=0;0:1"
     assert "cache=lfu;quota=16;pinned=0.5" in plan_text({0: [1]}, cache=CacheOptions("seeded"))
+    assert plan_text({0: [1]}, "CPU", worker=True) == "buft=CPU;handoff=worker;0:1"
     for bad in (dict(policy="fifo"), dict(quota=-1), dict(pinned=1.5)):
         with pytest.raises(HybridError):
             CacheOptions(**bad)
