@@ -283,7 +283,8 @@ def run_bench(model_path: Path, *, budget_bytes: Optional[int], profile_prompts:
         if worker:
             log(f"{cfg.name}: CPU worker {worker['busy']} busy and {worker['idle']} idle hand-offs, "
                 f"{worker['compute_us'] / max(worker['busy'], 1):.0f} us of compute per busy one, "
-                f"{worker['takeovers']} graphs taken over from the decoding thread")
+                f"{worker['takeovers']} graphs taken over from the decoding thread, "
+                f"{worker['serve_us'] / 1e3:.1f} ms answering on the decoding thread")
         results.append(res)
         loaded.llm.close()
     order = {cfg.name: i for i, cfg in enumerate(all_cfgs)}

@@ -153,13 +153,14 @@ def cache_stats(model_ptr) -> Optional[dict]:
 
 
 class _WorkerStats(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_int64) for name in ("busy", "idle", "compute_us", "takeovers")]
+    _fields_ = [(name, ctypes.c_int64) for name in ("busy", "idle", "compute_us", "takeovers", "serve_us")]
 
 
 def worker_stats(ctx_ptr) -> Optional[dict]:
     """The counters of a context's CPU worker (patch version 6, plan handoff=worker): hand-offs
-    it computed (busy), hand-offs that named no cold expert (idle), its compute time, and the
-    graphs whose answers its own thread took over from the decoding thread (takeovers); None
+    it computed (busy), hand-offs that named no cold expert (idle), its compute time, the
+    graphs whose answers its own thread took over from the decoding thread (takeovers) and the
+    decoding thread's time answering, waiting for the GPU's posts included (serve_us); None
     when the context has no worker."""
     return _counters("llama_hybrid_context_worker_stats", _WorkerStats, ctx_ptr, 6)
 
