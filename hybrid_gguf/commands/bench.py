@@ -77,7 +77,8 @@ def bench_command(
         if file is not None and file.is_dir():
             raise HybridError(f"{option} {file} is a directory; give a file name")
     console = Console(stderr=True)
-    log = (lambda s: None) if as_json else (lambda s: console.print(f"[dim]{s}[/]"))
+    # soft_wrap: one log line stays one line when stderr is a file or a pipe (rich would wrap at 80)
+    log = (lambda s: None) if as_json else (lambda s: console.print(f"[dim]{s}[/]", soft_wrap=True))
     probe = _maybe_probe(probe_gpu or probe_only, probe_gpu is False, no_calibrate, threads, log)
     if probe_only:
         print(json.dumps(probe, indent=2) if as_json else
