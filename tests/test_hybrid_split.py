@@ -258,25 +258,73 @@ def test_cpu_worker_with_many_batch_sizes(models, monkeypatch):
     assert delta <= 1e-3, f"max |logit delta| {delta:.3g} over batch sizes 1-6"
 
 
-@pytest.mark.parametrize("arch", ["qwen3moe", "gpt-oss"])
-def test_cpu_worker_takes_over_a_held_up_decode(models, arch, monkeypatch):
+@pytest.mark.parametrize("arch,takeover_threads", [("qwen3moe", None), ("gpt-oss", None), ("qwen3moe", "1")])
+def test_cpu_worker_takes_over_a_held_up_decode(models, arch, takeover_threads, monkeypatch):
     """The decoding thread answers the hand-offs itself once its compute call has queued the
     GPU's work; when that call is held up (here: the CPU backend computes the whole graph and
     waits for the answers, as LLAMA_HYBRID_WORKER_INLINE=force arranges), the worker thread must
-    take over, or the decode would hang."""
+    take over, or the decode would hang; with LLAMA_HYBRID_WORKER_TAKEOVER_THREADS=1 it does
+    so on one thread."""
     path, spec = models[arch]
     ref, tol, _ = reference(path, PROMPT)
     monkeypatch.setenv("LLAMA_HYBRID_WORKER", "1")
     monkeypatch.setenv("LLAMA_HYBRID_WORKER_INLINE", "force")
     monkeypatch.setenv("LLAMA_HYBRID_WORKER_TAKEOVER_US", "200")
+    if takeover_threads is not None:
+        monkeypatch.setenv("LLAMA_HYBRID_WORKER_TAKEOVER_THREADS", takeover_threads)
     llm = load(path, hot_sets(spec.n_layer, spec.n_expert)["one"])
     run = greedy(llm, PROMPT, N_GEN)
     stats = hybrid_backend.worker_stats(llm.ctx)
     llm.close()
     on_cpu_backend = not ON_GPU
     assert stats is not None and stats["busy"] > 0
+    assert 0 <= stats["main_busy"] <= stats["busy"] and 0 <= stats["main_compute_us"] <= stats["compute_us"], stats
+    assert stats["inline_graphs"] > 0, stats
     if on_cpu_backend:
         assert stats["takeovers"] > 0, stats
+        # the decoding thread came only after its compute call, which waited for the takeover
+        assert stats["arrive_max_us"] >= 200 and stats["arrive_us"] >= stats["arrive_max_us"], stats
+        assert stats["main_busy"] < stats["busy"], stats
+    assert run.tokens == ref.tokens
+    assert float(np.max(np.abs(run.logits - ref.logits))) <= tol
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "gpt-oss"])
+def test_cpu_worker_with_a_one_thread_decoding_graph(models, arch, monkeypatch):
+    """LLAMA_HYBRID_WORKER_MAIN_THREADS=1 with the worker thread answering: where a decode
+    graph's CPU nodes are light (on a GPU: the token embedding), the CPU backend computes them
+    with one thread, so its OpenMP team does not spin beside the worker's. The function stays
+    the same (on the CPU backend the graph is heavy and keeps its threads)."""
+    path, spec = models[arch]
+    ref, tol, _ = reference(path, PROMPT)
+    monkeypatch.setenv("LLAMA_HYBRID_WORKER", "1")
+    monkeypatch.setenv("LLAMA_HYBRID_WORKER_INLINE", "0")
+    monkeypatch.setenv("LLAMA_HYBRID_WORKER_MAIN_THREADS", "1")
+    llm = load(path, hot_sets(spec.n_layer, spec.n_expert)["half"])
+    run = greedy(llm, PROMPT, N_GEN)
+    stats = hybrid_backend.worker_stats(llm.ctx)
+    llm.close()
+    assert stats is not None and stats["busy"] > 0 and stats["main_busy"] == 0 and stats["inline_graphs"] == 0, stats
+    assert run.tokens == ref.tokens
+    assert float(np.max(np.abs(run.logits - ref.logits))) <= tol
+
+
+def test_cpu_worker_profile(models, monkeypatch, capfd):
+    """LLAMA_HYBRID_WORKER_PROFILE=1 computes each cold graph node by node and prints the time
+    per op when the context goes; the function stays the same."""
+    path, spec = models["qwen3moe"]
+    ref, tol, _ = reference(path, PROMPT)
+    monkeypatch.setenv("LLAMA_HYBRID_WORKER", "1")
+    monkeypatch.setenv("LLAMA_HYBRID_WORKER_PROFILE", "1")
+    capfd.readouterr()
+    llm = load(path, hot_sets(spec.n_layer, spec.n_expert)["one"])
+    run = greedy(llm, PROMPT, N_GEN)
+    busy = hybrid_backend.worker_stats(llm.ctx)["busy"]
+    llm.close()
+    lines = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("hybrid-worker profile:")]
+    assert len(lines) == 1, lines
+    print(lines[0])
+    assert f"{busy} cold graphs" in lines[0] and "MUL_MAT_ID" in lines[0], lines[0]
     assert run.tokens == ref.tokens
     assert float(np.max(np.abs(run.logits - ref.logits))) <= tol
 

@@ -153,16 +153,22 @@ def cache_stats(model_ptr) -> Optional[dict]:
 
 
 class _WorkerStats(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_int64) for name in ("busy", "idle", "compute_us", "takeovers", "serve_us")]
+    _fields_ = [(name, ctypes.c_int64) for name in (
+        "busy", "idle", "compute_us", "takeovers", "serve_us",
+        "main_busy", "main_compute_us", "inline_graphs", "arrive_us", "arrive_max_us")]
 
 
 def worker_stats(ctx_ptr) -> Optional[dict]:
-    """The counters of a context's CPU worker (patch version 6, plan handoff=worker): hand-offs
+    """The counters of a context's CPU worker (patch version 7, plan handoff=worker): hand-offs
     it computed (busy), hand-offs that named no cold expert (idle), its compute time, the
     graphs whose answers its own thread took over from the decoding thread (takeovers) and the
-    decoding thread's time answering, waiting for the GPU's posts included (serve_us); None
-    when the context has no worker."""
-    return _counters("llama_hybrid_context_worker_stats", _WorkerStats, ctx_ptr, 6)
+    decoding thread's time answering, waiting for the GPU's posts included (serve_us); of
+    those, the busy hand-offs the decoding thread computed and their time (main_busy,
+    main_compute_us); the graphs armed for the decoding thread to answer (inline_graphs) and
+    its time from arming to answering, in all and at most (arrive_us, arrive_max_us: the
+    compute call queueing the GPU's work). None when the context has no worker or the patch
+    is older."""
+    return _counters("llama_hybrid_context_worker_stats", _WorkerStats, ctx_ptr, 7)
 
 
 def _counters(fn_name: str, struct, ptr, min_version: int) -> Optional[dict]:
