@@ -187,6 +187,31 @@ def test_bench_times_the_plan_as_an_in_session_cache_when_asked(tiny_model_facto
                - (check["cache_model_decode_ts"] / check["measured_decode_ts"] - 1.0)) < 1e-9
 
 
+def test_bench_worker_row_reports_its_counters(tiny_model_factory, tmp_path):
+    """`per-expert-worker` times the plan with the CPU worker's hand-off; the row carries the
+    worker's counters (which thread computed what) and the log says where the time went."""
+    from hybrid_gguf.llama import hybrid
+
+    if hybrid.capability().version < 7:
+        pytest.skip("needs hybrid patch version 7 (the worker's counters per thread)")
+    from hybrid_gguf.bench.plans import share_budgets
+
+    path = tiny_model_factory("qwen3moe", n_layer=4)
+    (budget,) = share_budgets(path, [0.3], 256, 32)
+    detail = tmp_path / "detail.json"
+    res = CliRunner().invoke(app, ["bench", str(path), "--pp", "32", "--tg", "4", "--reps", "1", "--gpu-budget",
+                                   str(budget), "--ctx", "256", "--profile-tokens", "256", "--threads", "1",
+                                   "--no-calibrate", "--configs", "per-expert,per-expert-worker",
+                                   "--json-detail", str(detail)])
+    assert res.exit_code == 0, res.output
+    rows = {r["name"]: r for r in json.loads(detail.read_text())["results"]}
+    assert rows["per-expert"]["worker"] is None
+    worker = rows["per-expert-worker"]["worker"]
+    assert worker["busy"] + worker["idle"] > 0, worker
+    assert 0 <= worker["main_busy"] <= worker["busy"] and worker["main_compute_us"] <= worker["compute_us"], worker
+    assert "per-expert-worker: decoding thread" in res.output
+
+
 def test_cache_rows_name_their_policy_and_quota():
     from hybrid_gguf.bench.plans import cache_config
     from hybrid_gguf.errors import HybridError

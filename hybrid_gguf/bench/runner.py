@@ -90,6 +90,28 @@ def load_config(path: Path, inv: Inventory, cfg: Config, n_ctx: int, n_batch: in
 def _no_extra_bufts(params) -> None:
     params.use_extra_bufts = False  # CPU weights in plain (or pinned host) buffers, not repacked
 
+
+def graph_log_events(llm, prompt: Sequence[int], decode: Sequence[int]):
+    """The backend's debug messages about graphs (a GPU backend's graph capture, reuse and
+    resets) over untimed decode steps of `decode` after `prompt`, counted by message with
+    the numbers taken out."""
+    import collections
+    import re
+
+    import llama_cpp
+
+    from hybrid_gguf.llama.log import capture_llama_log
+
+    llm.reset()
+    llm.eval(list(prompt))
+    with capture_llama_log(forward=False) as captured:
+        for tok in decode:
+            llm.eval([int(tok)])
+            llama_cpp.llama_synchronize(llm._ctx.ctx)
+    return collections.Counter(re.sub(r"\d+", "N", line.strip()) for line in captured.lines
+                               if "graph" in line.lower())
+
+
 def measure_once(llm, prompt: Sequence[int], decode: Sequence[int], recorder,
                  after_first_decode: Optional[Callable[[], None]] = None) -> tuple[float, float, Optional[np.ndarray]]:
     """(prompt tokens/s, decode tokens/s, decode routing counts when recording).
@@ -275,6 +297,12 @@ def run_bench(model_path: Path, *, budget_bytes: Optional[int], profile_prompts:
             if cache["decode"]["hit_rate"] is not None:
                 hit = cache["decode"]["hit_rate"]  # what the slots served the decode steps, as `hit_rate` counts
         worker = hybrid_backend.worker_stats(loaded.llm.ctx) if cfg.worker else None
+        if worker:
+            # after the timed reps: a log callback per GPU graph would cost time
+            events = graph_log_events(loaded.llm, prompt[:32], decode[:8])
+            if events:
+                log(f"{cfg.name}: backend graph messages in 8 decode steps: " +
+                    "; ".join(f"{n} x {msg}" for msg, n in events.most_common(4)))
         res = Result(cfg.name, n_prompt, n_gen, pps, tgs, hit, expert_bytes, vram_model_bytes(loaded), load_s,
                      plan=cfg.plan_detail(inv), cache=cache, worker=worker)
         log(f"{cfg.name:12s} pp {statistics.median(pps):8.1f} t/s  tg {statistics.median(tgs):7.2f} t/s  "
@@ -285,6 +313,13 @@ def run_bench(model_path: Path, *, budget_bytes: Optional[int], profile_prompts:
                 f"{worker['compute_us'] / max(worker['busy'], 1):.0f} us of compute per busy one, "
                 f"{worker['takeovers']} graphs taken over from the decoding thread, "
                 f"{worker['serve_us'] / 1e3:.1f} ms answering on the decoding thread")
+            on_worker = worker["busy"] - worker["main_busy"]
+            log(f"{cfg.name}: decoding thread {worker['main_busy']} busy hand-offs, "
+                f"{worker['main_compute_us'] / max(worker['main_busy'], 1):.0f} us each; worker thread {on_worker}, "
+                f"{(worker['compute_us'] - worker['main_compute_us']) / max(on_worker, 1):.0f} us each; "
+                f"{worker['inline_graphs']} graphs armed for the decoding thread, which came "
+                f"{worker['arrive_us'] / max(worker['inline_graphs'], 1):.0f} us after arming on average "
+                f"(at most {worker['arrive_max_us']} us)")
         results.append(res)
         loaded.llm.close()
     order = {cfg.name: i for i, cfg in enumerate(all_cfgs)}
