@@ -20,6 +20,11 @@
 #   (workersplit: the split equivalence tests with LLAMA_HYBRID_WORKER=1, patch v6;
 #    workerab: the plan's scheduler hand-offs against the CPU worker, answered by the decoding
 #    thread and by the worker thread, ROUTINGS= SHARES=)
+#   (workerdiag: patch v7, the worker row alone in one process per setting of WD_MODES, with
+#    its counters: each thread's compute per hand-off, the decoding thread's arrival, the
+#    backend's graph messages, and with LLAMA_HYBRID_WORKER_PROFILE=1 the cold graphs' time
+#    per op; WD_CONFIGS= adds rows, e.g. per-expert,per-expert-worker; outputs numbered as
+#    the modes, workerdiag_ROUTING_N.json)
 #   (coldsplit: the split equivalence tests again with cold=gpu: the GPU reads the cold
 #    experts from pinned host memory, patch v4)
 #   (coldab: the planner's per-expert plan with its cold experts on the CPU and read by the
@@ -160,7 +165,7 @@ if has coldsplit; then
 fi
 
 BIG=/tmp/models/q30b-like-q4k.gguf
-if has recorder || has bench || has plan || has skipab || has threads || has routing || has coldab || has cacheab || has multigpu || has workerab \
+if has recorder || has bench || has plan || has skipab || has threads || has routing || has coldab || has cacheab || has multigpu || has workerab || has workerdiag \
     || has upstream || has prefill; then
     log "make the Qwen3-30B-A3B-shaped Q4_K model"
     t0=$(date +%s)
@@ -373,6 +378,27 @@ if has workerab; then
                     --json-detail "$OUT/workerab_${MODE}_${R}_$S.json" 2>&1 | grep -E "^ *(whole|per)-|CPU worker" | cut -c1-200 \
                     || failed "workerab $MODE $R $S"
             done
+        done
+    done
+fi
+if has workerdiag; then
+    # patch v7: where the worker's time goes (counters of each thread's compute and of the
+    # decoding thread's arrival, the backend's graph messages), one process per setting:
+    # WD_MODES names them, each a space-free list of VAR=VALUE joined by "+" ("default": none).
+    # The default modes test whether a second OpenMP team (the worker thread's, made at its
+    # first takeover) is what slows the decoding thread's: no takeover at all, one-thread
+    # takeovers, then the per-op profile with one-thread takeovers
+    for R in ${ROUTINGS:-realistic}; do
+        i=0
+        for MODE in ${WD_MODES:-default LLAMA_HYBRID_WORKER_TAKEOVER_US=1000000 LLAMA_HYBRID_WORKER_TAKEOVER_THREADS=1 LLAMA_HYBRID_WORKER_PROFILE=1+LLAMA_HYBRID_WORKER_TAKEOVER_THREADS=1}; do
+            i=$((i + 1))
+            log "worker diagnosis $i: $R routing, 0.25 of the expert bytes, $MODE"
+            ENVS=(); [ "$MODE" = default ] || IFS=+ read -r -a ENVS <<< "$MODE"
+            env "${ENVS[@]}" python3 -m hybrid_gguf.cli bench "$BIG" --routing "$R" --expert-share 0.25 --pp 256 --tg 32 \
+                --reps 2 --threads 16 --no-calibrate --configs ${WD_CONFIGS:-per-expert-worker} --ctx 2048 --no-probe-gpu \
+                --json-detail "$OUT/workerdiag_${R}_$i.json" 2>&1 \
+                | grep -E "^ *(whole|per)-|CPU worker|decoding thread|graph messages|hybrid-worker profile" | cut -c1-600 \
+                || failed "workerdiag $R $MODE"
         done
     done
 fi
