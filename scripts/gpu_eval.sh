@@ -25,6 +25,8 @@
 #    backend's graph messages, and with LLAMA_HYBRID_WORKER_PROFILE=1 the cold graphs' time
 #    per op; WD_CONFIGS= adds rows, e.g. per-expert,per-expert-worker; outputs numbered as
 #    the modes, workerdiag_ROUTING_N.json)
+#   (ompprobe: scripts/omp_team_probe.cpp, the cost of an OpenMP region of 16 threads before
+#    and after a second live thread makes its own team; about 10 s)
 #   (coldsplit: the split equivalence tests again with cold=gpu: the GPU reads the cold
 #    experts from pinned host memory, patch v4)
 #   (coldab: the planner's per-expert plan with its cold experts on the CPU and read by the
@@ -380,6 +382,12 @@ if has workerab; then
             done
         done
     done
+fi
+if has ompprobe; then
+    # libgomp's spin throttle: an empty parallel region's cost with one team, then with a
+    # second live team (what a worker takeover makes); 16 threads, 100 and 300 us apart
+    g++ -O2 -fopenmp scripts/omp_team_probe.cpp -o /tmp/omp_team_probe || failed "ompprobe build"
+    for gap in 100 300; do /tmp/omp_team_probe 16 $gap || failed "ompprobe $gap"; done
 fi
 if has workerdiag; then
     # patch v7: where the worker's time goes (counters of each thread's compute and of the
