@@ -153,21 +153,27 @@ def test_budgets_that_change_no_chosen_placement_are_skipped(tiny_model_factory)
     assert len(rows) == 2  # a prompt test and a generation test
 
 
+def _bench_at_a_third(tiny_model_factory, tmp_path, configs: str):
+    """`bench --configs CONFIGS` on a 4-layer tiny model with room for about a third of its
+    experts, 4 decode steps, one rep: (the CLI result, its --json-detail file)."""
+    from hybrid_gguf.bench.plans import share_budgets
+
+    path = tiny_model_factory("qwen3moe", n_layer=4)
+    (budget,) = share_budgets(path, [0.3], 256, 32)
+    detail = tmp_path / "detail.json"
+    res = CliRunner().invoke(app, ["bench", str(path), "--pp", "32", "--tg", "4", "--reps", "1", "--gpu-budget",
+                                   str(budget), "--ctx", "256", "--profile-tokens", "256", "--threads", "1",
+                                   "--no-calibrate", "--configs", configs, "--json-detail", str(detail)])
+    assert res.exit_code == 0, res.output
+    return res, detail
+
+
 def test_bench_times_the_plan_as_an_in_session_cache_when_asked(tiny_model_factory, tmp_path):
     from hybrid_gguf.llama import hybrid
 
     if hybrid.capability().version < 5:
         pytest.skip("needs hybrid patch version 5 (the in-session cache)")
-    from hybrid_gguf.bench.plans import share_budgets
-
-    path = tiny_model_factory("qwen3moe", n_layer=4)
-    (budget,) = share_budgets(path, [0.3], 256, 32)  # room for about a third of the experts
-    detail = tmp_path / "detail.json"
-    res = CliRunner().invoke(app, ["bench", str(path), "--pp", "32", "--tg", "4", "--reps", "1", "--gpu-budget",
-                                   str(budget), "--ctx", "256", "--profile-tokens", "256", "--threads", "1",
-                                   "--no-calibrate", "--configs", "per-expert,per-expert-cache-lru",
-                                   "--json-detail", str(detail)])
-    assert res.exit_code == 0, res.output
+    res, detail = _bench_at_a_third(tiny_model_factory, tmp_path, "per-expert,per-expert-cache-lru")
     rows = {r["name"]: r for r in json.loads(detail.read_text())["results"]}
     assert rows["per-expert"]["plan"]["hot"]  # the plan has packs to turn into a cache
     cached = rows["per-expert-cache-lru"]
@@ -194,16 +200,7 @@ def test_bench_worker_row_reports_its_counters(tiny_model_factory, tmp_path):
 
     if hybrid.capability().version < 7:
         pytest.skip("needs hybrid patch version 7 (the worker's counters per thread)")
-    from hybrid_gguf.bench.plans import share_budgets
-
-    path = tiny_model_factory("qwen3moe", n_layer=4)
-    (budget,) = share_budgets(path, [0.3], 256, 32)
-    detail = tmp_path / "detail.json"
-    res = CliRunner().invoke(app, ["bench", str(path), "--pp", "32", "--tg", "4", "--reps", "1", "--gpu-budget",
-                                   str(budget), "--ctx", "256", "--profile-tokens", "256", "--threads", "1",
-                                   "--no-calibrate", "--configs", "per-expert,per-expert-worker",
-                                   "--json-detail", str(detail)])
-    assert res.exit_code == 0, res.output
+    res, detail = _bench_at_a_third(tiny_model_factory, tmp_path, "per-expert,per-expert-worker")
     rows = {r["name"]: r for r in json.loads(detail.read_text())["results"]}
     assert rows["per-expert"]["worker"] is None
     worker = rows["per-expert-worker"]["worker"]
