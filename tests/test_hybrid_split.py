@@ -309,6 +309,29 @@ def test_cpu_worker_with_a_one_thread_decoding_graph(models, arch, monkeypatch):
     assert float(np.max(np.abs(run.logits - ref.logits))) <= tol
 
 
+@pytest.mark.parametrize("arch", ["qwen3moe", "gpt-oss"])
+def test_cpu_worker_answered_while_a_launcher_thread_computes(models, arch, monkeypatch):
+    """LLAMA_HYBRID_WORKER_LAUNCHER: the graph's compute call runs on the worker's launcher
+    thread while the decoding thread answers every post from the first (so no takeover, and
+    on a GPU no second OpenMP team). "force" uses it even where the CPU backend computes the
+    whole graph, as here; decode steps and, with the token limit raised, a prompt batch."""
+    path, spec = models[arch]
+    monkeypatch.setenv("LLAMA_HYBRID_WORKER", "1")
+    monkeypatch.setenv("LLAMA_HYBRID_WORKER_LAUNCHER", "force")
+    monkeypatch.setenv("LLAMA_HYBRID_WORKER_TAKEOVER_US", "200")
+    for prompt, max_tokens in ((LONG_PROMPT, "4"), (PROMPT, "32")):
+        ref, tol, _ = reference(path, prompt)
+        monkeypatch.setenv("LLAMA_HYBRID_WORKER_MAX_TOKENS", max_tokens)
+        llm = load(path, hot_sets(spec.n_layer, spec.n_expert)["half"])
+        run = greedy(llm, prompt, N_GEN)
+        stats = hybrid_backend.worker_stats(llm.ctx)
+        llm.close()
+        assert stats is not None and stats["busy"] > 0, stats
+        assert stats["main_busy"] == stats["busy"] and stats["takeovers"] == 0 and stats["inline_graphs"] > 0, stats
+        assert run.tokens == ref.tokens
+        assert float(np.max(np.abs(run.logits - ref.logits))) <= tol
+
+
 def test_cpu_worker_profile(models, monkeypatch, capfd):
     """LLAMA_HYBRID_WORKER_PROFILE=1 computes each cold graph node by node and prints the time
     per op when the context goes; the function stays the same."""
