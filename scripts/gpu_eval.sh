@@ -17,7 +17,8 @@
 #   (diag: scripts/split_diag.py, chain-by-chain comparison with a numpy reference)
 #   (routing / routing2: every placement at 10/25/50 % on the realistic, flat and optimistic
 #    routing presets, Q30B-shaped / Mixtral-shaped; ROUTINGS= picks presets)
-#   (workersplit: the split equivalence tests with LLAMA_HYBRID_WORKER=1, patch v6;
+#   (workersplit: the split equivalence tests with LLAMA_HYBRID_WORKER=1, patch v6, then
+#    again with LLAMA_HYBRID_WORKER_LAUNCHER=1, patch v7;
 #    workerab: the plan's scheduler hand-offs against the CPU worker, answered by the decoding
 #    thread and by the worker thread, ROUTINGS= SHARES=)
 #   (workerdiag: patch v7, the worker row alone in one process per setting of WD_MODES, with
@@ -143,16 +144,20 @@ fi
 
 if has workersplit; then
     # patch v6: every split test with the cold chains on the CPU worker (LLAMA_HYBRID_WORKER=1:
-    # decode steps, and the short prompt where a test raises the token limit)
-    log "split equivalence on CUDA with the CPU worker"
-    if LLAMA_HYBRID_WORKER=1 HYBRID_GGUF_TEST_PACK_DEVICE=CUDA0 HYBRID_GGUF_REQUIRE_PATCHED=1 \
-        python3 -c "import llama_cpp, sys, pytest; sys.exit(pytest.main(['-q', '-rA', '-s', '-p', 'no:cacheprovider', 'tests/test_hybrid_split.py']))" \
-        > "$OUT/split_cuda_worker.txt" 2>&1; then
-        log "worker split equivalence PASSED"; grep -E "passed|failed" "$OUT/split_cuda_worker.txt" | tail -2
-    else
-        grep -E "^FAILED|passed|failed|Error" "$OUT/split_cuda_worker.txt" | tail -12; failed workersplit
-    fi
-    grep -E "worker \(max" "$OUT/split_cuda_worker.txt" | head -6
+    # decode steps, and the short prompt where a test raises the token limit); again with the
+    # launcher thread making the compute calls (patch v7, LLAMA_HYBRID_WORKER_LAUNCHER=1)
+    for launcher in 0 1; do
+        name=split_cuda_worker$([ $launcher = 1 ] && echo _launcher)
+        log "split equivalence on CUDA with the CPU worker, LLAMA_HYBRID_WORKER_LAUNCHER=$launcher"
+        if LLAMA_HYBRID_WORKER=1 LLAMA_HYBRID_WORKER_LAUNCHER=$launcher HYBRID_GGUF_TEST_PACK_DEVICE=CUDA0 HYBRID_GGUF_REQUIRE_PATCHED=1 \
+            python3 -c "import llama_cpp, sys, pytest; sys.exit(pytest.main(['-q', '-rA', '-s', '-p', 'no:cacheprovider', 'tests/test_hybrid_split.py']))" \
+            > "$OUT/$name.txt" 2>&1; then
+            log "worker split equivalence PASSED (launcher $launcher)"; grep -E "passed|failed" "$OUT/$name.txt" | tail -2
+        else
+            grep -E "^FAILED|passed|failed|Error" "$OUT/$name.txt" | tail -12; failed "workersplit launcher $launcher"
+        fi
+        grep -E "worker \(max" "$OUT/$name.txt" | head -6
+    done
 fi
 
 if has coldsplit; then
@@ -394,11 +399,12 @@ if has workerdiag; then
     # decoding thread's arrival, the backend's graph messages), one process per setting:
     # WD_MODES names them, each a space-free list of VAR=VALUE joined by "+" ("default": none).
     # The default modes test whether a second OpenMP team (the worker thread's, made at its
-    # first takeover) is what slows the decoding thread's: no takeover at all, one-thread
-    # takeovers, then the per-op profile with one-thread takeovers
+    # first takeover) is what slows the decoding thread's: the defaults; one-thread takeovers;
+    # the launcher thread (no takeover, no second team, the decoding thread there from the
+    # first post); the per-op profile with the launcher
     for R in ${ROUTINGS:-realistic}; do
         i=0
-        for MODE in ${WD_MODES:-default LLAMA_HYBRID_WORKER_TAKEOVER_US=1000000 LLAMA_HYBRID_WORKER_TAKEOVER_THREADS=1 LLAMA_HYBRID_WORKER_PROFILE=1+LLAMA_HYBRID_WORKER_TAKEOVER_THREADS=1}; do
+        for MODE in ${WD_MODES:-default LLAMA_HYBRID_WORKER_TAKEOVER_THREADS=1 LLAMA_HYBRID_WORKER_LAUNCHER=1 LLAMA_HYBRID_WORKER_PROFILE=1+LLAMA_HYBRID_WORKER_LAUNCHER=1}; do
             i=$((i + 1))
             log "worker diagnosis $i: $R routing, 0.25 of the expert bytes, $MODE"
             ENVS=(); [ "$MODE" = default ] || IFS=+ read -r -a ENVS <<< "$MODE"
