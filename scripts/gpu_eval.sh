@@ -26,6 +26,8 @@
 #    backend's graph messages, and with LLAMA_HYBRID_WORKER_PROFILE=1 the cold graphs' time
 #    per op; WD_CONFIGS= adds rows, e.g. per-expert,per-expert-worker; outputs numbered as
 #    the modes, workerdiag_ROUTING_N.json)
+#   (schedops: the per-expert plan's CPU splits timed per op, LLAMA_HYBRID_SCHED_OPS, patch v7;
+#    about 60 s)
 #   (ompprobe: scripts/omp_team_probe.cpp, the cost of an OpenMP region of 16 threads before
 #    and after a second live thread makes its own team; about 10 s)
 #   (coldsplit: the split equivalence tests again with cold=gpu: the GPU reads the cold
@@ -172,7 +174,7 @@ if has coldsplit; then
 fi
 
 BIG=/tmp/models/q30b-like-q4k.gguf
-if has recorder || has bench || has plan || has skipab || has threads || has routing || has coldab || has cacheab || has multigpu || has workerab || has workerdiag \
+if has recorder || has bench || has plan || has skipab || has threads || has routing || has coldab || has cacheab || has multigpu || has workerab || has workerdiag || has schedops \
     || has upstream || has prefill; then
     log "make the Qwen3-30B-A3B-shaped Q4_K model"
     t0=$(date +%s)
@@ -393,6 +395,18 @@ if has ompprobe; then
     # second live team (what a worker takeover makes); 16 threads, 100 and 300 us apart
     g++ -O2 -fopenmp scripts/omp_team_probe.cpp -o /tmp/omp_team_probe || failed "ompprobe build"
     for gap in 100 300; do /tmp/omp_team_probe 16 $gap || failed "ompprobe $gap"; done
+fi
+if has schedops; then
+    # the scheduler's hand-off, per op: the per-expert plan's CPU splits computed node by node
+    # (LLAMA_HYBRID_SCHED_OPS, patch v7) over each rep's decode steps, to set beside the worker's
+    # LLAMA_HYBRID_WORKER_PROFILE line; realistic routing, 25 %
+    for R in ${ROUTINGS:-realistic}; do
+        log "scheduler per-op timers: per-expert, $R routing, 0.25 of the expert bytes"
+        LLAMA_HYBRID_SCHED_TIMERS=100000 LLAMA_HYBRID_SCHED_OPS=1 python3 -m hybrid_gguf.cli bench "$BIG" \
+            --routing "$R" --expert-share 0.25 --pp 256 --tg 32 --reps 2 --threads 16 --no-calibrate \
+            --configs per-expert --ctx 2048 --no-probe-gpu 2>&1 | grep -E "^ *per-|hybrid-sched" | cut -c1-900 \
+            || failed "schedops $R"
+    done
 fi
 if has workerdiag; then
     # patch v7: where the worker's time goes (counters of each thread's compute and of the
