@@ -17,10 +17,11 @@
 #   (diag: scripts/split_diag.py, chain-by-chain comparison with a numpy reference)
 #   (routing / routing2: every placement at 10/25/50 % on the realistic, flat and optimistic
 #    routing presets, Q30B-shaped / Mixtral-shaped; ROUTINGS= picks presets)
-#   (workersplit: the split equivalence tests with LLAMA_HYBRID_WORKER=1, patch v6, then
-#    again with LLAMA_HYBRID_WORKER_LAUNCHER=1, patch v7;
+#   (workersplit: the split equivalence tests with LLAMA_HYBRID_WORKER=1, patch v6, with
+#    the launcher thread off (LLAMA_HYBRID_WORKER_LAUNCHER=0) and on (=1; patch v8's default);
 #    workerab: the plan's scheduler hand-offs against the CPU worker, answered by the decoding
-#    thread and by the worker thread, ROUTINGS= SHARES=)
+#    thread and by the worker thread, ROUTINGS= SHARES=; WD_CONFIGS=per-expert-scheduler,
+#    per-expert-worker with workerdiag's WD_MODES=default is the plain A/B of patch v8)
 #   (workerdiag: patch v7, the worker row alone in one process per setting of WD_MODES, with
 #    its counters: each thread's compute per hand-off, the decoding thread's arrival, the
 #    backend's graph messages, and with LLAMA_HYBRID_WORKER_PROFILE=1 the cold graphs' time
@@ -98,6 +99,13 @@ commas() { echo "$*" | tr ' ' ,; }
 
 nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv | tee "$OUT/machine.txt"
 nproc >> "$OUT/machine.txt"; free -g >> "$OUT/machine.txt"
+# how the CPUs are lent: a CFS quota (cpu.max) stalls every thread once the cgroup has spent it
+{ lscpu | grep -E "^(Model name|Socket|Core|Thread|CPU\(s\)|NUMA node\(s\))"
+  for f in cpu.max cpuset.cpus.effective; do echo "$f: $(cat /sys/fs/cgroup/$f 2>/dev/null || echo none)"; done
+} >> "$OUT/machine.txt" 2>&1
+cat "$OUT/machine.txt" | tail -10
+# the cgroup's throttling so far: "nr_throttled throttled_usec" (nothing without a quota)
+cpu_throttled() { awk '/^nr_throttled|^throttled_usec/ {printf "%s=%s ", $1, $2}' /sys/fs/cgroup/cpu.stat 2>/dev/null; }
 
 if has build; then
     # An incremental CMake tree in /tmp (kept while the machine stays warm): the first build
@@ -147,7 +155,8 @@ fi
 if has workersplit; then
     # patch v6: every split test with the cold chains on the CPU worker (LLAMA_HYBRID_WORKER=1:
     # decode steps, and the short prompt where a test raises the token limit); again with the
-    # launcher thread making the compute calls (patch v7, LLAMA_HYBRID_WORKER_LAUNCHER=1)
+    # launcher thread making the compute calls (patch v7's LLAMA_HYBRID_WORKER_LAUNCHER=1,
+    # patch v8's default)
     for launcher in 0 1; do
         name=split_cuda_worker$([ $launcher = 1 ] && echo _launcher)
         log "split equivalence on CUDA with the CPU worker, LLAMA_HYBRID_WORKER_LAUNCHER=$launcher"
@@ -422,11 +431,13 @@ if has workerdiag; then
             i=$((i + 1))
             log "worker diagnosis $i: $R routing, 0.25 of the expert bytes, $MODE"
             ENVS=(); [ "$MODE" = default ] || IFS=+ read -r -a ENVS <<< "$MODE"
+            log "cgroup before: $(cpu_throttled)"
             env "${ENVS[@]}" python3 -m hybrid_gguf.cli bench "$BIG" --routing "$R" --expert-share 0.25 --pp 256 --tg 32 \
                 --reps 2 --threads 16 --no-calibrate --configs ${WD_CONFIGS:-per-expert-worker} --ctx 2048 --no-probe-gpu \
                 --json-detail "$OUT/workerdiag_${R}_$i.json" 2>&1 \
                 | grep -E "^ *(whole|per)-|CPU worker|decoding thread|graph messages|hybrid-worker profile" | cut -c1-600 \
                 || failed "workerdiag $R $MODE"
+            log "cgroup after: $(cpu_throttled)"
         done
     done
 fi

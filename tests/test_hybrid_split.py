@@ -72,12 +72,14 @@ CACHE_BACKGROUND = os.environ.get("HYBRID_GGUF_TEST_CACHE_UPLOADS", "ordered") =
 FLASH_ATTN = os.environ.get("HYBRID_GGUF_TEST_FLASH_ATTN", "0") == "1"
 
 
-def load_with_report(path, hot=None, use_mmap=True, cache=None, flash_attn=None, worker=False):
+def load_with_report(path, hot=None, use_mmap=True, cache=None, flash_attn=None, worker=False, n_threads=None):
     from hybrid_gguf.llama.loader import load_llama
     from hybrid_gguf.planning.placement import cpu_moe
 
     kwargs = dict(n_ctx=128, n_batch=64, seed=1, verbose=False, use_mmap=use_mmap,
                   flash_attn=FLASH_ATTN if flash_attn is None else flash_attn)
+    if n_threads is not None:
+        kwargs["n_threads"] = n_threads
     placement = cpu_moe() if ON_GPU else None
     if not ON_GPU:
         kwargs["n_gpu_layers"] = 0
@@ -330,6 +332,35 @@ def test_cpu_worker_answered_while_a_launcher_thread_computes(models, arch, monk
         assert stats["main_busy"] == stats["busy"] and stats["takeovers"] == 0 and stats["inline_graphs"] > 0, stats
         assert run.tokens == ref.tokens
         assert float(np.max(np.abs(run.logits - ref.logits))) <= tol
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="leaving the launcher thread a CPU needs two CPUs to show")
+@pytest.mark.parametrize("explicit", [False, True])
+def test_cpu_worker_leaves_the_launcher_a_cpu(models, monkeypatch, capfd, explicit):
+    """Patch version 8: while the launcher thread makes the compute call, the decoding thread's
+    team answers on one CPU fewer than the process may use (on the H200 host a team of all 16
+    CPUs beside the launcher made each hand-off about four times slower); a thread count set
+    with LLAMA_HYBRID_WORKER_THREADS is kept as given. The profile line names the threads."""
+    if hybrid_backend.capability().version < 8:
+        pytest.skip("needs hybrid patch version 8")
+    path, spec = models["qwen3moe"]
+    cpus = len(os.sched_getaffinity(0))
+    ref, tol, _ = reference(path, PROMPT)
+    monkeypatch.setenv("LLAMA_HYBRID_WORKER", "1")
+    monkeypatch.setenv("LLAMA_HYBRID_WORKER_LAUNCHER", "force")
+    monkeypatch.setenv("LLAMA_HYBRID_WORKER_PROFILE", "1")
+    if explicit:
+        monkeypatch.setenv("LLAMA_HYBRID_WORKER_THREADS", str(cpus))
+    capfd.readouterr()
+    llm = load_with_report(path, hot_sets(spec.n_layer, spec.n_expert)["half"], n_threads=cpus).llm
+    run = greedy(llm, PROMPT, N_GEN)
+    llm.close()
+    lines = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("hybrid-worker profile:")]
+    assert len(lines) == 1, lines
+    assert f", {cpus if explicit else cpus - 1} threads" in lines[0], lines[0]
+    assert run.tokens == ref.tokens
+    assert float(np.max(np.abs(run.logits - ref.logits))) <= tol
 
 
 def test_cpu_worker_profile(models, monkeypatch, capfd):
