@@ -72,6 +72,25 @@ def cold_read_possible(devices: Sequence) -> bool:
     return version >= 4 and any(str(getattr(d, "name", d)).upper().startswith("CUDA") for d in devices)
 
 
+# the hybrid patch version whose CPU worker the planner may choose: version 6 built it, and
+# version 8's launcher thread made it faster than the scheduler's hand-off (docs/benchmarks.md)
+WORKER_PLAN_VERSION = 8
+
+
+def worker_possible(devices: Sequence) -> bool:
+    """Whether the planner may give split layers' cold experts to the CPU worker here: a
+    build with WORKER_PLAN_VERSION and packs on one CUDA GPU (the worker has not been timed
+    or tested across cards)."""
+    try:
+        from hybrid_gguf.llama.hybrid import capability
+
+        version = capability().version
+    except Exception:
+        return False
+    cards = [d for d in devices if str(getattr(d, "name", d)).upper().startswith("CUDA")]
+    return version >= WORKER_PLAN_VERSION and len(cards) == 1 and len(devices) == 1
+
+
 def detect_devices(budget, all_gpus: bool = False) -> tuple:
     """([DeviceBudget], notes): the first GPU llama.cpp sees (every GPU with `all_gpus`), or
     a stand-in named "GPU", with the budget made usable there (planning/budget.py's rule,
@@ -144,7 +163,7 @@ def plan_model(model_path: PathLike, gpu_budget: Union[None, int, list], n_ctx: 
                flash_attn: bool = False, type_k: str = "f16", type_v: str = "f16",
                margin_bytes: int = 64 * MIB, hysteresis: float = 0.01, promote_from: Optional[float] = None,
                inventory=None, cold: Optional[str] = None, cache: str = "static",
-               cache_quota: Optional[int] = None) -> AutoPlan:
+               cache_quota: Optional[int] = None, handoff: Optional[str] = None) -> AutoPlan:
     """Plan `model_path` on this machine.
 
     profile / profile_path: the routing profile (default: the profile store's entry).
@@ -159,6 +178,8 @@ def plan_model(model_path: PathLike, gpu_budget: Union[None, int, list], n_ctx: 
     out: write the plan there (YAML).
     cold: who computes the experts left in host memory ("cpu", "gpu", "auto"; None: "auto"
       where this build and a CUDA GPU can let the GPU read them in place, else "cpu").
+    handoff: with cold experts on the CPU, "scheduler", "worker" or "auto" (planner.make_plan;
+      None: "auto" where worker_possible, else "scheduler").
     cache: the in-session cache the plan's runs use ("static", a policy, or "auto": the
       fastest, replayed on the model's routing trace in the profile store).
     promote_from: layers whose hot set covers at least this share of their experts are
@@ -231,6 +252,11 @@ def plan_model(model_path: PathLike, gpu_budget: Union[None, int, list], n_ctx: 
 
     if cold is None:
         cold = "auto" if gpu_present and cold_read_possible(devs) else "cpu"
+    if handoff is None:
+        handoff = "auto" if gpu_present and worker_possible(devs) else "scheduler"
+    elif handoff == "worker" and len(devs) != 1:
+        raise HybridError(f"handoff worker plans for one GPU (the CPU worker is not timed across cards); "
+                          f"this plan has {len(devs)} devices")
     cache_trace = None
     if cache == "auto" and inv.is_moe:
         with warnings.catch_warnings(record=True) as caught:
@@ -241,7 +267,7 @@ def plan_model(model_path: PathLike, gpu_budget: Union[None, int, list], n_ctx: 
         return make_plan(inv, budget, n_ctx, profile, per_expert=per_expert, devices=devs, bandwidth=bw,
                          previous=prev, memory=memory, hysteresis=hysteresis,
                          promote_fraction=PROMOTE_FROM if promote_from is None else promote_from, cold=cold,
-                         cache=cache, cache_trace=cache_trace, cache_quota=cache_quota)
+                         cache=cache, cache_trace=cache_trace, cache_quota=cache_quota, handoff=handoff)
 
     plan = plan_with(opts)
     if len(ubatches) > 1:
@@ -267,7 +293,8 @@ def next_session_plan(plan, inv, profile):
     bw = plan.predicted.bandwidth if plan.predicted.bandwidth is not None else Bandwidth()
     new = make_plan(inv, plan.budget_bytes, plan.n_ctx, profile, devices=plan.devices or None, bandwidth=bw,
                     previous=plan, memory=plan.memory, cold="gpu" if plan.cold_on_gpu else "cpu",
-                    cache=plan.cache.policy, cache_quota=plan.cache.quota)
+                    cache=plan.cache.policy, cache_quota=plan.cache.quota,
+                    handoff="worker" if plan.worker else "scheduler")
     return new, diff_plans(plan, new, inv, profile)
 
 
@@ -340,6 +367,9 @@ class PlacementSummary:
     flash_attn: Optional[bool] = None
     type_k: Optional[str] = None  # the KV cache types, as memory.CACHE_TYPES names them
     type_v: Optional[str] = None
+    # who takes a split layer's cold experts in decode: "scheduler" (the graph is cut there),
+    # "worker" (the CPU worker), "gpu" (the packs' GPU reads them); None: no split layers
+    handoff: Optional[str] = None
 
     def to_dict(self) -> dict:
         return {
@@ -360,6 +390,7 @@ class PlacementSummary:
             "flash_attn": self.flash_attn,
             "type_k": self.type_k,
             "type_v": self.type_v,
+            "handoff": self.handoff,
             "notices": list(self.notices),
         }
 
@@ -375,6 +406,7 @@ class SessionPlan:
     llama_kwargs: dict = field(default_factory=dict)  # the plan's, n_ctx left to the caller
     cold_on_gpu: bool = False    # the plan's `cold: gpu`: the packs' GPU reads the cold experts
     cache: Optional[object] = None  # the plan's in-session cache (placement.CacheOptions), if any
+    worker: bool = False         # the plan's `handoff: worker`: the CPU worker takes the split layers
 
 
 def session_plan(model_path: PathLike, inv, gpus: Sequence, n_ctx: int, *,
@@ -613,8 +645,20 @@ def _placement_from_plan(inv, plan, notices, gpus, asked=(None, None, None, None
     cold_on_gpu = bool(hot) and bool(gpus) and plan.cold_on_gpu
     if cold_on_gpu:
         summary.description += "; cold experts read by the GPU from pinned host memory"
+    worker = bool(hot) and plan.worker and not cold_on_gpu
+    if worker and not gpus:
+        # the whole graph is then the CPU's, and the worker thread's second thread team beside
+        # the decoding thread's made decode many times slower on a 2-core machine
+        summary.notices.append("no GPU: the plan's `handoff: worker` is not used (`--handoff worker` forces it)")
+        worker = False
+    if worker and hybrid_backend.capability().version < 6:
+        summary.notices.append("this build has no CPU worker (hybrid patch version 6+): the plan's "
+                               "`handoff: worker` falls back to the scheduler's hand-off")
+        worker = False
+    if worker:
+        summary.description += "; split layers handed to the CPU worker"
     return SessionPlan(plan.placement(), hot, summary, plan, llama_kwargs, cold_on_gpu,
-                       plan.cache if hot and plan.cache.active else None)
+                       plan.cache if hot and plan.cache.active else None, worker)
 
 
 def _check_plan_batch(plan, source: str, n_ubatch, flash_attn, type_k=None, type_v=None) -> None:

@@ -120,10 +120,13 @@ class HybridModel:
         inventory: Optional[Inventory] = None,
         verbose: bool = False,
         cache: Any = None,
+        handoff: Optional[str] = None,
     ) -> None:
         limits.check_threads(n_threads, "n_threads")
         limits.check_ctx(n_ctx, "n_ctx")
         limits.check_ubatch(n_ubatch, None, "n_ubatch (--ubatch)")
+        if handoff is not None and handoff not in HANDOFFS:
+            raise HybridError(f"handoff must be {' or '.join(HANDOFFS)}, got {handoff!r}")
         self._lock = threading.RLock()
         self._owner_depth = threading.local()
         self._llm = None
@@ -157,6 +160,7 @@ class HybridModel:
             self.cache = _cache_options(None)
         elif self.cache.active:
             summary.description += f"; in-session cache {self.cache.policy} (at most {self.cache.quota} uploads per step)"
+        self.worker = _worker_choice(handoff, chosen, summary)
 
         recording = self._recording() if record and self.inventory.n_expert > 0 else None
 
@@ -174,6 +178,7 @@ class HybridModel:
         t0 = time.perf_counter()
         loaded = load_llama(self.path, chosen.placement, hot=chosen.hot, pack_device=summary.pack_device,
                             cold_on_gpu=chosen.cold_on_gpu, cache=self.cache if self.cache.active else None,
+                            worker=self.worker,
                             record=recording, route_trace=routing_process.model_trace(self.inventory, n_ctx, stream),
                             inventory=self.inventory, **kwargs)
         self.load_seconds = time.perf_counter() - t0
@@ -249,6 +254,14 @@ class HybridModel:
                 return None
             stats = hybrid_backend.cache_stats(llm._model.model)
         return None if stats is None else {"policy": self.cache.policy, **stats}
+
+    def worker_stats(self) -> Optional[dict]:
+        """The CPU worker's counters since the load (busy and idle hand-offs, compute time;
+        llama.hybrid.worker_stats); None when the session's split layers do not use it."""
+        with self._using() as llm:
+            if not self.worker:
+                return None
+            return hybrid_backend.worker_stats(llm.ctx)
 
     def routing_snapshot(self):
         with self._using():
@@ -510,6 +523,27 @@ def _buffer_dict(report) -> dict:
         for name, size in getattr(report, kind, {}).items():
             out[f"{kind} {name}"] = int(size)
     return out
+
+
+HANDOFFS = ("scheduler", "worker")
+
+
+def _worker_choice(handoff: Optional[str], chosen, summary) -> bool:
+    """Whether the session's split layers go to the CPU worker: `handoff` when given
+    ("scheduler" or "worker"), else the plan's; fills in summary.handoff."""
+    worker = chosen.worker if handoff is None else handoff == "worker"
+    if worker and (not chosen.hot or chosen.cold_on_gpu):
+        why = "no split layers" if not chosen.hot else "its GPU reads the cold experts itself"
+        summary.notices.append(f"handoff worker: this placement has {why}; no CPU worker")
+        worker = False
+    if worker and hybrid_backend.capability().version < 6:
+        summary.notices.append("handoff worker: this build has no CPU worker (hybrid patch version 6+); "
+                               "`hybrid-gguf backend install` builds one")
+        worker = False
+    if worker and handoff is not None and not chosen.worker:
+        summary.description += "; split layers handed to the CPU worker"
+    summary.handoff = None if not chosen.hot else "gpu" if chosen.cold_on_gpu else "worker" if worker else "scheduler"
+    return worker
 
 
 def _cache_options(cache):

@@ -505,6 +505,49 @@ def test_who_computes_the_cold_experts(tiny_model_factory, tmp_path):
         make_plan(inv, budget, 1024, prof, cold="sometimes", **kw)
 
 
+def test_who_takes_the_split_layers(tiny_model_factory, tmp_path):
+    """handoff: "scheduler" cuts the graph at each split layer, "worker" gives the layers to
+    the CPU worker, "auto" takes the faster by the speed model (the worker wins where idle
+    hand-offs cost the scheduler more than busy ones cost the worker); a plan whose GPU
+    reads the cold experts has no hand-offs for either. The choice survives the plan file."""
+    from hybrid_gguf.planning.plan import Plan
+
+    inv, prof, opts, budget = uniform_and_skewed(tiny_model_factory, 8.0)
+    kw = dict(memory=opts, promote_fraction=2.0)
+    idle_costly = Bandwidth(handoff_s=200e-6, handoff_idle_s=150e-6, worker_handoff_s=210e-6,
+                            worker_handoff_idle_s=2e-6)
+    busy_cheap = Bandwidth(handoff_s=100e-6, handoff_idle_s=1e-6, worker_handoff_s=400e-6,
+                           worker_handoff_idle_s=1e-6)
+    sched = make_plan(inv, budget, 1024, prof, bandwidth=idle_costly, **kw)
+    assert sched.hot and not sched.worker and "handoff=worker" not in sched.hybrid_plan_text()
+    worker = make_plan(inv, budget, 1024, prof, bandwidth=idle_costly, handoff="worker", **kw)
+    assert worker.worker and "handoff=worker" in worker.hybrid_plan_text() and worker.hot == sched.hot
+    n = worker.predicted.speed_terms["decode_handoffs"]
+    want_ms = 1e3 * (n["busy"] * 210e-6 + n["idle"] * 2e-6)
+    assert worker.predicted.speed_terms["decode_ms"]["handoff"] == pytest.approx(want_ms, rel=1e-3)
+    auto = make_plan(inv, budget, 1024, prof, bandwidth=idle_costly, handoff="auto", **kw)
+    assert n["idle"] > 0 and auto.worker and any("to the CPU worker" in x for x in auto.notes)
+    assert auto.predicted.decode_tokens_per_s > sched.predicted.decode_tokens_per_s
+    assert not make_plan(inv, budget, 1024, prof, bandwidth=busy_cheap, handoff="auto", **kw).worker
+    # the GPU reading the cold experts beats both: no worker then
+    read = make_plan(inv, budget, 1024, prof, bandwidth=dataclasses.replace(idle_costly, host_read_bytes_per_s=1e13),
+                     handoff="auto", cold="auto", **kw)
+    assert read.cold_on_gpu and not read.worker
+    path = tmp_path / "p.yaml"
+    worker.save(path)
+    assert "handoff: worker" in path.read_text() and Plan.load(path, inv).worker
+    sched.save(tmp_path / "s.yaml")
+    assert "handoff: scheduler" in (tmp_path / "s.yaml").read_text()
+    path.write_text(path.read_text().replace("cold: cpu", "cold: gpu"))
+    with pytest.raises(HybridError, match="needs cold: cpu"):
+        Plan.load(path, inv)
+    path.write_text(path.read_text().replace("handoff: worker", "handoff: thread"))
+    with pytest.raises(HybridError, match="handoff must be scheduler or worker"):
+        Plan.load(path, inv)
+    with pytest.raises(HybridError, match="handoff must be"):
+        make_plan(inv, budget, 1024, prof, handoff="cpu", **kw)
+
+
 def _bursty_trace(inv, n_tokens=400, burst=40, seed=0):
     """Routing with short-term reuse: each burst of tokens keeps choosing from a few experts."""
     from hybrid_gguf.routing.replay import Trace

@@ -170,6 +170,56 @@ def test_a_plan_file_carries_its_cache_to_the_run(tmp_path, tiny_model_factory):
     assert json.loads(res.stdout)["cache"] is None
 
 
+@pytest.mark.skipif(hybrid_backend.capability().version < 6, reason="needs hybrid patch version 6 (the CPU worker)")
+def test_a_plan_file_carries_its_handoff_to_the_run(tmp_path, tiny_model_factory):
+    """`handoff: worker` in a plan file gives the run's split layers to the CPU worker where
+    there is a GPU (without one it says it does not, since the whole graph is the CPU's);
+    `run --handoff` overrides the plan either way, and the tokens are the same."""
+    from hybrid_gguf.llama.devices import gpu_devices
+
+    import numpy as np
+
+    from hybrid_gguf.header.inventory import read_inventory
+    from hybrid_gguf.planning.planner import make_plan
+    from hybrid_gguf.routing.profile import RoutingProfile
+
+    path = tiny_model_factory("qwen3moe", n_layer=3)
+    inv = read_inventory(path)
+    counts = np.tile(1.0 / np.arange(1, inv.n_expert + 1), (inv.n_layer, 1)) * 1000
+    prof = RoutingProfile(inv.fingerprint, inv.arch, inv.n_layer, inv.n_expert, inv.n_expert_used, counts,
+                          np.zeros_like(counts), np.full(inv.n_layer, 1000.0 / inv.n_expert_used),
+                          np.zeros(inv.n_layer), sessions=1)
+    for mib in range(4, 256, 4):  # the smallest budget whose plan has hot packs
+        plan = make_plan(inv, mib << 20, 256, prof, devices=["GPU"], promote_fraction=2.0, handoff="worker")
+        if plan.hot:
+            break
+    assert plan.hot and plan.worker
+    file = tmp_path / "plan.yaml"
+    plan.save(file)
+    env = {"HYBRID_GGUF_HOME": str(tmp_path)}
+    base = ["-m", str(path), "-p", "import os", "-n", "6", "--json", "--no-record", "--threads", "1", "--ctx", "256",
+            "--plan", str(file)]
+    res = run_cli(*base, env_extra=env)
+    assert res.returncode == 0, res.stderr
+    as_planned = json.loads(res.stdout)
+    if gpu_devices():
+        assert as_planned["placement"]["handoff"] == "worker" and as_planned["worker"]["busy"] > 0
+    else:
+        assert as_planned["placement"]["handoff"] == "scheduler" and as_planned["worker"] is None
+        assert any("`handoff: worker` is not used" in n for n in as_planned["placement"]["notices"])
+    res = run_cli(*base, "--handoff", "worker", env_extra=env)
+    assert res.returncode == 0, res.stderr
+    by_worker = json.loads(res.stdout)
+    assert by_worker["placement"]["handoff"] == "worker" and by_worker["worker"]["busy"] > 0, by_worker["worker"]
+    res = run_cli(*base, "--handoff", "scheduler", env_extra=env)
+    assert res.returncode == 0, res.stderr
+    by_scheduler = json.loads(res.stdout)
+    assert by_scheduler["placement"]["handoff"] == "scheduler" and by_scheduler["worker"] is None
+    assert by_scheduler["tokens"] == by_worker["tokens"] == as_planned["tokens"]
+    res = run_cli(*base, "--handoff", "thread", env_extra=env)
+    assert res.returncode != 0 and "handoff must be scheduler or worker" in res.stderr
+
+
 def test_the_end_of_a_session_says_what_the_next_plan_changes(tmp_path, tiny_model_factory):
     """A run of a per-expert plan re-plans with its updated profile (pure, no reload) and
     says what the next plan would change: --json `next_plan`, and a line on stderr."""

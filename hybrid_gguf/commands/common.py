@@ -107,6 +107,13 @@ def cache_type_choice(text: Optional[str], option: str) -> Optional[str]:
     return None if text is None else cache_type(text.strip(), option)
 
 
+def handoff_option():
+    return typer.Option(None, "--handoff",
+                        help="who takes a split layer's cold experts in decode: scheduler (the graph is cut at "
+                             "each split layer) or worker (a CPU worker answers the GPU through mapped memory; "
+                             "hybrid patch version 6+, timed faster from version 8); default: the plan's `handoff:`")
+
+
 def cache_option():
     return typer.Option(None, "--cache",
                         help="in-session expert cache over the hot packs: static (the plan's hot set all session), "

@@ -98,6 +98,11 @@ def register(app: typer.Typer) -> None:
                                  help="who computes the experts left in host memory: cpu (a hand-off per "
                                       "split layer), gpu (the packs' GPU reads them from pinned memory; "
                                       "patch v4, CUDA), auto (the faster by the speed model, where both work)"),
+        handoff: str = typer.Option("auto", "--handoff",
+                                    help="with cold experts on the CPU, who takes each split layer: scheduler "
+                                         "(the graph is cut there), worker (the CPU worker; hybrid patch "
+                                         "version 8, one GPU), auto (the faster by the speed model, where the "
+                                         "worker can run)"),
     ) -> None:
         """Plan per-expert GPU/CPU placement for a GPU budget and predict hit rate and speed."""
         from rich.console import Console
@@ -123,6 +128,8 @@ def register(app: typer.Typer) -> None:
                 raise HybridError(f"{option} {path}: {path.parent} is not a folder")
         if cold not in ("auto", "cpu", "gpu"):
             raise HybridError(f"--cold takes auto, cpu or gpu, got {cold!r}")
+        if handoff not in ("auto", "scheduler", "worker"):
+            raise HybridError(f"--handoff takes auto, scheduler or worker, got {handoff!r}")
         from hybrid_gguf.planning.budget import parse_budget
 
         if gpu_budget is None and devices_spec is None:
@@ -142,7 +149,7 @@ def register(app: typer.Typer) -> None:
                          calibrate=calibrate, n_ubatch=n_ubatch, flash_attn=flash_attn, type_k=type_k,
                          type_v=type_v, margin_bytes=parse_size(margin), hysteresis=hysteresis,
                          promote_from=promote_from, cold=None if cold == "auto" else cold, cache=cache,
-                         cache_quota=cache_quota)
+                         cache_quota=cache_quota, handoff=None if handoff == "auto" else handoff)
         plan, diff, inv = res.plan, res.diff, res.inventory
         if dev_notes:
             plan.notes = dev_notes + plan.notes

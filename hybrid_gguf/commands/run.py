@@ -13,7 +13,7 @@ from rich.console import Console
 from hybrid_gguf.errors import HybridError
 from hybrid_gguf.commands.common import (cache_choice, cache_option, cache_quota_option, cache_type_choice,
                                         cache_type_k_option, cache_type_v_option, cpu_moe_option, ctx_option,
-                                        flash_attn_option, gpu_budget_option, hot_option, model_argument,
+                                        flash_attn_option, gpu_budget_option, handoff_option, hot_option, model_argument,
                                         model_option, n_cpu_moe_option, no_record_option, no_repack_option,
                                         pick_model, plan_option, threads_option, ubatch_choice, ubatch_option)
 
@@ -42,6 +42,7 @@ def run_command(
     no_repack: bool = no_repack_option(),
     no_record: bool = no_record_option(),
     cache: Optional[str] = cache_option(),
+    handoff: Optional[str] = handoff_option(),
     cache_quota: Optional[int] = cache_quota_option(),
     threads: Optional[int] = threads_option(),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of streaming text"),
@@ -77,7 +78,7 @@ def run_command(
         hm = HybridModel(model, gpu_budget=gpu_budget, hot=hot_map, plan=plan, n_ctx=ctx, seed=seed,
                          record=not no_record, n_threads=threads, verbose=verbose,
                          n_cpu_moe=n_cpu_moe, cpu_moe=cpu_moe, repack=not no_repack,
-                         cache=cache_choice(cache, cache_quota), n_ubatch=n_ubatch,
+                         cache=cache_choice(cache, cache_quota), handoff=handoff, n_ubatch=n_ubatch,
                          flash_attn=True if flash_attn else None, type_k=type_k, type_v=type_v)
     for w in caught:
         _notice(console, f"warning: {w.message}")
@@ -130,6 +131,7 @@ def run_command(
                 "profile_sessions": None if profile is None else profile.sessions,
                 "routing": routing,
                 "cache": hm.cache_stats(),
+                "worker": hm.worker_stats(),
                 "next_plan": None if next_plan is None else {"summary": next_plan.summary(), **next_plan.to_dict()},
             }, indent=2))
         else:

@@ -13,7 +13,7 @@ from hybrid_gguf.errors import HybridError
 from hybrid_gguf.commands.common import (cache_type_choice, cache_type_k_option, cache_type_v_option,
                                         cpu_moe_option, ctx_option, flash_attn_option, gpu_budget_option,
                                         hot_option, model_argument, model_option, n_cpu_moe_option,
-                                        no_record_option, no_repack_option, cache_choice, cache_option,
+                                        no_record_option, no_repack_option, cache_choice, cache_option, handoff_option,
                                         cache_quota_option, pick_model, plan_option, threads_option, ubatch_choice,
                                         ubatch_option)
 from hybrid_gguf.commands.run import check_placement_flags
@@ -36,6 +36,7 @@ def serve_command(
     cpu_moe: bool = cpu_moe_option(),
     no_repack: bool = no_repack_option(),
     cache: Optional[str] = cache_option(),
+    handoff: Optional[str] = handoff_option(),
     cache_quota: Optional[int] = cache_quota_option(),
     no_record: bool = no_record_option(),
     save_every: float = typer.Option(30.0, "--save-every",
@@ -75,7 +76,7 @@ def serve_command(
         hm = HybridModel(model, gpu_budget=gpu_budget, hot=hot_map, plan=plan, n_ctx=ctx, seed=seed,
                          record=not no_record, n_threads=threads, verbose=verbose,
                          n_cpu_moe=n_cpu_moe, cpu_moe=cpu_moe, repack=not no_repack,
-                         cache=cache_choice(cache, cache_quota), n_ubatch=n_ubatch,
+                         cache=cache_choice(cache, cache_quota), handoff=handoff, n_ubatch=n_ubatch,
                          flash_attn=True if flash_attn else None, type_k=type_k, type_v=type_v)
     try:
         for w in caught:

@@ -121,6 +121,9 @@ class Plan:
     # the pack's GPU also computes the cold experts, reading them from pinned host memory
     # (patch v4) instead of handing each split layer to the CPU; YAML `cold: gpu`
     cold_on_gpu: bool = False
+    # with cold experts on the CPU: each split layer's decode hand-off goes to the CPU worker
+    # (patch v8) instead of cutting the graph there; YAML `handoff: worker` (else `scheduler`)
+    worker: bool = False
     # the in-session cache the runs of this plan use by default (`run --cache` overrides);
     # YAML `cache: {policy: lru, quota: 4, pinned: 0.5}`
     cache: CacheOptions = field(default_factory=CacheOptions)
@@ -160,7 +163,7 @@ class Plan:
         """The hot packs as the patched llama.cpp's plan text ("" when there are none)."""
         if not any(self.hot.values()):
             return ""
-        return plan_text(self.hot, self.hot_device, cold_on_gpu=self.cold_on_gpu)
+        return plan_text(self.hot, self.hot_device, cold_on_gpu=self.cold_on_gpu, worker=self.worker)
 
     # -- devices ---------------------------------------------------------------------------
 
@@ -298,6 +301,7 @@ class Plan:
                           "rules": [{"pattern": r.pattern, "device": r.device} for r in self.rules]},
             "hot_device": self.hot_device,
             "cold": "gpu" if self.cold_on_gpu else "cpu",
+            "handoff": "worker" if self.worker else "scheduler",
             "cache": {"policy": self.cache.policy, "quota": int(self.cache.quota), "pinned": float(self.cache.pinned)},
             "hot": {int(l): [int(e) for e in v] for l, v in sorted(self.hot.items())},
             "predicted": self.predicted.to_dict(),
@@ -532,7 +536,7 @@ class _N:
 
 
 _TOP = ("format", "version", "model", "created", "budget_bytes", "devices", "n_ctx", "memory", "backend",
-        "placement", "hot_device", "cold", "cache", "hot", "predicted", "profile", "notes")
+        "placement", "hot_device", "cold", "handoff", "cache", "hot", "predicted", "profile", "notes")
 _MEMORY = ("n_ubatch", "type_k", "type_v", "flash_attn", "op_offload", "compute_bytes",
            "compute_measured", "margin_bytes", "margin_fraction")
 
@@ -607,6 +611,15 @@ def _cold_on_gpu(node) -> bool:
     if value not in ("cpu", "gpu"):
         raise node.error(f"cold must be cpu or gpu, got {value!r}")
     return value == "gpu"
+
+
+def _worker(node) -> bool:
+    """`handoff: scheduler` (the graph is cut at each split layer) or `handoff: worker` (the
+    CPU worker answers the GPU's posts)."""
+    value = node.str()
+    if value not in ("scheduler", "worker"):
+        raise node.error(f"handoff must be scheduler or worker, got {value!r}")
+    return value == "worker"
 
 def _parse(text: str, source: str, inv) -> Plan:
     import yaml
@@ -759,6 +772,10 @@ def _parse(text: str, source: str, inv) -> Plan:
 
     notes = [n.str() for n in top["notes"].seq()] if "notes" in top else []
     created = top["created"].value() if "created" in top else ""
+    cold_on_gpu = _cold_on_gpu(top["cold"]) if "cold" in top else False
+    worker = _worker(top["handoff"]) if "handoff" in top else False
+    if worker and cold_on_gpu:
+        raise top["handoff"].error("handoff: worker hands cold experts to the CPU; it needs cold: cpu")
     return Plan(
         fingerprint=fingerprint,
         model_path=(model["path"].str(allow_none=True) or "") if "path" in model else "",
@@ -769,7 +786,7 @@ def _parse(text: str, source: str, inv) -> Plan:
         devices=devices, backend=backend, n_gpu_layers=n_gpu_layers, tensor_split=tensor_split,
         rules=rules, hot=hot,
         hot_device=top["hot_device"].str(allow_none=True) if "hot_device" in top else None,
-        cold_on_gpu=_cold_on_gpu(top["cold"]) if "cold" in top else False,
+        cold_on_gpu=cold_on_gpu, worker=worker,
         cache=_cache(top["cache"]) if "cache" in top else CacheOptions(),
         memory=memory_options, predicted=predicted, profile=profile, notes=notes, created=str(created or ""),
     )

@@ -47,6 +47,7 @@ from hybrid_gguf.sizes import format_size
 
 SMALL_PROFILE_TOKENS = 2000  # routed tokens per layer below which skew is overstated
 SPEED_HYSTERESIS = 0.02  # predicted decode gain that replaces the previous plan even at a lower hit rate
+HANDOFFS = ("scheduler", "worker", "auto")  # make_plan's `handoff`
 BB_NODE_LIMIT = 20_000  # ~0.3 s; small cases finish far below it
 # Layers are considered for promotion whole (no CPU hand-off) once their hot set covers this
 # share of their experts; 0 lets the speed model weigh every layer. At 10 GiB on the H200
@@ -229,7 +230,7 @@ def make_plan(inventory, budget_bytes: int, n_ctx: int, profile=None, per_expert
               memory: Optional[MemoryOptions] = None, promote_fraction: float = PROMOTE_FROM,
               hysteresis: float = 0.01, prior: float = 1.0, node_limit: int = BB_NODE_LIMIT,
               created: Optional[str] = None, cold: str = "cpu", cache: str = "static", cache_trace=None,
-              cache_quota: Optional[int] = None) -> Plan:
+              cache_quota: Optional[int] = None, handoff: str = "scheduler") -> Plan:
     """Plan where every tensor and expert of `inventory` lives for a GPU budget.
 
     budget_bytes: total GPU bytes for this model (split evenly over `devices` given as names),
@@ -245,6 +246,10 @@ def make_plan(inventory, budget_bytes: int, n_ctx: int, profile=None, per_expert
       hand-off per split layer), "gpu" (the packs' GPU reads them in place, patch v4) or
       "auto" (the faster by the speed model; the caller passes "auto" only where the build
       and the GPU can do both).
+    handoff: with cold experts on the CPU, who takes each split layer's decode work:
+      "scheduler" (the graph is cut there), "worker" (the CPU worker of patch v8 answers the
+      GPU's posts) or "auto" (the faster by the speed model; the caller passes "auto" or
+      "worker" only where the build has the worker and the packs are on one GPU).
     cache: the in-session cache the plan's runs use when it has hot packs: a policy of
       placement.CACHE_POLICIES, or "auto" (the fastest of them by the speed model, each
       replayed on `cache_trace`, a replay.Trace of this model's routing, at `cache_quota`
@@ -252,6 +257,8 @@ def make_plan(inventory, budget_bytes: int, n_ctx: int, profile=None, per_expert
     """
     if cold not in ("cpu", "gpu", "auto"):
         raise HybridError(f"cold must be cpu, gpu or auto, got {cold!r}")
+    if handoff not in HANDOFFS:
+        raise HybridError(f"handoff must be {', '.join(HANDOFFS)}, got {handoff!r}")
     if cache != "auto" and cache not in CACHE_POLICIES:
         raise HybridError(f"cache must be auto or one of {', '.join(CACHE_POLICIES)}, got {cache!r}")
     inv = inventory
@@ -314,20 +321,30 @@ def make_plan(inventory, budget_bytes: int, n_ctx: int, profile=None, per_expert
 
         cards = {d for d in layer_devices(inv.n_layer, gpus, split) if d != CPU} if on_gpu else set()
 
-        def speed_of(cold_on_gpu: bool):
+        def speed_of(cold_on_gpu: bool, worker: bool = False):
             return predict_speed(inv, p, gpu_exp, on_gpu, bw, n_ctx, opts.n_ubatch,
                                  kv_bytes_per_token=_kv_per_token(inv, opts), op_offload=opts.op_offload,
-                                 p_prefill=p_prompt, cold_on_gpu=cold_on_gpu, card_hops=max(len(cards) - 1, 0))
+                                 p_prefill=p_prompt, cold_on_gpu=cold_on_gpu, card_hops=max(len(cards) - 1, 0),
+                                 worker=worker)
 
         speed = speed_of(False)
-        if plan.hot and on_gpu and cold != "cpu":
+        split_layers = bool(plan.hot) and on_gpu
+        if split_layers and handoff != "scheduler":
+            by_worker = speed_of(False, worker=True)
+            if handoff == "worker" or by_worker.decode_tokens_per_s > speed.decode_tokens_per_s:
+                if handoff == "auto":
+                    notes.append(f"split layers hand their cold experts to the CPU worker, predicted "
+                                 f"{by_worker.decode_tokens_per_s:.1f} tokens/s against "
+                                 f"{speed.decode_tokens_per_s:.1f} with the scheduler's graph cut")
+                plan.worker, speed = True, by_worker
+        if split_layers and cold != "cpu":
             read = speed_of(True)
             if cold == "gpu" or read.decode_tokens_per_s > speed.decode_tokens_per_s:
                 if cold == "auto":
                     notes.append(f"cold experts: the GPU reads them from pinned host memory, predicted "
                                  f"{read.decode_tokens_per_s:.1f} tokens/s against "
                                  f"{speed.decode_tokens_per_s:.1f} with a CPU hand-off per split layer")
-                plan.cold_on_gpu, speed = True, read
+                plan.cold_on_gpu, plan.worker, speed = True, False, read
         cache_detail = None
         if plan.hot and on_gpu and cache != "static":
             if cache == "auto":

@@ -89,7 +89,7 @@ def predict_speed(inv, p: Optional[np.ndarray], gpu_experts: Mapping[int, Sequen
                   dense_on_gpu: bool, bw: Bandwidth, n_ctx: int, n_ubatch: int = 512,
                   kv_fill: Optional[int] = None, kv_bytes_per_token: Optional[int] = None,
                   op_offload: bool = True, p_prefill: Optional[np.ndarray] = None,
-                  cold_on_gpu: bool = False, card_hops: int = 0) -> SpeedPrediction:
+                  cold_on_gpu: bool = False, card_hops: int = 0, worker: bool = False) -> SpeedPrediction:
     """Decode and prefill tokens/s of a placement.
 
     cold_on_gpu: the GPU computes the host-side experts too, reading them in place from pinned
@@ -103,6 +103,9 @@ def predict_speed(inv, p: Optional[np.ndarray], gpu_experts: Mapping[int, Sequen
     kv_fill: context tokens attended per decode step (default n_ctx // 2).
     card_hops: times a decode step passes from one GPU's layers to the next's (cards - 1),
     each bw.gpu_hop_s.
+    worker: split layers hand their cold experts to the CPU worker (patch v8, plan `handoff:
+    worker`) instead of the scheduler's graph cut: hand-offs at bw.worker_handoff_s (busy) and
+    bw.worker_handoff_idle_s (idle).
     """
     L = inv.n_layer
     if p is None:
@@ -149,7 +152,9 @@ def predict_speed(inv, p: Optional[np.ndarray], gpu_experts: Mapping[int, Sequen
         "experts_cpu": 0.0 if cold_read else 1e3 * exp_cpu / bw.cpu_bytes_per_s,
         "gpu_layers": 1e3 * (L if dense_on_gpu else 0) * bw.gpu_layer_s,
         "gpu_step": 1e3 * (1 if dense_on_gpu else 0) * bw.gpu_step_s,
-        "handoff": 0.0 if cold_read else 1e3 * (n_busy * bw.handoff_s + n_idle * bw.handoff_idle_s),
+        "handoff": 0.0 if cold_read else 1e3 * (
+            n_busy * bw.worker_handoff_s + n_idle * bw.worker_handoff_idle_s if worker
+            else n_busy * bw.handoff_s + n_idle * bw.handoff_idle_s),
     }
     if cold_read:
         ms["experts_host_read"] = 1e3 * exp_cpu / bw.host_read_bytes_per_s
