@@ -341,3 +341,17 @@ def test_the_cache_step_time_is_fitted_from_the_cache_rows_decode_steps():
     bw = fit_cache_step(rows, Bandwidth(), lambda s: None)
     assert abs(bw.cache_step_s - 80_000 / 400 / 1e6) < 1e-12 and "cache_step_s" in bw.measured
     assert fit_cache_step(rows[:1], Bandwidth(), lambda s: None) == Bandwidth()
+
+
+def test_bench_profiles_a_model_whose_context_is_shorter_than_a_profiling_prompt(tiny_model_factory, tmp_path):
+    """The profiling workload comes in prompts of PROFILE_CHUNK tokens; a context shorter than
+    that (a model's own 256, or --ctx) gets prompts that fit it, not llama_decode's error."""
+    from hybrid_gguf.bench.runner import PROFILE_CHUNK
+
+    path = tiny_model_factory("qwen3moe", n_layer=2)
+    res = CliRunner().invoke(app, ["bench", str(path), "--ctx", "256", "--pp", "32", "--tg", "4", "--reps", "1",
+                                   "--profile-tokens", str(PROFILE_CHUNK + 100), "--threads", "1",
+                                   "--configs", "whole-layer", "--json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout[res.stdout.index("["):])  # llama-bench's shape: one row per test
+    assert rows and all(r["avg_ts"] > 0 for r in rows), rows

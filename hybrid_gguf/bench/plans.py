@@ -34,7 +34,8 @@ class Config:
         on_gpu = plan.n_gpu_layers != 0
         hot = {int(l): list(v) for l, v in plan.hot.items() if v}
         return cls(name, plan.placement(), hot, plan.gpu_experts(inv) if on_gpu else {}, plan.n_gpu_layers, plan,
-                   bool(hot) and on_gpu and plan.cold_on_gpu)
+                   bool(hot) and on_gpu and plan.cold_on_gpu,
+                   worker=bool(hot) and on_gpu and plan.worker and not plan.cold_on_gpu)
 
     def gpu_expert_bytes(self, inv: Inventory) -> int:
         return sum(inv.layers[l].per_expert_bytes * len(es) for l, es in self.gpu_experts.items())
@@ -45,7 +46,8 @@ class Config:
             return None
         pl = self.plan
         return {"backend": pl.backend, "budget_bytes": int(pl.budget_bytes), "n_gpu_layers": pl.n_gpu_layers,
-                "hot_device": pl.hot_device, "cold": "gpu" if self.cold_on_gpu else "cpu", "hot": {str(l): list(v) for l, v in sorted(self.hot.items())},
+                "hot_device": pl.hot_device, "cold": "gpu" if self.cold_on_gpu else "cpu",
+                "handoff": "worker" if self.worker else "scheduler", "hot": {str(l): list(v) for l, v in sorted(self.hot.items())},
                 "whole_layers": pl.whole_layers(inv) if pl.n_gpu_layers != 0 else [],
                 "rules": [{"pattern": r.pattern, "device": r.device} for r in pl.rules],
                 "predicted_hit_rate": pl.predicted.hit_rate,
@@ -65,14 +67,14 @@ def plan_configs(model_path: Path, inv: Inventory, profile, devices: list, n_ctx
     def want(name: str) -> bool:
         return wanted is None or name in wanted
 
-    def make(devs, per_expert, cold=None):
+    def make(devs, per_expert, cold=None, handoff=None):
         return plan_model(model_path, None, n_ctx, profile=profile, devices=devs, per_expert=per_expert,
-                          n_ubatch=n_ubatch, flash_attn=flash_attn, inventory=inv, cold=cold).plan
+                          n_ubatch=n_ubatch, flash_attn=flash_attn, inventory=inv, cold=cold, handoff=handoff).plan
 
     configs = [Config("cpu-experts", cpu_moe())] if want("cpu-experts") else []
     if want("whole-layer"):
         configs.append(Config.from_plan("whole-layer", make(devices, False), inv))
-    alternatives = ("per-expert-cold-cpu", "per-expert-cold-gpu", WORKER_CONFIG)
+    alternatives = ("per-expert-cold-cpu", "per-expert-cold-gpu", WORKER_CONFIG, SCHEDULER_CONFIG)
     # the plan's packs as an in-session cache: only when asked for by name (--configs)
     caches = [name for name in wanted or () if name.startswith(CACHE_PREFIX)]
     for name in caches:
@@ -88,9 +90,12 @@ def plan_configs(model_path: Path, inv: Inventory, profile, devices: list, n_ctx
             configs.append(Config.from_plan(f"per-expert-cold-{other}", make(devices, None, other), inv))
         if chosen.hot and WORKER_CONFIG in (wanted or ()) and hybrid_backend.capability().version >= 6:
             # (asked for by name) the plan with its cold experts on the CPU, handed to the CPU worker
-            worker = Config.from_plan(WORKER_CONFIG, chosen.plan if not chosen.cold_on_gpu else make(devices, None, "cpu"), inv)
+            worker = Config.from_plan(WORKER_CONFIG, make(devices, None, "cpu", "worker"), inv)
             worker.worker = True
             configs.append(worker)
+        if chosen.hot and SCHEDULER_CONFIG in (wanted or ()):
+            # (asked for by name) the same with the scheduler's hand-off, whatever the planner chose
+            configs.append(Config.from_plan(SCHEDULER_CONFIG, make(devices, None, "cpu", "scheduler"), inv))
         for name in caches:
             if chosen.hot and hybrid_backend.capability().version >= 5:
                 cached = Config.from_plan(name, chosen.plan, inv)
@@ -108,6 +113,7 @@ def plan_configs(model_path: Path, inv: Inventory, profile, devices: list, n_ctx
 
 CACHE_PREFIX = "per-expert-cache-"
 WORKER_CONFIG = "per-expert-worker"
+SCHEDULER_CONFIG = "per-expert-scheduler"
 WORKER_SUFFIX = "-worker"
 
 

@@ -406,8 +406,13 @@ def predict_configs(inv: Inventory, profile, cfgs: Sequence[Config], results: Se
     cold_runs = [(cfg, run) for cfg, run in runs.values() if cfg.cold_on_gpu]
     if on_gpu and cold_runs:
         saved = fit_host_read(inv, p, cold_runs, saved, n_ctx, t_ubatch, log)
+    worker_runs = [(cfg, run, terms[name][1]) for name, (cfg, run) in runs.items()
+                   if cfg.worker and not _is_cache(cfg)]
+    if on_gpu and worker_runs:
+        saved = fit_worker_handoff(inv, p, worker_runs, saved, n_ctx, t_ubatch, log)
     fitted = saved.for_model(inv.fingerprint)
-    roof = replace(fitted, handoff_s=0.0, handoff_idle_s=0.0, gpu_chain_s=0.0)
+    roof = replace(fitted, handoff_s=0.0, handoff_idle_s=0.0, worker_handoff_s=0.0, worker_handoff_idle_s=0.0,
+                   gpu_chain_s=0.0)
     by_name = {cfg.name: res for cfg, res in zip(cfgs, results)}
     table = {}
     for name, (cfg, run) in runs.items():
@@ -418,7 +423,8 @@ def predict_configs(inv: Inventory, profile, cfgs: Sequence[Config], results: Se
                "terms": t.to_dict()}
         for key, bw in (("predicted", before), ("fitted", fitted), ("roofline", roof)):
             sp = predict_speed(inv, p, cfg.gpu_experts if on_gpu else {}, on_gpu, bw, n_ctx,
-                               n_ubatch=t_ubatch, kv_fill=run.kv_fill, cold_on_gpu=cfg.cold_on_gpu)
+                               n_ubatch=t_ubatch, kv_fill=run.kv_fill, cold_on_gpu=cfg.cold_on_gpu,
+                               worker=cfg.worker)
             row[f"{key}_decode_ts"] = sp.decode_tokens_per_s
             if key != "roofline":
                 row[f"{key}_prefill_ts"] = sp.prefill_tokens_per_s
@@ -430,7 +436,7 @@ def predict_configs(inv: Inventory, profile, cfgs: Sequence[Config], results: Se
             f"(stored calibration), {row['fitted_decode_ts']:7.2f} (fitted to this run), "
             f"roofline {row['roofline_decode_ts']:7.2f} t/s; busy hand-offs {t.handoffs_busy:.1f} estimated"
             + ("" if traced is None else f", {traced:.1f} traced"))
-    if save and (fit_terms or (on_gpu and cold_runs)):
+    if save and (fit_terms or (on_gpu and (cold_runs or worker_runs))):
         calibration.save_calibration(saved)
     return {"calibration_before": before.to_dict(), "calibration_fitted": fitted.to_dict(),
             "calibration_saved": bool(save and fit_terms), "configs": table,
@@ -457,7 +463,7 @@ def _cache_model_check(inv, p, cfg, run, by_name: dict, bw, n_ctx: int, n_ubatch
             or not window.get("steps")):
         return {}
     sp = predict_speed(inv, p, cfg.gpu_experts if on_gpu else {}, on_gpu, bw, n_ctx, n_ubatch=n_ubatch,
-                       kv_fill=run.kv_fill, cold_on_gpu=cfg.cold_on_gpu)
+                       kv_fill=run.kv_fill, cold_on_gpu=cfg.cold_on_gpu, worker=cfg.worker)
     ts = cache_decode_tokens_per_s(sp.decode_ms, static.hit_rate, res.hit_rate,
                                    window["upload_bytes"] / window["steps"], bw, n_cache_layers=len(cfg.hot))
     log(f"{cfg.name}: the cache pricing gives {ts:.2f} t/s for hit rate {static.hit_rate:.3f} -> {res.hit_rate:.3f} "
@@ -508,6 +514,34 @@ def fit_host_read(inv: Inventory, p, cold_runs, bw, n_ctx: int, n_prompt: int, l
     log(f"cold experts read by the GPU over the link: {rate / 1e9:.1f} GB/s effective")
     measured = tuple(sorted(set(bw.measured) | {"host_read_bytes_per_s"}))
     return replace(bw, host_read_bytes_per_s=rate, measured=measured)
+
+def fit_worker_handoff(inv: Inventory, p, worker_runs, bw, n_ctx: int, n_prompt: int, log) -> object:
+    """Bandwidth.worker_handoff_s, a busy hand-off's cost with the CPU worker, from rows that
+    hand their split layers to it: each run's time less the model's other terms and its idle
+    hand-offs (worker_handoff_idle_s, kept: the three H200 rows that set it put it under
+    their noise) is its busy hand-offs (traced where the trace says) times the cost; the cost
+    is the busy-weighted mean. Unchanged when no run leaves time for them."""
+    from hybrid_gguf.planning.speed import predict_speed
+
+    busy_total = left_total = 0.0
+    for cfg, run, traced in worker_runs:
+        sp = predict_speed(inv, p, cfg.gpu_experts, True, bw, n_ctx, n_ubatch=n_prompt, kv_fill=run.kv_fill,
+                           worker=True)
+        busy = sp.handoffs["busy"] if traced is None else traced
+        idle = sp.handoffs["busy"] + sp.handoffs["idle"] - busy
+        other_s = (sum(sp.decode_ms.values()) - sp.decode_ms["handoff"]) / 1e3
+        left = 1.0 / run.decode_tokens_per_s - other_s - idle * bw.worker_handoff_idle_s
+        if busy <= 0 or left <= 0:
+            continue
+        busy_total += busy
+        left_total += left
+    if busy_total <= 0:
+        return bw
+    cost = left_total / busy_total
+    log(f"a busy hand-off to the CPU worker: {cost * 1e6:.0f} us besides its expert bytes")
+    measured = tuple(sorted(set(bw.measured) | {"worker_handoff_s"}))
+    return replace(bw, worker_handoff_s=cost, measured=measured)
+
 
 def run_budgets(model_path: Path, budgets: Sequence[Optional[int]], *, profile_prompts, eval_prompt,
                 configs: Optional[Sequence[str]] = None, save_calibration: bool = True,
@@ -666,13 +700,16 @@ def package_text(names: Sequence[str], limit_bytes: int) -> str:
     return "".join(chunks)
 
 
+PROFILE_CHUNK = 512  # tokens per profiling prompt
+
+
 def stdlib_workloads(model: Path, n_prompt: int, profile_tokens: int,
                      profile_packages: Sequence[str] = PROFILE_PACKAGES,
-                     eval_packages: Sequence[str] = EVAL_PACKAGES, n_gen: int = 0):
-    """(profile prompts of 512 tokens, the timed prompt): held-out packages for timing."""
+                     eval_packages: Sequence[str] = EVAL_PACKAGES, n_gen: int = 0, chunk: int = PROFILE_CHUNK):
+    """(profile prompts of `chunk` tokens, the timed prompt): held-out packages for timing."""
     from hybrid_gguf.llama.loader import tokenizer_for
 
     tok = tokenizer_for(model)
     prof = tok(package_text(profile_packages, profile_tokens * 6))[:profile_tokens]
-    prompts = [prof[i:i + 512] for i in range(0, len(prof), 512)]
+    prompts = [prof[i:i + chunk] for i in range(0, len(prof), chunk)]
     return prompts, tok(package_text(eval_packages, (n_prompt + n_gen) * 8))

@@ -40,7 +40,8 @@ def bench_command(
                                          help="stdlib packages whose source is the profiling workload"),
     eval_packages: str = typer.Option("asyncio,xml,concurrent,importlib", "--workload",
                                       help="stdlib packages whose source is the timed (held-out) workload"),
-    configs: Optional[str] = typer.Option(None, "--configs", help="comma list: cpu-experts,whole-layer,per-expert,per-expert-cold-cpu,per-expert-cold-gpu,all-gpu"),
+    configs: Optional[str] = typer.Option(None, "--configs", help="comma list: cpu-experts,whole-layer,per-expert,per-expert-cold-cpu,per-expert-cold-gpu,"
+                                                                  "per-expert-worker,per-expert-scheduler,all-gpu"),
     threads: Optional[int] = threads_option(),
     no_repack: bool = no_repack_option(),
     routing: Optional[str] = typer.Option(
@@ -63,7 +64,7 @@ def bench_command(
 ) -> None:
     """Time all-CPU experts and the planner's whole-layer and per-expert plans at one or more budgets."""
     from hybrid_gguf.bench.plans import share_budgets
-    from hybrid_gguf.bench.runner import run_budgets, stdlib_workloads
+    from hybrid_gguf.bench.runner import PROFILE_CHUNK, run_budgets, stdlib_workloads
     from hybrid_gguf.llama.devices import gpu_devices
     from hybrid_gguf.header.inventory import read_inventory
     from hybrid_gguf.sizes import parse_size
@@ -108,7 +109,8 @@ def bench_command(
         console.print("[dim]no GPU: hot packs go to a CPU buffer; numbers check the mechanics, not the speed-up[/]")
     prompts, eval_prompt = stdlib_workloads(path, pp, profile_tokens,
                                             [p for p in profile_packages.split(",") if p],
-                                            [p for p in eval_packages.split(",") if p], n_gen=tg)
+                                            [p for p in eval_packages.split(",") if p], n_gen=tg,
+                                            chunk=min(PROFILE_CHUNK, n_ctx))  # a model of a short context too
     with _progress(console, enabled=not as_json) as on_progress:
         outs = run_budgets(path, budgets, profile_prompts=prompts, eval_prompt=eval_prompt,
                            n_prompt=pp, n_gen=tg, reps=reps, n_ctx=n_ctx,
