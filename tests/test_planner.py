@@ -548,6 +548,22 @@ def test_who_takes_the_split_layers(tiny_model_factory, tmp_path):
         make_plan(inv, budget, 1024, prof, handoff="cpu", **kw)
 
 
+def test_the_worker_plan_weighs_promotions_at_the_workers_costs(tiny_model_factory):
+    """A layer is promoted whole to save its hand-off: worth it at the scheduler's 5 ms, not
+    when the worker's hand-offs cost nothing, so the worker plan keeps the higher hit rate;
+    "auto" plans both ways and keeps the faster."""
+    inv, prof, opts, budget = uniform_and_skewed(tiny_model_factory, 18.4)
+    bw = Bandwidth(handoff_s=5e-3, handoff_idle_s=5e-3, worker_handoff_s=0.0, worker_handoff_idle_s=0.0)
+    sched = make_plan(inv, budget, 1024, prof, memory=opts, bandwidth=bw, handoff="scheduler")
+    worker = make_plan(inv, budget, 1024, prof, memory=opts, bandwidth=bw, handoff="worker")
+    assert sched.whole_layers(inv) == [0] and not sched.worker
+    assert worker.whole_layers(inv) == [] and len(worker.hot[0]) == 15 and worker.worker
+    assert worker.predicted.hit_rate > sched.predicted.hit_rate
+    auto = make_plan(inv, budget, 1024, prof, memory=opts, bandwidth=bw, handoff="auto")
+    assert auto.worker and auto.hot == worker.hot
+    assert auto.predicted.decode_tokens_per_s == pytest.approx(worker.predicted.decode_tokens_per_s)
+
+
 def _bursty_trace(inv, n_tokens=400, burst=40, seed=0):
     """Routing with short-term reuse: each burst of tokens keeps choosing from a few experts."""
     from hybrid_gguf.routing.replay import Trace

@@ -249,7 +249,9 @@ def make_plan(inventory, budget_bytes: int, n_ctx: int, profile=None, per_expert
     handoff: with cold experts on the CPU, who takes each split layer's decode work:
       "scheduler" (the graph is cut there), "worker" (the CPU worker of patch v8 answers the
       GPU's posts) or "auto" (the faster by the speed model; the caller passes "auto" or
-      "worker" only where the build has the worker and the packs are on one GPU).
+      "worker" only where the build has the worker and the packs are on one GPU). With
+      "worker" the hot-set search prices hand-offs at the worker's costs too; "auto" plans
+      both ways and keeps the faster.
     cache: the in-session cache the plan's runs use when it has hot packs: a policy of
       placement.CACHE_POLICIES, or "auto" (the fastest of them by the speed model, each
       replayed on `cache_trace`, a replay.Trace of this model's routing, at `cache_quota`
@@ -259,6 +261,20 @@ def make_plan(inventory, budget_bytes: int, n_ctx: int, profile=None, per_expert
         raise HybridError(f"cold must be cpu, gpu or auto, got {cold!r}")
     if handoff not in HANDOFFS:
         raise HybridError(f"handoff must be {', '.join(HANDOFFS)}, got {handoff!r}")
+    if handoff == "auto":
+        # the hand-off's costs shape the hot set (promotions, the previous plan's hysteresis):
+        # plan with each, keep the faster
+        by = {h: make_plan(inventory, budget_bytes, n_ctx, profile, per_expert, devices, bandwidth, previous,
+                           memory=memory, promote_fraction=promote_fraction, hysteresis=hysteresis, prior=prior,
+                           node_limit=node_limit, created=created, cold=cold, cache=cache, cache_trace=cache_trace,
+                           cache_quota=cache_quota, handoff=h) for h in ("scheduler", "worker")}
+        sched, work = by["scheduler"], by["worker"]
+        if work.worker and work.predicted.decode_tokens_per_s > sched.predicted.decode_tokens_per_s:
+            work.notes.append(f"split layers hand their cold experts to the CPU worker, predicted "
+                              f"{work.predicted.decode_tokens_per_s:.1f} tokens/s against "
+                              f"{sched.predicted.decode_tokens_per_s:.1f} with the scheduler's graph cut")
+            return work
+        return sched
     if cache != "auto" and cache not in CACHE_POLICIES:
         raise HybridError(f"cache must be auto or one of {', '.join(CACHE_POLICIES)}, got {cache!r}")
     inv = inventory
@@ -268,6 +284,9 @@ def make_plan(inventory, budget_bytes: int, n_ctx: int, profile=None, per_expert
     if opts.n_ctx != n_ctx:
         opts = replace(opts, n_ctx=n_ctx)
     bw = bandwidth or Bandwidth()
+    # what the search weighs a hand-off at: the worker's costs when it takes the split layers
+    search_bw = replace(bw, handoff_s=bw.worker_handoff_s, handoff_idle_s=bw.worker_handoff_idle_s) \
+        if handoff == "worker" else bw
     devs = _resolve_devices(budget_bytes, devices)
     notes: list = []
     if len(devs) > 1 and any(d.budget_bytes <= 0 for d in devs):
@@ -329,14 +348,8 @@ def make_plan(inventory, budget_bytes: int, n_ctx: int, profile=None, per_expert
 
         speed = speed_of(False)
         split_layers = bool(plan.hot) and on_gpu
-        if split_layers and handoff != "scheduler":
-            by_worker = speed_of(False, worker=True)
-            if handoff == "worker" or by_worker.decode_tokens_per_s > speed.decode_tokens_per_s:
-                if handoff == "auto":
-                    notes.append(f"split layers hand their cold experts to the CPU worker, predicted "
-                                 f"{by_worker.decode_tokens_per_s:.1f} tokens/s against "
-                                 f"{speed.decode_tokens_per_s:.1f} with the scheduler's graph cut")
-                plan.worker, speed = True, by_worker
+        if split_layers and handoff == "worker":
+            plan.worker, speed = True, speed_of(False, worker=True)
         if split_layers and cold != "cpu":
             read = speed_of(True)
             if cold == "gpu" or read.decode_tokens_per_s > speed.decode_tokens_per_s:
@@ -428,15 +441,15 @@ def make_plan(inventory, budget_bytes: int, n_ctx: int, profile=None, per_expert
 
         # 4. promote nearly-complete layers when the bandwidth model says it pays
         if promote_fraction <= 1.0:
-            hot, whole = _promote(inv, p, layers, hot, whole, g, rooms[g], promote_fraction, bw, opts, notes)
+            hot, whole = _promote(inv, p, layers, hot, whole, g, rooms[g], promote_fraction, search_bw, opts, notes)
     if gaps and sum(gaps) > 5e-4:
         notes.append(f"expert choice is within {sum(gaps):.2%} hit rate of the optimum "
                      f"(search stopped after {node_limit} nodes)")
 
     # 5. hysteresis against the previous plan
     if previous is not None:
-        kept = _keep_previous(inv, p, previous, hot, whole, gpus, budgets, split, opts, hysteresis, bw, notes,
-                              hot_device)
+        kept = _keep_previous(inv, p, previous, hot, whole, gpus, budgets, split, opts, hysteresis, search_bw,
+                              notes, hot_device)
         if kept is not None:
             hot, whole = kept
 
