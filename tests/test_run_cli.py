@@ -137,9 +137,9 @@ def test_gpu_experts_of_each_kind_of_placement(tiny_model_factory):
     assert _gpu_experts(inv, cpu_moe(), {1: [2, 5]}, -1, "CPU") == {}  # a pack in host memory
 
 
-@pytest.mark.skipif(hybrid_backend.capability().version < 5, reason="needs hybrid patch version 5 (the cache)")
-def test_a_plan_file_carries_its_cache_to_the_run(tmp_path, tiny_model_factory):
-    """`cache:` in a plan file is what its runs use; `run --cache` overrides it."""
+def _smallest_split_plan(tiny_model_factory, tmp_path, **plan_kw):
+    """A 3-layer model's plan at the smallest budget that has hot packs (a skewed profile),
+    saved; (plan, `run` arguments that apply it with --json, the environment)."""
     import numpy as np
 
     from hybrid_gguf.header.inventory import read_inventory
@@ -152,16 +152,22 @@ def test_a_plan_file_carries_its_cache_to_the_run(tmp_path, tiny_model_factory):
     prof = RoutingProfile(inv.fingerprint, inv.arch, inv.n_layer, inv.n_expert, inv.n_expert_used, counts,
                           np.zeros_like(counts), np.full(inv.n_layer, 1000.0 / inv.n_expert_used),
                           np.zeros(inv.n_layer), sessions=1)
-    for mib in range(4, 256, 4):  # the smallest budget whose plan has hot packs
-        plan = make_plan(inv, mib << 20, 256, prof, devices=["GPU"], promote_fraction=2.0, cache="lru")
+    for mib in range(4, 256, 4):
+        plan = make_plan(inv, mib << 20, 256, prof, devices=["GPU"], promote_fraction=2.0, **plan_kw)
         if plan.hot:
             break
-    assert plan.hot and plan.cache.policy == "lru"
     file = tmp_path / "plan.yaml"
     plan.save(file)
-    env = {"HYBRID_GGUF_HOME": str(tmp_path)}
     base = ["-m", str(path), "-p", "import os", "-n", "6", "--json", "--no-record", "--threads", "1", "--ctx", "256",
             "--plan", str(file)]
+    return plan, base, {"HYBRID_GGUF_HOME": str(tmp_path)}
+
+
+@pytest.mark.skipif(hybrid_backend.capability().version < 5, reason="needs hybrid patch version 5 (the cache)")
+def test_a_plan_file_carries_its_cache_to_the_run(tmp_path, tiny_model_factory):
+    """`cache:` in a plan file is what its runs use; `run --cache` overrides it."""
+    plan, base, env = _smallest_split_plan(tiny_model_factory, tmp_path, cache="lru")
+    assert plan.hot and plan.cache.policy == "lru"
     res = run_cli(*base, env_extra=env)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["cache"]["policy"] == "lru"
@@ -177,28 +183,8 @@ def test_a_plan_file_carries_its_handoff_to_the_run(tmp_path, tiny_model_factory
     `run --handoff` overrides the plan either way, and the tokens are the same."""
     from hybrid_gguf.llama.devices import gpu_devices
 
-    import numpy as np
-
-    from hybrid_gguf.header.inventory import read_inventory
-    from hybrid_gguf.planning.planner import make_plan
-    from hybrid_gguf.routing.profile import RoutingProfile
-
-    path = tiny_model_factory("qwen3moe", n_layer=3)
-    inv = read_inventory(path)
-    counts = np.tile(1.0 / np.arange(1, inv.n_expert + 1), (inv.n_layer, 1)) * 1000
-    prof = RoutingProfile(inv.fingerprint, inv.arch, inv.n_layer, inv.n_expert, inv.n_expert_used, counts,
-                          np.zeros_like(counts), np.full(inv.n_layer, 1000.0 / inv.n_expert_used),
-                          np.zeros(inv.n_layer), sessions=1)
-    for mib in range(4, 256, 4):  # the smallest budget whose plan has hot packs
-        plan = make_plan(inv, mib << 20, 256, prof, devices=["GPU"], promote_fraction=2.0, handoff="worker")
-        if plan.hot:
-            break
+    plan, base, env = _smallest_split_plan(tiny_model_factory, tmp_path, handoff="worker")
     assert plan.hot and plan.worker
-    file = tmp_path / "plan.yaml"
-    plan.save(file)
-    env = {"HYBRID_GGUF_HOME": str(tmp_path)}
-    base = ["-m", str(path), "-p", "import os", "-n", "6", "--json", "--no-record", "--threads", "1", "--ctx", "256",
-            "--plan", str(file)]
     res = run_cli(*base, env_extra=env)
     assert res.returncode == 0, res.stderr
     as_planned = json.loads(res.stdout)
