@@ -82,6 +82,31 @@ def test_host_runs_are_fitted_net_of_the_per_layer_time(tiny_model_factory):
     assert got["handoff_idle_s"] == pytest.approx(100e-6, rel=1e-6)
 
 
+def test_worker_rows_fit_the_workers_busy_hand_off(tiny_model_factory):
+    """bench.runner.fit_worker_handoff: rows timed with the CPU worker give back the busy
+    hand-off cost that made their times, whatever the stored value, the idle cost kept; the
+    scheduler's costs play no part."""
+    from types import SimpleNamespace
+
+    from hybrid_gguf.bench.runner import fit_worker_handoff
+
+    inv = read_inventory(tiny_model_factory("qwen3moe", n_layer=4, n_expert=16, n_expert_used=4))
+    p = np.random.default_rng(0).dirichlet(np.ones(16), size=4) * 4
+    top = lambda n: {l: [int(e) for e in np.argsort(-p[l])[:n]] for l in range(4)}
+    truth = replace(TRUTH, worker_handoff_s=230e-6, worker_handoff_idle_s=3e-6)
+    rows = []
+    for pl in (top(6), top(12)):
+        sp = predict_speed(inv, p, pl, True, truth, 2048, n_ubatch=512, kv_fill=536, worker=True)
+        rows.append((SimpleNamespace(gpu_experts=pl), MeasuredRun(pl, sp.decode_tokens_per_s, 1.0, 512, 536), None))
+    stored = replace(TRUTH, worker_handoff_s=100e-6, worker_handoff_idle_s=3e-6, handoff_s=1.0, handoff_idle_s=1.0)
+    got = fit_worker_handoff(inv, p, rows, stored, 2048, 512, log=lambda s: None)
+    assert got.worker_handoff_s == pytest.approx(230e-6, rel=1e-3)  # decode_ms is kept to 0.1 us
+    assert got.worker_handoff_idle_s == 3e-6 and "worker_handoff_s" in got.measured
+    # a row faster than the model's other terms allow tells nothing
+    fast = [(c, replace(r, decode_tokens_per_s=1e9), t) for c, r, t in rows]
+    assert fit_worker_handoff(inv, p, fast, stored, 2048, 512, log=lambda s: None) is stored
+
+
 def test_calibrations_and_terms_saved_before_the_fixed_times_read_as_none():
     old = Bandwidth.from_dict({"gpu_bytes_per_s": 5.4e11, "measured": ["gpu_bytes_per_s"]})
     assert old.gpu_layer_s == 0.0 and old.gpu_step_s == 0.0

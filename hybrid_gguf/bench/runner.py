@@ -436,10 +436,11 @@ def predict_configs(inv: Inventory, profile, cfgs: Sequence[Config], results: Se
             f"(stored calibration), {row['fitted_decode_ts']:7.2f} (fitted to this run), "
             f"roofline {row['roofline_decode_ts']:7.2f} t/s; busy hand-offs {t.handoffs_busy:.1f} estimated"
             + ("" if traced is None else f", {traced:.1f} traced"))
-    if save and (fit_terms or (on_gpu and (cold_runs or worker_runs))):
+    saving = bool(save and (fit_terms or (on_gpu and (cold_runs or worker_runs))))
+    if saving:
         calibration.save_calibration(saved)
     return {"calibration_before": before.to_dict(), "calibration_fitted": fitted.to_dict(),
-            "calibration_saved": bool(save and fit_terms), "configs": table,
+            "calibration_saved": saving, "configs": table,
             "gpu_experts": {name: {str(l): list(map(int, es)) for l, es in cfg.gpu_experts.items()}
                             for name, (cfg, _) in runs.items()}}
 
@@ -514,6 +515,7 @@ def fit_host_read(inv: Inventory, p, cold_runs, bw, n_ctx: int, n_prompt: int, l
     log(f"cold experts read by the GPU over the link: {rate / 1e9:.1f} GB/s effective")
     measured = tuple(sorted(set(bw.measured) | {"host_read_bytes_per_s"}))
     return replace(bw, host_read_bytes_per_s=rate, measured=measured)
+
 
 def fit_worker_handoff(inv: Inventory, p, worker_runs, bw, n_ctx: int, n_prompt: int, log) -> object:
     """Bandwidth.worker_handoff_s, a busy hand-off's cost with the CPU worker, from rows that
