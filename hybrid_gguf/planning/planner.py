@@ -269,11 +269,16 @@ def make_plan(inventory, budget_bytes: int, n_ctx: int, profile=None, per_expert
                            node_limit=node_limit, created=created, cold=cold, cache=cache, cache_trace=cache_trace,
                            cache_quota=cache_quota, handoff=h) for h in ("scheduler", "worker")}
         sched, work = by["scheduler"], by["worker"]
-        if work.worker and work.predicted.decode_tokens_per_s > sched.predicted.decode_tokens_per_s:
+        if not work.worker:  # no split layer with its cold experts on the CPU: nothing to choose
+            return sched
+        if work.predicted.decode_tokens_per_s > sched.predicted.decode_tokens_per_s:
             work.notes.append(f"split layers hand their cold experts to the CPU worker, predicted "
                               f"{work.predicted.decode_tokens_per_s:.1f} tokens/s against "
                               f"{sched.predicted.decode_tokens_per_s:.1f} with the scheduler's graph cut")
             return work
+        sched.notes.append(f"split layers keep the scheduler's graph cut, predicted "
+                           f"{sched.predicted.decode_tokens_per_s:.1f} tokens/s against "
+                           f"{work.predicted.decode_tokens_per_s:.1f} with the CPU worker")
         return sched
     if cache != "auto" and cache not in CACHE_POLICIES:
         raise HybridError(f"cache must be auto or one of {', '.join(CACHE_POLICIES)}, got {cache!r}")
