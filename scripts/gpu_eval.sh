@@ -384,15 +384,17 @@ if has coldab; then
 fi
 if has workerab; then
     # patch v6: the planner's plan with its cold experts on the CPU, hand-offs through the
-    # scheduler (per-expert-cold-cpu or per-expert) against the CPU worker, answered by the
-    # decoding thread (default) and, in a second process, by the worker thread alone
-    # (LLAMA_HYBRID_WORKER_INLINE=0). The bench logs the worker's counters per row.
+    # scheduler (per-expert-scheduler) against the CPU worker (per-expert-worker), beside the
+    # planner's own choice (per-expert: from patch v8 it may be either, or the GPU reading
+    # the cold experts), answered by the decoding thread (default) and, in a second process,
+    # by the worker thread alone (LLAMA_HYBRID_WORKER_INLINE=0; WA_MODES= picks, e.g. "default").
+    # The bench logs the worker's counters per row. WA_CONFIGS= sets the rows.
     for R in ${ROUTINGS:-realistic optimistic}; do
         for S in ${SHARES:-0.25}; do
-            for MODE in default 0; do
+            for MODE in ${WA_MODES:-default 0}; do
                 log "worker A/B: $R routing, $S of the expert bytes, LLAMA_HYBRID_WORKER_INLINE=$MODE"
                 LLAMA_HYBRID_WORKER_INLINE=$MODE run_bench "$BIG" --routing "$R" --expert-share "$S" --pp 256 --tg 32 \
-                    --reps 2 --threads 16 --no-calibrate --configs whole-layer,per-expert,per-expert-cold-cpu,per-expert-worker \
+                    --reps 2 --threads 16 --no-calibrate --configs ${WA_CONFIGS:-whole-layer,per-expert,per-expert-scheduler,per-expert-worker} \
                     --json-detail "$OUT/workerab_${MODE}_${R}_$S.json" 2>&1 | grep -E "^ *(whole|per)-|CPU worker" | cut -c1-200 \
                     || failed "workerab $MODE $R $S"
             done
