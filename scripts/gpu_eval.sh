@@ -423,13 +423,13 @@ if has workerdiag; then
     # patch v7: where the worker's time goes (counters of each thread's compute and of the
     # decoding thread's arrival, the backend's graph messages), one process per setting:
     # WD_MODES names them, each a space-free list of VAR=VALUE joined by "+" ("default": none).
-    # The default modes test whether a second OpenMP team (the worker thread's, made at its
-    # first takeover) is what slows the decoding thread's: the defaults; one-thread takeovers;
-    # the launcher thread (no takeover, no second team, the decoding thread there from the
-    # first post); the per-op profile with the launcher
+    # The default modes (patch v8): the defaults; the per-op profile, whose line also says how
+    # long the launcher thread's compute calls last; the same with the answering team on all
+    # 16 CPUs (the oversubscribed case: does the launcher's call last while the team works?);
+    # the launcher off
     for R in ${ROUTINGS:-realistic}; do
         i=0
-        for MODE in ${WD_MODES:-default LLAMA_HYBRID_WORKER_TAKEOVER_THREADS=1 LLAMA_HYBRID_WORKER_LAUNCHER=1 LLAMA_HYBRID_WORKER_PROFILE=1+LLAMA_HYBRID_WORKER_LAUNCHER=1}; do
+        for MODE in ${WD_MODES:-default LLAMA_HYBRID_WORKER_PROFILE=1 LLAMA_HYBRID_WORKER_PROFILE=1+LLAMA_HYBRID_WORKER_THREADS=16 LLAMA_HYBRID_WORKER_LAUNCHER=0}; do
             i=$((i + 1))
             log "worker diagnosis $i: $R routing, 0.25 of the expert bytes, $MODE"
             ENVS=(); [ "$MODE" = default ] || IFS=+ read -r -a ENVS <<< "$MODE"

@@ -341,7 +341,8 @@ def test_cpu_worker_leaves_the_launcher_a_cpu(models, monkeypatch, capfd, explic
     """Patch version 8: while the launcher thread makes the compute call, the decoding thread's
     team answers on one CPU fewer than the process may use (on the H200 host a team of all 16
     CPUs beside the launcher made each hand-off about four times slower); a thread count set
-    with LLAMA_HYBRID_WORKER_THREADS is kept as given. The profile line names the threads."""
+    with LLAMA_HYBRID_WORKER_THREADS is kept as given. The profile line names the threads, and
+    how long the launcher thread's compute calls took."""
     if hybrid_backend.capability().version < 8:
         pytest.skip("needs hybrid patch version 8")
     path, spec = models["qwen3moe"]
@@ -359,6 +360,7 @@ def test_cpu_worker_leaves_the_launcher_a_cpu(models, monkeypatch, capfd, explic
     lines = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("hybrid-worker profile:")]
     assert len(lines) == 1, lines
     assert f", {cpus if explicit else cpus - 1} threads" in lines[0], lines[0]
+    assert " | launcher: " in lines[0] and " compute calls, " in lines[0], lines[0]
     assert run.tokens == ref.tokens
     assert float(np.max(np.abs(run.logits - ref.logits))) <= tol
 
