@@ -648,7 +648,7 @@ def _placement_from_plan(inv, plan, notices, gpus, asked=(None, None, None, None
     worker = bool(hot) and plan.worker and not cold_on_gpu
     if worker and not gpus:
         # the whole graph is then the CPU's, and the worker thread's second thread team beside
-        # the decoding thread's made decode many times slower on a 2-core machine
+        # the decoding thread's made decode far slower on a 2-core machine (docs/backend-patch.md)
         summary.notices.append("no GPU: the plan's `handoff: worker` is not used (`--handoff worker` forces it)")
         worker = False
     if worker and hybrid_backend.capability().version < 6:
