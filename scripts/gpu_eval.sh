@@ -446,10 +446,13 @@ fi
 if has multisplit; then
     NGPU=$(nvidia-smi -L | wc -l)
     [ "$NGPU" -ge 2 ] || log "multisplit: only $NGPU GPU visible; the layers will not be split over cards"
-    for cold in cpu gpu; do
+    # cold "worker": the CPU worker answers every card's split layers (patch v6; its slots are
+    # the first card's pinned memory, which unified addressing lets every card reach)
+    for cold in cpu gpu worker; do
         log "split equivalence over $NGPU cards, packs on each layer's card, cold experts: $cold"
-        if HYBRID_GGUF_TEST_PACK_DEVICE=auto HYBRID_GGUF_TEST_COLD=$cold HYBRID_GGUF_REQUIRE_PATCHED=1 \
-            python3 -c "import llama_cpp, sys, pytest; sys.exit(pytest.main(['-q', '-rA', '-s', '-p', 'no:cacheprovider', 'tests/test_hybrid_split.py', 'tests/test_routing_process.py', 'tests/test_multigpu.py']))" \
+        WORKER_ENV=(); [ $cold = worker ] && WORKER_ENV=(LLAMA_HYBRID_WORKER=1)
+        if env "${WORKER_ENV[@]}" HYBRID_GGUF_TEST_PACK_DEVICE=auto HYBRID_GGUF_TEST_COLD=${cold/worker/cpu} \
+            HYBRID_GGUF_REQUIRE_PATCHED=1 python3 -c "import llama_cpp, sys, pytest; sys.exit(pytest.main(['-q', '-rA', '-s', '-p', 'no:cacheprovider', 'tests/test_hybrid_split.py', 'tests/test_routing_process.py', 'tests/test_multigpu.py']))" \
             > "$OUT/split_multigpu_cold$cold.txt" 2>&1; then
             log "two-card split equivalence PASSED (cold $cold)"; grep -E "passed|failed" "$OUT/split_multigpu_cold$cold.txt" | tail -2
         else
