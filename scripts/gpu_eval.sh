@@ -29,13 +29,15 @@
 #    the modes, workerdiag_ROUTING_N.json)
 #   (schedops: the per-expert plan's CPU splits timed per op, LLAMA_HYBRID_SCHED_OPS, patch v7;
 #    about 60 s)
+#   (cpumoe: scripts/cpu_moe_probe.c, the CPU's rate on K experts of one token against a dense
+#    matrix of the same bytes, plain and repacked Q4_K, CPUMOE_RUNS="THREADS K GAP_US [repack];...")
 #   (ompprobe: scripts/omp_team_probe.cpp, the cost of an OpenMP region of 16 threads before
 #    and after a second live thread makes its own team; about 10 s)
 #   (coldsplit: the split equivalence tests again with cold=gpu: the GPU reads the cold
 #    experts from pinned host memory, patch v4)
 #   (coldab: the planner's per-expert plan with its cold experts on the CPU and read by the
-#    GPU, beside whole layers; SHARES= and ROUTINGS= pick budgets and presets; GATHER=1 adds
-#    the cold=gpu plan with and without LLAMA_HYBRID_COLD_GATHER=1, twice each; WORKER=1 adds the
+#    GPU, beside whole layers; SHARES= and ROUTINGS= pick budgets and presets (the GPU's
+#    LLAMA_HYBRID_COLD_GATHER=1 is off since patch v9, so GATHER=1 is gone); WORKER=1 adds the
 #    plan's cold=cpu variant with the CPU worker (patch v6) to the same bench; TIMERS=1 adds a
 #    run with the scheduler's per-split breakdown, LLAMA_HYBRID_SCHED_TIMERS; OFFLOAD=1 a run
 #    where each decode step uploads its cold experts, llama.cpp's op offload from one token)
@@ -362,17 +364,6 @@ if has coldab; then
                     --threads 16 --no-calibrate --no-repack --configs whole-layer,per-expert-cold-cpu \
                     --json-detail "$OUT/coldab_offload_${R}_$S.json" 2>&1 | grep -E "^ *(whole|per)-" || failed "offload $R $S"
             fi
-            if [ -n "${GATHER:-}" ]; then
-                # the same cold=gpu plan with its cold chain gathering the selected experts into
-                # VRAM first (LLAMA_HYBRID_COLD_GATHER=1) against reading them in place
-                log "cold=gpu: gathering the selected cold experts first, against reading them in place"
-                for G in 0 1 0 1; do
-                    LLAMA_HYBRID_COLD_GATHER=$G run_bench "$BIG" --routing "$R" --expert-share "$S" --pp 256 --tg 32 \
-                        --reps 2 --threads 16 --no-calibrate --configs per-expert-cold-gpu \
-                        --json-detail "$OUT/gather${G}_${R}_$S.json" 2>&1 | grep -E "^ *per-" | sed "s/^/gather=$G /" \
-                        || failed "gather $G $R $S"
-                done
-            fi
             if [ -n "${TIMERS:-}" ]; then
                 log "scheduler timers per decode window"
                 LLAMA_HYBRID_SCHED_TIMERS=1000000 run_bench "$BIG" --routing "$R" --expert-share "$S" --pp 256 --tg 32 \
@@ -406,6 +397,19 @@ if has ompprobe; then
     # second live team (what a worker takeover makes); 16 threads, 100 and 300 us apart
     g++ -O2 -fopenmp scripts/omp_team_probe.cpp -o /tmp/omp_team_probe || failed "ompprobe build"
     for gap in 100 300; do /tmp/omp_team_probe 16 $gap || failed "ompprobe $gap"; done
+fi
+if has cpumoe; then
+    # the CPU's rate on a busy hand-off's work alone (scripts/cpu_moe_probe.c): K experts of
+    # one token from DRAM, one graph per layer, beside a dense matrix of the same bytes; with and
+    # without a busy gap before each graph (the GPU's part of a layer), plain and repacked Q4_K
+    G=/tmp/lldev/src/vendor/llama.cpp/ggml/include; L=/tmp/lldev/src/llama_cpp/lib
+    cc -O2 -fopenmp scripts/cpu_moe_probe.c -I$G -L$L -lggml -lggml-base -lggml-cpu -lm -Wl,-rpath,$L \
+        -o /tmp/cpu_moe_probe || failed "cpumoe build"
+    IFS=';' read -ra CPUMOE < <(echo "${CPUMOE_RUNS:-15 4 0;15 4 150;15 4 150 repack;15 1 150;15 1 150 repack;15 8 150;15 8 150 repack;8 4 150;16 4 150}")
+    for args in "${CPUMOE[@]}"; do
+        /tmp/cpu_moe_probe $args 2>/dev/null || failed "cpumoe $args"
+    done > "$OUT/cpu_moe_probe.txt"
+    cat "$OUT/cpu_moe_probe.txt"
 fi
 if has schedops; then
     # the scheduler's hand-off, per op: the per-expert plan's CPU splits computed node by node
