@@ -255,3 +255,19 @@ def sched_timers_window(action: str) -> None:
         return
     fn.argtypes, fn.restype = [ctypes.c_int], None
     fn(1 if action == "report" else 0)
+
+
+def mmid_flat_calls() -> Optional[int]:
+    """How many one-token MUL_MAT_ID ops the CPU backend computed on the patch's
+    contiguous-share path (patch v9; LLAMA_HYBRID_MMID_FLAT=0 turns it off); None where the
+    CPU backend lacks the counter (stock builds, older patches)."""
+    lib_dir = libs().lib_dir
+    try:
+        cpu = _attach("ggml-cpu", lib_dir, _mapped_files(lib_dir))
+    except HybridError:
+        return None
+    fn = getattr(cpu, "ggml_cpu_hybrid_mmid_flat_calls", None)
+    if fn is None:
+        return None
+    fn.argtypes, fn.restype = [], ctypes.c_int64
+    return int(fn())

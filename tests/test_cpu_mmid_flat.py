@@ -1,0 +1,98 @@
+"""The patch's one-token MUL_MAT_ID path on the CPU (version 9) computes exactly what the
+stock loop computes.
+
+Decode steps, and every CPU hand-off of a split layer, multiply one token by a few experts.
+The patch gives each thread one contiguous share of the (selected expert, weight row) pairs
+and prefetches ahead instead of a chunk of every expert; each row's dot product is the same
+call on the same data, so the logits must be bitwise equal. Each setting runs in its own
+process (the switch, LLAMA_HYBRID_MMID_FLAT, is read once per process), unsplit and split
+(skipped slots, id -1, in the cold chain), on three archs and two weight types.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from hybrid_gguf.llama import hybrid as hybrid_backend
+from hybrid_gguf.synth import preset, write_synthetic_moe
+
+pytest.importorskip("llama_cpp")
+if hybrid_backend.capability().version < 9:
+    pytest.skip("the one-token MUL_MAT_ID path is in hybrid patch version 9 and later", allow_module_level=True)
+
+ARCHS = {
+    "qwen3moe": dict(name="tiny", n_layer=3, n_expert=8, n_expert_used=2),
+    "gpt-oss": dict(name="tiny-gpt-oss", n_layer=2, n_expert=8, n_expert_used=4),
+    "llama": dict(name="tiny-mixtral", n_layer=3, n_expert=8, n_expert_used=2),
+    "qwen3moe-q8": dict(name="tiny", n_layer=3, n_expert=8, n_expert_used=2, weight_type="Q8_0"),
+}
+
+# Greedy decode of one model, unsplit and with half of each layer's experts in a CPU pack;
+# prints the logits of every step and how often the one-token path ran.
+_RUN = textwrap.dedent("""
+    import llama_cpp  # before numpy, as everywhere in the tests
+    import json, sys
+    import numpy as np
+    from hybrid_gguf.llama import ggml_lib
+    from hybrid_gguf.llama.loader import load_llama
+
+    path, n_expert, n_layer = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    prompt = [1] + [3 + b for b in b"def main(argv):\\n    return"]
+    out = {}
+    for name, hot in (("unsplit", None), ("split", {l: list(range(0, n_expert, 2)) for l in range(n_layer)})):
+        llm = load_llama(path, None, hot=hot, pack_device="CPU", n_ctx=128, n_batch=64, seed=1,
+                         verbose=False, n_gpu_layers=0, n_threads=2).llm
+        llm.eval(prompt)
+        steps, tokens = [], []
+        for _ in range(8):
+            ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+            logits = np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).copy()
+            steps.append(logits.tolist())
+            tokens.append(int(logits.argmax()))
+            llm.eval([tokens[-1]])
+        llm.close()
+        out[name] = {"logits": steps, "tokens": tokens}
+    out["flat_calls"] = ggml_lib.mmid_flat_calls()
+    print(json.dumps(out))
+""")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mmid-flat")
+    made = {}
+    for arch, kw in ARCHS.items():
+        kw = dict(kw)
+        spec = preset(kw.pop("name"), zipf=0.8, seed=11, **kw)
+        made[arch] = (write_synthetic_moe(root / f"{arch}.gguf", spec), spec)
+    return made
+
+
+def _run(path, spec, flat: str) -> dict:
+    env = dict(os.environ, LLAMA_HYBRID_MMID_FLAT=flat)
+    env.pop("GGML_CPU_TILED_MM_FORCE", None)
+    proc = subprocess.run([sys.executable, "-c", _RUN, str(path), str(spec.n_expert), str(spec.n_layer)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_one_token_mul_mat_id_path_matches_the_stock_loop(models, arch):
+    path, spec = models[arch]
+    stock = _run(path, spec, "0")
+    flat = _run(path, spec, "1")
+    assert stock["flat_calls"] == 0, "LLAMA_HYBRID_MMID_FLAT=0 still took the one-token path"
+    # every layer's MUL_MAT_IDs of every decode step, in both loads
+    assert flat["flat_calls"] >= 2 * 8 * spec.n_layer * 2, f"the one-token path ran only {flat['flat_calls']} times"
+    for name in ("unsplit", "split"):
+        assert flat[name]["tokens"] == stock[name]["tokens"], f"{arch} {name}: greedy tokens differ"
+        a, b = np.array(flat[name]["logits"]), np.array(stock[name]["logits"])
+        assert np.array_equal(a, b), f"{arch} {name}: logits differ by up to {float(np.max(np.abs(a - b))):.3g}"
