@@ -99,12 +99,41 @@ def test_worker_rows_fit_the_workers_busy_hand_off(tiny_model_factory):
         sp = predict_speed(inv, p, pl, True, truth, 2048, n_ubatch=512, kv_fill=536, worker=True)
         rows.append((SimpleNamespace(gpu_experts=pl), MeasuredRun(pl, sp.decode_tokens_per_s, 1.0, 512, 536), None))
     stored = replace(TRUTH, worker_handoff_s=100e-6, worker_handoff_idle_s=3e-6, handoff_s=1.0, handoff_idle_s=1.0)
-    got = fit_worker_handoff(inv, p, rows, stored, 2048, 512, log=lambda s: None)
+    # one row: busy hand-offs dominate it, so it fits the busy cost and keeps the idle one
+    got = fit_worker_handoff(inv, p, rows[:1], stored, 2048, 512, log=lambda s: None)
     assert got.worker_handoff_s == pytest.approx(230e-6, rel=1e-3)  # decode_ms is kept to 0.1 us
     assert got.worker_handoff_idle_s == 3e-6 and "worker_handoff_s" in got.measured
+    assert "worker_handoff_idle_s" not in got.measured
+    # two rows that mix them differently give both
+    both = fit_worker_handoff(inv, p, rows, replace(stored, worker_handoff_idle_s=50e-6), 2048, 512,
+                              log=lambda s: None)
+    assert both.worker_handoff_s == pytest.approx(230e-6, rel=1e-2)
+    assert both.worker_handoff_idle_s == pytest.approx(3e-6, abs=1e-6)
+    assert {"worker_handoff_s", "worker_handoff_idle_s"} <= set(both.measured)
     # a row faster than the model's other terms allow tells nothing
     fast = [(c, replace(r, decode_tokens_per_s=1e9), t) for c, r, t in rows]
     assert fit_worker_handoff(inv, p, fast, stored, 2048, 512, log=lambda s: None) is stored
+
+
+def test_a_worker_row_of_idle_hand_offs_fits_the_idle_cost(tiny_model_factory):
+    """A plan with every routed expert on the GPU hands off almost only idle layers (the H200's
+    optimistic 50 % row: 0.06 busy and 48 idle per token). Its time fits the idle cost; read
+    as busy hand-offs it gave 31 ms each."""
+    from types import SimpleNamespace
+
+    from hybrid_gguf.bench.runner import fit_worker_handoff
+
+    inv = read_inventory(tiny_model_factory("qwen3moe", n_layer=4, n_expert=16, n_expert_used=4))
+    p = np.random.default_rng(0).dirichlet(np.ones(16), size=4) * 4
+    hot = {l: [int(e) for e in np.argsort(-p[l])[:15]] for l in range(4)}
+    truth = replace(TRUTH, worker_handoff_s=230e-6, worker_handoff_idle_s=40e-6)
+    sp = predict_speed(inv, p, hot, True, truth, 2048, n_ubatch=512, kv_fill=536, worker=True)
+    assert sp.handoffs["idle"] > sp.handoffs["busy"]
+    row = (SimpleNamespace(gpu_experts=hot), MeasuredRun(hot, sp.decode_tokens_per_s, 1.0, 512, 536), None)
+    stored = replace(TRUTH, worker_handoff_s=230e-6, worker_handoff_idle_s=2e-6)
+    got = fit_worker_handoff(inv, p, [row], stored, 2048, 512, log=lambda s: None)
+    assert got.worker_handoff_idle_s == pytest.approx(40e-6, rel=1e-2)
+    assert got.worker_handoff_s == 230e-6 and "worker_handoff_s" not in got.measured
 
 
 def test_calibrations_and_terms_saved_before_the_fixed_times_read_as_none():

@@ -518,31 +518,51 @@ def fit_host_read(inv: Inventory, p, cold_runs, bw, n_ctx: int, n_prompt: int, l
 
 
 def fit_worker_handoff(inv: Inventory, p, worker_runs, bw, n_ctx: int, n_prompt: int, log) -> object:
-    """Bandwidth.worker_handoff_s, a busy hand-off's cost with the CPU worker, from rows that
-    hand their split layers to it: each run's time less the model's other terms and its idle
-    hand-offs (worker_handoff_idle_s, kept: the three H200 rows that set it put it under
-    their noise) is its busy hand-offs (traced where the trace says) times the cost; the cost
-    is the busy-weighted mean. Unchanged when no run leaves time for them."""
+    """Bandwidth.worker_handoff_s and worker_handoff_idle_s, the CPU worker's cost per busy
+    and per idle hand-off, from rows that hand their split layers to it. Each run's time less
+    the model's other terms is spent on its busy hand-offs (traced where the trace says) and
+    its idle ones. Rows that mix the two in different proportions give both costs (least
+    squares); otherwise the kind that dominates the rows' hand-offs gets the fit and the other
+    keeps its stored cost (a plan with every routed expert on the GPU has almost only idle
+    ones). Unchanged when no run leaves time for them."""
     from hybrid_gguf.planning.speed import predict_speed
 
-    busy_total = left_total = 0.0
+    rows = []  # (busy, idle, seconds left for the hand-offs) per token
     for cfg, run, traced in worker_runs:
         sp = predict_speed(inv, p, cfg.gpu_experts, True, bw, n_ctx, n_ubatch=n_prompt, kv_fill=run.kv_fill,
                            worker=True)
         busy = sp.handoffs["busy"] if traced is None else traced
-        idle = sp.handoffs["busy"] + sp.handoffs["idle"] - busy
+        idle = max(sp.handoffs["busy"] + sp.handoffs["idle"] - busy, 0.0)
         other_s = (sum(sp.decode_ms.values()) - sp.decode_ms["handoff"]) / 1e3
-        left = 1.0 / run.decode_tokens_per_s - other_s - idle * bw.worker_handoff_idle_s
-        if busy <= 0 or left <= 0:
-            continue
-        busy_total += busy
-        left_total += left
-    if busy_total <= 0:
+        left = 1.0 / run.decode_tokens_per_s - other_s
+        if left > 0 and busy + idle > 0:
+            rows.append((busy, idle, left))
+    if not rows:
         return bw
-    cost = left_total / busy_total
-    log(f"a busy hand-off to the CPU worker: {cost * 1e6:.0f} us besides its expert bytes")
-    measured = tuple(sorted(set(bw.measured) | {"worker_handoff_s"}))
-    return replace(bw, worker_handoff_s=cost, measured=measured)
+    a = np.array([[b, i] for b, i, _ in rows])
+    y = np.array([t for _, _, t in rows])
+    shares = a[:, 0] / a.sum(axis=1)
+    busy_s, idle_s = bw.worker_handoff_s, bw.worker_handoff_idle_s
+    fitted = set()
+    if len(rows) >= 2 and shares.max() - shares.min() >= 0.2:
+        (b, i), *_ = np.linalg.lstsq(a, y, rcond=None)
+        if b > 0 and i >= 0:
+            busy_s, idle_s = float(b), float(i)
+            fitted = {"worker_handoff_s", "worker_handoff_idle_s"}
+    if not fitted:
+        if a[:, 0].sum() >= a[:, 1].sum():
+            busy_s = float((y.sum() - a[:, 1].sum() * idle_s) / a[:, 0].sum())
+            fitted = {"worker_handoff_s"}
+        else:
+            idle_s = float((y.sum() - a[:, 0].sum() * busy_s) / a[:, 1].sum())
+            fitted = {"worker_handoff_idle_s"}
+        if busy_s <= 0 or idle_s < 0:
+            return bw
+    log(f"a hand-off to the CPU worker: {busy_s * 1e6:.0f} us busy besides its expert bytes, "
+        f"{idle_s * 1e6:.1f} us idle ({', '.join(k.replace('worker_handoff_', '') for k in sorted(fitted))} "
+        f"fitted to {len(rows)} row{'s' if len(rows) != 1 else ''})")
+    measured = tuple(sorted(set(bw.measured) | fitted))
+    return replace(bw, worker_handoff_s=busy_s, worker_handoff_idle_s=idle_s, measured=measured)
 
 
 def run_budgets(model_path: Path, budgets: Sequence[Optional[int]], *, profile_prompts, eval_prompt,
