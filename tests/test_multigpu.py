@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -215,6 +216,19 @@ def test_the_previous_plan_is_kept_on_the_same_gpus_only(inv):
     assert any("previous plan is for other GPUs" in n for n in moved.notes)
 
 
+def test_the_worker_plans_across_cards(inv):
+    """handoff="worker" over two cards: the split layers of both cards go to the CPU worker
+    (its split tests passed on two H200s), priced at the worker's costs."""
+    fixed = base(inv, [1, 1])
+    devs = [DeviceBudget(g, fixed[g] + inv.layers[0].expert_bytes) for g in TWO]
+    bw = Bandwidth(handoff_s=150e-6, handoff_idle_s=100e-6, worker_handoff_s=150e-6, worker_handoff_idle_s=2e-6)
+    plan = make_plan(inv, 0, 1024, profile(inv), devices=devs, memory=OPTS, bandwidth=bw, handoff="worker")
+    assert plan.worker
+    split = [l for l, es in plan.hot.items() if 0 < len(es) < inv.layers[l].n_expert]
+    assert {plan.layer_devices()[l] for l in split} == set(TWO), "split layers on both cards"
+    check_per_device(plan, inv)
+
+
 def test_plan_yaml_keeps_the_devices(inv, tmp_path):
     fixed = base(inv, [1, 1])
     devs = [DeviceBudget("CUDA0", fixed["CUDA0"] + inv.layers[0].expert_bytes, free_bytes=24 * GIB),
@@ -369,6 +383,11 @@ def test_plan_assume_devices_cli(tmp_path, tiny_model_factory):
     assert Plan.load(out).device_names() == TWO
     res = hg("--assume-devices", "CUDA0:24MiB,CUDA1:24MiB", "--gpu-budget", "40MiB", "--json")
     assert [x["budget_bytes"] for x in json.loads(res.stdout)["per_device"]] == [20 * MIB, 20 * MIB]
+    # the CPU worker across cards is no longer refused; the plan says it is untimed there
+    # (no profile here, so no split layer to hand off: test_the_worker_plans_across_cards)
+    res = hg("--assume-devices", "CUDA0:24MiB,CUDA1:24MiB", "--handoff", "worker", "--json")
+    assert res.returncode == 0, res.stderr
+    assert any("not yet timed there" in n for n in json.loads(res.stdout)["notes"])
     res = hg("--assume-devices", "CUDA0:24MiB,CUDA1:24MiB", "--gpu-budget", "22MiB,18MiB")
     assert res.returncode == 0 and "CUDA1: " in res.stdout and "of 18.00 MiB; layers" in res.stdout, res.stdout
     for args, msg in ((("--assume-devices", "CUDA0=6MiB,CUDA0:1G"), "names a device twice"),
@@ -415,7 +434,10 @@ def test_each_layer_gets_its_own_pack_buffer_type(patch_v5, tiny_model_factory):
             model = loaded.llm._model.model
             assert [patch_v5.pack_buffer_type(model, l) for l in range(3)] == ["CPU", None, last]
             assert [patch_v5.n_hot(model, l) for l in range(3)] == [2, 0, 1]
-            assert any("3 hot experts in 2 layers" in line for line in loaded.log)
+            # one log line per pack buffer: the CPU's and, on a GPU machine, the first GPU's
+            found = [re.search(r"hybrid: (\d+) hot experts in (\d+) layers", line) for line in loaded.log]
+            per_buffer = [(int(m.group(1)), int(m.group(2))) for m in found if m]
+            assert tuple(map(sum, zip(*per_buffer))) == (3, 2), per_buffer
         finally:
             loaded.close()
 
