@@ -1,12 +1,14 @@
-"""The patch's one-token MUL_MAT_ID path on the CPU (version 9) computes exactly what the
-stock loop computes.
+"""The patch's one-token expert paths on the CPU (version 9) compute exactly what the stock
+ops compute.
 
 Decode steps, and every CPU hand-off of a split layer, multiply one token by a few experts.
 The patch gives each thread one contiguous share of the (selected expert, weight row) pairs
-and prefetches ahead instead of a chunk of every expert; each row's dot product is the same
-call on the same data, so the logits must be bitwise equal. Each setting runs in its own
-process (the switch, LLAMA_HYBRID_MMID_FLAT, is read once per process), unsplit and split
-(skipped slots, id -1, in the cold chain), on three archs and two weight types.
+and prefetches ahead instead of a chunk of every expert (on by default); with
+LLAMA_HYBRID_MOE_FUSE=1 it also runs up, gate, swiglu and down as one pass with three
+barriers. Each row's dot product, swiglu and quantization are the same calls on the same
+data, so the logits must be bitwise equal. Each setting runs in its own process (the switches
+are read once per process), unsplit and split (skipped slots, id -1, in the cold chain), on
+three archs and two weight types.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,8 +37,8 @@ ARCHS = {
     "qwen3moe-q8": dict(name="tiny", n_layer=3, n_expert=8, n_expert_used=2, weight_type="Q8_0"),
 }
 
-# Greedy decode of one model, unsplit and with half of each layer's experts in a CPU pack;
-# prints the logits of every step and how often the one-token path ran.
+# Greedy decode of one model, unsplit, with half of each layer's experts in a CPU pack, and the
+# same split answered by the CPU worker; prints every step's logits and how often each path ran.
 _RUN = textwrap.dedent("""
     import llama_cpp  # before numpy, as everywhere in the tests
     import json, sys
@@ -46,9 +49,11 @@ _RUN = textwrap.dedent("""
     path, n_expert, n_layer = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     prompt = [1] + [3 + b for b in b"def main(argv):\\n    return"]
     out = {}
-    for name, hot in (("unsplit", None), ("split", {l: list(range(0, n_expert, 2)) for l in range(n_layer)})):
+    half = {l: list(range(0, n_expert, 2)) for l in range(n_layer)}
+    # "worker": the split's cold chains computed by the CPU worker, as graphs of their own
+    for name, hot, worker in (("unsplit", None, False), ("split", half, False), ("worker", half, True)):
         llm = load_llama(path, None, hot=hot, pack_device="CPU", n_ctx=128, n_batch=64, seed=1,
-                         verbose=False, n_gpu_layers=0, n_threads=2).llm
+                         verbose=False, n_gpu_layers=0, n_threads=2, worker=worker).llm
         llm.eval(prompt)
         steps, tokens = [], []
         for _ in range(8):
@@ -60,6 +65,7 @@ _RUN = textwrap.dedent("""
         llm.close()
         out[name] = {"logits": steps, "tokens": tokens}
     out["flat_calls"] = ggml_lib.mmid_flat_calls()
+    out["fused_calls"] = ggml_lib.moe_fused_calls()
     print(json.dumps(out))
 """)
 
@@ -75,24 +81,52 @@ def models(tmp_path_factory):
     return made
 
 
-def _run(path, spec, flat: str) -> dict:
-    env = dict(os.environ, LLAMA_HYBRID_MMID_FLAT=flat)
-    env.pop("GGML_CPU_TILED_MM_FORCE", None)
+def _run(path, spec, flat: str, fuse: str = "0") -> dict:
+    env = dict(os.environ, LLAMA_HYBRID_MMID_FLAT=flat, LLAMA_HYBRID_MOE_FUSE=fuse)
+    for name in ("GGML_CPU_TILED_MM_FORCE", "GGML_CPU_DISABLE_FUSION"):
+        env.pop(name, None)
     proc = subprocess.run([sys.executable, "-c", _RUN, str(path), str(spec.n_expert), str(spec.n_layer)],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _same(arch, got, stock, what):
+    for name in ("unsplit", "split", "worker"):
+        assert got[name]["tokens"] == stock[name]["tokens"], f"{arch} {name}: greedy tokens differ {what}"
+        a, b = np.array(got[name]["logits"]), np.array(stock[name]["logits"])
+        assert np.array_equal(a, b), f"{arch} {name}: logits differ by up to {float(np.max(np.abs(a - b))):.3g} {what}"
+
+
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_one_token_mul_mat_id_path_matches_the_stock_loop(models, arch):
+def test_one_token_expert_paths_match_the_stock_ops(models, arch):
     path, spec = models[arch]
     stock = _run(path, spec, "0")
     flat = _run(path, spec, "1")
-    assert stock["flat_calls"] == 0, "LLAMA_HYBRID_MMID_FLAT=0 still took the one-token path"
-    # every layer's MUL_MAT_IDs of every decode step, in both loads
+    fused = _run(path, spec, "1", fuse="1")
+    assert stock["flat_calls"] == 0 and stock["fused_calls"] == 0, "the switches left a path on"
+    # every layer's MUL_MAT_IDs of every decode step, in the unsplit and split loads
     assert flat["flat_calls"] >= 2 * 8 * spec.n_layer * 2, f"the one-token path ran only {flat['flat_calls']} times"
-    for name in ("unsplit", "split"):
-        assert flat[name]["tokens"] == stock[name]["tokens"], f"{arch} {name}: greedy tokens differ"
-        a, b = np.array(flat[name]["logits"]), np.array(stock[name]["logits"])
-        assert np.array_equal(a, b), f"{arch} {name}: logits differ by up to {float(np.max(np.abs(a - b))):.3g}"
+    assert flat["fused_calls"] == 0
+    _same(arch, flat, stock, "with the contiguous shares")
+    if arch == "gpt-oss":
+        # its experts have biases and swiglu_oai: not the fused pattern, the stock nodes run
+        assert fused["fused_calls"] == 0
+    else:
+        # every decode step's chain, unsplit (n_layer) and split (its cold chains at least)
+        # and the worker's cold graphs (where the graph allocator reuses up/gate for down)
+        assert fused["fused_calls"] >= 8 * spec.n_layer * 2, f"the fused chain ran only {fused['fused_calls']} times"
+    _same(arch, fused, stock, "with the fused chain")
+
+
+def test_the_split_suite_passes_with_the_fused_chain():
+    """tests/test_hybrid_split.py again, in a process with LLAMA_HYBRID_MOE_FUSE=1. In its CPU
+    worker's cold graphs the graph allocator puts down's output over up and gate: zeros the
+    fused chain wrote to down's skipped rows before computing gate and up were overwritten
+    (tokens differed on qwen3moe/half)."""
+    repo = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, LLAMA_HYBRID_MOE_FUSE="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                           str(repo / "tests" / "test_hybrid_split.py")],
+                          capture_output=True, text=True, env=env, timeout=600, cwd=repo)
+    assert proc.returncode == 0, proc.stdout[-3000:]

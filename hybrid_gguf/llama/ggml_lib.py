@@ -257,17 +257,27 @@ def sched_timers_window(action: str) -> None:
     fn(1 if action == "report" else 0)
 
 
-def mmid_flat_calls() -> Optional[int]:
-    """How many one-token MUL_MAT_ID ops the CPU backend computed on the patch's
-    contiguous-share path (patch v9; LLAMA_HYBRID_MMID_FLAT=0 turns it off); None where the
-    CPU backend lacks the counter (stock builds, older patches)."""
+def _cpu_counter(name: str) -> Optional[int]:
     lib_dir = libs().lib_dir
     try:
         cpu = _attach("ggml-cpu", lib_dir, _mapped_files(lib_dir))
     except HybridError:
         return None
-    fn = getattr(cpu, "ggml_cpu_hybrid_mmid_flat_calls", None)
+    fn = getattr(cpu, name, None)
     if fn is None:
         return None
     fn.argtypes, fn.restype = [], ctypes.c_int64
     return int(fn())
+
+
+def mmid_flat_calls() -> Optional[int]:
+    """How many one-token MUL_MAT_ID ops the CPU backend computed on the patch's
+    contiguous-share path (patch v9; LLAMA_HYBRID_MMID_FLAT=0 turns it off); None where the
+    CPU backend lacks the counter (stock builds, older patches)."""
+    return _cpu_counter("ggml_cpu_hybrid_mmid_flat_calls")
+
+
+def moe_fused_calls() -> Optional[int]:
+    """How many one-token up, gate, swiglu, down chains the CPU backend computed as one fused
+    pass (patch v9, LLAMA_HYBRID_MOE_FUSE=1); None where the counter is absent."""
+    return _cpu_counter("ggml_cpu_hybrid_moe_fused_calls")
