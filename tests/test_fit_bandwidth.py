@@ -159,3 +159,18 @@ def test_bench_refits_once_across_budgets(setup, tmp_path, monkeypatch):
     assert cal["handoff_idle_s"] == pytest.approx(70e-6, rel=1e-6)
     assert all(abs(r["fitted_decode_error"]) < 1e-6 for r in got["runs"].values())
     assert load_calibration().handoff_idle_s == pytest.approx(70e-6, rel=1e-6)
+
+
+def test_a_cpu_rate_beyond_the_measured_read_is_refused(setup):
+    """Runs whose least squares put the CPU's expert rate far above its measured streaming
+    read (the H200's realistic 25 % bench fitted 264 GB/s against a measured 80): the fit keeps
+    the measured rate and fits the hand-off alone. Without a measured rate it is accepted."""
+    inv, p, pl = setup
+    fast_cpu = replace(TRUTH, cpu_bytes_per_s=300e9)
+    runs = runs_from(inv, p, fast_cpu, list(pl.values()))
+    measured = Bandwidth(cpu_bytes_per_s=80e9, cpu_read_bytes_per_s=80e9, measured=("cpu_read_bytes_per_s",))
+    fitted = fit_bandwidth(inv, p, runs, measured, n_ctx=2048)
+    assert fitted.cpu_bytes_per_s == 80e9
+    assert fitted.handoff_s == fitted.handoff_idle_s > 0
+    unmeasured = fit_bandwidth(inv, p, runs, Bandwidth(cpu_bytes_per_s=80e9), n_ctx=2048)
+    assert unmeasured.cpu_bytes_per_s == pytest.approx(300e9, rel=1e-6)

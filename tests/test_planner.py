@@ -447,6 +447,17 @@ def test_calibration_is_measured_once_and_cached(tmp_path):
     assert load_calibration(path) == again
     with pytest.raises(HybridError):
         Bandwidth.from_dict({"cpu_bytes_per_s": -1.0})
+    # the streaming read is kept apart from the (later fitted) CPU rate
+    assert again.cpu_read_bytes_per_s == again.cpu_bytes_per_s > 0
+    # a calibration stored before that field gets the read measured, its fitted rate kept
+    old = {k: v for k, v in dataclasses.replace(again, cpu_bytes_per_s=33e9).to_dict().items()
+           if k != "cpu_read_bytes_per_s"}
+    old["measured"] = [m for m in old["measured"] if m != "cpu_read_bytes_per_s"]
+    save_calibration(Bandwidth.from_dict(old), path)
+    assert load_calibration(path).cpu_read_bytes_per_s == 0.0
+    migrated = calibrate_bandwidth(path=path, n_bytes=16 * 2**20)
+    assert migrated.cpu_bytes_per_s == 33e9 and migrated.cpu_read_bytes_per_s > 1e8
+    assert "cpu_read_bytes_per_s" in migrated.measured and load_calibration(path) == migrated
 
 
 def test_decode_routing_drives_the_plan_when_the_profile_has_decoded_tokens(tiny_model_factory):

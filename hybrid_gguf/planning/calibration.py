@@ -28,11 +28,19 @@ CALIBRATION_FORMAT = "hybrid-gguf-calibration"
 ZERO_ALLOWED = ("gpu_layer_s", "gpu_step_s")  # fixed times a calibration may lack
 # what a hybrid decode prediction rests on besides the CPU read rate (measured everywhere)
 GPU_DECODE_FIELDS = ("gpu_bytes_per_s", "gpu_layer_s", "gpu_step_s", "handoff_s", "handoff_idle_s")
+# A fitted CPU expert rate above the measured streaming read (cpu_read_bytes_per_s) by more
+# than this is the fit trading bytes for fixed hand-off time (the H200's realistic 25 % row
+# gave 264 GB/s against a read of 80), not the machine: fit_decode refuses it.
+CPU_FIT_HEADROOM = 1.25
+UNKNOWN_IF_ZERO = ("cpu_read_bytes_per_s",)  # measurements a calibration may not have yet
 
 
 @dataclass(frozen=True)
 class Bandwidth:
-    cpu_bytes_per_s: float = 50e9  # streaming read of weights by the CPU backend
+    cpu_bytes_per_s: float = 50e9  # the CPU backend's rate on expert weights (measured, then fitted)
+    # the streaming read measured by calibrate_bandwidth, never fitted: the bound on the fit
+    # above (0: not measured on this machine)
+    cpu_read_bytes_per_s: float = 0.0
     gpu_bytes_per_s: float = 1.5e12  # GPU memory read in matmul kernels
     pcie_bytes_per_s: float = 25e9  # host -> GPU copies of pinned memory
     # GPU kernels reading cold experts in place from pinned host memory (patch v4, cold=gpu):
@@ -116,7 +124,7 @@ class Bandwidth:
         bw = cls(**kw)
         for f in fields(cls):
             v = getattr(bw, f.name)
-            if f.name in ZERO_ALLOWED and isinstance(v, float) and v == 0.0:
+            if f.name in ZERO_ALLOWED + UNKNOWN_IF_ZERO and isinstance(v, float) and v == 0.0:
                 continue
             if isinstance(v, float) and not (v > 0 and np.isfinite(v)):
                 raise HybridError(f"calibration field {f.name} must be a positive number, got {v!r}")
@@ -208,7 +216,9 @@ def fit_decode(terms: Sequence[RunTerms], base: Bandwidth) -> dict:
         hand-off (a per-expert run next to stock runs); stock placements alone do not
         (each host layer brings all its selected experts and one busy hand-off);
       - the hand-off alone, with cpu_bytes_per_s from base (the CPU calibration).
-    A solution with a negative rate or hand-off is refused and the next one tried.
+    A solution with a negative rate or hand-off is refused and the next one tried, and so is
+    one whose CPU rate exceeds base's measured streaming read (cpu_read_bytes_per_s) by more
+    than CPU_FIT_HEADROOM.
     """
     gpu_only = [t for t in terms if t.cpu_bytes == 0 and t.handoffs == 0 and t.decode_tokens_per_s > 0]
     host = [t for t in terms if t.handoffs > 0 and t.decode_tokens_per_s > 0]
@@ -225,8 +235,11 @@ def fit_decode(terms: Sequence[RunTerms], base: Bandwidth) -> dict:
     Hb = np.array([t.handoffs_busy for t in host]) * w
     Hi = np.array([t.handoffs_idle for t in host]) * w
 
+    cap = CPU_FIT_HEADROOM * base.cpu_read_bytes_per_s if base.cpu_read_bytes_per_s > 0 else float("inf")
+
     def solve(cols):
-        return _positive_lstsq(np.stack(cols, axis=1), rhs)
+        x = _positive_lstsq(np.stack(cols, axis=1), rhs)
+        return x if x is not None and 1.0 / float(x[0]) <= cap else None
 
     x = solve([C, Hb, Hi])
     if x is not None:
