@@ -29,6 +29,8 @@
 #    the modes, workerdiag_ROUTING_N.json)
 #   (schedops: the per-expert plan's CPU splits timed per op, LLAMA_HYBRID_SCHED_OPS, patch v7;
 #    about 60 s)
+#   (fusesplit: the split tests on CUDA with LLAMA_HYBRID_MOE_FUSE=1, patch v9, with the
+#    scheduler's hand-off and with the CPU worker, and tests/test_cpu_mmid_flat.py)
 #   (cpumoe: scripts/cpu_moe_probe.c, the CPU's rate on K experts of one token against a dense
 #    matrix of the same bytes, plain and repacked Q4_K, CPUMOE_RUNS="THREADS K GAP_US [repack];...")
 #   (ompprobe: scripts/omp_team_probe.cpp, the cost of an OpenMP region of 16 threads before
@@ -171,6 +173,26 @@ if has workersplit; then
         fi
         grep -E "worker \(max" "$OUT/$name.txt" | head -6
     done
+fi
+
+if has fusesplit; then
+    # patch v9: the split tests with LLAMA_HYBRID_MOE_FUSE=1 (one token's gate, up, swiglu and
+    # down on the CPU as one pass), with the scheduler's hand-off and with the CPU worker, and
+    # tests/test_cpu_mmid_flat.py (stock, shares and fused against each other, CPU-only models)
+    for worker in 0 1; do
+        name=split_cuda_fused$([ $worker = 1 ] && echo _worker)
+        log "split equivalence on CUDA with the fused CPU chain, LLAMA_HYBRID_WORKER=$worker"
+        if LLAMA_HYBRID_MOE_FUSE=1 LLAMA_HYBRID_WORKER=$worker HYBRID_GGUF_TEST_PACK_DEVICE=CUDA0 HYBRID_GGUF_REQUIRE_PATCHED=1 \
+            python3 -c "import llama_cpp, sys, pytest; sys.exit(pytest.main(['-q', '-rA', '-p', 'no:cacheprovider', 'tests/test_hybrid_split.py']))" \
+            > "$OUT/$name.txt" 2>&1; then
+            log "fused split equivalence PASSED (worker $worker)"; grep -E "passed|failed" "$OUT/$name.txt" | tail -1
+        else
+            grep -E "^FAILED|passed|failed|Error" "$OUT/$name.txt" | tail -12; failed "fusesplit worker $worker"
+        fi
+    done
+    python3 -m pytest -q -p no:cacheprovider tests/test_cpu_mmid_flat.py > "$OUT/cpu_mmid_flat.txt" 2>&1 \
+        || failed "test_cpu_mmid_flat"
+    tail -3 "$OUT/cpu_mmid_flat.txt"
 fi
 
 if has coldsplit; then
