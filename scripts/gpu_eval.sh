@@ -100,6 +100,19 @@ has() { [[ ",$STEPS," == *",$1,"* ]]; }
 # (REVERSE=1: every bench times its placements last to first, against drift within a call)
 run_bench() { python3 -m hybrid_gguf.cli bench "$@" --ctx 2048 --no-probe-gpu ${REVERSE:+--reverse}; }
 commas() { echo "$*" | tr ' ' ,; }
+# tests/test_hybrid_split.py on CUDA in its own process: split_suite NAME LABEL [VAR=VALUE ...];
+# output in $OUT/NAME.txt, a failure recorded as LABEL
+split_suite() {
+    local name=$1 label=$2
+    shift 2
+    if env HYBRID_GGUF_TEST_PACK_DEVICE=CUDA0 HYBRID_GGUF_REQUIRE_PATCHED=1 "$@" \
+        python3 -c "import llama_cpp, sys, pytest; sys.exit(pytest.main(['-q', '-rA', '-s', '-p', 'no:cacheprovider', 'tests/test_hybrid_split.py']))" \
+        > "$OUT/$name.txt" 2>&1; then
+        log "$label: split equivalence PASSED"; grep -E "passed|failed" "$OUT/$name.txt" | tail -2
+    else
+        grep -E "^FAILED|passed|failed|Error" "$OUT/$name.txt" | tail -12; failed "$label"
+    fi
+}
 
 nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv | tee "$OUT/machine.txt"
 nproc >> "$OUT/machine.txt"; free -g >> "$OUT/machine.txt"
@@ -164,13 +177,7 @@ if has workersplit; then
     for launcher in 0 1; do
         name=split_cuda_worker$([ $launcher = 1 ] && echo _launcher)
         log "split equivalence on CUDA with the CPU worker, LLAMA_HYBRID_WORKER_LAUNCHER=$launcher"
-        if LLAMA_HYBRID_WORKER=1 LLAMA_HYBRID_WORKER_LAUNCHER=$launcher HYBRID_GGUF_TEST_PACK_DEVICE=CUDA0 HYBRID_GGUF_REQUIRE_PATCHED=1 \
-            python3 -c "import llama_cpp, sys, pytest; sys.exit(pytest.main(['-q', '-rA', '-s', '-p', 'no:cacheprovider', 'tests/test_hybrid_split.py']))" \
-            > "$OUT/$name.txt" 2>&1; then
-            log "worker split equivalence PASSED (launcher $launcher)"; grep -E "passed|failed" "$OUT/$name.txt" | tail -2
-        else
-            grep -E "^FAILED|passed|failed|Error" "$OUT/$name.txt" | tail -12; failed "workersplit launcher $launcher"
-        fi
+        split_suite "$name" "workersplit launcher $launcher" LLAMA_HYBRID_WORKER=1 LLAMA_HYBRID_WORKER_LAUNCHER=$launcher
         grep -E "worker \(max" "$OUT/$name.txt" | head -6
     done
 fi
@@ -182,13 +189,7 @@ if has fusesplit; then
     for worker in 0 1; do
         name=split_cuda_fused$([ $worker = 1 ] && echo _worker)
         log "split equivalence on CUDA with the fused CPU chain, LLAMA_HYBRID_WORKER=$worker"
-        if LLAMA_HYBRID_MOE_FUSE=1 LLAMA_HYBRID_WORKER=$worker HYBRID_GGUF_TEST_PACK_DEVICE=CUDA0 HYBRID_GGUF_REQUIRE_PATCHED=1 \
-            python3 -c "import llama_cpp, sys, pytest; sys.exit(pytest.main(['-q', '-rA', '-p', 'no:cacheprovider', 'tests/test_hybrid_split.py']))" \
-            > "$OUT/$name.txt" 2>&1; then
-            log "fused split equivalence PASSED (worker $worker)"; grep -E "passed|failed" "$OUT/$name.txt" | tail -1
-        else
-            grep -E "^FAILED|passed|failed|Error" "$OUT/$name.txt" | tail -12; failed "fusesplit worker $worker"
-        fi
+        split_suite "$name" "fusesplit worker $worker" LLAMA_HYBRID_MOE_FUSE=1 LLAMA_HYBRID_WORKER=$worker
     done
     python3 -m pytest -q -p no:cacheprovider tests/test_cpu_mmid_flat.py > "$OUT/cpu_mmid_flat.txt" 2>&1 \
         || failed "test_cpu_mmid_flat"
@@ -197,13 +198,7 @@ fi
 
 if has coldsplit; then
     log "split equivalence on CUDA with cold=gpu (zero-copy cold experts)"
-    if HYBRID_GGUF_TEST_COLD=gpu HYBRID_GGUF_TEST_PACK_DEVICE=CUDA0 HYBRID_GGUF_REQUIRE_PATCHED=1 \
-        python3 -c "import llama_cpp, sys, pytest; sys.exit(pytest.main(['-q', '-rA', '-s', '-p', 'no:cacheprovider', 'tests/test_hybrid_split.py']))" \
-        > "$OUT/split_cuda_coldgpu.txt" 2>&1; then
-        log "cold=gpu split equivalence PASSED"; grep -E "passed|failed" "$OUT/split_cuda_coldgpu.txt" | tail -2
-    else
-        grep -E "^FAILED|passed|failed|Error" "$OUT/split_cuda_coldgpu.txt" | tail -12; failed coldsplit
-    fi
+    split_suite split_cuda_coldgpu coldsplit HYBRID_GGUF_TEST_COLD=gpu
 fi
 
 BIG=/tmp/models/q30b-like-q4k.gguf
