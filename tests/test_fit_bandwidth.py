@@ -178,5 +178,8 @@ def test_a_cpu_rate_beyond_the_measured_read_is_refused(setup):
     fitted = fit_bandwidth(inv, p, runs, measured, n_ctx=2048)
     assert fitted.cpu_bytes_per_s == 80e9
     assert fitted.handoff_s == fitted.handoff_idle_s > 0
+    # a stored rate fitted before the bound existed is brought down to it
+    inflated = fit_bandwidth(inv, p, runs, replace(measured, cpu_bytes_per_s=264e9), n_ctx=2048)
+    assert inflated.cpu_bytes_per_s == pytest.approx(100e9) and inflated.handoff_s > 0
     unmeasured = fit_bandwidth(inv, p, runs, Bandwidth(cpu_bytes_per_s=80e9), n_ctx=2048)
     assert unmeasured.cpu_bytes_per_s == pytest.approx(300e9, rel=1e-6)

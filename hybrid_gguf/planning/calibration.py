@@ -250,7 +250,12 @@ def fit_decode(terms: Sequence[RunTerms], base: Bandwidth) -> dict:
     if x is not None:
         return {**updates, "cpu_bytes_per_s": 1.0 / float(x[0]), "handoff_s": float(x[1]),
                 "handoff_idle_s": float(x[1])}
-    h = float((rhs - C / base.cpu_bytes_per_s) @ H / (H @ H))
+    # the hand-off alone, at base's CPU rate (bounded too: a calibration fitted before the
+    # bound existed may hold an implausible one)
+    rate = min(base.cpu_bytes_per_s, cap)
+    if rate < base.cpu_bytes_per_s:
+        updates["cpu_bytes_per_s"] = rate
+    h = float((rhs - C / rate) @ H / (H @ H))
     if h > 0:
         updates.update(handoff_s=h, handoff_idle_s=h)
     return updates
