@@ -59,12 +59,14 @@ class Bandwidth:
     handoff_s: float = 184e-6
     handoff_idle_s: float = 113e-6
     # the same with the CPU worker (patch v8, plan `handoff: worker`): the GPU posts each split
-    # layer to mapped memory and the decoding thread answers, so a layer with no cold work costs
-    # almost nothing. Fitted to three worker rows on the H200 host (realistic 25 % and 50 %,
-    # optimistic 25 %; 2026-11-30, docs/results/h200-2026-11-30g): 211 us busy, idle under the
-    # fit's noise (set to 2 us); the scheduler's rows of the same runs fitted 199 and 77
+    # layer to mapped memory and the decoding thread answers; a layer with no cold work does not
+    # wait for the CPU. Busy: 211 us, fitted to three worker rows on the H200 host (realistic
+    # 25 % and 50 %, optimistic 25 %; 2026-11-30, docs/results/h200-2026-11-30g; the scheduler's
+    # rows of the same runs fitted 199 and 77). Idle: about 40 us, from the one plan whose
+    # hand-offs were nearly all idle (optimistic 50 %, 0.06 busy per token: 167 tok/s against a
+    # prediction of 241 with 2 us; docs/results/h200-2026-11-30h)
     worker_handoff_s: float = 211e-6
-    worker_handoff_idle_s: float = 2e-6
+    worker_handoff_idle_s: float = 40e-6
     # fixed GPU times of a decode step, per layer and per step; 50 and 97 us on an H200
     # (gpu_probe, docs/benchmarks.md)
     gpu_layer_s: float = 50e-6
