@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 
@@ -43,6 +44,13 @@ def test_bench_json_on_cpu(tiny_model_factory, tmp_path):
         for key in ("pp_median_ts", "tg_median_ts", "pp_avg_ts", "tg_avg_ts"):
             assert math.isfinite(r[key]) and r[key] > 0, (r["name"], key)
         assert r["hit_rate"] is None or 0.0 <= r["hit_rate"] <= 1.0
+        # every row decodes its MoE layers on the CPU here: one-token MUL_MAT_IDs in
+        # contiguous shares (patch v9), 3 per layer and decoded token at least, none fused
+        # (LLAMA_HYBRID_MOE_FUSE is not set)
+        if r["cpu_paths"] is not None:
+            assert r["cpu_paths"]["mmid_flat_calls"] >= 3 * out["n_layer"] * 4 * 2, r["cpu_paths"]
+            if os.environ.get("LLAMA_HYBRID_MOE_FUSE") != "1":
+                assert r["cpu_paths"]["moe_fused_calls"] == 0
     pred = out["prediction"]["configs"]
     assert set(pred) == set(names)
     for name, row in pred.items():

@@ -46,6 +46,9 @@ class Result:
     plan: Optional[dict] = None  # Config.plan_detail: the plan timed
     cache: Optional[dict] = None  # the in-session cache's counters over the whole load (cache rows)
     worker: Optional[dict] = None  # the CPU worker's counters over the whole load (worker rows)
+    # ops on the CPU backend's one-token paths during the timed reps (patch v9): MUL_MAT_IDs in
+    # contiguous shares, and gate/up/swiglu/down chains fused (LLAMA_HYBRID_MOE_FUSE=1)
+    cpu_paths: Optional[dict] = None
 
     def summary(self) -> dict:
         d = asdict(self)
@@ -57,6 +60,16 @@ class Result:
             d[key.replace("_ts", "_min_ts")] = min(vals) if vals else 0.0
             d[key.replace("_ts", "_max_ts")] = max(vals) if vals else 0.0
         return d
+
+
+def cpu_path_counts() -> Optional[dict]:
+    """The CPU backend's one-token path counters so far (patch v9), or None without them."""
+    from hybrid_gguf.llama import ggml_lib
+
+    flat, fused = ggml_lib.mmid_flat_calls(), ggml_lib.moe_fused_calls()
+    if flat is None or fused is None:
+        return None
+    return {"mmid_flat_calls": flat, "moe_fused_calls": fused}
 
 
 def hit_rate(counts_decode: np.ndarray, gpu_experts: dict[int, list[int]]) -> Optional[float]:
@@ -282,6 +295,7 @@ def run_bench(model_path: Path, *, budget_bytes: Optional[int], profile_prompts:
         pps, tgs = [], []
         model_ptr = loaded.llm._model.model
         window: list = []  # the cache's counters over each rep's decode steps
+        paths_before = cpu_path_counts()
         for _ in range(reps):
             mark = (lambda: window.append(hybrid_backend.cache_stats(model_ptr))) if cfg.cache is not None else None
             pp, tg, _ = measure_once(loaded.llm, prompt, decode, None, after_first_decode=mark)
@@ -290,6 +304,9 @@ def run_bench(model_path: Path, *, budget_bytes: Optional[int], profile_prompts:
             pps.append(pp)
             tgs.append(tg)
             step(0, 1)
+        paths_after = cpu_path_counts()
+        cpu_paths = ({k: paths_after[k] - paths_before[k] for k in paths_after}
+                     if paths_before is not None and paths_after is not None else None)
         hit = 0.0 if cfg.name == "cpu-experts" else hit_rate(eval_counts, cfg.gpu_experts)
         cache = hybrid_backend.cache_stats(model_ptr) if cfg.cache is not None else None
         if cache is not None:
@@ -304,10 +321,13 @@ def run_bench(model_path: Path, *, budget_bytes: Optional[int], profile_prompts:
                 log(f"{cfg.name}: backend graph messages in 8 decode steps: " +
                     "; ".join(f"{n} x {msg}" for msg, n in events.most_common(4)))
         res = Result(cfg.name, n_prompt, n_gen, pps, tgs, hit, expert_bytes, vram_model_bytes(loaded), load_s,
-                     plan=cfg.plan_detail(inv), cache=cache, worker=worker)
+                     plan=cfg.plan_detail(inv), cache=cache, worker=worker, cpu_paths=cpu_paths)
         log(f"{cfg.name:12s} pp {statistics.median(pps):8.1f} t/s  tg {statistics.median(tgs):7.2f} t/s  "
             f"hit {res.hit_rate if res.hit_rate is not None else float('nan'):.3f}  "
             f"gpu experts {expert_bytes / 2**30:.2f} GiB")
+        if cpu_paths and any(cpu_paths.values()):
+            log(f"{cfg.name}: CPU one-token paths in the timed reps: {cpu_paths['mmid_flat_calls']} MUL_MAT_IDs "
+                f"in contiguous shares, {cpu_paths['moe_fused_calls']} expert chains fused")
         if worker:
             log(f"{cfg.name}: CPU worker {worker['busy']} busy and {worker['idle']} idle hand-offs, "
                 f"{worker['compute_us'] / max(worker['busy'], 1):.0f} us of compute per busy one, "
