@@ -248,8 +248,9 @@ def make_plan(inventory, budget_bytes: int, n_ctx: int, profile=None, per_expert
       and the GPU can do both).
     handoff: with cold experts on the CPU, who takes each split layer's decode work:
       "scheduler" (the graph is cut there), "worker" (the CPU worker of patch v8 answers the
-      GPU's posts) or "auto" (the faster by the speed model; the caller passes "auto" or
-      "worker" only where the build has the worker and the packs are on one GPU). With
+      GPU's posts) or "auto" (the faster by the speed model; the caller passes "worker" only
+      where the build has the worker, and "auto" only where the packs are also on one GPU:
+      across cards the worker is tested but untimed). With
       "worker" the hot-set search prices hand-offs at the worker's costs too; "auto" plans
       both ways and keeps the faster.
     cache: the in-session cache the plan's runs use when it has hot packs: a policy of
