@@ -363,3 +363,26 @@ def test_bench_profiles_a_model_whose_context_is_shorter_than_a_profiling_prompt
     assert res.exit_code == 0, res.output
     rows = json.loads(res.stdout[res.stdout.index("["):])  # llama-bench's shape: one row per test
     assert rows and all(r["avg_ts"] > 0 for r in rows), rows
+
+
+def test_the_unpromoted_row_keeps_every_expert_in_a_pack(tiny_model_factory, tmp_path):
+    """`per-expert-unpromoted` at a budget that holds every expert: the planner's own plan
+    promotes the full layers whole, the unpromoted one keeps each of them as a hot pack (what the
+    split's own kernels cost against whole layers). Rows carry the timed reps' page faults."""
+    from hybrid_gguf.llama import hybrid as hybrid_backend
+
+    if not hybrid_backend.capability().per_expert:
+        pytest.skip(hybrid_backend.STOCK_NOTICE)
+    out = _tiny_bench(tiny_model_factory, tmp_path, "--pp", "32", "--expert-share", "1.0",
+                      "--configs", "whole-layer,per-expert,per-expert-unpromoted")
+    rows = {r["name"]: r for r in out["results"]}
+    n_layer, n_expert = 2, out["n_expert"]
+    packed = rows["per-expert-unpromoted"]
+    assert packed["error"] is None and packed["tg_ts"][0] > 0
+    assert packed["plan"]["whole_layers"] == []
+    assert {int(l): sorted(v) for l, v in packed["plan"]["hot"].items()} == {l: list(range(n_expert)) for l in range(n_layer)}
+    assert rows["per-expert"]["plan"]["whole_layers"] == list(range(n_layer)) and not rows["per-expert"]["plan"]["hot"]
+    assert packed["hit_rate"] == 1.0
+    faults = packed["cpu_paths"]
+    if faults is not None:
+        assert faults["minor_faults"] >= 0 and faults["major_faults"] >= 0

@@ -126,7 +126,13 @@ def test_the_split_suite_passes_with_the_fused_chain():
     (tokens differed on qwen3moe/half)."""
     repo = Path(__file__).resolve().parent.parent
     env = dict(os.environ, LLAMA_HYBRID_MOE_FUSE="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                           str(repo / "tests" / "test_hybrid_split.py")],
+    # llama_cpp before pytest: pytest's plugins may import numpy first, and on the GPU machine a
+    # model load then segfaulted (docs/backend-patch.md, "Import order"; ninth lease, exit -11)
+    run_suite = ("import llama_cpp, sys, pytest; sys.exit(pytest.main(['-v', '-x', '-p', 'no:cacheprovider', "
+                 f"{str(repo / 'tests' / 'test_hybrid_split.py')!r}]))")
+    proc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", run_suite],
                           capture_output=True, text=True, env=env, timeout=600, cwd=repo)
-    assert proc.returncode == 0, proc.stdout[-3000:]
+    if proc.returncode != 0:
+        # pytest.fail keeps the whole text (an assert's message is cut): the last test started
+        # and, after a crash, the faulthandler's stack
+        pytest.fail(f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}")

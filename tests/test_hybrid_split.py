@@ -70,6 +70,9 @@ CACHE_BACKGROUND = os.environ.get("HYBRID_GGUF_TEST_CACHE_UPLOADS", "ordered") =
 # HYBRID_GGUF_TEST_FLASH_ATTN=1: every load here with flash attention (run/serve -fa); one
 # test below checks it on every machine
 FLASH_ATTN = os.environ.get("HYBRID_GGUF_TEST_FLASH_ATTN", "0") == "1"
+# HYBRID_GGUF_TEST_THREADS=N: every load here with N CPU threads (llama-cpp-python's default is
+# half the CPUs, one on a two-core CI machine, so multi-threaded CPU paths need this to run)
+TEST_THREADS = int(os.environ.get("HYBRID_GGUF_TEST_THREADS", "0")) or None
 
 
 def load_with_report(path, hot=None, use_mmap=True, cache=None, flash_attn=None, worker=False, n_threads=None):
@@ -78,6 +81,8 @@ def load_with_report(path, hot=None, use_mmap=True, cache=None, flash_attn=None,
 
     kwargs = dict(n_ctx=128, n_batch=64, seed=1, verbose=False, use_mmap=use_mmap,
                   flash_attn=FLASH_ATTN if flash_attn is None else flash_attn)
+    if n_threads is None:
+        n_threads = TEST_THREADS
     if n_threads is not None:
         kwargs["n_threads"] = n_threads
     placement = cpu_moe() if ON_GPU else None

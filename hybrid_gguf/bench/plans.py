@@ -43,7 +43,11 @@ class Config:
     def plan_detail(self, inv: Inventory) -> Optional[dict]:
         """What the report says about the plan: its hot set, rules and predictions."""
         if self.plan is None:
-            return None
+            if not self.hot:
+                return None
+            return {"backend": "per-expert", "n_gpu_layers": self.n_gpu_layers, "cold": "cpu", "handoff": "scheduler",
+                    "hot": {str(l): list(v) for l, v in sorted(self.hot.items())}, "whole_layers": [],
+                    "rules": [{"pattern": r.pattern, "device": r.device} for r in self.placement.rules]}
         pl = self.plan
         return {"backend": pl.backend, "budget_bytes": int(pl.budget_bytes), "n_gpu_layers": pl.n_gpu_layers,
                 "hot_device": pl.hot_device, "cold": "gpu" if self.cold_on_gpu else "cpu",
@@ -53,6 +57,16 @@ class Config:
                 "predicted_hit_rate": pl.predicted.hit_rate,
                 "predicted_decode_tokens_per_s": pl.predicted.decode_tokens_per_s,
                 "predicted_gpu_bytes": pl.predicted.gpu_bytes, "notes": list(pl.notes)}
+
+
+def unpromoted(chosen: Config, inv: Inventory) -> Config:
+    """The planner's per-expert plan with each layer it placed whole kept as a hot pack of all
+    its experts instead (bench only: a plan never does that). At a budget that holds every
+    expert, every layer is split with nothing cold: what the split's own GPU kernels cost."""
+    hot = {l: list(v) for l, v in chosen.hot.items()}
+    for l in chosen.plan.whole_layers(inv):
+        hot[l] = list(range(inv.layers[l].n_expert))
+    return Config(UNPROMOTED_CONFIG, cpu_moe(), hot, dict(hot), chosen.plan.n_gpu_layers)
 
 
 def plan_configs(model_path: Path, inv: Inventory, profile, devices: list, n_ctx: int, n_ubatch: int,
@@ -74,7 +88,7 @@ def plan_configs(model_path: Path, inv: Inventory, profile, devices: list, n_ctx
     configs = [Config("cpu-experts", cpu_moe())] if want("cpu-experts") else []
     if want("whole-layer"):
         configs.append(Config.from_plan("whole-layer", make(devices, False), inv))
-    alternatives = ("per-expert-cold-cpu", "per-expert-cold-gpu", WORKER_CONFIG, SCHEDULER_CONFIG)
+    alternatives = ("per-expert-cold-cpu", "per-expert-cold-gpu", WORKER_CONFIG, SCHEDULER_CONFIG, UNPROMOTED_CONFIG)
     # the plan's packs as an in-session cache: only when asked for by name (--configs)
     caches = [name for name in wanted or () if name.startswith(CACHE_PREFIX)]
     for name in caches:
@@ -93,6 +107,8 @@ def plan_configs(model_path: Path, inv: Inventory, profile, devices: list, n_ctx
             worker = Config.from_plan(WORKER_CONFIG, make(devices, None, "cpu", "worker"), inv)
             worker.worker = True
             configs.append(worker)
+        if UNPROMOTED_CONFIG in (wanted or ()) and chosen.plan.n_gpu_layers != 0:
+            configs.append(unpromoted(chosen, inv))
         if chosen.hot and SCHEDULER_CONFIG in (wanted or ()):
             # (asked for by name) the same with the scheduler's hand-off, whatever the planner chose
             configs.append(Config.from_plan(SCHEDULER_CONFIG, make(devices, None, "cpu", "scheduler"), inv))
@@ -114,6 +130,7 @@ def plan_configs(model_path: Path, inv: Inventory, profile, devices: list, n_ctx
 CACHE_PREFIX = "per-expert-cache-"
 WORKER_CONFIG = "per-expert-worker"
 SCHEDULER_CONFIG = "per-expert-scheduler"
+UNPROMOTED_CONFIG = "per-expert-unpromoted"
 WORKER_SUFFIX = "-worker"
 
 

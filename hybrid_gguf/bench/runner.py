@@ -63,13 +63,20 @@ class Result:
 
 
 def cpu_path_counts() -> Optional[dict]:
-    """The CPU backend's one-token path counters so far (patch v9), or None without them."""
+    """The CPU backend's one-token path counters so far (patch v9), or None without them, and
+    the process's page faults (a cold expert's first touch after loading can fault in every page)."""
     from hybrid_gguf.llama import ggml_lib
 
     flat, fused = ggml_lib.mmid_flat_calls(), ggml_lib.moe_fused_calls()
     if flat is None or fused is None:
         return None
-    return {"mmid_flat_calls": flat, "moe_fused_calls": fused}
+    counts = {"mmid_flat_calls": flat, "moe_fused_calls": fused}
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return counts
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return dict(counts, minor_faults=usage.ru_minflt, major_faults=usage.ru_majflt)
 
 
 def hit_rate(counts_decode: np.ndarray, gpu_experts: dict[int, list[int]]) -> Optional[float]:
@@ -327,7 +334,8 @@ def run_bench(model_path: Path, *, budget_bytes: Optional[int], profile_prompts:
             f"gpu experts {expert_bytes / 2**30:.2f} GiB")
         if cpu_paths and any(cpu_paths.values()):
             log(f"{cfg.name}: CPU one-token paths in the timed reps: {cpu_paths['mmid_flat_calls']} MUL_MAT_IDs "
-                f"in contiguous shares, {cpu_paths['moe_fused_calls']} expert chains fused")
+                f"in contiguous shares, {cpu_paths['moe_fused_calls']} expert chains fused; page faults "
+                f"{cpu_paths.get('minor_faults', '?')} minor, {cpu_paths.get('major_faults', '?')} major")
         if worker:
             log(f"{cfg.name}: CPU worker {worker['busy']} busy and {worker['idle']} idle hand-offs, "
                 f"{worker['compute_us'] / max(worker['busy'], 1):.0f} us of compute per busy one, "
