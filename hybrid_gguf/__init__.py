@@ -2,6 +2,16 @@
 
 __version__ = "0.1.0"
 
+import os as _os
+
+# OpenMP threads that wait longer before they sleep, unless the user chose: libgomp reads this
+# once, when llama_cpp loads it below. By default a thread sleeps after about 3 ms of spinning,
+# and the CPU worker's sparse busy hand-offs then each paid a wake-up of the whole team: about
+# 1 ms instead of 0.14 ms on the H200 host (docs/tuning.md, "OpenMP threads").
+# 20 million spins is libgomp's own former default (about 0.2 s, then the threads sleep).
+if "OMP_WAIT_POLICY" not in _os.environ and "GOMP_SPINCOUNT" not in _os.environ:
+    _os.environ["GOMP_SPINCOUNT"] = "20000000"
+
 try:
     # Load libllama before numpy: on the GPU machine's Python 3.12 the reverse order made
     # model loading segfault (docs/backend-patch.md, "Import order").

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import types
+
+import pytest
 
 import hybrid_gguf
 
@@ -26,3 +29,19 @@ def test_plan_stays_callable_after_the_plan_module_is_imported(tiny_model, tmp_p
     again = hybrid_gguf.plan(str(tiny_model), 8 * 2**20, 512, calibrate=False, measure=False)
     assert isinstance(again.plan, Plan)
     assert not isinstance(hybrid_gguf.plan, types.ModuleType)
+
+
+@pytest.mark.parametrize("given,expected", [({}, "20000000"), ({"GOMP_SPINCOUNT": "300000"}, "300000"),
+                                            ({"OMP_WAIT_POLICY": "passive"}, None)])
+def test_importing_sets_the_openmp_spin_only_where_the_user_chose_none(given, expected):
+    """`import hybrid_gguf` lets OpenMP threads spin about 0.2 s before sleeping (libgomp reads
+    GOMP_SPINCOUNT when llama_cpp loads it), unless OMP_WAIT_POLICY or GOMP_SPINCOUNT is set."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env.update(given)
+    out = subprocess.run([sys.executable, "-c", "import os, hybrid_gguf; print(os.environ.get('GOMP_SPINCOUNT'))"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(expected)

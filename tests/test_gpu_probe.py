@@ -236,3 +236,14 @@ def test_probe_fits_the_three_shapes_and_drops_stale_model_rates(shapes, monkeyp
     assert not list(tmp_path.glob("*.gguf"))  # the probe models do not stay in the cache
     gpu_probe.probe_gpu(log=lambda s: None, keep_models=True, save=False)
     assert len(list(tmp_path.glob("*.gguf"))) == 3
+
+
+def test_a_stored_calibration_takes_todays_worker_costs_unless_it_measured_them():
+    """Patch v9 halved a busy worker hand-off: the 211 us default an older calibration saved
+    gives way to today's default; a fitted (measured) value stays."""
+    stale = Bandwidth.from_dict({"cpu_bytes_per_s": 6e10, "worker_handoff_s": 211e-6, "worker_handoff_idle_s": 2e-6})
+    assert stale.worker_handoff_s == Bandwidth().worker_handoff_s == 110e-6
+    assert stale.worker_handoff_idle_s == Bandwidth().worker_handoff_idle_s
+    fitted = Bandwidth.from_dict({"worker_handoff_s": 190e-6, "measured": ["worker_handoff_s"]})
+    assert fitted.worker_handoff_s == 190e-6
+    assert Bandwidth.from_dict(fitted.to_dict()).worker_handoff_s == 190e-6

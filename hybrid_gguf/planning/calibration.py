@@ -32,6 +32,9 @@ GPU_DECODE_FIELDS = ("gpu_bytes_per_s", "gpu_layer_s", "gpu_step_s", "handoff_s"
 # than this is the fit trading bytes for fixed hand-off time (the H200's realistic 25 % row
 # gave 264 GB/s against a read of 80), not the machine: fit_decode refuses it.
 CPU_FIT_HEADROOM = 1.25
+# the CPU worker's costs move with the patch (v8 211 us busy, v9 110): a stored calibration
+# that never measured them takes today's defaults, not the ones saved with it
+FOLLOW_DEFAULTS = ("worker_handoff_s", "worker_handoff_idle_s")
 UNKNOWN_IF_ZERO = ("cpu_read_bytes_per_s",)  # measurements a calibration may not have yet
 
 
@@ -60,12 +63,13 @@ class Bandwidth:
     handoff_idle_s: float = 113e-6
     # the same with the CPU worker (patch v8, plan `handoff: worker`): the GPU posts each split
     # layer to mapped memory and the decoding thread answers; a layer with no cold work does not
-    # wait for the CPU. Busy: 211 us, fitted to three worker rows on the H200 host (realistic
-    # 25 % and 50 %, optimistic 25 %; 2026-11-30, docs/results/h200-2026-11-30g; the scheduler's
-    # rows of the same runs fitted 199 and 77). Idle: about 40 us, from the one plan whose
-    # hand-offs were nearly all idle (optimistic 50 %, 0.06 busy per token: 167 tok/s against a
-    # prediction of 241 with 2 us; docs/results/h200-2026-11-30h)
-    worker_handoff_s: float = 211e-6
+    # wait for the CPU. Busy: 110 us with patch v9's one-token expert kernel, the median of the
+    # ninth lease's worker fits on realistic routing at 25 % (106, 108, 114 us; the 50 % rows
+    # 137 and 199; docs/results/h200-2026-11-30i); patch v8 fitted 211. Idle: about 40 us, from
+    # the one plan whose hand-offs were nearly all idle (optimistic 50 %, 0.06 busy per token:
+    # 167 tok/s against a prediction of 241 with 2 us; docs/results/h200-2026-11-30h), and 49 us
+    # there in the ninth lease with OpenMP threads that did not sleep
+    worker_handoff_s: float = 110e-6
     worker_handoff_idle_s: float = 40e-6
     # fixed GPU times of a decode step, per layer and per step; 50 and 97 us on an H200
     # (gpu_probe, docs/benchmarks.md)
@@ -118,6 +122,9 @@ class Bandwidth:
             raise HybridError(f"calibration field model_gpu_rates must map model fingerprints to positive rates, "
                               f"got {rates!r}")
         kw["model_gpu_rates"] = tuple(sorted((str(k), float(v)) for k, v in rates.items()))
+        for name in FOLLOW_DEFAULTS:
+            if name not in kw["measured"]:
+                kw.pop(name, None)  # a stored default from an older patch: take today's
         if "handoff_idle_s" not in kw and "handoff_s" in kw:
             kw["handoff_idle_s"] = kw["handoff_s"]  # calibrations from before the split
         for name in ZERO_ALLOWED:
