@@ -9,8 +9,10 @@ import os as _os
 # and the CPU worker's sparse busy hand-offs then each paid a wake-up of the whole team: about
 # 1 ms instead of 0.14 ms on the H200 host (docs/tuning.md, "OpenMP threads").
 # 20 million spins is libgomp's own former default (about 0.2 s, then the threads sleep).
-if "OMP_WAIT_POLICY" not in _os.environ and "GOMP_SPINCOUNT" not in _os.environ:
-    _os.environ["GOMP_SPINCOUNT"] = "20000000"
+OPENMP_SPIN_DEFAULT = "20000000"
+openmp_spin_set_here = "OMP_WAIT_POLICY" not in _os.environ and "GOMP_SPINCOUNT" not in _os.environ
+if openmp_spin_set_here:
+    _os.environ["GOMP_SPINCOUNT"] = OPENMP_SPIN_DEFAULT
 
 try:
     # Load libllama before numpy: on the GPU machine's Python 3.12 the reverse order made

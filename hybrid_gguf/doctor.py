@@ -95,6 +95,16 @@ def _cpu(report: Report) -> None:
 
     report.cpu = cpu_report()
     report.cpu["model"] = _cpu_model()
+    report.cpu["openmp_wait"] = openmp_wait()
+
+
+def openmp_wait() -> dict:
+    """How long the CPU backend's OpenMP threads spin before sleeping: the two variables libgomp
+    reads when it loads, and whether hybrid-gguf set GOMP_SPINCOUNT (docs/tuning.md)."""
+    import hybrid_gguf
+
+    return {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"), "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT"),
+            "set_by_hybrid_gguf": bool(hybrid_gguf.openmp_spin_set_here)}
 
 
 def _cpu_model() -> str:

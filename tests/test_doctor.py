@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -33,6 +34,10 @@ def test_json_report_of_this_installation(tmp_path):
     assert b["installed"] and b["version"].startswith("0.3.36") and b["kind"] in ("CPU", "CUDA")
     assert b["patched"] == hybrid_backend.capability().per_expert
     assert isinstance(rep["cpu"]["flags"], list) and isinstance(rep["cpu"]["extra_buffer_types"], list)
+    # the test process has neither OpenMP variable unless the caller set one (run_doctor's env)
+    wait = rep["cpu"]["openmp_wait"]
+    if "OMP_WAIT_POLICY" not in os.environ and os.environ.get("GOMP_SPINCOUNT") in (None, "20000000"):
+        assert wait["GOMP_SPINCOUNT"] == "20000000"
     assert rep["recorder"]["builds"], rep["recorder"]
     names = {p["name"]: p for p in rep["paths"]}
     assert names["profiles"]["path"] == str(tmp_path / "profiles")

@@ -49,6 +49,12 @@ def _render(report, con: Console) -> None:
         con.print(f"          CPU backend built with: {' '.join(feats)}")
     bufts = cpu.get("extra_buffer_types", [])
     con.print(f"          extra buffer types: {', '.join(bufts) if bufts else 'none'}")
+    wait = cpu.get("openmp_wait") or {}
+    if wait:
+        given = [f"{k}={v}" for k, v in wait.items() if k != "set_by_hybrid_gguf" and v is not None]
+        who = " (set by hybrid-gguf; OMP_WAIT_POLICY=passive to let idle threads sleep at once)" \
+            if wait.get("set_by_hybrid_gguf") else ""
+        con.print(f"          OpenMP wait: {' '.join(given) or 'libgomp defaults'}{who}")
     rec = report.recorder
     if rec:
         state = "[green]builds[/]" if rec.get("builds") else f"[red]does not build[/]: {rec.get('error')}"
