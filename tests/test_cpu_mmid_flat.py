@@ -46,14 +46,14 @@ _RUN = textwrap.dedent("""
     from hybrid_gguf.llama import ggml_lib
     from hybrid_gguf.llama.loader import load_llama
 
-    path, n_expert, n_layer = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    path, n_expert, n_layer, n_threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     prompt = [1] + [3 + b for b in b"def main(argv):\\n    return"]
     out = {}
     half = {l: list(range(0, n_expert, 2)) for l in range(n_layer)}
     # "worker": the split's cold chains computed by the CPU worker, as graphs of their own
     for name, hot, worker in (("unsplit", None, False), ("split", half, False), ("worker", half, True)):
         llm = load_llama(path, None, hot=hot, pack_device="CPU", n_ctx=128, n_batch=64, seed=1,
-                         verbose=False, n_gpu_layers=0, n_threads=2, worker=worker).llm
+                         verbose=False, n_gpu_layers=0, n_threads=n_threads, worker=worker).llm
         llm.eval(prompt)
         steps, tokens = [], []
         for _ in range(8):
@@ -81,11 +81,11 @@ def models(tmp_path_factory):
     return made
 
 
-def _run(path, spec, flat: str, fuse: str = "0") -> dict:
+def _run(path, spec, flat: str, fuse: str = "0", threads: int = 2) -> dict:
     env = dict(os.environ, LLAMA_HYBRID_MMID_FLAT=flat, LLAMA_HYBRID_MOE_FUSE=fuse)
     for name in ("GGML_CPU_TILED_MM_FORCE", "GGML_CPU_DISABLE_FUSION"):
         env.pop(name, None)
-    proc = subprocess.run([sys.executable, "-c", _RUN, str(path), str(spec.n_expert), str(spec.n_layer)],
+    proc = subprocess.run([sys.executable, "-c", _RUN, str(path), str(spec.n_expert), str(spec.n_layer), str(threads)],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -117,6 +117,20 @@ def test_one_token_expert_paths_match_the_stock_ops(models, arch):
         # and the worker's cold graphs (where the graph allocator reuses up/gate for down)
         assert fused["fused_calls"] >= 8 * spec.n_layer * 2, f"the fused chain ran only {fused['fused_calls']} times"
     _same(arch, fused, stock, "with the fused chain")
+
+
+@pytest.mark.parametrize("arch,threads", [("qwen3moe", 3), ("llama", 7)])
+def test_the_shares_hold_for_thread_counts_that_do_not_divide_the_rows(models, arch, threads):
+    """CI's two cores run two threads by default; the shares' boundaries fall inside an expert
+    and inside a row range only with other counts (a row's dot product does not depend on the
+    thread count, so the stock path at two threads is the reference)."""
+    path, spec = models[arch]
+    stock = _run(path, spec, "0")
+    flat = _run(path, spec, "1", threads=threads)
+    fused = _run(path, spec, "1", fuse="1", threads=threads)
+    assert flat["flat_calls"] > 0 and fused["fused_calls"] > 0
+    _same(arch, flat, stock, f"with the contiguous shares on {threads} threads")
+    _same(arch, fused, stock, f"with the fused chain on {threads} threads")
 
 
 def test_the_split_suite_passes_with_the_fused_chain():
