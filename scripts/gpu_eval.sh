@@ -429,13 +429,14 @@ if has workerab; then
     # planner's own choice (per-expert: from patch v8 it may be either, or the GPU reading
     # the cold experts), answered by the decoding thread (default) and, in a second process,
     # by the worker thread alone (LLAMA_HYBRID_WORKER_INLINE=0; WA_MODES= picks, e.g. "default").
-    # The bench logs the worker's counters per row. WA_CONFIGS= sets the rows.
+    # The bench logs the worker's counters per row. WA_CONFIGS= sets the rows; TG= REPS= the
+    # decode length and reps (32 and 2: two rows of one plan differed by 10 % in the ninth lease).
     for R in ${ROUTINGS:-realistic optimistic}; do
         for S in ${SHARES:-0.25}; do
             for MODE in ${WA_MODES:-default 0}; do
                 log "worker A/B: $R routing, $S of the expert bytes, LLAMA_HYBRID_WORKER_INLINE=$MODE"
-                LLAMA_HYBRID_WORKER_INLINE=$MODE run_bench "$BIG" --routing "$R" --expert-share "$S" --pp 256 --tg 32 \
-                    --reps 2 --threads 16 --no-calibrate --configs ${WA_CONFIGS:-whole-layer,per-expert,per-expert-scheduler,per-expert-worker} \
+                LLAMA_HYBRID_WORKER_INLINE=$MODE run_bench "$BIG" --routing "$R" --expert-share "$S" --pp 256 --tg ${TG:-32} \
+                    --reps ${REPS:-2} --threads 16 --no-calibrate --configs ${WA_CONFIGS:-whole-layer,per-expert,per-expert-scheduler,per-expert-worker} \
                     --json-detail "$OUT/workerab_${MODE}_${R}_$S.json" 2>&1 | grep -E "^ *(whole|per)-|CPU worker" | cut -c1-200 \
                     || failed "workerab $MODE $R $S"
             done
@@ -488,8 +489,8 @@ if has workerdiag; then
             log "worker diagnosis $i: $R routing, 0.25 of the expert bytes, $MODE"
             ENVS=(); [ "$MODE" = default ] || IFS=+ read -r -a ENVS <<< "$MODE"
             log "cgroup before: $(cpu_throttled)"
-            env "${ENVS[@]}" python3 -m hybrid_gguf.cli bench "$BIG" --routing "$R" --expert-share 0.25 --pp 256 --tg 32 \
-                --reps 2 --threads 16 --no-calibrate --configs ${WD_CONFIGS:-per-expert-worker} --ctx 2048 --no-probe-gpu \
+            env "${ENVS[@]}" python3 -m hybrid_gguf.cli bench "$BIG" --routing "$R" --expert-share 0.25 --pp 256 --tg ${TG:-32} \
+                --reps ${REPS:-2} --threads 16 --no-calibrate --configs ${WD_CONFIGS:-per-expert-worker} --ctx 2048 --no-probe-gpu \
                 --json-detail "$OUT/workerdiag_${R}_$i.json" 2>&1 \
                 | grep -E "^ *(whole|per)-|CPU worker|decoding thread|graph messages|hybrid-worker profile" | cut -c1-600 \
                 || failed "workerdiag $R $MODE"
