@@ -134,12 +134,14 @@ def test_the_shares_hold_for_thread_counts_that_do_not_divide_the_rows(models, a
 
 
 def test_the_split_suite_passes_with_the_fused_chain():
-    """tests/test_hybrid_split.py again, in a process with LLAMA_HYBRID_MOE_FUSE=1. In its CPU
+    """tests/test_hybrid_split.py again, in a process with LLAMA_HYBRID_MOE_FUSE=1 and two threads. In its CPU
     worker's cold graphs the graph allocator puts down's output over up and gate: zeros the
     fused chain wrote to down's skipped rows before computing gate and up were overwritten
     (tokens differed on qwen3moe/half)."""
     repo = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, LLAMA_HYBRID_MOE_FUSE="1")
+    # on two threads: the suite's loads otherwise take llama-cpp-python's default, one thread on
+    # a two-core CI machine, where the shares and the fused chain have nothing to split
+    env = dict(os.environ, LLAMA_HYBRID_MOE_FUSE="1", HYBRID_GGUF_TEST_THREADS="2")
     # llama_cpp before pytest: pytest's plugins may import numpy first, and on the GPU machine a
     # model load then segfaulted (docs/backend-patch.md, "Import order"; ninth lease, exit -11)
     run_suite = ("import llama_cpp, sys, pytest; sys.exit(pytest.main(['-v', '-x', '-p', 'no:cacheprovider', "
