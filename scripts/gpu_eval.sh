@@ -36,7 +36,7 @@
 #   (ompprobe: scripts/omp_team_probe.cpp, the cost of an OpenMP region of 16 threads before
 #    and after a second live thread makes its own team; about 10 s)
 #   (cpupack: the split tests with the packs on the CPU in the CUDA build, fused chain off and on)
-#   (allhot: every expert on the GPU, as whole layers and as hot packs, ROUTINGS=; TG= REPS=)
+#   (allhot: every expert on the GPU, all-gpu against hot packs, ROUTINGS= ALLHOT_MODES= ALLHOT_CONFIGS=; TG= REPS=)
 #   (coldsplit: the split equivalence tests again with cold=gpu: the GPU reads the cold
 #    experts from pinned host memory, patch v4)
 #   (coldab: the planner's per-expert plan with its cold experts on the CPU and read by the
@@ -413,13 +413,19 @@ if has coldab; then
 fi
 if has allhot; then
     # issue 20's "every expert in the pack within 5 % of all on the GPU": at a budget that holds
-    # every expert, whole layers (all on the GPU) against the same experts as hot packs
-    # (per-expert-unpromoted: each layer split, nothing cold), ROUTINGS= (default optimistic)
+    # every expert, all on the GPU against the same experts as hot packs (per-expert-unpromoted:
+    # each layer split, nothing cold), ROUTINGS= (default optimistic). ALLHOT_MODES= runs it once
+    # per environment, e.g. "default GGML_CUDA_DISABLE_FUSION=1": is the split's 9.3 us per layer
+    # (ninth lease) lost CUDA fusion? ALLHOT_CONFIGS= sets the rows.
     for R in ${ROUTINGS:-optimistic}; do
-        log "all experts on the GPU: whole layers against hot packs, $R routing"
-        run_bench "$BIG" --routing "$R" --expert-share 1.0 --pp 256 --tg ${TG:-64} --reps ${REPS:-3} --threads 16 \
-            --no-calibrate --configs whole-layer,per-expert-unpromoted --json-detail "$OUT/allhot_$R.json" 2>&1 \
-            | grep -vE "^ *$" | tail -12 || failed "allhot $R"
+        for MODE in ${ALLHOT_MODES:-default}; do
+            ENVS=(); [ "$MODE" = default ] || IFS=+ read -r -a ENVS <<< "$MODE"
+            log "all experts on the GPU: all-gpu against hot packs, $R routing, $MODE"
+            env "${ENVS[@]}" python3 -m hybrid_gguf.cli bench "$BIG" --ctx 2048 --no-probe-gpu --routing "$R" \
+                --expert-share 1.0 --pp 256 --tg ${TG:-64} --reps ${REPS:-3} --threads 16 --no-calibrate \
+                --configs ${ALLHOT_CONFIGS:-all-gpu,per-expert-unpromoted} \
+                --json-detail "$OUT/allhot_${R}_${MODE%%=*}.json" 2>&1 | grep -vE "^ *$" | tail -8 || failed "allhot $R $MODE"
+        done
     done
 fi
 
