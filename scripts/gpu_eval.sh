@@ -36,6 +36,7 @@
 #   (ompprobe: scripts/omp_team_probe.cpp, the cost of an OpenMP region of 16 threads before
 #    and after a second live thread makes its own team; about 10 s)
 #   (cpupack: the split tests with the packs on the CPU in the CUDA build, fused chain off and on)
+#   (importorder: a CUDA model load after importing numpy, torch, jaxtyping or hypothesis first, ~20 s)
 #   (allhot: every expert on the GPU, all-gpu against hot packs, ROUTINGS= ALLHOT_MODES= ALLHOT_CONFIGS=; TG= REPS=)
 #   (coldsplit: the split equivalence tests again with cold=gpu: the GPU reads the cold
 #    experts from pinned host memory, patch v4)
@@ -213,6 +214,23 @@ if has cpupack; then
         else
             grep -E "PASSED|FAILED|Fatal|File \"|Error" "$OUT/split_cpupack_fuse$fuse.txt" | tail -25
             failed "cpupack fuse $fuse"
+        fi
+    done
+fi
+
+if has importorder; then
+    # which module imported before llama_cpp makes a CUDA model load crash on this machine
+    # (docs/backend-patch.md, "Import order"; in the ninth lease `python -m pytest`, whose
+    # plugins import numpy and more, crashed in the first load): one process per first import
+    python3 -c "from hybrid_gguf.synth import preset, write_synthetic_moe as w; w('/tmp/io.gguf', preset('tiny', n_layer=2))" \
+        || failed "importorder model"
+    for first in none numpy torch jaxtyping hypothesis; do
+        pre=""; [ "$first" = none ] || pre="import $first; "
+        if python3 -X faulthandler -c "${pre}import llama_cpp
+m = llama_cpp.Llama('/tmp/io.gguf', n_gpu_layers=99, n_ctx=64, verbose=False); print('loaded')" > "$OUT/importorder_$first.txt" 2>&1; then
+            log "importorder: $first first: loads"
+        else
+            log "importorder: $first first: exit $? ($(grep -m1 -E 'Fatal|Error' "$OUT/importorder_$first.txt"))"
         fi
     done
 fi
