@@ -108,7 +108,9 @@ def plan_configs(model_path: Path, inv: Inventory, profile, devices: list, n_ctx
             worker.worker = True
             configs.append(worker)
         if UNPROMOTED_CONFIG in (wanted or ()) and chosen.plan.n_gpu_layers != 0:
-            configs.append(unpromoted(chosen, inv))
+            packed = unpromoted(chosen, inv)
+            if packed.hot:  # else nothing would be packed: all experts on the CPU
+                configs.append(packed)
         if chosen.hot and SCHEDULER_CONFIG in (wanted or ()):
             # (asked for by name) the same with the scheduler's hand-off, whatever the planner chose
             configs.append(Config.from_plan(SCHEDULER_CONFIG, make(devices, None, "cpu", "scheduler"), inv))
