@@ -100,11 +100,13 @@ def bench_rows(budget: dict, totals: dict) -> list:
 
 
 def file_rows(arg: str, fit_shares, totals: dict) -> list:
-    """(label, RunTerms, in_fit) of a bench JSON (a list of budgets; runs in the fit when
+    """(label, RunTerms, in_fit) of a bench JSON (a list of budgets, or one; runs in the fit when
     their budget share is in fit_shares) or a GPU probe JSON (all in the fit, or those
     named: PATH:deep,wide)."""
     path, _, names = arg.partition(":")
     doc = json.load(open(path))
+    if isinstance(doc, dict) and "results" in doc:
+        doc = [doc]  # one budget's --json-detail
     if isinstance(doc, list):
         rows = []
         for b in doc:
