@@ -590,7 +590,8 @@ def fit_worker_handoff(inv: Inventory, p, worker_runs, bw, n_ctx: int, n_prompt:
         f"{idle_s * 1e6:.1f} us idle ({', '.join(k.replace('worker_handoff_', '') for k in sorted(fitted))} "
         f"fitted to {len(rows)} row{'s' if len(rows) != 1 else ''})")
     measured = tuple(sorted(set(bw.measured) | fitted))
-    return replace(bw, worker_handoff_s=busy_s, worker_handoff_idle_s=idle_s, measured=measured)
+    return replace(bw, worker_handoff_s=busy_s, worker_handoff_idle_s=idle_s, measured=measured,
+                   worker_patch_version=hybrid_backend.capability().version)
 
 
 def run_budgets(model_path: Path, budgets: Sequence[Optional[int]], *, profile_prompts, eval_prompt,

@@ -33,8 +33,10 @@ GPU_DECODE_FIELDS = ("gpu_bytes_per_s", "gpu_layer_s", "gpu_step_s", "handoff_s"
 # gave 264 GB/s against a read of 80), not the machine: fit_decode refuses it.
 CPU_FIT_HEADROOM = 1.25
 # the CPU worker's costs move with the patch (v8 211 us busy, v9 110): a stored calibration
-# that never measured them takes today's defaults, not the ones saved with it
+# that never measured them takes today's defaults, not the ones saved with it, and so does one
+# that measured them with a patch older than WORKER_COSTS_VERSION
 FOLLOW_DEFAULTS = ("worker_handoff_s", "worker_handoff_idle_s")
+WORKER_COSTS_VERSION = 9
 UNKNOWN_IF_ZERO = ("cpu_read_bytes_per_s",)  # measurements a calibration may not have yet
 
 
@@ -96,6 +98,8 @@ class Bandwidth:
     # reach different rates on different matrix shapes (1.5 TB/s on Qwen3-30B-shaped experts,
     # 2.3 on Mixtral-shaped ones on an H200); the machine-wide rate is the GPU probe's.
     model_gpu_rates: tuple = ()
+    # the hybrid patch version `bench` fitted the worker's costs with (0: before this was kept)
+    worker_patch_version: int = 0
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -122,6 +126,13 @@ class Bandwidth:
             raise HybridError(f"calibration field model_gpu_rates must map model fingerprints to positive rates, "
                               f"got {rates!r}")
         kw["model_gpu_rates"] = tuple(sorted((str(k), float(v)) for k, v in rates.items()))
+        version = kw.get("worker_patch_version", 0)
+        if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+            raise HybridError(f"calibration field worker_patch_version must be a patch version (0 or more), "
+                              f"got {version!r}")
+        if version < WORKER_COSTS_VERSION:
+            # measured with an older patch, whose one-token expert kernel was slower
+            kw["measured"] = tuple(m for m in kw["measured"] if m not in FOLLOW_DEFAULTS)
         for name in FOLLOW_DEFAULTS:
             if name not in kw["measured"]:
                 kw.pop(name, None)  # a stored default from an older patch: take today's
