@@ -37,6 +37,8 @@
 #    and after a second live thread makes its own team; about 10 s)
 #   (cpupack: the split tests with the packs on the CPU in the CUDA build, fused chain off and on)
 #   (importorder: a CUDA model load after importing numpy, torch, jaxtyping or hypothesis first, ~20 s)
+#   (bothab: patch v10's cold=both, the worker plan with and without its GPU reading a share of
+#    the cold experts in place; ROUTINGS= SHARES= TG= REPS= BOTH_CONFIGS=)
 #   (allhot: every expert on the GPU, all-gpu against hot packs, ROUTINGS= ALLHOT_MODES= ALLHOT_CONFIGS=; TG= REPS=)
 #   (coldsplit: the split equivalence tests again with cold=gpu: the GPU reads the cold
 #    experts from pinned host memory, patch v4)
@@ -241,7 +243,7 @@ if has coldsplit; then
 fi
 
 BIG=/tmp/models/q30b-like-q4k.gguf
-if has recorder || has bench || has plan || has skipab || has threads || has routing || has coldab || has cacheab || has multigpu || has workerab || has workerdiag || has schedops || has allhot \
+if has recorder || has bench || has plan || has skipab || has threads || has routing || has coldab || has cacheab || has multigpu || has workerab || has workerdiag || has schedops || has allhot || has bothab \
     || has upstream || has prefill; then
     log "make the Qwen3-30B-A3B-shaped Q4_K model"
     t0=$(date +%s)
@@ -443,6 +445,22 @@ if has allhot; then
                 --expert-share 1.0 --pp 256 --tg ${TG:-64} --reps ${REPS:-3} --threads 16 --no-calibrate \
                 --configs ${ALLHOT_CONFIGS:-all-gpu,per-expert-unpromoted} \
                 --json-detail "$OUT/allhot_${R}_${MODE%%=*}.json" 2>&1 | grep -vE "^ *$" | tail -8 || failed "allhot $R $MODE"
+        done
+    done
+fi
+
+if has bothab; then
+    # patch v10, cold=both: the planner's plan with the CPU worker, against the same plan where each
+    # split layer's GPU also reads a share of its cold experts in place (per-expert-both: the share
+    # the stored calibration's two rates balance; -S: S of the cold selections), beside whole
+    # layers. ROUTINGS= SHARES= TG= REPS= BOTH_CONFIGS=
+    for R in ${ROUTINGS:-realistic optimistic}; do
+        for S in ${SHARES:-0.25}; do
+            log "both readers: $R routing, $S of the expert bytes"
+            run_bench "$BIG" --routing "$R" --expert-share "$S" --pp 256 --tg ${TG:-64} --reps ${REPS:-3} --threads 16 \
+                --no-calibrate --configs ${BOTH_CONFIGS:-whole-layer,per-expert-worker,per-expert-both,per-expert-both-0.2,per-expert-both-0.4} \
+                --json-detail "$OUT/bothab_${R}_$S.json" 2>&1 | grep -E "^ *(whole|per)-|CPU worker" | cut -c1-200 \
+                || failed "bothab $R $S"
         done
     done
 fi

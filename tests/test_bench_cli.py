@@ -386,3 +386,25 @@ def test_the_unpromoted_row_keeps_every_expert_in_a_pack(tiny_model_factory, tmp
     faults = packed["cpu_paths"]
     if faults is not None:
         assert faults["minor_faults"] >= 0 and faults["major_faults"] >= 0
+
+
+def test_bench_times_both_readers_of_the_cold_experts(tiny_model_factory, tmp_path):
+    """`per-expert-both-0.5` (patch version 10): the plan with the CPU worker, where each split
+    layer's GPU (here the CPU backend's main graph) reads about half of its cold selections;
+    the row names them and the worker's counters; a malformed share is one clear error."""
+    from hybrid_gguf.llama import hybrid
+
+    if hybrid.capability().version < 10:
+        pytest.skip("needs hybrid patch version 10 (cold=both)")
+    res, detail = _bench_at_a_third(tiny_model_factory, tmp_path, "per-expert,per-expert-both-0.5")
+    rows = {r["name"]: r for r in json.loads(detail.read_text())["results"]}
+    both = rows["per-expert-both-0.5"]
+    assert both["error"] is None and both["tg_ts"][0] > 0
+    gpu_cold = {int(l): v for l, v in both["plan"]["gpu_cold"].items()}
+    hot = {int(l): set(v) for l, v in both["plan"]["hot"].items()}
+    assert gpu_cold and all(l in hot and not hot[l] & set(v) for l, v in gpu_cold.items())
+    assert both["worker"]["busy"] + both["worker"]["idle"] > 0
+    path = tiny_model_factory("qwen3moe", n_layer=4)
+    bad = CliRunner().invoke(app, ["bench", str(path), "--configs", "per-expert-both-half", "--tg", "2",
+                                   "--profile-tokens", "128", "--ctx", "256", "--no-calibrate"])
+    assert bad.exit_code != 0 and "must be a number" in str(bad.exception)

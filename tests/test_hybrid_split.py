@@ -75,7 +75,8 @@ FLASH_ATTN = os.environ.get("HYBRID_GGUF_TEST_FLASH_ATTN", "0") == "1"
 TEST_THREADS = int(os.environ.get("HYBRID_GGUF_TEST_THREADS", "0")) or None
 
 
-def load_with_report(path, hot=None, use_mmap=True, cache=None, flash_attn=None, worker=False, n_threads=None):
+def load_with_report(path, hot=None, use_mmap=True, cache=None, flash_attn=None, worker=False, n_threads=None,
+                     gpu_cold=None):
     from hybrid_gguf.llama.loader import load_llama
     from hybrid_gguf.planning.placement import cpu_moe
 
@@ -90,8 +91,8 @@ def load_with_report(path, hot=None, use_mmap=True, cache=None, flash_attn=None,
         kwargs["n_gpu_layers"] = 0
     if len(SPLIT_GPUS) > 1:
         kwargs["tensor_split"] = [1.0] * len(SPLIT_GPUS)
-    return load_llama(path, placement, hot=hot, pack_device=PACK_DEVICE, cold_on_gpu=COLD_ON_GPU, cache=cache,
-                      worker=worker, **kwargs)
+    return load_llama(path, placement, hot=hot, pack_device=PACK_DEVICE, cold_on_gpu=COLD_ON_GPU and not gpu_cold,
+                      cache=cache, worker=worker, gpu_cold=gpu_cold, **kwargs)
 
 
 def load(path, hot=None, use_mmap=True, flash_attn=None):
@@ -230,6 +231,73 @@ def test_cpu_worker_computes_the_same(models, arch, monkeypatch):
             assert run.tokens == ref.tokens, f"{arch}/{label}: greedy tokens differ with the CPU worker"
             assert delta <= tol, f"{arch}/{label}: max |logit delta| {delta:.3g} > {tol:.3g} with the CPU worker"
         monkeypatch.delenv("LLAMA_HYBRID_WORKER")
+
+
+@pytest.mark.parametrize("arch", list(ARCH_PRESETS))
+def test_both_readers_compute_the_same(models, arch, monkeypatch):
+    """cold=both (patch version 10): a split layer's cold experts are shared out. The GPU's
+    listed ones run in the main graph (without a GPU, on the CPU backend there), the rest on the
+    CPU worker: decode steps and, with the token limit raised, the short prompt's batch. The long
+    prompt's batch has no worker; the scheduler's cold chain takes the CPU's share. The worker
+    must have computed its share, and every cold expert listed for the GPU leaves it idle.
+    On a GPU the packs' kernels of small batches skip only quantized weights: float models are
+    refused there with one line."""
+    if hybrid_backend.capability().version < 10:
+        pytest.skip("cold=both is in hybrid patch version 10")
+    path, spec = models[arch]
+    half = hot_sets(spec.n_layer, spec.n_expert)["half"]
+    cold = {l: [e for e in range(spec.n_expert) if e not in es] for l, es in half.items()}
+    shares = {"some": {l: es[::2] for l, es in cold.items()}, "all": cold}
+    if ON_GPU and spec.weight_type == "F32":
+        with pytest.raises(HybridError, match="quantized expert weights"):
+            load_with_report(path, half, gpu_cold=shares["some"])
+        return
+    for prompt, max_tokens in ((LONG_PROMPT, "4"), (PROMPT, "32")):
+        ref, tol, _ = reference(path, prompt)
+        monkeypatch.setenv("LLAMA_HYBRID_WORKER_MAX_TOKENS", max_tokens)
+        for label, gpu_cold in shares.items():
+            llm = load_with_report(path, half, gpu_cold=gpu_cold).llm
+            run = greedy(llm, prompt, N_GEN)
+            stats = hybrid_backend.worker_stats(llm.ctx)
+            llm.close()
+            delta = float(np.max(np.abs(run.logits - ref.logits)))
+            print(f"{arch}/{label} both readers (max {max_tokens} tokens): {stats}, max |logit delta| {delta:.2e}")
+            assert stats is not None and stats["busy"] + stats["idle"] > 0, f"{arch}/{label}: no hand-off"
+            if label == "all":
+                assert stats["busy"] == 0, f"{arch}/all: the worker computed experts the GPU owns"
+            assert run.tokens == ref.tokens, f"{arch}/{label}: greedy tokens differ with both readers"
+            assert delta <= tol, f"{arch}/{label}: max |logit delta| {delta:.3g} > {tol:.3g} with both readers"
+        if max_tokens == "32":
+            # the short prompt's batch and its decode steps put the CPU's share on the worker
+            llm = load_with_report(path, half, gpu_cold=shares["some"]).llm
+            greedy(llm, prompt, N_GEN)
+            assert hybrid_backend.worker_stats(llm.ctx)["busy"] > 0, f"{arch}/some: the worker computed nothing"
+            llm.close()
+
+
+def test_both_readers_plan_text_and_its_errors(models):
+    """The plan text of cold=both, and the lists it refuses before llama.cpp sees them (or,
+    for the patch's own checks, as one clear load error)."""
+    from hybrid_gguf.planning.placement import CacheOptions, plan_text
+
+    text = plan_text({0: [1, 2], 2: [5]}, gpu_cold={0: [3, 4], 2: [0]})
+    assert text.split(";") == ["cold=both", "handoff=worker", "0:1,2", "2:5", "0g:3,4", "2g:0"]
+    for kw, msg in [(dict(gpu_cold={1: [3]}), "no hot pack"), (dict(gpu_cold={0: [2]}), "hot experts"),
+                    (dict(gpu_cold={0: [3, 3]}), "twice"), (dict(gpu_cold={0: [3]}, cold_on_gpu=True), "pick one"),
+                    (dict(gpu_cold={0: [3]}, cache=CacheOptions("lru")), "cache")]:
+        with pytest.raises(HybridError, match=msg):
+            plan_text({0: [1, 2], 2: [5]}, **kw)
+    if hybrid_backend.capability().version < 10:
+        return
+    path, spec = models["qwen3moe"]
+    with pytest.raises(HybridError, match="out of range, hot or listed twice"):
+        load_with_report(path, {0: [1, 2]}, gpu_cold={0: [spec.n_expert]})
+    # the patch's own checks: a rejected text (HybridError) or a failed load (ValueError from `load`)
+    for bad, msg in (("cold=both;0g:3;1:2", "no hot ones"), ("cold=both;0:1;0g:3;0g:4", "rejected"),
+                     ("cold=cpu;0:1;0g:3", "without cold=both"), ("cold=both;0:1;0g@CUDA0:3", "rejected")):
+        with pytest.raises((HybridError, ValueError), match=msg):
+            with hybrid_backend.pending_plan(bad):
+                load(path)
 
 
 def test_cpu_worker_with_many_batch_sizes(models, monkeypatch):

@@ -28,6 +28,7 @@ class Config:
     cold_on_gpu: bool = False    # the packs' GPU reads the cold experts from pinned host memory
     cache: object = None         # placement.CacheOptions of an in-session cache over the packs
     worker: bool = False         # decode hands the cold experts to a CPU worker (plan handoff=worker)
+    gpu_cold: dict = field(default_factory=dict)  # cold=both: layer -> cold experts its GPU reads in place
 
     @classmethod
     def from_plan(cls, name: str, plan, inv: Inventory) -> "Config":
@@ -49,7 +50,8 @@ class Config:
                     "hot": {str(l): list(v) for l, v in sorted(self.hot.items())}, "whole_layers": [],
                     "rules": [{"pattern": r.pattern, "device": r.device} for r in self.placement.rules]}
         pl = self.plan
-        return {"backend": pl.backend, "budget_bytes": int(pl.budget_bytes), "n_gpu_layers": pl.n_gpu_layers,
+        both = {"gpu_cold": {str(l): list(v) for l, v in sorted(self.gpu_cold.items())}} if self.gpu_cold else {}
+        return {**both, "backend": pl.backend, "budget_bytes": int(pl.budget_bytes), "n_gpu_layers": pl.n_gpu_layers,
                 "hot_device": pl.hot_device, "cold": "gpu" if self.cold_on_gpu else "cpu",
                 "handoff": "worker" if self.worker else "scheduler", "hot": {str(l): list(v) for l, v in sorted(self.hot.items())},
                 "whole_layers": pl.whole_layers(inv) if pl.n_gpu_layers != 0 else [],
@@ -67,6 +69,30 @@ def unpromoted(chosen: Config, inv: Inventory) -> Config:
     for l in chosen.plan.whole_layers(inv):
         hot[l] = list(range(inv.layers[l].n_expert))
     return Config(UNPROMOTED_CONFIG, cpu_moe(), hot, dict(hot), chosen.plan.n_gpu_layers)
+
+
+def both_readers(name: str, plan, inv: Inventory, profile) -> Config:
+    """`per-expert-both[-SHARE]`: the plan with its cold experts on the CPU worker, except a share
+    of each split layer's (by the profile's selections) that its GPU reads in place, cold=both
+    (patch version 10). SHARE defaults to what the stored calibration's two rates balance."""
+    from hybrid_gguf.planning.calibration import Bandwidth, load_calibration
+    from hybrid_gguf.planning.cold_split import gpu_read_share, split_cold
+
+    tail = name[len(BOTH_CONFIG):].lstrip("-")
+    if tail:
+        try:
+            share = float(tail)
+        except ValueError:
+            raise HybridError(f"{name!r}: the GPU's share after {BOTH_CONFIG}- must be a number, e.g. "
+                              f"{BOTH_CONFIG}-0.3") from None
+    else:
+        bw = load_calibration() or Bandwidth()
+        share = gpu_read_share(bw.host_read_bytes_per_s, bw.cpu_bytes_per_s)
+    cfg = Config.from_plan(name, plan, inv)
+    cfg.worker = True
+    counts = profile.counts_decode if profile.counts_decode.sum() > 0 else profile.counts
+    cfg.gpu_cold = split_cold(cfg.hot, counts, share)
+    return cfg
 
 
 def plan_configs(model_path: Path, inv: Inventory, profile, devices: list, n_ctx: int, n_ubatch: int,
@@ -91,9 +117,11 @@ def plan_configs(model_path: Path, inv: Inventory, profile, devices: list, n_ctx
     alternatives = ("per-expert-cold-cpu", "per-expert-cold-gpu", WORKER_CONFIG, SCHEDULER_CONFIG, UNPROMOTED_CONFIG)
     # the plan's packs as an in-session cache: only when asked for by name (--configs)
     caches = [name for name in wanted or () if name.startswith(CACHE_PREFIX)]
+    boths = [name for name in wanted or () if name == BOTH_CONFIG or name.startswith(BOTH_CONFIG + "-")]
     for name in caches:
         cache_config(name)  # a malformed name fails before anything loads
-    if (want("per-expert") or any(want(a) for a in alternatives) or caches) and hybrid_backend.capability().per_expert:
+    if (want("per-expert") or any(want(a) for a in alternatives) or caches or boths) and \
+            hybrid_backend.capability().per_expert:
         chosen = Config.from_plan("per-expert", make(devices, None), inv)
         if want("per-expert"):
             configs.append(chosen)
@@ -107,6 +135,9 @@ def plan_configs(model_path: Path, inv: Inventory, profile, devices: list, n_ctx
             worker = Config.from_plan(WORKER_CONFIG, make(devices, None, "cpu", "worker"), inv)
             worker.worker = True
             configs.append(worker)
+        for name in boths:
+            if chosen.hot and hybrid_backend.capability().version >= 10:
+                configs.append(both_readers(name, make(devices, None, "cpu", "worker"), inv, profile))
         if UNPROMOTED_CONFIG in (wanted or ()) and chosen.plan.n_gpu_layers != 0:
             packed = unpromoted(chosen, inv)
             if packed.hot:  # else nothing would be packed: all experts on the CPU
@@ -133,6 +164,7 @@ CACHE_PREFIX = "per-expert-cache-"
 WORKER_CONFIG = "per-expert-worker"
 SCHEDULER_CONFIG = "per-expert-scheduler"
 UNPROMOTED_CONFIG = "per-expert-unpromoted"
+BOTH_CONFIG = "per-expert-both"  # cold=both; "-0.3" gives the GPU's share of the cold selections
 WORKER_SUFFIX = "-worker"
 
 

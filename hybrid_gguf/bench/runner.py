@@ -102,7 +102,8 @@ def load_config(path: Path, inv: Inventory, cfg: Config, n_ctx: int, n_batch: in
     if not repack:
         kwargs["model_patch"] = _no_extra_bufts
     return load_llama(path, cfg.placement, hot=cfg.hot or None, pack_device=pack_device,
-                      cold_on_gpu=cfg.cold_on_gpu, cache=cfg.cache, worker=cfg.worker, record=record,
+                      cold_on_gpu=cfg.cold_on_gpu, cache=cfg.cache, worker=cfg.worker, gpu_cold=cfg.gpu_cold or None,
+                      record=record,
                       route_trace=routing_process.model_trace(inv, n_ctx, stream, routing), inventory=inv, **kwargs)
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Iterator, Mapping, Optional, Sequence
 
 from hybrid_gguf.errors import STOCK_NOTICE, HybridError
-from hybrid_gguf.planning.placement import COLD_ON_GPU, HANDOFF_WORKER, per_layer_pack_text
+from hybrid_gguf.planning.placement import COLD_BOTH, COLD_ON_GPU, HANDOFF_WORKER, per_layer_pack_text
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,9 @@ def pending_plan(text: str) -> Iterator[None]:
     if per_layer_pack_text(text) and capability().version < 5:
         raise HybridError("hot packs on each layer's own GPU (several GPUs) need hybrid patch version 5; "
                           "rebuild the backend with `hybrid-gguf backend install`")
+    if COLD_BOTH in text.split(";") and capability().version < 10:
+        raise HybridError("cold experts read by both the GPU and the CPU need hybrid patch version 10; rebuild "
+                          "the backend with `hybrid-gguf backend install`")
     if HANDOFF_WORKER in text.split(";") and capability().version < 6:
         raise HybridError("the CPU worker hand-off needs hybrid patch version 6; rebuild the backend "
                           "with `hybrid-gguf backend install`")

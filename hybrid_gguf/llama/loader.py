@@ -127,7 +127,7 @@ class LoadedLlama:
 def load_llama(model_path, placement: Optional[TensorPlacement] = None, *,
                hot: Optional[Mapping[int, Sequence[int]]] = None,
                pack_device: Union[None, str, Mapping[int, str]] = None,
-               cold_on_gpu: bool = False, cache=None, worker: bool = False, record=None, route_trace=None,
+               cold_on_gpu: bool = False, cache=None, worker: bool = False, gpu_cold=None, record=None, route_trace=None,
                model_patch: Optional[Callable[[Any], None]] = None,
                allow_extra_bufts: bool = False, inventory=None, **llama_kwargs) -> LoadedLlama:
     """Construct a Llama with a placement and report where llama.cpp put the buffers.
@@ -140,6 +140,8 @@ def load_llama(model_path, placement: Optional[TensorPlacement] = None, *,
     memory (placement.plan_text), instead of a CPU hand-off per split layer.
     `worker`: decode steps hand the split layers' cold experts to a CPU worker thread
     (placement.plan_text) instead of a graph split per layer.
+    `gpu_cold` ({layer: [cold expert, ...]}, patch version 10): the GPU reads those cold experts
+    in place while the CPU worker computes the rest of the layer's cold ones (implies `worker`).
     `cache` (placement.CacheOptions): the hot packs become an in-session cache whose slots
     adapt between ubatches (the hot set gives the slots and their first residents).
     `record` (recorder.Recording): attach a routing recorder to the context; it is
@@ -185,7 +187,8 @@ def load_llama(model_path, placement: Optional[TensorPlacement] = None, *,
                 per_layer = isinstance(pack_device, Mapping)
                 text = plan_text(hot, None if per_layer else pack_device, cold_on_gpu=cold_on_gpu,
                                  layer_buffer_types=pack_device if per_layer else None,
-                                 cache=cache if cache is not None and cache.active else None, worker=worker)
+                                 cache=cache if cache is not None and cache.active else None, worker=worker,
+                                 gpu_cold=gpu_cold)
                 handed_over.enter_context(hybrid.pending_plan(text))
             if route_trace is not None:
                 handed_over.enter_context(hybrid.pending_route_trace(route_trace))

@@ -114,6 +114,7 @@ def validate_rules(rules) -> None:
 # --- the hot set as the patch reads it -------------------------------------------------------
 
 COLD_ON_GPU = "cold=gpu"  # the plan-text item that asks for cold experts on the GPU
+COLD_BOTH = "cold=both"  # cold experts read by the GPU (its listed share) and the CPU worker (patch v10)
 HANDOFF_WORKER = "handoff=worker"  # the plan-text item that gives cold chains to a CPU worker
 # A pack device meaning "the GPU that holds the layer" (its router's device), so a layer's
 # hot chain runs on the card of the rest of that layer: the patch's `buft=auto` (version 5).
@@ -161,7 +162,8 @@ class CacheOptions:
 
 def plan_text(hot: Mapping[int, Sequence[int]], buffer_type: Optional[str] = None,
               cold_on_gpu: bool = False, layer_buffer_types: Optional[Mapping[int, str]] = None,
-              cache: Optional[CacheOptions] = None, worker: bool = False) -> str:
+              cache: Optional[CacheOptions] = None, worker: bool = False,
+              gpu_cold: Optional[Mapping[int, Sequence[int]]] = None) -> str:
     """Serialize {layer: [expert, ...]} as the patch's plan text (slot order = list order).
 
     buffer_type: where the packs go (a device or buffer-type name; None or "GPU": the first
@@ -173,15 +175,24 @@ def plan_text(hot: Mapping[int, Sequence[int]], buffer_type: Optional[str] = Non
     hand-off (docs/backend-patch.md).
     cache (patch version 5): the in-session cache's items, CacheOptions.plan_tokens.
     worker (patch version 6): decode steps hand each split layer's cold experts to a CPU worker
-    thread through mapped memory instead of cutting the graph there (docs/backend-patch.md)."""
+    thread through mapped memory instead of cutting the graph there (docs/backend-patch.md).
+    gpu_cold (patch version 10, {layer: [expert, ...]}): both read the cold experts ("cold=both",
+    with the worker): each listed layer's GPU reads those cold experts in place, the worker
+    computes the others; they live in pinned, device-mapped memory as with cold_on_gpu."""
     # "GPU" means the first GPU, which is also the patch's default
     named = buffer_type and buffer_type.upper() != "GPU"
     parts = [f"buft={buffer_type}"] if named else []
+    if cold_on_gpu and gpu_cold:
+        raise HybridError("cold experts read by the GPU alone (cold=gpu) or by both (GPU-read lists): pick one")
+    if gpu_cold and cache is not None:
+        raise HybridError("cold experts read by both the GPU and the CPU do not work with an in-session cache yet")
     if cold_on_gpu:
         parts.append(COLD_ON_GPU)
+    if gpu_cold:
+        parts.append(COLD_BOTH)
     if cache is not None:
         parts += cache.plan_tokens()
-    if worker:
+    if worker or gpu_cold:
         parts.append(HANDOFF_WORKER)
     own = {int(l): str(d) for l, d in (layer_buffer_types or {}).items()}
     for name in own.values():
@@ -192,6 +203,17 @@ def plan_text(hot: Mapping[int, Sequence[int]], buffer_type: Optional[str] = Non
         if experts:
             where = f"@{own[int(layer)]}" if int(layer) in own else ""
             parts.append(f"{int(layer)}{where}:{','.join(str(int(e)) for e in experts)}")
+    for layer in sorted(gpu_cold or {}):
+        listed = [int(e) for e in gpu_cold[layer]]
+        if not listed:
+            continue
+        if not list(hot.get(layer, ())):
+            raise HybridError(f"layer {layer} lists cold experts for its GPU but has no hot pack")
+        if set(listed) & {int(e) for e in hot[layer]}:
+            raise HybridError(f"layer {layer} lists hot experts among those its GPU reads cold")
+        if len(set(listed)) != len(listed):
+            raise HybridError(f"layer {layer} lists a GPU-read cold expert twice")
+        parts.append(f"{int(layer)}g:{','.join(map(str, listed))}")
     return ";".join(parts)
 
 
