@@ -204,6 +204,20 @@ def test_cold_chain_gathering_its_experts_computes_the_same(models, arch, monkey
         assert delta <= tol, f"{arch}: max |logit delta| {delta:.3g} > {tol:.3g} with the cold chain gathering"
 
 
+def worker_run(llm, prompt, ref, tol, what):
+    """Greedy decode of `llm` (closed afterwards) against the unsplit `ref`: the worker must
+    have taken hand-offs, tokens must match and logits stay within `tol`. Its counters."""
+    run = greedy(llm, prompt, N_GEN)
+    stats = hybrid_backend.worker_stats(llm.ctx)
+    llm.close()
+    delta = float(np.max(np.abs(run.logits - ref.logits)))
+    print(f"{what}: {stats}, max |logit delta| {delta:.2e}")
+    assert stats is not None and stats["busy"] + stats["idle"] > 0, f"{what}: no hand-off"
+    assert run.tokens == ref.tokens, f"{what}: greedy tokens differ"
+    assert delta <= tol, f"{what}: max |logit delta| {delta:.3g} > {tol:.3g}"
+    return stats
+
+
 @pytest.mark.parametrize("arch", list(ARCH_PRESETS))
 def test_cpu_worker_computes_the_same(models, arch, monkeypatch):
     """LLAMA_HYBRID_WORKER=1 (patch version 6): a split layer's cold chain runs on the
@@ -218,18 +232,11 @@ def test_cpu_worker_computes_the_same(models, arch, monkeypatch):
         monkeypatch.setenv("LLAMA_HYBRID_WORKER_MAX_TOKENS", max_tokens)
         for label in ("one", "half", "all_but_one"):
             llm = load(path, hot_sets(spec.n_layer, spec.n_expert)[label])
-            run = greedy(llm, prompt, N_GEN)
-            stats = hybrid_backend.worker_stats(llm.ctx)
-            llm.close()
-            delta = float(np.max(np.abs(run.logits - ref.logits)))
-            print(f"{arch}/{label} worker (max {max_tokens} tokens): {stats}, max |logit delta| {delta:.2e}")
-            assert stats is not None and stats["busy"] + stats["idle"] > 0, f"{arch}/{label}: no hand-off"
+            stats = worker_run(llm, prompt, ref, tol, f"{arch}/{label} worker (max {max_tokens} tokens)")
             if label == "one":  # seven of eight experts cold: every token has cold work
                 assert stats["busy"] > 0, f"{arch}/one: the worker computed nothing"
             if label == "all_but_one":  # a token rarely picks the one cold expert
                 assert stats["idle"] > 0, f"{arch}/all_but_one: no hand-off was idle"
-            assert run.tokens == ref.tokens, f"{arch}/{label}: greedy tokens differ with the CPU worker"
-            assert delta <= tol, f"{arch}/{label}: max |logit delta| {delta:.3g} > {tol:.3g} with the CPU worker"
         monkeypatch.delenv("LLAMA_HYBRID_WORKER")
 
 
@@ -257,16 +264,9 @@ def test_both_readers_compute_the_same(models, arch, monkeypatch):
         monkeypatch.setenv("LLAMA_HYBRID_WORKER_MAX_TOKENS", max_tokens)
         for label, gpu_cold in shares.items():
             llm = load_with_report(path, half, gpu_cold=gpu_cold).llm
-            run = greedy(llm, prompt, N_GEN)
-            stats = hybrid_backend.worker_stats(llm.ctx)
-            llm.close()
-            delta = float(np.max(np.abs(run.logits - ref.logits)))
-            print(f"{arch}/{label} both readers (max {max_tokens} tokens): {stats}, max |logit delta| {delta:.2e}")
-            assert stats is not None and stats["busy"] + stats["idle"] > 0, f"{arch}/{label}: no hand-off"
+            stats = worker_run(llm, prompt, ref, tol, f"{arch}/{label} both readers (max {max_tokens} tokens)")
             if label == "all":
                 assert stats["busy"] == 0, f"{arch}/all: the worker computed experts the GPU owns"
-            assert run.tokens == ref.tokens, f"{arch}/{label}: greedy tokens differ with both readers"
-            assert delta <= tol, f"{arch}/{label}: max |logit delta| {delta:.3g} > {tol:.3g} with both readers"
         if max_tokens == "32":
             # the short prompt's batch and its decode steps put the CPU's share on the worker
             llm = load_with_report(path, half, gpu_cold=shares["some"]).llm
