@@ -435,8 +435,9 @@ def predict_configs(inv: Inventory, profile, cfgs: Sequence[Config], results: Se
     cold_runs = [(cfg, run) for cfg, run in runs.values() if cfg.cold_on_gpu]
     if on_gpu and cold_runs:
         saved = fit_host_read(inv, p, cold_runs, saved, n_ctx, t_ubatch, log)
+    # (a cold=both row's worker computes only part of the cold bytes: not a row to fit it on)
     worker_runs = [(cfg, run, terms[name][1]) for name, (cfg, run) in runs.items()
-                   if cfg.worker and not _is_cache(cfg)]
+                   if cfg.worker and not _is_cache(cfg) and not cfg.gpu_cold]
     if on_gpu and worker_runs:
         saved = fit_worker_handoff(inv, p, worker_runs, saved, n_ctx, t_ubatch, log)
     fitted = saved.for_model(inv.fingerprint)
@@ -453,7 +454,7 @@ def predict_configs(inv: Inventory, profile, cfgs: Sequence[Config], results: Se
         for key, bw in (("predicted", before), ("fitted", fitted), ("roofline", roof)):
             sp = predict_speed(inv, p, cfg.gpu_experts if on_gpu else {}, on_gpu, bw, n_ctx,
                                n_ubatch=t_ubatch, kv_fill=run.kv_fill, cold_on_gpu=cfg.cold_on_gpu,
-                               worker=cfg.worker)
+                               worker=cfg.worker, gpu_cold=cfg.gpu_cold)
             row[f"{key}_decode_ts"] = sp.decode_tokens_per_s
             if key != "roofline":
                 row[f"{key}_prefill_ts"] = sp.prefill_tokens_per_s

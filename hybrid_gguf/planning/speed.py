@@ -89,7 +89,8 @@ def predict_speed(inv, p: Optional[np.ndarray], gpu_experts: Mapping[int, Sequen
                   dense_on_gpu: bool, bw: Bandwidth, n_ctx: int, n_ubatch: int = 512,
                   kv_fill: Optional[int] = None, kv_bytes_per_token: Optional[int] = None,
                   op_offload: bool = True, p_prefill: Optional[np.ndarray] = None,
-                  cold_on_gpu: bool = False, card_hops: int = 0, worker: bool = False) -> SpeedPrediction:
+                  cold_on_gpu: bool = False, card_hops: int = 0, worker: bool = False,
+                  gpu_cold: Optional[Mapping[int, Sequence[int]]] = None) -> SpeedPrediction:
     """Decode and prefill tokens/s of a placement.
 
     cold_on_gpu: the GPU computes the host-side experts too, reading them in place from pinned
@@ -106,6 +107,10 @@ def predict_speed(inv, p: Optional[np.ndarray], gpu_experts: Mapping[int, Sequen
     worker: split layers hand their cold experts to the CPU worker (patch v8, plan `handoff:
     worker`) instead of the scheduler's graph cut: hand-offs at bw.worker_handoff_s (busy) and
     bw.worker_handoff_idle_s (idle).
+    gpu_cold ({layer: cold experts}, patch v10 `cold=both`, with `worker`): in a decode step each
+    listed layer's GPU reads those experts in place (bw.host_read_bytes_per_s) while the worker
+    computes the rest, so the layer's cold time is the longer of the two, and a token that picks
+    only the GPU's share leaves the worker idle; prompt batches run as with cold_on_gpu.
     """
     L = inv.n_layer
     if p is None:
@@ -113,9 +118,13 @@ def predict_speed(inv, p: Optional[np.ndarray], gpu_experts: Mapping[int, Sequen
         for layer in inv.layers:
             if layer.is_moe:
                 p[layer.index, :layer.n_expert] = layer.n_expert_used / layer.n_expert
+    gpu_cold = {int(l): list(v) for l, v in (gpu_cold or {}).items() if len(v)} if dense_on_gpu else {}
     gpu_sel = layer_hits(p, gpu_experts)
     host_sel = p.sum(axis=1) - gpu_sel
-    busy = layer_busy(p, gpu_experts)
+    # the worker's share: what neither the packs nor (cold=both) the GPU's reads take
+    not_cpu = {l: list(gpu_experts.get(l, ())) + gpu_cold.get(l, []) for l in set(gpu_experts) | set(gpu_cold)}
+    read_sel = layer_hits(p, gpu_cold) if gpu_cold else np.zeros(L)
+    busy = layer_busy(p, not_cpu)
 
     dense_bytes = dense_elems = 0
     for t in inv.tensors:
@@ -134,13 +143,18 @@ def predict_speed(inv, p: Optional[np.ndarray], gpu_experts: Mapping[int, Sequen
     # decode: one token
     d_bw = bw.gpu_bytes_per_s if dense_on_gpu else bw.cpu_bytes_per_s
     exp_gpu = exp_cpu = 0.0
+    both_read_s = 0.0  # cold=both: what the GPU's in-place reads take beyond the worker's compute
     n_busy = n_idle = 0.0
     for layer in inv.layers:
         if not layer.is_moe:
             continue
         l = layer.index
         exp_gpu += gpu_sel[l] * layer.per_expert_bytes
-        exp_cpu += host_sel[l] * layer.per_expert_bytes
+        cpu_bytes = (host_sel[l] - read_sel[l]) * layer.per_expert_bytes
+        exp_cpu += cpu_bytes
+        if l in gpu_cold:
+            both_read_s += max(0.0, read_sel[l] * layer.per_expert_bytes / bw.host_read_bytes_per_s
+                               - cpu_bytes / bw.cpu_bytes_per_s) + bw.gpu_chain_s
         if dense_on_gpu and len(set(gpu_experts.get(l, ()))) < layer.n_expert:
             n_busy += busy[l]
             n_idle += 1.0 - busy[l]
@@ -159,6 +173,8 @@ def predict_speed(inv, p: Optional[np.ndarray], gpu_experts: Mapping[int, Sequen
     if cold_read:
         ms["experts_host_read"] = 1e3 * exp_cpu / bw.host_read_bytes_per_s
         ms["cold_chains"] = 1e3 * (n_busy + n_idle) * bw.gpu_chain_s
+    if gpu_cold:
+        ms["experts_both_read"] = 1e3 * both_read_s
     if card_hops and dense_on_gpu:
         ms["card_hops"] = 1e3 * card_hops * bw.gpu_hop_s
     decode_s = sum(ms.values()) / 1e3
@@ -185,8 +201,10 @@ def predict_speed(inv, p: Optional[np.ndarray], gpu_experts: Mapping[int, Sequen
         on_gpu = set(int(e) for e in gpu_experts.get(l, ()))
         f_gpu = 2.0 * per_elem * T * gpu_sel[l]
         f_host = 2.0 * per_elem * T * host_sel[l]
-        if cold_read:
-            # the GPU reads the used host experts of the batch in place
+        if cold_read or gpu_cold:
+            # the GPU reads the used host experts of the batch in place (cold=both: every cold
+            # expert lives in zero-copy memory and the worker takes decode steps only, so a
+            # prompt's are read in place as well)
             host = [e for e in range(layer.n_expert) if e not in on_gpu]
             used = float(np.sum(1.0 - (1.0 - np.clip(p[l, host], 0, 1)) ** T)) if host else 0.0
             host_read_bytes += used * layer.per_expert_bytes
