@@ -400,6 +400,7 @@ def test_bench_times_both_readers_of_the_cold_experts(tiny_model_factory, tmp_pa
     rows = {r["name"]: r for r in json.loads(detail.read_text())["results"]}
     both = rows["per-expert-both-0.5"]
     assert both["error"] is None and both["tg_ts"][0] > 0
+    assert both["plan"]["cold"] == "both" and both["plan"]["handoff"] == "worker"
     gpu_cold = {int(l): v for l, v in both["plan"]["gpu_cold"].items()}
     hot = {int(l): set(v) for l, v in both["plan"]["hot"].items()}
     assert gpu_cold and all(l in hot and not hot[l] & set(v) for l, v in gpu_cold.items())

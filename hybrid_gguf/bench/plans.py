@@ -52,7 +52,7 @@ class Config:
         pl = self.plan
         both = {"gpu_cold": {str(l): list(v) for l, v in sorted(self.gpu_cold.items())}} if self.gpu_cold else {}
         return {**both, "backend": pl.backend, "budget_bytes": int(pl.budget_bytes), "n_gpu_layers": pl.n_gpu_layers,
-                "hot_device": pl.hot_device, "cold": "gpu" if self.cold_on_gpu else "cpu",
+                "hot_device": pl.hot_device, "cold": "gpu" if self.cold_on_gpu else "both" if self.gpu_cold else "cpu",
                 "handoff": "worker" if self.worker else "scheduler", "hot": {str(l): list(v) for l, v in sorted(self.hot.items())},
                 "whole_layers": pl.whole_layers(inv) if pl.n_gpu_layers != 0 else [],
                 "rules": [{"pattern": r.pattern, "device": r.device} for r in pl.rules],
