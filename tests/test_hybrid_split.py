@@ -275,6 +275,25 @@ def test_both_readers_compute_the_same(models, arch, monkeypatch):
             llm.close()
 
 
+def test_both_readers_without_the_worker(models, monkeypatch):
+    """LLAMA_HYBRID_WORKER=0 turns the worker off whatever the plan says: with cold=both the
+    scheduler's cold chain then takes the CPU's share beside the GPU's chain, the same function."""
+    if hybrid_backend.capability().version < 10:
+        pytest.skip("cold=both is in hybrid patch version 10")
+    path, spec = models["qwen3moe-q8"]
+    half = hot_sets(spec.n_layer, spec.n_expert)["half"]
+    gpu_cold = {l: [e for e in range(spec.n_expert) if e not in es][::2] for l, es in half.items()}
+    ref, tol, _ = reference(path, PROMPT)
+    monkeypatch.setenv("LLAMA_HYBRID_WORKER", "0")
+    llm = load_with_report(path, half, gpu_cold=gpu_cold).llm
+    run = greedy(llm, PROMPT, N_GEN)
+    stats = hybrid_backend.worker_stats(llm.ctx)
+    llm.close()
+    assert stats is None or stats["busy"] + stats["idle"] == 0, stats
+    assert run.tokens == ref.tokens
+    assert float(np.max(np.abs(run.logits - ref.logits))) <= tol
+
+
 def test_both_readers_plan_text_and_its_errors(models):
     """The plan text of cold=both, and the lists it refuses before llama.cpp sees them (or,
     for the patch's own checks, as one clear load error)."""
