@@ -130,14 +130,18 @@ def plan_configs(model_path: Path, inv: Inventory, profile, devices: list, n_ctx
         other = "cpu" if chosen.cold_on_gpu else "gpu"
         if chosen.hot and gpu_present and cold_read_possible(devices) and want(f"per-expert-cold-{other}"):
             configs.append(Config.from_plan(f"per-expert-cold-{other}", make(devices, None, other), inv))
-        if chosen.hot and WORKER_CONFIG in (wanted or ()) and hybrid_backend.capability().version >= 6:
-            # (asked for by name) the plan with its cold experts on the CPU, handed to the CPU worker
-            worker = Config.from_plan(WORKER_CONFIG, make(devices, None, "cpu", "worker"), inv)
+        version = hybrid_backend.capability().version
+        # the plan with its cold experts on the CPU, handed to the CPU worker: planned once for
+        # the worker row and the cold=both rows, which all start from it
+        wants_worker = WORKER_CONFIG in (wanted or ()) and version >= 6
+        worker_plan = make(devices, None, "cpu", "worker") if chosen.hot and (wants_worker or boths) else None
+        if worker_plan is not None and wants_worker:
+            worker = Config.from_plan(WORKER_CONFIG, worker_plan, inv)
             worker.worker = True
             configs.append(worker)
         for name in boths:
-            if chosen.hot and hybrid_backend.capability().version >= 10:
-                configs.append(both_readers(name, make(devices, None, "cpu", "worker"), inv, profile))
+            if worker_plan is not None and version >= 10:
+                configs.append(both_readers(name, worker_plan, inv, profile))
         if UNPROMOTED_CONFIG in (wanted or ()) and chosen.plan.n_gpu_layers != 0:
             packed = unpromoted(chosen, inv)
             if packed.hot:  # else nothing would be packed: all experts on the CPU

@@ -49,7 +49,7 @@ def split_cold(hot: Mapping[int, Sequence[int]], counts: np.ndarray, share: floa
         for i in order:
             # the reader whose load is further below its share of what has been handed out
             total = gpu_mass + cpu_mass + weight[i]
-            if share > 0 and (gpu_mass + weight[i]) / total - share <= share - gpu_mass / total:
+            if (gpu_mass + weight[i]) / total - share <= share - gpu_mass / total:
                 gpu_mass += weight[i]
                 mine.append(cold[i])
             else:
