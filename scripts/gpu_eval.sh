@@ -36,6 +36,7 @@
 #   (ompprobe: scripts/omp_team_probe.cpp, the cost of an OpenMP region of 16 threads before
 #    and after a second live thread makes its own team; about 10 s)
 #   (cpupack: the split tests with the packs on the CPU in the CUDA build, fused chain off and on)
+#   (crashtrace: native stacks of the known crashes, scripts/segv_trace.c preloaded, ~1 min)
 #   (importorder: a CUDA model load after importing numpy, torch, jaxtyping or hypothesis first, ~20 s)
 #   (bothab: patch v10's cold=both, the worker plan with and without its GPU reading a share of
 #    the cold experts in place; ROUTINGS= SHARES= TG= REPS= BOTH_CONFIGS=)
@@ -97,6 +98,12 @@ if [ -d .device/whl ] || [ ! -d /tmp/site ]; then
 fi
 export PYTHONPATH=/tmp/site:$PWD
 log() { echo "[$(date +%T)] $*"; }
+# a call brings back at most 8 files of $OUT, the first by name: every output but the build log
+# also goes into 0_outputs.tar.gz, whatever the steps wrote and however the script ends
+bundle() {
+    ( cd "$OUT" && ls | grep -v -e '^0_outputs.tar.gz$' -e '^build.log$' | tar czf 0_outputs.tar.gz -T - ) 2>/dev/null
+}
+trap bundle EXIT
 FAILED=""
 failed() { FAILED="$FAILED $1"; log "FAILED: $1"; }
 has() { [[ ",$STEPS," == *",$1,"* ]]; }
@@ -218,6 +225,53 @@ if has cpupack; then
             failed "cpupack fuse $fuse"
         fi
     done
+fi
+
+if has crashtrace; then
+    # the native stack of the crashes the ninth and tenth leases met (the CUDA build with the
+    # packs on the CPU, gpt-oss under the CPU worker; a CUDA load after numpy), by
+    # scripts/segv_trace.c (no debugger here), resolved with addr2line; plus which C++ and
+    # OpenMP runtimes numpy and torch bring into the process
+    cc -O1 -shared -fPIC -o /tmp/segv_trace.so scripts/segv_trace.c || failed "segv_trace build"
+    CT="$OUT/crashtrace.txt"
+    { echo "gdb: $(command -v gdb || echo none)"; ldd /tmp/lldev/src/llama_cpp/lib/libllama.so 2>&1 | grep -E "stdc|gomp|gcc_s"; } > "$CT"
+    for first in numpy torch; do
+        echo "== runtimes after import $first" >> "$CT"
+        python3 -c "import $first; import llama_cpp; print('\n'.join(sorted({l.split()[-1] for l in open('/proc/self/maps') if any(k in l for k in ('stdc++', 'gomp', 'gcc_s', 'openblas', 'gfortran', 'iomp'))})))" >> "$CT" 2>&1
+    done
+    if [ -f /tmp/io.gguf ] || python3 -c "from hybrid_gguf.synth import preset, write_synthetic_moe as w; w('/tmp/io.gguf', preset('tiny', n_layer=2))"; then
+        for pre in "" "/usr/lib/x86_64-linux-gnu/libstdc++.so.6"; do
+            echo "== CUDA load after numpy, LD_PRELOAD=$pre segv_trace" >> "$CT"
+            LD_PRELOAD="$pre /tmp/segv_trace.so" python3 -c "import numpy; import llama_cpp
+m = llama_cpp.Llama('/tmp/io.gguf', n_gpu_layers=99, n_ctx=64, verbose=False); print('loaded')" >> "$CT" 2>&1
+            echo "exit $?" >> "$CT"
+        done
+    fi
+    for fuse in 0 1; do
+        echo "== packs on the CPU, gpt-oss worker test, LLAMA_HYBRID_MOE_FUSE=$fuse" >> "$CT"
+        LD_PRELOAD=/tmp/segv_trace.so LLAMA_HYBRID_MOE_FUSE=$fuse python3 -c "import llama_cpp, sys, pytest; \
+            sys.exit(pytest.main(['-q', '-x', '-s', '-p', 'no:cacheprovider', 'tests/test_hybrid_split.py', '-k', 'test_cpu_worker_computes_the_same and gpt-oss']))" \
+            2>&1 | grep -v "^E  *File" | tail -60 >> "$CT"
+    done
+    # library(+0xOFFSET) frames to function names (symbol tables; the build has no line info)
+    python3 - "$CT" <<'PYEOF'
+import re, subprocess, sys
+path = sys.argv[1]
+lines = open(path).read().splitlines()
+out = []
+for line in lines:
+    m = re.match(r"(/\S+?)\(\+(0x[0-9a-f]+)\)\[", line)
+    if m:
+        try:
+            fn = subprocess.run(["addr2line", "-f", "-C", "-e", m.group(1), m.group(2)], capture_output=True,
+                                text=True, timeout=20).stdout.split("\n")[0]
+        except Exception as exc:
+            fn = f"? ({exc})"
+        line = f"{line}  {fn}"
+    out.append(line)
+open(path, "w").write("\n".join(out) + "\n")
+PYEOF
+    grep -E "^==|segv_trace|libggml|libllama|exit|passed|failed" "$CT" | cut -c1-220 | head -80
 fi
 
 if has importorder; then

@@ -251,6 +251,9 @@ def test_both_readers_compute_the_same(models, arch, monkeypatch):
     refused there with one line."""
     if hybrid_backend.capability().version < 10:
         pytest.skip("cold=both is in hybrid patch version 10")
+    # the plan asks for the worker; a suite run with LLAMA_HYBRID_WORKER=0 (gpu_eval.sh fusesplit)
+    # would turn it off, and test_both_readers_without_the_worker covers that
+    monkeypatch.delenv("LLAMA_HYBRID_WORKER", raising=False)
     path, spec = models[arch]
     half = hot_sets(spec.n_layer, spec.n_expert)["half"]
     cold = {l: [e for e in range(spec.n_expert) if e not in es] for l, es in half.items()}
