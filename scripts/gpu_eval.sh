@@ -289,6 +289,24 @@ m = llama_cpp.Llama('/tmp/io.gguf', n_gpu_layers=99, n_ctx=64, verbose=False); p
             log "importorder: $first first: exit $? ($(grep -m1 -E 'Fatal|Error' "$OUT/importorder_$first.txt"))"
         fi
     done
+    # what keeps a load after numpy alive (preloading the system libstdc++ did, tenth lease):
+    # NAME|shell prefix|python before `import llama_cpp`; one line each in importorder_variants.txt
+    LOADPY="import llama_cpp; m = llama_cpp.Llama('/tmp/io.gguf', n_gpu_layers=NGL, n_ctx=64, verbose=False); print('loaded')"
+    while IFS='|' read -r name prefix pre ngl; do
+        code="$pre; ${LOADPY/NGL/$ngl}"
+        bash -c "$prefix python3 -c \"\$0\"" "$code" > /tmp/io_variant.txt 2>&1
+        rc=$?
+        log "importorder variant $name: exit $rc $(grep -m1 -E 'loaded|Error' /tmp/io_variant.txt)" | tee -a "$OUT/importorder_variants.txt"
+    done <<'VARIANTS'
+numpy, CPU load||import numpy|0
+numpy, libstdc++ global after it||import numpy, ctypes, os; ctypes.CDLL('libstdc++.so.6', mode=os.RTLD_GLOBAL)|99
+libstdc++ global, then numpy||import ctypes, os; ctypes.CDLL('libstdc++.so.6', mode=os.RTLD_GLOBAL); import numpy|99
+numpy, one OpenBLAS thread|OPENBLAS_NUM_THREADS=1|import numpy|99
+numpy, 64 MiB stacks|ulimit -s 65536;|import numpy|99
+numpy, then hybrid_gguf||import numpy, hybrid_gguf|99
+numpy.libs' openblas alone||import ctypes, glob; ctypes.CDLL(glob.glob('/opt/torch/.venv/lib/python3.12/site-packages/numpy.libs/libscipy_openblas*')[0])|99
+numpy.libs' gfortran alone||import ctypes, glob; ctypes.CDLL(glob.glob('/opt/torch/.venv/lib/python3.12/site-packages/numpy.libs/libgfortran*')[0])|99
+VARIANTS
 fi
 
 if has coldsplit; then
