@@ -14,9 +14,30 @@ openmp_spin_set_here = "OMP_WAIT_POLICY" not in _os.environ and "GOMP_SPINCOUNT"
 if openmp_spin_set_here:
     _os.environ["GOMP_SPINCOUNT"] = OPENMP_SPIN_DEFAULT
 
+
+def _cxx_runtime_global():
+    """Make the C++ runtime's symbols global before libllama loads. On the lent GPU machine
+    (Python 3.12, numpy 2 wheels) every model load, CPU or CUDA, segfaulted in a process that
+    had imported numpy first; with libstdc++ loaded RTLD_GLOBAL, even after numpy, it loaded
+    (docs/backend-patch.md, "Import order"). A no-op where the library is already global or
+    absent (the soname resolves to the copy the process has)."""
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL("libstdc++.so.6", mode=_os.RTLD_GLOBAL)
+    except OSError:
+        pass
+
+
+_cxx_runtime_global()
+
 try:
-    # Load libllama before numpy: on the GPU machine's Python 3.12 the reverse order made
-    # model loading segfault (docs/backend-patch.md, "Import order").
+    # Load libllama before numpy where we can: the order mattered on the GPU machine
+    # (docs/backend-patch.md, "Import order").
     import llama_cpp as _llama_cpp  # noqa: F401
 except (ImportError, OSError):
     # no backend yet, or a broken one: inventory, synth and `hybrid-gguf backend install`

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import types
 
 import pytest
@@ -45,3 +46,18 @@ def test_importing_sets_the_openmp_spin_only_where_the_user_chose_none(given, ex
                          capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(expected)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the C++ runtime workaround is Linux-only")
+def test_importing_after_numpy_makes_the_cxx_runtime_global():
+    """On the lent GPU machine a model load segfaulted in processes that imported numpy before
+    llama_cpp, unless libstdc++ had been made global (tenth lease): `import hybrid_gguf` does
+    that, after numpy too. Checked through the process's global symbol scope (a plain
+    `import llama_cpp` leaves libstdc++ local). The crash itself never happened on the dev box."""
+    import subprocess
+
+    code = ("import ctypes, numpy, hybrid_gguf\n"
+            "print(hasattr(ctypes.CDLL(None), '_ZNSt8ios_base4InitC1Ev'))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True"
