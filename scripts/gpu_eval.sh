@@ -109,8 +109,9 @@ failed() { FAILED="$FAILED $1"; log "FAILED: $1"; }
 has() { [[ ",$STEPS," == *",$1,"* ]]; }
 # `hybrid-gguf bench` as the steps below have always run it: context 2048, and no GPU probe
 # inside a bench step (the "probe" step runs it); budget lists are space-separated here
-# (REVERSE=1: every bench times its placements last to first, against drift within a call)
-run_bench() { python3 -m hybrid_gguf.cli bench "$@" --ctx 2048 --no-probe-gpu ${REVERSE:+--reverse}; }
+# (REVERSE=1: every bench times its placements last to first, against drift within a call;
+# ROUNDS=N: every placement timed N times in alternating order, `bench --rounds`)
+run_bench() { python3 -m hybrid_gguf.cli bench "$@" --ctx 2048 --no-probe-gpu ${REVERSE:+--reverse} ${ROUNDS:+--rounds $ROUNDS}; }
 commas() { echo "$*" | tr ' ' ,; }
 # tests/test_hybrid_split.py on CUDA in its own process: split_suite NAME LABEL [VAR=VALUE ...];
 # output in $OUT/NAME.txt, a failure recorded as LABEL

@@ -333,6 +333,42 @@ def test_bench_reverse_times_last_to_first_and_reports_in_order(tiny_model_facto
     assert timed == names[::-1] and names == ["cpu-experts", "whole-layer"]
 
 
+def test_bench_rounds_alternate_the_order_and_pool_the_reps(tiny_model_factory, tmp_path, monkeypatch):
+    """--rounds 3: every placement loaded three times, the order reversed each round; a row
+    holds all its reps and one median per round, and the table shows them."""
+    import hybrid_gguf.bench.runner as runner
+
+    timed, load_config = [], runner.load_config
+
+    def spy(path, inv, cfg, *args, **kwargs):
+        if cfg.name != "profile":
+            timed.append(cfg.name)
+        return load_config(path, inv, cfg, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "load_config", spy)
+    out = _tiny_bench(tiny_model_factory, tmp_path, "--pp", "32", "--rounds", "3", "--configs", "cpu-experts,whole-layer")
+    assert timed == ["cpu-experts", "whole-layer", "whole-layer", "cpu-experts", "cpu-experts", "whole-layer"]
+    for r in out["results"]:
+        assert len(r["tg_ts"]) == 3 and len(r["tg_round_medians"]) == 3, r  # one rep per round
+        assert all(v > 0 and math.isfinite(v) for v in r["tg_round_medians"] + r["pp_round_medians"])
+        assert min(r["tg_round_medians"]) <= r["tg_median_ts"] <= max(r["tg_round_medians"])
+    result = CliRunner().invoke(app, ["bench", "-m", "x", "--rounds", "0"])
+    assert result.exit_code != 0 and "--rounds" in result.output
+
+
+def test_pooled_rounds_keep_the_first_rounds_counters_and_an_error():
+    from hybrid_gguf.bench.runner import Result, pool_rounds
+
+    a = Result("p", 8, 4, [10.0], [5.0], 0.5, 0, 0, 1.0, worker={"busy": 3}, pp_round_medians=[10.0],
+               tg_round_medians=[5.0])
+    b = Result("p", 8, 4, [12.0], [7.0], 0.5, 0, 0, 1.0, worker={"busy": 4}, pp_round_medians=[12.0],
+               tg_round_medians=[7.0])
+    both = pool_rounds(a, b)
+    assert both.tg_ts == [5.0, 7.0] and both.tg_round_medians == [5.0, 7.0] and both.worker == {"busy": 3}
+    failed = Result("p", 8, 4, [], [], None, 0, 0, 0.0, error="out of memory")
+    assert pool_rounds(a, failed).error == "out of memory" and pool_rounds(failed, b).error == "out of memory"
+
+
 def test_the_cache_step_time_is_fitted_from_the_cache_rows_decode_steps():
     from types import SimpleNamespace
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -49,6 +49,10 @@ class Result:
     # ops on the CPU backend's one-token paths during the timed reps (patch v9): MUL_MAT_IDs in
     # contiguous shares, and gate/up/swiglu/down chains fused (LLAMA_HYBRID_MOE_FUSE=1)
     cpu_paths: Optional[dict] = None
+    # `bench --rounds N`: the median of each round's reps (a round loads every placement once);
+    # their spread is the load-to-load noise that one round's reps cannot show
+    pp_round_medians: list = field(default_factory=list)
+    tg_round_medians: list = field(default_factory=list)
 
     def summary(self) -> dict:
         d = asdict(self)
@@ -224,7 +228,8 @@ def run_bench(model_path: Path, *, budget_bytes: Optional[int], profile_prompts:
               eval_counts: Optional[np.ndarray] = None, eval_trace=None, save_calibration: bool = True,
               routing: Optional[str] = None, log: Callable[[str], None] = print,
               on_progress: Optional[Callable[[int, int], None]] = None, repack: bool = True,
-              n_ubatch: Optional[int] = None, flash_attn: bool = False, reverse: bool = False) -> dict:
+              n_ubatch: Optional[int] = None, flash_attn: bool = False, reverse: bool = False,
+              rounds: int = 1) -> dict:
     """Profile (unless `profile` is given), plan, then time each placement; returns a
     JSON-able dict. `budget_bytes`: total VRAM, as `plan --gpu-budget` (None: all the GPU
     can give), made usable here once (planning/budget.py). `routing`: a routing preset
@@ -232,7 +237,10 @@ def run_bench(model_path: Path, *, budget_bytes: Optional[int], profile_prompts:
     the prompt's micro-batch, planned for and loaded (default: the whole prompt); `flash_attn`
     likewise (the plans' compute buffers and the timed loads; the profiling load never).
     `reverse`: time the placements last to first (the report keeps their order), so a second
-    call shows whether the machine drifted during the first.
+    call shows whether the machine drifted during the first. `rounds`: time the placements that
+    many times, each round in the opposite order to the one before (a placement's reps are then
+    spread over loads and over the call, so drift and load-to-load noise fall on every
+    placement alike); a row's reps are pooled, its counters are its first round's.
     `on_progress(more_steps, steps_done)`: first the number of timed reps ahead, then each rep."""
     from hybrid_gguf.llama.devices import gpu_devices
     from hybrid_gguf.llama.recorder import Recording
@@ -285,74 +293,20 @@ def run_bench(model_path: Path, *, budget_bytes: Optional[int], profile_prompts:
     log(f"budget {format_size(budget)} of VRAM: room for {share:.0%} of the expert bytes next to the rest")
     all_cfgs = plan_configs(model_path, inv, profile, devices, n_ctx, ubatch, configs,
                             gpu_present=bool(gpus), flash_attn=flash_attn)
+    if not 1 <= rounds <= MAX_ROUNDS:
+        raise HybridError(f"rounds must be 1 to {MAX_ROUNDS}, got {rounds}")
     step = on_progress or (lambda more, done: None)
-    step(len(all_cfgs) * reps, 0)
-    for cfg in (all_cfgs[::-1] if reverse else all_cfgs):
-        t0 = time.perf_counter()
-        expert_bytes = cfg.gpu_expert_bytes(inv)
-        try:
-            loaded = load_config(model_path, inv, cfg, n_ctx, bench_n_batch(n_prompt), None, pack_device, n_threads,
-                                 routing=routing, repack=repack, n_ubatch=ubatch, flash_attn=flash_attn)
-        except HybridError as exc:
-            results.append(Result(cfg.name, n_prompt, n_gen, [], [], None, expert_bytes, 0, 0.0, str(exc),
-                                  cfg.plan_detail(inv)))
-            step(0, reps)
-            continue
-        load_s = time.perf_counter() - t0
-        measure_once(loaded.llm, prompt[:32], decode[:4], None)  # warm-up: graphs, CUDA kernels
-        pps, tgs = [], []
-        model_ptr = loaded.llm._model.model
-        window: list = []  # the cache's counters over each rep's decode steps
-        paths_before = cpu_path_counts()
-        for _ in range(reps):
-            mark = (lambda: window.append(hybrid_backend.cache_stats(model_ptr))) if cfg.cache is not None else None
-            pp, tg, _ = measure_once(loaded.llm, prompt, decode, None, after_first_decode=mark)
-            if mark is not None:
-                window.append(hybrid_backend.cache_stats(model_ptr))
-            pps.append(pp)
-            tgs.append(tg)
-            step(0, 1)
-        paths_after = cpu_path_counts()
-        cpu_paths = ({k: paths_after[k] - paths_before[k] for k in paths_after}
-                     if paths_before is not None and paths_after is not None else None)
-        hit = 0.0 if cfg.name == "cpu-experts" else hit_rate(eval_counts, cfg.gpu_experts)
-        cache = hybrid_backend.cache_stats(model_ptr) if cfg.cache is not None else None
-        if cache is not None:
-            cache["decode"] = decode_window(window)
-            if cache["decode"]["hit_rate"] is not None:
-                hit = cache["decode"]["hit_rate"]  # what the slots served the decode steps, as `hit_rate` counts
-        worker = hybrid_backend.worker_stats(loaded.llm.ctx) if cfg.worker else None
-        if worker:
-            # after the timed reps: a log callback per GPU graph would cost time
-            events = graph_log_events(loaded.llm, prompt[:32], decode[:8])
-            if events:
-                log(f"{cfg.name}: backend graph messages in 8 decode steps: " +
-                    "; ".join(f"{n} x {msg}" for msg, n in events.most_common(4)))
-        res = Result(cfg.name, n_prompt, n_gen, pps, tgs, hit, expert_bytes, vram_model_bytes(loaded), load_s,
-                     plan=cfg.plan_detail(inv), cache=cache, worker=worker, cpu_paths=cpu_paths)
-        log(f"{cfg.name:12s} pp {statistics.median(pps):8.1f} t/s  tg {statistics.median(tgs):7.2f} t/s  "
-            f"hit {res.hit_rate if res.hit_rate is not None else float('nan'):.3f}  "
-            f"gpu experts {expert_bytes / 2**30:.2f} GiB")
-        if cpu_paths and any(cpu_paths.values()):
-            log(f"{cfg.name}: CPU one-token paths in the timed reps: {cpu_paths['mmid_flat_calls']} MUL_MAT_IDs "
-                f"in contiguous shares, {cpu_paths['moe_fused_calls']} expert chains fused; page faults "
-                f"{cpu_paths.get('minor_faults', '?')} minor, {cpu_paths.get('major_faults', '?')} major")
-        if worker:
-            log(f"{cfg.name}: CPU worker {worker['busy']} busy and {worker['idle']} idle hand-offs, "
-                f"{worker['compute_us'] / max(worker['busy'], 1):.0f} us of compute per busy one, "
-                f"{worker['takeovers']} graphs taken over from the decoding thread, "
-                f"{worker['serve_us'] / 1e3:.1f} ms answering on the decoding thread")
-            on_worker = worker["busy"] - worker["main_busy"]
-            log(f"{cfg.name}: decoding thread {worker['main_busy']} busy hand-offs, "
-                f"{worker['main_compute_us'] / max(worker['main_busy'], 1):.0f} us each; worker thread {on_worker}, "
-                f"{(worker['compute_us'] - worker['main_compute_us']) / max(on_worker, 1):.0f} us each; "
-                f"{worker['inline_graphs']} graphs armed for the decoding thread, which came "
-                f"{worker['arrive_us'] / max(worker['inline_graphs'], 1):.0f} us after arming on average "
-                f"(at most {worker['arrive_max_us']} us)")
-        results.append(res)
-        loaded.llm.close()
-    order = {cfg.name: i for i, cfg in enumerate(all_cfgs)}
-    results.sort(key=lambda r: order[r.name])  # the report's order, however they were timed
+    step(len(all_cfgs) * reps * rounds, 0)
+    timing = Timing(model_path, inv, eval_counts, prompt, decode, reps, n_ctx, pack_device, n_threads, routing,
+                    repack, ubatch, flash_attn)
+    first = all_cfgs[::-1] if reverse else list(all_cfgs)
+    timed: dict[str, Result] = {}
+    for round_no in range(rounds):
+        for cfg in (first if round_no % 2 == 0 else first[::-1]):
+            label = f"round {round_no + 1}/{rounds}: " if rounds > 1 else ""
+            res = time_config(cfg, timing, step, log, label)
+            timed[cfg.name] = res if cfg.name not in timed else pool_rounds(timed[cfg.name], res)
+    results.extend(timed[cfg.name] for cfg in all_cfgs)  # the report's order, however they were timed
 
     out = {
         "model": str(model_path),
@@ -383,6 +337,107 @@ def run_bench(model_path: Path, *, budget_bytes: Optional[int], profile_prompts:
         out["per_expert_vs_whole_layer_pp"] = pe["pp_median_ts"] / wl["pp_median_ts"]
     return out
 
+
+
+MAX_ROUNDS = 20
+
+
+@dataclass(frozen=True)
+class Timing:
+    """What every placement of one bench is timed on, and how it is loaded."""
+    model_path: Path
+    inv: Inventory
+    eval_counts: np.ndarray  # the timed workload's decode routing (hit rates)
+    prompt: list
+    decode: list
+    reps: int
+    n_ctx: int
+    pack_device: str
+    n_threads: Optional[int]
+    routing: Optional[str]
+    repack: bool
+    n_ubatch: int
+    flash_attn: bool
+
+
+def time_config(cfg: Config, t: Timing, step, log: Callable[[str], None], label: str = "") -> Result:
+    """One load of `cfg`, a warm-up, then `t.reps` timed reps (a Result with `error` when it
+    does not load). `label` prefixes its log lines."""
+    model_path, inv, eval_counts, prompt, decode, reps = t.model_path, t.inv, t.eval_counts, t.prompt, t.decode, t.reps
+    n_ctx, pack_device, n_threads, routing, repack = t.n_ctx, t.pack_device, t.n_threads, t.routing, t.repack
+    ubatch, flash_attn, n_prompt, n_gen = t.n_ubatch, t.flash_attn, len(t.prompt), len(t.decode)
+    t0 = time.perf_counter()
+    expert_bytes = cfg.gpu_expert_bytes(inv)
+    try:
+        loaded = load_config(model_path, inv, cfg, n_ctx, bench_n_batch(n_prompt), None, pack_device, n_threads,
+                             routing=routing, repack=repack, n_ubatch=ubatch, flash_attn=flash_attn)
+    except HybridError as exc:
+        step(0, reps)
+        return Result(cfg.name, n_prompt, n_gen, [], [], None, expert_bytes, 0, 0.0, str(exc), cfg.plan_detail(inv))
+    load_s = time.perf_counter() - t0
+    measure_once(loaded.llm, prompt[:32], decode[:4], None)  # warm-up: graphs, CUDA kernels
+    pps, tgs = [], []
+    model_ptr = loaded.llm._model.model
+    window: list = []  # the cache's counters over each rep's decode steps
+    paths_before = cpu_path_counts()
+    for _ in range(reps):
+        mark = (lambda: window.append(hybrid_backend.cache_stats(model_ptr))) if cfg.cache is not None else None
+        pp, tg, _ = measure_once(loaded.llm, prompt, decode, None, after_first_decode=mark)
+        if mark is not None:
+            window.append(hybrid_backend.cache_stats(model_ptr))
+        pps.append(pp)
+        tgs.append(tg)
+        step(0, 1)
+    paths_after = cpu_path_counts()
+    cpu_paths = ({k: paths_after[k] - paths_before[k] for k in paths_after}
+                 if paths_before is not None and paths_after is not None else None)
+    hit = 0.0 if cfg.name == "cpu-experts" else hit_rate(eval_counts, cfg.gpu_experts)
+    cache = hybrid_backend.cache_stats(model_ptr) if cfg.cache is not None else None
+    if cache is not None:
+        cache["decode"] = decode_window(window)
+        if cache["decode"]["hit_rate"] is not None:
+            hit = cache["decode"]["hit_rate"]  # what the slots served the decode steps, as `hit_rate` counts
+    worker = hybrid_backend.worker_stats(loaded.llm.ctx) if cfg.worker else None
+    if worker:
+        # after the timed reps: a log callback per GPU graph would cost time
+        events = graph_log_events(loaded.llm, prompt[:32], decode[:8])
+        if events:
+            log(f"{cfg.name}: backend graph messages in 8 decode steps: " +
+                "; ".join(f"{n} x {msg}" for msg, n in events.most_common(4)))
+    res = Result(cfg.name, n_prompt, n_gen, pps, tgs, hit, expert_bytes, vram_model_bytes(loaded), load_s,
+                 plan=cfg.plan_detail(inv), cache=cache, worker=worker, cpu_paths=cpu_paths,
+                 pp_round_medians=[statistics.median(pps)], tg_round_medians=[statistics.median(tgs)])
+    log(f"{label}{cfg.name:12s} pp {statistics.median(pps):8.1f} t/s  tg {statistics.median(tgs):7.2f} t/s  "
+        f"hit {res.hit_rate if res.hit_rate is not None else float('nan'):.3f}  "
+        f"gpu experts {expert_bytes / 2**30:.2f} GiB")
+    if cpu_paths and any(cpu_paths.values()):
+        log(f"{cfg.name}: CPU one-token paths in the timed reps: {cpu_paths['mmid_flat_calls']} MUL_MAT_IDs "
+            f"in contiguous shares, {cpu_paths['moe_fused_calls']} expert chains fused; page faults "
+            f"{cpu_paths.get('minor_faults', '?')} minor, {cpu_paths.get('major_faults', '?')} major")
+    if worker:
+        log(f"{cfg.name}: CPU worker {worker['busy']} busy and {worker['idle']} idle hand-offs, "
+            f"{worker['compute_us'] / max(worker['busy'], 1):.0f} us of compute per busy one, "
+            f"{worker['takeovers']} graphs taken over from the decoding thread, "
+            f"{worker['serve_us'] / 1e3:.1f} ms answering on the decoding thread")
+        on_worker = worker["busy"] - worker["main_busy"]
+        log(f"{cfg.name}: decoding thread {worker['main_busy']} busy hand-offs, "
+            f"{worker['main_compute_us'] / max(worker['main_busy'], 1):.0f} us each; worker thread {on_worker}, "
+            f"{(worker['compute_us'] - worker['main_compute_us']) / max(on_worker, 1):.0f} us each; "
+            f"{worker['inline_graphs']} graphs armed for the decoding thread, which came "
+            f"{worker['arrive_us'] / max(worker['inline_graphs'], 1):.0f} us after arming on average "
+            f"(at most {worker['arrive_max_us']} us)")
+    loaded.llm.close()
+    return res
+
+
+def pool_rounds(a: Result, b: Result) -> Result:
+    """Two rounds of one placement as one row: their reps and round medians together, the
+    counters and load of the first (a round that failed to load makes the row an error)."""
+    if a.error is not None or b.error is not None:
+        return a if a.error is not None else b
+    return replace(a, pp_ts=a.pp_ts + b.pp_ts, tg_ts=a.tg_ts + b.tg_ts,
+                   pp_round_medians=a.pp_round_medians + b.pp_round_medians,
+                   tg_round_medians=a.tg_round_medians + b.tg_round_medians)
 
 def predict_configs(inv: Inventory, profile, cfgs: Sequence[Config], results: Sequence[Result],
                     n_prompt: int, n_gen: int, n_ctx: int, on_gpu: bool = True, save: bool = True,

@@ -35,6 +35,10 @@ def bench_command(
     reps: int = typer.Option(5, "--reps", min=1),
     reverse: bool = typer.Option(False, "--reverse", help="time the placements last to first (the table keeps "
                                                          "its order): beside a forward call, shows drift"),
+    rounds: int = typer.Option(1, "--rounds", min=1, max=20,
+                               help="time every placement this many times, each round in the opposite order, "
+                                    "and pool the reps: load-to-load noise and drift fall on all alike (the "
+                                    "table shows each round's median)"),
     profile_tokens: int = typer.Option(4096, "--profile-tokens", min=1, help="tokens of the profiling workload"),
     profile_packages: str = typer.Option("email,json,http,logging,unittest", "--profile-workload",
                                          help="stdlib packages whose source is the profiling workload"),
@@ -117,7 +121,7 @@ def bench_command(
                            configs=configs.split(",") if configs else None, pack_device=pack_device,
                            n_threads=threads, save_calibration=not no_calibrate, routing=routing, log=log,
                            on_progress=on_progress, repack=not no_repack, n_ubatch=ubatch,
-                           flash_attn=flash_attn, reverse=reverse)
+                           flash_attn=flash_attn, reverse=reverse, rounds=rounds)
     for out in outs:
         out["pack_device"] = pack_device
         if probe is not None:
@@ -132,7 +136,7 @@ def bench_command(
         print(json.dumps(llama_bench_rows(outs, threads), indent=2, default=float))
     else:
         for out in outs:
-            _print_table(out, pp, tg, reps)
+            _print_table(out, pp, tg, reps, rounds)
         if json_detail is not None:
             console.print(f"wrote {json_detail}", highlight=False, soft_wrap=True)
     if plot is not None:
@@ -203,7 +207,7 @@ def _shares(expert_share: Optional[str]) -> list[float]:
     return shares
 
 
-def _print_table(out: dict, pp: int, tg: int, reps: int) -> None:
+def _print_table(out: dict, pp: int, tg: int, reps: int, rounds: int = 1) -> None:
     from hybrid_gguf.sizes import format_size
     from hybrid_gguf.tables import fmt_rate, narrow, new_table
 
@@ -214,8 +218,11 @@ def _print_table(out: dict, pp: int, tg: int, reps: int) -> None:
     share = out["budget_share_of_experts"]
     table = new_table(console, f"budget {format_size(budget)} of VRAM (room for {100 * share:.0f}% of the expert "
                                f"bytes), {out.get('routing', 'optimistic')} routing, pp {pp}, tg {tg}, "
-                               f"{reps} reps; t/s are medians")
+                               + (f"{rounds} rounds of {reps} reps" if rounds > 1 else f"{reps} reps")
+                               + "; t/s are medians")
     cols = ["placement", "hit", "VRAM", "pp t/s", "tg t/s", "tg min..max", "tg pred"]
+    if rounds > 1:
+        cols.insert(6, "tg by round")
     if wide:
         cols += ["tg fitted", "tg roofline"]
     for col in cols:
@@ -230,6 +237,8 @@ def _print_table(out: dict, pp: int, tg: int, reps: int) -> None:
         row = [r["name"], hit, format_size(r["vram_model_bytes"]), fmt_rate(r["pp_median_ts"]),
                fmt_rate(r["tg_median_ts"]), f"{fmt_rate(r['tg_min_ts'])}..{fmt_rate(r['tg_max_ts'])}",
                fmt_rate(pr.get("predicted_decode_ts"))]
+        if rounds > 1:
+            row.insert(6, " ".join(fmt_rate(v) for v in r.get("tg_round_medians", [])))
         if wide:
             row += [fmt_rate(pr.get("fitted_decode_ts")), fmt_rate(pr.get("roofline_decode_ts"))]
         table.add_row(*row)
