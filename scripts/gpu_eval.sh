@@ -132,6 +132,8 @@ nproc >> "$OUT/machine.txt"; free -g >> "$OUT/machine.txt"
 # how the CPUs are lent: a CFS quota (cpu.max) stalls every thread once the cgroup has spent it
 { lscpu | grep -E "^(Model name|Socket|Core|Thread|CPU\(s\)|NUMA node\(s\))"
   for f in cpu.max cpuset.cpus.effective; do echo "$f: $(cat /sys/fs/cgroup/$f 2>/dev/null || echo none)"; done
+  # transparent huge pages: the bench rows log how much of the process they back
+  for f in enabled defrag; do echo "thp $f: $(cat /sys/kernel/mm/transparent_hugepage/$f 2>/dev/null || echo none)"; done
 } >> "$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt" | tail -10
 # the cgroup's throttling so far: "nr_throttled throttled_usec" (nothing without a quota)
