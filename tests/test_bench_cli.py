@@ -317,7 +317,8 @@ def test_bench_flash_attention_reaches_the_plans_and_the_timed_loads(tiny_model_
     assert loaded[0] is False and loaded[1:] and all(f is True for f in loaded[1:])  # profile load, then timed
 
 
-def test_bench_reverse_times_last_to_first_and_reports_in_order(tiny_model_factory, tmp_path, monkeypatch):
+def timed_loads(monkeypatch) -> list:
+    """The names of the placements `bench` loads to time, in order, as they happen."""
     import hybrid_gguf.bench.runner as runner
 
     timed, load_config = [], runner.load_config
@@ -328,6 +329,11 @@ def test_bench_reverse_times_last_to_first_and_reports_in_order(tiny_model_facto
         return load_config(path, inv, cfg, *args, **kwargs)
 
     monkeypatch.setattr(runner, "load_config", spy)
+    return timed
+
+
+def test_bench_reverse_times_last_to_first_and_reports_in_order(tiny_model_factory, tmp_path, monkeypatch):
+    timed = timed_loads(monkeypatch)
     out = _tiny_bench(tiny_model_factory, tmp_path, "--pp", "32", "--reverse", "--configs", "cpu-experts,whole-layer")
     names = [r["name"] for r in out["results"]]
     assert timed == names[::-1] and names == ["cpu-experts", "whole-layer"]
@@ -336,16 +342,7 @@ def test_bench_reverse_times_last_to_first_and_reports_in_order(tiny_model_facto
 def test_bench_rounds_alternate_the_order_and_pool_the_reps(tiny_model_factory, tmp_path, monkeypatch):
     """--rounds 3: every placement loaded three times, the order reversed each round; a row
     holds all its reps and one median per round, and the table shows them."""
-    import hybrid_gguf.bench.runner as runner
-
-    timed, load_config = [], runner.load_config
-
-    def spy(path, inv, cfg, *args, **kwargs):
-        if cfg.name != "profile":
-            timed.append(cfg.name)
-        return load_config(path, inv, cfg, *args, **kwargs)
-
-    monkeypatch.setattr(runner, "load_config", spy)
+    timed = timed_loads(monkeypatch)
     out = _tiny_bench(tiny_model_factory, tmp_path, "--pp", "32", "--rounds", "3", "--configs", "cpu-experts,whole-layer")
     assert timed == ["cpu-experts", "whole-layer", "whole-layer", "cpu-experts", "cpu-experts", "whole-layer"]
     for r in out["results"]:
