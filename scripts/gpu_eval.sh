@@ -511,14 +511,16 @@ if has allhot; then
     # every expert, all on the GPU against the same experts as hot packs (per-expert-unpromoted:
     # each layer split, nothing cold), ROUTINGS= (default optimistic). ALLHOT_MODES= runs it once
     # per environment, e.g. "default GGML_CUDA_DISABLE_FUSION=1": is the split's 9.3 us per layer
-    # (ninth lease) lost CUDA fusion? ALLHOT_CONFIGS= sets the rows.
+    # (ninth lease) lost CUDA fusion? ALLHOT_CONFIGS= sets the rows. per-expert-idle-worker keeps
+    # each layer's rarest expert on the CPU behind the worker: nearly every hand-off idle, so
+    # beside per-expert-unpromoted it prices an idle hand-off (issue 20: at most 10 us a layer).
     for R in ${ROUTINGS:-optimistic}; do
         for MODE in ${ALLHOT_MODES:-default}; do
             ENVS=(); [ "$MODE" = default ] || IFS=+ read -r -a ENVS <<< "$MODE"
             log "all experts on the GPU: all-gpu against hot packs, $R routing, $MODE"
             env "${ENVS[@]}" python3 -m hybrid_gguf.cli bench "$BIG" --ctx 2048 --no-probe-gpu --routing "$R" \
                 --expert-share 1.0 --pp 256 --tg ${TG:-64} --reps ${REPS:-3} --threads 16 --no-calibrate \
-                --configs ${ALLHOT_CONFIGS:-all-gpu,per-expert-unpromoted} \
+                --configs ${ALLHOT_CONFIGS:-all-gpu,per-expert-unpromoted,per-expert-idle-worker} \
                 --json-detail "$OUT/allhot_${R}_${MODE%%=*}.json" 2>&1 | grep -vE "^ *$" | tail -8 || failed "allhot $R $MODE"
         done
     done

@@ -423,6 +423,28 @@ def test_the_unpromoted_row_keeps_every_expert_in_a_pack(tiny_model_factory, tmp
         assert faults["minor_faults"] >= 0 and faults["major_faults"] >= 0
 
 
+def test_the_idle_worker_row_leaves_one_rare_expert_per_layer_to_the_worker(tiny_model_factory, tmp_path):
+    """`per-expert-idle-worker` at a budget that holds every expert: the unpromoted packs less
+    each layer's least selected expert, handed to the CPU worker. Every layer posts each token;
+    the hand-offs are counted, and most are idle."""
+    from hybrid_gguf.llama import hybrid as hybrid_backend
+
+    if hybrid_backend.capability().version < 7:
+        pytest.skip("needs hybrid patch version 7 (the worker and its counters)")
+    out = _tiny_bench(tiny_model_factory, tmp_path, "--pp", "32", "--expert-share", "1.0",
+                      "--configs", "per-expert-unpromoted,per-expert-idle-worker")
+    rows = {r["name"]: r for r in out["results"]}
+    idle = rows["per-expert-idle-worker"]
+    assert idle["error"] is None and idle["tg_ts"][0] > 0
+    n_layer, n_expert = 2, out["n_expert"]
+    hot = {int(l): v for l, v in idle["plan"]["hot"].items()}
+    assert sorted(hot) == list(range(n_layer)) and all(len(v) == n_expert - 1 for v in hot.values())
+    assert idle["plan"]["handoff"] == "worker"
+    worker = idle["worker"]
+    # a hand-off per layer and decoded token at least, nearly all idle (the rarest expert)
+    assert worker["busy"] + worker["idle"] >= n_layer * 4 and worker["idle"] > worker["busy"], worker
+
+
 def test_bench_times_both_readers_of_the_cold_experts(tiny_model_factory, tmp_path):
     """`per-expert-both-0.5` (patch version 10): the plan with the CPU worker, where each split
     layer's GPU (here the CPU backend's main graph) reads about half of its cold selections;

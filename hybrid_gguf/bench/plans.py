@@ -46,7 +46,8 @@ class Config:
         if self.plan is None:
             if not self.hot:
                 return None
-            return {"backend": "per-expert", "n_gpu_layers": self.n_gpu_layers, "cold": "cpu", "handoff": "scheduler",
+            return {"backend": "per-expert", "n_gpu_layers": self.n_gpu_layers, "cold": "cpu",
+                    "handoff": "worker" if self.worker else "scheduler",
                     "hot": {str(l): list(v) for l, v in sorted(self.hot.items())}, "whole_layers": [],
                     "rules": [{"pattern": r.pattern, "device": r.device} for r in self.placement.rules]}
         pl = self.plan
@@ -69,6 +70,26 @@ def unpromoted(chosen: Config, inv: Inventory) -> Config:
     for l in chosen.plan.whole_layers(inv):
         hot[l] = list(range(inv.layers[l].n_expert))
     return Config(UNPROMOTED_CONFIG, cpu_moe(), hot, dict(hot), chosen.plan.n_gpu_layers)
+
+
+def idle_worker(packed: Config, inv: Inventory, profile) -> Config:
+    """`per-expert-idle-worker`: the unpromoted packs less each layer's least selected expert
+    (by the profile), which stays on the CPU behind the CPU worker's hand-off. Every layer then
+    posts and collects each token, and almost every hand-off is idle: beside
+    `per-expert-unpromoted`, what an idle hand-off costs (issue 20 asks at most 10 us a layer)."""
+    import numpy as np
+
+    counts = profile.counts_decode if profile.counts_decode.sum() > 0 else profile.counts
+    hot = {}
+    for l, experts in packed.hot.items():
+        row = np.asarray(counts[int(l)], dtype=float)
+        if len(experts) < 2:
+            continue  # a split needs a hot expert beside the cold one
+        rarest = min(experts, key=lambda e: (row[e], -e))
+        hot[l] = [e for e in experts if e != rarest]
+    cfg = Config(IDLE_WORKER_CONFIG, cpu_moe(), hot, dict(hot), packed.n_gpu_layers)
+    cfg.worker = True
+    return cfg
 
 
 def both_readers(name: str, plan, inv: Inventory, profile) -> Config:
@@ -114,7 +135,8 @@ def plan_configs(model_path: Path, inv: Inventory, profile, devices: list, n_ctx
     configs = [Config("cpu-experts", cpu_moe())] if want("cpu-experts") else []
     if want("whole-layer"):
         configs.append(Config.from_plan("whole-layer", make(devices, False), inv))
-    alternatives = ("per-expert-cold-cpu", "per-expert-cold-gpu", WORKER_CONFIG, SCHEDULER_CONFIG, UNPROMOTED_CONFIG)
+    alternatives = ("per-expert-cold-cpu", "per-expert-cold-gpu", WORKER_CONFIG, SCHEDULER_CONFIG, UNPROMOTED_CONFIG,
+                    IDLE_WORKER_CONFIG)
     # the plan's packs as an in-session cache: only when asked for by name (--configs)
     caches = [name for name in wanted or () if name.startswith(CACHE_PREFIX)]
     boths = [name for name in wanted or () if name == BOTH_CONFIG or name.startswith(BOTH_CONFIG + "-")]
@@ -142,10 +164,13 @@ def plan_configs(model_path: Path, inv: Inventory, profile, devices: list, n_ctx
         for name in boths:
             if worker_plan is not None and version >= 10:
                 configs.append(both_readers(name, worker_plan, inv, profile))
-        if UNPROMOTED_CONFIG in (wanted or ()) and chosen.plan.n_gpu_layers != 0:
+        wants_idle = IDLE_WORKER_CONFIG in (wanted or ()) and version >= 6
+        if (UNPROMOTED_CONFIG in (wanted or ()) or wants_idle) and chosen.plan.n_gpu_layers != 0:
             packed = unpromoted(chosen, inv)
-            if packed.hot:  # else nothing would be packed: all experts on the CPU
+            if packed.hot and UNPROMOTED_CONFIG in (wanted or ()):  # else nothing would be packed: all experts on the CPU
                 configs.append(packed)
+            if packed.hot and wants_idle:
+                configs.append(idle_worker(packed, inv, profile))
         if chosen.hot and SCHEDULER_CONFIG in (wanted or ()):
             # (asked for by name) the same with the scheduler's hand-off, whatever the planner chose
             configs.append(Config.from_plan(SCHEDULER_CONFIG, make(devices, None, "cpu", "scheduler"), inv))
@@ -168,6 +193,7 @@ CACHE_PREFIX = "per-expert-cache-"
 WORKER_CONFIG = "per-expert-worker"
 SCHEDULER_CONFIG = "per-expert-scheduler"
 UNPROMOTED_CONFIG = "per-expert-unpromoted"
+IDLE_WORKER_CONFIG = "per-expert-idle-worker"
 BOTH_CONFIG = "per-expert-both"  # cold=both; "-0.3" gives the GPU's share of the cold selections
 WORKER_SUFFIX = "-worker"
 
