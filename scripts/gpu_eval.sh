@@ -36,6 +36,9 @@
 #   (ompprobe: scripts/omp_team_probe.cpp, the cost of an OpenMP region of 16 threads before
 #    and after a second live thread makes its own team; about 10 s)
 #   (cpupack: the split tests with the packs on the CPU in the CUDA build, fused chain off and on)
+#   (savelibs: the built package in parts of 15 MiB, 00_prebuilt-KEY.tar.xz.NN in $OUT; copied
+#    to .device-prebuilt/ and carried, a later call's "build" unpacks them instead of building
+#    while the patch is the same: KEY is the patch's hash; ~210 s saved per fresh machine)
 #   (crashtrace: native stacks of the known crashes, scripts/segv_trace.c preloaded, ~1 min)
 #   (importorder: a CUDA model load after importing numpy, torch, jaxtyping or hypothesis first, ~20 s)
 #   (bothab: patch v10's cold=both, the worker plan with and without its GPU reading a share of
@@ -101,7 +104,7 @@ log() { echo "[$(date +%T)] $*"; }
 # a call brings back at most 8 files of $OUT, the first by name: every output but the build log
 # also goes into 0_outputs.tar.gz, whatever the steps wrote and however the script ends
 bundle() {
-    ( cd "$OUT" && ls | grep -v -e '^0_outputs.tar.gz$' -e '^build.log$' | tar czf 0_outputs.tar.gz -T - ) 2>/dev/null
+    ( cd "$OUT" && ls | grep -v -e '^0_outputs.tar.gz$' -e '^build.log$' -e '^00_prebuilt-' | tar czf 0_outputs.tar.gz -T - ) 2>/dev/null
 }
 trap bundle EXIT
 FAILED=""
@@ -139,16 +142,35 @@ cat "$OUT/machine.txt" | tail -10
 # the cgroup's throttling so far: "nr_throttled throttled_usec" (nothing without a quota)
 cpu_throttled() { awk '/^nr_throttled|^throttled_usec/ {printf "%s=%s ", $1, $2}' /sys/fs/cgroup/cpu.stat 2>/dev/null; }
 
+# Libraries built by an earlier call for this very patch (`savelibs`, below) skip the build:
+# a fresh machine spent ~210 s of every call's device time building (tenth lease: 4 of 5 calls).
+# They travel as .device-prebuilt/00_prebuilt-KEY.tar.xz.NN (carry ".device-prebuilt", and
+# ".device/whl" instead of all of .device: the sdist is needed only to build).
+PREBUILT_KEY="$(sha256sum patches/llama-cpp-hybrid.patch | cut -c1-16)-cuda-sm90"
+PREBUILT_PARTS=(.device-prebuilt/00_prebuilt-"$PREBUILT_KEY".tar.xz.*)
 if has build; then
-    # An incremental CMake tree in /tmp (kept while the machine stays warm): the first build
-    # takes ~5 min, a rebuild after a small patch change about a minute. No wheel: the CUDA
-    # wheel is 253 MB and could not come back anyway.
-    log "build (incremental dev tree /tmp/lldev)"
     t0=$(date +%s)
-    python3 scripts/build_backend.py --cuda --cuda-arch 90 --dev-tree /tmp/lldev \
-        --sdist .device/llama_cpp_python-0.3.36-trimmed.tar.gz > "$OUT/build.log" 2>&1 \
-        || { tail -40 "$OUT/build.log"; exit 1; }
+    if [ -f "${PREBUILT_PARTS[0]}" ] && [ ! -d /tmp/lldev/src/llama_cpp/lib ]; then
+        log "build: prebuilt libraries $PREBUILT_KEY (${#PREBUILT_PARTS[@]} parts)"
+        mkdir -p /tmp/lldev/src && cat "${PREBUILT_PARTS[@]}" | xz -d | tar -C /tmp/lldev/src -xf - \
+            || { log "prebuilt libraries unreadable"; exit 1; }
+    else
+        # An incremental CMake tree in /tmp (kept while the machine stays warm): the first build
+        # takes ~5 min, a rebuild after a small patch change about a minute. No wheel: the CUDA
+        # wheel is 253 MB and could not come back anyway.
+        log "build (incremental dev tree /tmp/lldev)"
+        python3 scripts/build_backend.py --cuda --cuda-arch 90 --dev-tree /tmp/lldev \
+            --sdist .device/llama_cpp_python-0.3.36-trimmed.tar.gz > "$OUT/build.log" 2>&1 \
+            || { tail -40 "$OUT/build.log"; exit 1; }
+    fi
     log "build done in $(( $(date +%s) - t0 )) s"
+fi
+if has savelibs; then
+    # the built package (Python, libraries, the public headers the probes compile against) in
+    # parts of at most 15 MiB, named to come back before other outputs (8 files, 16 MiB each)
+    ( cd /tmp/lldev/src && tar -cf - --exclude=__pycache__ llama_cpp vendor/llama.cpp/include vendor/llama.cpp/ggml/include ) \
+        | xz -T0 -6 | split -b 15m -d -a 2 - "$OUT/00_prebuilt-$PREBUILT_KEY.tar.xz."
+    log "savelibs: $(ls "$OUT"/00_prebuilt-* | wc -l) parts, $(du -ch "$OUT"/00_prebuilt-* | tail -1 | cut -f1); copy them to .device-prebuilt/"
 fi
 [ -d /tmp/lldev/src/llama_cpp/lib ] && export PYTHONPATH=/tmp/lldev/src:$PYTHONPATH
 
