@@ -16,21 +16,22 @@ if openmp_spin_set_here:
 
 
 def _cxx_runtime_global():
-    """Make the C++ runtime's symbols global before libllama loads. On the lent GPU machine
-    (Python 3.12, numpy 2 wheels) every model load, CPU or CUDA, segfaulted in a process that
-    had imported numpy first; with libstdc++ loaded RTLD_GLOBAL, even after numpy, it loaded
-    (docs/backend-patch.md, "Import order"). A no-op where the library is already global or
-    absent (the soname resolves to the copy the process has)."""
+    """Make the C++ runtime's symbols global before libllama loads, when a module imported
+    earlier (numpy, torch) already loaded it privately. On the lent GPU machine (Python 3.12,
+    numpy 2 wheels) every model load, CPU or CUDA, segfaulted in a process that had imported
+    numpy first; with libstdc++ made global, even after numpy, it loaded (docs/backend-patch.md,
+    "Import order"). RTLD_NOLOAD: the copy already in the process, never a second one (a
+    conda Python could find an older libstdc++ than the one libllama was built against)."""
     import sys
 
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or not hasattr(_os, "RTLD_NOLOAD"):
         return
     import ctypes
 
     try:
-        ctypes.CDLL("libstdc++.so.6", mode=_os.RTLD_GLOBAL)
+        ctypes.CDLL("libstdc++.so.6", mode=_os.RTLD_GLOBAL | _os.RTLD_NOLOAD)
     except OSError:
-        pass
+        pass  # not loaded yet: libllama will load its own, and nothing came before it
 
 
 _cxx_runtime_global()

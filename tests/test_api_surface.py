@@ -52,12 +52,19 @@ def test_importing_sets_the_openmp_spin_only_where_the_user_chose_none(given, ex
 def test_importing_after_numpy_makes_the_cxx_runtime_global():
     """On the lent GPU machine a model load segfaulted in processes that imported numpy before
     llama_cpp, unless libstdc++ had been made global (tenth lease): `import hybrid_gguf` does
-    that, after numpy too. Checked through the process's global symbol scope (a plain
-    `import llama_cpp` leaves libstdc++ local). The crash itself never happened on the dev box."""
+    that to the copy numpy loaded (a plain `import llama_cpp` leaves it local). Checked through
+    the process's global symbol scope; the crash itself never happened on the dev box. Without
+    numpy first nothing is loaded ahead of libllama: no copy of our choosing enters the process."""
     import subprocess
 
-    code = ("import ctypes, numpy, hybrid_gguf\n"
-            "print(hasattr(ctypes.CDLL(None), '_ZNSt8ios_base4InitC1Ev'))\n")
+    code = ("import ctypes, numpy\n"
+            "if not any('libstdc++' in l for l in open('/proc/self/maps')):\n"
+            "    print('numpy loaded no libstdc++')\n"
+            "else:\n"
+            "    import hybrid_gguf\n"
+            "    print(hasattr(ctypes.CDLL(None), '_ZNSt8ios_base4InitC1Ev'))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+    if out.stdout.strip() == "numpy loaded no libstdc++":
+        pytest.skip("this numpy loads no libstdc++: nothing to make global")
     assert out.stdout.strip() == "True"
