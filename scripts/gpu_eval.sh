@@ -137,6 +137,8 @@ nproc >> "$OUT/machine.txt"; free -g >> "$OUT/machine.txt"
   for f in cpu.max cpuset.cpus.effective; do echo "$f: $(cat /sys/fs/cgroup/$f 2>/dev/null || echo none)"; done
   # transparent huge pages: the bench rows log how much of the process they back
   for f in enabled defrag; do echo "thp $f: $(cat /sys/kernel/mm/transparent_hugepage/$f 2>/dev/null || echo none)"; done
+  # profilers, for a kernel-level look at a split layer next time
+  for t in nsys ncu gdb perf; do echo "$t: $(command -v $t || echo none)"; done
 } >> "$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt" | tail -10
 # the cgroup's throttling so far: "nr_throttled throttled_usec" (nothing without a quota)
