@@ -25,6 +25,7 @@ GGML_MAX_N_THREADS = 512
 MIN_CTX = 8
 MAX_CTX = 2**31 - 1  # llama.cpp keeps positions in int32
 MAX_BATCH = 65536
+MAX_BENCH_ROUNDS = 20  # `bench --rounds`: each round reloads every placement
 
 
 def max_threads() -> int:

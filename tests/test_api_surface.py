@@ -53,8 +53,7 @@ def test_importing_after_numpy_makes_the_cxx_runtime_global():
     """On the lent GPU machine a model load segfaulted in processes that imported numpy before
     llama_cpp, unless libstdc++ had been made global (tenth lease): `import hybrid_gguf` does
     that to the copy numpy loaded (a plain `import llama_cpp` leaves it local). Checked through
-    the process's global symbol scope; the crash itself never happened on the dev box. Without
-    numpy first nothing is loaded ahead of libllama: no copy of our choosing enters the process."""
+    the process's global symbol scope; the crash itself never happened on the dev box."""
     import subprocess
 
     code = ("import ctypes, numpy\n"

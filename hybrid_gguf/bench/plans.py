@@ -72,7 +72,7 @@ def unpromoted(chosen: Config, inv: Inventory) -> Config:
     return Config(UNPROMOTED_CONFIG, cpu_moe(), hot, dict(hot), chosen.plan.n_gpu_layers)
 
 
-def idle_worker(packed: Config, inv: Inventory, profile) -> Config:
+def idle_worker(packed: Config, profile) -> Config:
     """`per-expert-idle-worker`: the unpromoted packs less each layer's least selected expert
     (by the profile), which stays on the CPU behind the CPU worker's hand-off. Every layer then
     posts and collects each token, and almost every hand-off is idle: beside
@@ -170,7 +170,7 @@ def plan_configs(model_path: Path, inv: Inventory, profile, devices: list, n_ctx
             if packed.hot and UNPROMOTED_CONFIG in (wanted or ()):  # else nothing would be packed: all experts on the CPU
                 configs.append(packed)
             if packed.hot and wants_idle:
-                configs.append(idle_worker(packed, inv, profile))
+                configs.append(idle_worker(packed, profile))
         if chosen.hot and SCHEDULER_CONFIG in (wanted or ()):
             # (asked for by name) the same with the scheduler's hand-off, whatever the planner chose
             configs.append(Config.from_plan(SCHEDULER_CONFIG, make(devices, None, "cpu", "scheduler"), inv))

@@ -266,8 +266,11 @@ def run_bench(model_path: Path, *, budget_bytes: Optional[int], profile_prompts:
     from hybrid_gguf.autoplan import detect_devices
     from hybrid_gguf.planning.budget import expert_share
     from hybrid_gguf.routing.profile import RoutingProfile
+    from hybrid_gguf.limits import MAX_BENCH_ROUNDS
     from hybrid_gguf.sizes import format_size
 
+    if not 1 <= rounds <= MAX_BENCH_ROUNDS:
+        raise HybridError(f"rounds must be 1 to {MAX_BENCH_ROUNDS}, got {rounds}")
     inv = read_inventory(model_path)
     if inv.n_expert == 0:
         raise HybridError("bench needs a MoE model; this one has no routed experts")
@@ -312,8 +315,6 @@ def run_bench(model_path: Path, *, budget_bytes: Optional[int], profile_prompts:
     log(f"budget {format_size(budget)} of VRAM: room for {share:.0%} of the expert bytes next to the rest")
     all_cfgs = plan_configs(model_path, inv, profile, devices, n_ctx, ubatch, configs,
                             gpu_present=bool(gpus), flash_attn=flash_attn)
-    if not 1 <= rounds <= MAX_ROUNDS:
-        raise HybridError(f"rounds must be 1 to {MAX_ROUNDS}, got {rounds}")
     step = on_progress or (lambda more, done: None)
     step(len(all_cfgs) * reps * rounds, 0)
     timing = Timing(model_path, inv, eval_counts, prompt, decode, reps, n_ctx, pack_device, n_threads, routing,
@@ -357,10 +358,6 @@ def run_bench(model_path: Path, *, budget_bytes: Optional[int], profile_prompts:
     return out
 
 
-
-MAX_ROUNDS = 20
-
-
 @dataclass(frozen=True)
 class Timing:
     """What every placement of one bench is timed on, and how it is loaded."""
@@ -382,14 +379,14 @@ class Timing:
 def time_config(cfg: Config, t: Timing, step, log: Callable[[str], None], label: str = "") -> Result:
     """One load of `cfg`, a warm-up, then `t.reps` timed reps (a Result with `error` when it
     does not load). `label` prefixes its log lines."""
-    model_path, inv, eval_counts, prompt, decode, reps = t.model_path, t.inv, t.eval_counts, t.prompt, t.decode, t.reps
-    n_ctx, pack_device, n_threads, routing, repack = t.n_ctx, t.pack_device, t.n_threads, t.routing, t.repack
-    ubatch, flash_attn, n_prompt, n_gen = t.n_ubatch, t.flash_attn, len(t.prompt), len(t.decode)
+    inv, prompt, decode, reps = t.inv, t.prompt, t.decode, t.reps
+    n_prompt, n_gen = len(prompt), len(decode)
     t0 = time.perf_counter()
     expert_bytes = cfg.gpu_expert_bytes(inv)
     try:
-        loaded = load_config(model_path, inv, cfg, n_ctx, bench_n_batch(n_prompt), None, pack_device, n_threads,
-                             routing=routing, repack=repack, n_ubatch=ubatch, flash_attn=flash_attn)
+        loaded = load_config(t.model_path, inv, cfg, t.n_ctx, bench_n_batch(n_prompt), None, t.pack_device,
+                             t.n_threads, routing=t.routing, repack=t.repack, n_ubatch=t.n_ubatch,
+                             flash_attn=t.flash_attn)
     except HybridError as exc:
         step(0, reps)
         return Result(cfg.name, n_prompt, n_gen, [], [], None, expert_bytes, 0, 0.0, str(exc), cfg.plan_detail(inv))
@@ -410,7 +407,7 @@ def time_config(cfg: Config, t: Timing, step, log: Callable[[str], None], label:
     paths_after = cpu_path_counts()
     cpu_paths = ({k: paths_after[k] - paths_before[k] for k in paths_after}
                  if paths_before is not None and paths_after is not None else None)
-    hit = 0.0 if cfg.name == "cpu-experts" else hit_rate(eval_counts, cfg.gpu_experts)
+    hit = 0.0 if cfg.name == "cpu-experts" else hit_rate(t.eval_counts, cfg.gpu_experts)
     cache = hybrid_backend.cache_stats(model_ptr) if cfg.cache is not None else None
     if cache is not None:
         cache["decode"] = decode_window(window)
@@ -426,7 +423,7 @@ def time_config(cfg: Config, t: Timing, step, log: Callable[[str], None], label:
     res = Result(cfg.name, n_prompt, n_gen, pps, tgs, hit, expert_bytes, vram_model_bytes(loaded), load_s,
                  plan=cfg.plan_detail(inv), cache=cache, worker=worker, cpu_paths=cpu_paths,
                  pp_round_medians=[statistics.median(pps)], tg_round_medians=[statistics.median(tgs)],
-             host_memory=host_memory_kib())
+                 host_memory=host_memory_kib())
     log(f"{label}{cfg.name:12s} pp {statistics.median(pps):8.1f} t/s  tg {statistics.median(tgs):7.2f} t/s  "
         f"hit {res.hit_rate if res.hit_rate is not None else float('nan'):.3f}  "
         f"gpu experts {expert_bytes / 2**30:.2f} GiB")
@@ -460,6 +457,7 @@ def pool_rounds(a: Result, b: Result) -> Result:
     return replace(a, pp_ts=a.pp_ts + b.pp_ts, tg_ts=a.tg_ts + b.tg_ts,
                    pp_round_medians=a.pp_round_medians + b.pp_round_medians,
                    tg_round_medians=a.tg_round_medians + b.tg_round_medians)
+
 
 def predict_configs(inv: Inventory, profile, cfgs: Sequence[Config], results: Sequence[Result],
                     n_prompt: int, n_gen: int, n_ctx: int, on_gpu: bool = True, save: bool = True,

@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 
 from hybrid_gguf.errors import HybridError
+from hybrid_gguf.limits import MAX_BENCH_ROUNDS
 from hybrid_gguf.commands.common import (ctx_option, model_argument, model_option, no_repack_option, resolve,
                                          threads_option)
 
@@ -35,7 +36,7 @@ def bench_command(
     reps: int = typer.Option(5, "--reps", min=1),
     reverse: bool = typer.Option(False, "--reverse", help="time the placements last to first (the table keeps "
                                                          "its order): beside a forward call, shows drift"),
-    rounds: int = typer.Option(1, "--rounds", min=1, max=20,
+    rounds: int = typer.Option(1, "--rounds", min=1, max=MAX_BENCH_ROUNDS,
                                help="time every placement this many times, each round in the opposite order, "
                                     "and pool the reps: load-to-load noise and drift fall on all alike (the "
                                     "table shows each round's median)"),
