@@ -18,7 +18,9 @@ static void on_fault(int sig, siginfo_t *info, void *context) {
     char line[160];
     int n = snprintf(line, sizeof line, "segv_trace: signal %d at address %p, thread %ld\n", sig,
                      info ? info->si_addr : NULL, (long) gettid());
-    write(2, line, (size_t) n);
+    if (write(2, line, (size_t) n) < 0) {
+        // nothing to do: stderr is gone
+    }
     void *frames[64];
     int depth = backtrace(frames, 64);
     backtrace_symbols_fd(frames, depth, 2);
