@@ -466,3 +466,44 @@ def test_bench_times_both_readers_of_the_cold_experts(tiny_model_factory, tmp_pa
     bad = CliRunner().invoke(app, ["bench", str(path), "--configs", "per-expert-both-half", "--tg", "2",
                                    "--profile-tokens", "128", "--ctx", "256", "--no-calibrate"])
     assert bad.exit_code != 0 and "must be a number" in str(bad.exception)
+
+
+@pytest.mark.parametrize("value", ["two", "-1", "99"])
+def test_a_bad_profile_window_is_one_line_before_any_load(tiny_model_factory, tmp_path, monkeypatch, value):
+    from hybrid_gguf.bench import runner
+
+    monkeypatch.setenv(runner.PROFILE_STEPS_ENV, value)
+    loads = []
+    monkeypatch.setattr(runner, "load_config", lambda *a, **k: loads.append(a) or (_ for _ in ()).throw(AssertionError))
+    path = tiny_model_factory("qwen3moe", n_layer=2)
+    res = CliRunner().invoke(app, ["bench", str(path), "--pp", "16", "--tg", "2", "--reps", "1", "--ctx", "128",
+                                   "--threads", "1", "--no-calibrate", "--configs", "all-gpu"])
+    from hybrid_gguf.errors import HybridError
+
+    # `main` prints a HybridError as one line; the app itself raises it
+    assert isinstance(res.exception, HybridError) and runner.PROFILE_STEPS_ENV in str(res.exception)
+    assert not loads
+
+
+def test_the_profile_window_brackets_decode_steps_only_where_a_cuda_driver_is_loaded(tiny_model_factory, tmp_path,
+                                                                                      monkeypatch):
+    """`HYBRID_GGUF_CUDA_PROFILE_STEPS=N`: after the timed reps each row decodes N untimed steps
+    between cuProfilerStart and cuProfilerStop (`gpu_eval.sh ncuidle`). Without a loaded CUDA
+    driver nothing is bracketed and the bench is unchanged."""
+    import ctypes
+
+    from hybrid_gguf.bench import runner
+
+    monkeypatch.setenv(runner.PROFILE_STEPS_ENV, "2")
+    try:
+        ctypes.CDLL("libcuda.so.1", mode=getattr(ctypes, "RTLD_NOLOAD", 0))
+        driver_loaded = True
+    except OSError:
+        driver_loaded = False
+    evals = []
+    real_window = runner.cuda_profile_window
+    monkeypatch.setattr(runner, "cuda_profile_window",
+                        lambda llm, prompt, decode: evals.append(len(decode)) or real_window(llm, prompt, decode))
+    res, _ = _bench_at_a_third(tiny_model_factory, tmp_path, "per-expert")
+    assert evals == [2]
+    assert ("2 untimed decode steps bracketed" in res.output) == driver_loaded

@@ -156,6 +156,49 @@ def graph_log_events(llm, prompt: Sequence[int], decode: Sequence[int]):
                                if "graph" in line.lower())
 
 
+PROFILE_STEPS_ENV = "HYBRID_GGUF_CUDA_PROFILE_STEPS"
+MAX_PROFILE_STEPS = 8
+
+
+def profile_steps() -> int:
+    """How many decode steps `HYBRID_GGUF_CUDA_PROFILE_STEPS` asks to bracket for a CUDA
+    profiler (0: none); a bad value is one line of error, not a silent default."""
+    import os
+
+    raw = os.environ.get(PROFILE_STEPS_ENV, "").strip()
+    if not raw:
+        return 0
+    if not raw.isdigit() or not 0 <= int(raw) <= MAX_PROFILE_STEPS:
+        raise HybridError(f"{PROFILE_STEPS_ENV}={raw!r}: give a whole number of decode steps from 0 to {MAX_PROFILE_STEPS}")
+    return int(raw)
+
+
+def cuda_profile_window(llm, prompt: Sequence[int], decode: Sequence[int]) -> bool:
+    """Untimed decode steps of `decode` after `prompt`, with only the decode steps between the
+    CUDA driver's cuProfilerStart and cuProfilerStop: under `ncu --profile-from-start off` (or
+    nsys's cudaProfilerApi capture) a profile holds just the kernels of those steps. False
+    where no CUDA driver is loaded (nothing is profiled then)."""
+    import ctypes
+
+    import llama_cpp
+
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1", mode=getattr(ctypes, "RTLD_NOLOAD", 0) | ctypes.RTLD_GLOBAL)
+    except OSError:
+        return False
+    llm.reset()
+    llm.eval(list(prompt))
+    llama_cpp.llama_synchronize(llm._ctx.ctx)
+    cuda.cuProfilerStart()
+    try:
+        for tok in decode:
+            llm.eval([int(tok)])
+            llama_cpp.llama_synchronize(llm._ctx.ctx)
+    finally:
+        cuda.cuProfilerStop()
+    return True
+
+
 def measure_once(llm, prompt: Sequence[int], decode: Sequence[int], recorder,
                  after_first_decode: Optional[Callable[[], None]] = None) -> tuple[float, float, Optional[np.ndarray]]:
     """(prompt tokens/s, decode tokens/s, decode routing counts when recording).
@@ -381,6 +424,7 @@ def time_config(cfg: Config, t: Timing, step, log: Callable[[str], None], label:
     does not load). `label` prefixes its log lines."""
     inv, prompt, decode, reps = t.inv, t.prompt, t.decode, t.reps
     n_prompt, n_gen = len(prompt), len(decode)
+    n_profiled = profile_steps()
     t0 = time.perf_counter()
     expert_bytes = cfg.gpu_expert_bytes(inv)
     try:
@@ -420,6 +464,8 @@ def time_config(cfg: Config, t: Timing, step, log: Callable[[str], None], label:
         if events:
             log(f"{cfg.name}: backend graph messages in 8 decode steps: " +
                 "; ".join(f"{n} x {msg}" for msg, n in events.most_common(4)))
+    if n_profiled and cuda_profile_window(loaded.llm, prompt[:32], decode[:n_profiled]):
+        log(f"{cfg.name}: {n_profiled} untimed decode steps bracketed for a CUDA profiler")
     res = Result(cfg.name, n_prompt, n_gen, pps, tgs, hit, expert_bytes, vram_model_bytes(loaded), load_s,
                  plan=cfg.plan_detail(inv), cache=cache, worker=worker, cpu_paths=cpu_paths,
                  pp_round_medians=[statistics.median(pps)], tg_round_medians=[statistics.median(tgs)],
@@ -681,6 +727,7 @@ def run_budgets(model_path: Path, budgets: Sequence[Optional[int]], *, profile_p
     result then carries it as "combined_fit"."""
     from hybrid_gguf.llama.devices import gpu_devices
 
+    profile_steps()  # a bad profiler window fails here, before the profiling loads
     outs: list[dict] = []
     profile = eval_counts = eval_trace = None
     # cache rows only when named (they are extra loads of the same plan)
