@@ -43,6 +43,8 @@
 #   (importorder: a CUDA model load after importing numpy, torch, jaxtyping or hypothesis first, ~20 s)
 #   (bothab: patch v10's cold=both, the worker plan with and without its GPU reading a share of
 #    the cold experts in place; ROUTINGS= SHARES= TG= REPS= BOTH_CONFIGS=)
+#   (ncuidle: ncu's time of every kernel in 2 decode steps of all-gpu, all in packs and the idle
+#    worker, scripts/ncu_layers.py sums them; NCU_STEPS= NCU_CONFIGS=)
 #   (allhot: every expert on the GPU, all-gpu against hot packs, ROUTINGS= ALLHOT_MODES= ALLHOT_CONFIGS=; TG= REPS=)
 #   (coldsplit: the split equivalence tests again with cold=gpu: the GPU reads the cold
 #    experts from pinned host memory, patch v4)
@@ -161,7 +163,8 @@ if has build; then
         # takes ~5 min, a rebuild after a small patch change about a minute. No wheel: the CUDA
         # wheel is 253 MB and could not come back anyway.
         log "build (incremental dev tree /tmp/lldev)"
-        python3 scripts/build_backend.py --cuda --cuda-arch 90 --dev-tree /tmp/lldev \
+        # 90-real: SASS for the H200 alone, no embedded PTX, so savelibs' parts stay small
+        python3 scripts/build_backend.py --cuda --cuda-arch 90-real --dev-tree /tmp/lldev \
             --sdist .device/llama_cpp_python-0.3.36-trimmed.tar.gz > "$OUT/build.log" 2>&1 \
             || { tail -40 "$OUT/build.log"; exit 1; }
     fi
@@ -169,7 +172,9 @@ if has build; then
 fi
 if has savelibs; then
     # the built package (Python, libraries, the public headers the probes compile against) in
-    # parts of at most 15 MiB, named to come back before other outputs (8 files, 16 MiB each)
+    # parts of at most 15 MiB, named to come back before other outputs (8 files, 16 MiB each);
+    # stripped, since a later call carries them inside the 64 MiB working-tree limit
+    find /tmp/lldev/src/llama_cpp/lib -name '*.so*' -type f -exec strip --strip-unneeded {} + 2>/dev/null
     ( cd /tmp/lldev/src && tar -cf - --exclude=__pycache__ llama_cpp vendor/llama.cpp/include vendor/llama.cpp/ggml/include ) \
         | xz -T0 -6 | split -b 15m -d -a 2 - "$OUT/00_prebuilt-$PREBUILT_KEY.tar.xz."
     log "savelibs: $(ls "$OUT"/00_prebuilt-* | wc -l) parts, $(du -ch "$OUT"/00_prebuilt-* | tail -1 | cut -f1); copy them to .device-prebuilt/"
@@ -342,7 +347,7 @@ if has coldsplit; then
 fi
 
 BIG=/tmp/models/q30b-like-q4k.gguf
-if has recorder || has bench || has plan || has skipab || has threads || has routing || has coldab || has cacheab || has multigpu || has workerab || has workerdiag || has schedops || has allhot || has bothab \
+if has recorder || has bench || has plan || has skipab || has threads || has routing || has coldab || has cacheab || has multigpu || has workerab || has workerdiag || has schedops || has allhot || has ncuidle || has bothab \
     || has upstream || has prefill; then
     log "make the Qwen3-30B-A3B-shaped Q4_K model"
     t0=$(date +%s)
@@ -546,6 +551,27 @@ if has allhot; then
                 --expert-share 1.0 --pp 256 --tg ${TG:-64} --reps ${REPS:-3} --threads 16 --no-calibrate \
                 --configs ${ALLHOT_CONFIGS:-all-gpu,per-expert-unpromoted,per-expert-idle-worker} \
                 --json-detail "$OUT/allhot_${R}_${MODE%%=*}.json" 2>&1 | grep -vE "^ *$" | tail -8 || failed "allhot $R $MODE"
+        done
+    done
+fi
+
+if has ncuidle; then
+    # issue 20's breakdown of a split layer, kernel by kernel: ncu's duration of every kernel in
+    # NCU_STEPS (2) untimed decode steps (bench brackets them with cuProfilerStart/Stop), for
+    # all-gpu, every expert in a pack, and the idle worker (each layer's rarest expert cold);
+    # scripts/ncu_layers.py sums them per kernel name. One metric, so no kernel replays (the
+    # hand-off kernels write host memory). ROUTINGS= (default optimistic)
+    NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+    for R in ${ROUTINGS:-optimistic}; do
+        for C in ${NCU_CONFIGS:-all-gpu per-expert-unpromoted per-expert-idle-worker}; do
+            log "ncu: $C, $R routing, ${NCU_STEPS:-2} decode steps"
+            HYBRID_GGUF_CUDA_PROFILE_STEPS=${NCU_STEPS:-2} timeout 240 "$NCU" --profile-from-start off \
+                --graph-profiling node --metrics gpu__time_duration.sum --csv --page raw \
+                --log-file "$OUT/ncu_${R}_$C.csv" \
+                python3 -m hybrid_gguf.cli bench "$BIG" --ctx 2048 --no-probe-gpu --routing "$R" \
+                --expert-share 1.0 --pp 32 --tg 4 --reps 1 --threads 16 --no-calibrate --configs "$C" \
+                > "$OUT/ncu_${R}_$C.out" 2>&1 || { tail -5 "$OUT/ncu_${R}_$C.out"; failed "ncu $C"; }
+            python3 scripts/ncu_layers.py "$OUT/ncu_${R}_$C.csv" ${NCU_STEPS:-2} 48 | tee "$OUT/ncu_${R}_$C.txt"
         done
     done
 fi

@@ -1,0 +1,62 @@
+"""Scripts that read the GPU machine's outputs: scripts/ncu_layers.py (an ncu CSV of a few decode
+steps summed per kernel, gpu_eval.sh ncuidle) and scripts/repredict.py (saved bench rows
+predicted again with today's hand-off defaults)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ncu_layers.py"
+
+CSV = """==PROF== Connected to process 7 (/usr/bin/python3.12)
+==PROF== Profiling "k_hybrid_post" - 0: 0%....50%....100% - 1 pass
+"ID","Process ID","Process Name","Kernel Name","gpu__time_duration.sum"
+"","","","","usecond"
+"0","7","python3","k_hybrid_post(const float *, const int *, const float *)","4.5"
+"1","7","python3","void mul_mat_vec_q<(ggml_type)12, 1, false>(const void *, const void *, float *, int)","8.0"
+"2","7","python3","k_hybrid_post(const float *, const int *, const float *)","5.5"
+"3","7","python3","void (anonymous namespace)::topk<int>(int)","1,000"
+"""
+
+
+def test_kernels_are_summed_by_short_name_per_step_and_layer(tmp_path):
+    path = tmp_path / "ncu.csv"
+    path.write_text(CSV)
+    out = subprocess.run([sys.executable, str(SCRIPT), str(path), "2", "1"], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[0].startswith("4 kernels in 2 steps: 2 per step, 509.0 us of kernel time per step")
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[2:]}
+    assert set(rows) == {"k_hybrid_post", "mul_mat_vec_q", "topk"}
+    assert rows["k_hybrid_post"] == ["1.0", "1.00", "5.0", "5.00"]
+    assert rows["topk"][2:] == ["500.0", "1000.00"]  # "1,000" us, thousands separator and all
+
+
+def test_no_kernels_and_bad_arguments_say_so(tmp_path):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("==PROF== Disconnected\n")
+    res = subprocess.run([sys.executable, str(SCRIPT), str(empty), "2", "48"], capture_output=True, text=True)
+    assert res.returncode == 1 and "no kernels profiled" in res.stdout
+    res = subprocess.run([sys.executable, str(SCRIPT), str(empty)], capture_output=True, text=True)
+    assert res.returncode == 2 and "ncu_layers.py" in res.stderr
+
+
+def test_saved_rows_are_predicted_again_with_each_rows_own_hand_off():
+    """A worker row is priced with the worker's hand-off, a scheduler row with the scheduler's:
+    raising only the worker's busy cost slows only the worker row."""
+    import json
+    from dataclasses import replace
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    import repredict
+    from hybrid_gguf.planning.calibration import Bandwidth
+
+    path = SCRIPT.parents[1] / "docs" / "results" / "h200-2026-11-30k" / "workerab_default_realistic_0.25_v11_call6.slim.json"
+    bench = json.loads(path.read_text())
+    rows = {name: (measured, now) for name, measured, _, now in repredict.repredict(bench, Bandwidth())}
+    assert set(rows) == {"per-expert-worker", "per-expert-scheduler"}
+    slower = {name: now for name, _, _, now in repredict.repredict(bench, replace(Bandwidth(), worker_handoff_s=1e-3))}
+    assert slower["per-expert-worker"] < rows["per-expert-worker"][1]
+    assert slower["per-expert-scheduler"] == rows["per-expert-scheduler"][1]
+    out = subprocess.run([sys.executable, str(SCRIPT.parent / "repredict.py"), str(path)], capture_output=True,
+                         text=True, check=True, cwd=SCRIPT.parents[1]).stdout
+    assert "per-expert-scheduler" in out and "hand-off defaults" in out
