@@ -239,18 +239,18 @@ def test_probe_fits_the_three_shapes_and_drops_stale_model_rates(shapes, monkeyp
 
 
 def test_a_stored_calibration_takes_todays_worker_costs_unless_it_measured_them():
-    """Patch v9 halved a busy worker hand-off: the 211 us default an older calibration saved
-    gives way to today's default, and so does a value fitted with an older patch; one fitted
-    with v9 stays."""
+    """Each patch that made the worker's hand-off cheaper (v9's one-token kernel, v11's post)
+    makes older fits stale: the default an older calibration saved gives way to today's
+    default, and so does a value fitted with an older patch; one fitted with v11 stays."""
     stale = Bandwidth.from_dict({"cpu_bytes_per_s": 6e10, "worker_handoff_s": 211e-6, "worker_handoff_idle_s": 2e-6})
-    assert stale.worker_handoff_s == Bandwidth().worker_handoff_s == 110e-6
+    assert stale.worker_handoff_s == Bandwidth().worker_handoff_s == 70e-6
     assert stale.worker_handoff_idle_s == Bandwidth().worker_handoff_idle_s
     fitted = Bandwidth.from_dict({"worker_handoff_s": 190e-6, "measured": ["worker_handoff_s"],
-                                  "worker_patch_version": 9})
+                                  "worker_patch_version": 11})
     assert fitted.worker_handoff_s == 190e-6 and "worker_handoff_s" in fitted.measured
     assert Bandwidth.from_dict(fitted.to_dict()).worker_handoff_s == 190e-6
-    # fitted with patch v8 (or before the version was kept): v9's kernel made it stale
-    for older in ({"worker_patch_version": 8}, {}):
+    # fitted with patch v10 or older (or before the version was kept): stale
+    for older in ({"worker_patch_version": 10}, {"worker_patch_version": 8}, {}):
         old = Bandwidth.from_dict({"worker_handoff_s": 211e-6, "measured": ["worker_handoff_s", "cpu_bytes_per_s"],
                                    "cpu_bytes_per_s": 6e10, **older})
         assert old.worker_handoff_s == Bandwidth().worker_handoff_s and old.measured == ("cpu_bytes_per_s",)

@@ -32,11 +32,11 @@ GPU_DECODE_FIELDS = ("gpu_bytes_per_s", "gpu_layer_s", "gpu_step_s", "handoff_s"
 # than this is the fit trading bytes for fixed hand-off time (the H200's realistic 25 % row
 # gave 264 GB/s against a read of 80), not the machine: fit_decode refuses it.
 CPU_FIT_HEADROOM = 1.25
-# the CPU worker's costs move with the patch (v8 211 us busy, v9 110): a stored calibration
+# the CPU worker's costs move with the patch (v8 211 us busy, v9 110, v11 70): a stored calibration
 # that never measured them takes today's defaults, not the ones saved with it, and so does one
 # that measured them with a patch older than WORKER_COSTS_VERSION
 FOLLOW_DEFAULTS = ("worker_handoff_s", "worker_handoff_idle_s")
-WORKER_COSTS_VERSION = 9
+WORKER_COSTS_VERSION = 11
 UNKNOWN_IF_ZERO = ("cpu_read_bytes_per_s",)  # measurements a calibration may not have yet
 
 
@@ -58,21 +58,20 @@ class Bandwidth:
     cpu_flops: float = 1.0e12
     gpu_flops: float = 100e12  # achieved on quantized prefill matmuls, not the datasheet peak
     # per decode step and layer whose host experts have work (the sync, the copies, the CPU's
-    # fixed costs), and the same when the token selected none of them: 184 and 113 us fitted on
-    # the H200 host (bench, 2026-11-28; docs/results/h200-2026-11-28c/calibration_h200.json;
-    # the scheduler timers there showed ~175 us per split layer besides the expert bytes)
-    handoff_s: float = 184e-6
-    handoff_idle_s: float = 113e-6
+    # fixed costs), and the same when the token selected none of them. The scheduler cuts the
+    # graph at every split layer, busy or idle, so the fits give both one value: 73, 90, 93 and
+    # 93 us from its rows at 25 % (realistic and optimistic) on the H200 host with the spin bound
+    # and patches v10-v11 (2026-11-30, eleventh lease; docs/results/h200-2026-11-30k). The 184
+    # and 113 us of 2026-11-28 came from OpenMP threads that slept between layers.
+    handoff_s: float = 90e-6
+    handoff_idle_s: float = 90e-6
     # the same with the CPU worker (patch v8, plan `handoff: worker`): the GPU posts each split
     # layer to mapped memory and the decoding thread answers; a layer with no cold work does not
-    # wait for the CPU. Busy: 110 us with patch v9's one-token expert kernel, the median of the
-    # ninth lease's worker fits on realistic routing at 25 % (106, 108, 114 us; the 50 % rows
-    # 137 and 199; docs/results/h200-2026-11-30i); patch v8 fitted 211. Idle: about 40 us, from
-    # the one plan whose hand-offs were nearly all idle (optimistic 50 %, 0.06 busy per token:
-    # 167 tok/s against a prediction of 241 with 2 us; docs/results/h200-2026-11-30h), and 49 us
-    # there in the ninth lease with OpenMP threads that did not sleep
-    worker_handoff_s: float = 110e-6
-    worker_handoff_idle_s: float = 40e-6
+    # wait for the CPU. Patch v11 on the H200 host (eleventh lease): busy 69 and 70 us, fitted on
+    # realistic 25 % (v10: 100; v9: 106-114; v8: 211); idle 22 us fitted on optimistic 25 % and
+    # 17 us on a plan whose every hand-off is idle (v10: 25 and 20)
+    worker_handoff_s: float = 70e-6
+    worker_handoff_idle_s: float = 20e-6
     # fixed GPU times of a decode step, per layer and per step; 50 and 97 us on an H200
     # (gpu_probe, docs/benchmarks.md)
     gpu_layer_s: float = 50e-6
