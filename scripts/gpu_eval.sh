@@ -45,7 +45,7 @@
 #    the cold experts in place; ROUTINGS= SHARES= TG= REPS= BOTH_CONFIGS=)
 #   (ncuidle: ncu's time of every kernel in 2 decode steps of all-gpu, all in packs and the idle
 #    worker, scripts/ncu_layers.py sums them; NCU_STEPS= NCU_CONFIGS=)
-#   (allhot: every expert on the GPU, all-gpu against hot packs, ROUTINGS= ALLHOT_MODES= ALLHOT_CONFIGS=; TG= REPS=)
+#   (allhot: every expert on the GPU, all-gpu against hot packs, ROUTINGS= ALLHOT_MODES= ALLHOT_CONFIGS=; TG= REPS= ROUNDS=)
 #   (coldsplit: the split equivalence tests again with cold=gpu: the GPU reads the cold
 #    experts from pinned host memory, patch v4)
 #   (coldab: the planner's per-expert plan with its cold experts on the CPU and read by the
@@ -548,7 +548,7 @@ if has allhot; then
             ENVS=(); [ "$MODE" = default ] || IFS=+ read -r -a ENVS <<< "$MODE"
             log "all experts on the GPU: all-gpu against hot packs, $R routing, $MODE"
             env "${ENVS[@]}" python3 -m hybrid_gguf.cli bench "$BIG" --ctx 2048 --no-probe-gpu --routing "$R" \
-                --expert-share 1.0 --pp 256 --tg ${TG:-64} --reps ${REPS:-3} --threads 16 --no-calibrate \
+                --expert-share 1.0 --pp 256 --tg ${TG:-64} --reps ${REPS:-3} --threads 16 --no-calibrate ${ROUNDS:+--rounds $ROUNDS} \
                 --configs ${ALLHOT_CONFIGS:-all-gpu,per-expert-unpromoted,per-expert-idle-worker} \
                 --json-detail "$OUT/allhot_${R}_${MODE%%=*}.json" 2>&1 | grep -vE "^ *$" | tail -8 || failed "allhot $R $MODE"
         done
