@@ -257,6 +257,14 @@ if has cpupack; then
             failed "cpupack fuse $fuse"
         fi
     done
+    # the open float cold=both delta (tenth and eleventh leases: 8.9e-3 on the 64-token ubatch
+    # that op offload sends to the GPU): ggml-cuda's cuBLAS handle computes F32 GEMMs in TF32;
+    # NVIDIA_TF32_OVERRIDE=0 turns TF32 off in cuBLAS (not in ggml's own mma kernels)
+    log "cpupack: the both-readers test with NVIDIA_TF32_OVERRIDE=0"
+    NVIDIA_TF32_OVERRIDE=0 python3 -c "import llama_cpp, sys, pytest; \
+        sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', 'tests/test_hybrid_split.py', '-k', 'both_readers']))" \
+        > "$OUT/split_cpupack_notf32.txt" 2>&1
+    grep -E "passed|failed|logit delta" "$OUT/split_cpupack_notf32.txt" | tail -4
 fi
 
 if has crashtrace; then
