@@ -577,7 +577,7 @@ if has ncuidle; then
                 --graph-profiling node --metrics gpu__time_duration.sum --csv --page raw \
                 --log-file "$OUT/ncu_${R}_$C.csv" \
                 python3 -m hybrid_gguf.cli bench "$BIG" --ctx 2048 --no-probe-gpu --routing "$R" \
-                --expert-share 1.0 --pp 32 --tg 4 --reps 1 --threads 16 --no-calibrate --configs "$C" \
+                --expert-share 1.0 --pp 32 --tg 8 --reps 1 --threads 16 --no-calibrate --configs "$C" \
                 > "$OUT/ncu_${R}_$C.out" 2>&1 || { tail -5 "$OUT/ncu_${R}_$C.out"; failed "ncu $C"; }
             python3 scripts/ncu_layers.py "$OUT/ncu_${R}_$C.csv" ${NCU_STEPS:-2} 48 | tee "$OUT/ncu_${R}_$C.txt"
         done

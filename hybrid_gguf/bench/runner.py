@@ -465,7 +465,7 @@ def time_config(cfg: Config, t: Timing, step, log: Callable[[str], None], label:
             log(f"{cfg.name}: backend graph messages in 8 decode steps: " +
                 "; ".join(f"{n} x {msg}" for msg, n in events.most_common(4)))
     if n_profiled and cuda_profile_window(loaded.llm, prompt[:32], decode[:n_profiled]):
-        log(f"{cfg.name}: {n_profiled} untimed decode steps bracketed for a CUDA profiler")
+        log(f"{cfg.name}: {len(decode[:n_profiled])} untimed decode steps bracketed for a CUDA profiler")
     res = Result(cfg.name, n_prompt, n_gen, pps, tgs, hit, expert_bytes, vram_model_bytes(loaded), load_s,
                  plan=cfg.plan_detail(inv), cache=cache, worker=worker, cpu_paths=cpu_paths,
                  pp_round_medians=[statistics.median(pps)], tg_round_medians=[statistics.median(tgs)],
