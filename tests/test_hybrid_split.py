@@ -240,6 +240,26 @@ def test_cpu_worker_computes_the_same(models, arch, monkeypatch):
         monkeypatch.delenv("LLAMA_HYBRID_WORKER")
 
 
+def test_the_worker_keeps_a_timeline_of_its_busy_hand_offs(models, monkeypatch):
+    """Patch version 12: post and collect stamp the slot with the device's clock (here the
+    CPU's steady clock), and the worker's counters give each busy hand-off's round trip, the
+    CPU's part of it, and the device's time between consecutive busy hand-offs. With one
+    clock on both sides the CPU's part cannot exceed the round trip it sits in."""
+    if hybrid_backend.capability().version < 12:
+        pytest.skip("needs hybrid patch version 12 (the hand-off timeline)")
+    path, spec = models["qwen3moe"]
+    ref, tol, _ = reference(path, LONG_PROMPT)
+    monkeypatch.setenv("LLAMA_HYBRID_WORKER", "1")
+    monkeypatch.setenv("LLAMA_HYBRID_WORKER_MAX_TOKENS", "4")
+    one_each = {l: [spec.n_expert - 1] for l in range(spec.n_layer)}  # every layer split and busy
+    stats = worker_run(load(path, one_each), LONG_PROMPT, ref, tol, "qwen3moe/one per layer, worker timeline")
+    # every layer's second and later busy hand-offs are timed; all but the first of each step are gaps
+    assert stats["timed_roundtrips"] >= (N_GEN - 2) * spec.n_layer, stats
+    assert stats["timed_gaps"] >= (N_GEN - 1) * (spec.n_layer - 1), stats
+    assert 0 < stats["answer_us"] <= stats["roundtrip_us"], stats
+    assert stats["gap_us"] >= 0, stats
+
+
 @pytest.mark.parametrize("arch", list(ARCH_PRESETS))
 def test_both_readers_compute_the_same(models, arch, monkeypatch):
     """cold=both (patch version 10): a split layer's cold experts are shared out. The GPU's

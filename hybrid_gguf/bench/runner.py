@@ -491,6 +491,12 @@ def time_config(cfg: Config, t: Timing, step, log: Callable[[str], None], label:
             f"{worker['inline_graphs']} graphs armed for the decoding thread, which came "
             f"{worker['arrive_us'] / max(worker['inline_graphs'], 1):.0f} us after arming on average "
             f"(at most {worker['arrive_max_us']} us)")
+        if worker.get("timed_roundtrips"):
+            n_rt, n_gap = worker["timed_roundtrips"], max(worker["timed_gaps"], 1)
+            log(f"{cfg.name}: busy hand-off timeline: {worker['roundtrip_us'] / n_rt:.1f} us from post to answer seen "
+                f"on the device, {worker['answer_us'] / n_rt:.1f} us of it the CPU's from noticing to answering; "
+                f"{worker['gap_us'] / n_gap:.1f} us on the device from an answer seen to the next busy post "
+                f"({n_rt} and {worker['timed_gaps']} timed)")
     loaded.llm.close()
     return res
 

@@ -156,9 +156,11 @@ def cache_stats(model_ptr) -> Optional[dict]:
 
 
 class _WorkerStats(ctypes.Structure):
+    # an older patch fills the first fields only; the rest stay 0
     _fields_ = [(name, ctypes.c_int64) for name in (
         "busy", "idle", "compute_us", "takeovers", "serve_us",
-        "main_busy", "main_compute_us", "inline_graphs", "arrive_us", "arrive_max_us")]
+        "main_busy", "main_compute_us", "inline_graphs", "arrive_us", "arrive_max_us",
+        "timed_roundtrips", "roundtrip_us", "answer_us", "timed_gaps", "gap_us")]
 
 
 def worker_stats(ctx_ptr) -> Optional[dict]:
@@ -169,7 +171,11 @@ def worker_stats(ctx_ptr) -> Optional[dict]:
     those, the busy hand-offs the decoding thread computed and their time (main_busy,
     main_compute_us); the graphs armed for the decoding thread to answer (inline_graphs) and
     its time from arming to answering, in all and at most (arrive_us, arrive_max_us: the
-    compute call queueing the GPU's work). None when the context has no worker or the patch
+    compute call queueing the GPU's work). Version 12 adds a timeline of the busy hand-offs:
+    timed_roundtrips of them took roundtrip_us of the device's time from post to the collect
+    seeing the answer, answer_us of it the CPU's (noticing the post to answering); timed_gaps
+    pairs of consecutive busy hand-offs in one graph spent gap_us of device time between one's
+    answer seen and the next one's post. None when the context has no worker or the patch
     is older."""
     return _counters("llama_hybrid_context_worker_stats", _WorkerStats, ctx_ptr, 7)
 
