@@ -30,7 +30,7 @@ def repredict(bench: dict, defaults: Bandwidth) -> list[tuple[str, float, float,
         if "cache" in name or "terms" not in cfg:
             continue
         worker = any(r.get("name") == name and r.get("worker") for r in bench.get("results", []))
-        b = replace(bw, handoff_s=bw.worker_handoff_s, handoff_idle_s=bw.worker_handoff_idle_s) if worker else bw
+        b = bw.with_worker_handoffs() if worker else bw
         rows.append((name, cfg["measured_decode_ts"], cfg["predicted_decode_ts"],
                      1.0 / RunTerms.from_dict(cfg["terms"]).decode_seconds(b)))
     return rows

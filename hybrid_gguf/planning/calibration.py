@@ -108,6 +108,11 @@ class Bandwidth:
             del d["model_gpu_rates"]
         return d
 
+    def with_worker_handoffs(self) -> "Bandwidth":
+        """This calibration with the CPU worker's hand-off costs in the hand-off fields, as a
+        plan with `handoff: worker` pays them."""
+        return replace(self, handoff_s=self.worker_handoff_s, handoff_idle_s=self.worker_handoff_idle_s)
+
     def for_model(self, fingerprint: Optional[str]) -> "Bandwidth":
         """This calibration for one model: its own fitted GPU rate when `bench` measured one."""
         rates = dict(self.model_gpu_rates)

@@ -291,8 +291,7 @@ def make_plan(inventory, budget_bytes: int, n_ctx: int, profile=None, per_expert
         opts = replace(opts, n_ctx=n_ctx)
     bw = bandwidth or Bandwidth()
     # what the search weighs a hand-off at: the worker's costs when it takes the split layers
-    search_bw = replace(bw, handoff_s=bw.worker_handoff_s, handoff_idle_s=bw.worker_handoff_idle_s) \
-        if handoff == "worker" else bw
+    search_bw = bw.with_worker_handoffs() if handoff == "worker" else bw
     devs = _resolve_devices(budget_bytes, devices)
     notes: list = []
     if len(devs) > 1 and any(d.budget_bytes <= 0 for d in devs):
