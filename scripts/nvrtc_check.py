@@ -77,9 +77,9 @@ def compile_source(nvrtc, source: str, arch: str) -> tuple[bool, str, list[str]]
 
 def patched_tree(tmp: Path) -> Path:
     """The cached sdist's vendored llama.cpp with the hybrid patch applied, under `tmp`."""
-    from hybrid_gguf import backend, paths
+    from hybrid_gguf import backend
 
-    sdist = paths.sdist_dir() / f"{backend.DIST_NAME}-{backend.LLAMA_CPP_PYTHON_VERSION}.tar.gz"
+    sdist = backend.sdist_path()
     if not sdist.exists():
         raise FileNotFoundError(f"no cached sdist at {sdist} (`hybrid-gguf backend install` fetches it)")
     root = backend.extract(sdist, tmp)

@@ -206,9 +206,14 @@ def cached_wheel(cfg: BuildConfig) -> Optional[Path]:
 
 # --- source ---------------------------------------------------------------------------
 
+def sdist_path() -> Path:
+    """Where the llama-cpp-python sdist is cached (it may not be there yet)."""
+    return paths.sdist_dir() / f"{DIST_NAME}-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
+
+
 def fetch_sdist(log: Log = _print) -> Path:
-    sdist_dir = paths.sdist_dir()
-    sdist = sdist_dir / f"{DIST_NAME}-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
+    sdist = sdist_path()
+    sdist_dir = sdist.parent
     if not sdist.exists():
         sdist_dir.mkdir(parents=True, exist_ok=True)
         log(f"downloading llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} sdist from PyPI")
