@@ -135,6 +135,24 @@ def _no_extra_bufts(params) -> None:
     params.use_extra_bufts = False  # CPU weights in plain (or pinned host) buffers, not repacked
 
 
+def untimed_prompt(llm, prompt: Sequence[int]) -> None:
+    """A fresh context that has evaluated `prompt` as one batch (finished, not timed)."""
+    import llama_cpp
+
+    llm.reset()
+    llm.eval(list(prompt))
+    llama_cpp.llama_synchronize(llm._ctx.ctx)
+
+
+def untimed_steps(llm, decode: Sequence[int]) -> None:
+    """The tokens of `decode` one decode step each, each step finished before the next."""
+    import llama_cpp
+
+    for tok in decode:
+        llm.eval([int(tok)])
+        llama_cpp.llama_synchronize(llm._ctx.ctx)
+
+
 def graph_log_events(llm, prompt: Sequence[int], decode: Sequence[int]):
     """The backend's debug messages about graphs (a GPU backend's graph capture, reuse and
     resets) over untimed decode steps of `decode` after `prompt`, counted by message with
@@ -142,16 +160,11 @@ def graph_log_events(llm, prompt: Sequence[int], decode: Sequence[int]):
     import collections
     import re
 
-    import llama_cpp
-
     from hybrid_gguf.llama.log import capture_llama_log
 
-    llm.reset()
-    llm.eval(list(prompt))
+    untimed_prompt(llm, prompt)
     with capture_llama_log(forward=False) as captured:
-        for tok in decode:
-            llm.eval([int(tok)])
-            llama_cpp.llama_synchronize(llm._ctx.ctx)
+        untimed_steps(llm, decode)
     return collections.Counter(re.sub(r"\d+", "N", line.strip()) for line in captured.lines
                                if "graph" in line.lower())
 
@@ -180,20 +193,14 @@ def cuda_profile_window(llm, prompt: Sequence[int], decode: Sequence[int]) -> bo
     where no CUDA driver is loaded (nothing is profiled then)."""
     import ctypes
 
-    import llama_cpp
-
     try:
         cuda = ctypes.CDLL("libcuda.so.1", mode=getattr(ctypes, "RTLD_NOLOAD", 0) | ctypes.RTLD_GLOBAL)
     except OSError:
         return False
-    llm.reset()
-    llm.eval(list(prompt))
-    llama_cpp.llama_synchronize(llm._ctx.ctx)
+    untimed_prompt(llm, prompt)
     cuda.cuProfilerStart()
     try:
-        for tok in decode:
-            llm.eval([int(tok)])
-            llama_cpp.llama_synchronize(llm._ctx.ctx)
+        untimed_steps(llm, decode)
     finally:
         cuda.cuProfilerStop()
     return True
