@@ -40,6 +40,7 @@
 #    to .device-prebuilt/ and carried, a later call's "build" unpacks them instead of building
 #    while the patch is the same: KEY is the patch's hash; ~210 s saved per fresh machine)
 #   (crashtrace: native stacks of the known crashes, scripts/segv_trace.c preloaded, ~1 min)
+#   (cpuread: the CPU's streaming read at 64 MiB..4 GiB and the calibration's default size)
 #   (importorder: a CUDA model load after importing numpy, torch, jaxtyping or hypothesis first, ~20 s)
 #   (bothab: patch v10's cold=both, the worker plan with and without its GPU reading a share of
 #    the cold experts in place; ROUTINGS= SHARES= TG= REPS= BOTH_CONFIGS=)
@@ -312,6 +313,22 @@ for line in lines:
 open(path, "w").write("\n".join(out) + "\n")
 PYEOF
     grep -E "^==|segv_trace|libggml|libllama|exit|passed|failed" "$CT" | cut -c1-220 | head -80
+fi
+
+if has cpuread; then
+    # the CPU's streaming read over buffers below and beyond the last-level cache: the
+    # calibration's DRAM rate must not be the cache's
+    log "cpuread: streaming read by buffer size"
+    python3 - <<'PYEOF' 2>&1 | tee "$OUT/cpuread.txt"
+from hybrid_gguf.bench.probe import (available_memory_bytes, cpu_read_size, last_level_cache_bytes,
+                                     measure_cpu_read)
+llc = last_level_cache_bytes()
+default = cpu_read_size(llc, available_memory_bytes())
+print(f"last-level cache {llc / 2**20:.0f} MiB, default read {default / 2**20:.0f} MiB")
+for n in (64 * 2**20, 256 * 2**20, 1 * 2**30, 2 * 2**30, 4 * 2**30, default):
+    rates = [measure_cpu_read(n) / 1e9 for _ in range(3)]
+    print(f"{n / 2**20:6.0f} MiB: " + ", ".join(f"{r:6.1f}" for r in rates) + " GB/s")
+PYEOF
 fi
 
 if has importorder; then

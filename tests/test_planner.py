@@ -723,3 +723,25 @@ def test_plan_takes_the_cache_types_by_llama_cpp_names(tmp_path, tiny_model_fact
         res = plan(*args)
         assert res.returncode == 2 and message in res.stderr, res.stderr
         assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_the_cpu_read_is_sized_past_the_last_level_cache(tmp_path):
+    """The streaming read times DRAM, not the cache: four times the largest cache (an H200
+    host has 300 MiB of L3), at least 256 MiB, at most 4 GiB and a quarter of free memory."""
+    from hybrid_gguf.bench.probe import available_memory_bytes, cpu_read_size, last_level_cache_bytes
+
+    MiB = 2**20
+    assert cpu_read_size(300 * MiB, 100 * 2**30) == 1200 * MiB
+    assert cpu_read_size(8 * MiB, 100 * 2**30) == 256 * MiB
+    assert cpu_read_size(2048 * MiB, 100 * 2**30) == 4 * 2**30
+    assert cpu_read_size(300 * MiB, 2 * 2**30) == 512 * MiB  # a quarter of what is free
+    assert cpu_read_size(0, 0) == 256 * MiB  # nothing known: the old size
+    caches = tmp_path / "cache"
+    for i, size in enumerate(("48K", "2048K", "300M", "garbage")):
+        (caches / f"index{i}").mkdir(parents=True)
+        (caches / f"index{i}" / "size").write_text(size + "\n")
+    assert last_level_cache_bytes(caches) == 300 * MiB
+    assert last_level_cache_bytes(tmp_path / "absent") == 0
+    (tmp_path / "meminfo").write_text("MemTotal: 1000 kB\nMemAvailable:   2048 kB\n")
+    assert available_memory_bytes(tmp_path / "meminfo") == 2 * MiB
+    assert available_memory_bytes(tmp_path / "absent") == 0
