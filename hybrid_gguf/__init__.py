@@ -14,6 +14,22 @@ openmp_spin_set_here = "OMP_WAIT_POLICY" not in _os.environ and "GOMP_SPINCOUNT"
 if openmp_spin_set_here:
     _os.environ["GOMP_SPINCOUNT"] = OPENMP_SPIN_DEFAULT
 
+# No OpenMP thread binding, unless HYBRID_GGUF_OMP_BIND=keep. Binding pins the decoding thread to
+# one core when the first team starts, and every thread made after that (the CPU worker, the
+# GPU driver's) inherits that single core and fights OpenMP thread 0 for it: on the H200 host
+# OMP_PROC_BIND=close OMP_PLACES=cores took the worker's busy hand-off from 0.2 ms to 1.3 ms and
+# realistic decode from 65.7 to 14.8 tok/s (docs/tuning.md). OMP_PROC_BIND=false also disarms
+# OMP_PLACES and GOMP_CPU_AFFINITY; llama.cpp binds nothing by default either.
+OPENMP_BIND_VARIABLES = ("OMP_PROC_BIND", "OMP_PLACES", "GOMP_CPU_AFFINITY")
+openmp_bind_cleared_here = ()
+if _os.environ.get("HYBRID_GGUF_OMP_BIND", "").strip().lower() != "keep":
+    openmp_bind_cleared_here = tuple(
+        f"{name}={_os.environ[name]}" for name in OPENMP_BIND_VARIABLES
+        if _os.environ.get(name, "").strip() and not (name == "OMP_PROC_BIND"
+                                                     and _os.environ[name].strip().lower() == "false"))
+    if openmp_bind_cleared_here:
+        _os.environ["OMP_PROC_BIND"] = "false"
+
 
 def _cxx_runtime_global():
     """Make the C++ runtime's symbols global before libllama loads, when a module imported

@@ -104,7 +104,10 @@ def openmp_wait() -> dict:
     import hybrid_gguf
 
     return {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"), "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT"),
-            "set_by_hybrid_gguf": bool(hybrid_gguf.openmp_spin_set_here)}
+            "set_by_hybrid_gguf": bool(hybrid_gguf.openmp_spin_set_here),
+            "OMP_PROC_BIND": os.environ.get("OMP_PROC_BIND"),
+            # the binding variables `import hybrid_gguf` disarmed (docs/tuning.md)
+            "binding_cleared": list(hybrid_gguf.openmp_bind_cleared_here)}
 
 
 def _cpu_model() -> str:

@@ -51,10 +51,14 @@ def _render(report, con: Console) -> None:
     con.print(f"          extra buffer types: {', '.join(bufts) if bufts else 'none'}")
     wait = cpu.get("openmp_wait") or {}
     if wait:
-        given = [f"{k}={v}" for k, v in wait.items() if k != "set_by_hybrid_gguf" and v is not None]
+        given = [f"{k}={wait[k]}" for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if wait.get(k) is not None]
         who = " (set by hybrid-gguf; OMP_WAIT_POLICY=passive to let idle threads sleep at once)" \
             if wait.get("set_by_hybrid_gguf") else ""
         con.print(f"          OpenMP wait: {' '.join(given) or 'libgomp defaults'}{who}")
+        cleared = wait.get("binding_cleared") or []
+        if cleared:
+            con.print(f"          OpenMP binding: off, {' '.join(cleared)} disarmed by hybrid-gguf "
+                      "(HYBRID_GGUF_OMP_BIND=keep keeps it)")
     rec = report.recorder
     if rec:
         state = "[green]builds[/]" if rec.get("builds") else f"[red]does not build[/]: {rec.get('error')}"
