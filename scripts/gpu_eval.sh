@@ -150,8 +150,9 @@ cpu_throttled() { awk '/^nr_throttled|^throttled_usec/ {printf "%s=%s ", $1, $2}
 # Libraries built by an earlier call for this very patch (`savelibs`, below) skip the build:
 # a fresh machine spent ~210 s of every call's device time building (tenth lease: 4 of 5 calls).
 # They travel as .device-prebuilt/00_prebuilt-KEY.tar.xz.NN (carry ".device-prebuilt", and
-# ".device/whl" instead of all of .device: the sdist is needed only to build).
-PREBUILT_KEY="$(sha256sum patches/llama-cpp-hybrid.patch | cut -c1-16)-cuda-sm90"
+# ".device/whl" instead of all of .device: the sdist is needed only to build). "-native": the CPU
+# backend is -march=native since the twelfth lease; older parts were built for AVX2.
+PREBUILT_KEY="$(sha256sum patches/llama-cpp-hybrid.patch | cut -c1-16)-cuda-sm90-native"
 PREBUILT_PARTS=(.device-prebuilt/00_prebuilt-"$PREBUILT_KEY".tar.xz.*)
 if has build; then
     t0=$(date +%s)
@@ -459,7 +460,7 @@ fi
 
 if has amx; then
     # CPU-only prefill and decode with llama.cpp's extra CPU buffers (AMX where the CPU has it)
-    # on and off, on a native CPU build of the same patch (the CUDA build is not -march=native)
+    # on and off, on a CPU-only build of the same patch
     log "CPU features: $(grep -o -w 'avx512f\|avx512_vnni\|amx_tile\|amx_int8\|amx_bf16' /proc/cpuinfo | sort -u | tr '\n' ' ')"
     python3 scripts/build_backend.py --cpu --dev-tree /tmp/llcpu --sdist .device/llama_cpp_python-0.3.36-trimmed.tar.gz \
         > "$OUT/build_cpu.log" 2>&1 || { tail -20 "$OUT/build_cpu.log"; failed "amx build"; }
@@ -841,9 +842,9 @@ if has upstream; then
     fi
     log "upstream: llama-batched-bench of llama.cpp b11549 for CUDA sm_90"
     t0=$(date +%s)
-    # CPU flags as our CUDA build (GGML_NATIVE=OFF); no downloads, no server
+    # CPU flags as our CUDA build (GGML_NATIVE=ON since the twelfth lease); no downloads, no server
     { [ -f $UPB/CMakeCache.txt ] || cmake -S "$UPSRC" -B $UPB -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON \
-          -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_NATIVE=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
+          -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_NATIVE=ON -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
           -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_TOOLS=ON; } \
         > "$OUT/upstream_build.log" 2>&1 && cmake --build $UPB --target llama-batched-bench -j "$(nproc)" >> "$OUT/upstream_build.log" 2>&1
     if [ -x $UPB/bin/llama-batched-bench ]; then

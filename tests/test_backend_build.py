@@ -44,8 +44,35 @@ def test_cache_key_is_unchanged_without_user_flags(monkeypatch):
     h.update(b"0.3.36")
     h.update(backend.PATCH_PATH.read_bytes())
     h.update(" ".join([*backend.COMMON_CMAKE_ARGS, "-DGGML_NATIVE=ON"]).encode())
+    h.update(backend.cpu_isa_signature().encode())
     assert cfg.key == h.hexdigest()[:16]
     assert cfg.wheel_dir.name == f"hybrid-cpu-{cfg.key}"
+
+
+def test_a_native_wheel_is_keyed_by_the_cpus_instruction_sets(monkeypatch, tmp_path):
+    """A home shared by machines with other CPUs must not reuse a -march=native wheel: the
+    key of a native build follows the CPU's instruction sets; a portable one's does not."""
+    monkeypatch.delenv("CMAKE_ARGS", raising=False)
+    native = list(backend.cmake_args(cuda=False))
+    portable = list(backend.cmake_args(cuda=False, native=False))
+    monkeypatch.setattr(backend, "cpu_isa_signature", lambda: "avx avx2 fma")
+    a = backend.build_key(True, native), backend.build_key(True, portable)
+    monkeypatch.setattr(backend, "cpu_isa_signature", lambda: "avx avx2 avx512f fma")
+    b = backend.build_key(True, native), backend.build_key(True, portable)
+    assert a[0] != b[0] and a[1] == b[1]
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 sse4_2 hypervisor avx512f amx_tile\n")
+    monkeypatch.undo()
+    assert backend.cpu_isa_signature(info) == "amx_tile avx2 avx512f sse4_2"
+
+
+def test_cuda_builds_are_native_unless_portable(monkeypatch):
+    """The CPU computes the cold experts in CUDA builds too, so they get -march=native; a
+    wheel meant for other machines asks for --portable."""
+    monkeypatch.delenv("CMAKE_ARGS", raising=False)
+    assert "-DGGML_NATIVE=ON" in backend.cmake_args(cuda=True, cuda_arch="90")
+    assert "-DGGML_NATIVE=OFF" in backend.cmake_args(cuda=True, cuda_arch="90", native=False)
+    assert "-DGGML_NATIVE=OFF" in backend.config(cuda=True, cuda_arch="90", portable=True).args
 
 
 def test_local_version_satisfies_the_pin():

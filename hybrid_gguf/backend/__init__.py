@@ -24,6 +24,7 @@ import hashlib
 import io
 import json
 import os
+import platform
 import re
 import shlex
 import shutil
@@ -143,12 +144,34 @@ def cmake_args(cuda: bool, cuda_arch: str = "native", native: bool = True,
     already sets. Without user flags this is exactly our list (the cache key relies on it)."""
     ours = list(COMMON_CMAKE_ARGS)
     if cuda:
-        ours += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={cuda_arch}", "-DGGML_NATIVE=OFF"]
-    else:
-        ours.append(f"-DGGML_NATIVE={'ON' if native else 'OFF'}")
+        ours += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={cuda_arch}"]
+    # native in CUDA builds too: the CPU computes the cold experts, and on the H200 host a
+    # native CPU backend answered a busy hand-off in 157-175 us against 173-203 us built for
+    # AVX2 (docs/benchmarks.md, twelfth lease)
+    ours.append(f"-DGGML_NATIVE={'ON' if native else 'OFF'}")
     user = user_cmake_args() if user is None else list(user)
     taken = {n for n in map(_defined_name, user) if n}
     return user + [a for a in ours if _defined_name(a) not in taken]
+
+
+_ISA_FLAG = re.compile(r"^(sse|ssse|avx|fma|f16c|bmi|amx|popcnt|movbe|adx|sha|vaes|vpclmul|gfni|aes|pclmul|"
+                       r"lzcnt|abm|xsave|cx16|rdrand|rdseed|asimd|sve|i8mm|bf16|dotprod|fp16)")
+
+
+def cpu_isa_signature(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The instruction sets this CPU offers (the x86 `flags` or Arm `Features` line, the
+    compiler-relevant ones, sorted), or the platform's processor name where there is no
+    cpuinfo. A -march=native build is only valid on CPUs with the same signature."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as fh:
+            for _, line in zip(range(4096), fh):
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    isa = sorted({f for f in value.split()[:1024] if _ISA_FLAG.match(f)})
+                    return " ".join(isa)
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()}"
 
 
 def build_key(patched: bool, args: list[str]) -> str:
@@ -156,6 +179,10 @@ def build_key(patched: bool, args: list[str]) -> str:
     h.update(LLAMA_CPP_PYTHON_VERSION.encode())
     h.update(patch_bytes() if patched else b"stock")
     h.update(" ".join(args).encode())
+    if "-DGGML_NATIVE=ON" in args:
+        # a home shared by machines with other CPUs must not hand one of them a wheel built
+        # for instructions it lacks (SIGILL at the first matrix product)
+        h.update(cpu_isa_signature().encode())
     return h.hexdigest()[:16]
 
 
@@ -459,7 +486,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--cuda", action="store_true", default=None, help="build with CUDA (default: when a GPU is visible)")
     ap.add_argument("--cpu", dest="cuda", action="store_false", help="build for CPU only")
     ap.add_argument("--cuda-arch", default=None, help="CMAKE_CUDA_ARCHITECTURES (default: native, or $HYBRID_GGUF_CUDA_ARCH)")
-    ap.add_argument("--portable", action="store_true", help="CPU build without -march=native")
+    ap.add_argument("--portable", action="store_true",
+                    help="CPU backend without -march=native (a wheel for other machines' CPUs)")
     ap.add_argument("--stock", action="store_true", help="do not apply the hybrid patch")
     ap.add_argument("--sdist", type=Path, help="llama-cpp-python sdist (full or trimmed) to build from")
     ap.add_argument("--no-build-isolation", action="store_true", help="use already-installed build deps (offline)")
