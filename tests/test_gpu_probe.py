@@ -243,7 +243,7 @@ def test_a_stored_calibration_takes_todays_worker_costs_unless_it_measured_them(
     makes older fits stale: the default an older calibration saved gives way to today's
     default, and so does a value fitted with an older patch; one fitted with v11 stays."""
     stale = Bandwidth.from_dict({"cpu_bytes_per_s": 6e10, "worker_handoff_s": 211e-6, "worker_handoff_idle_s": 2e-6})
-    assert stale.worker_handoff_s == Bandwidth().worker_handoff_s == 70e-6
+    assert stale.worker_handoff_s == Bandwidth().worker_handoff_s == 100e-6
     assert stale.worker_handoff_idle_s == Bandwidth().worker_handoff_idle_s
     fitted = Bandwidth.from_dict({"worker_handoff_s": 190e-6, "measured": ["worker_handoff_s"],
                                   "worker_patch_version": 11})

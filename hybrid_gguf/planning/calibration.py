@@ -32,7 +32,7 @@ GPU_DECODE_FIELDS = ("gpu_bytes_per_s", "gpu_layer_s", "gpu_step_s", "handoff_s"
 # than this is the fit trading bytes for fixed hand-off time (the H200's realistic 25 % row
 # gave 264 GB/s against a read of 80), not the machine: fit_decode refuses it.
 CPU_FIT_HEADROOM = 1.25
-# the CPU worker's costs move with the patch (v8 211 us busy, v9 110, v11 70): a stored calibration
+# the CPU worker's costs move with the patch (v8 211 us busy, v9 110, v11 70-150 by host): a stored calibration
 # that never measured them takes today's defaults, not the ones saved with it, and so does one
 # that measured them with a patch older than WORKER_COSTS_VERSION
 FOLLOW_DEFAULTS = ("worker_handoff_s", "worker_handoff_idle_s")
@@ -67,10 +67,12 @@ class Bandwidth:
     handoff_idle_s: float = 90e-6
     # the same with the CPU worker (patch v8, plan `handoff: worker`): the GPU posts each split
     # layer to mapped memory and the decoding thread answers; a layer with no cold work does not
-    # wait for the CPU. Patch v11 on the H200 host (eleventh lease): busy 69 and 70 us, fitted on
-    # realistic 25 % (v10: 100; v9: 106-114; v8: 211); idle 22 us fitted on optimistic 25 % and
-    # 17 us on a plan whose every hand-off is idle (v10: 25 and 20)
-    worker_handoff_s: float = 70e-6
+    # wait for the CPU. Busy, fitted on realistic 25 %: 69 and 70 us with patch v11 on one H200
+    # host (eleventh lease), 126-150 us with v12 on another (twelfth lease: its CPU computed the
+    # same work slower). 100 us predicts both leases' worker rows within -10..+18 % (70 us:
+    # -0.2..+33 %; scripts/repredict.py). Older: v10 100, v9 106-114, v8 211. Idle 22 us fitted
+    # on optimistic 25 % and 17 us on a plan whose every hand-off is idle (v10: 25 and 20)
+    worker_handoff_s: float = 100e-6
     worker_handoff_idle_s: float = 20e-6
     # fixed GPU times of a decode step, per layer and per step; 50 and 97 us on an H200
     # (gpu_probe, docs/benchmarks.md)
