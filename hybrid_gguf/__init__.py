@@ -18,7 +18,7 @@ if openmp_spin_set_here:
 # one core when the first team starts, and every thread made after that (the CPU worker, the
 # GPU driver's) inherits that single core and fights OpenMP thread 0 for it: on the H200 host
 # OMP_PROC_BIND=close OMP_PLACES=cores took the worker's busy hand-off from 0.2 ms to 1.3 ms and
-# realistic decode from 65.7 to 14.8 tok/s (docs/tuning.md). OMP_PROC_BIND=false also disarms
+# realistic decode from 64.2 to 14.8 tok/s (docs/tuning.md). OMP_PROC_BIND=false also disarms
 # OMP_PLACES and GOMP_CPU_AFFINITY; llama.cpp binds nothing by default either.
 OPENMP_BIND_VARIABLES = ("OMP_PROC_BIND", "OMP_PLACES", "GOMP_CPU_AFFINITY")
 openmp_bind_cleared_here = ()

@@ -62,7 +62,7 @@ _AFFINITY_AFTER_A_FORWARD = (
                                    {"GOMP_CPU_AFFINITY": "0-1"}, {"OMP_PROC_BIND": "spread"}])
 def test_importing_disarms_openmp_binding(given, tiny_model):
     """OpenMP binding pins the decoding thread to one core, and the CPU worker made after it
-    inherits that core (realistic decode on the H200 host: 65.7 -> 14.8 tok/s). After `import
+    inherits that core (realistic decode on the H200 host: 64.2 -> 14.8 tok/s). After `import
     hybrid_gguf` and a real CPU forward, the decoding thread may still use every CPU it had;
     HYBRID_GGUF_OMP_BIND=keep leaves the user's binding in force."""
     import subprocess
