@@ -201,6 +201,19 @@ int main(int argc, char ** argv) {
     for (int l = 0; l < N_LAYER; l++) {
         fill_q4_k(gate[l]); fill_q4_k(up[l]); fill_q4_k(down[l]); fill_q4_k(dense[l]);
     }
+    // whether the kernel granted what "huge" asked for: the weights' 2 MiB pages, once filled
+    {
+        FILE * f = fopen("/proc/self/smaps_rollup", "r");
+        char line[256];
+        while (f && fgets(line, sizeof line, f)) {
+            if (strncmp(line, "Rss:", 4) == 0 || strncmp(line, "AnonHugePages:", 14) == 0) {
+                printf("weights=%s %s", mode, line);
+            }
+        }
+        if (f) {
+            fclose(f);
+        }
+    }
 
     // one graph per layer and kind: inputs x [N_EMBD, 1], ids [K, 1]
     struct ggml_init_params gp = { ggml_tensor_overhead() * 32 * N_LAYER + 2 * N_LAYER * ggml_graph_overhead(), NULL, true };
