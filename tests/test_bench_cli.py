@@ -445,6 +445,38 @@ def test_the_idle_worker_row_leaves_one_rare_expert_per_layer_to_the_worker(tiny
     assert worker["busy"] + worker["idle"] >= n_layer * 4 and worker["idle"] > worker["busy"], worker
 
 
+def test_the_hugepages_row_loads_the_worker_plan_with_its_variable_set(tiny_model_factory, tmp_path, monkeypatch):
+    """`per-expert-worker-hugepages` (patch version 13): the worker's plan, loaded with
+    LLAMA_HYBRID_HOST_HUGEPAGES=1 in the environment (CUDA's pinned host buffers then take
+    2 MiB pages; a CPU build has none, so here the row decodes as the worker row). The
+    variable is set during that row's load only, and the row says so."""
+    from hybrid_gguf.bench.plans import HUGEPAGES_ENV
+    from hybrid_gguf.llama import hybrid as hybrid_backend
+    from hybrid_gguf.llama import loader
+
+    if hybrid_backend.capability().version < 13:
+        pytest.skip("needs hybrid patch version 13 (huge-page host buffers)")
+    monkeypatch.delenv(HUGEPAGES_ENV, raising=False)
+    seen = []
+    real = loader.load_llama
+
+    def spy(*args, **kwargs):
+        seen.append(os.environ.get(HUGEPAGES_ENV))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loader, "load_llama", spy)
+    out = _tiny_bench(tiny_model_factory, tmp_path, "--pp", "32", "--expert-share", "0.3",
+                      "--configs", "per-expert-worker,per-expert-worker-hugepages")
+    rows = {r["name"]: r for r in out["results"]}
+    huge, worker = rows["per-expert-worker-hugepages"], rows["per-expert-worker"]
+    assert huge["error"] is None and huge["tg_ts"][0] > 0
+    assert huge["plan"]["handoff"] == "worker" and huge["plan"]["hot"] == worker["plan"]["hot"]
+    assert huge["plan"]["load_env"] == {HUGEPAGES_ENV: "1"} and "load_env" not in worker["plan"]
+    # the variable in the row's own load only (the others: the worker row, the profiling load)
+    assert seen.count("1") == 1 and set(seen) == {None, "1"}, seen
+    assert HUGEPAGES_ENV not in os.environ
+
+
 def test_bench_times_both_readers_of_the_cold_experts(tiny_model_factory, tmp_path):
     """`per-expert-both-0.5` (patch version 10): the plan with the CPU worker, where each split
     layer's GPU (here the CPU backend's main graph) reads about half of its cold selections;

@@ -29,6 +29,9 @@ class Config:
     cache: object = None         # placement.CacheOptions of an in-session cache over the packs
     worker: bool = False         # decode hands the cold experts to a CPU worker (plan handoff=worker)
     gpu_cold: dict = field(default_factory=dict)  # cold=both: layer -> cold experts its GPU reads in place
+    # environment variables set while this row's model loads (the patch reads them when it
+    # allocates buffers), restored afterwards
+    load_env: dict = field(default_factory=dict)
 
     @classmethod
     def from_plan(cls, name: str, plan, inv: Inventory) -> "Config":
@@ -52,6 +55,8 @@ class Config:
                     "rules": [{"pattern": r.pattern, "device": r.device} for r in self.placement.rules]}
         pl = self.plan
         both = {"gpu_cold": {str(l): list(v) for l, v in sorted(self.gpu_cold.items())}} if self.gpu_cold else {}
+        if self.load_env:
+            both["load_env"] = dict(self.load_env)
         return {**both, "backend": pl.backend, "budget_bytes": int(pl.budget_bytes), "n_gpu_layers": pl.n_gpu_layers,
                 "hot_device": pl.hot_device, "cold": "gpu" if self.cold_on_gpu else "both" if self.gpu_cold else "cpu",
                 "handoff": "worker" if self.worker else "scheduler", "hot": {str(l): list(v) for l, v in sorted(self.hot.items())},
@@ -136,7 +141,7 @@ def plan_configs(model_path: Path, inv: Inventory, profile, devices: list, n_ctx
     if want("whole-layer"):
         configs.append(Config.from_plan("whole-layer", make(devices, False), inv))
     alternatives = ("per-expert-cold-cpu", "per-expert-cold-gpu", WORKER_CONFIG, SCHEDULER_CONFIG, UNPROMOTED_CONFIG,
-                    IDLE_WORKER_CONFIG)
+                    IDLE_WORKER_CONFIG, HUGEPAGES_CONFIG)
     # the plan's packs as an in-session cache: only when asked for by name (--configs)
     caches = [name for name in wanted or () if name.startswith(CACHE_PREFIX)]
     boths = [name for name in wanted or () if name == BOTH_CONFIG or name.startswith(BOTH_CONFIG + "-")]
@@ -156,11 +161,19 @@ def plan_configs(model_path: Path, inv: Inventory, profile, devices: list, n_ctx
         # the plan with its cold experts on the CPU, handed to the CPU worker: planned once for
         # the worker row and the cold=both rows, which all start from it
         wants_worker = WORKER_CONFIG in (wanted or ()) and version >= 6
-        worker_plan = make(devices, None, "cpu", "worker") if chosen.hot and (wants_worker or boths) else None
+        wants_huge = HUGEPAGES_CONFIG in (wanted or ()) and version >= 13
+        worker_plan = make(devices, None, "cpu", "worker") if chosen.hot and (wants_worker or wants_huge or boths) \
+            else None
         if worker_plan is not None and wants_worker:
             worker = Config.from_plan(WORKER_CONFIG, worker_plan, inv)
             worker.worker = True
             configs.append(worker)
+        if worker_plan is not None and wants_huge:
+            # the worker row with the pinned host buffers (the cold experts) on 2 MiB pages
+            huge = Config.from_plan(HUGEPAGES_CONFIG, worker_plan, inv)
+            huge.worker = True
+            huge.load_env = {HUGEPAGES_ENV: "1"}
+            configs.append(huge)
         for name in boths:
             if worker_plan is not None and version >= 10:
                 configs.append(both_readers(name, worker_plan, inv, profile))
@@ -196,6 +209,9 @@ UNPROMOTED_CONFIG = "per-expert-unpromoted"
 IDLE_WORKER_CONFIG = "per-expert-idle-worker"
 BOTH_CONFIG = "per-expert-both"  # cold=both; "-0.3" gives the GPU's share of the cold selections
 WORKER_SUFFIX = "-worker"
+# patch v13: CUDA's pinned host buffers on transparent huge pages (no effect without CUDA)
+HUGEPAGES_CONFIG = "per-expert-worker-hugepages"
+HUGEPAGES_ENV = "LLAMA_HYBRID_HOST_HUGEPAGES"
 
 
 def cache_config(name: str) -> CacheOptions:

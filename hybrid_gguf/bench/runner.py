@@ -11,6 +11,8 @@ plan cannot flatter itself. Loading goes through llama.loader.load_llama; this m
 
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -124,10 +126,27 @@ def load_config(path: Path, inv: Inventory, cfg: Config, n_ctx: int, n_batch: in
         kwargs.update(n_threads=n_threads, n_threads_batch=n_threads)
     if not repack:
         kwargs["model_patch"] = _no_extra_bufts
-    return load_llama(path, cfg.placement, hot=cfg.hot or None, pack_device=pack_device,
-                      cold_on_gpu=cfg.cold_on_gpu, cache=cfg.cache, worker=cfg.worker, gpu_cold=cfg.gpu_cold or None,
-                      record=record,
-                      route_trace=routing_process.model_trace(inv, n_ctx, stream, routing), inventory=inv, **kwargs)
+    with _environment(cfg.load_env):
+        return load_llama(path, cfg.placement, hot=cfg.hot or None, pack_device=pack_device,
+                          cold_on_gpu=cfg.cold_on_gpu, cache=cfg.cache, worker=cfg.worker,
+                          gpu_cold=cfg.gpu_cold or None, record=record,
+                          route_trace=routing_process.model_trace(inv, n_ctx, stream, routing), inventory=inv,
+                          **kwargs)
+
+
+@contextlib.contextmanager
+def _environment(values: dict):
+    """`values` in os.environ (which C's getenv sees) for the block, then as they were."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 
