@@ -4,7 +4,8 @@
 // weights come from DRAM, with an optional busy gap between graphs standing in for the GPU's
 // part of a layer. Prints µs per graph and the weight bytes per second it reached, beside one
 // dense matrix of the same bytes per call (a long stream), and beside a fused kernel doing the
-// graph's work with two barriers, without and with software prefetch (PROBE_PF rows ahead, 4).
+// graph's work with two barriers, without and with software prefetch (PROBE_PF rows ahead, 4),
+// and beside the same rows only read ("read": the access pattern's ceiling).
 //   cpu_moe_probe THREADS K GAP_US [cpu|repack|host|small|huge]   (K experts per token)
 // Build: cc -O2 -fopenmp cpu_moe_probe.c -I.../ggml/include -L.../lib -lggml -lggml-base -lggml-cpu
 #include "ggml.h"
@@ -125,6 +126,43 @@ static void fused_moe(const struct fused_args * a, int n_threads) {
                         a->hq + e * hq_row, 0, 1);
         }
     }
+}
+
+// The ceiling of that access pattern: the same (expert, row) shares and barriers, each row
+// only read (summed as 64-bit words), no arithmetic. What a busy hand-off's bytes could take
+// if the dot products were free.
+static uint64_t read_sink;
+
+static uint64_t sum_row(const char * p, size_t n) {
+    const uint64_t * w = (const uint64_t *) p;
+    uint64_t acc = 0;
+    for (size_t i = 0; i < n / 8; i++) {
+        acc += w[i];
+    }
+    return acc;
+}
+
+static void read_moe(const struct fused_args * a, int n_threads) {
+    const size_t row_up = ggml_row_size(GGML_TYPE_Q4_K, N_EMBD);
+    const size_t row_dn = ggml_row_size(GGML_TYPE_Q4_K, N_FF);
+    const size_t mat_up = row_up * N_FF, mat_dn = row_dn * N_EMBD;
+    uint64_t total = 0;
+    #pragma omp parallel num_threads(n_threads) reduction(+:total)
+    {
+        const int nth = omp_get_num_threads(), ith = omp_get_thread_num();
+        const int64_t r1 = (int64_t) a->k * N_FF;
+        for (int64_t r = r1 * ith / nth; r < r1 * (ith + 1) / nth; r++) {
+            const int e = (int) (r / N_FF), i = (int) (r % N_FF);
+            total += sum_row(a->gate + a->ids[e] * mat_up + i * row_up, row_up);
+            total += sum_row(a->up + a->ids[e] * mat_up + i * row_up, row_up);
+        }
+        #pragma omp barrier
+        const int64_t r2 = (int64_t) a->k * N_EMBD;
+        for (int64_t r = r2 * ith / nth; r < r2 * (ith + 1) / nth; r++) {
+            total += sum_row(a->down + a->ids[r / N_EMBD] * mat_dn + (r % N_EMBD) * row_dn, row_dn);
+        }
+    }
+    read_sink += total;
 }
 
 int main(int argc, char ** argv) {
@@ -262,8 +300,8 @@ int main(int argc, char ** argv) {
     fa.hq = malloc(ggml_row_size(tt->vec_dot_type, N_FF) * k);
     fa.out = malloc(sizeof(float) * k * N_EMBD);
     const int pf_rows = getenv("PROBE_PF") ? atoi(getenv("PROBE_PF")) : 4;
-    const int n_kinds = repack ? 2 : 4;
-    static const char * kind_names[] = { "experts", "dense  ", "fused  ", "fusedpf" };
+    const int n_kinds = repack ? 2 : 5;
+    static const char * kind_names[] = { "experts", "dense  ", "fused  ", "fusedpf", "read   " };
 
     // the fused kernel computes what the graph computes (layer 0, the first K experts)
     if (!repack) {
@@ -307,6 +345,10 @@ int main(int argc, char ** argv) {
             const double t0 = now_us();
             if (kind < 2) {
                 ggml_backend_graph_compute(backend, kind == 0 ? moe[l] : lin[l]);
+            } else if (kind == 4) {
+                fa.gate = gate[l]->data; fa.up = up[l]->data; fa.down = down[l]->data;
+                fa.ids = id;
+                read_moe(&fa, n_threads);
             } else {
                 fa.gate = gate[l]->data; fa.up = up[l]->data; fa.down = down[l]->data;
                 fa.ids = id;
