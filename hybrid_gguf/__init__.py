@@ -52,6 +52,39 @@ def _cxx_runtime_global():
 
 _cxx_runtime_global()
 
+
+def _refuse_a_backend_for_another_cpu() -> str:
+    """A -march=native llama-cpp-python built on another CPU (a home or a venv shared by
+    machines) dies of SIGILL once loaded. Where its build info names instruction sets this CPU
+    lacks, every `import llama_cpp` raises BackendForAnotherCpu instead; returns the message."""
+    import sys
+
+    try:
+        from hybrid_gguf.backend import cpu_isa_missing, cpu_mismatch_message, installed_build_info
+
+        missing = cpu_isa_missing(installed_build_info())
+    except Exception:
+        return ""  # no build info to go by: load as before
+    if not missing or "llama_cpp" in sys.modules:
+        return ""
+    from importlib.abc import MetaPathFinder
+
+    from hybrid_gguf.errors import BackendForAnotherCpu
+
+    message = cpu_mismatch_message(missing)
+
+    class _Refuse(MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "llama_cpp" or name.startswith("llama_cpp."):
+                raise BackendForAnotherCpu(message)
+            return None
+
+    sys.meta_path.insert(0, _Refuse())
+    return message
+
+
+backend_for_another_cpu = _refuse_a_backend_for_another_cpu()
+
 try:
     # Load libllama before numpy where we can: the order mattered on the GPU machine
     # (docs/backend-patch.md, "Import order").

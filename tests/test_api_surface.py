@@ -81,6 +81,35 @@ def test_importing_disarms_openmp_binding(given, tiny_model):
     assert int(kept.stdout.split()[0]) < allowed  # the user's binding, in force: the test can fail
 
 
+def test_a_backend_built_for_another_cpu_is_refused_before_it_loads(tmp_path, tiny_model):
+    """A -march=native llama-cpp-python built on a CPU with instructions this one lacks would
+    die of SIGILL: its build info names them, and then `import llama_cpp` raises a one-line
+    error, `run` exits 2 with it, and `doctor` reports it with its fix. The installed build is
+    stood in for by a dist-info first on the path."""
+    import subprocess
+
+    info = tmp_path / "llama_cpp_python-0.3.36.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: llama_cpp_python\nVersion: 0.3.36+hybrid.13\n")
+    (info / "hybrid_gguf_build.json").write_text('{"cpu_isa": "avx2 an_isa_no_cpu_has"}')
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])]))
+
+    def run(*args):
+        return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=300)
+
+    imported = run("-c", "import hybrid_gguf, llama_cpp")
+    assert imported.returncode != 0 and "BackendForAnotherCpu" in imported.stderr
+    assert "built for another CPU (an_isa_no_cpu_has" in imported.stderr
+    ran = run("-m", "hybrid_gguf.cli", "run", str(tiny_model), "-p", "hi", "-n", "2")
+    assert ran.returncode == 2 and "another CPU" in ran.stderr and "Traceback" not in ran.stderr
+    doc = run("-m", "hybrid_gguf.cli", "doctor")
+    assert "an_isa_no_cpu_has" in doc.stdout and "hybrid-gguf backend install" in doc.stdout
+    # the real build info (no such instruction set) loads as before
+    plain = subprocess.run([sys.executable, "-c", "import hybrid_gguf, llama_cpp; print(hybrid_gguf.backend_for_another_cpu == '')"],
+                           capture_output=True, text=True, timeout=300)
+    assert plain.returncode == 0 and plain.stdout.strip() == "True", plain.stderr[-2000:]
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the C++ runtime workaround is Linux-only")
 def test_importing_after_numpy_makes_the_cxx_runtime_global():
     """On the lent GPU machine a model load segfaulted in processes that imported numpy before

@@ -134,3 +134,20 @@ def test_cuda_without_nvcc_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("CUDACXX", raising=False)
     with pytest.raises(backend.BackendError, match="nvcc"):
         backend.install(cuda=True)
+
+
+def test_a_native_build_records_its_instruction_sets_and_a_cpu_without_them_is_named(monkeypatch):
+    """The build info of a -march=native wheel carries the CPU's instruction sets; on a CPU
+    lacking some of them cpu_isa_missing names those, and a portable build records none."""
+    monkeypatch.delenv("CMAKE_ARGS", raising=False)
+    monkeypatch.setattr(backend, "cpu_isa_signature", lambda: "avx avx2 avx512f fma")
+    native = backend.build_info(backend.config(cuda=False))
+    portable = backend.build_info(backend.config(cuda=False, portable=True))
+    assert native["cpu_isa"] == "avx avx2 avx512f fma" and "cpu_isa" not in portable
+    assert backend.cpu_isa_missing(native) == []
+    monkeypatch.setattr(backend, "cpu_isa_signature", lambda: "avx avx2 fma")
+    assert backend.cpu_isa_missing(native) == ["avx512f"]
+    assert backend.cpu_isa_missing(portable) == [] and backend.cpu_isa_missing(None) == []
+    assert backend.cpu_isa_missing({"cpu_isa": 7}) == []
+    msg = backend.cpu_mismatch_message([f"isa{i}" for i in range(9)])
+    assert "isa0, isa1, isa2, isa3, isa4, isa5 and 3 more" in msg and "hybrid-gguf backend install" in msg

@@ -367,7 +367,24 @@ def build_info(cfg: BuildConfig) -> dict:
         "key": cfg.key,
         "llama_cpp_python": LLAMA_CPP_PYTHON_VERSION,
         "hybrid_gguf": __version__,
+        # what a -march=native build may use: checked before the library is ever loaded
+        **({"cpu_isa": cpu_isa_signature()} if "-DGGML_NATIVE=ON" in cfg.args else {}),
     }
+
+
+def cpu_isa_missing(info: Optional[dict]) -> list[str]:
+    """The instruction sets a native backend was built with (its build info's `cpu_isa`) that
+    this CPU lacks; empty for portable builds and builds that did not record them."""
+    built = (info or {}).get("cpu_isa")
+    if not isinstance(built, str):
+        return []
+    return sorted(set(built.split()[:1024]) - set(cpu_isa_signature().split()))
+
+
+def cpu_mismatch_message(missing: list[str]) -> str:
+    shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+    return (f"the installed llama-cpp-python was built for another CPU ({shown}, which this CPU lacks) and "
+            f"would crash here; rebuild it on this machine with `hybrid-gguf backend install`")
 
 
 def labeled_wheel(wheel: Path, cfg: BuildConfig, out_dir: Optional[Path] = None) -> Path:
