@@ -195,8 +195,6 @@ MAX_PROFILE_STEPS = 8
 def profile_steps() -> int:
     """How many decode steps `HYBRID_GGUF_CUDA_PROFILE_STEPS` asks to bracket for a CUDA
     profiler (0: none); a bad value is one line of error, not a silent default."""
-    import os
-
     raw = os.environ.get(PROFILE_STEPS_ENV, "").strip()
     if not raw:
         return 0
