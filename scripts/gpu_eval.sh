@@ -42,6 +42,7 @@
 #    to .device-prebuilt/ and carried, a later call's "build" unpacks them instead of building
 #    while the patch is the same: KEY is the patch's hash; ~210 s saved per fresh machine)
 #   (crashtrace: native stacks of the known crashes, scripts/segv_trace.c preloaded, ~1 min)
+#   (stockab: all-gpu decode with a stock CUDA tree against the patched one, alternating, ROUNDS=)
 #   (cpuread: the CPU's streaming read at 64 MiB..4 GiB and the calibration's default size)
 #   (importorder: a CUDA model load after importing numpy, torch, jaxtyping or hypothesis first, ~20 s)
 #   (bothab: patch v10's cold=both, the worker plan with and without its GPU reading a share of
@@ -376,7 +377,7 @@ fi
 
 BIG=/tmp/models/q30b-like-q4k.gguf
 if has recorder || has bench || has plan || has skipab || has threads || has routing || has coldab || has cacheab || has multigpu || has workerab || has workerdiag || has schedops || has allhot || has ncuidle || has bothab \
-    || has upstream || has prefill; then
+    || has upstream || has prefill || has stockab; then
     log "make the Qwen3-30B-A3B-shaped Q4_K model"
     t0=$(date +%s)
     [ -f "$BIG" ] || python3 scripts/make_bench_model.py --preset qwen3-30b-a3b-like --weight-type Q4_K --workers 16 --out "$BIG" 2>&1 | tail -2
@@ -563,6 +564,30 @@ if has coldab; then
         done
     done
 fi
+if has stockab; then
+    # every expert on the GPU, the stock llama.cpp against the patched one, alternating: does
+    # the patch slow a plan that has no packs? (all on the GPU the Q30B shape decoded 258 tok/s
+    # on 2026-11-28 with patch v2-v3, and 208-217 from 2026-11-30 on.) The stock tree builds
+    # once per machine (~4 min), --portable: a stock native build crashes in its AMX prompt path
+    # on this host (the tile-config bug the patch fixes), and the untimed profile load is on
+    # the CPU; all-gpu decode runs nothing of weight on the CPU
+    log "stockab: stock CUDA dev tree"
+    t0=$(date +%s)
+    python3 scripts/build_backend.py --cuda --cuda-arch 90-real --stock --portable --dev-tree /tmp/llstock \
+        --sdist .device/llama_cpp_python-0.3.36-trimmed.tar.gz > "$OUT/build_stock.log" 2>&1 \
+        || { tail -20 "$OUT/build_stock.log"; failed "stock build"; }
+    log "stock tree built in $(( $(date +%s) - t0 )) s"
+    for round in $(seq "${ROUNDS:-2}"); do
+        for tree in stock patched; do
+            src=/tmp/lldev/src; [ "$tree" = stock ] && src=/tmp/llstock/src
+            PYTHONPATH=$src:/tmp/site:$PWD ROUNDS= run_bench "$BIG" --routing optimistic --expert-share 1.0 --configs all-gpu \
+                --pp 256 --tg ${TG:-64} --reps ${REPS:-2} --threads 16 --no-calibrate \
+                --json-detail "$OUT/stockab_${tree}_$round.json" 2>&1 | grep -E "^ *all-gpu" | cut -c1-120 \
+                | sed "s/^/$tree, round $round: /" || failed "stockab $tree $round"
+        done
+    done
+fi
+
 if has allhot; then
     # issue 20's "every expert in the pack within 5 % of all on the GPU": at a budget that holds
     # every expert, all on the GPU against the same experts as hot packs (per-expert-unpromoted:

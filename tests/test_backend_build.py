@@ -151,3 +151,15 @@ def test_a_native_build_records_its_instruction_sets_and_a_cpu_without_them_is_n
     assert backend.cpu_isa_missing({"cpu_isa": 7}) == []
     msg = backend.cpu_mismatch_message([f"isa{i}" for i in range(9)])
     assert "isa0, isa1, isa2, isa3, isa4, isa5 and 3 more" in msg and "hybrid-gguf backend install" in msg
+
+
+def test_a_stock_dev_tree_builds_the_unpatched_source(monkeypatch, tmp_path):
+    """`--dev-tree DIR --stock`: the stock source in a tree of its own, for A/Bs of the patch on
+    the GPU machine; without --stock the patched one."""
+    monkeypatch.delenv("CMAKE_ARGS", raising=False)
+    calls = []
+    monkeypatch.setattr(backend, "dev_build", lambda sdist, tree, args, patched=True: calls.append(patched) or tree)
+    sdist = tmp_path / "sdist.tar.gz"
+    assert backend.main(["--cpu", "--stock", "--dev-tree", str(tmp_path / "stock"), "--sdist", str(sdist)]) == 0
+    assert backend.main(["--cpu", "--dev-tree", str(tmp_path / "patched"), "--sdist", str(sdist)]) == 0
+    assert calls == [False, True]

@@ -433,16 +433,18 @@ def sync_tree(fresh: Path, dest: Path) -> int:
     return written
 
 
-def dev_build(sdist: Path, tree: Path, args: list[str], log: Log = _print) -> Path:
+def dev_build(sdist: Path, tree: Path, args: list[str], log: Log = _print, patched: bool = True) -> Path:
     """Patch development: a persistent patched source tree and CMake build directory under
     tree, rebuilt incrementally (seconds to a minute after a small patch change instead of a
     full wheel build). The libraries are installed into tree/src/llama_cpp/lib, so
-    PYTHONPATH=tree/src imports this build. Not for users: it skips the wheel and its cache."""
+    PYTHONPATH=tree/src imports this build. Not for users: it skips the wheel and its cache.
+    `patched` False: the stock source, for A/Bs against the patch (a tree of its own)."""
     src, build = tree / "src", tree / "build"
     tree.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=tree) as tmp:
         fresh = extract(sdist, Path(tmp))
-        apply_patch(fresh)
+        if patched:
+            apply_patch(fresh)
         log(f"dev tree: {sync_tree(fresh, src)} files changed")
     jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
     if not (build / "CMakeCache.txt").exists():
@@ -518,10 +520,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             trim_sdist(opts.trim_sdist)
             return 0
         if opts.dev_tree:
-            if opts.stock:
-                raise BackendError("--dev-tree builds the patched tree; use a wheel build for --stock")
-            cfg = config(opts.cuda, opts.cuda_arch, opts.portable)
-            src = dev_build(opts.sdist or fetch_sdist(), opts.dev_tree, list(cfg.args))
+            cfg = config(opts.cuda, opts.cuda_arch, opts.portable, opts.stock)
+            src = dev_build(opts.sdist or fetch_sdist(), opts.dev_tree, list(cfg.args), patched=not opts.stock)
             print(f"dev build ready: PYTHONPATH={src}")
             return 0
         install(cuda=opts.cuda, cuda_arch=opts.cuda_arch, portable=opts.portable, stock=opts.stock,
