@@ -61,9 +61,12 @@ def test_a_native_wheel_is_keyed_by_the_cpus_instruction_sets(monkeypatch, tmp_p
     b = backend.build_key(True, native), backend.build_key(True, portable)
     assert a[0] != b[0] and a[1] == b[1]
     info = tmp_path / "cpuinfo"
-    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 sse4_2 hypervisor avx512f amx_tile\n")
-    monkeypatch.undo()
-    assert backend.cpu_isa_signature(info) == "amx_tile avx2 avx512f sse4_2"
+    info.write_text("processor\t: 0\nflags\t\t: fpu pni avx2 sse4_2 hypervisor avx512f amx_tile\n")
+    from hybrid_gguf.llama.cpu_features import cpu_flags, isa_signature
+
+    assert isa_signature(str(info)) == "amx_tile avx2 avx512f sse3 sse4_2"
+    assert cpu_flags(str(info)) == ["sse3", "sse4_2", "avx2", "avx512f", "amx_tile"]
+    assert isa_signature(str(tmp_path / "absent")).strip()  # the platform's name instead
 
 
 def test_cuda_builds_are_native_unless_portable(monkeypatch):

@@ -24,7 +24,6 @@ import hashlib
 import io
 import json
 import os
-import platform
 import re
 import shlex
 import shutil
@@ -154,24 +153,12 @@ def cmake_args(cuda: bool, cuda_arch: str = "native", native: bool = True,
     return user + [a for a in ours if _defined_name(a) not in taken]
 
 
-_ISA_FLAG = re.compile(r"^(sse|ssse|avx|fma|f16c|bmi|amx|popcnt|movbe|adx|sha|vaes|vpclmul|gfni|aes|pclmul|"
-                       r"lzcnt|abm|xsave|cx16|rdrand|rdseed|asimd|sve|i8mm|bf16|dotprod|fp16)")
+def cpu_isa_signature() -> str:
+    """This CPU's instruction sets (llama/cpu_features.isa_signature): a -march=native build is
+    only valid on CPUs with all of them."""
+    from hybrid_gguf.llama.cpu_features import isa_signature
 
-
-def cpu_isa_signature(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
-    """The instruction sets this CPU offers (the x86 `flags` or Arm `Features` line, the
-    compiler-relevant ones, sorted), or the platform's processor name where there is no
-    cpuinfo. A -march=native build is only valid on CPUs with the same signature."""
-    try:
-        with open(cpuinfo, encoding="utf-8", errors="replace") as fh:
-            for _, line in zip(range(4096), fh):
-                key, _, value = line.partition(":")
-                if key.strip() in ("flags", "Features"):
-                    isa = sorted({f for f in value.split()[:1024] if _ISA_FLAG.match(f)})
-                    return " ".join(isa)
-    except OSError:
-        pass
-    return f"{platform.machine()} {platform.processor()}"
+    return isa_signature()
 
 
 def build_key(patched: bool, args: list[str]) -> str:

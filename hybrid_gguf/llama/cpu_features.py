@@ -4,6 +4,8 @@ types (repacked layouts such as CPU_REPACK, or AMX), for `doctor` and `inspect -
 from __future__ import annotations
 
 import ctypes
+import platform
+import re
 from typing import Optional
 
 # flags that change which ggml CPU kernels run, in the order a reader compares them
@@ -16,21 +18,42 @@ INTERESTING_FLAGS = (
 )
 
 
-def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> list[str]:
-    """The INTERESTING_FLAGS this CPU has (first processor of /proc/cpuinfo; [] elsewhere)."""
-    have: set = set()
+# the flags a -march=native build may compile in: a wheel built with them is only valid on
+# CPUs that have them all (the backend's cache key and its SIGILL guard)
+_ISA_FLAG = re.compile(r"^(sse|ssse|avx|fma|f16c|bmi|amx|popcnt|movbe|adx|sha|vaes|vpclmul|gfni|aes|pclmul|"
+                       r"lzcnt|abm|xsave|cx16|rdrand|rdseed|asimd|sve|i8mm|bf16|dotprod|fp16)")
+
+
+def cpuinfo_flags(cpuinfo: str = "/proc/cpuinfo") -> Optional[set]:
+    """Every flag of the first processor in /proc/cpuinfo (x86 `flags`, Arm `Features`; SSE3
+    also under its name, not only the kernel's "pni"), None where there is no such file."""
     try:
-        with open(cpuinfo) as fh:
-            for line in fh:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as fh:
+            for _, line in zip(range(4096), fh):
                 key, _, value = line.partition(":")
                 if key.strip() in ("flags", "Features"):
-                    have = set(value.split())
-                    if "pni" in have:  # x86 kernels call SSE3 "pni"
+                    have = set(value.split()[:1024])
+                    if "pni" in have:
                         have.add("sse3")
-                    break
+                    return have
     except OSError:
-        return []
+        return None
+    return set()
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> list[str]:
+    """The INTERESTING_FLAGS this CPU has (first processor of /proc/cpuinfo; [] elsewhere)."""
+    have = cpuinfo_flags(cpuinfo) or set()
     return [f for f in INTERESTING_FLAGS if f in have]
+
+
+def isa_signature(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The instruction sets a compiler may use here (sorted, space-separated), or the
+    platform's processor name where there is no cpuinfo."""
+    have = cpuinfo_flags(cpuinfo)
+    if have is None:
+        return f"{platform.machine()} {platform.processor()}"
+    return " ".join(sorted(f for f in have if _ISA_FLAG.match(f)))
 
 
 class _Feature(ctypes.Structure):
