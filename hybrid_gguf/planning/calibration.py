@@ -60,11 +60,15 @@ class Bandwidth:
     # per decode step and layer whose host experts have work (the sync, the copies, the CPU's
     # fixed costs), and the same when the token selected none of them. The scheduler cuts the
     # graph at every split layer, busy or idle, so the fits give both one value: 73, 90, 93 and
-    # 93 us from its rows at 25 % (realistic and optimistic) on the H200 host with the spin bound
-    # and patches v10-v11 (2026-11-30, eleventh lease; docs/results/h200-2026-11-30k). The 184
-    # and 113 us of 2026-11-28 came from OpenMP threads that slept between layers.
-    handoff_s: float = 90e-6
-    handoff_idle_s: float = 90e-6
+    # 93 us from its rows at 25 % (realistic and optimistic) on one H200 host with the spin bound
+    # and patches v10-v11 (2026-11-30, eleventh lease; docs/results/h200-2026-11-30k), 160 us on
+    # the twelfth lease's host. 110 us puts both leases' scheduler rows within -10..+17 %
+    # (scripts/repredict.py) and stays above the worker's busy cost below: the worker, which does
+    # not cut the graph, decoded faster than the scheduler at realistic 25 % in 4 of 5 such
+    # A/Bs, so the planner must not be handed the opposite. The 184 and 113 us of 2026-11-28
+    # came from OpenMP threads that slept between layers.
+    handoff_s: float = 110e-6
+    handoff_idle_s: float = 110e-6
     # the same with the CPU worker (patch v8, plan `handoff: worker`): the GPU posts each split
     # layer to mapped memory and the decoding thread answers; a layer with no cold work does not
     # wait for the CPU. Busy, fitted on realistic 25 %: 69 and 70 us with patch v11 on one H200
