@@ -22,11 +22,10 @@ if openmp_spin_set_here:
 # OMP_PLACES and GOMP_CPU_AFFINITY; llama.cpp binds nothing by default either.
 OPENMP_BIND_VARIABLES = ("OMP_PROC_BIND", "OMP_PLACES", "GOMP_CPU_AFFINITY")
 openmp_bind_cleared_here = ()
-if _os.environ.get("HYBRID_GGUF_OMP_BIND", "").strip().lower() != "keep":
-    openmp_bind_cleared_here = tuple(
-        f"{name}={_os.environ[name]}" for name in OPENMP_BIND_VARIABLES
-        if _os.environ.get(name, "").strip() and not (name == "OMP_PROC_BIND"
-                                                     and _os.environ[name].strip().lower() == "false"))
+if _os.environ.get("HYBRID_GGUF_OMP_BIND", "").strip().lower() != "keep" \
+        and _os.environ.get("OMP_PROC_BIND", "").strip().lower() != "false":
+    openmp_bind_cleared_here = tuple(f"{name}={_os.environ[name]}" for name in OPENMP_BIND_VARIABLES
+                                     if _os.environ.get(name, "").strip())
     if openmp_bind_cleared_here:
         _os.environ["OMP_PROC_BIND"] = "false"
 
