@@ -324,10 +324,10 @@ if has cpuread; then
     # calibration's DRAM rate must not be the cache's
     log "cpuread: streaming read by buffer size"
     python3 - <<'PYEOF' 2>&1 | tee "$OUT/cpuread.txt"
-from hybrid_gguf.bench.probe import (available_memory_bytes, cpu_read_size, last_level_cache_bytes,
-                                     measure_cpu_read)
+from hybrid_gguf.bench.probe import cpu_read_size, last_level_cache_bytes, measure_cpu_read
+from hybrid_gguf.llama.devices import cpu_ram
 llc = last_level_cache_bytes()
-default = cpu_read_size(llc, available_memory_bytes())
+default = cpu_read_size(llc, cpu_ram().available_bytes)
 print(f"last-level cache {llc / 2**20:.0f} MiB, default read {default / 2**20:.0f} MiB")
 for n in (64 * 2**20, 256 * 2**20, 1 * 2**30, 2 * 2**30, 4 * 2**30, default):
     rates = [measure_cpu_read(n) / 1e9 for _ in range(3)]
@@ -582,8 +582,8 @@ if has stockab; then
             src=/tmp/lldev/src; [ "$tree" = stock ] && src=/tmp/llstock/src
             PYTHONPATH=$src:/tmp/site:$PWD ROUNDS= run_bench "$BIG" --routing optimistic --expert-share 1.0 --configs all-gpu \
                 --pp 256 --tg ${TG:-64} --reps ${REPS:-2} --threads 16 --no-calibrate \
-                --json-detail "$OUT/stockab_${tree}_$round.json" 2>&1 | grep -E "^ *all-gpu" | cut -c1-120 \
-                | sed "s/^/$tree, round $round: /" || failed "stockab $tree $round"
+                --json-detail "$OUT/stockab_${tree}_$round.json" 2>&1 | sed "s/^/$tree, round $round: /" \
+                | grep -E ": +all-gpu" | cut -c1-140 || failed "stockab $tree $round"
         done
     done
 fi

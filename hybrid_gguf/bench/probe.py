@@ -153,17 +153,6 @@ def last_level_cache_bytes(root: Path = Path("/sys/devices/system/cpu/cpu0/cache
     return best
 
 
-def available_memory_bytes(meminfo: Path = Path("/proc/meminfo")) -> int:
-    """MemAvailable in bytes (Linux), 0 where unknown."""
-    try:
-        for line in meminfo.read_text().splitlines()[:64]:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
 def cpu_read_size(llc_bytes: int, available_bytes: int) -> int:
     """How many bytes the streaming read must cover to time DRAM, not the last-level
     cache: four times that cache, at least 256 MiB, at most 4 GiB and a quarter of the free
@@ -181,7 +170,9 @@ def measure_cpu_read(n_bytes: Optional[int] = None, repeats: int = 5, threads: O
     from concurrent.futures import ThreadPoolExecutor
 
     if n_bytes is None:
-        n_bytes = cpu_read_size(last_level_cache_bytes(), available_memory_bytes())
+        from hybrid_gguf.llama.devices import cpu_ram
+
+        n_bytes = cpu_read_size(last_level_cache_bytes(), cpu_ram().available_bytes)
     threads = threads or os.cpu_count() or 1
     a = np.ones(max(n_bytes // 8, threads), dtype=np.int64)
     chunks = np.array_split(a, threads)
