@@ -3,7 +3,8 @@
 // per layer (gate, up, swiglu, down: as the split's cold graph), layers taken in turn so the
 // weights come from DRAM, with an optional busy gap between graphs standing in for the GPU's
 // part of a layer. Prints µs per graph and the weight bytes per second it reached, beside one
-// dense matrix of the same bytes per call (a long stream), and beside a fused kernel doing the
+// dense matrix of the same bytes per call (a long stream; N_DENSE of them in turn, so from DRAM
+// too), and beside a fused kernel doing the
 // graph's work with two barriers, without and with software prefetch (PROBE_PF rows ahead, 4),
 // and beside the same rows only read ("read": the access pattern's ceiling).
 //   cpu_moe_probe THREADS K GAP_US [cpu|repack|host|small|huge]   (K experts per token)
@@ -25,6 +26,9 @@
 #define N_FF 768
 #define N_EXPERT 128
 #define N_LAYER 8
+// dense matrices the dense row cycles through: 96 of K experts' bytes (1-1.3 GB) keep it out
+// of the last-level cache, as the experts are (8 would fit one and time the cache, not DRAM)
+#define N_DENSE 96
 #define N_CALLS 400
 
 static double now_us(void) {
@@ -212,17 +216,19 @@ int main(int argc, char ** argv) {
         }
     }
 
-    // weights: per layer gate, up [N_EMBD, N_FF, N_EXPERT], down [N_FF, N_EMBD, N_EXPERT]; one
-    // dense [N_EMBD, rows] matrix per layer holding the bytes of K experts
-    struct ggml_init_params wp = { ggml_tensor_overhead() * (4 * N_LAYER + 4), NULL, true };
+    // weights: per layer gate, up [N_EMBD, N_FF, N_EXPERT], down [N_FF, N_EMBD, N_EXPERT];
+    // N_DENSE dense [N_EMBD, rows] matrices, each holding the bytes of K experts
+    struct ggml_init_params wp = { ggml_tensor_overhead() * (3 * N_LAYER + N_DENSE + 4), NULL, true };
     struct ggml_context * wctx = ggml_init(wp);
-    struct ggml_tensor * gate[N_LAYER], * up[N_LAYER], * down[N_LAYER], * dense[N_LAYER];
+    struct ggml_tensor * gate[N_LAYER], * up[N_LAYER], * down[N_LAYER], * dense[N_DENSE];
     const int dense_rows = 3 * k * N_FF;  // k experts of gate + up + down, as rows of N_EMBD
     for (int l = 0; l < N_LAYER; l++) {
         gate[l] = ggml_new_tensor_3d(wctx, GGML_TYPE_Q4_K, N_EMBD, N_FF, N_EXPERT);
         up[l] = ggml_new_tensor_3d(wctx, GGML_TYPE_Q4_K, N_EMBD, N_FF, N_EXPERT);
         down[l] = ggml_new_tensor_3d(wctx, GGML_TYPE_Q4_K, N_FF, N_EMBD, N_EXPERT);
-        dense[l] = ggml_new_tensor_2d(wctx, GGML_TYPE_Q4_K, N_EMBD, dense_rows);
+    }
+    for (int d = 0; d < N_DENSE; d++) {
+        dense[d] = ggml_new_tensor_2d(wctx, GGML_TYPE_Q4_K, N_EMBD, dense_rows);
     }
     ggml_backend_buffer_t wbuf = ggml_backend_alloc_ctx_tensors_from_buft(wctx, weight_buft);
     if (!wbuf) {
@@ -237,7 +243,10 @@ int main(int argc, char ** argv) {
                 strcmp(mode, "huge") == 0 ? MADV_HUGEPAGE : MADV_NOHUGEPAGE);
     }
     for (int l = 0; l < N_LAYER; l++) {
-        fill_q4_k(gate[l]); fill_q4_k(up[l]); fill_q4_k(down[l]); fill_q4_k(dense[l]);
+        fill_q4_k(gate[l]); fill_q4_k(up[l]); fill_q4_k(down[l]);
+    }
+    for (int d = 0; d < N_DENSE; d++) {
+        fill_q4_k(dense[d]);
     }
     // whether the kernel granted what "huge" asked for: the weights' 2 MiB pages, once filled
     {
@@ -253,11 +262,12 @@ int main(int argc, char ** argv) {
         }
     }
 
-    // one graph per layer and kind: inputs x [N_EMBD, 1], ids [K, 1]
-    struct ggml_init_params gp = { ggml_tensor_overhead() * 32 * N_LAYER + 2 * N_LAYER * ggml_graph_overhead(), NULL, true };
+    // one graph per layer (experts) and per dense matrix: inputs x [N_EMBD, 1], ids [K, 1]
+    struct ggml_init_params gp = { ggml_tensor_overhead() * (32 * N_LAYER + 4 * N_DENSE)
+                                   + (N_LAYER + N_DENSE) * ggml_graph_overhead(), NULL, true };
     struct ggml_context * gctx = ggml_init(gp);
-    struct ggml_cgraph * moe[N_LAYER], * lin[N_LAYER];
-    struct ggml_tensor * ids[N_LAYER], * xs[2 * N_LAYER], * outs[N_LAYER];
+    struct ggml_cgraph * moe[N_LAYER], * lin[N_DENSE];
+    struct ggml_tensor * ids[N_LAYER], * xs[N_LAYER + 1], * outs[N_LAYER];
     for (int l = 0; l < N_LAYER; l++) {
         struct ggml_tensor * x = ggml_new_tensor_3d(gctx, GGML_TYPE_F32, N_EMBD, 1, 1);
         ids[l] = ggml_new_tensor_2d(gctx, GGML_TYPE_I32, k, 1);
@@ -268,19 +278,20 @@ int main(int argc, char ** argv) {
         moe[l] = ggml_new_graph(gctx);
         ggml_build_forward_expand(moe[l], d);
         outs[l] = d;
-        xs[2 * l] = x;
-
-        struct ggml_tensor * x2 = ggml_new_tensor_2d(gctx, GGML_TYPE_F32, N_EMBD, 1);
-        lin[l] = ggml_new_graph(gctx);
-        ggml_build_forward_expand(lin[l], ggml_mul_mat(gctx, dense[l], x2));
-        xs[2 * l + 1] = x2;
+        xs[l] = x;
+    }
+    struct ggml_tensor * x_dense = ggml_new_tensor_2d(gctx, GGML_TYPE_F32, N_EMBD, 1);
+    xs[N_LAYER] = x_dense;
+    for (int d = 0; d < N_DENSE; d++) {
+        lin[d] = ggml_new_graph(gctx);
+        ggml_build_forward_expand(lin[d], ggml_mul_mat(gctx, dense[d], x_dense));
     }
     ggml_backend_buffer_t gbuf = ggml_backend_alloc_ctx_tensors_from_buft(gctx, ggml_backend_cpu_buffer_type());
     if (!gbuf) {
         fprintf(stderr, "could not allocate the graphs\n");
         return 1;
     }
-    for (int i = 0; i < 2 * N_LAYER; i++) {
+    for (int i = 0; i <= N_LAYER; i++) {
         float * p = (float *) xs[i]->data;
         for (int j = 0; j < N_EMBD; j++) {
             p[j] = (float) ((j % 17) - 8) / 16.0f;
@@ -344,7 +355,7 @@ int main(int argc, char ** argv) {
             }
             const double t0 = now_us();
             if (kind < 2) {
-                ggml_backend_graph_compute(backend, kind == 0 ? moe[l] : lin[l]);
+                ggml_backend_graph_compute(backend, kind == 0 ? moe[l] : lin[call % N_DENSE]);
             } else if (kind == 4) {
                 fa.gate = gate[l]->data; fa.up = up[l]->data; fa.down = down[l]->data;
                 fa.ids = id;
@@ -353,7 +364,7 @@ int main(int argc, char ** argv) {
                 fa.gate = gate[l]->data; fa.up = up[l]->data; fa.down = down[l]->data;
                 fa.ids = id;
                 fa.pf = kind == 3 ? pf_rows : 0;
-                qt->from_float((const float *) xs[2 * l]->data, fa.xq, N_EMBD);
+                qt->from_float((const float *) xs[l]->data, fa.xq, N_EMBD);
                 fused_moe(&fa, n_threads);
             }
             if (call >= N_LAYER) {
