@@ -591,6 +591,54 @@ def _bursty_trace(inv, n_tokens=400, burst=40, seed=0):
     return Trace(ids, inv.n_expert)
 
 
+def _drifting_trace(inv, first=120, then=80, seed=0):
+    """Every token of the first `first` picks its experts from ids 0..3 of each layer, every one
+    of the next `then` from ids 4..7: routing that moves on after the profile was taken."""
+    from hybrid_gguf.routing.replay import Trace
+
+    rng = np.random.default_rng(seed)
+    k = inv.n_expert_used
+    ids = np.zeros((first + then, inv.n_layer, k), dtype=np.int32)
+    for t in range(first + then):
+        pool = np.arange(4) + (0 if t < first else 4)
+        for l in range(inv.n_layer):
+            ids[t, l] = rng.choice(pool, size=k, replace=False)
+    return Trace(ids, inv.n_expert)
+
+
+def test_the_cache_choice_is_replayed_on_tokens_the_hot_set_was_not_chosen_from(tiny_model_factory):
+    """The plan's packs come from a profile that holds the stored trace, so replaying the whole
+    trace flatters them: here they hit 60 % of it but 20 % of its second half, the routing a
+    next session meets. choose_cache picks its hot set from the first half and replays the
+    second, and prices static and caches alike at those held-out hit rates."""
+    from hybrid_gguf.planning.cache_choice import choose_cache, held_out_hot
+    from hybrid_gguf.planning.speed import predict_speed
+
+    inv = read_inventory(tiny_model_factory("qwen3moe", n_layer=2, n_expert=16))
+    trace = _drifting_trace(inv)
+    hot = {0: [0, 1, 2, 3], 1: [3, 2, 1, 0]}  # the whole trace's four most selected per layer
+    assert {l: sorted(v) for l, v in held_out_hot(trace, hot, 100).items()} == {0: [0, 1, 2, 3], 1: [0, 1, 2, 3]}
+    # ties go to the plan's experts: no token before 0 selected anything, so the plan's order stands
+    assert held_out_hot(trace, {0: [9, 12]}, 0) == {0: [9, 12]}
+    bw = Bandwidth(pcie_bytes_per_s=1e15, cpu_bytes_per_s=1e6)  # misses dear, uploads free
+    gpu = {l: hot[l] for l in hot}
+    decode_ms = predict_speed(inv, None, gpu, True, bw, 1024).decode_ms
+    notes: list = []
+    options, rows = choose_cache(inv, hot, decode_ms, trace, bw, notes)
+    assert rows["static"]["hit_rate"] == pytest.approx(0.2)  # in sample it would be 0.6
+    assert options.active and rows[f"{options.policy} q{options.quota}"]["hit_rate"] > 0.5
+    assert "chosen from the first 100 of 200 stored tokens" in notes[-1]
+    assert "the plan's packs hit 60.0% of the tokens they were chosen from" in notes[-1]
+    # static, priced at its held-out hit rate, is slower than the plan's own terms say
+    static_rate = rows["static"]["predicted_decode_tokens_per_s"]
+    assert static_rate < 1e3 / sum(decode_ms.values())
+    # a trace too short to split is replayed whole, and the note says so
+    short = type(trace)(trace.ids[:40], trace.n_expert)
+    notes = []
+    choose_cache(inv, hot, decode_ms, short, bw, notes)
+    assert "in sample on all 40 stored tokens" in notes[-1]
+
+
 def test_the_planner_picks_an_in_session_cache_when_the_replay_says_it_pays(tiny_model_factory, tmp_path):
     from hybrid_gguf.planning.plan import Plan
 
