@@ -218,6 +218,70 @@ def worker_run(llm, prompt, ref, tol, what):
     return stats
 
 
+class _DecodeNodes:
+    """A cb_eval that notes each node the scheduler offers while `on`, observing none: (name,
+    op name, op names of its sources)."""
+
+    def __init__(self):
+        import ctypes
+
+        from hybrid_gguf.llama.ggml_lib import GgmlTensor, libs
+
+        self.on, self.nodes = False, []
+        op_name = libs().base.ggml_op_name
+        op_name.argtypes, op_name.restype = [ctypes.c_int], ctypes.c_char_p
+
+        def cb(tp, ask, _ud):
+            try:
+                if ask and self.on:
+                    t = ctypes.cast(tp, ctypes.POINTER(GgmlTensor)).contents
+                    srcs = [op_name(ctypes.cast(p, ctypes.POINTER(GgmlTensor)).contents.op).decode()
+                            for p in t.src if p]
+                    self.nodes.append((t.name.decode(), op_name(t.op).decode(), srcs))
+            except Exception:  # never abort the graph from a test hook
+                pass
+            return False
+
+        self.cb = llama_cpp.llama_cpp.ggml_backend_sched_eval_callback(cb)
+
+    def attach(self, params):
+        params.cb_eval = self.cb
+        params.cb_eval_user_data = None
+
+
+def test_a_worker_split_layer_decodes_without_copying_or_looking_up_its_routing(models, monkeypatch):
+    """Patch version 14: in a decode step a split layer with the CPU worker neither copies the
+    routing (one token's top-k row is contiguous: no CONT of `ffn_moe_topk`) nor looks the
+    hot chain's ids up with a GET_ROWS: the post does, and the hot chain reads a view of its
+    result. Each saves a kernel per split layer and token on a GPU."""
+    if hybrid_backend.capability().version < 14:
+        pytest.skip("needs hybrid patch version 14")
+    path, spec = models["qwen3moe"]
+    monkeypatch.setenv("LLAMA_HYBRID_WORKER", "1")
+    seen = _DecodeNodes()
+    hot = hot_sets(spec.n_layer, spec.n_expert)["half"]
+    from hybrid_gguf.llama.loader import load_llama
+
+    llm = load_llama(path, None, hot=hot, pack_device=PACK_DEVICE, worker=True, n_ctx=128, n_batch=64, seed=1,
+                     verbose=False, n_gpu_layers=0, context_patch=seen.attach).llm
+    try:
+        llm.eval(PROMPT)
+        seen.on = True
+        llm.eval([5])  # one decode step
+        seen.on = False
+        stats = hybrid_backend.worker_stats(llm.ctx)
+        assert stats["busy"] + stats["idle"] > 0, "the decode step handed nothing to the worker"
+    finally:
+        llm.close()
+    names = {name: (op, srcs) for name, op, srcs in seen.nodes}
+    for il in range(spec.n_layer):
+        assert f"ffn_moe_topk-{il} (cont)" not in names, f"layer {il}: the decode step copied its routing"
+        op, srcs = names[f"ffn_moe_hot_ids-{il}"]
+        assert (op, srcs) == ("VIEW", ["HYBRID_POST"]), f"layer {il}: hot ids from {op} of {srcs}"
+    assert sum(op == "HYBRID_POST" for _, op, _ in seen.nodes) == spec.n_layer
+    assert not any(op == "GET_ROWS" and "hot" in name for name, op, _ in seen.nodes)
+
+
 @pytest.mark.parametrize("arch", list(ARCH_PRESETS))
 def test_cpu_worker_computes_the_same(models, arch, monkeypatch):
     """LLAMA_HYBRID_WORKER=1 (patch version 6): a split layer's cold chain runs on the
