@@ -163,7 +163,7 @@ def plan_model(model_path: PathLike, gpu_budget: Union[None, int, list], n_ctx: 
                flash_attn: bool = False, type_k: str = "f16", type_v: str = "f16",
                margin_bytes: int = 64 * MIB, hysteresis: float = 0.01, promote_from: Optional[float] = None,
                inventory=None, cold: Optional[str] = None, cache: str = "static",
-               cache_quota: Optional[int] = None, handoff: Optional[str] = None) -> AutoPlan:
+               cache_quota: Optional[int] = None, handoff: Optional[str] = None, cache_trace=None) -> AutoPlan:
     """Plan `model_path` on this machine.
 
     profile / profile_path: the routing profile (default: the profile store's entry).
@@ -181,7 +181,8 @@ def plan_model(model_path: PathLike, gpu_budget: Union[None, int, list], n_ctx: 
     handoff: with cold experts on the CPU, "scheduler", "worker" or "auto" (planner.make_plan;
       None: "auto" where worker_possible, else "scheduler").
     cache: the in-session cache the plan's runs use ("static", a policy, or "auto": the
-      fastest, replayed on the model's routing trace in the profile store).
+      fastest, replayed on the model's routing trace in the profile store, or on
+      `cache_trace` (a replay.Trace) when given: bench's rows, whose profile is not stored).
     promote_from: layers whose hot set covers at least this share of their experts are
       promoted whole when the speed model says the saved hand-off pays (0: any layer;
       default planner.PROMOTE_FROM).
@@ -257,8 +258,7 @@ def plan_model(model_path: PathLike, gpu_budget: Union[None, int, list], n_ctx: 
     elif handoff == "worker" and len(devs) > 1:
         notes.append(f"handoff worker over {len(devs)} cards: the same function as one card (split tests on "
                      f"two H200s), not yet timed there; auto keeps the scheduler across cards")
-    cache_trace = None
-    if cache == "auto" and inv.is_moe:
+    if cache == "auto" and inv.is_moe and cache_trace is None:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             cache_trace = ProfileStore(store).load_trace(inv.fingerprint, inv.n_layer, inv.n_expert)

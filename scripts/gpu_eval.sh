@@ -61,7 +61,8 @@
 #   (cachesplit: the in-session cache's equivalence tests on CUDA, cold experts on the CPU
 #    and read by the GPU; cacheab: the planner's plan static and as lru/lfu/seeded caches beside
 #    whole layers, ROUTINGS= SHARES= TG=; CACHE_CONFIGS= names the cache rows, e.g.
-#    per-expert-cache-lru-q64 for 64 uploads per step; realtrace: the same on a gpt-oss-20b-shaped
+#    per-expert-cache-lru-q64 for 64 uploads per step, per-expert-cache-auto[-worker] for what
+#    `plan --cache auto` picks from the profile's routing; realtrace: the same on a gpt-oss-20b-shaped
 #    model driven by the real gpt-oss-20b trace of tests/data/routing, SHARES= TG= CACHE_CONFIGS=;
 #    TIMERS=1 adds a run with the scheduler's per-split breakdown)
 #   (prefill: prompts of PROMPTS= tokens (512 2048 8192) at ubatch 512 and at the whole prompt

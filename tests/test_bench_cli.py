@@ -201,6 +201,34 @@ def test_bench_times_the_plan_as_an_in_session_cache_when_asked(tiny_model_facto
                - (check["cache_model_decode_ts"] / check["measured_decode_ts"] - 1.0)) < 1e-9
 
 
+def test_bench_times_the_cache_plan_cache_auto_picks(tiny_model_factory, tmp_path):
+    """`per-expert-cache-auto` is the plan `plan --cache auto` makes, with the bench's profile
+    and the routing that profile saw as the replayed trace (held out: the first half chooses a
+    hot set, the second is replayed); its note says what it chose and on how many tokens."""
+    from hybrid_gguf.bench.plans import is_auto_cache, share_budgets
+    from hybrid_gguf.llama import hybrid
+
+    if hybrid.capability().version < 5:
+        pytest.skip("needs hybrid patch version 5 (the in-session cache)")
+    assert is_auto_cache("per-expert-cache-auto") and is_auto_cache("per-expert-cache-auto-worker")
+    assert not is_auto_cache("per-expert-cache-lru") and not is_auto_cache("per-expert-cache-auto-q4")
+    path = tiny_model_factory("qwen3moe", n_layer=4)
+    (budget,) = share_budgets(path, [0.3], 256, 32)
+    detail = tmp_path / "detail.json"
+    res = CliRunner().invoke(app, ["bench", str(path), "--pp", "32", "--tg", "4", "--reps", "1", "--gpu-budget",
+                                   str(budget), "--ctx", "256", "--profile-tokens", "256", "--threads", "1",
+                                   "--no-calibrate", "--routing", "realistic", "--configs",
+                                   "per-expert,per-expert-cache-auto", "--json-detail", str(detail)])
+    assert res.exit_code == 0, res.output
+    rows = {r["name"]: r for r in json.loads(detail.read_text())["results"]}
+    auto = rows["per-expert-cache-auto"]
+    assert auto["plan"]["hot"] == rows["per-expert"]["plan"]["hot"]  # the cache choice moves no expert
+    notes = [n for n in auto["plan"]["notes"] if n.startswith("in-session cache: ")]
+    assert len(notes) == 1 and "chosen from the first" in notes[0], auto["plan"]["notes"]
+    chosen = auto["plan"]["cache"]["policy"] if "cache" in auto["plan"] else "static"
+    assert notes[0].startswith(f"in-session cache: {chosen} ")
+
+
 def test_bench_worker_row_reports_its_counters(tiny_model_factory, tmp_path):
     """`per-expert-worker` times the plan with the CPU worker's hand-off; the row carries the
     worker's counters (which thread computed what) and the log says where the time went."""

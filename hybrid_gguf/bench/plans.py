@@ -57,6 +57,9 @@ class Config:
         both = {"gpu_cold": {str(l): list(v) for l, v in sorted(self.gpu_cold.items())}} if self.gpu_cold else {}
         if self.load_env:
             both["load_env"] = dict(self.load_env)
+        if self.cache is not None and self.cache.active:  # the in-session cache the row runs
+            both["cache"] = {"policy": self.cache.policy, "quota": int(self.cache.quota),
+                             "pinned": float(self.cache.pinned), "background": bool(self.cache.background)}
         return {**both, "backend": pl.backend, "budget_bytes": int(pl.budget_bytes), "n_gpu_layers": pl.n_gpu_layers,
                 "hot_device": pl.hot_device, "cold": "gpu" if self.cold_on_gpu else "both" if self.gpu_cold else "cpu",
                 "handoff": "worker" if self.worker else "scheduler", "hot": {str(l): list(v) for l, v in sorted(self.hot.items())},
@@ -123,11 +126,13 @@ def both_readers(name: str, plan, inv: Inventory, profile) -> Config:
 
 def plan_configs(model_path: Path, inv: Inventory, profile, devices: list, n_ctx: int, n_ubatch: int,
                  wanted: Optional[Sequence[str]] = None, gpu_present: bool = False,
-                 flash_attn: bool = False) -> list[Config]:
+                 flash_attn: bool = False, profile_trace=None) -> list[Config]:
     """The placements to time, made by the planner as `plan` makes them (autoplan.plan_model,
     same inputs): per-expert = the plan at `devices`' budget with `profile`, whole-layer =
     the planner with per-expert placement off at the same budget, all-gpu = the plan at all
-    the VRAM the budget rule allows, when it holds every expert."""
+    the VRAM the budget rule allows, when it holds every expert. `profile_trace` (a
+    replay.Trace of the routing the profile saw): what `plan --cache auto` replays for the
+    per-expert-cache-auto rows."""
     from hybrid_gguf.autoplan import cold_read_possible, detect_devices, plan_model
 
     def want(name: str) -> bool:
@@ -146,7 +151,8 @@ def plan_configs(model_path: Path, inv: Inventory, profile, devices: list, n_ctx
     caches = [name for name in wanted or () if name.startswith(CACHE_PREFIX)]
     boths = [name for name in wanted or () if name == BOTH_CONFIG or name.startswith(BOTH_CONFIG + "-")]
     for name in caches:
-        cache_config(name)  # a malformed name fails before anything loads
+        if not is_auto_cache(name):
+            cache_config(name)  # a malformed name fails before anything loads
     if (want("per-expert") or any(want(a) for a in alternatives) or caches or boths) and \
             hybrid_backend.capability().per_expert:
         chosen = Config.from_plan("per-expert", make(devices, None), inv)
@@ -189,8 +195,17 @@ def plan_configs(model_path: Path, inv: Inventory, profile, devices: list, n_ctx
             configs.append(Config.from_plan(SCHEDULER_CONFIG, make(devices, None, "cpu", "scheduler"), inv))
         for name in caches:
             if chosen.hot and hybrid_backend.capability().version >= 5:
-                cached = Config.from_plan(name, chosen.plan, inv)
-                cached.cache = cache_config(name)
+                if is_auto_cache(name):
+                    # what `plan --cache auto` would run: its policy and quota, or static
+                    auto = plan_model(model_path, None, n_ctx, profile=profile, devices=devices, n_ubatch=n_ubatch,
+                                      flash_attn=flash_attn, inventory=inv, cache="auto", cache_trace=profile_trace,
+                                      cold="cpu" if name.endswith(WORKER_SUFFIX) else None,
+                                      handoff="worker" if name.endswith(WORKER_SUFFIX) else None).plan
+                    cached = Config.from_plan(name, auto, inv)
+                    cached.cache = auto.cache
+                else:
+                    cached = Config.from_plan(name, chosen.plan, inv)
+                    cached.cache = cache_config(name)
                 cached.worker = name.endswith(WORKER_SUFFIX)
                 if cached.worker and (cached.cold_on_gpu or hybrid_backend.capability().version < 6):
                     continue  # the worker computes cold experts on the CPU only
@@ -212,6 +227,14 @@ WORKER_SUFFIX = "-worker"
 # patch v13: CUDA's pinned host buffers on transparent huge pages (no effect without CUDA)
 HUGEPAGES_CONFIG = "per-expert-worker-hugepages"
 HUGEPAGES_ENV = "LLAMA_HYBRID_HOST_HUGEPAGES"
+
+
+AUTO_CACHE = "auto"  # per-expert-cache-auto[-worker]: the policy `plan --cache auto` picks
+
+
+def is_auto_cache(name: str) -> bool:
+    rest = name[len(CACHE_PREFIX):] if name.startswith(CACHE_PREFIX) else ""
+    return (rest[:-len(WORKER_SUFFIX)] if rest.endswith(WORKER_SUFFIX) else rest) == AUTO_CACHE
 
 
 def cache_config(name: str) -> CacheOptions:

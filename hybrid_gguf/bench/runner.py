@@ -21,7 +21,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from hybrid_gguf.bench.plans import CACHE_PREFIX, WORKER_CONFIG, Config, bench_batch, bench_memory, bench_n_batch, plan_configs
+from hybrid_gguf.bench.plans import CACHE_PREFIX, WORKER_CONFIG, Config, bench_batch, bench_memory, bench_n_batch, is_auto_cache, plan_configs
 from hybrid_gguf.llama import hybrid as hybrid_backend
 from hybrid_gguf.routing import process as routing_process
 from hybrid_gguf.errors import HybridError
@@ -380,8 +380,11 @@ def run_bench(model_path: Path, *, budget_bytes: Optional[int], profile_prompts:
     ubatch = bench_batch(n_prompt, n_ubatch)
     share = expert_share(inv, budget, bench_memory(model_path, n_ctx, n_prompt, n_ubatch, flash_attn))
     log(f"budget {format_size(budget)} of VRAM: room for {share:.0%} of the expert bytes next to the rest")
+    auto_cache = any(is_auto_cache(c) for c in configs or ())
     all_cfgs = plan_configs(model_path, inv, profile, devices, n_ctx, ubatch, configs,
-                            gpu_present=bool(gpus), flash_attn=flash_attn)
+                            gpu_present=bool(gpus), flash_attn=flash_attn,
+                            profile_trace=routing_process.profile_trace(
+                                inv, int(np.mean(profile.tokens_per_layer)), routing) if auto_cache else None)
     step = on_progress or (lambda more, done: None)
     step(len(all_cfgs) * reps * rounds, 0)
     timing = Timing(model_path, inv, eval_counts, prompt, decode, reps, n_ctx, pack_device, n_threads, routing,

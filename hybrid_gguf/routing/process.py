@@ -226,3 +226,21 @@ def model_trace(inventory, n_rows: int, stream: int = STREAM_MEASURED,
     seed = int(inventory.metadata.get(ROUTING_KEY + ".seed", 0) or 0)
     return trace_for(name, max(1, int(n_rows)), inventory.n_layer, inventory.n_expert, used,
                      seed=seed, stream=stream)
+
+
+def profile_trace(inventory, n_rows: int, override: Optional[str] = None):
+    """The routing a bench's profile saw, as a replay.Trace for `plan --cache auto`'s replay:
+    a trace file's first half (at most `n_rows` tokens, not wrapped), or a preset's profile
+    stream of `n_rows` tokens; None for the model's own routing."""
+    from hybrid_gguf.routing.replay import Trace
+
+    name = model_routing(inventory, override)
+    if name is None:
+        return None
+    if name.startswith(TRACE_PREFIX):
+        used = inventory.n_expert_used
+        used = max(used) if isinstance(used, (list, tuple)) else int(used)
+        ids = file_trace(name, inventory.n_layer, inventory.n_expert, used)
+        n_rows = min(int(n_rows), ids.shape[0] // 2)
+    ids = model_trace(inventory, max(1, int(n_rows)), STREAM_PROFILE, override)
+    return Trace(np.ascontiguousarray(ids, dtype=np.int32), inventory.n_expert)
