@@ -129,3 +129,23 @@ def test_profile_json_reports_routing_stats(synth_cache, tmp_path, require_patch
     assert rep["lru"] > rep["static"]  # strong short-term reuse
     assert rep["oracle"] >= rep["static"] - 1e-9
     assert (tmp_path / "t.npz").exists()
+
+
+def test_profile_trace_is_the_routing_the_bench_profile_saw():
+    """bench's per-expert-cache-auto rows replay what the profile saw: a trace file's first half
+    (cut, never wrapped), a preset's profile stream, nothing for the model's own routing."""
+    from types import SimpleNamespace
+
+    from hybrid_gguf.routing.replay import load_trace
+
+    source = "tests/data/routing/gpt-oss-20b_mixed10.npz"
+    whole = load_trace(source).ids
+    oss = SimpleNamespace(n_layer=24, n_expert=32, n_expert_used=4, metadata={})
+    first_half = rp.profile_trace(oss, 10**6, rp.TRACE_PREFIX + source)
+    assert first_half.n_tokens == whole.shape[0] // 2 and first_half.n_expert == 32
+    assert np.array_equal(first_half.ids, whole[:whole.shape[0] // 2])
+    assert np.array_equal(rp.profile_trace(oss, 100, rp.TRACE_PREFIX + source).ids, whole[:100])
+    q30 = SimpleNamespace(n_layer=4, n_expert=16, n_expert_used=2, metadata={})
+    assert np.array_equal(rp.profile_trace(q30, 64, "realistic").ids,
+                          rp.model_trace(q30, 64, rp.STREAM_PROFILE, "realistic"))
+    assert rp.profile_trace(q30, 64) is None

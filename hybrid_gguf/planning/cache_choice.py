@@ -43,6 +43,10 @@ def held_out_hot(trace, hot: Mapping[int, Sequence[int]], stop: int) -> dict:
     return out
 
 
+def _expert_bytes(inv) -> dict:
+    return {l.index: l.per_expert_bytes for l in inv.layers if l.is_moe}
+
+
 def rank_caches(trace, hot: Mapping[int, Sequence[int]], inv, decode_ms: Optional[dict], bw, start: int = 0,
                 quotas: Optional[Sequence[int]] = None, terms_hit: Optional[float] = None) -> dict:
     """{name: replay row + predicted_decode_tokens_per_s (None without speed terms)} for the
@@ -52,8 +56,7 @@ def rank_caches(trace, hot: Mapping[int, Sequence[int]], inv, decode_ms: Optiona
     from hybrid_gguf.planning.speed import cache_decode_tokens_per_s
     from hybrid_gguf.routing.cache_sim import REPLAY_QUOTAS, predict_cache
 
-    sizes = {l.index: l.per_expert_bytes for l in inv.layers if l.is_moe}
-    rows = predict_cache(trace, hot, inv.n_expert, sizes, start=start, quotas=quotas or REPLAY_QUOTAS)
+    rows = predict_cache(trace, hot, inv.n_expert, _expert_bytes(inv), start=start, quotas=quotas or REPLAY_QUOTAS)
     ref = terms_hit if terms_hit is not None else (rows["static"]["hit_rate"] if rows else 0.0)
     for r in rows.values():
         r["predicted_decode_tokens_per_s"] = (
@@ -68,8 +71,7 @@ def _in_sample_hit(trace, hot: Mapping[int, Sequence[int]], inv) -> float:
     (its profile holds these tokens)."""
     from hybrid_gguf.routing.cache_sim import predict_cache
 
-    sizes = {l.index: l.per_expert_bytes for l in inv.layers if l.is_moe}
-    rows = predict_cache(trace, hot, inv.n_expert, sizes, quotas=())
+    rows = predict_cache(trace, hot, inv.n_expert, _expert_bytes(inv), quotas=())
     return rows["static"]["hit_rate"] if rows else 0.0
 
 

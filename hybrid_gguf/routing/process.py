@@ -241,6 +241,7 @@ def profile_trace(inventory, n_rows: int, override: Optional[str] = None):
         used = inventory.n_expert_used
         used = max(used) if isinstance(used, (list, tuple)) else int(used)
         ids = file_trace(name, inventory.n_layer, inventory.n_expert, used)
-        n_rows = min(int(n_rows), ids.shape[0] // 2)
-    ids = model_trace(inventory, max(1, int(n_rows)), STREAM_PROFILE, override)
+        ids = ids[:min(max(1, int(n_rows)), ids.shape[0] // 2)]  # model_trace's profile half, unwrapped
+    else:
+        ids = model_trace(inventory, max(1, int(n_rows)), STREAM_PROFILE, override)
     return Trace(np.ascontiguousarray(ids, dtype=np.int32), inventory.n_expert)
