@@ -595,6 +595,16 @@ def predict_configs(inv: Inventory, profile, cfgs: Sequence[Config], results: Se
     if on_gpu and worker_runs:
         saved = fit_worker_handoff(inv, p, worker_runs, saved, n_ctx, t_ubatch, log)
     fitted = saved.for_model(inv.fingerprint)
+    # the GPU's rate and fixed times come from a GPU probe or from this run's static rows;
+    # without either they are the defaults, and a host whose GPU path is slower (all on the
+    # GPU: 258 tok/s on one H200 host, 211-217 on later ones, stock build alike) gets
+    # rooflines and predictions that are too high
+    gpu_measured = (not on_gpu or "gpu_bytes_per_s" in saved.measured
+                    or inv.fingerprint in dict(saved.model_gpu_rates))
+    if not gpu_measured:
+        log("rooflines and predictions use the default GPU rate and per-layer time (no GPU probe stored, "
+            "no static row fitted it in this run): too high where this host's GPU path is slower; "
+            "an all-gpu row in --configs fits them here")
     roof = replace(fitted, handoff_s=0.0, handoff_idle_s=0.0, worker_handoff_s=0.0, worker_handoff_idle_s=0.0,
                    gpu_chain_s=0.0)
     by_name = {cfg.name: res for cfg, res in zip(cfgs, results)}
@@ -624,7 +634,7 @@ def predict_configs(inv: Inventory, profile, cfgs: Sequence[Config], results: Se
     if saving:
         calibration.save_calibration(saved)
     return {"calibration_before": before.to_dict(), "calibration_fitted": fitted.to_dict(),
-            "calibration_saved": saving, "configs": table,
+            "calibration_saved": saving, "gpu_rate_measured": gpu_measured, "configs": table,
             "gpu_experts": {name: {str(l): list(map(int, es)) for l, es in cfg.gpu_experts.items()}
                             for name, (cfg, _) in runs.items()}}
 
