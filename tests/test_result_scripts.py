@@ -60,3 +60,27 @@ def test_saved_rows_are_predicted_again_with_each_rows_own_hand_off():
     out = subprocess.run([sys.executable, str(SCRIPT.parent / "repredict.py"), str(path)], capture_output=True,
                          text=True, check=True, cwd=SCRIPT.parents[1]).stdout
     assert "per-expert-scheduler" in out and "hand-off defaults" in out
+
+
+def test_rooflines_are_priced_again_at_the_hosts_gpu_rate():
+    """--gpu-from: a run without an all-GPU row priced its GPU at the default rate; the same
+    host's all-GPU row (another call, same model) fits a slower one, and every roofline of the
+    run falls with it (the thirteenth lease: optimistic 25 % from 0.65x to 0.78x of roofline)."""
+    import json
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    import repredict
+
+    results = SCRIPT.parents[1] / "docs" / "results" / "h200-2026-12-01b"
+    allhot = json.loads((results / "allhot_optimistic_call5.slim.json").read_text())
+    rate = repredict.host_gpu_rate(allhot)
+    assert 0.5e12 < rate < 1.5e12  # 211 tok/s all on the GPU where the default predicts 258
+    bench = json.loads((results / "workerab_hugepages_optimistic_0.25_call3.slim.json").read_text())
+    roofs = {name: (saved, host) for name, _, saved, host in repredict.rooflines(bench, rate)}
+    assert set(roofs) == {"per-expert-worker", "per-expert-worker-hugepages", "per-expert-scheduler"}
+    assert all(host < saved for saved, host in roofs.values())
+    out = subprocess.run([sys.executable, str(SCRIPT.parent / "repredict.py"), "--gpu-from",
+                          str(results / "allhot_optimistic_call5.slim.json"),
+                          str(results / "workerab_hugepages_optimistic_0.25_call3.slim.json")],
+                         capture_output=True, text=True, check=True, cwd=SCRIPT.parents[1]).stdout
+    assert "at the host's GPU rate" in out and "0.78x" in out
