@@ -652,15 +652,17 @@ if has workerab; then
     # planner's own choice (per-expert: from patch v8 it may be either, or the GPU reading
     # the cold experts), answered by the decoding thread (default) and, in a second process,
     # by the worker thread alone (LLAMA_HYBRID_WORKER_INLINE=0; WA_MODES= picks, e.g. "default").
-    # The bench logs the worker's counters per row. WA_CONFIGS= sets the rows; TG= REPS= the
-    # decode length and reps (32 and 2: two rows of one plan differed by 10 % in the ninth lease).
+    # The bench logs the worker's counters per row. WA_CONFIGS= sets the rows (keep all-gpu in
+    # it: that row fits this host's GPU rate, which the rooflines need; without it they take the
+    # default, 1.2x too fast on the thirteenth lease's host); TG= REPS= the decode length and
+    # reps (32 and 2: two rows of one plan differed by 10 % in the ninth lease).
     for R in ${ROUTINGS:-realistic optimistic}; do
         for S in ${SHARES:-0.25}; do
             for MODE in ${WA_MODES:-default 0}; do
                 log "worker A/B: $R routing, $S of the expert bytes, LLAMA_HYBRID_WORKER_INLINE=$MODE"
                 LLAMA_HYBRID_WORKER_INLINE=$MODE run_bench "$BIG" --routing "$R" --expert-share "$S" --pp 256 --tg ${TG:-32} \
-                    --reps ${REPS:-2} --threads 16 --no-calibrate --configs ${WA_CONFIGS:-whole-layer,per-expert,per-expert-scheduler,per-expert-worker} \
-                    --json-detail "$OUT/workerab_${MODE}_${R}_$S.json" 2>&1 | grep -E "^ *(whole|per)-|CPU worker" | cut -c1-200 \
+                    --reps ${REPS:-2} --threads 16 --no-calibrate --configs ${WA_CONFIGS:-whole-layer,per-expert,per-expert-scheduler,per-expert-worker,all-gpu} \
+                    --json-detail "$OUT/workerab_${MODE}_${R}_$S.json" 2>&1 | grep -E "^ *(whole|per|all)-|CPU worker|default GPU rate" | cut -c1-200 \
                     || failed "workerab $MODE $R $S"
             done
         done
