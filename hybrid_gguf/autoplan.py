@@ -194,6 +194,7 @@ def plan_model(model_path: PathLike, gpu_budget: Union[None, int, list], n_ctx: 
     """
     from hybrid_gguf.header.inventory import read_inventory
     from hybrid_gguf.planning.plan import Plan
+    from hybrid_gguf.planning.cache_choice import drift_note
     from hybrid_gguf.planning.planner import PROMOTE_FROM, diff_plans, make_plan
     from hybrid_gguf.bench.probe import calibrate_bandwidth
     from hybrid_gguf.planning.calibration import GPU_DECODE_FIELDS, Bandwidth
@@ -258,7 +259,8 @@ def plan_model(model_path: PathLike, gpu_budget: Union[None, int, list], n_ctx: 
     elif handoff == "worker" and len(devs) > 1:
         notes.append(f"handoff worker over {len(devs)} cards: the same function as one card (split tests on "
                      f"two H200s), not yet timed there; auto keeps the scheduler across cards")
-    if cache == "auto" and inv.is_moe and cache_trace is None:
+    # the stored trace: what `cache auto` replays, and how far routing drifts (a plan note)
+    if inv.is_moe and cache_trace is None:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             cache_trace = ProfileStore(store).load_trace(inv.fingerprint, inv.n_layer, inv.n_expert)
@@ -273,7 +275,8 @@ def plan_model(model_path: PathLike, gpu_budget: Union[None, int, list], n_ctx: 
     if len(ubatches) > 1:
         plan = _best_ubatch(plan, [plan_with(options(u, [])) for u in ubatches[1:]], notes,
                             prompt_share(profile))
-    plan.notes = notes + plan.notes
+    drift = drift_note(plan, inv, cache_trace)
+    plan.notes = notes + plan.notes + ([drift] if drift else [])
     diff = diff_plans(prev, plan, inv, profile) if prev is not None else None
     if out is not None:
         plan.save(out)

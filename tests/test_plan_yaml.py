@@ -304,3 +304,35 @@ def test_autoplan_says_when_its_speed_prediction_rests_on_default_gpu_figures(mo
                 "handoff_idle_s")
     save_calibration(replace(cpu_only, measured=measured))
     assert not any("default figures" in n for n in plan_model(path, None, 1024, **kw).plan.notes)
+
+
+def test_the_plan_says_when_the_stored_routing_drifts(model, tmp_path, monkeypatch):
+    """The plan's predicted hit rate is in sample: the profile holds the stored trace. With a
+    trace whose second half routes to other experts than its first, the plan records the
+    held-out hit rate (packs chosen from the first half, replayed on the second) and says
+    decode may fall short; a steady trace gets the rate and no note."""
+    from hybrid_gguf.autoplan import plan_model
+    from hybrid_gguf.routing.profile import ProfileStore
+
+    path, inv = model
+    monkeypatch.setenv("HYBRID_GGUF_HOME", str(tmp_path / "home"))
+    L, E, k = inv.n_layer, inv.n_expert, inv.n_expert_used
+    rng = np.random.default_rng(0)
+
+    def trace(pools):
+        ids = np.stack([[rng.choice(pool, size=k, replace=False) for _ in range(L)] for pool in pools])
+        return Trace(ids.astype(np.int32), E)
+
+    kw = dict(calibrate=False, per_expert=True, margin_bytes=0, measure=False)
+    for name, pools, drifts in (("drifting", [np.arange(3)] * 200 + [np.arange(5, 8)] * 200, True),
+                                ("steady", [np.arange(3)] * 400, False)):
+        store = ProfileStore(tmp_path / name)
+        store.merge_session(profile_for(inv, seed=1))
+        store.save_trace(inv.fingerprint, trace(pools))
+        plan = plan_model(path, 17 * mm.MIB, 1024, store=store.root, **kw).plan
+        assert plan.hot, name
+        held_out = plan.predicted.speed_terms["held_out_hit_rate"]
+        notes = [n for n in plan.notes if n.startswith("routing drifts")]
+        assert bool(notes) == drifts, (name, plan.notes)
+        if drifts:
+            assert f"hit {held_out:.1%} of its second half" in notes[0] and "--cache auto" in notes[0]

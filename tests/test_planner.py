@@ -628,7 +628,7 @@ def test_the_cache_choice_is_replayed_on_tokens_the_hot_set_was_not_chosen_from(
     assert rows["static"]["hit_rate"] == pytest.approx(0.2)  # in sample it would be 0.6
     assert options.active and rows[f"{options.policy} q{options.quota}"]["hit_rate"] > 0.5
     assert "chosen from the first 100 of 200 stored tokens" in notes[-1]
-    assert "the plan's packs hit 60.0% of the tokens they were chosen from" in notes[-1]
+    assert "the plan's packs hit 60.0% of the whole trace" in notes[-1]
     # static, priced at its held-out hit rate, is slower than the plan's own terms say
     static_rate = rows["static"]["predicted_decode_tokens_per_s"]
     assert static_rate < 1e3 / sum(decode_ms.values())

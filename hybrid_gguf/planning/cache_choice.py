@@ -94,8 +94,8 @@ def choose_cache(inv, hot: Mapping[int, Sequence[int]], decode_ms: dict, trace, 
         rows = rank_caches(trace, held_out_hot(trace, hot, half), inv, decode_ms, bw, start=half, quotas=quotas,
                            terms_hit=in_sample)
         where = (f"a hot set chosen from the first {half} of {trace.n_tokens} stored tokens, replayed on the "
-                 f"other {trace.n_tokens - half}; the plan's packs hit {in_sample:.1%} of the tokens they were "
-                 f"chosen from")
+                 f"other {trace.n_tokens - half}; the plan's packs hit {in_sample:.1%} of the whole trace, "
+                 f"whose tokens its profile holds")
     else:
         rows = rank_caches(trace, hot, inv, decode_ms, bw, quotas=quotas)
         where = (f"replayed in sample on all {trace.n_tokens} stored tokens (under {2 * HELD_OUT_MIN_TOKENS}: "
@@ -114,3 +114,31 @@ def choose_cache(inv, hot: Mapping[int, Sequence[int]], decode_ms: dict, trace, 
                  f"{static['hit_rate']:.1%} -> {r['hit_rate']:.1%} at {r['uploads_per_token']:.2f} uploads per "
                  f"token, predicted {rate['static']:.1f} -> {rate[best]:.1f} tokens/s")
     return CacheOptions(r["policy"], r["quota"]), rows
+
+
+# a held-out hit rate this far below the in-sample one gets a note in the plan
+DRIFT_NOTE = 0.05
+
+
+def drift_note(plan, inv, trace) -> Optional[str]:
+    """How far the stored routing drifts from what the plan's packs were chosen on: sets the
+    plan's `held_out_hit_rate` (speed_terms: the static hit rate of packs chosen from the
+    trace's first half, over its second half) and returns a note when that is DRIFT_NOTE below
+    the packs' hit rate on the tokens they were chosen from. The plan's predicted hit rate
+    and decode are in sample, so drift is what they cannot see. None without a trace long
+    enough to hold half out, or without packs on a GPU."""
+    from hybrid_gguf.routing.cache_sim import predict_cache
+
+    if trace is None or not plan.hot or plan.n_gpu_layers == 0 or trace.n_tokens // 2 < HELD_OUT_MIN_TOKENS:
+        return None
+    half = trace.n_tokens // 2
+    rows = predict_cache(trace, held_out_hot(trace, plan.hot, half), inv.n_expert, _expert_bytes(inv),
+                         start=half, quotas=())
+    held_out, in_sample = rows["static"]["hit_rate"], _in_sample_hit(trace, plan.hot, inv)
+    plan.predicted.speed_terms = {**(plan.predicted.speed_terms or {}), "held_out_hit_rate": round(held_out, 4)}
+    if in_sample - held_out <= DRIFT_NOTE:
+        return None
+    return (f"routing drifts: packs chosen from the first half of the stored trace hit {held_out:.1%} of its second "
+            f"half, against {in_sample:.1%} for this plan's packs over the whole trace (which its profile holds), so "
+            f"decode may fall short of the prediction"
+            + ("" if plan.cache.active else "; `--cache auto` replays whether an in-session cache recovers it"))
