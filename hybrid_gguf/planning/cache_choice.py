@@ -132,9 +132,12 @@ def drift_note(plan, inv, trace) -> Optional[str]:
     if trace is None or not plan.hot or plan.n_gpu_layers == 0 or trace.n_tokens // 2 < HELD_OUT_MIN_TOKENS:
         return None
     half = trace.n_tokens // 2
-    rows = predict_cache(trace, held_out_hot(trace, plan.hot, half), inv.n_expert, _expert_bytes(inv),
-                         start=half, quotas=())
-    held_out, in_sample = rows["static"]["hit_rate"], _in_sample_hit(trace, plan.hot, inv)
+    # `cache auto` replayed the same held-out static packs (choose_cache): take its row
+    replayed = ((plan.predicted.speed_terms or {}).get("cache_replay") or {}).get("static")
+    held_out = replayed["hit_rate"] if replayed else predict_cache(
+        trace, held_out_hot(trace, plan.hot, half), inv.n_expert, _expert_bytes(inv), start=half,
+        quotas=())["static"]["hit_rate"]
+    in_sample = _in_sample_hit(trace, plan.hot, inv)
     plan.predicted.speed_terms = {**(plan.predicted.speed_terms or {}), "held_out_hit_rate": round(held_out, 4)}
     if in_sample - held_out <= DRIFT_NOTE:
         return None
