@@ -63,7 +63,8 @@
 #    whole layers, ROUTINGS= SHARES= TG=; CACHE_CONFIGS= names the cache rows, e.g.
 #    per-expert-cache-lru-q64 for 64 uploads per step, per-expert-cache-auto[-worker] for what
 #    `plan --cache auto` picks from the profile's routing; realtrace: the same on a gpt-oss-20b-shaped
-#    model driven by the real gpt-oss-20b trace of tests/data/routing, SHARES= TG= CACHE_CONFIGS=;
+#    model driven by the real gpt-oss-20b trace of tests/data/routing, SHARES= PP= TG= REPS= CACHE_CONFIGS=
+#    REALTRACE_BASE= (the rows before the cache rows, default whole-layer,per-expert);
 #    TIMERS=1 adds a run with the scheduler's per-split breakdown)
 #   (prefill: prompts of PROMPTS= tokens (512 2048 8192) at ubatch 512 and at the whole prompt
 #    (at most 4096), whole-layer and per-expert plans made for each at one total VRAM per prompt
@@ -828,9 +829,11 @@ if has realtrace; then
         --out "$OSS" 2>&1 | tail -1
     for S in ${SHARES:-0.25}; do
         log "in-session cache on the real gpt-oss-20b trace, $S of the expert bytes"
-        run_bench "$OSS" --routing trace:tests/data/routing/gpt-oss-20b_mixed10.npz --expert-share "$S" --pp 256 \
-            --tg ${TG:-128} --reps 2 --threads 16 --no-calibrate \
-            --configs whole-layer,per-expert,${CACHE_CONFIGS:-per-expert-cache-lru-q4,per-expert-cache-lru-q16,per-expert-cache-lfu-q16,per-expert-cache-seeded-q16} \
+        # the decode window is trace rows PP..PP+TG of the second half (the trace is indexed by
+        # position): PP=32 TG=1024 crosses most of its answers, the default one boundary
+        run_bench "$OSS" --routing trace:tests/data/routing/gpt-oss-20b_mixed10.npz --expert-share "$S" --pp ${PP:-256} \
+            --tg ${TG:-128} --reps ${REPS:-2} --threads 16 --no-calibrate \
+            --configs ${REALTRACE_BASE-whole-layer,per-expert},${CACHE_CONFIGS:-per-expert-cache-lru-q4,per-expert-cache-lru-q16,per-expert-cache-lfu-q16,per-expert-cache-seeded-q16} \
             --json-detail "$OUT/realtrace_$S.json" 2>&1 | grep -E "^ *(whole|per)-|_vs_" || failed "realtrace $S"
         if [ -n "${TIMERS:-}" ]; then
             # where a split layer's time goes with and without the cache: does the CPU's part

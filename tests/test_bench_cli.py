@@ -406,11 +406,17 @@ def test_the_cache_step_time_is_fitted_from_the_cache_rows_decode_steps():
     def row(cache, decode):
         return SimpleNamespace(cache=cache), SimpleNamespace(cache=None if decode is None else {"decode": decode})
 
+    # 40 us per step plus 20 us per upload: rows at 1 and 4 uploads per step tell both apart
     rows = [row(None, None),  # a static row tells nothing
-            row(CacheOptions("lru"), {"steps": 100, "step_us": 30_000}),
-            row(CacheOptions("lfu"), {"steps": 300, "step_us": 50_000})]
+            row(CacheOptions("lru"), {"steps": 100, "step_us": 100 * 120, "uploads": 400}),
+            row(CacheOptions("lfu"), {"steps": 300, "step_us": 300 * 60, "uploads": 300})]
     bw = fit_cache_step(rows, Bandwidth(), lambda s: None)
-    assert abs(bw.cache_step_s - 80_000 / 400 / 1e6) < 1e-12 and "cache_step_s" in bw.measured
+    assert abs(bw.cache_step_s - 40e-6) < 1e-12 and abs(bw.cache_upload_s - 20e-6) < 1e-12
+    assert {"cache_step_s", "cache_upload_s"} <= set(bw.measured)
+    # one row: the base alone, at the default cost per upload (not marked measured)
+    one = fit_cache_step(rows[:2], Bandwidth(), lambda s: None)
+    assert abs(one.cache_step_s - (120e-6 - 4 * Bandwidth().cache_upload_s)) < 1e-12
+    assert one.cache_upload_s == Bandwidth().cache_upload_s and "cache_upload_s" not in one.measured
     assert fit_cache_step(rows[:1], Bandwidth(), lambda s: None) == Bandwidth()
 
 

@@ -50,6 +50,8 @@ def test_cache_decode_estimate_trades_misses_for_uploads():
     assert abs(static - 1e3 / sum(ms.values())) < 1e-9  # the static plan as predicted
     same_hits = cache_decode_tokens_per_s(ms, 0.5, 0.5, 0.0, bw)
     assert abs(1e3 / same_hits - 1e3 / static - 1e3 * bw.cache_step_s) < 1e-9  # a cache's step costs host time
+    uploading = cache_decode_tokens_per_s(ms, 0.5, 0.5, 0.0, bw, uploads_per_token=3.0)
+    assert abs(1e3 / uploading - 1e3 / same_hits - 3e3 * bw.cache_upload_s) < 1e-9  # and each upload
     layered = cache_decode_tokens_per_s(ms, 0.5, 0.5, 0.0, bw, n_cache_layers=48)
     assert abs(1e3 / layered - 1e3 / same_hits - 48e3 * bw.cache_layer_s) < 1e-9  # and each cached layer
     better = cache_decode_tokens_per_s(ms, 0.5, 0.75, 0.0, bw)

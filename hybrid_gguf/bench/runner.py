@@ -660,7 +660,8 @@ def _cache_model_check(inv, p, cfg, run, by_name: dict, bw, n_ctx: int, n_ubatch
     sp = predict_speed(inv, p, cfg.gpu_experts if on_gpu else {}, on_gpu, bw, n_ctx, n_ubatch=n_ubatch,
                        kv_fill=run.kv_fill, cold_on_gpu=cfg.cold_on_gpu, worker=cfg.worker)
     ts = cache_decode_tokens_per_s(sp.decode_ms, static.hit_rate, res.hit_rate,
-                                   window["upload_bytes"] / window["steps"], bw, n_cache_layers=len(cfg.hot))
+                                   window["upload_bytes"] / window["steps"], bw, n_cache_layers=len(cfg.hot),
+                                   uploads_per_token=window.get("uploads", 0) / window["steps"])
     log(f"{cfg.name}: the cache pricing gives {ts:.2f} t/s for hit rate {static.hit_rate:.3f} -> {res.hit_rate:.3f} "
         f"and {window['upload_bytes'] / window['steps'] / 2**20:.1f} MiB uploaded per step; measured "
         f"{run.decode_tokens_per_s:.2f}")
@@ -668,21 +669,31 @@ def _cache_model_check(inv, p, cfg, run, by_name: dict, bw, n_ctx: int, n_ubatch
 
 
 def fit_cache_step(rows, bw, log) -> object:
-    """Bandwidth.cache_step_s from the cache rows' host step time over their decode steps
-    (their `cache.decode` counters): the mean per step, weighted by steps. Unchanged without
-    cache rows."""
-    us = steps = 0
+    """Bandwidth.cache_step_s and cache_upload_s from the cache rows' host step time over their
+    decode steps (their `cache.decode` counters): per step, a base plus a cost per upload,
+    least squares over the rows weighted by their steps. Rows that all upload at one rate (or
+    one row) fit the base alone at the given per-upload cost. Unchanged without cache rows."""
+    pts = []  # (steps, uploads per step, us per step)
     for cfg, res in rows:
         window = (res.cache or {}).get("decode") if _is_cache(cfg) else None
         if window and window.get("steps"):
-            us += window["step_us"]
-            steps += window["steps"]
-    if steps == 0:
+            n = window["steps"]
+            pts.append((n, window.get("uploads", 0) / n, window["step_us"] / n))
+    if not pts:
         return bw
-    per_step = us / steps / 1e6
-    log(f"in-session cache: {1e3 * per_step:.2f} ms of host time per decode step")
-    measured = tuple(sorted(set(bw.measured) | {"cache_step_s"}))
-    return replace(bw, cache_step_s=max(per_step, 1e-7), measured=measured)
+    n, x, y = (np.array(v, dtype=float) for v in zip(*pts))
+    base, per_upload, slope_fitted = None, bw.cache_upload_s * 1e6, False
+    if np.ptp(x) >= 0.25:  # upload rates far enough apart to tell the two costs apart
+        w = np.sqrt(n)
+        (a, b), *_ = np.linalg.lstsq(np.stack([w, w * x], axis=1), w * y, rcond=None)
+        if a >= 0 and b >= 0:
+            base, per_upload, slope_fitted = float(a), float(b), True
+    if base is None:
+        base = max(0.0, float(np.average(y - per_upload * x, weights=n)))
+    log(f"in-session cache: {base / 1e3:.3f} ms of host time per decode step and {per_upload / 1e3:.3f} ms per "
+        f"upload ({len(pts)} cache row(s))")
+    measured = tuple(sorted(set(bw.measured) | {"cache_step_s"} | ({"cache_upload_s"} if slope_fitted else set())))
+    return replace(bw, cache_step_s=max(base / 1e6, 1e-7), cache_upload_s=per_upload / 1e6, measured=measured)
 
 
 def fit_host_read(inv: Inventory, p, cold_runs, bw, n_ctx: int, n_prompt: int, log) -> object:

@@ -19,8 +19,8 @@ import numpy as np
 from hybrid_gguf.planning.placement import CacheOptions
 
 # a policy must beat the static packs by this much to be chosen: the replay and the speed
-# model (with the cache's host step and per-layer cost, Bandwidth.cache_step_s and
-# cache_layer_s) are estimates
+# model (with the cache's host step, per upload and per layer costs, Bandwidth.cache_step_s,
+# cache_upload_s and cache_layer_s) are estimates
 MIN_GAIN = 1.02
 # each half of a held-out replay needs this many tokens; a shorter trace is replayed whole,
 # in sample (and the note says so)
@@ -61,7 +61,8 @@ def rank_caches(trace, hot: Mapping[int, Sequence[int]], inv, decode_ms: Optiona
     for r in rows.values():
         r["predicted_decode_tokens_per_s"] = (
             cache_decode_tokens_per_s(decode_ms, ref, r["hit_rate"], r["upload_bytes_per_token"], bw,
-                                      active=r["policy"] != "static", n_cache_layers=len(hot))
+                                      active=r["policy"] != "static", n_cache_layers=len(hot),
+                                      uploads_per_token=r["uploads_per_token"])
             if decode_ms else None)
     return rows
 

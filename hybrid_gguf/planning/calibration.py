@@ -83,9 +83,14 @@ class Bandwidth:
     gpu_layer_s: float = 50e-6
     gpu_step_s: float = 100e-6
     # host time of an in-session cache's step per decoded token (reading the routing, choosing,
-    # queueing uploads and tables): 0.07-0.44 ms on the H200 host with ordered uploads (0.9-2.4
-    # with the first, background ones), 2026-11-30; `bench` fits it from its cache rows' `step_us`
-    cache_step_s: float = 0.2e-3
+    # queueing tables), without its uploads, and the host time each upload adds (queueing the
+    # copy, the slot's table entries). H200 host with the CPU worker, 2026-12-01: ordered LFU
+    # and seeded rows at 1.13 and 0.70 uploads per step took 58 and 48 us per step, background
+    # LRU at 64 and 89 uploads 1.35 and 1.87 ms: about 30 us plus 21-25 us per upload. One
+    # figure for all of it (0.2 ms) over-priced a cache of one upload per token four times.
+    # `bench` fits both from its cache rows' `step_us` and uploads (fit_cache_step)
+    cache_step_s: float = 30e-6
+    cache_upload_s: float = 22e-6
     # the rest of an active cache's fixed cost, per cached layer and decoded token, on the GPU
     # side (each layer's routing written to host memory, the synchronize before the step):
     # at equal hit rates the cache rows decoded 0.48 and 0.63 ms per token slower than the

@@ -245,7 +245,7 @@ def _attn_width(inv) -> float:
 
 def cache_decode_tokens_per_s(decode_ms: dict, static_hit: float, cache_hit: float,
                               upload_bytes_per_token: float, bw: Bandwidth, active: bool = True,
-                              n_cache_layers: int = 0) -> float:
+                              n_cache_layers: int = 0, uploads_per_token: float = 0.0) -> float:
     """Decode tokens/s of a plan whose hot packs run as an in-session cache, from the plan's
     static decode terms (SpeedPrediction.decode_ms): the expert bytes served from the packs
     and from host memory scale with the cache's hit rate instead of the static one, and each
@@ -254,8 +254,9 @@ def cache_decode_tokens_per_s(decode_ms: dict, static_hit: float, cache_hit: flo
     ahead of the next ubatch, which waits for them there (CacheOptions.background ones run
     beside decode but still share the link and the host's memory with it). Hand-off terms
     stay as they are: a split layer hands off whether or not the cache hit. An `active` cache
-    also pays its host step per token (bw.cache_step_s) and a fixed cost per cached layer
-    (bw.cache_layer_s, `n_cache_layers` of them); the static packs do not."""
+    also pays its host step per token (bw.cache_step_s, plus bw.cache_upload_s for each of its
+    `uploads_per_token`) and a fixed cost per cached layer (bw.cache_layer_s, `n_cache_layers`
+    of them); the static packs do not."""
     ms = dict(decode_ms)
     if static_hit > 0:
         ms["experts_gpu"] = ms.get("experts_gpu", 0.0) * cache_hit / static_hit
@@ -264,6 +265,7 @@ def cache_decode_tokens_per_s(decode_ms: dict, static_hit: float, cache_hit: flo
         if key in ms:
             ms[key] = ms[key] * miss_scale
     ms["uploads"] = 1e3 * upload_bytes_per_token / bw.pcie_bytes_per_s
-    ms["cache_step"] = 1e3 * (bw.cache_step_s + n_cache_layers * bw.cache_layer_s) if active else 0.0
+    ms["cache_step"] = 1e3 * (bw.cache_step_s + uploads_per_token * bw.cache_upload_s
+                              + n_cache_layers * bw.cache_layer_s) if active else 0.0
     total_s = sum(ms.values()) / 1e3
     return 1.0 / total_s if total_s > 0 else float("inf")
