@@ -7,8 +7,10 @@ trace itself, so replaying the whole trace scores the static packs on the tokens
 fitted to. Instead the trace's first half chooses a hot set of the plan's per-layer sizes and
 the second half is replayed, as the next session meets routing the profile has not seen (on
 the real gpt-oss-20b trace, 2026-12-01: a hot set fitted to the first half hit 0.60 of it and
-0.27 of the second half, where the caches hit 0.43-0.50 and decoded 1.11-1.21x the static
-packs; docs/benchmarks.md, thirteenth lease)."""
+0.27 of 64 tokens of the second half where its subject changes, where the caches hit 0.43-0.50
+and decoded 1.11-1.21x the static packs; over 1024 tokens of the second half the static packs
+hit 0.46, a seeded cache 0.55, and decode tied; docs/benchmarks.md, thirteenth and fourteenth
+leases)."""
 
 from __future__ import annotations
 
