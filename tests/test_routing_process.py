@@ -149,3 +149,25 @@ def test_profile_trace_is_the_routing_the_bench_profile_saw():
     assert np.array_equal(rp.profile_trace(q30, 64, "realistic").ids,
                           rp.model_trace(q30, 64, rp.STREAM_PROFILE, "realistic"))
     assert rp.profile_trace(q30, 64) is None
+
+
+def test_the_decode_window_names_the_trace_rows_every_rep_replays():
+    """A trace file is indexed by position, so a bench's decode replays rows --pp.. of its timed
+    (second) half in every rep, wrapped past its end; the bench says so (fourteenth lease: a
+    64-token window where the trace changes subject made a cache look 1.20x)."""
+    from types import SimpleNamespace
+
+    from hybrid_gguf.routing.replay import load_trace
+
+    source = "tests/data/routing/gpt-oss-20b_mixed10.npz"
+    n = load_trace(source).ids.shape[0]
+    measured = n - n // 2
+    oss = SimpleNamespace(n_layer=24, n_expert=32, n_expert_used=4, metadata={})
+    window = rp.decode_window(oss, 256, 64, rp.TRACE_PREFIX + source)
+    assert window == {"first_row": 256, "rows": 64, "of": measured}
+    # the rows the timed loads replay are those rows of the second half
+    timed = rp.model_trace(oss, 256 + 64, rp.STREAM_MEASURED, rp.TRACE_PREFIX + source)
+    assert np.array_equal(timed[256:], load_trace(source).ids[n // 2 + 256:n // 2 + 320])
+    assert rp.decode_window(oss, measured + 5, 8, rp.TRACE_PREFIX + source)["first_row"] == 5
+    q30 = SimpleNamespace(n_layer=4, n_expert=16, n_expert_used=2, metadata={})
+    assert rp.decode_window(q30, 256, 64, "realistic") is None and rp.decode_window(q30, 256, 64) is None

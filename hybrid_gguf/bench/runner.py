@@ -373,6 +373,11 @@ def run_bench(model_path: Path, *, budget_bytes: Optional[int], profile_prompts:
         loaded.close()
         log(f"profiled {int(np.mean(profile.tokens_per_layer))} tokens")
 
+    window = routing_process.decode_window(inv, n_prompt, n_gen, routing)
+    if window is not None:
+        log(f"decode replays rows {window['first_row']}..{window['first_row'] + window['rows']} of the trace's "
+            f"timed half ({window['of']} rows), the same rows in every rep: a short window can sit on one "
+            f"stretch of a trace whose routing changes (--pp moves it, --tg widens it)")
     devices, budget_notes = detect_devices(budget_bytes)  # the budget rule, applied once
     for note in budget_notes:
         log(note)
@@ -409,6 +414,7 @@ def run_bench(model_path: Path, *, budget_bytes: Optional[int], profile_prompts:
         "budget_share_of_experts": share,
         "fingerprint": inv.fingerprint,
         "routing": routing_process.model_routing(inv, routing) or "optimistic",
+        **({"decode_window": window} if window is not None else {}),
         "n_ubatch": ubatch,
         "flash_attn": bool(flash_attn),
         "results": [r.summary() for r in results],

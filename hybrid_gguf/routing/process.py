@@ -228,6 +228,21 @@ def model_trace(inventory, n_rows: int, stream: int = STREAM_MEASURED,
                      seed=seed, stream=stream)
 
 
+def decode_window(inventory, n_prompt: int, n_gen: int, override: Optional[str] = None) -> Optional[dict]:
+    """Which rows of a `trace:FILE` routing a bench's timed decode replays: the trace is indexed
+    by position, so every rep decodes rows n_prompt.. of its second half (wrapped), and a short
+    window can sit on one answer of a trace that changes subject. None for other routings
+    (a preset's stream is stationary)."""
+    name = model_routing(inventory, override)
+    if name is None or not name.startswith(TRACE_PREFIX):
+        return None
+    used = inventory.n_expert_used
+    used = max(used) if isinstance(used, (list, tuple)) else int(used)
+    rows = file_trace(name, inventory.n_layer, inventory.n_expert, used).shape[0]
+    measured = rows - rows // 2
+    return {"first_row": int(n_prompt) % measured, "rows": int(n_gen), "of": measured}
+
+
 def profile_trace(inventory, n_rows: int, override: Optional[str] = None):
     """The routing a bench's profile saw, as a replay.Trace for `plan --cache auto`'s replay:
     a trace file's first half (at most `n_rows` tokens, not wrapped), or a preset's profile
