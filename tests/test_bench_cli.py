@@ -379,6 +379,8 @@ def test_bench_rounds_alternate_the_order_and_pool_the_reps(tiny_model_factory, 
         assert min(r["tg_round_medians"]) <= r["tg_median_ts"] <= max(r["tg_round_medians"])
         if os.path.exists("/proc/self/smaps_rollup"):  # the process's memory after the row (Linux)
             assert r["host_memory"]["rss"] > 0 and r["host_memory"]["anon_huge"] >= 0
+            # the loaded row's threads, and those the rows before it left
+            assert r["host_memory"]["threads"] >= 1 and r["host_memory"]["threads_before_load"] >= 1
     result = CliRunner().invoke(app, ["bench", "-m", "x", "--rounds", "0"])
     assert result.exit_code != 0 and "--rounds" in result.output
 

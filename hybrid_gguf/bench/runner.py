@@ -73,7 +73,9 @@ class Result:
 
 def cpu_path_counts() -> Optional[dict]:
     """The CPU backend's one-token path counters so far (patch v9), or None without them, and
-    the process's page faults (a cold expert's first touch after loading can fault in every page)."""
+    the process's page faults (a cold expert's first touch after loading can fault in every page)
+    and context switches (involuntary ones: threads that outnumber the cores, e.g. a second
+    OpenMP team, docs/benchmarks.md, sixth lease)."""
     from hybrid_gguf.llama import ggml_lib
 
     flat, fused = ggml_lib.mmid_flat_calls(), ggml_lib.moe_fused_calls()
@@ -85,12 +87,23 @@ def cpu_path_counts() -> Optional[dict]:
     except ImportError:
         return counts
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return dict(counts, minor_faults=usage.ru_minflt, major_faults=usage.ru_majflt)
+    return dict(counts, minor_faults=usage.ru_minflt, major_faults=usage.ru_majflt,
+                voluntary_switches=usage.ru_nvcsw, involuntary_switches=usage.ru_nivcsw)
 
 
-def host_memory_kib() -> Optional[dict]:
-    """{"rss": KiB, "anon_huge": KiB} of this process from /proc/self/smaps_rollup, or None
-    where there is no such file."""
+def process_threads() -> Optional[int]:
+    """The threads of this process now (/proc/self/task), None where there is no such folder."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return None
+
+
+def host_memory_kib(threads_before_load: Optional[int] = None) -> Optional[dict]:
+    """{"rss": KiB, "anon_huge": KiB} of this process from /proc/self/smaps_rollup, with its
+    thread counts ("threads" now, "threads_before_load"), or None where there is no such file.
+    Threads that a row leaves behind would slow the rows after it (a static row after a cache
+    row decoded about 0.8x on the real trace, fourteenth lease; cause not found)."""
     try:
         text = Path("/proc/self/smaps_rollup").read_text()
     except OSError:
@@ -101,7 +114,7 @@ def host_memory_kib() -> Optional[dict]:
         parts = line.split()
         if len(parts) >= 2 and parts[0] in fields and parts[1].isdigit():
             out[fields[parts[0]]] = int(parts[1])
-    return out or None
+    return dict(out, threads=process_threads(), threads_before_load=threads_before_load) if out else None
 
 
 def hit_rate(counts_decode: np.ndarray, gpu_experts: dict[int, list[int]]) -> Optional[float]:
@@ -458,6 +471,7 @@ def time_config(cfg: Config, t: Timing, step, log: Callable[[str], None], label:
     inv, prompt, decode, reps = t.inv, t.prompt, t.decode, t.reps
     n_prompt, n_gen = len(prompt), len(decode)
     n_profiled = profile_steps()
+    threads_before = process_threads()  # what the rows before this one left running
     t0 = time.perf_counter()
     expert_bytes = cfg.gpu_expert_bytes(inv)
     try:
@@ -502,16 +516,19 @@ def time_config(cfg: Config, t: Timing, step, log: Callable[[str], None], label:
     res = Result(cfg.name, n_prompt, n_gen, pps, tgs, hit, expert_bytes, vram_model_bytes(loaded), load_s,
                  plan=cfg.plan_detail(inv), cache=cache, worker=worker, cpu_paths=cpu_paths,
                  pp_round_medians=[statistics.median(pps)], tg_round_medians=[statistics.median(tgs)],
-                 host_memory=host_memory_kib())
+                 host_memory=host_memory_kib(threads_before))
     log(f"{label}{cfg.name:12s} pp {statistics.median(pps):8.1f} t/s  tg {statistics.median(tgs):7.2f} t/s  "
         f"hit {res.hit_rate if res.hit_rate is not None else float('nan'):.3f}  "
         f"gpu experts {expert_bytes / 2**30:.2f} GiB")
     if cpu_paths and any(cpu_paths.values()):
         log(f"{cfg.name}: CPU one-token paths in the timed reps: {cpu_paths['mmid_flat_calls']} MUL_MAT_IDs "
             f"in contiguous shares, {cpu_paths['moe_fused_calls']} expert chains fused; page faults "
-            f"{cpu_paths.get('minor_faults', '?')} minor, {cpu_paths.get('major_faults', '?')} major"
+            f"{cpu_paths.get('minor_faults', '?')} minor, {cpu_paths.get('major_faults', '?')} major; context switches "
+            f"{cpu_paths.get('voluntary_switches', '?')} voluntary, {cpu_paths.get('involuntary_switches', '?')} involuntary"
             + (f"; resident {res.host_memory.get('rss', 0) / 2**20:.2f} GiB, "
-               f"{res.host_memory.get('anon_huge', 0) / 2**20:.2f} GiB of it on huge pages" if res.host_memory else ""))
+               f"{res.host_memory.get('anon_huge', 0) / 2**20:.2f} GiB of it on huge pages, "
+               f"{res.host_memory.get('threads', '?')} threads ({res.host_memory.get('threads_before_load', '?')} "
+               f"before the load)" if res.host_memory else ""))
     if worker:
         log(f"{cfg.name}: CPU worker {worker['busy']} busy and {worker['idle']} idle hand-offs, "
             f"{worker['compute_us'] / max(worker['busy'], 1):.0f} us of compute per busy one, "
