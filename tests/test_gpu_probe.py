@@ -256,3 +256,16 @@ def test_a_stored_calibration_takes_todays_worker_costs_unless_it_measured_them(
         assert old.worker_handoff_s == Bandwidth().worker_handoff_s and old.measured == ("cpu_bytes_per_s",)
     with pytest.raises(HybridError, match="worker_patch_version"):
         Bandwidth.from_dict({"worker_patch_version": "9"})
+
+
+def test_a_stored_calibration_prices_a_cache_s_uploads_once():
+    """Before the per-upload cost, a calibration kept one figure per cache step, its uploads'
+    host time included: a stored default (0.2 ms) gives way to today's base, and a fitted one
+    is kept with no upload cost on top; a fit of both survives a round trip."""
+    stale = Bandwidth.from_dict({"cpu_bytes_per_s": 6e10, "cache_step_s": 0.2e-3,
+                                 "gpu_bytes_per_s": 1e12, "measured": ["gpu_bytes_per_s"]})
+    assert stale.cache_step_s == Bandwidth().cache_step_s and stale.cache_upload_s == Bandwidth().cache_upload_s
+    old_fit = Bandwidth.from_dict({"cache_step_s": 0.3e-3, "measured": ["cache_step_s"]})
+    assert old_fit.cache_step_s == 0.3e-3 and old_fit.cache_upload_s == 0.0
+    both = Bandwidth(cache_step_s=13e-6, cache_upload_s=45e-6, measured=("cache_step_s", "cache_upload_s"))
+    assert Bandwidth.from_dict(both.to_dict()) == both

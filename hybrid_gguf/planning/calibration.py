@@ -38,6 +38,7 @@ CPU_FIT_HEADROOM = 1.25
 FOLLOW_DEFAULTS = ("worker_handoff_s", "worker_handoff_idle_s")
 WORKER_COSTS_VERSION = 11
 UNKNOWN_IF_ZERO = ("cpu_read_bytes_per_s",)  # measurements a calibration may not have yet
+ZERO_VALID = ("cache_upload_s",)  # costs a fit may find to be nothing
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,10 @@ class Bandwidth:
         for name in FOLLOW_DEFAULTS:
             if name not in kw["measured"]:
                 kw.pop(name, None)  # a stored default from an older patch: take today's
+        if "cache_step_s" not in kw["measured"]:
+            kw.pop("cache_step_s", None)  # a stored default (0.2 ms before the upload cost): take today's
+        elif "cache_upload_s" not in kw:
+            kw["cache_upload_s"] = 0.0  # fitted when the step's one figure held its uploads too
         if "handoff_idle_s" not in kw and "handoff_s" in kw:
             kw["handoff_idle_s"] = kw["handoff_s"]  # calibrations from before the split
         for name in ZERO_ALLOWED:
@@ -159,7 +164,7 @@ class Bandwidth:
         bw = cls(**kw)
         for f in fields(cls):
             v = getattr(bw, f.name)
-            if f.name in ZERO_ALLOWED + UNKNOWN_IF_ZERO and isinstance(v, float) and v == 0.0:
+            if f.name in ZERO_ALLOWED + UNKNOWN_IF_ZERO + ZERO_VALID and isinstance(v, float) and v == 0.0:
                 continue
             if isinstance(v, float) and not (v > 0 and np.isfinite(v)):
                 raise HybridError(f"calibration field {f.name} must be a positive number, got {v!r}")
