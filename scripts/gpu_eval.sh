@@ -161,11 +161,21 @@ PREBUILT_KEY="$(sha256sum patches/llama-cpp-hybrid.patch | cut -c1-16)-cuda-sm90
 PREBUILT_PARTS=(.device-prebuilt/00_prebuilt-"$PREBUILT_KEY".tar.xz.*)
 if has build; then
     t0=$(date +%s)
-    if [ -f "${PREBUILT_PARTS[0]}" ] && [ ! -d /tmp/lldev/src/llama_cpp/lib ]; then
+    if [ -f "/tmp/lldev/prebuilt-$PREBUILT_KEY" ] && [ -d /tmp/lldev/src/llama_cpp/lib ]; then
+        # a warm machine that unpacked these parts already (it has no tree to rebuild in)
+        log "build: prebuilt libraries $PREBUILT_KEY already unpacked"
+    elif [ -f "${PREBUILT_PARTS[0]}" ] && { [ ! -d /tmp/lldev/src/llama_cpp/lib ] || compgen -G "/tmp/lldev/prebuilt-*" > /dev/null; }; then
+        # a fresh machine, or one holding another patch's unpacked parts
         log "build: prebuilt libraries $PREBUILT_KEY (${#PREBUILT_PARTS[@]} parts)"
+        rm -rf /tmp/lldev/src/llama_cpp /tmp/lldev/prebuilt-*
         mkdir -p /tmp/lldev/src && cat "${PREBUILT_PARTS[@]}" | xz -d | tar -C /tmp/lldev/src -xf - \
             || { log "prebuilt libraries unreadable"; exit 1; }
+        touch "/tmp/lldev/prebuilt-$PREBUILT_KEY"
+    elif [ ! -f .device/llama_cpp_python-0.3.36-trimmed.tar.gz ]; then
+        log "build: no prebuilt libraries for patch $PREBUILT_KEY and no .device/ sdist to build from (carry .device)"
+        exit 1
     else
+        rm -f /tmp/lldev/prebuilt-*  # the tree's build replaces what was unpacked
         # An incremental CMake tree in /tmp (kept while the machine stays warm): the first build
         # takes ~5 min, a rebuild after a small patch change about a minute. No wheel: the CUDA
         # wheel is 253 MB and could not come back anyway.
