@@ -1,13 +1,15 @@
 """Scripts that read the GPU machine's outputs: scripts/ncu_layers.py (an ncu CSV of a few decode
 steps summed per kernel, gpu_eval.sh ncuidle) and scripts/repredict.py (saved bench rows
-predicted again with today's hand-off defaults)."""
+predicted again with today's hand-off defaults) and scripts/cache_windows.py (the cache replayed
+on windows of a real trace, and what `plan --cache auto` picks)."""
 from __future__ import annotations
 
 import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ncu_layers.py"
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "ncu_layers.py"
 
 CSV = """==PROF== Connected to process 7 (/usr/bin/python3.12)
 ==PROF== Profiling "k_hybrid_post" - 0: 0%....50%....100% - 1 pass
@@ -84,3 +86,19 @@ def test_rooflines_are_priced_again_at_the_hosts_gpu_rate():
                           str(results / "workerab_hugepages_optimistic_0.25_call3.slim.json")],
                          capture_output=True, text=True, check=True, cwd=SCRIPT.parents[1]).stdout
     assert "at the host's GPU rate" in out and "0.78x" in out
+
+
+def test_cache_windows_reproduce_the_fourteenth_lease_replays():
+    """scripts/cache_windows.py on the saved real-trace bench: the static packs hit 0.271 of the
+    timed window (as measured) and 0.46 over 1024 rows, and `auto`, priced with a host cost per
+    upload, picks a seeded cache there."""
+    bench = REPO / "docs/results/h200-2026-12-01c/realtrace_0.25_call4.slim.json"
+    script = str(SCRIPT.parent / "cache_windows.py")
+    out = subprocess.run([sys.executable, script, "windows", str(bench), "--pp", "256", "--also", "32:1024"],
+                         capture_output=True, text=True, check=True, cwd=REPO).stdout
+    rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in out.splitlines()[1:]}
+    assert rows["256..320"][0] == 0.271 and rows["32..1056"][0] == 0.46
+    assert rows["256..320"][1] > rows["256..320"][0] + 0.15  # lfu q16 recovers the change of subject
+    out = subprocess.run([sys.executable, script, "auto", str(bench)], capture_output=True, text=True, check=True,
+                         cwd=REPO).stdout
+    assert out.splitlines()[0] == "PCIe 25 GB/s: seeded q4"
