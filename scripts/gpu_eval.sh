@@ -122,7 +122,8 @@ has() { [[ ",$STEPS," == *",$1,"* ]]; }
 # inside a bench step (the "probe" step runs it); budget lists are space-separated here
 # (REVERSE=1: every bench times its placements last to first, against drift within a call;
 # ROUNDS=N: every placement timed N times in alternating order, `bench --rounds`)
-run_bench() { python3 -m hybrid_gguf.cli bench "$@" --ctx 2048 --no-probe-gpu ${REVERSE:+--reverse} ${ROUNDS:+--rounds $ROUNDS}; }
+# ISOLATE=1: every placement timed in its own process (`bench --isolate`)
+run_bench() { python3 -m hybrid_gguf.cli bench "$@" --ctx 2048 --no-probe-gpu ${REVERSE:+--reverse} ${ROUNDS:+--rounds $ROUNDS} ${ISOLATE:+--isolate}; }
 commas() { echo "$*" | tr ' ' ,; }
 # tests/test_hybrid_split.py on CUDA in its own process: split_suite NAME LABEL [VAR=VALUE ...];
 # output in $OUT/NAME.txt, a failure recorded as LABEL

@@ -575,3 +575,16 @@ def test_the_profile_window_brackets_decode_steps_only_where_a_cuda_driver_is_lo
     res, _ = _bench_at_a_third(tiny_model_factory, tmp_path, "per-expert")
     assert evals == [2]
     assert ("2 untimed decode steps bracketed" in res.output) == driver_loaded
+
+
+def test_bench_isolate_times_each_placement_in_a_fresh_process(tiny_model_factory, tmp_path, monkeypatch):
+    """--isolate: no placement is loaded in the bench's own process (only its profile), each row
+    is timed in a spawned one, and the rows carry the same measurements as in one process."""
+    timed = timed_loads(monkeypatch)
+    out = _tiny_bench(tiny_model_factory, tmp_path, "--pp", "32", "--isolate", "--configs", "cpu-experts,whole-layer")
+    assert timed == []  # the spy lives in this process only
+    assert [r["name"] for r in out["results"]] == ["cpu-experts", "whole-layer"]
+    for r in out["results"]:
+        assert not r["error"] and r["tg_ts"][0] > 0 and r["pp_ts"][0] > 0
+        if r.get("host_memory"):  # each child started with only its own threads
+            assert r["host_memory"]["threads_before_load"] >= 1

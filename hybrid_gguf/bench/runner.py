@@ -328,7 +328,7 @@ def run_bench(model_path: Path, *, budget_bytes: Optional[int], profile_prompts:
               routing: Optional[str] = None, log: Callable[[str], None] = print,
               on_progress: Optional[Callable[[int, int], None]] = None, repack: bool = True,
               n_ubatch: Optional[int] = None, flash_attn: bool = False, reverse: bool = False,
-              rounds: int = 1) -> dict:
+              rounds: int = 1, isolate: bool = False) -> dict:
     """Profile (unless `profile` is given), plan, then time each placement; returns a
     JSON-able dict. `budget_bytes`: total VRAM, as `plan --gpu-budget` (None: all the GPU
     can give), made usable here once (planning/budget.py). `routing`: a routing preset
@@ -412,7 +412,7 @@ def run_bench(model_path: Path, *, budget_bytes: Optional[int], profile_prompts:
     for round_no in range(rounds):
         for cfg in (first if round_no % 2 == 0 else first[::-1]):
             label = f"round {round_no + 1}/{rounds}: " if rounds > 1 else ""
-            res = time_config(cfg, timing, step, log, label)
+            res = (time_config_isolated if isolate else time_config)(cfg, timing, step, log, label)
             timed[cfg.name] = res if cfg.name not in timed else pool_rounds(timed[cfg.name], res)
     results.extend(timed[cfg.name] for cfg in all_cfgs)  # the report's order, however they were timed
 
@@ -463,6 +463,30 @@ class Timing:
     repack: bool
     n_ubatch: int
     flash_attn: bool
+
+
+def _time_config_child(cfg: Config, t: Timing, label: str) -> tuple:
+    """time_config in a spawned process: (its Result, its log lines)."""
+    import llama_cpp  # noqa: F401  before numpy's users load a model (docs/backend-patch.md, "Import order")
+
+    lines: list[str] = []
+    return time_config(cfg, t, lambda more, done: None, lines.append, label), lines
+
+
+def time_config_isolated(cfg: Config, t: Timing, step, log: Callable[[str], None], label: str = "") -> Result:
+    """time_config in a fresh process, as a user's session runs one load per process: nothing
+    a row before it left in this one (threads, OpenMP teams, page-locked memory, allocator
+    state) can touch its numbers. On the real trace a static row loaded right after a cache
+    row in one process decoded about 0.8x of the same row loaded first (fourteenth lease).
+    Its log lines arrive when it ends."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        res, lines = pool.apply(_time_config_child, (cfg, t, label))
+    for line in lines:
+        log(line)
+    step(0, t.reps)
+    return res
 
 
 def time_config(cfg: Config, t: Timing, step, log: Callable[[str], None], label: str = "") -> Result:

@@ -40,6 +40,9 @@ def bench_command(
                                help="time every placement this many times, each round in the opposite order, "
                                     "and pool the reps: load-to-load noise and drift fall on all alike (the "
                                     "table shows each round's median)"),
+    isolate: bool = typer.Option(False, "--isolate",
+                                 help="time each placement in a fresh process, as a session runs: nothing an "
+                                      "earlier load left behind in the bench's process can slow it"),
     profile_tokens: int = typer.Option(4096, "--profile-tokens", min=1, help="tokens of the profiling workload"),
     profile_packages: str = typer.Option("email,json,http,logging,unittest", "--profile-workload",
                                          help="stdlib packages whose source is the profiling workload"),
@@ -123,7 +126,7 @@ def bench_command(
                            configs=configs.split(",") if configs else None, pack_device=pack_device,
                            n_threads=threads, save_calibration=not no_calibrate, routing=routing, log=log,
                            on_progress=on_progress, repack=not no_repack, n_ubatch=ubatch,
-                           flash_attn=flash_attn, reverse=reverse, rounds=rounds)
+                           flash_attn=flash_attn, reverse=reverse, rounds=rounds, isolate=isolate)
     for out in outs:
         out["pack_device"] = pack_device
         if probe is not None:
