@@ -588,3 +588,16 @@ def test_bench_isolate_times_each_placement_in_a_fresh_process(tiny_model_factor
         assert not r["error"] and r["tg_ts"][0] > 0 and r["pp_ts"][0] > 0
         if r.get("host_memory"):  # each child started with only its own threads
             assert r["host_memory"]["threads_before_load"] >= 1
+
+
+def test_the_cache_pricing_check_takes_the_worker_row_as_its_static_plan(tiny_model_factory, tmp_path):
+    """A bench of `per-expert-worker` and a cache row with the worker, without a `per-expert`
+    row (gpu_eval.sh realtrace's REALTRACE_BASE=per-expert-worker), still checks the pricing."""
+    from hybrid_gguf.llama import hybrid
+
+    if hybrid.capability().version < 5:
+        pytest.skip("needs hybrid patch version 5 (the in-session cache)")
+    _, detail = _bench_at_a_third(tiny_model_factory, tmp_path, "per-expert-worker,per-expert-cache-lru-worker")
+    table = json.loads(detail.read_text())["prediction"]["configs"]
+    assert "per-expert" not in table
+    assert table["per-expert-cache-lru-worker"]["cache_model_decode_ts"] > 0

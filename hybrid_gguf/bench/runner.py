@@ -694,12 +694,15 @@ def _is_cache(cfg) -> bool:
 def _cache_model_check(inv, p, cfg, run, by_name: dict, bw, n_ctx: int, n_ubatch: int, on_gpu: bool, log) -> dict:
     """For a cache row: the decode speed the planner's cache pricing (speed.cache_decode_tokens_per_s,
     what `plan --cache auto` ranks by) gives it from what this run measured, its decode hit
-    rate and uploads against the static row's ("per-expert", the same plan) hit rate, with the
-    fitted bandwidths; and that over the measured speed. Empty for other rows, or without a
-    static row or decode counters."""
+    rate and uploads against the static row's (the same plan: "per-expert-worker" for a cache
+    row with the worker when the bench has it, else "per-expert") hit rate, with the fitted
+    bandwidths; and that over the measured speed. Empty for other rows, or without a static
+    row or decode counters."""
+    from hybrid_gguf.bench.plans import WORKER_CONFIG
     from hybrid_gguf.planning.speed import cache_decode_tokens_per_s, predict_speed
 
-    res, static = by_name.get(cfg.name), by_name.get("per-expert")
+    res = by_name.get(cfg.name)
+    static = (by_name.get(WORKER_CONFIG) if cfg.worker else None) or by_name.get("per-expert")
     window = ((res.cache or {}).get("decode") or {}) if res is not None else {}
     if (not _is_cache(cfg) or static is None or static.hit_rate is None or res.hit_rate is None
             or not window.get("steps")):
