@@ -601,3 +601,12 @@ def test_the_cache_pricing_check_takes_the_worker_row_as_its_static_plan(tiny_mo
     table = json.loads(detail.read_text())["prediction"]["configs"]
     assert "per-expert" not in table
     assert table["per-expert-cache-lru-worker"]["cache_model_decode_ts"] > 0
+
+
+def test_bench_isolate_reports_a_row_whose_process_dies(tiny_model_factory, tmp_path, monkeypatch):
+    """A placement whose process dies (llama.cpp aborting) is that row's error, and the bench
+    goes on to the next row instead of waiting for an answer that never comes."""
+    monkeypatch.setenv("HYBRID_GGUF_TEST_ISOLATE_CRASH", "whole-layer")
+    out = _tiny_bench(tiny_model_factory, tmp_path, "--pp", "32", "--isolate", "--configs", "cpu-experts,whole-layer")
+    rows = {r["name"]: r for r in out["results"]}
+    assert "died" in rows["whole-layer"]["error"] and not rows["cpu-experts"]["error"]

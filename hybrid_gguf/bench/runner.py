@@ -465,9 +465,16 @@ class Timing:
     flash_attn: bool
 
 
+# fault injection for the tests: the named placement's process exits before loading it
+ISOLATE_CRASH_ENV = "HYBRID_GGUF_TEST_ISOLATE_CRASH"
+
+
 def _time_config_child(cfg: Config, t: Timing, label: str) -> tuple:
     """time_config in a spawned process: (its Result, its log lines)."""
     import llama_cpp  # noqa: F401  before numpy's users load a model (docs/backend-patch.md, "Import order")
+
+    if os.environ.get(ISOLATE_CRASH_ENV) == cfg.name:
+        os._exit(134)
 
     lines: list[str] = []
     return time_config(cfg, t, lambda more, done: None, lines.append, label), lines
@@ -478,11 +485,18 @@ def time_config_isolated(cfg: Config, t: Timing, step, log: Callable[[str], None
     a row before it left in this one (threads, OpenMP teams, page-locked memory, allocator
     state) can touch its numbers. On the real trace a static row loaded right after a cache
     row in one process decoded about 0.8x of the same row loaded first (fourteenth lease).
-    Its log lines arrive when it ends."""
+    Its log lines arrive when it ends; a process that dies (llama.cpp aborts) is the row's error."""
     import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        res, lines = pool.apply(_time_config_child, (cfg, t, label))
+    try:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            res, lines = pool.submit(_time_config_child, cfg, t, label).result()
+    except BrokenProcessPool:
+        step(0, t.reps)
+        return Result(cfg.name, len(t.prompt), len(t.decode), [], [], None, cfg.gpu_expert_bytes(t.inv), 0, 0.0,
+                      "the process timing this placement died (see its output above)", cfg.plan_detail(t.inv))
     for line in lines:
         log(line)
     step(0, t.reps)
