@@ -206,6 +206,12 @@ def model_routing(inventory, override: Optional[str] = None) -> Optional[str]:
     return None if PRESETS[name].coverage_25 is None else name
 
 
+def _n_used(inventory) -> int:
+    """The model's experts per token (the largest, where layers differ)."""
+    used = inventory.n_expert_used
+    return max(used) if isinstance(used, (list, tuple)) else int(used)
+
+
 def model_trace(inventory, n_rows: int, stream: int = STREAM_MEASURED,
                 override: Optional[str] = None) -> Optional[np.ndarray]:
     """The routing trace to replay (None for ordinary models): `stream` STREAM_PROFILE for
@@ -215,8 +221,7 @@ def model_trace(inventory, n_rows: int, stream: int = STREAM_MEASURED,
         return None
     if inventory.n_expert <= 0:
         raise HybridError("a routing preset needs a model with routed experts")
-    used = inventory.n_expert_used
-    used = max(used) if isinstance(used, (list, tuple)) else int(used)
+    used = _n_used(inventory)
     if name.startswith(TRACE_PREFIX):
         # the first half profiles, the second is the measured session; a longer run wraps
         ids = file_trace(name, inventory.n_layer, inventory.n_expert, used)
@@ -236,8 +241,7 @@ def decode_window(inventory, n_prompt: int, n_gen: int, override: Optional[str] 
     name = model_routing(inventory, override)
     if name is None or not name.startswith(TRACE_PREFIX):
         return None
-    used = inventory.n_expert_used
-    used = max(used) if isinstance(used, (list, tuple)) else int(used)
+    used = _n_used(inventory)
     rows = file_trace(name, inventory.n_layer, inventory.n_expert, used).shape[0]
     measured = rows - rows // 2
     return {"first_row": int(n_prompt) % measured, "rows": int(n_gen), "of": measured}
@@ -253,8 +257,7 @@ def profile_trace(inventory, n_rows: int, override: Optional[str] = None):
     if name is None:
         return None
     if name.startswith(TRACE_PREFIX):
-        used = inventory.n_expert_used
-        used = max(used) if isinstance(used, (list, tuple)) else int(used)
+        used = _n_used(inventory)
         ids = file_trace(name, inventory.n_layer, inventory.n_expert, used)
         ids = ids[:min(max(1, int(n_rows)), ids.shape[0] // 2)]  # model_trace's profile half, unwrapped
     else:
