@@ -90,9 +90,9 @@ def load_with_report(path, hot=None, use_mmap=True, cache=None, flash_attn=None,
     if not ON_GPU:
         # packs on the CPU means all on the CPU: a CUDA build would otherwise move a prompt
         # batch's expert matmuls to the GPU (op offload, 32 tokens and up) in the reference but
-        # not for the CPU worker's share of a split. Probably why this suite, run so on the GPU
-        # machine by test_cpu_mmid_flat, failed its float cold=both case at 8.9e-3 against the
-        # CPU's 1e-3 in every lease since the tenth (next lease's fusesplit step tells)
+        # not for the CPU worker's share of a split. That is why this suite, run so on the GPU
+        # machine by test_cpu_mmid_flat, failed its float cold=both case at 8.9e-3 in every
+        # lease from the tenth to the fourteenth; with op offload off it passed (fifteenth)
         kwargs["n_gpu_layers"] = 0
         kwargs["op_offload"] = False
     if len(SPLIT_GPUS) > 1:
@@ -654,8 +654,9 @@ def test_cold_on_gpu_without_a_gpu_stays_on_the_cpu(models):
     ref_llm = load(path, hot)
     ref = greedy(ref_llm, PROMPT, N_GEN)
     ref_llm.close()
+    # op offload off as in load_with_report: the reference runs all on the CPU, so must this
     rep = load_llama(path, None, hot=hot, pack_device="CPU", cold_on_gpu=True, n_ctx=128, n_batch=64, seed=1,
-                     verbose=False, n_gpu_layers=0)
+                     verbose=False, n_gpu_layers=0, op_offload=False)
     run = greedy(rep.llm, PROMPT, N_GEN)
     rep.llm.close()
     assert any("cold experts stay with the CPU" in line for line in rep.log), rep.log[-5:]
