@@ -233,7 +233,7 @@ class _DecodeNodes:
 
         from hybrid_gguf.llama.ggml_lib import GgmlTensor, libs
 
-        self.on, self.nodes = False, []
+        self.on, self.nodes, self.sources = False, [], {}  # sources: a node's name -> its sources' names
         op_name = libs().base.ggml_op_name
         op_name.argtypes, op_name.restype = [ctypes.c_int], ctypes.c_char_p
 
@@ -244,6 +244,8 @@ class _DecodeNodes:
                     srcs = [op_name(ctypes.cast(p, ctypes.POINTER(GgmlTensor)).contents.op).decode()
                             for p in t.src if p]
                     self.nodes.append((t.name.decode(), op_name(t.op).decode(), srcs))
+                    self.sources[t.name.decode()] = [ctypes.cast(p, ctypes.POINTER(GgmlTensor)).contents.name.decode()
+                                                     for p in t.src if p]
             except Exception:  # never abort the graph from a test hook
                 pass
             return False
@@ -287,6 +289,41 @@ def test_a_worker_split_layer_decodes_without_copying_or_looking_up_its_routing(
         assert (op, srcs) == ("VIEW", ["HYBRID_POST"]), f"layer {il}: hot ids from {op} of {srcs}"
     assert sum(op == "HYBRID_POST" for _, op, _ in seen.nodes) == spec.n_layer
     assert not any(op == "GET_ROWS" and "hot" in name for name, op, _ in seen.nodes)
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "gpt-oss"])
+def test_a_trace_picks_the_experts_and_the_router_still_runs(models, arch):
+    """Patch version 16: with a routing trace the experts come from the trace, and the router
+    still computes its own top-k, whose weights (by rank) weight the trace's experts. So a
+    replayed trace costs the router's usual ops, which CUDA fuses into one kernel as for a real
+    model; gathering the router's probabilities at the trace's ids (versions 3-15) broke that
+    fusion and cost the Q30B shape 192 kernels per token."""
+    if hybrid_backend.capability().version < 16:
+        pytest.skip("needs hybrid patch version 16")
+    from hybrid_gguf.llama.loader import load_llama
+
+    path, spec = models[arch]
+    rng = np.random.default_rng(5)
+    trace = np.argsort(rng.random((16, spec.n_layer, spec.n_expert)), axis=2)[:, :, :spec.n_expert_used].astype(np.int32)
+    seen = _DecodeNodes()
+    on_gpu = {} if ON_GPU else dict(n_gpu_layers=0)
+    llm = load_llama(path, None, route_trace=trace, n_ctx=128, n_batch=64, seed=1, verbose=False,
+                     context_patch=seen.attach, **on_gpu).llm
+    try:
+        llm.eval(PROMPT)
+        seen.on = True
+        llm.eval([5])  # one decode step
+        seen.on = False
+    finally:
+        llm.close()
+    ops = {name: (op, srcs) for name, op, srcs in seen.nodes}
+    for il in range(spec.n_layer):
+        assert ops[f"ffn_moe_topk-{il}"] == ("VIEW", ["NONE"]), f"layer {il}: experts not from the trace input"
+        assert ops[f"ffn_moe_topk_router-{il}"] == ("VIEW", ["ARGSORT"]), f"layer {il}: the router's top-k is gone"
+        assert seen.sources[f"ffn_moe_weights-{il}"][1] == f"ffn_moe_topk_router-{il}", f"layer {il}: weights by trace ids"
+        chains = [n for n, (op, _) in ops.items() if op == "MUL_MAT_ID" and f"ffn_moe_topk-{il}" in seen.sources[n]]
+        assert chains, f"layer {il}: no expert matmul reads the trace's ids"
+        assert not any(op == "MUL_MAT_ID" and f"ffn_moe_topk_router-{il}" in seen.sources[n] for n, (op, _) in ops.items())
 
 
 @pytest.mark.parametrize("arch", list(ARCH_PRESETS))
