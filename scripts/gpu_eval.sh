@@ -47,6 +47,8 @@
 #   (importorder: a CUDA model load after importing numpy, torch, jaxtyping or hypothesis first, ~20 s)
 #   (bothab: patch v10's cold=both, the worker plan with and without its GPU reading a share of
 #    the cold experts in place; ROUTINGS= SHARES= TG= REPS= BOTH_CONFIGS=)
+#   (traceab: all-gpu decode on the model's own router, a fixed and a uniformly random replayed
+#    trace and the presets: what a replayed trace costs against what its routing costs)
 #   (ncuidle: ncu's time of every kernel in 2 decode steps of all-gpu, all in packs and the idle
 #    worker, scripts/ncu_layers.py sums them; NCU_STEPS= NCU_CONFIGS=)
 #   (allhot: every expert on the GPU, all-gpu against hot packs, ROUTINGS= ALLHOT_MODES= ALLHOT_CONFIGS=; TG= REPS= ROUNDS=)
@@ -389,7 +391,7 @@ if has coldsplit; then
 fi
 
 BIG=/tmp/models/q30b-like-q4k.gguf
-if has recorder || has bench || has plan || has skipab || has threads || has routing || has coldab || has cacheab || has multigpu || has workerab || has workerdiag || has schedops || has allhot || has ncuidle || has bothab \
+if has recorder || has bench || has plan || has skipab || has threads || has routing || has coldab || has cacheab || has multigpu || has workerab || has workerdiag || has schedops || has allhot || has ncuidle || has bothab || has traceab \
     || has upstream || has prefill || has stockab; then
     log "make the Qwen3-30B-A3B-shaped Q4_K model"
     t0=$(date +%s)
@@ -618,6 +620,31 @@ if has allhot; then
                 --configs ${ALLHOT_CONFIGS:-all-gpu,per-expert-unpromoted,per-expert-idle-worker} \
                 --json-detail "$OUT/allhot_${R}_${MODE%%=*}.json" 2>&1 | grep -vE "^ *$" | tail -8 || failed "allhot $R $MODE"
         done
+    done
+fi
+
+if has traceab; then
+    # is a replayed trace's cost the replay or the routing? all-gpu decode (no hand-offs) on the
+    # model's own router (optimistic), on traces of one fixed top-8 per layer (fixed: the replay
+    # alone) and of uniformly random experts (spread alone), and on the presets. Fifteenth lease:
+    # with patch v16 realistic decoded 187 t/s against optimistic 213. TRACEAB_ROUTINGS= TG= REPS=
+    mkdir -p /tmp/traces
+    python3 - <<'PY'
+import numpy as np
+from hybrid_gguf.routing.replay import Trace, save_trace
+rows, layers, experts, used = 4096, 48, 128, 8
+fixed = np.broadcast_to(np.arange(used, dtype=np.int32), (rows, layers, used)).copy()
+save_trace("/tmp/traces/fixed.npz", Trace(fixed, experts))
+rng = np.random.default_rng(0)
+spread = np.argsort(rng.random((rows, layers, experts)), axis=2)[:, :, :used].astype(np.int32)
+save_trace("/tmp/traces/random.npz", Trace(spread, experts))
+PY
+    for R in ${TRACEAB_ROUTINGS:-optimistic trace:/tmp/traces/fixed.npz trace:/tmp/traces/random.npz flat realistic}; do
+        N=$(basename "${R#trace:}" .npz)
+        log "all-gpu decode, $R routing"
+        run_bench "$BIG" --routing "$R" --expert-share 1.0 --pp 256 --tg ${TG:-64} --reps ${REPS:-3} --threads 16 \
+            --no-calibrate --configs all-gpu --json-detail "$OUT/traceab_$N.json" 2>&1 | grep -E "^ *all-gpu " | cut -c1-160 \
+            || failed "traceab $R"
     done
 fi
 
