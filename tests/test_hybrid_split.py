@@ -368,6 +368,29 @@ def test_the_worker_keeps_a_timeline_of_its_busy_hand_offs(models, monkeypatch):
     assert stats["gap_us"] >= 0, stats
 
 
+@pytest.mark.parametrize("arch", ["qwen3moe", "gpt-oss"])
+def test_the_worker_prefetch_reads_ahead_and_changes_nothing(models, arch, monkeypatch):
+    """Patch version 17, LLAMA_HYBRID_WORKER_PREFETCH=1: between posts the worker reads the
+    experts the next split layer's previous busy post named. It only reads, so the output is the
+    unsplit model's; its counters show it ran, and it cannot have read more of a post's cold
+    experts than the post had."""
+    if hybrid_backend.capability().version < 17:
+        pytest.skip("needs hybrid patch version 17 (the worker's prefetch)")
+    path, spec = models[arch]
+    ref, tol, _ = reference(path, LONG_PROMPT)
+    monkeypatch.setenv("LLAMA_HYBRID_WORKER", "1")
+    monkeypatch.setenv("LLAMA_HYBRID_WORKER_MAX_TOKENS", "4")
+    monkeypatch.setenv("LLAMA_HYBRID_WORKER_PREFETCH", "1")
+    one_each = {l: [spec.n_expert - 1] for l in range(spec.n_layer)}  # every layer split, nearly always busy
+    stats = worker_run(load(path, one_each), LONG_PROMPT, ref, tol, f"{arch}/one per layer, worker prefetch")
+    assert stats["prefetch_calls"] > 0 and stats["prefetch_bytes"] > 0, stats
+    assert stats["prefetch_cuts"] <= stats["prefetch_calls"], stats
+    assert 0 < stats["prefetch_cold_experts"] and 0 <= stats["prefetch_hit_experts"] <= stats["prefetch_cold_experts"], stats
+    monkeypatch.delenv("LLAMA_HYBRID_WORKER_PREFETCH")
+    off = worker_run(load(path, one_each), LONG_PROMPT, ref, tol, f"{arch}/one per layer, worker without prefetch")
+    assert off["prefetch_calls"] == 0 and off["prefetch_cold_experts"] == 0, off
+
+
 @pytest.mark.parametrize("arch", list(ARCH_PRESETS))
 def test_both_readers_compute_the_same(models, arch, monkeypatch):
     """cold=both (patch version 10): a split layer's cold experts are shared out. The GPU's

@@ -160,7 +160,9 @@ class _WorkerStats(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int64) for name in (
         "busy", "idle", "compute_us", "takeovers", "serve_us",
         "main_busy", "main_compute_us", "inline_graphs", "arrive_us", "arrive_max_us",
-        "timed_roundtrips", "roundtrip_us", "answer_us", "timed_gaps", "gap_us")]
+        "timed_roundtrips", "roundtrip_us", "answer_us", "timed_gaps", "gap_us",
+        "prefetch_calls", "prefetch_cuts", "prefetch_bytes", "prefetch_us", "prefetch_hit_experts",
+        "prefetch_cold_experts")]
 
 
 def worker_stats(ctx_ptr) -> Optional[dict]:
@@ -175,8 +177,11 @@ def worker_stats(ctx_ptr) -> Optional[dict]:
     timed_roundtrips of them took roundtrip_us of the device's time from post to the collect
     seeing the answer, answer_us of it the CPU's (noticing the post to answering); timed_gaps
     pairs of consecutive busy hand-offs in one graph spent gap_us of device time between one's
-    answer seen and the next one's post. None when the context has no worker or the patch
-    is older."""
+    answer seen and the next one's post. Version 17 adds the prefetch's counters
+    (LLAMA_HYBRID_WORKER_PREFETCH=1): prefetch_calls runs, prefetch_cuts of them cut short by
+    a post, prefetch_bytes read in prefetch_us; of the busy one-token posts' cold experts
+    (prefetch_cold_experts), those their layer's last prefetch had read (prefetch_hit_experts).
+    None when the context has no worker or the patch is older."""
     return _counters("llama_hybrid_context_worker_stats", _WorkerStats, ctx_ptr, 7)
 
 
