@@ -23,7 +23,8 @@
 #    thread and by the worker thread, ROUTINGS= SHARES=; WD_CONFIGS=per-expert-scheduler,
 #    per-expert-worker with workerdiag's WD_MODES=default is the plain A/B of patch v8;
 #    WA_CONFIGS=per-expert-worker,per-expert-worker-hugepages times patch v13's pinned host
-#    buffers on 2 MiB pages against 4 KiB ones)
+#    buffers on 2 MiB pages against 4 KiB ones; per-expert-worker-prefetch patch v17's worker
+#    reading the next split layer's likely experts between posts, LLAMA_HYBRID_WORKER_PREFETCH)
 #   (workerdiag: patch v7, the worker row alone in one process per setting of WD_MODES, with
 #    its counters: each thread's compute per hand-off, the decoding thread's arrival, the
 #    backend's graph messages, and with LLAMA_HYBRID_WORKER_PROFILE=1 the cold graphs' time

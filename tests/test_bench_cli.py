@@ -481,36 +481,42 @@ def test_the_idle_worker_row_leaves_one_rare_expert_per_layer_to_the_worker(tiny
     assert worker["busy"] + worker["idle"] >= n_layer * 4 and worker["idle"] > worker["busy"], worker
 
 
-def test_the_hugepages_row_loads_the_worker_plan_with_its_variable_set(tiny_model_factory, tmp_path, monkeypatch):
-    """`per-expert-worker-hugepages` (patch version 13): the worker's plan, loaded with
-    LLAMA_HYBRID_HOST_HUGEPAGES=1 in the environment (CUDA's pinned host buffers then take
-    2 MiB pages; a CPU build has none, so here the row decodes as the worker row). The
+@pytest.mark.parametrize("variant", ["per-expert-worker-hugepages", "per-expert-worker-prefetch"])
+def test_a_worker_variant_row_loads_the_worker_plan_with_its_variable_set(tiny_model_factory, tmp_path, monkeypatch,
+                                                                         variant):
+    """`per-expert-worker-hugepages` (patch version 13: CUDA's pinned host buffers on 2 MiB
+    pages; a CPU build has none, so here the row decodes as the worker row) and
+    `per-expert-worker-prefetch` (version 17: the worker reads the next split layer's likely
+    experts between posts): the worker's plan, loaded with the row's variable set to 1. The
     variable is set during that row's load only, and the row says so."""
-    from hybrid_gguf.bench.plans import HUGEPAGES_ENV
+    from hybrid_gguf.bench.plans import WORKER_VARIANTS
     from hybrid_gguf.llama import hybrid as hybrid_backend
     from hybrid_gguf.llama import loader
 
-    if hybrid_backend.capability().version < 13:
-        pytest.skip("needs hybrid patch version 13 (huge-page host buffers)")
-    monkeypatch.delenv(HUGEPAGES_ENV, raising=False)
+    env, since = WORKER_VARIANTS[variant]
+    if hybrid_backend.capability().version < since:
+        pytest.skip(f"needs hybrid patch version {since}")
+    monkeypatch.delenv(env, raising=False)
     seen = []
     real = loader.load_llama
 
     def spy(*args, **kwargs):
-        seen.append(os.environ.get(HUGEPAGES_ENV))
+        seen.append(os.environ.get(env))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(loader, "load_llama", spy)
     out = _tiny_bench(tiny_model_factory, tmp_path, "--pp", "32", "--expert-share", "0.3",
-                      "--configs", "per-expert-worker,per-expert-worker-hugepages")
+                      "--configs", f"per-expert-worker,{variant}")
     rows = {r["name"]: r for r in out["results"]}
-    huge, worker = rows["per-expert-worker-hugepages"], rows["per-expert-worker"]
-    assert huge["error"] is None and huge["tg_ts"][0] > 0
-    assert huge["plan"]["handoff"] == "worker" and huge["plan"]["hot"] == worker["plan"]["hot"]
-    assert huge["plan"]["load_env"] == {HUGEPAGES_ENV: "1"} and "load_env" not in worker["plan"]
+    row, worker = rows[variant], rows["per-expert-worker"]
+    assert row["error"] is None and row["tg_ts"][0] > 0
+    assert row["plan"]["handoff"] == "worker" and row["plan"]["hot"] == worker["plan"]["hot"]
+    assert row["plan"]["load_env"] == {env: "1"} and "load_env" not in worker["plan"]
     # the variable in the row's own load only (the others: the worker row, the profiling load)
     assert seen.count("1") == 1 and set(seen) == {None, "1"}, seen
-    assert HUGEPAGES_ENV not in os.environ
+    assert env not in os.environ
+    if variant.endswith("-prefetch"):  # the worker created in that load read ahead; the plain one did not
+        assert row["worker"]["prefetch_calls"] > 0 and worker["worker"]["prefetch_calls"] == 0, (row["worker"], worker["worker"])
 
 
 def test_bench_times_both_readers_of_the_cold_experts(tiny_model_factory, tmp_path):

@@ -146,7 +146,7 @@ def plan_configs(model_path: Path, inv: Inventory, profile, devices: list, n_ctx
     if want("whole-layer"):
         configs.append(Config.from_plan("whole-layer", make(devices, False), inv))
     alternatives = ("per-expert-cold-cpu", "per-expert-cold-gpu", WORKER_CONFIG, SCHEDULER_CONFIG, UNPROMOTED_CONFIG,
-                    IDLE_WORKER_CONFIG, HUGEPAGES_CONFIG)
+                    IDLE_WORKER_CONFIG, *WORKER_VARIANTS)
     # the plan's packs as an in-session cache: only when asked for by name (--configs)
     caches = [name for name in wanted or () if name.startswith(CACHE_PREFIX)]
     boths = [name for name in wanted or () if name == BOTH_CONFIG or name.startswith(BOTH_CONFIG + "-")]
@@ -167,19 +167,19 @@ def plan_configs(model_path: Path, inv: Inventory, profile, devices: list, n_ctx
         # the plan with its cold experts on the CPU, handed to the CPU worker: planned once for
         # the worker row and the cold=both rows, which all start from it
         wants_worker = WORKER_CONFIG in (wanted or ()) and version >= 6
-        wants_huge = HUGEPAGES_CONFIG in (wanted or ()) and version >= 13
-        worker_plan = make(devices, None, "cpu", "worker") if chosen.hot and (wants_worker or wants_huge or boths) \
+        variants = [name for name, (_, since) in WORKER_VARIANTS.items() if name in (wanted or ()) and version >= since]
+        worker_plan = make(devices, None, "cpu", "worker") if chosen.hot and (wants_worker or variants or boths) \
             else None
         if worker_plan is not None and wants_worker:
             worker = Config.from_plan(WORKER_CONFIG, worker_plan, inv)
             worker.worker = True
             configs.append(worker)
-        if worker_plan is not None and wants_huge:
-            # the worker row with the pinned host buffers (the cold experts) on 2 MiB pages
-            huge = Config.from_plan(HUGEPAGES_CONFIG, worker_plan, inv)
-            huge.worker = True
-            huge.load_env = {HUGEPAGES_ENV: "1"}
-            configs.append(huge)
+        for name in variants if worker_plan is not None else ():
+            # the worker row loaded with one of the patch's variables set
+            variant = Config.from_plan(name, worker_plan, inv)
+            variant.worker = True
+            variant.load_env = {WORKER_VARIANTS[name][0]: "1"}
+            configs.append(variant)
         for name in boths:
             if worker_plan is not None and version >= 10:
                 configs.append(both_readers(name, worker_plan, inv, profile))
@@ -224,9 +224,15 @@ UNPROMOTED_CONFIG = "per-expert-unpromoted"
 IDLE_WORKER_CONFIG = "per-expert-idle-worker"
 BOTH_CONFIG = "per-expert-both"  # cold=both; "-0.3" gives the GPU's share of the cold selections
 WORKER_SUFFIX = "-worker"
-# patch v13: CUDA's pinned host buffers on transparent huge pages (no effect without CUDA)
 HUGEPAGES_CONFIG = "per-expert-worker-hugepages"
-HUGEPAGES_ENV = "LLAMA_HYBRID_HOST_HUGEPAGES"
+PREFETCH_CONFIG = "per-expert-worker-prefetch"
+# the worker row loaded with one of the patch's variables set to 1: name -> (variable, patch version)
+WORKER_VARIANTS = {
+    # CUDA's pinned host buffers (the cold experts) on transparent huge pages; no effect without CUDA
+    HUGEPAGES_CONFIG: ("LLAMA_HYBRID_HOST_HUGEPAGES", 13),
+    # between posts the worker reads the experts the next split layer's previous busy post named
+    PREFETCH_CONFIG: ("LLAMA_HYBRID_WORKER_PREFETCH", 17),
+}
 
 
 AUTO_CACHE = "auto"  # per-expert-cache-auto[-worker]: the policy `plan --cache auto` picks

@@ -585,6 +585,11 @@ def time_config(cfg: Config, t: Timing, step, log: Callable[[str], None], label:
                 f"on the device, {worker['answer_us'] / n_rt:.1f} us of it the CPU's from noticing to answering; "
                 f"{worker['gap_us'] / n_gap:.1f} us on the device from an answer seen to the next busy post "
                 f"({n_rt} and {worker['timed_gaps']} timed)")
+        if worker.get("prefetch_calls"):
+            n_pf, cold = worker["prefetch_calls"], max(worker["prefetch_cold_experts"], 1)
+            log(f"{cfg.name}: prefetch (LLAMA_HYBRID_WORKER_PREFETCH=1): {n_pf} runs, {worker['prefetch_cuts']} cut short "
+                f"by a post, {worker['prefetch_bytes'] / n_pf / 2**20:.2f} MiB and {worker['prefetch_us'] / n_pf:.1f} us "
+                f"each; {worker['prefetch_hit_experts'] / cold:.2f} of the busy posts' cold experts had been read")
     loaded.llm.close()
     return res
 
