@@ -633,7 +633,7 @@ if has traceab; then
     python3 - <<'PY'
 import numpy as np
 from hybrid_gguf.routing.replay import Trace, save_trace
-rows, layers, experts, used = 4096, 48, 128, 8
+rows, layers, experts, used = 2048, 48, 128, 8  # the timed rows: 256 + 64 into the second half
 fixed = np.broadcast_to(np.arange(used, dtype=np.int32), (rows, layers, used)).copy()
 save_trace("/tmp/traces/fixed.npz", Trace(fixed, experts))
 rng = np.random.default_rng(0)
