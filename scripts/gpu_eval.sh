@@ -35,7 +35,8 @@
 #   (fusesplit: the split tests on CUDA with LLAMA_HYBRID_MOE_FUSE=1, patch v9, with the
 #    scheduler's hand-off and with the CPU worker, and tests/test_cpu_mmid_flat.py)
 #   (cpumoe: scripts/cpu_moe_probe.c, the CPU's rate on K experts of one token against a dense
-#    matrix of the same bytes, plain and repacked Q4_K, CPUMOE_RUNS="THREADS K GAP_US [repack];...")
+#    matrix of the same bytes, plain and repacked Q4_K, CPUMOE_RUNS="THREADS K GAP_US [repack];...";
+#    PROBE_REUSE=0.68 adds the "ahead" row, patch v17's worker prefetch in the gap)
 #   (ompprobe: scripts/omp_team_probe.cpp, the cost of an OpenMP region of 16 threads before
 #    and after a second live thread makes its own team; about 10 s)
 #   (cpupack: the split tests with the packs on the CPU in the CUDA build, fused chain off and on)
