@@ -14,6 +14,14 @@ bench JSON's calibration before the run), once per PCIe rate given.
   python scripts/cache_windows.py auto docs/results/h200-2026-12-01c/realtrace_0.25_call4.slim.json --pcie 25e9 46e9
   python scripts/cache_windows.py auto docs/results/h200-2026-12-01c/cacheab_realistic_0.25_call5.slim.json \
       --preset qwen3-30b-a3b-like --routing realistic --pcie 25e9 46e9
+
+`reuse`: what patch v17's worker prefetch can find. Over the decode rows of a window, each split
+layer's busy one-token post (a cold expert chosen) against that layer's previous busy post,
+whose ids the slot still holds: the share of its cold experts the previous one named too.
+
+  python scripts/cache_windows.py reuse docs/results/h200-2026-12-01d/realtrace_long_0.25_call3.slim.json --window 32:1024
+  python scripts/cache_windows.py reuse docs/results/h200-2026-12-01d/workerab_realistic_v16_call7.slim.json \
+      --routing realistic --window 256:1024
 """
 
 from __future__ import annotations
@@ -112,6 +120,37 @@ def auto(opts) -> int:
     return 0
 
 
+def reuse(opts) -> int:
+    bench = json.load(open(opts.bench_json))
+    hot = _hot(bench, opts.row)
+    n_expert, n_layer = int(bench["n_expert"]), int(bench["n_layer"])
+    pp, tg = (int(v) for v in opts.window.split(":"))
+    if opts.routing:  # the preset's measured stream, as the bench's timed decode replays it
+        from hybrid_gguf.routing import process
+
+        rows = process.trace_for(opts.routing, pp + tg, n_layer, n_expert, int(bench["n_expert_used"]))[pp:]
+    else:
+        timed = _trace(opts.trace)
+        timed = timed[timed.shape[0] // 2:]
+        rows = timed[np.arange(pp, pp + tg) % timed.shape[0]]
+    split = {l: set(es) for l, es in hot.items() if 0 < len(es) < n_expert}
+    posts = cold_total = reused = 0
+    for layer, hot_set in sorted(split.items()):
+        previous = None
+        for row in rows[:, layer]:
+            cold = {int(e) for e in row if int(e) not in hot_set}
+            if not cold:
+                continue  # an idle post leaves the slot's ids as they were
+            if previous is not None:
+                posts += 1
+                cold_total += len(cold)
+                reused += len(cold & previous)
+            previous = cold
+    print(f"{len(split)} split layers, {posts} busy posts after a first: {cold_total / max(posts, 1):.2f} cold "
+          f"experts each, {reused / max(cold_total, 1):.3f} of them named by the layer's previous busy post")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -129,10 +168,15 @@ def main() -> int:
     a.add_argument("--ctx", type=int, default=4096)
     a.add_argument("--routing", help="a routing preset's profile stream instead of the trace (e.g. realistic)")
     a.add_argument("--rows", type=int, default=1024, help="tokens of the preset's stream")
-    for p in (w, a):
+    r = sub.add_parser("reuse", help="how often a busy split layer's cold experts are its previous busy post's")
+    r.add_argument("bench_json")
+    r.add_argument("--row", default="per-expert-worker", help="the row whose plan's packs are replayed")
+    r.add_argument("--window", default="32:1024", help="PP:TG, the decode rows after a PP-token prompt")
+    r.add_argument("--routing", help="a routing preset's measured stream instead of the trace (e.g. realistic)")
+    for p in (w, a, r):
         p.add_argument("--trace", default=TRACE)
     opts = ap.parse_args()
-    return windows(opts) if opts.cmd == "windows" else auto(opts)
+    return {"windows": windows, "auto": auto, "reuse": reuse}[opts.cmd](opts)
 
 
 if __name__ == "__main__":

@@ -102,3 +102,19 @@ def test_cache_windows_reproduce_the_fourteenth_lease_replays():
     out = subprocess.run([sys.executable, script, "auto", str(bench)], capture_output=True, text=True, check=True,
                          cwd=REPO).stdout
     assert out.splitlines()[0] == "PCIe 25 GB/s: seeded q4"
+
+
+def test_cache_windows_reuse_gives_what_the_worker_prefetch_can_find():
+    """scripts/cache_windows.py reuse: of a busy split layer's cold experts, the share its
+    previous busy post named too (what patch v17's prefetch reads), with the plans that ran in
+    the fifteenth lease: 0.374 over 1024 rows of the real gpt-oss trace, 0.68 on the realistic
+    preset's measured stream (docs/backend-patch.md quotes both)."""
+    script = str(SCRIPT.parent / "cache_windows.py")
+    results = REPO / "docs/results/h200-2026-12-01d"
+    out = subprocess.run([sys.executable, script, "reuse", str(results / "realtrace_long_0.25_call3.slim.json"),
+                          "--window", "32:1024"], capture_output=True, text=True, check=True, cwd=REPO).stdout
+    assert out.startswith("24 split layers") and "2.40 cold experts each, 0.374 of them" in out, out
+    out = subprocess.run([sys.executable, script, "reuse", str(results / "workerab_realistic_v16_call7.slim.json"),
+                          "--routing", "realistic", "--window", "256:1024"],
+                         capture_output=True, text=True, check=True, cwd=REPO).stdout
+    assert out.startswith("48 split layers") and "4.34 cold experts each, 0.681 of them" in out, out
