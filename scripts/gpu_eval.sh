@@ -628,8 +628,9 @@ fi
 if has traceab; then
     # is a replayed trace's cost the replay or the routing? all-gpu decode (no hand-offs) on the
     # model's own router (optimistic), on traces of one fixed top-8 per layer (fixed: the replay
-    # alone) and of uniformly random experts (spread alone), and on the presets. Fifteenth lease:
-    # with patch v16 realistic decoded 187 t/s against optimistic 213. TRACEAB_ROUTINGS= TG= REPS=
+    # alone) and of uniformly random experts (spread alone), and on the presets. Sixteenth lease:
+    # v17 fixed 190, random 190, own router 207 (the replay's cost); v18 fixed 213, realistic 215,
+    # own router 214. TRACEAB_ROUTINGS= TG= REPS=
     mkdir -p /tmp/traces
     python3 - <<'PY'
 import numpy as np
