@@ -231,6 +231,7 @@ WORKER_VARIANTS = {
     # CUDA's pinned host buffers (the cold experts) on transparent huge pages; no effect without CUDA
     HUGEPAGES_CONFIG: ("LLAMA_HYBRID_HOST_HUGEPAGES", 13),
     # between posts the worker reads the experts the next split layer's previous busy post named
+    # (timed on the H200: no gain, docs/backend-patch.md; kept to measure other hosts)
     PREFETCH_CONFIG: ("LLAMA_HYBRID_WORKER_PREFETCH", 17),
 }
 
