@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 
 import numpy as np
 import pytest
@@ -674,6 +675,33 @@ def test_cpu_worker_leaves_the_launcher_a_cpu(models, monkeypatch, capfd, explic
     assert len(lines) == 1, lines
     assert f", {cpus if explicit else cpus - 1} threads" in lines[0], lines[0]
     assert " | launcher: " in lines[0] and " compute calls, " in lines[0], lines[0]
+    assert run.tokens == ref.tokens
+    assert float(np.max(np.abs(run.logits - ref.logits))) <= tol
+
+
+def test_the_launcher_thread_may_spin_for_the_next_graph(models, monkeypatch, capfd):
+    """Patch version 19: LLAMA_HYBRID_WORKER_LAUNCHER_SPIN_US keeps the launcher thread spinning
+    that long after a compute call for the next one before it sleeps, so a decode step need not
+    wake it. The function stays the same, and the profile line says how long the launcher took
+    to start each call after it was handed over."""
+    if hybrid_backend.capability().version < 19:
+        pytest.skip("needs hybrid patch version 19")
+    path, spec = models["qwen3moe"]
+    ref, tol, _ = reference(path, PROMPT)
+    monkeypatch.setenv("LLAMA_HYBRID_WORKER", "1")
+    monkeypatch.setenv("LLAMA_HYBRID_WORKER_LAUNCHER", "force")
+    monkeypatch.setenv("LLAMA_HYBRID_WORKER_LAUNCHER_SPIN_US", "20000")
+    monkeypatch.setenv("LLAMA_HYBRID_WORKER_PROFILE", "1")
+    capfd.readouterr()
+    llm = load(path, hot_sets(spec.n_layer, spec.n_expert)["half"])
+    run = greedy(llm, PROMPT, N_GEN)
+    stats = hybrid_backend.worker_stats(llm.ctx)
+    llm.close()
+    lines = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("hybrid-worker profile:")]
+    assert len(lines) == 1, lines
+    print(lines[0])
+    assert stats["busy"] > 0 and stats["main_busy"] == stats["busy"] and stats["takeovers"] == 0, stats
+    assert re.search(r" \| launcher: \d+ compute calls, .* woken after [0-9.]+ us each", lines[0]), lines[0]
     assert run.tokens == ref.tokens
     assert float(np.max(np.abs(run.logits - ref.logits))) <= tol
 
