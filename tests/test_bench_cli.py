@@ -461,6 +461,27 @@ def test_the_unpromoted_row_keeps_every_expert_in_a_pack(tiny_model_factory, tmp
         assert faults["minor_faults"] >= 0 and faults["major_faults"] >= 0
 
 
+def test_the_unpromoted_row_fills_packs_the_plan_left_partial(tiny_model_factory, tmp_path):
+    """Where the plan packs only part of a layer's experts (here at half the expert bytes),
+    `per-expert-unpromoted` still packs all of them: it prices the split's own kernels, so no
+    layer may keep cold work (on the H200 a plan at every expert's bytes left one layer at 7 of
+    128 experts, and that layer's CPU work ran every token in this row)."""
+    from hybrid_gguf.llama import hybrid as hybrid_backend
+
+    if not hybrid_backend.capability().per_expert:
+        pytest.skip(hybrid_backend.STOCK_NOTICE)
+    out = _tiny_bench(tiny_model_factory, tmp_path, "--pp", "32", "--expert-share", "0.5",
+                      "--configs", "per-expert,per-expert-unpromoted")
+    rows = {r["name"]: r for r in out["results"]}
+    n_expert = out["n_expert"]
+    plan, packed = rows["per-expert"]["plan"], rows["per-expert-unpromoted"]
+    touched = {int(l) for l, v in plan["hot"].items() if v} | set(plan["whole_layers"])
+    assert any(len(v) < n_expert for v in plan["hot"].values()), plan["hot"]  # the premise: a partial pack
+    assert packed["error"] is None
+    assert {int(l): sorted(v) for l, v in packed["plan"]["hot"].items()} == {l: list(range(n_expert)) for l in touched}
+    assert packed["hit_rate"] == 1.0
+
+
 def test_the_idle_worker_row_leaves_one_rare_expert_per_layer_to_the_worker(tiny_model_factory, tmp_path):
     """`per-expert-idle-worker` at a budget that holds every expert: the unpromoted packs less
     each layer's least selected expert, handed to the CPU worker. Every layer posts each token;
@@ -470,17 +491,26 @@ def test_the_idle_worker_row_leaves_one_rare_expert_per_layer_to_the_worker(tiny
     if hybrid_backend.capability().version < 7:
         pytest.skip("needs hybrid patch version 7 (the worker and its counters)")
     out = _tiny_bench(tiny_model_factory, tmp_path, "--pp", "32", "--expert-share", "1.0",
-                      "--configs", "per-expert-unpromoted,per-expert-idle-worker")
+                      "--configs", "per-expert-unpromoted,per-expert-idle-worker,per-expert-idle-worker-half")
     rows = {r["name"]: r for r in out["results"]}
-    idle = rows["per-expert-idle-worker"]
+    idle, half = rows["per-expert-idle-worker"], rows["per-expert-idle-worker-half"]
     assert idle["error"] is None and idle["tg_ts"][0] > 0
+    assert half["error"] is None and half["tg_ts"][0] > 0
     n_layer, n_expert = 2, out["n_expert"]
     hot = {int(l): v for l, v in idle["plan"]["hot"].items()}
     assert sorted(hot) == list(range(n_layer)) and all(len(v) == n_expert - 1 for v in hot.values())
-    assert idle["plan"]["handoff"] == "worker"
+    assert idle["plan"]["handoff"] == "worker" and half["plan"]["handoff"] == "worker"
+    # the half row: the first packed layer hands one expert off, the second keeps its whole pack
+    half_hot = {int(l): v for l, v in half["plan"]["hot"].items()}
+    assert [len(half_hot[l]) for l in range(n_layer)] == [n_expert - 1, n_expert]
+    assert set(half_hot[0]) == set(hot[0])
     worker = idle["worker"]
     # a hand-off per layer and decoded token at least, nearly all idle (the rarest expert)
     assert worker["busy"] + worker["idle"] >= n_layer * 4 and worker["idle"] > worker["busy"], worker
+    # the half row posts from one layer: half the full row's hand-offs, give or take a step's
+    # (the rows' counters need not cover the same number of steps)
+    half_posts, full_posts = half["worker"]["busy"] + half["worker"]["idle"], worker["busy"] + worker["idle"]
+    assert half_posts >= 4 and abs(2 * half_posts - full_posts) <= 2 * n_layer, (half["worker"], worker)
 
 
 @pytest.mark.parametrize("variant", ["per-expert-worker-hugepages", "per-expert-worker-prefetch"])

@@ -71,31 +71,42 @@ class Config:
 
 
 def unpromoted(chosen: Config, inv: Inventory) -> Config:
-    """The planner's per-expert plan with each layer it placed whole kept as a hot pack of all
-    its experts instead (bench only: a plan never does that). At a budget that holds every
-    expert, every layer is split with nothing cold: what the split's own GPU kernels cost."""
-    hot = {l: list(v) for l, v in chosen.hot.items()}
-    for l in chosen.plan.whole_layers(inv):
-        hot[l] = list(range(inv.layers[l].n_expert))
+    """Every layer the planner's per-expert plan touches (packed or placed whole) as a hot pack
+    of all its experts (bench only: a plan never does that): every such layer is split with
+    nothing cold, which is what the split's own GPU kernels cost. The packs take all of each
+    layer's experts even where the plan had left some cold (the H200's plan at a budget of
+    every expert's bytes kept one layer's pack at 7 of 128, whose cold work then ran every
+    token in this row and in the idle worker's)."""
+    layers = set(chosen.hot) | set(chosen.plan.whole_layers(inv))
+    hot = {l: list(range(inv.layers[l].n_expert)) for l in sorted(layers)}
     return Config(UNPROMOTED_CONFIG, cpu_moe(), hot, dict(hot), chosen.plan.n_gpu_layers)
 
 
-def idle_worker(packed: Config, profile) -> Config:
+def idle_worker(packed: Config, profile, every: int = 1) -> Config:
     """`per-expert-idle-worker`: the unpromoted packs less each layer's least selected expert
     (by the profile), which stays on the CPU behind the CPU worker's hand-off. Every layer then
     posts and collects each token, and almost every hand-off is idle: beside
-    `per-expert-unpromoted`, what an idle hand-off costs (issue 20 asks at most 10 us a layer)."""
+    `per-expert-unpromoted`, what an idle hand-off costs (issue 20 asks at most 10 us a layer).
+    `every=2` (`per-expert-idle-worker-half`) does that to every second packed layer only and
+    keeps the rest whole packs, which post nothing: two rows whose hand-off counts differ by
+    half part a per-layer cost from a per-token one."""
     import numpy as np
 
     counts = profile.counts_decode if profile.counts_decode.sum() > 0 else profile.counts
     hot = {}
-    for l, experts in packed.hot.items():
+    for i, (l, experts) in enumerate(sorted(packed.hot.items())):
         row = np.asarray(counts[int(l)], dtype=float)
         if len(experts) < 2:
             continue  # a split needs a hot expert beside the cold one
+        if i % every:
+            hot[l] = list(experts)
+            continue
         rarest = min(experts, key=lambda e: (row[e], -e))
         hot[l] = [e for e in experts if e != rarest]
-    cfg = Config(IDLE_WORKER_CONFIG, cpu_moe(), hot, dict(hot), packed.n_gpu_layers)
+    if not any(len(v) < len(packed.hot[l]) for l, v in hot.items()):
+        hot = {}  # nothing would be handed off
+    cfg = Config(IDLE_WORKER_CONFIG if every == 1 else IDLE_WORKER_HALF_CONFIG, cpu_moe(), hot, dict(hot),
+                 packed.n_gpu_layers)
     cfg.worker = True
     return cfg
 
@@ -184,12 +195,15 @@ def plan_configs(model_path: Path, inv: Inventory, profile, devices: list, n_ctx
             if worker_plan is not None and version >= 10:
                 configs.append(both_readers(name, worker_plan, inv, profile))
         wants_idle = IDLE_WORKER_CONFIG in (wanted or ()) and version >= 6
-        if (UNPROMOTED_CONFIG in (wanted or ()) or wants_idle) and chosen.plan.n_gpu_layers != 0:
+        wants_half = IDLE_WORKER_HALF_CONFIG in (wanted or ()) and version >= 6
+        if (UNPROMOTED_CONFIG in (wanted or ()) or wants_idle or wants_half) and chosen.plan.n_gpu_layers != 0:
             packed = unpromoted(chosen, inv)
             if packed.hot and UNPROMOTED_CONFIG in (wanted or ()):  # else nothing would be packed: all experts on the CPU
                 configs.append(packed)
-            if packed.hot and wants_idle:
-                configs.append(idle_worker(packed, profile))
+            for wanted_idle, every in ((wants_idle, 1), (wants_half, 2)):
+                idle = idle_worker(packed, profile, every) if packed.hot and wanted_idle else None
+                if idle is not None and idle.hot:
+                    configs.append(idle)
         if chosen.hot and SCHEDULER_CONFIG in (wanted or ()):
             # (asked for by name) the same with the scheduler's hand-off, whatever the planner chose
             configs.append(Config.from_plan(SCHEDULER_CONFIG, make(devices, None, "cpu", "scheduler"), inv))
@@ -222,6 +236,7 @@ WORKER_CONFIG = "per-expert-worker"
 SCHEDULER_CONFIG = "per-expert-scheduler"
 UNPROMOTED_CONFIG = "per-expert-unpromoted"
 IDLE_WORKER_CONFIG = "per-expert-idle-worker"
+IDLE_WORKER_HALF_CONFIG = "per-expert-idle-worker-half"
 BOTH_CONFIG = "per-expert-both"  # cold=both; "-0.3" gives the GPU's share of the cold selections
 WORKER_SUFFIX = "-worker"
 HUGEPAGES_CONFIG = "per-expert-worker-hugepages"

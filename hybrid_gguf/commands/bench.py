@@ -49,7 +49,7 @@ def bench_command(
     eval_packages: str = typer.Option("asyncio,xml,concurrent,importlib", "--workload",
                                       help="stdlib packages whose source is the timed (held-out) workload"),
     configs: Optional[str] = typer.Option(None, "--configs", help="comma list: cpu-experts,whole-layer,per-expert,per-expert-cold-cpu,per-expert-cold-gpu,"
-                                                                  "per-expert-worker,per-expert-scheduler,per-expert-unpromoted,per-expert-idle-worker,per-expert-worker-hugepages,per-expert-both[-SHARE],"
+                                                                  "per-expert-worker,per-expert-scheduler,per-expert-unpromoted,per-expert-idle-worker[-half],per-expert-worker-hugepages,per-expert-both[-SHARE],"
                                                                   "per-expert-cache-POLICY[-qN][-bg][-worker] (POLICY auto: what plan --cache auto picks),all-gpu"),
     threads: Optional[int] = threads_option(),
     no_repack: bool = no_repack_option(),
