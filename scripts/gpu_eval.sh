@@ -612,7 +612,10 @@ if has allhot; then
     # per environment, e.g. "default GGML_CUDA_DISABLE_FUSION=1": is the split's 9.3 us per layer
     # (ninth lease) lost CUDA fusion? ALLHOT_CONFIGS= sets the rows. per-expert-idle-worker keeps
     # each layer's rarest expert on the CPU behind the worker: nearly every hand-off idle, so
-    # beside per-expert-unpromoted it prices an idle hand-off (issue 20: at most 10 us a layer).
+    # beside per-expert-unpromoted it prices an idle hand-off (issue 20: at most 10 us a layer);
+    # per-expert-idle-worker-half does it in every second layer, which parts a per-layer cost
+    # from a per-token one. With LLAMA_HYBRID_WORKER_PROFILE=1 exported, the log's profile lines
+    # time the launcher thread (v19: its wake-up too).
     for R in ${ROUTINGS:-optimistic}; do
         for MODE in ${ALLHOT_MODES:-default}; do
             ENVS=(); [ "$MODE" = default ] || IFS=+ read -r -a ENVS <<< "$MODE"
@@ -620,7 +623,10 @@ if has allhot; then
             env "${ENVS[@]}" python3 -m hybrid_gguf.cli bench "$BIG" --ctx 2048 --no-probe-gpu --routing "$R" \
                 --expert-share 1.0 --pp 256 --tg ${TG:-64} --reps ${REPS:-3} --threads 16 --no-calibrate ${ROUNDS:+--rounds $ROUNDS} \
                 --configs ${ALLHOT_CONFIGS:-all-gpu,per-expert-unpromoted,per-expert-idle-worker} \
-                --json-detail "$OUT/allhot_${R}_${MODE%%=*}.json" 2>&1 | grep -vE "^ *$" | tail -8 || failed "allhot $R $MODE"
+                --json-detail "$OUT/allhot_${R}_${MODE%%=*}.json" > "$OUT/allhot_${R}_${MODE%%=*}.log" 2>&1 \
+                || failed "allhot $R $MODE"
+            grep -vE "^ *$" "$OUT/allhot_${R}_${MODE%%=*}.log" | grep -v "hybrid-worker profile" | tail -8
+            grep "hybrid-worker profile" "$OUT/allhot_${R}_${MODE%%=*}.log" | grep -oE "launcher: .*" | head -4
         done
     done
 fi
