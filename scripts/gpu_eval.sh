@@ -122,6 +122,8 @@ trap bundle EXIT
 FAILED=""
 failed() { FAILED="$FAILED $1"; log "FAILED: $1"; }
 has() { [[ ",$STEPS," == *",$1,"* ]]; }
+# a file-name tag for an environment mode: "LLAMA_HYBRID_A=1+LLAMA_HYBRID_B=x" -> "A_1_B_x"
+mode_tag() { local t=${1//LLAMA_HYBRID_/}; echo "${t//[^A-Za-z0-9]/_}"; }
 # `hybrid-gguf bench` as the steps below have always run it: context 2048, and no GPU probe
 # inside a bench step (the "probe" step runs it); budget lists are space-separated here
 # (REVERSE=1: every bench times its placements last to first, against drift within a call;
@@ -619,14 +621,15 @@ if has allhot; then
     for R in ${ROUTINGS:-optimistic}; do
         for MODE in ${ALLHOT_MODES:-default}; do
             ENVS=(); [ "$MODE" = default ] || IFS=+ read -r -a ENVS <<< "$MODE"
+            TAG=$(mode_tag "$MODE")
             log "all experts on the GPU: all-gpu against hot packs, $R routing, $MODE"
             env "${ENVS[@]}" python3 -m hybrid_gguf.cli bench "$BIG" --ctx 2048 --no-probe-gpu --routing "$R" \
                 --expert-share 1.0 --pp 256 --tg ${TG:-64} --reps ${REPS:-3} --threads 16 --no-calibrate ${ROUNDS:+--rounds $ROUNDS} \
                 --configs ${ALLHOT_CONFIGS:-all-gpu,per-expert-unpromoted,per-expert-idle-worker} \
-                --json-detail "$OUT/allhot_${R}_${MODE%%=*}.json" > "$OUT/allhot_${R}_${MODE%%=*}.log" 2>&1 \
+                --json-detail "$OUT/allhot_${R}_$TAG.json" > "$OUT/allhot_${R}_$TAG.log" 2>&1 \
                 || failed "allhot $R $MODE"
-            grep -vE "^ *$" "$OUT/allhot_${R}_${MODE%%=*}.log" | grep -v "hybrid-worker profile" | tail -8
-            grep "hybrid-worker profile" "$OUT/allhot_${R}_${MODE%%=*}.log" | grep -oE "launcher: .*" | head -4
+            grep -vE "^ *$" "$OUT/allhot_${R}_$TAG.log" | grep -v "hybrid-worker profile" | tail -8
+            grep "hybrid-worker profile" "$OUT/allhot_${R}_$TAG.log" | grep -oE "launcher: .*" | head -4
         done
     done
 fi
@@ -707,11 +710,19 @@ if has workerab; then
     for R in ${ROUTINGS:-realistic optimistic}; do
         for S in ${SHARES:-0.25}; do
             for MODE in ${WA_MODES:-default 0}; do
-                log "worker A/B: $R routing, $S of the expert bytes, LLAMA_HYBRID_WORKER_INLINE=$MODE"
-                LLAMA_HYBRID_WORKER_INLINE=$MODE run_bench "$BIG" --routing "$R" --expert-share "$S" --pp 256 --tg ${TG:-32} \
-                    --reps ${REPS:-2} --threads 16 --no-calibrate --configs ${WA_CONFIGS:-whole-layer,per-expert,per-expert-scheduler,per-expert-worker,all-gpu} \
-                    --json-detail "$OUT/workerab_${MODE}_${R}_$S.json" 2>&1 | grep -E "^ *(whole|per|all)-|CPU worker|default GPU rate" | cut -c1-200 \
+                # a mode is LLAMA_HYBRID_WORKER_INLINE's value, or VAR=value[+VAR=value...]
+                ENVS=("LLAMA_HYBRID_WORKER_INLINE=$MODE")
+                case "$MODE" in *=*) IFS=+ read -r -a ENVS <<< "$MODE" ;; esac
+                TAG=$(mode_tag "$MODE")
+                log "worker A/B: $R routing, $S of the expert bytes, ${ENVS[*]}"
+                env "${ENVS[@]}" python3 -m hybrid_gguf.cli bench "$BIG" --ctx 2048 --no-probe-gpu ${REVERSE:+--reverse} \
+                    ${ROUNDS:+--rounds $ROUNDS} ${ISOLATE:+--isolate} --routing "$R" --expert-share "$S" --pp 256 --tg ${TG:-32} \
+                    --reps ${REPS:-2} --threads 16 --no-calibrate \
+                    --configs ${WA_CONFIGS:-whole-layer,per-expert,per-expert-scheduler,per-expert-worker,all-gpu} \
+                    --json-detail "$OUT/workerab_${TAG}_${R}_$S.json" > "$OUT/workerab_${TAG}_${R}_$S.log" 2>&1 \
                     || failed "workerab $MODE $R $S"
+                grep -E "^ *(whole|per|all)-|CPU worker|default GPU rate" "$OUT/workerab_${TAG}_${R}_$S.log" | cut -c1-200
+                grep "hybrid-worker profile" "$OUT/workerab_${TAG}_${R}_$S.log" | grep -oE "launcher: .*" | head -4
             done
         done
     done

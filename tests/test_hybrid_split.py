@@ -679,18 +679,22 @@ def test_cpu_worker_leaves_the_launcher_a_cpu(models, monkeypatch, capfd, explic
     assert float(np.max(np.abs(run.logits - ref.logits))) <= tol
 
 
-def test_the_launcher_thread_may_spin_for_the_next_graph(models, monkeypatch, capfd):
+@pytest.mark.parametrize("spin_from", ["answers", "call"])
+def test_the_launcher_thread_may_spin_for_the_next_graph(models, monkeypatch, capfd, spin_from):
     """Patch version 19: LLAMA_HYBRID_WORKER_LAUNCHER_SPIN_US keeps the launcher thread spinning
-    that long after a compute call for the next one before it sleeps, so a decode step need not
-    wake it. The function stays the same, and the profile line says how long the launcher took
-    to start each call after it was handed over."""
-    if hybrid_backend.capability().version < 19:
-        pytest.skip("needs hybrid patch version 19")
+    up to that long for the next compute call before it sleeps, so a decode step need not wake
+    it. Version 20 starts the spin once the decoding thread has answered the graph's posts
+    (LLAMA_HYBRID_WORKER_LAUNCHER_SPIN_FROM=call: when the compute call returns, as in v19).
+    The function stays the same; the profile line says how long the launcher took to start each
+    call after it was handed over, and how many spins it made."""
+    if hybrid_backend.capability().version < 20:
+        pytest.skip("needs hybrid patch version 20")
     path, spec = models["qwen3moe"]
     ref, tol, _ = reference(path, PROMPT)
     monkeypatch.setenv("LLAMA_HYBRID_WORKER", "1")
     monkeypatch.setenv("LLAMA_HYBRID_WORKER_LAUNCHER", "force")
     monkeypatch.setenv("LLAMA_HYBRID_WORKER_LAUNCHER_SPIN_US", "20000")
+    monkeypatch.setenv("LLAMA_HYBRID_WORKER_LAUNCHER_SPIN_FROM", spin_from)
     monkeypatch.setenv("LLAMA_HYBRID_WORKER_PROFILE", "1")
     capfd.readouterr()
     llm = load(path, hot_sets(spec.n_layer, spec.n_expert)["half"])
@@ -701,7 +705,12 @@ def test_the_launcher_thread_may_spin_for_the_next_graph(models, monkeypatch, ca
     assert len(lines) == 1, lines
     print(lines[0])
     assert stats["busy"] > 0 and stats["main_busy"] == stats["busy"] and stats["takeovers"] == 0, stats
-    assert re.search(r" \| launcher: \d+ compute calls, .* woken after [0-9.]+ us each", lines[0]), lines[0]
+    m = re.search(r" \| launcher: (\d+) compute calls, .* woken after [0-9.]+ us each, spun (\d+) times \((\d+) ended by a call\)",
+                  lines[0])
+    assert m, lines[0]
+    calls, spins, hits = (int(g) for g in m.groups())
+    # a spin per graph at most (one is skipped when the next call is already waiting)
+    assert calls > 0 and 1 <= spins <= calls and hits <= spins, lines[0]
     assert run.tokens == ref.tokens
     assert float(np.max(np.abs(run.logits - ref.logits))) <= tol
 
