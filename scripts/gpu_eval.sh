@@ -617,7 +617,8 @@ if has allhot; then
     # beside per-expert-unpromoted it prices an idle hand-off (issue 20: at most 10 us a layer);
     # per-expert-idle-worker-half does it in every second layer, which parts a per-layer cost
     # from a per-token one. With LLAMA_HYBRID_WORKER_PROFILE=1 exported, the log's profile lines
-    # time the launcher thread (v19: its wake-up too).
+    # time the launcher thread (v19: its wake-up too; v21: each one-token step, its compute call
+    # on the launcher or the caller, and the caller's time between steps).
     for R in ${ROUTINGS:-optimistic}; do
         for MODE in ${ALLHOT_MODES:-default}; do
             ENVS=(); [ "$MODE" = default ] || IFS=+ read -r -a ENVS <<< "$MODE"
@@ -629,7 +630,7 @@ if has allhot; then
                 --json-detail "$OUT/allhot_${R}_$TAG.json" > "$OUT/allhot_${R}_$TAG.log" 2>&1 \
                 || failed "allhot $R $MODE"
             grep -vE "^ *$" "$OUT/allhot_${R}_$TAG.log" | grep -v "hybrid-worker profile" | tail -8
-            grep "hybrid-worker profile" "$OUT/allhot_${R}_$TAG.log" | grep -oE "launcher: .*" | head -4
+            grep "hybrid-worker profile" "$OUT/allhot_${R}_$TAG.log" | grep -oE "launcher: .*|one-token steps: .*" | head -4
         done
     done
 fi
@@ -722,7 +723,7 @@ if has workerab; then
                     --json-detail "$OUT/workerab_${TAG}_${R}_$S.json" > "$OUT/workerab_${TAG}_${R}_$S.log" 2>&1 \
                     || failed "workerab $MODE $R $S"
                 grep -E "^ *(whole|per|all)-|CPU worker|default GPU rate" "$OUT/workerab_${TAG}_${R}_$S.log" | cut -c1-200
-                grep "hybrid-worker profile" "$OUT/workerab_${TAG}_${R}_$S.log" | grep -oE "launcher: .*" | head -4
+                grep "hybrid-worker profile" "$OUT/workerab_${TAG}_${R}_$S.log" | grep -oE "launcher: .*|one-token steps: .*" | head -4
             done
         done
     done

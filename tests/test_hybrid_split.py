@@ -715,6 +715,34 @@ def test_the_launcher_thread_may_spin_for_the_next_graph(models, monkeypatch, ca
     assert float(np.max(np.abs(run.logits - ref.logits))) <= tol
 
 
+@pytest.mark.parametrize("launcher", ["force", "0"])
+def test_the_profile_times_each_one_token_step(models, monkeypatch, capfd, launcher):
+    """Patch version 21: with LLAMA_HYBRID_WORKER_PROFILE=1 the profile line times each
+    one-token step of a context with a worker: its compute call, on the launcher thread or on
+    the caller's, graph_compute as a whole, and the caller's time between steps."""
+    if hybrid_backend.capability().version < 21:
+        pytest.skip("needs hybrid patch version 21")
+    path, spec = models["qwen3moe"]
+    monkeypatch.setenv("LLAMA_HYBRID_WORKER", "1")
+    monkeypatch.setenv("LLAMA_HYBRID_WORKER_LAUNCHER", launcher)
+    monkeypatch.setenv("LLAMA_HYBRID_WORKER_PROFILE", "1")
+    capfd.readouterr()
+    llm = load(path, hot_sets(spec.n_layer, spec.n_expert)["half"])
+    greedy(llm, PROMPT, N_GEN)
+    llm.close()
+    lines = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("hybrid-worker profile:")]
+    assert len(lines) == 1, lines
+    print(lines[0])
+    m = re.search(r" \| one-token steps: (\d+), compute call [0-9.]+ us on the launcher \((\d+)\), [0-9.]+ us on the caller "
+                  r"\((\d+)\), ([0-9.]+) us in graph_compute, ([0-9.]+) us between steps", lines[0])
+    assert m, lines[0]
+    steps, on_launcher, on_caller = (int(g) for g in m.groups()[:3])
+    # greedy's first token comes from the prompt's batch, each later one from a one-token step
+    assert steps == on_launcher + on_caller and steps >= N_GEN - 1, lines[0]
+    assert (on_launcher == steps) if launcher == "force" else (on_launcher == 0), lines[0]
+    assert float(m.group(4)) > 0 and float(m.group(5)) > 0, lines[0]
+
+
 def test_cpu_worker_profile(models, monkeypatch, capfd):
     """LLAMA_HYBRID_WORKER_PROFILE=1 computes each cold graph node by node and prints the time
     per op when the context goes; the function stays the same."""
