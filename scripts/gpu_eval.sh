@@ -716,11 +716,10 @@ if has workerab; then
                 case "$MODE" in *=*) IFS=+ read -r -a ENVS <<< "$MODE" ;; esac
                 TAG=$(mode_tag "$MODE")
                 log "worker A/B: $R routing, $S of the expert bytes, ${ENVS[*]}"
-                env "${ENVS[@]}" python3 -m hybrid_gguf.cli bench "$BIG" --ctx 2048 --no-probe-gpu ${REVERSE:+--reverse} \
-                    ${ROUNDS:+--rounds $ROUNDS} ${ISOLATE:+--isolate} --routing "$R" --expert-share "$S" --pp 256 --tg ${TG:-32} \
+                ( export "${ENVS[@]}"; run_bench "$BIG" --routing "$R" --expert-share "$S" --pp 256 --tg ${TG:-32} \
                     --reps ${REPS:-2} --threads 16 --no-calibrate \
                     --configs ${WA_CONFIGS:-whole-layer,per-expert,per-expert-scheduler,per-expert-worker,all-gpu} \
-                    --json-detail "$OUT/workerab_${TAG}_${R}_$S.json" > "$OUT/workerab_${TAG}_${R}_$S.log" 2>&1 \
+                    --json-detail "$OUT/workerab_${TAG}_${R}_$S.json" > "$OUT/workerab_${TAG}_${R}_$S.log" 2>&1 ) \
                     || failed "workerab $MODE $R $S"
                 grep -E "^ *(whole|per|all)-|CPU worker|default GPU rate" "$OUT/workerab_${TAG}_${R}_$S.log" | cut -c1-200
                 grep "hybrid-worker profile" "$OUT/workerab_${TAG}_${R}_$S.log" | grep -oE "launcher: .*|one-token steps: .*" | head -4
