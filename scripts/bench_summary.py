@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Compact summary of bench JSON files (`hybrid-gguf bench --json-detail`), small enough to
 keep in git: per routing and budget, each placement's median prefill/decode, hit rate, VRAM
-and decode roofline, and per-expert / whole-layer ratios. Prints a Markdown table too.
+and decode roofline (marked where it took the default GPU rate), and per-expert / whole-layer
+ratios. Prints a Markdown table too.
 
   python scripts/bench_summary.py OUT.json BENCH.json [BENCH.json ...]
 """
@@ -32,6 +33,8 @@ def rows_of(doc) -> list[dict]:
                 "hit_rate": None if r.get("hit_rate") is None else round(r["hit_rate"], 4),
                 "vram_model_bytes": r.get("vram_model_bytes"),
                 "roofline_tg_ts": pred.get("roofline_decode_ts"),
+                # False: the roofline took the default GPU rate (no probe, no all-gpu row), too fast
+                "roofline_gpu_rate_measured": run.get("prediction", {}).get("gpu_rate_measured"),
                 "error": r.get("error"),
             })
     return out
@@ -60,6 +63,7 @@ def main(argv) -> int:
     print("|---|---|---|---|---|---|---|---|")
     for r in sorted(rows, key=key):
         roof = "" if r["roofline_tg_ts"] is None else f"{r['roofline_tg_ts']:.1f}"
+        roof += " (default GPU rate)" if roof and r["roofline_gpu_rate_measured"] is False else ""
         hit = "" if r["hit_rate"] is None else f"{r['hit_rate']:.3f}"
         print(f"| {r['model']} | {r['routing']} | {r['budget_share']:.0%} | {r['placement']} | {hit} | "
               f"{r['pp_median_ts']:.1f} | {r['tg_median_ts']:.1f} | {roof} |")

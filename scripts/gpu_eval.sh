@@ -686,13 +686,15 @@ if has bothab; then
     # patch v10, cold=both: the planner's plan with the CPU worker, against the same plan where each
     # split layer's GPU also reads a share of its cold experts in place (per-expert-both: the share
     # the stored calibration's two rates balance; -S: S of the cold selections), beside whole
-    # layers. ROUTINGS= SHARES= TG= REPS= BOTH_CONFIGS=
+    # layers and all on the GPU (that row fits this host's GPU rate; without it the rooflines
+    # take the default and read about 1.25x too fast, nineteenth lease).
+    # ROUTINGS= SHARES= TG= REPS= BOTH_CONFIGS=
     for R in ${ROUTINGS:-realistic optimistic}; do
         for S in ${SHARES:-0.25}; do
             log "both readers: $R routing, $S of the expert bytes"
             run_bench "$BIG" --routing "$R" --expert-share "$S" --pp 256 --tg ${TG:-64} --reps ${REPS:-3} --threads 16 \
-                --no-calibrate --configs ${BOTH_CONFIGS:-whole-layer,per-expert-worker,per-expert-both,per-expert-both-0.2,per-expert-both-0.4} \
-                --json-detail "$OUT/bothab_${R}_$S.json" 2>&1 | grep -E "^ *(whole|per)-|CPU worker" | cut -c1-200 \
+                --no-calibrate --configs ${BOTH_CONFIGS:-whole-layer,per-expert-worker,per-expert-both,per-expert-both-0.2,per-expert-both-0.4,all-gpu} \
+                --json-detail "$OUT/bothab_${R}_$S.json" 2>&1 | grep -E "^ *(whole|per|all)-|CPU worker|default GPU rate" | cut -c1-200 \
                 || failed "bothab $R $S"
         done
     done
