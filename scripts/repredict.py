@@ -73,6 +73,19 @@ def rooflines(bench: dict, gpu_bytes_per_s: float) -> list[tuple[str, float, flo
             if "cache" not in name and "terms" in cfg and "roofline_decode_ts" in cfg]
 
 
+def _print_bench(label: str, bench: dict, defaults: Bandwidth, rate: Optional[float], fingerprint) -> None:
+    for name, measured, then, now in repredict(bench, defaults):
+        print(f"{label:48s} {name:22s} measured {measured:7.2f}  "
+              f"then {then:7.2f} ({then / measured - 1:+6.1%})  now {now:7.2f} ({now / measured - 1:+6.1%})")
+    if rate is not None:
+        if bench.get("fingerprint") != fingerprint:
+            print(f"{label:48s} another model than --gpu-from's: no roofline")
+            return
+        for name, measured, saved, host in rooflines(bench, rate):
+            print(f"{label:48s} {name:22s} roofline saved {saved:7.2f} ({measured / saved:.3f}x)  "
+                  f"at the host's GPU rate {host:7.2f} ({measured / host:.3f}x)")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("benches", nargs="*", help="bench --json-detail files (.slim.json)")
@@ -91,18 +104,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"GPU rate fitted to {args.gpu_from.rsplit('/', 1)[-1]}'s all-gpu row: {rate / 1e12:.3f} TB/s")
     for path in args.benches:
         with open(path) as f:
-            bench = json.load(f)
+            doc = json.load(f)
         label = path.rsplit('/', 1)[-1][:48]
-        for name, measured, then, now in repredict(bench, defaults):
-            print(f"{label:48s} {name:22s} measured {measured:7.2f}  "
-                  f"then {then:7.2f} ({then / measured - 1:+6.1%})  now {now:7.2f} ({now / measured - 1:+6.1%})")
-        if rate is not None:
-            if bench.get("fingerprint") != fingerprint:
-                print(f"{label:48s} another model than --gpu-from's: no roofline")
-                continue
-            for name, measured, saved, host in rooflines(bench, rate):
-                print(f"{label:48s} {name:22s} roofline saved {saved:7.2f} ({measured / saved:.2f}x)  "
-                      f"at the host's GPU rate {host:7.2f} ({measured / host:.2f}x)")
+        # a bench of several budgets saves a list of runs (or a dict with "budgets")
+        for bench in doc if isinstance(doc, list) else doc.get("budgets", [doc]):
+            _print_bench(label, bench, defaults, rate, fingerprint)
     return 0
 
 

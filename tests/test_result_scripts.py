@@ -85,7 +85,17 @@ def test_rooflines_are_priced_again_at_the_hosts_gpu_rate():
                           str(results / "allhot_optimistic_call5.slim.json"),
                           str(results / "workerab_hugepages_optimistic_0.25_call3.slim.json")],
                          capture_output=True, text=True, check=True, cwd=SCRIPT.parents[1]).stdout
-    assert "at the host's GPU rate" in out and "0.78x" in out
+    assert "at the host's GPU rate" in out and "(0.782x)" in out
+
+
+def test_saved_benches_of_several_budgets_are_predicted_again():
+    """A bench run at several budgets saves a list of runs: each run's rows are priced again
+    (the script used to stop on such a file with an AttributeError)."""
+    path = SCRIPT.parents[1] / "docs" / "results" / "h200-2026-11-30b" / "coldab_realistic_10_50_call9.slim.json"
+    out = subprocess.run([sys.executable, str(SCRIPT.parent / "repredict.py"), str(path)], capture_output=True,
+                         text=True, check=True, cwd=SCRIPT.parents[1]).stdout
+    rows = [line for line in out.splitlines() if " measured " in line]
+    assert len(rows) >= 4 and "hand-off defaults" in out
 
 
 def test_cache_windows_reproduce_the_fourteenth_lease_replays():
