@@ -35,6 +35,7 @@ def test_bench_json_on_cpu(tiny_model_factory, tmp_path):
         if row["n_gen"] > 0:  # decode rows say what the bandwidths allow for that placement
             assert row["roofline_tg_ts"] is None or row["roofline_tg_ts"] > 0
             assert row["roofline_tg_ts"] == out["prediction"]["configs"][row["placement"]]["roofline_decode_ts"]
+            assert row["roofline_gpu_rate"] == "none"  # no GPU here: the roofline has no GPU rate in it
     by_test = {(r["placement"], r["n_gen"] > 0): r for r in rows}
     assert len(by_test) == len(rows)
     names = [r["name"] for r in out["results"]]

@@ -128,3 +128,20 @@ def test_cache_windows_reuse_gives_what_the_worker_prefetch_can_find():
                           "--routing", "realistic", "--window", "256:1024"],
                          capture_output=True, text=True, check=True, cwd=REPO).stdout
     assert out.startswith("48 split layers") and "4.34 cold experts each, 0.681 of them" in out, out
+
+
+def test_bench_json_rows_say_whether_the_roofline_had_a_measured_gpu_rate():
+    """`bench --json` rows from saved GPU runs: the nineteenth lease's cold=both run had no
+    all-gpu row (its rooflines took the default GPU rate, about 1.25x too fast on that host),
+    its workerab run had one."""
+    import json
+
+    from hybrid_gguf.bench.runner import llama_bench_rows
+
+    results = REPO / "docs" / "results" / "h200-2026-12-02"
+    for name, want in (("bothab_realistic_0.25_call3.slim.json", "default"),
+                       ("workerab_default_realistic_0.25_call8.slim.json", "measured")):
+        rows = llama_bench_rows([json.loads((results / name).read_text())])
+        decode = [r for r in rows if r["n_gen"] > 0]
+        assert decode and {r["roofline_gpu_rate"] for r in decode} == {want}, name
+        assert all("roofline_gpu_rate" not in r for r in rows if r["n_gen"] == 0)

@@ -700,7 +700,7 @@ def predict_configs(inv: Inventory, profile, cfgs: Sequence[Config], results: Se
     if saving:
         calibration.save_calibration(saved)
     return {"calibration_before": before.to_dict(), "calibration_fitted": fitted.to_dict(),
-            "calibration_saved": saving, "gpu_rate_measured": gpu_measured, "configs": table,
+            "calibration_saved": saving, "gpu_rate_measured": gpu_measured, "on_gpu": on_gpu, "configs": table,
             "gpu_experts": {name: {str(l): list(map(int, es)) for l, es in cfg.gpu_experts.items()}
                             for name, (cfg, _) in runs.items()}}
 
@@ -921,14 +921,20 @@ def llama_bench_rows(outs: Sequence[dict], n_threads: Optional[int] = None) -> l
     (model_type, n_prompt, n_gen, avg_ts, stddev_ts, samples_ts, ...) plus ours (placement,
     budget, hit rate, GPU bytes). Generation rows also carry `roofline_tg_ts`: the decode rate
     the fitted bandwidths allow for that placement's bytes, without hand-offs or cold-chain
-    fixed times (prediction.configs[...].roofline_decode_ts)."""
+    fixed times (prediction.configs[...].roofline_decode_ts), and `roofline_gpu_rate`: "measured"
+    (a GPU probe or a static row of the run fitted it), "default" (neither did: the roofline
+    is too fast where the host's GPU path is slower) or "none" (a run without a GPU)."""
     from hybrid_gguf import __version__
 
     rows = []
     for out in outs:
         model = Path(out["model"])
         model_type = f"{out.get('arch', '?')} {out.get('n_expert', 0)}x top-{out.get('n_expert_used', 0)}"
-        predicted = out.get("prediction", {}).get("configs", {})
+        pred = out.get("prediction", {})
+        predicted = pred.get("configs", {})
+        gpu_rate = ("none" if pred.get("on_gpu") is False else
+                    None if "gpu_rate_measured" not in pred else
+                    "measured" if pred["gpu_rate_measured"] else "default")
         for r in out["results"]:
             if r.get("error"):
                 continue
@@ -954,7 +960,7 @@ def llama_bench_rows(outs: Sequence[dict], n_threads: Optional[int] = None) -> l
                 sd = statistics.stdev(samples) if len(samples) > 1 else 0.0
                 n_tok = n_prompt + n_gen
                 ns = [int(n_tok / v * 1e9) for v in samples]
-                extra = {"roofline_tg_ts": roofline} if kind == "tg" else {}
+                extra = {"roofline_tg_ts": roofline, "roofline_gpu_rate": gpu_rate} if kind == "tg" else {}
                 rows.append({**common, **extra, "n_prompt": n_prompt, "n_gen": n_gen,
                              "avg_ns": int(statistics.mean(ns)) if ns else 0,
                              "stddev_ns": int(statistics.stdev(ns)) if len(ns) > 1 else 0,
