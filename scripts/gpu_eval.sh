@@ -738,7 +738,10 @@ fi
 if has cpumoe; then
     # the CPU's rate on a busy hand-off's work alone (scripts/cpu_moe_probe.c): K experts of
     # one token from DRAM, one graph per layer, beside a dense matrix of the same bytes; with and
-    # without a busy gap before each graph (the GPU's part of a layer), plain and repacked Q4_K
+    # without a busy gap before each graph (the GPU's part of a layer), plain and repacked Q4_K;
+    # the "product" row is the worker's cold graph (8 slots, -1 in the unselected ones, the
+    # weighted sum): beside a workerab row on the same machine it tells whether the product's
+    # busy hand-off costs more than its graph (nineteenth lease: 202 us for 10.1 MB in the product)
     G=/tmp/lldev/src/vendor/llama.cpp/ggml/include; L=/tmp/lldev/src/llama_cpp/lib
     cc -O2 -fopenmp scripts/cpu_moe_probe.c -I$G -L$L -lggml -lggml-base -lggml-cpu -lm -Wl,-rpath,$L \
         -o /tmp/cpu_moe_probe || failed "cpumoe build"
