@@ -18,7 +18,8 @@ def rows_of(doc) -> list[dict]:
     runs = doc if isinstance(doc, list) else doc.get("budgets", [doc])
     out = []
     for run in runs:
-        configs = run.get("prediction", {}).get("configs", {})
+        prediction = run.get("prediction", {})
+        configs = prediction.get("configs", {})
         for r in run["results"]:
             pred = configs.get(r["name"], {})
             out.append({
@@ -34,7 +35,7 @@ def rows_of(doc) -> list[dict]:
                 "vram_model_bytes": r.get("vram_model_bytes"),
                 "roofline_tg_ts": pred.get("roofline_decode_ts"),
                 # False: the roofline took the default GPU rate (no probe, no all-gpu row), too fast
-                "roofline_gpu_rate_measured": run.get("prediction", {}).get("gpu_rate_measured"),
+                "roofline_gpu_rate_measured": prediction.get("gpu_rate_measured"),
                 "error": r.get("error"),
             })
     return out

@@ -687,7 +687,7 @@ if has bothab; then
     # split layer's GPU also reads a share of its cold experts in place (per-expert-both: the share
     # the stored calibration's two rates balance; -S: S of the cold selections), beside whole
     # layers and all on the GPU (that row fits this host's GPU rate; without it the rooflines
-    # take the default and read about 1.25x too fast, nineteenth lease).
+    # take the default, 1.08x (realistic) to 1.22x (optimistic) too fast in the nineteenth lease).
     # ROUTINGS= SHARES= TG= REPS= BOTH_CONFIGS=
     for R in ${ROUTINGS:-realistic optimistic}; do
         for S in ${SHARES:-0.25}; do

@@ -132,7 +132,7 @@ def test_cache_windows_reuse_gives_what_the_worker_prefetch_can_find():
 
 def test_bench_json_rows_say_whether_the_roofline_had_a_measured_gpu_rate():
     """`bench --json` rows from saved GPU runs: the nineteenth lease's cold=both run had no
-    all-gpu row (its rooflines took the default GPU rate, about 1.25x too fast on that host),
+    all-gpu row (its rooflines took the default GPU rate, 1.08-1.22x too fast on that host),
     its workerab run had one."""
     import json
 
