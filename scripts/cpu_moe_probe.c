@@ -9,7 +9,8 @@
 // and beside the same rows only read ("read": the access pattern's ceiling). The "product" row
 // is the CPU worker's cold graph as the patch builds it for a busy hand-off: 8 slots, the K
 // selected experts in random slots and -1 in the others (the GPU's hot experts), and the
-// weighted sum over the slots as CONT + MUL_MAT (6 nodes against the "experts" row's 4).
+// weighted sum over the slots as one OUT_PROD (patch v22); "prodv21" the same with v9-v21's
+// sum, CONT of the transposed experts + MUL_MAT.
 // PROBE_REUSE=R (0..1) adds the "ahead" row, patch v17's worker prefetch: R*K of each call's
 // experts are those of the call 48 back (the same layer one token earlier in a 48-layer model,
 // with ~500 MB read in between, more than a last-level cache), and the gap is spent reading
@@ -329,11 +330,11 @@ int main(int argc, char ** argv) {
 
     // one graph per layer (experts) and per dense matrix: inputs x [N_EMBD, 1], ids [K, 1]
     struct ggml_init_params gp = { ggml_tensor_overhead() * (64 * N_LAYER + 4 * N_DENSE)
-                                   + (2 * N_LAYER + N_DENSE) * ggml_graph_overhead(), NULL, true };
+                                   + (3 * N_LAYER + N_DENSE) * ggml_graph_overhead(), NULL, true };
     struct ggml_context * gctx = ggml_init(gp);
-    struct ggml_cgraph * moe[N_LAYER], * lin[N_DENSE], * prod[N_LAYER];
+    struct ggml_cgraph * moe[N_LAYER], * lin[N_DENSE], * prod[N_LAYER], * prod21[N_LAYER];
     struct ggml_tensor * ids[N_LAYER], * xs[N_LAYER + 1], * outs[N_LAYER];
-    struct ggml_tensor * ids8[N_LAYER], * wts8[N_LAYER], * prod_outs[N_LAYER];
+    struct ggml_tensor * ids8[N_LAYER], * wts8[N_LAYER], * prod_outs[N_LAYER], * prod21_outs[N_LAYER];
     for (int l = 0; l < N_LAYER; l++) {
         struct ggml_tensor * x = ggml_new_tensor_3d(gctx, GGML_TYPE_F32, N_EMBD, 1, 1);
         ids[l] = ggml_new_tensor_2d(gctx, GGML_TYPE_I32, k, 1);
@@ -345,16 +346,19 @@ int main(int argc, char ** argv) {
         ggml_build_forward_expand(moe[l], d);
         outs[l] = d;
         xs[l] = x;
-        // the worker's cold graph: N_SLOTS slots, unselected ones -1, weighted sum as one matmul
+        // the worker's cold graph: N_SLOTS slots, unselected ones -1, weights [1, N_SLOTS, 1]
         ids8[l] = ggml_new_tensor_2d(gctx, GGML_TYPE_I32, N_SLOTS, 1);
-        wts8[l] = ggml_new_tensor_3d(gctx, GGML_TYPE_F32, N_SLOTS, 1, 1);
+        wts8[l] = ggml_new_tensor_3d(gctx, GGML_TYPE_F32, 1, N_SLOTS, 1);
         struct ggml_tensor * g8 = ggml_mul_mat_id(gctx, gate[l], x, ids8[l]);
         struct ggml_tensor * u8 = ggml_mul_mat_id(gctx, up[l], x, ids8[l]);
         struct ggml_tensor * d8 = ggml_mul_mat_id(gctx, down[l], ggml_swiglu_split(gctx, g8, u8), ids8[l]);
-        struct ggml_tensor * per_slot = ggml_cont(gctx, ggml_permute(gctx, d8, 1, 0, 2, 3));  // [N_SLOTS, N_EMBD, 1]
-        prod_outs[l] = ggml_mul_mat(gctx, per_slot, wts8[l]);                                 // [N_EMBD, 1, 1]
+        prod_outs[l] = ggml_out_prod(gctx, d8, wts8[l]);                                      // [N_EMBD, 1, 1]
         prod[l] = ggml_new_graph(gctx);
         ggml_build_forward_expand(prod[l], prod_outs[l]);
+        struct ggml_tensor * per_slot = ggml_cont(gctx, ggml_permute(gctx, d8, 1, 0, 2, 3));  // [N_SLOTS, N_EMBD, 1]
+        prod21_outs[l] = ggml_mul_mat(gctx, per_slot, ggml_reshape_3d(gctx, wts8[l], N_SLOTS, 1, 1));
+        prod21[l] = ggml_new_graph(gctx);
+        ggml_build_forward_expand(prod21[l], prod21_outs[l]);
     }
     struct ggml_tensor * x_dense = ggml_new_tensor_2d(gctx, GGML_TYPE_F32, N_EMBD, 1);
     xs[N_LAYER] = x_dense;
@@ -388,7 +392,8 @@ int main(int argc, char ** argv) {
     fa.out = malloc(sizeof(float) * k * N_EMBD);
     const int pf_rows = getenv("PROBE_PF") ? atoi(getenv("PROBE_PF")) : 4;
     const double reuse = getenv("PROBE_REUSE") ? atof(getenv("PROBE_REUSE")) : 0.0;
-    static const char * kind_names[] = { "experts", "dense  ", "fused  ", "fusedpf", "read   ", "ahead  ", "product" };
+    static const char * kind_names[] = { "experts", "dense  ", "fused  ", "fusedpf", "read   ", "ahead  ", "product",
+                                         "prodv21" };
     // PROBE_REUSE: every call's ids drawn once, shared by the "experts" and "ahead" rows
     enum { BACK = 48 };
     int32_t (*idtab)[8] = NULL;
@@ -446,14 +451,16 @@ int main(int argc, char ** argv) {
         ggml_backend_graph_compute(backend, moe[0]);
         fill_slots((int32_t *) ids8[0]->data, (float *) wts8[0]->data, (const int32_t *) ids[0]->data, k, &s0);
         ggml_backend_graph_compute(backend, prod[0]);
+        ggml_backend_graph_compute(backend, prod21[0]);
         double max_ref = 0, max_diff = 0;
         for (int i = 0; i < N_EMBD; i++) {
             double ref = 0;
             for (int j = 0; j < k; j++) ref += ((const float *) outs[0]->data)[(int64_t) j * N_EMBD + i];
             max_ref = fmax(max_ref, fabs(ref));
             max_diff = fmax(max_diff, fabs(ref - ((const float *) prod_outs[0]->data)[i]));
+            max_diff = fmax(max_diff, fabs(ref - ((const float *) prod21_outs[0]->data)[i]));
         }
-        printf("product-shaped graph against the experts' sum: max |diff| %.3g of max |out| %.3g\n", max_diff, max_ref);
+        printf("product-shaped graphs (v22, v21) against the experts' sum: max |diff| %.3g of max |out| %.3g\n", max_diff, max_ref);
         if (!(max_diff <= 1e-3 * max_ref)) {
             fprintf(stderr, "the product-shaped graph disagrees with the experts' sum\n");
             return 1;
@@ -464,13 +471,13 @@ int main(int argc, char ** argv) {
     // with PROBE_REUSE, "ahead" and "experts" alternate twice, "ahead" first: on the development
     // machine whichever row ran later was faster by up to 25 % (a reading-ahead row of experts
     // that were not reused then matched "experts" only once they alternated)
-    // "product" right after "experts" and again at the end, so drift shows between them
-    static const int plain_order[] = { 0, 6, 1, 2, 3, 4, 6 }, reuse_order[] = { 5, 0, 5, 0, 1, 2, 3, 4 };
+    // "product" and "prodv21" right after "experts" and again at the end, so drift shows
+    static const int plain_order[] = { 0, 6, 7, 1, 2, 3, 4, 7, 6 }, reuse_order[] = { 5, 0, 5, 0, 1, 2, 3, 4 };
     const int * order = idtab != NULL ? reuse_order : plain_order;
-    const int n_order = idtab != NULL ? 8 : 7;
+    const int n_order = idtab != NULL ? 8 : 9;
     for (int oi = 0; oi < n_order; oi++) {
         const int kind = order[oi];
-        if (repack && kind != 0 && kind != 1 && kind != 6) {
+        if (repack && kind != 0 && kind != 1 && kind != 6 && kind != 7) {
             continue;  // repacked weights: the graph rows only
         }
         for (int call = 0; call < N_CALLS + N_LAYER; call++) {
@@ -490,7 +497,7 @@ int main(int argc, char ** argv) {
                     id[j] = e;
                 }
             }
-            if (kind == 6) {
+            if (kind == 6 || kind == 7) {
                 fill_slots((int32_t *) ids8[l]->data, (float *) wts8[l]->data, id, k, &s);
             }
             if (kind == 5 && call >= BACK) {
@@ -499,8 +506,9 @@ int main(int argc, char ** argv) {
                 spin_us(gap_us);
             }
             const double t0 = now_us();
-            if (kind < 2 || kind == 5 || kind == 6) {
-                ggml_backend_graph_compute(backend, kind == 1 ? lin[call % N_DENSE] : kind == 6 ? prod[l] : moe[l]);
+            if (kind < 2 || kind >= 5) {
+                ggml_backend_graph_compute(backend, kind == 1 ? lin[call % N_DENSE] : kind == 6 ? prod[l]
+                                                    : kind == 7 ? prod21[l] : moe[l]);
             } else if (kind == 4) {
                 fa.gate = gate[l]->data; fa.up = up[l]->data; fa.down = down[l]->data;
                 fa.ids = id;

@@ -740,8 +740,9 @@ if has cpumoe; then
     # one token from DRAM, one graph per layer, beside a dense matrix of the same bytes; with and
     # without a busy gap before each graph (the GPU's part of a layer), plain and repacked Q4_K;
     # the "product" row is the worker's cold graph (8 slots, -1 in the unselected ones, the
-    # weighted sum): beside a workerab row on the same machine it tells whether the product's
-    # busy hand-off costs more than its graph (nineteenth lease: 202 us for 10.1 MB in the product)
+    # weighted sum as v22's OUT_PROD; "prodv21": as CONT + MUL_MAT, v9-v21): beside a workerab row
+    # on the same machine it tells whether the product's busy hand-off costs more than its graph
+    # (nineteenth lease: 202 us for 10.1 MB in the product, v21)
     G=/tmp/lldev/src/vendor/llama.cpp/ggml/include; L=/tmp/lldev/src/llama_cpp/lib
     cc -O2 -fopenmp scripts/cpu_moe_probe.c -I$G -L$L -lggml -lggml-base -lggml-cpu -lm -Wl,-rpath,$L \
         -o /tmp/cpu_moe_probe || failed "cpumoe build"
@@ -749,6 +750,9 @@ if has cpumoe; then
     for args in "${CPUMOE[@]}"; do
         /tmp/cpu_moe_probe $args 2>/dev/null || failed "cpumoe $args"
     done > "$OUT/cpu_moe_probe.txt"
+    # the chain's weighted sum alone, v22's OUT_PROD against v21's CONT + MUL_MAT (scripts/weighted_sum_probe.c)
+    cc -O2 scripts/weighted_sum_probe.c -I$G -L$L -lggml -lggml-base -lggml-cpu -lm -Wl,-rpath,$L -o /tmp/weighted_sum_probe \
+        && /tmp/weighted_sum_probe 15 >> "$OUT/cpu_moe_probe.txt" 2>&1 || failed "weighted sum probe"
     cat "$OUT/cpu_moe_probe.txt"
 fi
 if has schedops; then

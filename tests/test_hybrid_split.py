@@ -745,7 +745,8 @@ def test_the_profile_times_each_one_token_step(models, monkeypatch, capfd, launc
 
 def test_cpu_worker_profile(models, monkeypatch, capfd):
     """LLAMA_HYBRID_WORKER_PROFILE=1 computes each cold graph node by node and prints the time
-    per op when the context goes; the function stays the same."""
+    per op when the context goes; the function stays the same. The cold graph's weighted sum
+    over the slots is one OUT_PROD (patch v22): no CONT of transposed experts, no MUL_MAT."""
     path, spec = models["qwen3moe"]
     ref, tol, _ = reference(path, PROMPT)
     monkeypatch.setenv("LLAMA_HYBRID_WORKER", "1")
@@ -759,6 +760,9 @@ def test_cpu_worker_profile(models, monkeypatch, capfd):
     assert len(lines) == 1, lines
     print(lines[0])
     assert f"{busy} cold graphs" in lines[0] and "MUL_MAT_ID" in lines[0], lines[0]
+    if hybrid_backend.capability().version >= 22:
+        ops = {part.split(":")[0].strip() for part in lines[0].split("|")[1:]}
+        assert "OUT_PROD" in ops and not ops & {"CONT", "MUL_MAT"}, lines[0]
     assert run.tokens == ref.tokens
     assert float(np.max(np.abs(run.logits - ref.logits))) <= tol
 

@@ -35,6 +35,11 @@ def test_the_cpu_moe_probe_compiles(include):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+def test_the_weighted_sum_probe_compiles(include):
+    proc = compile_probe(include, REPO / "scripts" / "weighted_sum_probe.c")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def test_a_broken_probe_fails_the_check(include, tmp_path):
     """Not vacuous: the probe with a call to a function ggml does not have fails."""
     text = (REPO / "scripts" / "cpu_moe_probe.c").read_text()
