@@ -37,6 +37,8 @@
 #   (cpumoe: scripts/cpu_moe_probe.c, the CPU's rate on K experts of one token against a dense
 #    matrix of the same bytes, plain and repacked Q4_K, CPUMOE_RUNS="THREADS K GAP_US [repack];...";
 #    PROBE_REUSE=0.68 adds the "ahead" row, patch v17's worker prefetch in the gap)
+#   (pollprobe: scripts/pcie_poll_probe.cu, the CPU's read of a busy hand-off's bytes while a GPU
+#    kernel polls pinned host memory as the collect kernel does, and without it; about 10 s)
 #   (ompprobe: scripts/omp_team_probe.cpp, the cost of an OpenMP region of 16 threads before
 #    and after a second live thread makes its own team; about 10 s)
 #   (cpupack: the split tests with the packs on the CPU in the CUDA build, fused chain off and on)
@@ -734,6 +736,13 @@ if has ompprobe; then
     # second live team (what a worker takeover makes); 16 threads, 100 and 300 us apart
     g++ -O2 -fopenmp scripts/omp_team_probe.cpp -o /tmp/omp_team_probe || failed "ompprobe build"
     for gap in 100 300; do /tmp/omp_team_probe 16 $gap || failed "ompprobe $gap"; done
+fi
+if has pollprobe; then
+    # the CPU's read of one busy hand-off's bytes with and without a GPU kernel polling pinned
+    # host memory as the collect kernel does (scripts/pcie_poll_probe.cu; no build needed, ~10 s)
+    "$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)" -O3 -arch=sm_90 -Xcompiler -fopenmp,-march=native scripts/pcie_poll_probe.cu -lgomp -o /tmp/pcie_poll_probe \
+        || failed "pollprobe build"
+    { /tmp/pcie_poll_probe 15 11.4 80 && /tmp/pcie_poll_probe 15 3.1 230; } | tee "$OUT/pcie_poll_probe.txt" || failed "pollprobe"
 fi
 if has cpumoe; then
     # the CPU's rate on a busy hand-off's work alone (scripts/cpu_moe_probe.c): K experts of
