@@ -134,6 +134,15 @@ def _line_of(text: str, needle: str) -> int:
     (lambda t, l, h: t.replace("type_v: f16", "type_v: q8_0"), "type_v: q8_0", "needs flash attention"),
     (lambda t, l, h: re.sub(r"cpu_bytes_per_s: \S+", "cpu_bytes_per_s: -1.0", t), "cpu_bytes_per_s: -1.0",
      "cpu_bytes_per_s must be a positive number"),
+    # numbers a float cannot hold, or that are not finite
+    (lambda t, l, h: re.sub(r"margin_fraction: \S+", "margin_fraction: 1" + "0" * 400, t), "margin_fraction: 1",
+     "too large"),
+    (lambda t, l, h: re.sub(r"margin_fraction: \S+", "margin_fraction: .nan", t), "margin_fraction: .nan",
+     "expected a finite number"),
+    (lambda t, l, h: re.sub(r"margin_fraction: \S+", "margin_fraction: 2", t), "margin_fraction: 2",
+     "must be at most 1"),
+    (lambda t, l, h: re.sub(r"cpu_bytes_per_s: \S+", "cpu_bytes_per_s: .inf", t), "cpu_bytes_per_s: .inf",
+     "cpu_bytes_per_s"),
 ])
 def test_nonsense_edits_point_at_the_line(plan, model, edit, needle, message):
     _, inv = model

@@ -13,6 +13,7 @@ become YAML/JSON only in to_dict and are typed again when a file is parsed.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import stat
@@ -512,13 +513,22 @@ class _N:
             raise self.error(f"must be at most {maximum}, got {v}")
         return v
 
-    def num(self, minimum: float = 0.0) -> float:
+    def num(self, minimum: float = 0.0, maximum: Optional[float] = None) -> float:
         v = self.value()
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise self.error(f"expected a number, got {v!r}")
-        if v < minimum:
-            raise self.error(f"must not be negative, got {v}")
-        return float(v)
+        try:
+            f = float(v)
+        except OverflowError:
+            f = math.inf
+        if not math.isfinite(f):
+            raise self.error(f"expected a finite number, got {v!r}" if len(repr(v)) <= 40 else
+                             "expected a finite number, got one too large")
+        if f < minimum:
+            raise self.error(f"must be >= {minimum:g}, got {f:g}" if minimum else f"must not be negative, got {f:g}")
+        if maximum is not None and f > maximum:
+            raise self.error(f"must be at most {maximum:g}, got {f:g}")
+        return f
 
     def str(self, allow_none: bool = False) -> Optional[str]:
         v = self.value()
@@ -599,7 +609,7 @@ def _cache(node) -> CacheOptions:
     try:
         return CacheOptions(policy=m["policy"].str() if "policy" in m else "static",
                             quota=m["quota"].int(0, maximum=4096) if "quota" in m else CacheOptions.quota,
-                            pinned=m["pinned"].num() if "pinned" in m else 0.5)
+                            pinned=m["pinned"].num(maximum=1.0) if "pinned" in m else 0.5)
     except HybridError as exc:
         raise node.error(str(exc)) from None
 
@@ -670,7 +680,7 @@ def _parse(text: str, source: str, inv) -> Plan:
             elif key in ("compute_bytes", "margin_bytes"):
                 memory[key] = node.int(0, allow_none=True)
             elif key == "margin_fraction":
-                memory[key] = node.num()
+                memory[key] = node.num(maximum=1.0)
             elif key in ("flash_attn", "op_offload", "compute_measured"):
                 memory[key] = node.bool()
             else:
@@ -741,7 +751,7 @@ def _parse(text: str, source: str, inv) -> Plan:
     if "predicted" in top and top["predicted"].value() is not None:
         pr = top["predicted"].mapping()
         predicted = Predicted(
-            hit_rate=pr["hit_rate"].num() if "hit_rate" in pr else 0.0,
+            hit_rate=pr["hit_rate"].num(maximum=1.0) if "hit_rate" in pr else 0.0,
             decode_tokens_per_s=pr["decode_tokens_per_s"].num() if "decode_tokens_per_s" in pr else 0.0,
             prefill_tokens_per_s=pr["prefill_tokens_per_s"].num() if "prefill_tokens_per_s" in pr else 0.0,
             gpu_bytes=pr["gpu_bytes"].int(0) if "gpu_bytes" in pr else 0,
