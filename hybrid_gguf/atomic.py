@@ -51,3 +51,17 @@ def publish(tmp: Path, path: Path) -> None:
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
+
+
+def save_figure(fig, path: Path, dpi: int) -> Path:
+    """A matplotlib figure written atomically; a name without a suffix gets ".png" (as
+    savefig would add). Returns the file written."""
+    import io
+
+    path = Path(path)
+    if not path.suffix:
+        path = path.with_name(path.name + ".png")
+    buf = io.BytesIO()
+    fig.savefig(buf, format=path.suffix[1:].lower(), dpi=dpi)
+    atomic_write(path, buf.getvalue())
+    return path

@@ -10,7 +10,11 @@ from typing import Optional
 import yaml
 
 from hybrid_gguf.errors import HybridError
+from hybrid_gguf.readfile import read_bounded_text
 
+# a list of aliases: a few KB
+MAX_MODELS_YAML_BYTES = 1 << 20
+_MODEL_TEXT_KEYS = ("file", "synthetic", "fallback_synthetic", "path", "repo")
 PACKAGE_DIR = Path(__file__).resolve().parent
 # bundled `file:` entries are relative to the directory that holds the package (the
 # checkout, or site-packages for an installed wheel)
@@ -36,11 +40,27 @@ def load_models_yaml() -> dict:
             "this hybrid-gguf installation lacks"
         raise HybridError(f"{where} a models.yaml that does not exist: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(read_bounded_text(path, "models file", MAX_MODELS_YAML_BYTES)) or {}
     except yaml.YAMLError as exc:
-        raise HybridError(f"{path} is not valid YAML: {exc}") from None
-    data.setdefault("bundled", {})
-    data.setdefault("public", {})
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise HybridError(f"{path}{where} is not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
+    except RecursionError:
+        raise HybridError(f"{path} is nested too deeply to be a models file") from None
+    if not isinstance(data, dict):
+        raise HybridError(f"{path}: a models file is a mapping with `bundled` and `public` tables")
+    for section in ("bundled", "public"):
+        table = data.get(section) or {}
+        if not isinstance(table, dict):
+            raise HybridError(f"{path}: `{section}` must map model names to their entries")
+        for name, entry in table.items():
+            if not isinstance(name, str) or not isinstance(entry, dict) or not all(
+                    isinstance(v, str) for k, v in entry.items() if k in _MODEL_TEXT_KEYS):
+                raise HybridError(f"{path}: `{section}` entry {str(name)[:60]!r} must be a mapping whose "
+                                  f"{', '.join(_MODEL_TEXT_KEYS)} are text")
+        data[section] = table
+    if not isinstance(data.get("default", ""), (str, type(None))):
+        raise HybridError(f"{path}: `default` must be a model name")
     return data
 
 

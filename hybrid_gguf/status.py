@@ -11,8 +11,9 @@ from typing import Optional
 from hybrid_gguf.errors import HybridError
 
 
-def _plans(plans_dir: Path) -> dict:
-    """{fingerprint: (path, Plan)} of readable plans; the newest file per fingerprint."""
+def _plans(plans_dir: Path, skipped: list) -> dict:
+    """{fingerprint: (path, Plan)} of readable plans, the newest file per fingerprint; the
+    others are appended to `skipped` as (path, why)."""
     from hybrid_gguf.planning.plan import Plan
 
     out: dict = {}
@@ -22,7 +23,8 @@ def _plans(plans_dir: Path) -> dict:
     for path in files:
         try:
             plan = Plan.load(path)
-        except (HybridError, OSError):
+        except (HybridError, OSError) as exc:
+            skipped.append((path, str(exc)))
             continue
         out[plan.fingerprint] = (path, plan)
     return out
@@ -49,13 +51,16 @@ def _hot_per_device(plan) -> dict:
     return out
 
 
-def collect(store_root: Optional[Path] = None, plans_dir: Optional[Path] = None) -> list:
-    """One dict per model fingerprint found in the store or the plans directory."""
+def collect(store_root: Optional[Path] = None, plans_dir: Optional[Path] = None,
+            skipped: Optional[list] = None) -> list:
+    """One dict per model fingerprint found in the store or the plans directory; plan files
+    that cannot be read are appended to `skipped` as (path, why)."""
     from hybrid_gguf.paths import plans_dir as default_plans_dir
     from hybrid_gguf.routing.profile import ProfileStore
 
     store = ProfileStore(store_root)
-    plans = _plans(plans_dir if plans_dir is not None else default_plans_dir())
+    plans = _plans(plans_dir if plans_dir is not None else default_plans_dir(),
+                   skipped if skipped is not None else [])
     profiles = {p.fingerprint: p for p in store.profiles()}
     rows = []
     for fp in sorted(set(plans) | set(profiles)):

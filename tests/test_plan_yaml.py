@@ -143,6 +143,9 @@ def _line_of(text: str, needle: str) -> int:
      "must be at most 1"),
     (lambda t, l, h: re.sub(r"cpu_bytes_per_s: \S+", "cpu_bytes_per_s: .inf", t), "cpu_bytes_per_s: .inf",
      "cpu_bytes_per_s"),
+    # the prediction's bytes per device are numbers (status sums them)
+    (lambda t, l, h: re.sub(r"^      total: \d+", "      total: abc", t, count=1, flags=re.M), "      total: abc",
+     "expected a whole number"),
 ])
 def test_nonsense_edits_point_at_the_line(plan, model, edit, needle, message):
     _, inv = model

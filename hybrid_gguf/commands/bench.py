@@ -11,10 +11,11 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from hybrid_gguf.atomic import atomic_write, save_figure
+from hybrid_gguf.commands.common import (check_output_file, ctx_option, model_argument, model_option,
+                                         no_repack_option, resolve, threads_option)
 from hybrid_gguf.errors import HybridError
 from hybrid_gguf.limits import MAX_BENCH_ROUNDS
-from hybrid_gguf.commands.common import (ctx_option, model_argument, model_option, no_repack_option, resolve,
-                                         threads_option)
 
 
 def bench_command(
@@ -84,8 +85,8 @@ def bench_command(
     check_ctx(ctx, "--ctx")
     check_batch(ubatch, "--ubatch")
     for option, file in (("--plot", plot), ("--json-detail", json_detail)):
-        if file is not None and file.is_dir():
-            raise HybridError(f"{option} {file} is a directory; give a file name")
+        if file is not None:
+            check_output_file(file, option, image=option == "--plot")
     console = Console(stderr=True)
     # soft_wrap: one log line stays one line when stderr is a file or a pipe (rich would wrap at 80)
     log = (lambda s: None) if as_json else (lambda s: console.print(f"[dim]{s}[/]", soft_wrap=True))
@@ -134,7 +135,7 @@ def bench_command(
     if json_detail is not None:
         doc = outs[0] if len(outs) == 1 else {"model": str(path), "budgets": outs,
                                                "combined_fit": outs[0].get("combined_fit")}
-        json_detail.write_text(json.dumps(doc, indent=2, default=float) + "\n")
+        atomic_write(json_detail, (json.dumps(doc, indent=2, default=float) + "\n").encode())
     if as_json:
         from hybrid_gguf.bench.runner import llama_bench_rows
 
@@ -290,8 +291,10 @@ def _plot(outs: list, path: Path, cpu_only: bool = False) -> None:
         fig.tight_layout(rect=(0, 0.05, 1, 1))
     else:
         fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        save_figure(fig, path, dpi=120)
+    finally:
+        plt.close(fig)
 
 
 def register(app: typer.Typer) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional, Union
 
 import typer
@@ -157,3 +158,22 @@ def resolve(positional: Optional[str], option: Optional[str]):
     from hybrid_gguf.models import resolve_model
 
     return resolve_model(pick_model(positional, option))
+
+
+def check_output_file(path: Path, option: str, image: bool = False) -> None:
+    """Refuse an output path that cannot be written, before the (long) run; `image`: a file
+    matplotlib can write (its suffix names a format it knows, or none: PNG)."""
+    if path.is_dir():
+        raise HybridError(f"{option} {path} is a directory; give a file name")
+    parent = path.parent
+    if not parent.exists():
+        raise HybridError(f"{option} {path}: the folder {parent} does not exist")
+    if not parent.is_dir():
+        raise HybridError(f"{option} {path}: {parent} is not a folder")
+    if image and path.suffix:
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        known = FigureCanvasBase.get_supported_filetypes()
+        if path.suffix[1:].lower() not in known:
+            raise HybridError(f"{option} {path}: matplotlib cannot write {path.suffix!r} images "
+                              f"(it writes {', '.join(sorted(known))})")

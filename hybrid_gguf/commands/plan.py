@@ -10,9 +10,9 @@ from typing import Optional
 import typer
 
 from hybrid_gguf.errors import HybridError
-from hybrid_gguf.commands.common import (cache_type_choice, cache_type_k_option, cache_type_v_option, ctx_option,
-                                        flash_attn_option, model_argument, model_option, resolve, ubatch_choice,
-                                        ubatch_option)
+from hybrid_gguf.commands.common import (cache_type_choice, cache_type_k_option, cache_type_v_option,
+                                        check_output_file, ctx_option, flash_attn_option, model_argument,
+                                        model_option, resolve, ubatch_choice, ubatch_option)
 
 
 def parse_devices(spec: str) -> list:
@@ -121,11 +121,12 @@ def register(app: typer.Typer) -> None:
         type_k = cache_type_choice(type_k, "--cache-type-k") or "f16"
         type_v = cache_type_choice(type_v, "--cache-type-v") or "f16"
         check_cache_types(type_k, type_v, flash_attn)
-        for option, path in (("--out", out), ("--plot", plot)):
-            if path is not None and path.is_dir():
-                raise HybridError(f"{option} {path} is a directory; give a file name")
-            if path is not None and path.parent.exists() and not path.parent.is_dir():
-                raise HybridError(f"{option} {path}: {path.parent} is not a folder")
+        if out is not None and out.is_dir():
+            raise HybridError(f"--out {out} is a directory; give a file name")
+        if out is not None and out.parent.exists() and not out.parent.is_dir():
+            raise HybridError(f"--out {out}: {out.parent} is not a folder")
+        if plot is not None:
+            check_output_file(plot, "--plot", image=True)
         if cold not in ("auto", "cpu", "gpu"):
             raise HybridError(f"--cold takes auto, cpu or gpu, got {cold!r}")
         if handoff not in ("auto", "scheduler", "worker"):
@@ -167,7 +168,7 @@ def register(app: typer.Typer) -> None:
             if plot is not None:
                 from hybrid_gguf.routing.replay import plot_replay
 
-                plot_replay(report, plot, title=f"{model.name}")
+                plot = plot_replay(report, plot, title=f"{model.name}")
         elif plot is not None:
             raise HybridError("--plot draws the replay: pass --replay TRACE too")
 

@@ -17,7 +17,9 @@ from typing import Callable, Optional
 import typer
 
 from hybrid_gguf.errors import HybridError
-from hybrid_gguf.commands.common import ctx_option, model_argument, model_option, resolve, threads_option
+from hybrid_gguf.atomic import save_figure
+from hybrid_gguf.commands.common import (check_output_file, ctx_option, model_argument, model_option, resolve,
+                                         threads_option)
 
 
 class ProfileInterrupted(KeyboardInterrupt):
@@ -165,17 +167,6 @@ def heatmap_path(path: Path) -> Path:
     return path if path.suffix else path.with_name(path.name + ".png")
 
 
-def check_output_file(path: Path, option: str) -> None:
-    """Refuse an output path that cannot be written, before the (long) run."""
-    if path.is_dir():
-        raise HybridError(f"{option} {path} is a directory; give a file name")
-    parent = path.parent
-    if not parent.exists():
-        raise HybridError(f"{option} {path}: the folder {parent} does not exist")
-    if not parent.is_dir():
-        raise HybridError(f"{option} {path}: {parent} is not a folder")
-
-
 def draw_heatmap(path: Path, counts, title: str) -> Path:
     """Layer × expert share heatmap, and per-layer coverage curves; returns the file written."""
     import matplotlib
@@ -209,9 +200,10 @@ def draw_heatmap(path: Path, counts, title: str) -> Path:
     fig.tight_layout()
     path = heatmap_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    try:
+        return save_figure(fig, path, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 # -- command --------------------------------------------------------------------
@@ -291,7 +283,7 @@ def register(app: typer.Typer) -> None:
             if heatmap.is_dir():
                 raise HybridError(f"--heatmap {heatmap} is a directory; give a file name such as "
                                   f"{heatmap / 'heatmap.png'}")
-            check_output_file(heatmap_path(heatmap), "--heatmap")
+            check_output_file(heatmap_path(heatmap), "--heatmap", image=True)
         if trace_out is not None:
             trace_out = trace_out if trace_out.suffix == ".npz" else trace_out.with_name(trace_out.name + ".npz")
             check_output_file(trace_out, "--trace")

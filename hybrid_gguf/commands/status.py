@@ -20,7 +20,13 @@ def status_command(
     from hybrid_gguf.status import collect
     from hybrid_gguf.tables import fmt_rate, new_table
 
-    rows = collect(store, plans)
+    skipped: list = []
+    rows = collect(store, plans, skipped)
+    err = Console(stderr=True)
+    for path, why in skipped:
+        # a plan's own errors start with its path
+        err.print(f"skipped plan {why}" if why.startswith(str(path)) else f"skipped plan {path}: {why}",
+                  highlight=False, soft_wrap=True, markup=False)
     if as_json:
         print(json.dumps(rows, indent=2))
         return

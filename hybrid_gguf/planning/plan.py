@@ -14,9 +14,7 @@ become YAML/JSON only in to_dict and are typed again when a file is parsed.
 from __future__ import annotations
 
 import math
-import os
 import re
-import stat
 import threading
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
@@ -25,6 +23,7 @@ from typing import Any, Optional
 
 from hybrid_gguf.atomic import atomic_write
 from hybrid_gguf.errors import HybridError
+from hybrid_gguf.readfile import read_bounded_text
 from hybrid_gguf.planning.placement import (PACK_AUTO, CacheOptions, PlacementRule, TensorPlacement, plan_text,
                                             validate_rules)
 from hybrid_gguf.planning.memory import CACHE_TYPES, MemoryOptions
@@ -376,34 +375,7 @@ class Plan:
 
 def read_plan_text(path: Path) -> str:
     """The text of a plan file: a regular file of at most MAX_PLAN_BYTES, UTF-8."""
-    try:
-        # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below)
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise HybridError(f"plan file {path} does not exist") from None
-    except IsADirectoryError:
-        raise HybridError(f"plan file {path} is not a regular file (it is a directory)") from None
-    except OSError as exc:
-        raise HybridError(f"cannot read plan file {path}: {exc.strerror or exc}") from None
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a device, pipe or socket"
-        raise HybridError(f"plan file {path} is not a regular file (it is {kind})")
-    with os.fdopen(fd, "rb") as fh:
-        if st.st_size > MAX_PLAN_BYTES:
-            raise HybridError(f"plan file {path} is larger than {MAX_PLAN_BYTES >> 20} MiB "
-                              f"({format_size(st.st_size)}); a plan is a few KB")
-        try:
-            data = fh.read(MAX_PLAN_BYTES + 1)
-        except OSError as exc:
-            raise HybridError(f"cannot read plan file {path}: {exc.strerror or exc}") from None
-    if len(data) > MAX_PLAN_BYTES:
-        raise HybridError(f"plan file {path} is larger than {MAX_PLAN_BYTES >> 20} MiB")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise HybridError(f"plan file {path} is not UTF-8 text (byte offset {exc.start})") from None
+    return read_bounded_text(path, "plan file", MAX_PLAN_BYTES, "; a plan is a few KB")
 
 
 class _Flow(dict):
@@ -604,6 +576,24 @@ def _check_events(text: str, source: str) -> None:
 
 
 
+def _predicted_memory(node) -> dict:
+    """The prediction's bytes per device: {device: {field: bytes or {part: bytes}, "device": name}}."""
+    import yaml
+
+    out = {}
+    for dev, entry in node.mapping().items() if node.value() is not None else ():
+        fields_ = {}
+        for key, v in entry.mapping().items():
+            if isinstance(v.node, yaml.MappingNode):
+                fields_[key] = {k: part.int(0) for k, part in v.mapping().items()}
+            elif key == "device":
+                fields_[key] = v.str()
+            else:
+                fields_[key] = v.int(0)
+        out[str(dev)] = fields_
+    return out
+
+
 def _cache(node) -> CacheOptions:
     m = node.mapping(("policy", "quota", "pinned"))
     try:
@@ -755,7 +745,7 @@ def _parse(text: str, source: str, inv) -> Plan:
             decode_tokens_per_s=pr["decode_tokens_per_s"].num() if "decode_tokens_per_s" in pr else 0.0,
             prefill_tokens_per_s=pr["prefill_tokens_per_s"].num() if "prefill_tokens_per_s" in pr else 0.0,
             gpu_bytes=pr["gpu_bytes"].int(0) if "gpu_bytes" in pr else 0,
-            memory=pr["memory"].value() or {} if "memory" in pr else {},
+            memory=_predicted_memory(pr["memory"]) if "memory" in pr else {},
         )
         if "bandwidth" in pr and pr["bandwidth"].value():
             bw = pr["bandwidth"].value()
@@ -777,7 +767,7 @@ def _parse(text: str, source: str, inv) -> Plan:
             sessions=pm["sessions"].int(0) if "sessions" in pm else 0,
             tokens=pm["tokens"].int(0) if "tokens" in pm else 0,
             updated=pm["updated"].str(allow_none=True) or "" if "updated" in pm else "",
-            labels=pm["labels"].value() or {} if "labels" in pm else {},
+            labels={str(k): v.int(0) for k, v in pm["labels"].mapping().items()} if "labels" in pm else {},
         )
 
     notes = [n.str() for n in top["notes"].seq()] if "notes" in top else []

@@ -39,6 +39,7 @@ import numpy as np
 
 from hybrid_gguf.atomic import SLOW_WRITE_ENV, atomic_write, tmp_prefix  # noqa: F401  (SLOW_WRITE_ENV: tests)
 from hybrid_gguf.errors import HybridError
+from hybrid_gguf.readfile import open_regular
 
 FORMAT_NAME = "hybrid-gguf-routing-profile"
 FORMAT_VERSION = 1
@@ -266,12 +267,14 @@ class RoutingProfile:
     def load(cls, path: PathLike, expected_fingerprint: Optional[str] = None) -> "RoutingProfile":
         """Read a profile file; ProfileCorrupt if unreadable, HybridError on a mismatch."""
         path = Path(path)
+        fd = open_regular(path, "routing profile")  # missing, a directory, a device or pipe: HybridError
         try:
-            if path.stat().st_size > MAX_PROFILE_BYTES:
+            with os.fdopen(fd, "rb") as fh:
+                too_big = os.fstat(fd).st_size > MAX_PROFILE_BYTES
+                raw = b"" if too_big else fh.read(MAX_PROFILE_BYTES + 1)  # it may grow after the stat
+            if too_big or len(raw) > MAX_PROFILE_BYTES:
                 raise ProfileCorrupt(f"routing profile {path} is larger than {MAX_PROFILE_BYTES >> 20} MiB")
-            data = json.loads(path.read_bytes())
-        except FileNotFoundError:
-            raise HybridError(f"routing profile {path} does not exist") from None
+            data = json.loads(raw)
         except RecursionError:
             raise ProfileCorrupt(f"cannot read routing profile {path}: JSON nested too deeply") from None
         except (OSError, ValueError) as exc:  # ValueError: JSON, UTF-8, ints of over 4300 digits

@@ -30,6 +30,15 @@ import numpy as np
 from hybrid_gguf.errors import HybridError
 from hybrid_gguf.routing.stats import selection_probs
 
+# a trace file's arrays are bounded before they are read: 16 M entries (20 thousand tokens of
+# a 48-layer top-8 model). Replaying costs about 150 bytes of memory per entry: 64 M entries
+# took 9.4 GB and over a minute on the development machine.
+MAX_TRACE_ENTRIES = 1 << 24
+MAX_TRACE_FILE_BYTES = 1 << 30
+# the shapes llama.cpp itself allows (LLAMA_MAX_LAYERS, LLAMA_MAX_EXPERTS)
+MAX_TRACE_LAYERS = 512
+MAX_TRACE_EXPERTS = 1024
+
 
 @dataclass
 class Trace:
@@ -66,15 +75,22 @@ def trace_from_records(token: np.ndarray, layer: np.ndarray, ids: np.ndarray,
     if ids.ndim != 2 or len(ids) != len(token) or len(layer) != len(token):
         raise HybridError(f"ring-buffer trace needs token [N], layer [N], ids [N, k]; got "
                           f"{token.shape}, {layer.shape}, {ids.shape}")
-    if len(token) == 0:
+    if len(token) == 0 or ids.shape[1] == 0:
         raise HybridError("the routing trace is empty")
+    if ids.shape[1] > MAX_TRACE_EXPERTS:
+        raise HybridError(f"the routing trace has {ids.shape[1]} experts per token, more than llama.cpp allows")
     if layer.min() < 0:
         raise HybridError("the routing trace has negative layer numbers")
+    if layer.max() >= MAX_TRACE_LAYERS:
+        raise HybridError(f"the routing trace names layer {int(layer.max())}, more than llama.cpp allows")
     L = int(n_layer or layer.max() + 1)
     if layer.max() >= L:
         raise HybridError(f"the routing trace names layer {int(layer.max())}, the model has {L}")
     # tokens in order of first appearance (the ring buffer may start mid-sequence)
     uniq, first = np.unique(token, return_index=True)
+    if len(uniq) * L * ids.shape[1] > MAX_TRACE_ENTRIES:
+        raise HybridError(f"the routing trace spans {len(uniq)} tokens of {L} layers: more than a routing "
+                          f"trace can be ({MAX_TRACE_ENTRIES} entries)")
     order = uniq[np.argsort(first, kind="stable")]
     row = {int(t): i for i, t in enumerate(order)}
     out = np.full((len(order), L, ids.shape[1]), -1, dtype=np.int32)
@@ -91,8 +107,13 @@ def trace_from_routing(routing_trace, n_layer: int, n_expert: int) -> Trace:
 def _checked(trace: Trace) -> Trace:
     if trace.ids.ndim != 3:
         raise HybridError(f"trace ids must be [n_tokens, n_layer, k], got shape {trace.ids.shape}")
-    if trace.n_tokens == 0:
-        raise HybridError("the routing trace is empty")
+    if 0 in trace.ids.shape:
+        raise HybridError(f"the routing trace is empty (ids of shape {trace.ids.shape})")
+    if trace.n_layer > MAX_TRACE_LAYERS or trace.ids.shape[2] > MAX_TRACE_EXPERTS:
+        raise HybridError(f"the routing trace has {trace.n_layer} layers and {trace.ids.shape[2]} experts per "
+                          f"token; llama.cpp allows at most {MAX_TRACE_LAYERS} and {MAX_TRACE_EXPERTS}")
+    if not 1 <= trace.n_expert <= MAX_TRACE_EXPERTS:
+        raise HybridError(f"the routing trace's n_expert must be within 1..{MAX_TRACE_EXPERTS}, got {trace.n_expert}")
     if trace.ids.max() >= trace.n_expert:
         raise HybridError(f"the routing trace names expert {int(trace.ids.max())}, "
                           f"the model has {trace.n_expert} per layer")
@@ -101,9 +122,6 @@ def _checked(trace: Trace) -> Trace:
     return trace
 
 
-# a trace file's arrays are bounded before they are read: 64 M entries (a 2-million-token
-# trace of a 48-layer top-8 model needs 0.8 M per thousand tokens)
-MAX_TRACE_ENTRIES = 1 << 26
 
 
 def _npz_entries(data, key: str) -> int:
@@ -115,14 +133,28 @@ def _npz_entries(data, key: str) -> int:
     return int(np.prod(shape, dtype=object))
 
 
+def _int_array(data, key: str, ndim: int, path) -> np.ndarray:
+    a = data[key]
+    if a.dtype.kind not in "iu" or a.ndim != ndim:
+        raise HybridError(f"{path}: `{key}` must be an integer array of {ndim} dimension(s), "
+                          f"got {a.dtype} of shape {a.shape}")
+    if a.size and (int(a.max()) > np.iinfo(np.int32).max or int(a.min()) < np.iinfo(np.int32).min):
+        raise HybridError(f"{path}: `{key}` holds numbers beyond 32 bits")
+    return a
+
+
 def load_trace(path, n_layer: Optional[int] = None, n_expert: Optional[int] = None) -> Trace:
-    path = Path(path)
+    import zipfile
+    import zlib
+
+    from hybrid_gguf.readfile import check_regular
+
+    path = check_regular(path, "trace file", MAX_TRACE_FILE_BYTES)
+    unreadable = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
     try:
         data = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise HybridError(f"trace file {path} does not exist") from None
-    except (OSError, ValueError) as exc:
-        raise HybridError(f"cannot read trace {path}: {exc}") from None
+    except unreadable as exc:
+        raise HybridError(f"cannot read trace {path}: {str(exc)[:200] or type(exc).__name__}") from None
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise HybridError(f"{path}: a routing trace is an .npz archive")
     with data:
@@ -132,17 +164,21 @@ def load_trace(path, n_layer: Optional[int] = None, n_expert: Optional[int] = No
                 if _npz_entries(data, key) > MAX_TRACE_ENTRIES:
                     raise HybridError(f"{path}: array {key!r} is larger than a routing trace can be "
                                       f"({MAX_TRACE_ENTRIES} entries)")
-        except (OSError, ValueError, KeyError) as exc:
-            raise HybridError(f"cannot read trace {path}: {exc}") from None
-        if "n_expert" in keys and n_expert is None:
-            n_expert = int(data["n_expert"])
-        if "token" in keys and "layer" in keys and "ids" in keys:
-            return trace_from_records(data["token"], data["layer"], data["ids"], n_layer, n_expert)
-        if "ids" in keys and data["ids"].ndim == 3:
-            ids = data["ids"].astype(np.int32)
-            if n_layer is not None and ids.shape[1] != n_layer:
-                raise HybridError(f"trace has {ids.shape[1]} layers, the model has {n_layer}")
-            return _checked(Trace(ids, int(n_expert or max(int(ids.max()) + 1, 1))))
+            if "n_expert" in keys and n_expert is None:
+                ne = _int_array(data, "n_expert", 0, path)
+                n_expert = int(ne)
+                if not 1 <= n_expert <= MAX_TRACE_EXPERTS:
+                    raise HybridError(f"{path}: n_expert must be within 1..{MAX_TRACE_EXPERTS}, got {n_expert}")
+            if "token" in keys and "layer" in keys and "ids" in keys:
+                return trace_from_records(_int_array(data, "token", 1, path), _int_array(data, "layer", 1, path),
+                                          _int_array(data, "ids", 2, path), n_layer, n_expert)
+            if "ids" in keys:
+                ids = _int_array(data, "ids", 3, path).astype(np.int32)
+                if n_layer is not None and ids.shape[1] != n_layer:
+                    raise HybridError(f"trace has {ids.shape[1]} layers, the model has {n_layer}")
+                return _checked(Trace(ids, int(n_expert or max(int(ids.max(initial=-1)) + 1, 1))))
+        except unreadable as exc:
+            raise HybridError(f"cannot read trace {path}: {str(exc)[:200] or type(exc).__name__}") from None
     raise HybridError(f"{path}: expected `ids` [n_tokens, n_layer, k] or the ring buffer "
                       "`token`, `layer`, `ids` arrays")
 
@@ -357,7 +393,9 @@ def plot_replay(report: ReplayReport, path, title: str = "expert hit rate vs bud
     ax.set_title(f"{title}\nprofile {report.n_profile_tokens} tokens, evaluated on {report.n_eval_tokens}")
     ax.legend(loc="lower right")
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    from hybrid_gguf.atomic import save_figure
+
+    try:
+        return save_figure(fig, Path(path), dpi=120)
+    finally:
+        plt.close(fig)

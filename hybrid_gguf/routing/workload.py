@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from hybrid_gguf.errors import HybridError
+from hybrid_gguf.readfile import read_bounded_text
 
 BUILTIN_PATH = Path(__file__).resolve().parent.parent / "data" / "profile_workload.txt"  # JSONL content
 
@@ -30,15 +31,12 @@ class Workload:
     prompts: list
 
 
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise HybridError(f"prompts file {path} does not exist") from None
-    except IsADirectoryError:
-        raise HybridError(f"{path} is a directory, not a prompts file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise HybridError(f"cannot read {path}: {exc}") from None
+# a profiling run reads its whole workload into memory and runs every prompt
+MAX_WORKLOAD_BYTES = 64 << 20
+
+
+def _read_text(path: Path, what: str) -> str:
+    return read_bounded_text(path, what, MAX_WORKLOAD_BYTES)
 
 
 def _parse_jsonl(text: str, origin: str) -> list:
@@ -61,7 +59,7 @@ def _parse_jsonl(text: str, origin: str) -> list:
 
 
 def load_prompts_file(path: Path) -> Workload:
-    text = _read_text(path)
+    text = _read_text(path, "prompts file")
     if path.suffix.lower() == ".jsonl":
         prompts = _parse_jsonl(text, str(path))
     else:
@@ -92,7 +90,7 @@ def chunk_text(text: str, chunk_chars: int) -> list:
 
 
 def load_text_file(path: Path, chunk_chars: int = 2000) -> Workload:
-    text = _read_text(path)
+    text = _read_text(path, "text file")
     prompts = [Prompt(c) for c in chunk_text(text, chunk_chars)]
     if not prompts:
         raise HybridError(f"text file {path} is empty")
