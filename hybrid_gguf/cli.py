@@ -93,6 +93,12 @@ def main() -> None:
         sys.exit(130)
     except KeyboardInterrupt:
         sys.exit(130)
+    except OSError as exc:
+        # the system's word on a path the checks let through (a name too long, no space left,
+        # no permission): one line, like every other refusal
+        where = f": {exc.filename}" if exc.filename is not None else ""
+        print_error(f"{exc.strerror or exc}{where}"[:2000])
+        sys.exit(2)
     except Exception as exc:
         # click's usage errors (typer vendors click, so match by shape, not by class)
         if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int):

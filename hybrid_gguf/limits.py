@@ -26,6 +26,7 @@ MIN_CTX = 8
 MAX_CTX = 2**31 - 1  # llama.cpp keeps positions in int32
 MAX_BATCH = 65536
 MAX_BENCH_ROUNDS = 20  # `bench --rounds`: each round reloads every placement
+HOST_BYTES_PER_KV_CELL = 64
 
 
 def max_threads() -> int:
@@ -121,12 +122,15 @@ def check_context_memory(inventory, n_ctx: int, n_ubatch: int = 512, flash_attn:
         compute = estimate_compute_bytes(inventory, n_ctx, n_ubatch, flash_attn)
     except (HybridError, TypeError, ValueError, AttributeError):
         return  # a model the estimate does not understand: llama.cpp decides
+    # llama.cpp's bookkeeping per KV cell (positions, sequence sets) in host memory, even in a
+    # no-alloc dry run: about 50 bytes measured (a context of 10**8 took 5 GB on a tiny model)
+    cells = HOST_BYTES_PER_KV_CELL * int(n_ctx)
     have = available_memory()
-    if kv + compute > have:
+    if kv + compute + cells > have:
         raise HybridError(
-            f"a context of {n_ctx} tokens ({name}) needs about {format_size(kv)} of KV cache and "
-            f"{format_size(compute)} of compute buffer, more than the {format_size(have)} of memory "
-            "available; use a smaller context")
+            f"a context of {n_ctx} tokens ({name}) needs about {format_size(kv)} of KV cache, "
+            f"{format_size(compute)} of compute buffer and {format_size(cells)} of llama.cpp's bookkeeping, "
+            f"more than the {format_size(have)} of memory available; use a smaller context")
 
 
 _CACHE_NAMES = None

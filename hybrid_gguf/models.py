@@ -105,8 +105,11 @@ def resolve_hf_cache(repo: str, file: str, cache: Optional[Path] = None) -> Path
     candidates: list[Path] = []
     ref = root / "refs" / "main"
     if ref.is_file():
-        rev = ref.read_text().strip()
-        if rev:
+        try:  # a commit hash; anything else (or unreadable) is no ref
+            rev = read_bounded_text(ref, "Hugging Face ref", 4096).strip()
+        except HybridError:
+            rev = ""
+        if rev and "/" not in rev and len(rev) <= 255 and rev not in (".", ".."):
             candidates.append(snapshots / rev)
     if snapshots.is_dir():
         others = [d for d in snapshots.iterdir() if d.is_dir() and d not in candidates]

@@ -102,6 +102,7 @@ class ModelService:
         self.llm = hm.llm
         self.model_id = model_id or hm.resolved.name
         self.n_ctx = int(hm.llm.n_ctx())
+        self.n_vocab = int(hm.llm.n_vocab())
         self.save_every = float(save_every)
         self.max_queue = int(max_queue)
         self.store = profile_store
@@ -479,8 +480,14 @@ def _chat_params(body: dict) -> dict:
 
 
 def _check_fits(service: ModelService, kind: str, params: dict) -> None:
-    """Refuse a prompt the context cannot hold before it takes its place in the queue."""
+    """Refuse a prompt the context cannot hold, or token ids the model does not have, before it
+    takes its place in the queue (llama_decode fails on an id outside the vocabulary)."""
     if kind != "chat":
+        prompt = params["prompt"]
+        if isinstance(prompt, list) and not all(0 <= t < service.n_vocab for t in prompt):
+            bad = next(t for t in prompt if not 0 <= t < service.n_vocab)
+            raise APIError(400, f"token id {bad} is outside the model's vocabulary of {service.n_vocab}",
+                           param="prompt")
         return
     try:
         n = service.template.count(params["messages"])
@@ -525,6 +532,8 @@ def create_app(service: ModelService, *, manage_lifetime: bool = True):
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise APIError(400, "the request body is not JSON") from None
+        except RecursionError:
+            raise APIError(400, "the request body is JSON nested too deeply") from None
         if not isinstance(body, dict):
             raise APIError(400, "the request body must be a JSON object")
         return body

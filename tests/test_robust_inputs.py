@@ -173,3 +173,73 @@ def test_a_broken_models_yaml_is_one_line(tmp_path, monkeypatch, text, message):
     with pytest.raises(HybridError) as info:
         load_models_yaml()
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+# --- outputs: nothing is lost ---------------------------------------------------------------
+
+
+def test_outputs_never_replace_a_model_an_input_a_device_or_make_folders(tmp_path, fifo):
+    model = tmp_path / "m.gguf"
+    model.write_bytes(MODEL.read_bytes())
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("def f(x):\n")
+    plan = ("plan", model, "--gpu-budget", "0", "--no-measure", "--out")
+    one_line_error(cli(*plan, model, home=tmp_path), "--out", "is also this command's input")
+    other = tmp_path / "other.gguf"
+    other.write_bytes(MODEL.read_bytes())
+    one_line_error(cli(*plan, other, home=tmp_path), "--out", "is a GGUF model")
+    one_line_error(cli(*plan, fifo, home=tmp_path), "--out", "device, pipe or socket")
+    one_line_error(cli(*plan, tmp_path / "new" / "p.yaml", home=tmp_path), "--out", "does not exist")
+    assert not (tmp_path / "new").exists()
+    one_line_error(cli("profile", model, "--prompts", prompts, "-n", "2", "--no-store", "--out", prompts,
+                       home=tmp_path), "--out", "is also this command's input")
+    assert model.read_bytes() == other.read_bytes() == MODEL.read_bytes()
+    assert prompts.read_text() == "def f(x):\n"
+    assert fifo.is_fifo()
+
+
+def test_a_path_the_system_refuses_is_one_line(tmp_path):
+    one_line_error(cli("inspect", "a" * 5000, home=tmp_path), "File name too long")
+
+
+@pytest.mark.parametrize("option", ["--temp"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_a_temperature_that_is_not_a_finite_number_is_refused(tmp_path, option, value):
+    one_line_error(cli("run", MODEL, "-p", "x", "-n", "1", option, value, home=tmp_path), "--temp")
+
+
+def test_a_huge_context_is_planned_without_a_dry_run_that_would_fill_memory(tmp_path):
+    res = cli("plan", MODEL, "--gpu-budget", "6MiB", "-c", "2000000000", home=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "dry run failed: a context of 2000000000 tokens" in " ".join(res.stdout.split())
+
+
+@pytest.mark.parametrize("content", ['[1]', '{"format": "hybrid-gguf-calibration", "machines": []}',
+                                     '{"format": "hybrid-gguf-calibration", "machines": null}',
+                                     "[" * 100000 + "]" * 100000, "\xff not json"])
+def test_a_broken_calibration_cache_is_measured_again(tmp_path, content):
+    home = tmp_path / "home"
+    calib = home / "cache" / "calibration.json"  # paths.calibration_path() under HYBRID_GGUF_HOME
+    calib.parent.mkdir(parents=True)
+    calib.write_text(content, errors="surrogateescape")
+    res = cli("plan", MODEL, "--gpu-budget", "6MiB", "--no-measure", home=home)
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+
+
+def test_deeply_nested_jsonl_prompts_are_one_line(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("[" * 100000 + "]" * 100000 + "\n")
+    one_line_error(cli("profile", MODEL, "--prompts", prompts, "-n", "2", "--no-store", home=tmp_path),
+                   "nested too deeply")
+
+
+def test_a_hugging_face_ref_that_is_not_text_is_no_ref(tmp_path, monkeypatch):
+    from hybrid_gguf.models import resolve_hf_cache
+
+    root = tmp_path / "hub" / "models--org--repo"
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_bytes(b"\xff\xfe")
+    snap = root / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (snap / "m.gguf").write_bytes(b"GGUF")
+    assert resolve_hf_cache("org/repo", "m.gguf", cache=tmp_path / "hub") == snap / "m.gguf"

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -195,6 +196,17 @@ def test_openai_client_chat_stream_completion_queue_and_context(tmp_path):
             assert "context" in err.value.message
         with pytest.raises(openai.BadRequestError):
             client.completions.create(model=model_id, prompt="x", max_tokens=4, temperature=5)
+        # token ids the model does not have: llama_decode would fail on them (a 500 before)
+        for ids in ([999999999], [-1], [1, 2, 10**6]):
+            with pytest.raises(openai.BadRequestError) as err:
+                client.completions.create(model=model_id, prompt=ids, max_tokens=2)
+            assert "outside the model's vocabulary" in err.value.message
+        # a body nested too deeply for the JSON parser
+        req = urllib.request.Request(server.base + "/v1/completions", data=b"[" * 100000 + b"]" * 100000,
+                                     headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as http_err:
+            urllib.request.urlopen(req, timeout=30)
+        assert http_err.value.code == 400
         assert server.get("/health")["status"] == "ok"
 
         status = server.get("/hybrid/status")

@@ -403,6 +403,11 @@ def run_bench(model_path: Path, *, budget_bytes: Optional[int], profile_prompts:
                             gpu_present=bool(gpus), flash_attn=flash_attn,
                             profile_trace=routing_process.profile_trace(
                                 inv, int(np.mean(profile.tokens_per_layer)), routing) if auto_cache else None)
+    if configs and not all_cfgs:
+        raise HybridError(f"--configs {','.join(configs)}: no placement of these names can run here "
+                          "(see `hybrid-gguf bench --help` for the names)")
+    for name in sorted(set(configs or ()) - {c.name for c in all_cfgs}):
+        log(f"--configs {name}: not timed (an unknown name, or it needs a GPU or a newer patch here)")
     step = on_progress or (lambda more, done: None)
     step(len(all_cfgs) * reps * rounds, 0)
     timing = Timing(model_path, inv, eval_counts, prompt, decode, reps, n_ctx, pack_device, n_threads, routing,

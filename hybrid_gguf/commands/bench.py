@@ -84,6 +84,8 @@ def bench_command(
     check_threads(threads, "--threads")
     check_ctx(ctx, "--ctx")
     check_batch(ubatch, "--ubatch")
+    if configs is not None and not all(c.strip() for c in configs.split(",")):
+        raise HybridError(f"--configs {configs!r}: an empty name (a comma too many?)")
     for option, file in (("--plot", plot), ("--json-detail", json_detail)):
         if file is not None:
             check_output_file(file, option, image=option == "--plot")

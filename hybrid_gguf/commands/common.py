@@ -160,11 +160,31 @@ def resolve(positional: Optional[str], option: Optional[str]):
     return resolve_model(pick_model(positional, option))
 
 
-def check_output_file(path: Path, option: str, image: bool = False) -> None:
-    """Refuse an output path that cannot be written, before the (long) run; `image`: a file
-    matplotlib can write (its suffix names a format it knows, or none: PNG)."""
-    if path.is_dir():
-        raise HybridError(f"{option} {path} is a directory; give a file name")
+def check_output_file(path: Path, option: str, image: bool = False, inputs: tuple = ()) -> None:
+    """Refuse an output path that cannot be written, or whose old contents would be lost, before
+    the (long) run. Files are replaced by an atomic rename, so a device or a pipe would be
+    replaced too; a GGUF model or one of the command's own inputs is never overwritten. `image`:
+    a file matplotlib can write (its suffix names a format it knows, or none: PNG)."""
+    import os
+    import stat
+
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise HybridError(f"{option} {path}: {exc.strerror or exc}") from None
+    if st is not None:
+        if stat.S_ISDIR(st.st_mode):
+            raise HybridError(f"{option} {path} is a directory; give a file name")
+        if not stat.S_ISREG(st.st_mode):
+            raise HybridError(f"{option} {path} is a device, pipe or socket; give a file name")
+        for given in inputs:
+            if given is not None and Path(given).exists() and os.path.samefile(path, given):
+                raise HybridError(f"{option} {path} is also this command's input {given}; give another name")
+        with open(path, "rb") as fh:
+            if fh.read(4) == b"GGUF":
+                raise HybridError(f"{option} {path} is a GGUF model; refusing to overwrite it")
     parent = path.parent
     if not parent.exists():
         raise HybridError(f"{option} {path}: the folder {parent} does not exist")

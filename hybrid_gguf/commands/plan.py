@@ -121,12 +121,11 @@ def register(app: typer.Typer) -> None:
         type_k = cache_type_choice(type_k, "--cache-type-k") or "f16"
         type_v = cache_type_choice(type_v, "--cache-type-v") or "f16"
         check_cache_types(type_k, type_v, flash_attn)
-        if out is not None and out.is_dir():
-            raise HybridError(f"--out {out} is a directory; give a file name")
-        if out is not None and out.parent.exists() and not out.parent.is_dir():
-            raise HybridError(f"--out {out}: {out.parent} is not a folder")
+        # --out may name the previous plan (it is replaced), never the model or a profile
+        if out is not None:
+            check_output_file(out, "--out", inputs=(model, profile_path, replay_path))
         if plot is not None:
-            check_output_file(plot, "--plot", image=True)
+            check_output_file(plot, "--plot", image=True, inputs=(model, profile_path, replay_path))
         if cold not in ("auto", "cpu", "gpu"):
             raise HybridError(f"--cold takes auto, cpu or gpu, got {cold!r}")
         if handoff not in ("auto", "scheduler", "worker"):

@@ -278,17 +278,17 @@ def register(app: typer.Typer) -> None:
         if store is not None and not no_store and store.exists() and not store.is_dir():
             raise HybridError(f"--store {store} is not a directory")
         if out is not None:
-            check_output_file(out, "--out")
+            check_output_file(out, "--out", inputs=(model, prompts, text))
         if heatmap is not None:
             if heatmap.is_dir():
                 raise HybridError(f"--heatmap {heatmap} is a directory; give a file name such as "
                                   f"{heatmap / 'heatmap.png'}")
-            check_output_file(heatmap_path(heatmap), "--heatmap", image=True)
+            check_output_file(heatmap_path(heatmap), "--heatmap", image=True, inputs=(model, prompts, text))
         if trace_out is not None:
             trace_out = trace_out if trace_out.suffix == ".npz" else trace_out.with_name(trace_out.name + ".npz")
-            check_output_file(trace_out, "--trace")
-        if temp < 0:
-            raise HybridError(f"--temp must not be negative, got {temp}")
+            check_output_file(trace_out, "--trace", inputs=(model, prompts, text))
+        if not temp >= 0 or temp == float("inf"):  # NaN fails every comparison
+            raise HybridError(f"--temp must be a finite number >= 0, got {temp}")
         if not 0.0 < decay <= 1.0:
             raise HybridError(f"--decay must be in (0, 1], got {decay}")
         slot_list = None

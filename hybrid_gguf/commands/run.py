@@ -62,6 +62,8 @@ def run_command(
     limits.check_new_tokens(n_predict, "-n/--n-predict")
     limits.check_threads(threads, "--threads")
     limits.check_ctx(ctx, "--ctx")
+    if not temp >= 0 or temp == float("inf"):  # NaN fails every comparison
+        raise HybridError(f"--temp must be a finite number >= 0, got {temp}")
     n_ubatch = ubatch_choice(ubatch, ctx)
     type_k = cache_type_choice(cache_type_k, "--cache-type-k")
     type_v = cache_type_choice(cache_type_v, "--cache-type-v")

@@ -62,7 +62,7 @@ def serve_command(
     check_placement_flags(hot, plan, n_cpu_moe, cpu_moe)
     if not 0 <= port <= 65535:
         raise HybridError(f"--port must be in 0..65535, got {port}")
-    if save_every <= 0:
+    if not 0 < save_every < float("inf"):  # NaN fails every comparison
         raise HybridError(f"--save-every must be positive, got {save_every}")
     if max_queue < 1:
         raise HybridError(f"--max-queue must be at least 1, got {max_queue}")

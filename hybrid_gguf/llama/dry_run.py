@@ -28,7 +28,14 @@ def measure_compute_bytes(model_path, n_ctx: int, n_ubatch: int = 512, flash_att
     import llama_cpp
     import llama_cpp.llama_cpp as b
 
+    from hybrid_gguf.header.inventory import read_inventory
+    from hybrid_gguf.limits import check_context_memory
     from hybrid_gguf.llama.log import capture_llama_log
+
+    # even with no_alloc, llama.cpp keeps host bookkeeping per KV cell: a context that cannot
+    # fit here is not dry-run (HybridError: the caller estimates instead)
+    check_context_memory(read_inventory(model_path), int(n_ctx), int(n_ubatch), flash_attn, type_k, type_v,
+                         name="the dry run's context")
 
     llama_cpp.llama_backend_init()
     patch = model_patch_for(placement) if placement is not None and placement.rules else None

@@ -415,27 +415,38 @@ def calibration_path() -> Path:
 def load_calibration(path: Optional[Path] = None, machine: Optional[str] = None) -> Optional[Bandwidth]:
     path = Path(path) if path else calibration_path()
     machine = machine or machine_id()
-    try:
-        data = json.loads(path.read_text())
-        entry = data["machines"][machine]
-    except (OSError, ValueError, KeyError, TypeError):
+    entry = _calibration_file(path)["machines"].get(machine)
+    if not isinstance(entry, dict):
         return None
     try:
         return Bandwidth.from_dict(entry)
-    except (HybridError, TypeError):
+    except (HybridError, TypeError, ValueError, OverflowError):
         return None
+
+
+MAX_CALIBRATION_BYTES = 16 << 20
+
+
+def _calibration_file(path: Path) -> dict:
+    """The calibration file's contents; a fresh one where it is missing, unreadable or not of
+    this format (it is a cache: `bench` and `plan` measure again)."""
+    from hybrid_gguf.readfile import read_bounded
+
+    try:
+        data = json.loads(read_bounded(path, "calibration file", MAX_CALIBRATION_BYTES))
+    except (HybridError, ValueError, RecursionError):
+        data = None
+    if not isinstance(data, dict) or data.get("format") != CALIBRATION_FORMAT \
+            or not isinstance(data.get("machines"), dict):
+        return {"format": CALIBRATION_FORMAT, "version": 1, "machines": {}}
+    return data
 
 
 def save_calibration(bw: Bandwidth, path: Optional[Path] = None) -> Path:
     """Store (merge) this machine's entry; the GPU side can be added by a later call."""
     path = Path(path) if path else calibration_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        data = json.loads(path.read_text())
-        if data.get("format") != CALIBRATION_FORMAT:
-            raise ValueError
-    except (OSError, ValueError):
-        data = {"format": CALIBRATION_FORMAT, "version": 1, "machines": {}}
+    data = _calibration_file(path)
     data["machines"][bw.machine or machine_id()] = bw.to_dict()
     atomic_write(path, (json.dumps(data, indent=1) + "\n").encode())
     return path

@@ -184,8 +184,17 @@ def load_trace(path, n_layer: Optional[int] = None, n_expert: Optional[int] = No
 
 
 def save_trace(path, trace: Trace) -> Path:
+    """Written atomically; numpy's rule applies: a name without ".npz" gets it."""
+    import io
+
+    from hybrid_gguf.atomic import atomic_write
+
     path = Path(path)
-    np.savez_compressed(path, ids=trace.ids, n_expert=np.int64(trace.n_expert))
+    if path.suffix != ".npz":
+        path = path.with_name(path.name + ".npz")
+    buf = io.BytesIO()
+    np.savez_compressed(buf, ids=trace.ids, n_expert=np.int64(trace.n_expert))
+    atomic_write(path, buf.getvalue())
     return path
 
 

@@ -48,6 +48,8 @@ def _parse_jsonl(text: str, origin: str) -> list:
             item = json.loads(line)
         except json.JSONDecodeError as exc:
             raise HybridError(f"{origin}:{lineno}: not JSON ({exc.msg})") from None
+        except RecursionError:
+            raise HybridError(f"{origin}:{lineno}: JSON nested too deeply") from None
         if isinstance(item, str):
             prompts.append(Prompt(item))
         elif isinstance(item, dict) and isinstance(item.get("prompt", item.get("text")), str):
