@@ -178,7 +178,7 @@ def test_a_broken_models_yaml_is_one_line(tmp_path, monkeypatch, text, message):
 # --- outputs: nothing is lost ---------------------------------------------------------------
 
 
-def test_outputs_never_replace_a_model_an_input_a_device_or_make_folders(tmp_path, fifo):
+def test_outputs_never_replace_a_model_an_input_or_a_device(tmp_path, fifo):
     model = tmp_path / "m.gguf"
     model.write_bytes(MODEL.read_bytes())
     prompts = tmp_path / "p.txt"
@@ -189,8 +189,13 @@ def test_outputs_never_replace_a_model_an_input_a_device_or_make_folders(tmp_pat
     other.write_bytes(MODEL.read_bytes())
     one_line_error(cli(*plan, other, home=tmp_path), "--out", "is a GGUF model")
     one_line_error(cli(*plan, fifo, home=tmp_path), "--out", "device, pipe or socket")
-    one_line_error(cli(*plan, tmp_path / "new" / "p.yaml", home=tmp_path), "--out", "does not exist")
+    one_line_error(cli("profile", model, "--prompts", prompts, "-n", "2", "--no-store", "--out",
+                       tmp_path / "new" / "p.json", home=tmp_path), "--out", "does not exist")
     assert not (tmp_path / "new").exists()
+    one_line_error(cli(*plan, prompts / "sub" / "p.yaml", home=tmp_path), "--out", "Not a directory")
+    # plan --out makes the folders a plan goes in
+    assert cli(*plan, tmp_path / "plans" / "p.yaml", home=tmp_path).returncode == 0
+    assert (tmp_path / "plans" / "p.yaml").is_file()
     one_line_error(cli("profile", model, "--prompts", prompts, "-n", "2", "--no-store", "--out", prompts,
                        home=tmp_path), "--out", "is also this command's input")
     assert model.read_bytes() == other.read_bytes() == MODEL.read_bytes()

@@ -160,11 +160,13 @@ def resolve(positional: Optional[str], option: Optional[str]):
     return resolve_model(pick_model(positional, option))
 
 
-def check_output_file(path: Path, option: str, image: bool = False, inputs: tuple = ()) -> None:
+def check_output_file(path: Path, option: str, image: bool = False, inputs: tuple = (),
+                      create_folders: bool = False) -> None:
     """Refuse an output path that cannot be written, or whose old contents would be lost, before
     the (long) run. Files are replaced by an atomic rename, so a device or a pipe would be
     replaced too; a GGUF model or one of the command's own inputs is never overwritten. `image`:
-    a file matplotlib can write (its suffix names a format it knows, or none: PNG)."""
+    a file matplotlib can write (its suffix names a format it knows, or none: PNG);
+    `create_folders`: the writer makes missing folders (its nearest existing one must be a folder)."""
     import os
     import stat
 
@@ -186,6 +188,8 @@ def check_output_file(path: Path, option: str, image: bool = False, inputs: tupl
             if fh.read(4) == b"GGUF":
                 raise HybridError(f"{option} {path} is a GGUF model; refusing to overwrite it")
     parent = path.parent
+    while create_folders and not parent.exists() and parent != parent.parent:
+        parent = parent.parent
     if not parent.exists():
         raise HybridError(f"{option} {path}: the folder {parent} does not exist")
     if not parent.is_dir():

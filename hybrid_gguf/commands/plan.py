@@ -123,7 +123,7 @@ def register(app: typer.Typer) -> None:
         check_cache_types(type_k, type_v, flash_attn)
         # --out may name the previous plan (it is replaced), never the model or a profile
         if out is not None:
-            check_output_file(out, "--out", inputs=(model, profile_path, replay_path))
+            check_output_file(out, "--out", inputs=(model, profile_path, replay_path), create_folders=True)
         if plot is not None:
             check_output_file(plot, "--plot", image=True, inputs=(model, profile_path, replay_path))
         if cold not in ("auto", "cpu", "gpu"):
