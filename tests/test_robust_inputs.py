@@ -248,3 +248,8 @@ def test_a_hugging_face_ref_that_is_not_text_is_no_ref(tmp_path, monkeypatch):
     snap.mkdir(parents=True)
     (snap / "m.gguf").write_bytes(b"GGUF")
     assert resolve_hf_cache("org/repo", "m.gguf", cache=tmp_path / "hub") == snap / "m.gguf"
+
+
+@pytest.mark.parametrize("value", ["-1", "8,,32", "0", "x"])
+def test_slots_are_positive_whole_numbers(tmp_path, value):
+    one_line_error(cli("profile", MODEL, "--slots", value, "-n", "1", "--no-store", home=tmp_path), "--slots")

@@ -294,9 +294,11 @@ def register(app: typer.Typer) -> None:
         slot_list = None
         if slots:
             try:
-                slot_list = [int(s) for s in slots.split(",") if s.strip()]
+                slot_list = [int(s) for s in slots.split(",")]
             except ValueError:
-                raise HybridError(f"--slots wants integers like 8,32, got {slots!r}") from None
+                slot_list = []
+            if not slot_list or not all(0 < n <= 65536 for n in slot_list):
+                raise HybridError(f"--slots wants positive whole numbers like 8,32, got {slots!r}")
         workload = select_workload(prompts, text, chunk_chars)
         from hybrid_gguf.header.inventory import read_inventory
         from hybrid_gguf.limits import default_ctx
