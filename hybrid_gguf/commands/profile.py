@@ -30,6 +30,10 @@ class ProfileInterrupted(KeyboardInterrupt):
         self.snapshot = snapshot
 
 
+# more characters than any token of a model's vocabulary covers on average
+MAX_CHARS_PER_TOKEN = 32
+
+
 def run_prompt(hm, text: str, n_predict: int, temp: float = 0.0) -> tuple[int, int]:
     """Prefill `text` (cut to leave room), then decode up to n_predict tokens (greedy at
     temp 0); (prompt tokens, decode steps)."""
@@ -39,7 +43,9 @@ def run_prompt(hm, text: str, n_predict: int, temp: float = 0.0) -> tuple[int, i
     room = n_ctx - n_predict - 1
     if room < 1:
         raise HybridError(f"--ctx {n_ctx} leaves no room for a prompt with -n {n_predict}")
-    tokens = hm.tokenize(text)[:room]
+    # tokenizing grows with the square of a line's length in llama.cpp (a 300 KB line of one
+    # letter: 9 s), and only `room` tokens are kept: text far beyond them is never tokenized
+    tokens = hm.tokenize(text[:room * MAX_CHARS_PER_TOKEN])[:room]
     # a generation evaluates every token it returns but the last: one more token is asked
     # for, so n_predict decode steps are recorded
     res = hm.generate(tokens, max_tokens=n_predict + 1, temperature=temp)
