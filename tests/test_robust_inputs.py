@@ -253,3 +253,26 @@ def test_a_hugging_face_ref_that_is_not_text_is_no_ref(tmp_path, monkeypatch):
 @pytest.mark.parametrize("value", ["-1", "8,,32", "0", "x"])
 def test_slots_are_positive_whole_numbers(tmp_path, value):
     one_line_error(cli("profile", MODEL, "--slots", value, "-n", "1", "--no-store", home=tmp_path), "--slots")
+
+
+def test_a_prompt_far_longer_than_the_context_is_cut_before_tokenizing(monkeypatch):
+    from types import SimpleNamespace
+
+    from hybrid_gguf.commands import profile as profile_cmd
+
+    seen = []
+
+    class FakeModel:
+        llm = object()
+
+        def tokenize(self, text):
+            seen.append(len(text))
+            return list(range(len(text)))
+
+        def generate(self, tokens, max_tokens, temperature):
+            return SimpleNamespace(tokens=[0] * (max_tokens - 1))
+
+    monkeypatch.setattr("hybrid_gguf.limits.context_size", lambda llm: 256)
+    n_prompt, _ = profile_cmd.run_prompt(FakeModel(), "x" * 3_000_000, n_predict=4)
+    assert n_prompt == 251
+    assert seen == [251 * profile_cmd.MAX_CHARS_PER_TOKEN]
