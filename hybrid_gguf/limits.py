@@ -123,7 +123,8 @@ def check_context_memory(inventory, n_ctx: int, n_ubatch: int = 512, flash_attn:
     except (HybridError, TypeError, ValueError, AttributeError):
         return  # a model the estimate does not understand: llama.cpp decides
     # llama.cpp's bookkeeping per KV cell (positions, sequence sets) in host memory, even in a
-    # no-alloc dry run: about 50 bytes measured (a context of 10**8 took 5 GB on a tiny model)
+    # no-alloc dry run: about 50 bytes (`hybrid-gguf plan tiny-moe-stdlib.gguf -c 100000000
+    # -ub 65536` peaked at 5 GB resident on the development machine, 2026-12-02)
     cells = HOST_BYTES_PER_KV_CELL * int(n_ctx)
     have = available_memory()
     if kv + compute + cells > have:

@@ -18,9 +18,13 @@ from hybrid_gguf.sizes import format_size
 PathLike = Union[str, os.PathLike]
 
 
-def _size_error(what: str, path, limit: int, size: int = 0, hint: str = "") -> HybridError:
+class FileTooLarge(HybridError):
+    """A regular file over the reader's bound (callers may treat it as corrupt)."""
+
+
+def _size_error(what: str, path, limit: int, size: int = 0, hint: str = "") -> FileTooLarge:
     have = f" ({format_size(size)})" if size else ""
-    return HybridError(f"{what} {path} is larger than {format_size(limit)}{have}{hint}")
+    return FileTooLarge(f"{what} {path} is larger than {format_size(limit)}{have}{hint}")
 
 
 def open_regular(path: PathLike, what: str) -> int:

@@ -39,7 +39,7 @@ import numpy as np
 
 from hybrid_gguf.atomic import SLOW_WRITE_ENV, atomic_write, tmp_prefix  # noqa: F401  (SLOW_WRITE_ENV: tests)
 from hybrid_gguf.errors import HybridError
-from hybrid_gguf.readfile import open_regular
+from hybrid_gguf.readfile import FileTooLarge, read_bounded
 
 FORMAT_NAME = "hybrid-gguf-routing-profile"
 FORMAT_VERSION = 1
@@ -267,14 +267,11 @@ class RoutingProfile:
     def load(cls, path: PathLike, expected_fingerprint: Optional[str] = None) -> "RoutingProfile":
         """Read a profile file; ProfileCorrupt if unreadable, HybridError on a mismatch."""
         path = Path(path)
-        fd = open_regular(path, "routing profile")  # missing, a directory, a device or pipe: HybridError
         try:
-            with os.fdopen(fd, "rb") as fh:
-                too_big = os.fstat(fd).st_size > MAX_PROFILE_BYTES
-                raw = b"" if too_big else fh.read(MAX_PROFILE_BYTES + 1)  # it may grow after the stat
-            if too_big or len(raw) > MAX_PROFILE_BYTES:
-                raise ProfileCorrupt(f"routing profile {path} is larger than {MAX_PROFILE_BYTES >> 20} MiB")
-            data = json.loads(raw)
+            # missing, a directory, a device or pipe: HybridError; too large: corrupt
+            data = json.loads(read_bounded(path, "routing profile", MAX_PROFILE_BYTES))
+        except FileTooLarge as exc:
+            raise ProfileCorrupt(str(exc)) from None
         except RecursionError:
             raise ProfileCorrupt(f"cannot read routing profile {path}: JSON nested too deeply") from None
         except (OSError, ValueError) as exc:  # ValueError: JSON, UTF-8, ints of over 4300 digits
