@@ -28,6 +28,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 
 from hybrid_gguf.errors import HybridError
+from hybrid_gguf.header.checks import MAX_EXPERTS, MAX_LAYERS
 from hybrid_gguf.routing.stats import selection_probs
 
 # a trace file's arrays are bounded before they are read: 16 M entries (20 thousand tokens of
@@ -36,8 +37,8 @@ from hybrid_gguf.routing.stats import selection_probs
 MAX_TRACE_ENTRIES = 1 << 24
 MAX_TRACE_FILE_BYTES = 1 << 30
 # the shapes llama.cpp itself allows (LLAMA_MAX_LAYERS, LLAMA_MAX_EXPERTS)
-MAX_TRACE_LAYERS = 512
-MAX_TRACE_EXPERTS = 1024
+MAX_TRACE_LAYERS = MAX_LAYERS
+MAX_TRACE_EXPERTS = MAX_EXPERTS
 
 
 @dataclass
@@ -120,8 +121,6 @@ def _checked(trace: Trace) -> Trace:
     if trace.ids.min() < -1:
         raise HybridError("the routing trace has negative expert ids")
     return trace
-
-
 
 
 def _npz_entries(data, key: str) -> int:
