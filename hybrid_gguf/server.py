@@ -483,9 +483,10 @@ def _check_fits(service: ModelService, kind: str, params: dict) -> None:
     """Refuse a prompt the context cannot hold, or token ids the model does not have, before it
     takes its place in the queue (llama_decode fails on an id outside the vocabulary)."""
     if kind != "chat":
+        # HybridModel._prompt_tokens checks the same for the API, under the model's lock
         prompt = params["prompt"]
-        if isinstance(prompt, list) and not all(0 <= t < service.n_vocab for t in prompt):
-            bad = next(t for t in prompt if not 0 <= t < service.n_vocab)
+        bad = next((t for t in prompt if not 0 <= t < service.n_vocab), None) if isinstance(prompt, list) else None
+        if bad is not None:
             raise APIError(400, f"token id {bad} is outside the model's vocabulary of {service.n_vocab}",
                            param="prompt")
         return

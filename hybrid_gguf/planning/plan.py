@@ -757,8 +757,6 @@ def _parse(text: str, source: str, inv) -> Plan:
                 predicted.bandwidth = Bandwidth.from_dict({k: v for k, v in bw.items() if k in known})
             except (HybridError, TypeError, ValueError) as exc:
                 raise pr["bandwidth"].error(str(exc)) from None
-        if predicted.hit_rate > 1.0:
-            raise pr["hit_rate"].error(f"a hit rate is at most 1, got {predicted.hit_rate}")
 
     profile = None
     if "profile" in top and top["profile"].value() is not None:
