@@ -10,7 +10,10 @@
 // is the CPU worker's cold graph as the patch builds it for a busy hand-off: 8 slots, the K
 // selected experts in random slots and -1 in the others (the GPU's hot experts), and the
 // weighted sum over the slots as one OUT_PROD (patch v22); "prodv21" the same with v9-v21's
-// sum, CONT of the transposed experts + MUL_MAT.
+// sum, CONT of the transposed experts + MUL_MAT. "ping" times a one-node graph (the team's
+// start); "product ... alternating" runs the product graph with patch v23's two one-token
+// MUL_MAT_ID splits switched call by call (equal shares, claimed chunks), so both see the same
+// host; LLAMA_HYBRID_MMID_CHUNK_KIB / _STATIC_PCT shape the chunks.
 // PROBE_REUSE=R (0..1) adds the "ahead" row, patch v17's worker prefetch: R*K of each call's
 // experts are those of the call 48 back (the same layer one token earlier in a 48-layer model,
 // with ~500 MB read in between, more than a last-level cache), and the gap is spent reading
@@ -330,7 +333,7 @@ int main(int argc, char ** argv) {
 
     // one graph per layer (experts) and per dense matrix: inputs x [N_EMBD, 1], ids [K, 1]
     struct ggml_init_params gp = { ggml_tensor_overhead() * (64 * N_LAYER + 4 * N_DENSE)
-                                   + (3 * N_LAYER + N_DENSE) * ggml_graph_overhead(), NULL, true };
+                                   + (3 * N_LAYER + N_DENSE + 1) * ggml_graph_overhead(), NULL, true };
     struct ggml_context * gctx = ggml_init(gp);
     struct ggml_cgraph * moe[N_LAYER], * lin[N_DENSE], * prod[N_LAYER], * prod21[N_LAYER];
     struct ggml_tensor * ids[N_LAYER], * xs[N_LAYER + 1], * outs[N_LAYER];
@@ -360,6 +363,8 @@ int main(int argc, char ** argv) {
         prod21[l] = ggml_new_graph(gctx);
         ggml_build_forward_expand(prod21[l], prod21_outs[l]);
     }
+    struct ggml_cgraph * ping = ggml_new_graph(gctx);
+    ggml_build_forward_expand(ping, ggml_scale(gctx, ggml_new_tensor_1d(gctx, GGML_TYPE_F32, 64), 1.0f));
     struct ggml_tensor * x_dense = ggml_new_tensor_2d(gctx, GGML_TYPE_F32, N_EMBD, 1);
     xs[N_LAYER] = x_dense;
     for (int d = 0; d < N_DENSE; d++) {
@@ -393,7 +398,7 @@ int main(int argc, char ** argv) {
     const int pf_rows = getenv("PROBE_PF") ? atoi(getenv("PROBE_PF")) : 4;
     const double reuse = getenv("PROBE_REUSE") ? atof(getenv("PROBE_REUSE")) : 0.0;
     static const char * kind_names[] = { "experts", "dense  ", "fused  ", "fusedpf", "read   ", "ahead  ", "product",
-                                         "prodv21" };
+                                         "prodv21", "ping   ", "product" };
     // PROBE_REUSE: every call's ids drawn once, shared by the "experts" and "ahead" rows
     enum { BACK = 48 };
     int32_t (*idtab)[8] = NULL;
@@ -472,12 +477,17 @@ int main(int argc, char ** argv) {
     // machine whichever row ran later was faster by up to 25 % (a reading-ahead row of experts
     // that were not reused then matched "experts" only once they alternated)
     // "product" and "prodv21" right after "experts" and again at the end, so drift shows
-    static const int plain_order[] = { 0, 6, 7, 1, 2, 3, 4, 7, 6 }, reuse_order[] = { 5, 0, 5, 0, 1, 2, 3, 4 };
+    // "ping" last: a one-node graph on the same team, its start and end alone (patch v23's
+    // LLAMA_HYBRID_WORKER_TIMES=ping times the same in the product)
+    // "alt" last: the product graph with the patch's two one-token MUL_MAT_ID splits alternating
+    // call by call (v23, ggml_cpu_hybrid_mmid_set_dynamic), so the host's drift hits both alike
+    static const int plain_order[] = { 0, 6, 7, 1, 2, 3, 4, 7, 6, 8, 9 }, reuse_order[] = { 5, 0, 5, 0, 1, 2, 3, 4 };
     const int * order = idtab != NULL ? reuse_order : plain_order;
-    const int n_order = idtab != NULL ? 8 : 9;
+    const int n_order = idtab != NULL ? 8 : 11;
+    double * t_alt[2] = { malloc(sizeof(double) * N_CALLS), malloc(sizeof(double) * N_CALLS) };
     for (int oi = 0; oi < n_order; oi++) {
         const int kind = order[oi];
-        if (repack && kind != 0 && kind != 1 && kind != 6 && kind != 7) {
+        if (repack && kind != 0 && kind != 1 && kind != 6 && kind != 7 && kind != 8) {
             continue;  // repacked weights: the graph rows only
         }
         for (int call = 0; call < N_CALLS + N_LAYER; call++) {
@@ -497,7 +507,7 @@ int main(int argc, char ** argv) {
                     id[j] = e;
                 }
             }
-            if (kind == 6 || kind == 7) {
+            if (kind == 6 || kind == 7 || kind == 9) {
                 fill_slots((int32_t *) ids8[l]->data, (float *) wts8[l]->data, id, k, &s);
             }
             if (kind == 5 && call >= BACK) {
@@ -506,7 +516,12 @@ int main(int argc, char ** argv) {
                 spin_us(gap_us);
             }
             const double t0 = now_us();
-            if (kind < 2 || kind >= 5) {
+            if (kind == 9) {
+                ggml_cpu_hybrid_mmid_set_dynamic(call & 1);
+                ggml_backend_graph_compute(backend, prod[l]);
+            } else if (kind == 8) {
+                ggml_backend_graph_compute(backend, ping);
+            } else if (kind < 2 || kind >= 5) {
                 ggml_backend_graph_compute(backend, kind == 1 ? lin[call % N_DENSE] : kind == 6 ? prod[l]
                                                     : kind == 7 ? prod21[l] : moe[l]);
             } else if (kind == 4) {
@@ -520,19 +535,37 @@ int main(int argc, char ** argv) {
                 qt->from_float((const float *) xs[l]->data, fa.xq, N_EMBD);
                 fused_moe(&fa, n_threads);
             }
-            if (call >= N_LAYER) {
+            if (kind == 9 && call >= N_LAYER) {
+                t_alt[call & 1][(call - N_LAYER) / 2] = now_us() - t0;
+            } else if (call >= N_LAYER) {
                 t[call - N_LAYER] = now_us() - t0;  // the first round warms the threads
             }
         }
+        if (kind == 9) {
+            const char * env = getenv("LLAMA_HYBRID_MMID_DYNAMIC");
+            ggml_cpu_hybrid_mmid_set_dynamic(env != NULL && strcmp(env, "1") == 0);
+            for (int m = 0; m < 2; m++) {
+                const int n = N_CALLS / 2;
+                qsort(t_alt[m], n, sizeof(double), cmp_double);
+                const double med = t_alt[m][n / 2];
+                printf("%s threads=%d k=%d gap_us=%.0f weights=%s, alternating, %s: median %.1f us, p10 %.1f, p90 %.1f, %.1f MB per call, %.1f GB/s\n",
+                       kind_names[kind], n_threads, k, gap_us, ggml_backend_buft_name(weight_buft),
+                       m ? "claimed chunks" : "equal shares", med, t_alt[m][n / 10], t_alt[m][n * 9 / 10],
+                       bytes_moe / 1e6, bytes_moe / med / 1e3);
+            }
+            continue;
+        }
         qsort(t, N_CALLS, sizeof(double), cmp_double);
         const double med = t[N_CALLS / 2];
-        const double bytes = kind == 1 ? bytes_lin : bytes_moe;
+        const double bytes = kind == 8 ? 0.0 : kind == 1 ? bytes_lin : bytes_moe;
         printf("%s threads=%d k=%d gap_us=%.0f weights=%s%s: median %.1f us, p10 %.1f, p90 %.1f, %.1f MB per call, %.1f GB/s\n",
                kind_names[kind], n_threads, k, gap_us, ggml_backend_buft_name(weight_buft),
                idtab != NULL && (kind == 0 || kind == 5) ? " reuse" : "",
                med, t[N_CALLS / 10], t[N_CALLS * 9 / 10], bytes / 1e6, bytes / med / 1e3);
     }
     free(t);
+    free(t_alt[0]);
+    free(t_alt[1]);
     free(idtab);
     free(fa.xq); free(fa.h); free(fa.hq); free(fa.out);
     ggml_backend_buffer_free(gbuf);

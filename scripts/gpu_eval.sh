@@ -29,14 +29,18 @@
 #    its counters: each thread's compute per hand-off, the decoding thread's arrival, the
 #    backend's graph messages, and with LLAMA_HYBRID_WORKER_PROFILE=1 the cold graphs' time
 #    per op; WD_CONFIGS= adds rows, e.g. per-expert,per-expert-worker; outputs numbered as
-#    the modes, workerdiag_ROUTING_N.json)
+#    the modes, workerdiag_ROUTING_N.json; a mode with LLAMA_HYBRID_WORKER_TIMES=1 (patch v23)
+#    prints each busy hand-off's compute by its count of cold experts, and with
+#    +LLAMA_HYBRID_MMID_DYNAMIC=alt the CPU's equal shares and claimed chunks alternate in one
+#    process, each timed)
 #   (schedops: the per-expert plan's CPU splits timed per op, LLAMA_HYBRID_SCHED_OPS, patch v7;
 #    about 60 s)
 #   (fusesplit: the split tests on CUDA with LLAMA_HYBRID_MOE_FUSE=1, patch v9, with the
 #    scheduler's hand-off and with the CPU worker, and tests/test_cpu_mmid_flat.py)
 #   (cpumoe: scripts/cpu_moe_probe.c, the CPU's rate on K experts of one token against a dense
 #    matrix of the same bytes, plain and repacked Q4_K, CPUMOE_RUNS="THREADS K GAP_US [repack];...";
-#    PROBE_REUSE=0.68 adds the "ahead" row, patch v17's worker prefetch in the gap)
+#    PROBE_REUSE=0.68 adds the "ahead" row, patch v17's worker prefetch in the gap; the "ping"
+#    row times a one-node graph, the team's start alone)
 #   (pollprobe: scripts/pcie_poll_probe.cu, the CPU's read of a busy hand-off's bytes while a GPU
 #    kernel polls pinned host memory as the collect kernel does, and without it; about 10 s)
 #   (ompprobe: scripts/omp_team_probe.cpp, the cost of an OpenMP region of 16 threads before
@@ -794,7 +798,7 @@ if has workerdiag; then
             env "${ENVS[@]}" python3 -m hybrid_gguf.cli bench "$BIG" --routing "$R" --expert-share 0.25 --pp 256 --tg ${TG:-32} \
                 --reps ${REPS:-2} --threads 16 --no-calibrate --configs ${WD_CONFIGS:-per-expert-worker} --ctx 2048 --no-probe-gpu \
                 --json-detail "$OUT/workerdiag_${R}_$i.json" 2>&1 \
-                | grep -E "^ *(whole|per)-|CPU worker|decoding thread|graph messages|hybrid-worker profile" | cut -c1-600 \
+                | grep -E "^ *(whole|per)-|CPU worker|decoding thread|graph messages|hybrid-worker (profile|times)" | cut -c1-1600 \
                 || failed "workerdiag $R $MODE"
             log "cgroup after: $(cpu_throttled)"
         done

@@ -3,7 +3,9 @@ ops compute.
 
 Decode steps, and every CPU hand-off of a split layer, multiply one token by a few experts.
 The patch gives each thread one contiguous share of the (selected expert, weight row) pairs
-and prefetches ahead instead of a chunk of every expert (on by default); with
+and prefetches ahead, instead of a chunk of every expert (version 9, on by default); with
+LLAMA_HYBRID_MMID_DYNAMIC=1 the threads claim the pairs in chunks instead, optionally after
+equal shares of the first LLAMA_HYBRID_MMID_STATIC_PCT % (version 23); with
 LLAMA_HYBRID_MOE_FUSE=1 it also runs up, gate, swiglu and down as one pass with three
 barriers. Each row's dot product, swiglu and quantization are the same calls on the same
 data, so the logits must be bitwise equal. Each setting runs in its own process (the switches
@@ -65,6 +67,7 @@ _RUN = textwrap.dedent("""
         llm.close()
         out[name] = {"logits": steps, "tokens": tokens}
     out["flat_calls"] = ggml_lib.mmid_flat_calls()
+    out["dynamic_calls"] = ggml_lib.mmid_dynamic_calls()
     out["fused_calls"] = ggml_lib.moe_fused_calls()
     print(json.dumps(out))
 """)
@@ -81,8 +84,18 @@ def models(tmp_path_factory):
     return made
 
 
-def _run(path, spec, flat: str, fuse: str = "0", threads: int = 2) -> dict:
+# version 23's claimed chunks: alone at their default size, and after equal shares of half the
+# pairs in 1 KiB chunks (a few rows each: many claims, ranges that cross from one expert to the
+# next, prefetches from a share into a chunk)
+CHUNKS = {"LLAMA_HYBRID_MMID_DYNAMIC": "1"}
+MIXED = {"LLAMA_HYBRID_MMID_DYNAMIC": "1", "LLAMA_HYBRID_MMID_STATIC_PCT": "50", "LLAMA_HYBRID_MMID_CHUNK_KIB": "1"}
+
+
+def _run(path, spec, flat: str, fuse: str = "0", threads: int = 2, extra: dict | None = None) -> dict:
     env = dict(os.environ, LLAMA_HYBRID_MMID_FLAT=flat, LLAMA_HYBRID_MOE_FUSE=fuse)
+    for name in ("LLAMA_HYBRID_MMID_DYNAMIC", "LLAMA_HYBRID_MMID_STATIC_PCT", "LLAMA_HYBRID_MMID_CHUNK_KIB"):
+        env.pop(name, None)
+    env.update(extra or {})
     for name in ("GGML_CPU_TILED_MM_FORCE", "GGML_CPU_DISABLE_FUSION"):
         env.pop(name, None)
     proc = subprocess.run([sys.executable, "-c", _RUN, str(path), str(spec.n_expert), str(spec.n_layer), str(threads)],
@@ -103,12 +116,20 @@ def test_one_token_expert_paths_match_the_stock_ops(models, arch):
     path, spec = models[arch]
     stock = _run(path, spec, "0")
     flat = _run(path, spec, "1")
+    chunks = _run(path, spec, "1", extra=CHUNKS)
+    mixed = _run(path, spec, "1", extra=MIXED)
     fused = _run(path, spec, "1", fuse="1")
     assert stock["flat_calls"] == 0 and stock["fused_calls"] == 0, "the switches left a path on"
+    assert stock["dynamic_calls"] == 0 and flat["dynamic_calls"] == 0, "the claimed chunks ran without being asked for"
     # every layer's MUL_MAT_IDs of every decode step, in the unsplit and split loads
     assert flat["flat_calls"] >= 2 * 8 * spec.n_layer * 2, f"the one-token path ran only {flat['flat_calls']} times"
+    for run in (chunks, mixed):
+        assert run["flat_calls"] == flat["flat_calls"]
+        assert run["dynamic_calls"] == run["flat_calls"], "a one-token MUL_MAT_ID missed the claimed chunks"
     assert flat["fused_calls"] == 0
     _same(arch, flat, stock, "with the contiguous shares")
+    _same(arch, chunks, stock, "with the claimed chunks")
+    _same(arch, mixed, stock, "with shares of half the pairs, then 1 KiB chunks")
     if arch == "gpt-oss":
         # its experts have biases and swiglu_oai: not the fused pattern, the stock nodes run
         assert fused["fused_calls"] == 0
@@ -127,9 +148,14 @@ def test_the_shares_hold_for_thread_counts_that_do_not_divide_the_rows(models, a
     path, spec = models[arch]
     stock = _run(path, spec, "0")
     flat = _run(path, spec, "1", threads=threads)
+    chunks = _run(path, spec, "1", threads=threads, extra=CHUNKS)
+    mixed = _run(path, spec, "1", threads=threads, extra=MIXED)
     fused = _run(path, spec, "1", fuse="1", threads=threads)
     assert flat["flat_calls"] > 0 and fused["fused_calls"] > 0
+    assert chunks["dynamic_calls"] > 0 and mixed["dynamic_calls"] > 0
     _same(arch, flat, stock, f"with the contiguous shares on {threads} threads")
+    _same(arch, chunks, stock, f"with the claimed chunks on {threads} threads")
+    _same(arch, mixed, stock, f"with shares of half the pairs, then 1 KiB chunks, on {threads} threads")
     _same(arch, fused, stock, f"with the fused chain on {threads} threads")
 
 

@@ -82,6 +82,9 @@ def cpu_path_counts() -> Optional[dict]:
     if flat is None or fused is None:
         return None
     counts = {"mmid_flat_calls": flat, "moe_fused_calls": fused}
+    dynamic = ggml_lib.mmid_dynamic_calls()  # patch v23: how many of the flat ones ran in claimed chunks
+    if dynamic is not None:
+        counts["mmid_dynamic_calls"] = dynamic
     try:
         import resource  # POSIX only
     except ImportError:
@@ -564,8 +567,10 @@ def time_config(cfg: Config, t: Timing, step, log: Callable[[str], None], label:
         f"hit {res.hit_rate if res.hit_rate is not None else float('nan'):.3f}  "
         f"gpu experts {expert_bytes / 2**30:.2f} GiB")
     if cpu_paths and any(cpu_paths.values()):
+        chunks = (f" ({cpu_paths['mmid_dynamic_calls']} of them in claimed chunks)"
+                  if "mmid_dynamic_calls" in cpu_paths else "")
         log(f"{cfg.name}: CPU one-token paths in the timed reps: {cpu_paths['mmid_flat_calls']} MUL_MAT_IDs "
-            f"in contiguous shares, {cpu_paths['moe_fused_calls']} expert chains fused; page faults "
+            f"one token at a time{chunks}, {cpu_paths['moe_fused_calls']} expert chains fused; page faults "
             f"{cpu_paths.get('minor_faults', '?')} minor, {cpu_paths.get('major_faults', '?')} major; context switches "
             f"{cpu_paths.get('voluntary_switches', '?')} voluntary, {cpu_paths.get('involuntary_switches', '?')} involuntary"
             + (f"; resident {res.host_memory.get('rss', 0) / 2**20:.2f} GiB, "

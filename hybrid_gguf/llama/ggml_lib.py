@@ -277,6 +277,13 @@ def mmid_flat_calls() -> Optional[int]:
     return _cpu_counter("ggml_cpu_hybrid_mmid_flat_calls")
 
 
+def mmid_dynamic_calls() -> Optional[int]:
+    """How many of those one-token MUL_MAT_IDs ran in chunks the threads claim in turn (patch
+    v23's default; LLAMA_HYBRID_MMID_DYNAMIC=0 keeps equal shares); None where the counter is
+    absent."""
+    return _cpu_counter("ggml_cpu_hybrid_mmid_dynamic_calls")
+
+
 def moe_fused_calls() -> Optional[int]:
     """How many one-token up, gate, swiglu, down chains the CPU backend computed as one fused
     pass (patch v9, LLAMA_HYBRID_MOE_FUSE=1); None where the counter is absent."""
