@@ -93,11 +93,10 @@ MIXED = {"LLAMA_HYBRID_MMID_DYNAMIC": "1", "LLAMA_HYBRID_MMID_STATIC_PCT": "50",
 
 def _run(path, spec, flat: str, fuse: str = "0", threads: int = 2, extra: dict | None = None) -> dict:
     env = dict(os.environ, LLAMA_HYBRID_MMID_FLAT=flat, LLAMA_HYBRID_MOE_FUSE=fuse)
-    for name in ("LLAMA_HYBRID_MMID_DYNAMIC", "LLAMA_HYBRID_MMID_STATIC_PCT", "LLAMA_HYBRID_MMID_CHUNK_KIB"):
+    for name in ("GGML_CPU_TILED_MM_FORCE", "GGML_CPU_DISABLE_FUSION", "LLAMA_HYBRID_MMID_DYNAMIC",
+                 "LLAMA_HYBRID_MMID_STATIC_PCT", "LLAMA_HYBRID_MMID_CHUNK_KIB"):
         env.pop(name, None)
     env.update(extra or {})
-    for name in ("GGML_CPU_TILED_MM_FORCE", "GGML_CPU_DISABLE_FUSION"):
-        env.pop(name, None)
     proc = subprocess.run([sys.executable, "-c", _RUN, str(path), str(spec.n_expert), str(spec.n_layer), str(threads)],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -279,8 +279,7 @@ def mmid_flat_calls() -> Optional[int]:
 
 def mmid_dynamic_calls() -> Optional[int]:
     """How many of those one-token MUL_MAT_IDs ran in chunks the threads claim in turn (patch
-    v23's default; LLAMA_HYBRID_MMID_DYNAMIC=0 keeps equal shares); None where the counter is
-    absent."""
+    v23, LLAMA_HYBRID_MMID_DYNAMIC=1; off by default); None where the counter is absent."""
     return _cpu_counter("ggml_cpu_hybrid_mmid_dynamic_calls")
 
 
